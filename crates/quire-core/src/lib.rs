@@ -1,1 +1,19 @@
-//! quire-core
+//! The vocabulary every quire crate shares: job settings, tasks and their
+//! stable ids, the per-page [`Record`] that lands in `results/*.jsonl`, the
+//! job [`Manifest`], and the error kinds users see in records.
+//!
+//! Nothing here does I/O; it is plain data plus the id and path rules that
+//! make reruns idempotent and keep outputs inside `--out`.
+
+mod ids;
+mod keys;
+mod record;
+mod settings;
+
+pub use ids::{settings_fingerprint, task_id};
+pub use keys::{job_prefix, markdown_key, manifest_key, results_key, safe_relative_path};
+pub use record::{
+    DeadLetter, ErrorInfo, ErrorKind, Failure, FinishReason, Manifest, ManifestCounts, Record,
+    Throughput, Timings,
+};
+pub use settings::{Engine, JobSettings, Limits, RenderSize, SourceRef, TaskKind, TaskSpec, UnitKind};

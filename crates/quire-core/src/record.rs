@@ -1,0 +1,163 @@
+//! What a job writes: one [`Record`] per page or image (JSON lines under
+//! `JOB/results/`), and the [`Manifest`] that closes the job.
+
+use serde::{Deserialize, Serialize};
+
+/// Why a page or file produced no text. Stable strings, part of the output contract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// Not a PDF or a supported image format (decided by magic bytes).
+    Unsupported,
+    /// The file is damaged or truncated.
+    Corrupt,
+    /// The PDF needs a password.
+    Encrypted,
+    /// Zero bytes, or a document without pages.
+    Empty,
+    /// Larger than `max_file_bytes`.
+    TooLarge,
+    /// More pages than `max_pages`.
+    TooManyPages,
+    /// More pixels than `max_pixels`.
+    TooManyPixels,
+    /// The file could not be read.
+    Io,
+    /// The page has no usable text layer and no model was given.
+    NeedsModel,
+    /// The model failed on this input.
+    Model,
+    /// Anything else inside quire.
+    Internal,
+}
+
+impl ErrorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Unsupported => "unsupported",
+            ErrorKind::Corrupt => "corrupt",
+            ErrorKind::Encrypted => "encrypted",
+            ErrorKind::Empty => "empty",
+            ErrorKind::TooLarge => "too_large",
+            ErrorKind::TooManyPages => "too_many_pages",
+            ErrorKind::TooManyPixels => "too_many_pixels",
+            ErrorKind::Io => "io",
+            ErrorKind::NeedsModel => "needs_model",
+            ErrorKind::Model => "model",
+            ErrorKind::Internal => "internal",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorInfo {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// The model emitted an end token (or the text layer was used).
+    Stop,
+    /// `max_new_tokens` was reached.
+    Length,
+    /// No text: see `error`.
+    Error,
+}
+
+/// Milliseconds spent per stage on this page.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Timings {
+    pub render: f64,
+    pub infer: f64,
+}
+
+/// One page of a PDF, or one image (frame), as written to `results/TASK_ID.jsonl`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    pub job: String,
+    pub task_id: String,
+    /// The input URI or path as given.
+    pub source: String,
+    /// 1-based page (or frame) number.
+    pub page: u32,
+    /// Pages (frames) in the document; 0 when the file could not be opened.
+    pub page_count: u32,
+    pub task: String,
+    /// `vlm` or `text-layer`.
+    pub engine: String,
+    /// The model reference, `null` for the text layer.
+    pub model: Option<String>,
+    /// The prompt given to the model, `null` for the text layer.
+    pub prompt: Option<String>,
+    pub text: String,
+    /// Prompt tokens including image tokens.
+    pub tokens_in: u64,
+    pub tokens_out: u64,
+    pub finish_reason: FinishReason,
+    pub width: u32,
+    pub height: u32,
+    pub timings_ms: Timings,
+    pub error: Option<ErrorInfo>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ManifestCounts {
+    pub tasks: u64,
+    /// Tasks whose results were already present and were skipped this run.
+    pub tasks_skipped: u64,
+    pub tasks_done: u64,
+    pub tasks_dead_lettered: u64,
+    pub documents: u64,
+    pub records: u64,
+    pub pages_ok: u64,
+    pub pages_failed: u64,
+    pub tokens_in: u64,
+    pub tokens_out: u64,
+}
+
+/// A page or file that produced an error record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Failure {
+    pub source: String,
+    pub page: u32,
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+/// A task given up on after too many deliveries; its pages have no records.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub task_id: String,
+    pub source: String,
+    pub first: u32,
+    pub last: u32,
+    pub deliveries: u32,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Throughput {
+    pub wall_seconds: f64,
+    /// Pages (and images) with a record written this run, per wall second.
+    pub pages_per_second: f64,
+    /// CPU seconds used by the process (user + system).
+    pub cpu_seconds: f64,
+    pub gpu_seconds: f64,
+}
+
+/// `JOB/manifest.json`: how the job went.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub job: String,
+    pub quire_version: String,
+    pub settings: crate::JobSettings,
+    pub inputs: Vec<String>,
+    pub started_at: String,
+    pub finished_at: String,
+    pub counts: ManifestCounts,
+    pub failures: Vec<Failure>,
+    pub dead_lettered: Vec<DeadLetter>,
+    pub throughput: Throughput,
+}

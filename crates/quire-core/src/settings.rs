@@ -1,0 +1,160 @@
+//! Job settings and the task a worker receives.
+
+use serde::{Deserialize, Serialize};
+
+/// What the user wants out of each page or image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TaskKind {
+    /// Transcribe the page's text (scanned documents).
+    Ocr,
+    /// Describe the image.
+    Caption,
+}
+
+impl TaskKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskKind::Ocr => "ocr",
+            TaskKind::Caption => "caption",
+        }
+    }
+}
+
+/// Which engine turns a page into text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Engine {
+    /// The PDF's own text layer when it is usable, the VLM otherwise.
+    Auto,
+    /// Always the vision-language model.
+    Vlm,
+    /// Only the PDF's text layer (no model needed).
+    TextLayer,
+}
+
+impl Engine {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Engine::Auto => "auto",
+            Engine::Vlm => "vlm",
+            Engine::TextLayer => "text-layer",
+        }
+    }
+}
+
+/// How big a PDF page is rendered.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RenderSize {
+    /// Longest side in pixels.
+    LongSide(u32),
+    /// Dots per inch (72 = one pixel per PDF point).
+    Dpi(f32),
+}
+
+/// Input limits; each breach becomes an error record, never a crash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Largest input file accepted, in bytes.
+    pub max_file_bytes: u64,
+    /// Most pages (or TIFF frames) processed in one document.
+    pub max_pages: u32,
+    /// Most pixels (width × height) of an image or rendered page; checked
+    /// before decoding so a decompression bomb is refused cheaply.
+    pub max_pixels: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_file_bytes: 512 * 1024 * 1024,
+            max_pages: 5_000,
+            max_pixels: 64_000_000,
+        }
+    }
+}
+
+/// Everything about a job that changes its output, plus its name.
+///
+/// The fingerprint of the output-relevant fields goes into every task id, so
+/// changing, say, the prompt gives new tasks instead of silently reusing
+/// results made with the old one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobSettings {
+    pub job: String,
+    pub task: TaskKind,
+    pub engine: Engine,
+    /// Model reference as given (folder, hub id or `s3://` prefix).
+    pub model: Option<String>,
+    /// Prompt override; `None` means the model family's default for `task`.
+    pub prompt: Option<String>,
+    pub max_new_tokens: usize,
+    pub pages_per_task: u32,
+    pub render: RenderSize,
+    pub limits: Limits,
+    /// Minimum count of letters and digits for a text layer to count as usable.
+    pub text_min_chars: usize,
+}
+
+impl JobSettings {
+    pub fn new(job: impl Into<String>) -> Self {
+        JobSettings {
+            job: job.into(),
+            task: TaskKind::Ocr,
+            engine: Engine::Auto,
+            model: None,
+            prompt: None,
+            max_new_tokens: 1024,
+            pages_per_task: 16,
+            render: RenderSize::LongSide(1536),
+            limits: Limits::default(),
+            text_min_chars: 32,
+        }
+    }
+}
+
+/// An input object as listed: where it is and what identifies its content.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct SourceRef {
+    /// The input URI or path as the user gave it (joined with the relative
+    /// path below a folder or prefix).
+    pub uri: String,
+    /// Path below the input root, used for Markdown output names.
+    pub rel: String,
+    pub size: u64,
+    /// Content version: S3 ETag, or the local modification time in ns.
+    pub version: String,
+}
+
+/// Whether a task's units are PDF pages or image frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnitKind {
+    Pdf,
+    Image,
+    /// Probing the object failed; the worker writes one error record for it.
+    Unreadable,
+}
+
+/// One unit of work: a page range of one document, or a frame range of one
+/// image file. Self-contained so a worker needs nothing else to run it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskSpec {
+    pub task_id: String,
+    pub settings: JobSettings,
+    pub source: SourceRef,
+    pub unit: UnitKind,
+    /// First unit, 1-based, inclusive.
+    pub first: u32,
+    /// Last unit, 1-based, inclusive.
+    pub last: u32,
+    /// Pages (frames) in the whole document, 0 when unknown.
+    pub unit_count: u32,
+}
+
+impl TaskSpec {
+    pub fn units(&self) -> u32 {
+        self.last + 1 - self.first
+    }
+}
