@@ -1,1 +1,70 @@
-//! quire-queue
+//! The task queue between planning and work.
+//!
+//! One trait pair, [`TaskQueue`] and [`Lease`], with the semantics of a
+//! JetStream work queue: a pulled task is leased, not removed; the worker
+//! acks it when its results are stored, nacks it (with a delay) on a
+//! transient fault, heartbeats while a long task runs, or terminates it. A
+//! lease that is neither acked nor extended within `ack_wait` is delivered
+//! again; after `max_deliver` deliveries the task is dead-lettered.
+//!
+//! [`memory::MemoryQueue`] implements this in process for `quire run`.
+
+pub mod memory;
+
+use async_trait::async_trait;
+use quire_core::TaskSpec;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("queue backend: {0}")]
+    Backend(String),
+    #[error("malformed task message: {0}")]
+    Malformed(String),
+}
+
+/// Delivery rules shared by every backend.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueOptions {
+    /// How long a lease lives without an ack or heartbeat.
+    pub ack_wait: Duration,
+    /// Deliveries before a task is given up on and dead-lettered.
+    pub max_deliver: u32,
+}
+
+impl Default for QueueOptions {
+    fn default() -> Self {
+        QueueOptions { ack_wait: Duration::from_secs(300), max_deliver: 5 }
+    }
+}
+
+/// Whether a publish created work or hit an id already known to the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Published {
+    New,
+    Duplicate,
+}
+
+#[async_trait]
+pub trait TaskQueue: Send + Sync {
+    /// Publish a task; a task id the queue has already seen is dropped.
+    async fn publish(&self, task: &TaskSpec) -> Result<Published, QueueError>;
+    /// Wait for the next task. `None` means no more work will come.
+    async fn pull(&self) -> Result<Option<Box<dyn Lease>>, QueueError>;
+}
+
+#[async_trait]
+pub trait Lease: Send + Sync {
+    fn task(&self) -> &TaskSpec;
+    /// 1 on the first delivery.
+    fn delivery(&self) -> u32;
+    /// Keep the lease alive for another `ack_wait`.
+    async fn heartbeat(&self) -> Result<(), QueueError>;
+    /// Done: results are stored.
+    async fn ack(self: Box<Self>) -> Result<(), QueueError>;
+    /// Transient failure: deliver again after `delay` (or dead-letter when
+    /// this was the last allowed delivery).
+    async fn nack(self: Box<Self>, delay: Duration, reason: &str) -> Result<(), QueueError>;
+    /// Give up on this task now and dead-letter it.
+    async fn term(self: Box<Self>, reason: &str) -> Result<(), QueueError>;
+}
