@@ -1,0 +1,122 @@
+//! Results kept as files below a folder.
+
+use crate::{BlobStore, StoreError};
+use async_trait::async_trait;
+use std::path::{Path, PathBuf};
+
+pub struct LocalStore {
+    root: PathBuf,
+}
+
+impl LocalStore {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        LocalStore { root: root.into() }
+    }
+
+    /// Keys are built by `quire_core::keys` and are already safe; this is a
+    /// second guard so that no key can name a path outside the root.
+    fn path(&self, key: &str) -> Result<PathBuf, StoreError> {
+        let mut p = self.root.clone();
+        for part in key.split('/') {
+            match part {
+                "" | "." => {}
+                ".." => return Err(StoreError::Permanent(format!("refusing key with '..': {key}"))),
+                _ => p.push(part),
+            }
+        }
+        Ok(p)
+    }
+}
+
+fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().expect("keys have a parent");
+    std::fs::create_dir_all(dir)?;
+    let mut tmp = tempfile::Builder::new().prefix(".quire-tmp-").tempfile_in(dir)?;
+    tmp.write_all(data)?;
+    tmp.as_file().sync_data()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
+
+#[async_trait]
+impl BlobStore for LocalStore {
+    async fn put(&self, key: &str, data: Vec<u8>) -> Result<(), StoreError> {
+        let path = self.path(key)?;
+        tokio::task::spawn_blocking(move || write_atomic(&path, &data))
+            .await
+            .map_err(|e| StoreError::Transient(e.to_string()))??;
+        Ok(())
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        match tokio::fs::read(self.path(key)?).await {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn exists(&self, key: &str) -> Result<bool, StoreError> {
+        Ok(tokio::fs::try_exists(self.path(key)?).await?)
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let root = self.root.clone();
+        let prefix = prefix.to_string();
+        // Walk only the folder the prefix names, then filter by the rest.
+        let dir_part = prefix.rsplit_once('/').map(|(d, _)| d.to_string()).unwrap_or_default();
+        let start = self.path(&dir_part)?;
+        tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            if !start.exists() {
+                return Ok(out);
+            }
+            for entry in walkdir::WalkDir::new(&start) {
+                let entry = entry.map_err(|e| StoreError::Transient(e.to_string()))?;
+                if !entry.file_type().is_file() {
+                    continue;
+                }
+                let name = entry.file_name().to_string_lossy();
+                if name.starts_with(".quire-tmp-") {
+                    continue;
+                }
+                let rel = entry.path().strip_prefix(&root).expect("below root");
+                let key = rel.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/");
+                if key.starts_with(&prefix) {
+                    out.push(key);
+                }
+            }
+            out.sort();
+            Ok(out)
+        })
+        .await
+        .map_err(|e| StoreError::Transient(e.to_string()))?
+    }
+
+    fn locate(&self, key: &str) -> String {
+        self.path(key).map(|p| p.display().to_string()).unwrap_or_else(|_| key.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn put_get_list_and_refuse_escapes() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = LocalStore::new(dir.path());
+        s.put("job/results/a.jsonl", b"one".to_vec()).await.unwrap();
+        s.put("job/results/a.jsonl", b"two".to_vec()).await.unwrap();
+        s.put("job/markdown/sub dir/é.pdf.md", b"md".to_vec()).await.unwrap();
+        assert_eq!(s.get("job/results/a.jsonl").await.unwrap().unwrap(), b"two");
+        assert!(s.get("job/results/b.jsonl").await.unwrap().is_none());
+        assert!(s.exists("job/results/a.jsonl").await.unwrap());
+        assert_eq!(s.list("job/results/").await.unwrap(), vec!["job/results/a.jsonl"]);
+        assert_eq!(s.list("job/").await.unwrap().len(), 2);
+        assert!(s.put("../escape", b"x".to_vec()).await.is_err());
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("job/results")).unwrap().collect();
+        assert_eq!(leftovers.len(), 1, "no temp files left behind");
+    }
+}
