@@ -9,8 +9,10 @@ use serde::{Deserialize, Serialize};
 pub enum ErrorKind {
     /// Not a PDF or a supported image format (decided by magic bytes).
     Unsupported,
-    /// The file is damaged or truncated.
+    /// The file is damaged.
     Corrupt,
+    /// The file ends early.
+    Truncated,
     /// The PDF needs a password.
     Encrypted,
     /// Zero bytes, or a document without pages.
@@ -36,6 +38,7 @@ impl ErrorKind {
         match self {
             ErrorKind::Unsupported => "unsupported",
             ErrorKind::Corrupt => "corrupt",
+            ErrorKind::Truncated => "truncated",
             ErrorKind::Encrypted => "encrypted",
             ErrorKind::Empty => "empty",
             ErrorKind::TooLarge => "too_large",

@@ -69,8 +69,8 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_file_bytes: 512 * 1024 * 1024,
-            max_pages: 5_000,
-            max_pixels: 64_000_000,
+            max_pages: 2_000,
+            max_pixels: 50_000_000,
         }
     }
 }

@@ -1,1 +1,23 @@
-//! quire-pipeline
+//! The stages of a quire job, independent of where the queue and the
+//! results live:
+//!
+//! * [`plan`]: an input object and its probe become page-range tasks with stable ids;
+//! * [`route`]: whether a PDF page's own text layer is good enough to skip the model;
+//! * [`infer`]: one model per process behind a channel, batching pages across tasks;
+//! * [`process`]: one task → its records (render, route, infer);
+//! * [`worker`]: the loop that leases tasks, processes them, stores results and acks;
+//! * [`finish`]: per-document Markdown and `manifest.json` once every task is settled;
+//! * [`embedded`]: all of it in one process for `quire run`.
+
+pub mod embedded;
+pub mod finish;
+pub mod infer;
+pub mod plan;
+pub mod process;
+pub mod progress;
+pub mod route;
+pub mod worker;
+
+pub use embedded::{run_embedded, RunOptions, RunSummary};
+pub use infer::{GenOutput, GenRequest, Generator, InferenceHandle};
+pub use progress::Progress;

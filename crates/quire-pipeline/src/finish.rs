@@ -1,0 +1,161 @@
+//! Closing a job: per-document Markdown and `manifest.json`, built from the
+//! stored results of every planned task (this run's and earlier runs').
+//!
+//! Documents are handled one at a time in plan order, so memory holds one
+//! document's records, not the job's.
+
+use quire_core::{
+    manifest_key, markdown_key, results_key, DeadLetter, Failure, JobSettings, Manifest, ManifestCounts, Record,
+    Throughput,
+};
+use quire_store::BlobStore;
+use std::collections::HashMap;
+use std::time::SystemTime;
+
+/// What the planner decided for one task; enough to find and order results.
+#[derive(Debug, Clone)]
+pub struct PlannedTask {
+    pub task_id: String,
+    pub uri: String,
+    pub rel: String,
+    pub first: u32,
+    pub last: u32,
+}
+
+pub struct JobOutcome<'a> {
+    pub settings: &'a JobSettings,
+    pub inputs: &'a [String],
+    pub plan: &'a [PlannedTask],
+    pub dead: &'a [DeadLetter],
+    pub tasks_skipped: u64,
+    pub started_at: SystemTime,
+    /// Pages with a record written by this run (for the rate).
+    pub pages_this_run: u64,
+    pub gpu_seconds: f64,
+}
+
+/// Renders one document's records as Markdown: pages in order, each after a
+/// `<!-- page N -->` marker; failed or missing pages say so in a comment.
+pub fn document_markdown(records: &[Record], first_missing: &[(u32, u32)]) -> String {
+    let mut pages: Vec<&Record> = records.iter().collect();
+    pages.sort_by_key(|r| r.page);
+    let mut out = String::new();
+    let mut missing = first_missing.to_vec();
+    missing.sort();
+    let mut entries: Vec<(u32, String)> = pages
+        .iter()
+        .map(|r| {
+            let body = match &r.error {
+                None => r.text.trim_end().to_string(),
+                Some(e) => format!("<!-- error {}: {} -->", e.kind.as_str(), e.message.replace("--", "- -")),
+            };
+            (r.page, body)
+        })
+        .collect();
+    for (a, b) in missing {
+        entries.push((a, format!("<!-- pages {a}-{b}: not processed (gave up after repeated failures) -->")));
+    }
+    entries.sort_by_key(|(p, _)| *p);
+    for (page, body) in entries {
+        if !out.is_empty() {
+            out.push_str("\n\n");
+        }
+        out.push_str(&format!("<!-- page {page} -->\n"));
+        out.push_str(&body);
+    }
+    out.push('\n');
+    out
+}
+
+pub fn parse_jsonl(bytes: &[u8]) -> anyhow::Result<Vec<Record>> {
+    bytes
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
+        .map(|l| Ok(serde_json::from_slice(l)?))
+        .collect()
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// CPU seconds (user + system) used by this process so far.
+pub fn process_cpu_seconds() -> f64 {
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes into the struct we own.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
+        return 0.0;
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(u.ru_utime) + tv(u.ru_stime)
+}
+
+/// Writes the Markdown of every document and the manifest; returns the manifest.
+pub async fn finish_job(store: &dyn BlobStore, o: JobOutcome<'_>) -> anyhow::Result<Manifest> {
+    let job = &o.settings.job;
+    let dead_by_id: HashMap<&str, &DeadLetter> = o.dead.iter().map(|d| (d.task_id.as_str(), d)).collect();
+    let mut counts = ManifestCounts { tasks: o.plan.len() as u64, tasks_skipped: o.tasks_skipped, ..Default::default() };
+    let mut failures = Vec::new();
+    let mut dead_lettered = Vec::new();
+    let mut i = 0;
+    while i < o.plan.len() {
+        let uri = &o.plan[i].uri;
+        let mut j = i;
+        while j < o.plan.len() && &o.plan[j].uri == uri {
+            j += 1;
+        }
+        counts.documents += 1;
+        let mut records = Vec::new();
+        let mut missing = Vec::new();
+        for t in &o.plan[i..j] {
+            match store.get(&results_key(job, &t.task_id)).await? {
+                Some(bytes) => {
+                    counts.tasks_done += 1;
+                    records.extend(parse_jsonl(&bytes)?);
+                }
+                None => {
+                    missing.push((t.first, t.last));
+                    if let Some(d) = dead_by_id.get(t.task_id.as_str()) {
+                        dead_lettered.push((*d).clone());
+                    }
+                }
+            }
+        }
+        for r in &records {
+            counts.records += 1;
+            counts.tokens_in += r.tokens_in;
+            counts.tokens_out += r.tokens_out;
+            match &r.error {
+                None => counts.pages_ok += 1,
+                Some(e) => {
+                    counts.pages_failed += 1;
+                    failures.push(Failure { source: r.source.clone(), page: r.page, kind: e.kind, message: e.message.clone() });
+                }
+            }
+        }
+        let md = document_markdown(&records, &missing);
+        store.put(&markdown_key(job, &o.plan[i].rel), md.into_bytes()).await?;
+        i = j;
+    }
+    counts.tasks_dead_lettered = dead_lettered.len() as u64;
+    let wall = SystemTime::now().duration_since(o.started_at).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+    let manifest = Manifest {
+        job: job.clone(),
+        quire_version: env!("CARGO_PKG_VERSION").to_string(),
+        settings: o.settings.clone(),
+        inputs: o.inputs.to_vec(),
+        started_at: rfc3339(o.started_at),
+        finished_at: rfc3339(SystemTime::now()),
+        counts,
+        failures,
+        dead_lettered,
+        throughput: Throughput {
+            wall_seconds: (wall * 1000.0).round() / 1000.0,
+            pages_per_second: if wall > 0.0 { ((o.pages_this_run as f64 / wall) * 100.0).round() / 100.0 } else { 0.0 },
+            cpu_seconds: (process_cpu_seconds() * 100.0).round() / 100.0,
+            gpu_seconds: o.gpu_seconds,
+        },
+    };
+    store.put(&manifest_key(job), serde_json::to_vec_pretty(&manifest)?).await?;
+    Ok(manifest)
+}

@@ -1,0 +1,132 @@
+//! One model per process, fed through a channel so that pages from
+//! different tasks share forward passes.
+//!
+//! [`InferenceHandle::submit`] is called by every task in flight; a
+//! dedicated thread takes the first waiting request, gathers more for up to
+//! `linger` (or until `max_batch`), runs them as one batch and answers each
+//! caller. The model never blocks the async runtime.
+
+use quire_core::{FinishReason, TaskKind};
+use std::sync::mpsc as std_mpsc;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+pub struct GenRequest {
+    pub image: image::RgbImage,
+    pub prompt: String,
+    pub max_new_tokens: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct GenOutput {
+    pub text: String,
+    pub tokens_in: u64,
+    pub tokens_out: u64,
+    pub finish: FinishReason,
+}
+
+/// A vision-language model as the pipeline sees it.
+pub trait Generator: Send {
+    /// The model reference written into records.
+    fn model_name(&self) -> String;
+    /// The prompt used when the user gives none.
+    fn default_prompt(&self, task: TaskKind) -> String;
+    /// Generates for every request; the output has one entry per request, in order.
+    fn generate(&mut self, reqs: &[GenRequest]) -> anyhow::Result<Vec<GenOutput>>;
+}
+
+struct Job {
+    req: GenRequest,
+    reply: oneshot::Sender<Result<(GenOutput, f64), String>>,
+}
+
+/// Batching settings.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchOptions {
+    pub max_batch: usize,
+    /// How long the first request of a batch waits for company.
+    pub linger: Duration,
+}
+
+impl Default for BatchOptions {
+    fn default() -> Self {
+        BatchOptions { max_batch: 8, linger: Duration::from_millis(20) }
+    }
+}
+
+/// Cloneable handle to the inference thread.
+#[derive(Clone)]
+pub struct InferenceHandle {
+    tx: std_mpsc::Sender<Job>,
+    model_name: String,
+    prompts: [String; 2],
+}
+
+impl InferenceHandle {
+    /// Moves `model` onto its own thread and returns the handle that feeds it.
+    pub fn start(model: Box<dyn Generator>, opts: BatchOptions) -> Self {
+        let model_name = model.model_name();
+        let prompts = [model.default_prompt(TaskKind::Ocr), model.default_prompt(TaskKind::Caption)];
+        let (tx, rx) = std_mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("quire-infer".into())
+            .spawn(move || serve(model, rx, opts))
+            .expect("spawn the inference thread");
+        InferenceHandle { tx, model_name, prompts }
+    }
+
+    pub fn model_name(&self) -> &str {
+        &self.model_name
+    }
+
+    pub fn default_prompt(&self, task: TaskKind) -> &str {
+        match task {
+            TaskKind::Ocr => &self.prompts[0],
+            TaskKind::Caption => &self.prompts[1],
+        }
+    }
+
+    /// Queues one request; resolves to the output and the milliseconds its batch took.
+    pub async fn submit(&self, req: GenRequest) -> Result<(GenOutput, f64), String> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Job { req, reply }).map_err(|_| "the inference thread has stopped".to_string())?;
+        rx.await.map_err(|_| "the inference thread dropped the request".to_string())?
+    }
+}
+
+fn serve(mut model: Box<dyn Generator>, rx: std_mpsc::Receiver<Job>, opts: BatchOptions) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        let deadline = Instant::now() + opts.linger;
+        while batch.len() < opts.max_batch.max(1) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+        }
+        let (reqs, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|j| (j.req, j.reply)).unzip();
+        let t0 = Instant::now();
+        let result = model.generate(&reqs);
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        match result {
+            Ok(outs) if outs.len() == replies.len() => {
+                for (out, reply) in outs.into_iter().zip(replies) {
+                    let _ = reply.send(Ok((out, ms)));
+                }
+            }
+            Ok(outs) => {
+                let msg = format!("model returned {} outputs for {} requests", outs.len(), replies.len());
+                for reply in replies {
+                    let _ = reply.send(Err(msg.clone()));
+                }
+            }
+            Err(e) => {
+                let msg = format!("{e:#}");
+                for reply in replies {
+                    let _ = reply.send(Err(msg.clone()));
+                }
+            }
+        }
+    }
+}

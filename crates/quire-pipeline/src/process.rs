@@ -1,0 +1,324 @@
+//! One task in, its records out: render or decode the units, route each PDF
+//! page to its text layer or the model, and build the records.
+//!
+//! Input problems (a corrupt page, a refused limit, a scanned page with no
+//! model) become error records: they are final and rerunning will not change
+//! them. Only transient trouble (I/O) comes back as [`TaskFailure`], for the
+//! worker to retry the task later.
+
+use crate::infer::{GenRequest, InferenceHandle};
+use crate::route::usable_text;
+use quire_core::{
+    Engine, ErrorInfo, ErrorKind, FinishReason, JobSettings, Limits, Record, RenderSize, TaskSpec, Timings, UnitKind,
+};
+use quire_render::{self as render, PdfRenderer, RenderError, RenderOptions};
+use std::path::{Path, PathBuf};
+
+/// What the worker needs to process tasks.
+#[derive(Clone)]
+pub struct ProcessContext {
+    pub pdf: PdfRenderer,
+    /// The model, when one was given.
+    pub model: Option<InferenceHandle>,
+}
+
+/// The task could not be finished now; try again later.
+#[derive(Debug)]
+pub struct TaskFailure(pub String);
+
+pub fn render_limits(l: &Limits) -> render::Limits {
+    render::Limits { max_file_bytes: l.max_file_bytes, max_pages: l.max_pages, max_pixels: l.max_pixels }
+}
+
+pub fn render_size(s: RenderSize) -> render::RenderSize {
+    match s {
+        RenderSize::LongSide(px) => render::RenderSize::LongSide(px),
+        RenderSize::Dpi(d) => render::RenderSize::Dpi(d),
+    }
+}
+
+pub fn error_kind(k: render::ErrorKind) -> ErrorKind {
+    use render::ErrorKind as R;
+    match k {
+        R::Unsupported => ErrorKind::Unsupported,
+        R::Corrupt => ErrorKind::Corrupt,
+        R::Truncated => ErrorKind::Truncated,
+        R::Encrypted => ErrorKind::Encrypted,
+        R::Empty => ErrorKind::Empty,
+        R::TooLarge => ErrorKind::TooLarge,
+        R::TooManyPages => ErrorKind::TooManyPages,
+        R::TooManyPixels => ErrorKind::TooManyPixels,
+        R::Io => ErrorKind::Io,
+        R::BadRange | R::PdfiumMissing => ErrorKind::Internal,
+    }
+}
+
+/// A page on its way to a record.
+struct Unit {
+    page: u32,
+    width: u32,
+    height: u32,
+    render_ms: f64,
+    text: Option<String>,
+    image: Option<image::RgbImage>,
+    outcome: Option<Outcome>,
+}
+
+enum Outcome {
+    TextLayer(String),
+    Vlm { text: String, tokens_in: u64, tokens_out: u64, finish: FinishReason, infer_ms: f64, prompt: String },
+    Failed(ErrorInfo),
+}
+
+fn failed(kind: ErrorKind, message: impl Into<String>) -> Outcome {
+    Outcome::Failed(ErrorInfo { kind, message: message.into() })
+}
+
+fn from_render(e: RenderError) -> Outcome {
+    failed(error_kind(e.kind), e.message)
+}
+
+fn unit_from_page(p: render::Page) -> Unit {
+    Unit { page: p.page, width: p.width, height: p.height, render_ms: p.render_ms, text: p.text, image: p.image, outcome: None }
+}
+
+fn unit_failed(page: u32, e: RenderError) -> Unit {
+    Unit { page, width: 0, height: 0, render_ms: 0.0, text: None, image: None, outcome: Some(from_render(e)) }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, TaskFailure> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| TaskFailure(format!("worker thread failed: {e}")))
+}
+
+/// Turns an error about the whole file into a record per unit, or a retry
+/// when it is transient.
+fn whole_file_error(task: &TaskSpec, e: RenderError) -> Result<Vec<Unit>, TaskFailure> {
+    if e.kind.is_transient() {
+        return Err(TaskFailure(format!("{}: {}", task.source.uri, e)));
+    }
+    Ok((task.first..=task.last).map(|p| unit_failed(p, e.clone())).collect())
+}
+
+/// Runs `task` on the local file `path` and returns one record per unit.
+pub async fn process_task(task: &TaskSpec, path: &Path, ctx: &ProcessContext) -> Result<Vec<Record>, TaskFailure> {
+    let s = &task.settings;
+    let limits = render_limits(&s.limits);
+    let path: PathBuf = path.to_path_buf();
+    let mut page_count = task.unit_count;
+    let mut units = match task.unit {
+        UnitKind::Unreadable => {
+            // The planner could not open the file; find out why again (it may
+            // have been a passing fault) and record it.
+            let pdf = ctx.pdf.clone();
+            let p = path.clone();
+            let probe = blocking(move || render::probe(&p, &limits, &pdf)).await?;
+            match probe {
+                Err(e) if e.kind.is_transient() => return Err(TaskFailure(format!("{}: {e}", task.source.uri))),
+                Err(e) => vec![unit_failed(1, e)],
+                Ok(p) => vec![unit_failed(
+                    1,
+                    RenderError::new(
+                        render::ErrorKind::Io,
+                        format!("the file could not be opened when planned but can now ({} units); rerun the job to process it", p.unit_count),
+                    ),
+                )],
+            }
+        }
+        UnitKind::Image => {
+            let p = path.clone();
+            let range = task.first..=task.last;
+            match blocking(move || render::decode_image(&p, range, &limits)).await? {
+                Err(e) => whole_file_error(task, e)?,
+                Ok(pages) => pages
+                    .into_iter()
+                    .zip(task.first..)
+                    .map(|(r, n)| r.map(unit_from_page).unwrap_or_else(|e| unit_failed(n, e)))
+                    .collect(),
+            }
+        }
+        UnitKind::Pdf => {
+            let (units, count) = render_pdf(task, &path, ctx).await?;
+            page_count = count.unwrap_or(page_count);
+            units
+        }
+    };
+
+    if task.unit == UnitKind::Unreadable {
+        page_count = 0;
+    }
+    run_model(task, &mut units, ctx).await;
+    Ok(units.into_iter().map(|u| to_record(task, s, page_count, u, ctx)).collect())
+}
+
+/// PDF pages: the text layer first (cheap, no pixels) unless the engine is
+/// the VLM, then pixels only for the pages that need the model.
+async fn render_pdf(task: &TaskSpec, path: &Path, ctx: &ProcessContext) -> Result<(Vec<Unit>, Option<u32>), TaskFailure> {
+    let s = &task.settings;
+    let range = task.first..=task.last;
+    let base = RenderOptions { size: render_size(s.render), want_image: false, want_text: true, limits: render_limits(&s.limits) };
+    let mut units: Vec<Unit>;
+    if s.engine == Engine::Vlm {
+        units = (task.first..=task.last)
+            .map(|page| Unit { page, width: 0, height: 0, render_ms: 0.0, text: None, image: None, outcome: None })
+            .collect();
+    } else {
+        let (pdf, p, r, o) = (ctx.pdf.clone(), path.to_path_buf(), range.clone(), base.clone());
+        match blocking(move || pdf.render(&p, r, &o)).await? {
+            Err(e) => return Ok((whole_file_error(task, e)?, None)),
+            Ok(pages) => {
+                units = pages
+                    .into_iter()
+                    .zip(task.first..)
+                    .map(|(r, n)| r.map(unit_from_page).unwrap_or_else(|e| unit_failed(n, e)))
+                    .collect();
+            }
+        }
+        for u in units.iter_mut().filter(|u| u.outcome.is_none()) {
+            let text = u.text.take().unwrap_or_default();
+            if s.engine == Engine::TextLayer || usable_text(&text, s.text_min_chars) {
+                u.outcome = Some(Outcome::TextLayer(text));
+            } else if ctx.model.is_none() {
+                u.outcome = Some(failed(
+                    ErrorKind::NeedsModel,
+                    "the page has no usable text layer (scanned?); pass --model to transcribe it with a VLM",
+                ));
+            }
+        }
+    }
+    // Pixels for the pages still without an outcome, in contiguous runs.
+    let need: Vec<u32> = units.iter().filter(|u| u.outcome.is_none()).map(|u| u.page).collect();
+    for run in contiguous_runs(&need) {
+        let opts = RenderOptions { want_image: true, want_text: false, ..base.clone() };
+        let (pdf, p) = (ctx.pdf.clone(), path.to_path_buf());
+        let r = run.clone();
+        match blocking(move || pdf.render(&p, r, &opts)).await? {
+            Err(e) if e.kind.is_transient() => return Err(TaskFailure(format!("{}: {e}", task.source.uri))),
+            Err(e) => {
+                for u in units.iter_mut().filter(|u| run.contains(&u.page)) {
+                    u.outcome = Some(from_render(e.clone()));
+                }
+            }
+            Ok(pages) => {
+                for (res, n) in pages.into_iter().zip(run.clone()) {
+                    let u = units.iter_mut().find(|u| u.page == n).expect("unit for every page");
+                    match res {
+                        Ok(p) => {
+                            u.width = p.width;
+                            u.height = p.height;
+                            u.render_ms += p.render_ms;
+                            u.image = p.image;
+                        }
+                        Err(e) => u.outcome = Some(from_render(e)),
+                    }
+                }
+            }
+        }
+    }
+    Ok((units, None))
+}
+
+fn contiguous_runs(pages: &[u32]) -> Vec<std::ops::RangeInclusive<u32>> {
+    let mut runs: Vec<std::ops::RangeInclusive<u32>> = Vec::new();
+    for &p in pages {
+        match runs.last_mut() {
+            Some(r) if *r.end() + 1 == p => *r = *r.start()..=p,
+            _ => runs.push(p..=p),
+        }
+    }
+    runs
+}
+
+/// Sends every unit that has pixels and no outcome to the model, all at
+/// once so the inference thread can batch them with other tasks' pages.
+async fn run_model(task: &TaskSpec, units: &mut [Unit], ctx: &ProcessContext) {
+    let s = &task.settings;
+    let pending: Vec<usize> = (0..units.len()).filter(|&i| units[i].outcome.is_none()).collect();
+    if pending.is_empty() {
+        return;
+    }
+    let Some(model) = &ctx.model else {
+        for &i in &pending {
+            units[i].outcome = Some(failed(
+                ErrorKind::NeedsModel,
+                "images have no text layer; pass --model to caption or transcribe them with a VLM",
+            ));
+        }
+        return;
+    };
+    let prompt = s.prompt.clone().unwrap_or_else(|| model.default_prompt(s.task).to_string());
+    let mut calls = Vec::new();
+    for &i in &pending {
+        let Some(image) = units[i].image.take() else {
+            units[i].outcome = Some(failed(ErrorKind::Internal, "page has no pixels to give the model"));
+            continue;
+        };
+        let req = GenRequest { image, prompt: prompt.clone(), max_new_tokens: s.max_new_tokens };
+        let model = model.clone();
+        calls.push((i, tokio::spawn(async move { model.submit(req).await })));
+    }
+    for (i, call) in calls {
+        let outcome = match call.await {
+            Ok(Ok((out, ms))) => Outcome::Vlm {
+                text: out.text,
+                tokens_in: out.tokens_in,
+                tokens_out: out.tokens_out,
+                finish: out.finish,
+                infer_ms: ms,
+                prompt: prompt.clone(),
+            },
+            Ok(Err(msg)) => failed(ErrorKind::Model, msg),
+            Err(e) => failed(ErrorKind::Internal, e.to_string()),
+        };
+        units[i].outcome = Some(outcome);
+    }
+}
+
+fn to_record(task: &TaskSpec, s: &JobSettings, page_count: u32, u: Unit, ctx: &ProcessContext) -> Record {
+    let model_name = ctx.model.as_ref().map(|m| m.model_name().to_string()).or_else(|| s.model.clone());
+    let mut r = Record {
+        job: s.job.clone(),
+        task_id: task.task_id.clone(),
+        source: task.source.uri.clone(),
+        page: u.page,
+        page_count,
+        task: s.task.as_str().to_string(),
+        engine: Engine::TextLayer.as_str().to_string(),
+        model: None,
+        prompt: None,
+        text: String::new(),
+        tokens_in: 0,
+        tokens_out: 0,
+        finish_reason: FinishReason::Stop,
+        width: u.width,
+        height: u.height,
+        timings_ms: Timings { render: round_ms(u.render_ms), infer: 0.0 },
+        error: None,
+    };
+    let vlm_engine = s.engine == Engine::Vlm || (task.unit == UnitKind::Image && s.engine != Engine::TextLayer);
+    match u.outcome.unwrap_or_else(|| failed(ErrorKind::Internal, "page was not processed")) {
+        Outcome::TextLayer(text) => r.text = text,
+        Outcome::Vlm { text, tokens_in, tokens_out, finish, infer_ms, prompt } => {
+            r.engine = Engine::Vlm.as_str().into();
+            r.model = model_name;
+            r.prompt = Some(prompt);
+            r.text = text;
+            r.tokens_in = tokens_in;
+            r.tokens_out = tokens_out;
+            r.finish_reason = finish;
+            r.timings_ms.infer = round_ms(infer_ms);
+        }
+        Outcome::Failed(e) => {
+            if vlm_engine {
+                r.engine = Engine::Vlm.as_str().into();
+                r.model = model_name;
+            }
+            r.finish_reason = FinishReason::Error;
+            r.error = Some(e);
+        }
+    }
+    r
+}
+
+fn round_ms(ms: f64) -> f64 {
+    (ms * 100.0).round() / 100.0
+}
