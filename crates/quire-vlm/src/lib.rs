@@ -1,1 +1,192 @@
-//! quire-vlm
+//! quire-vlm: vision-language models on candle, token-exact against Hugging Face `transformers`.
+//!
+//! Loads a local Hugging Face checkpoint folder ([`Vlm::load`]) and turns (image, prompt)
+//! requests into text with batched greedy decoding ([`Vlm::generate`]). The family is picked
+//! from `config.json` (`model_type` / `architectures`); today that is Idefics3 (SmolVLM,
+//! SmolDocling, Granite-Docling, Idefics3-8B). A new family is a module next to
+//! [`idefics3`] plus one arm in [`Vlm::load`] and in the `Model` enum.
+//!
+//! Model locations: [`resolve_model_dir`] takes a local folder or a hub id; `s3://` prefixes
+//! are downloaded by the caller.
+
+pub mod checkpoint;
+pub mod idefics3;
+pub mod pil;
+pub mod prompt;
+
+use std::path::Path;
+
+use anyhow::{bail, Result};
+pub use candle_core::{DType, Device};
+
+pub use checkpoint::{resolve_model_dir, Checkpoint};
+
+/// Where and in which precision to run the model.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    pub device: Device,
+    pub dtype: DType,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { device: Device::Cpu, dtype: DType::F32 }
+    }
+}
+
+impl LoadOptions {
+    /// Parses "f32", "bf16" or "f16".
+    pub fn parse_dtype(s: &str) -> Result<DType> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "f32" | "float32" => DType::F32,
+            "bf16" | "bfloat16" => DType::BF16,
+            "f16" | "float16" => DType::F16,
+            other => bail!("unknown dtype {other:?}; use f32, bf16 or f16"),
+        })
+    }
+
+    /// CUDA device `ordinal` when built with the `cuda` feature, else an error.
+    pub fn cuda(ordinal: usize) -> Result<Device> {
+        if cfg!(feature = "cuda") {
+            Ok(Device::new_cuda(ordinal)?)
+        } else {
+            bail!("quire-vlm was built without the `cuda` feature; rebuild with --features cuda or use the CPU")
+        }
+    }
+}
+
+/// Model family, with the checkpoint's product name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Family {
+    /// Idefics3 architecture; the string is e.g. "SmolVLM", "SmolDocling", "Granite-Docling", "Idefics3".
+    Idefics3(String),
+}
+
+impl Family {
+    pub fn variant(&self) -> &str {
+        match self {
+            Family::Idefics3(v) => v,
+        }
+    }
+}
+
+/// What a default prompt asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Task {
+    Ocr,
+    Caption,
+}
+
+/// One image with its instruction.
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub image: image::DynamicImage,
+    pub prompt: String,
+    pub max_new_tokens: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An end-of-sequence id was produced (it is the last of `token_ids`).
+    Stop,
+    /// `max_new_tokens` was reached.
+    Length,
+}
+
+#[derive(Clone, Debug)]
+pub struct Generation {
+    /// Decoded new tokens, special tokens skipped.
+    pub text: String,
+    pub token_ids: Vec<u32>,
+    /// Prompt tokens including image tokens.
+    pub tokens_in: usize,
+    pub tokens_out: usize,
+    pub finish_reason: FinishReason,
+}
+
+enum Model {
+    Idefics3(Box<idefics3::Idefics3>),
+}
+
+/// A loaded vision-language model.
+pub struct Vlm {
+    model: Model,
+    family: Family,
+    name: String,
+}
+
+fn idefics3_variant(name: &str) -> String {
+    let n = name.to_ascii_lowercase();
+    if n.contains("granite") && n.contains("docling") {
+        "Granite-Docling".into()
+    } else if n.contains("docling") {
+        "SmolDocling".into()
+    } else if n.contains("smolvlm") {
+        "SmolVLM".into()
+    } else {
+        "Idefics3".into()
+    }
+}
+
+impl Vlm {
+    /// Loads a checkpoint folder, dispatching on `config.json`.
+    pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Vlm> {
+        let ck = Checkpoint::open(dir)?;
+        let (model_type, arch) = ck.model_type();
+        let name = ck.model_name();
+        match (model_type.as_str(), arch.as_str()) {
+            ("idefics3", _) | (_, "Idefics3ForConditionalGeneration") => {
+                let m = idefics3::Idefics3::load(&ck, &opts.device, opts.dtype)?;
+                Ok(Vlm { model: Model::Idefics3(Box::new(m)), family: Family::Idefics3(idefics3_variant(&name)), name })
+            }
+            ("idefics2", _) | (_, "Idefics2ForConditionalGeneration") => {
+                bail!("{}: Idefics2 checkpoints are not supported yet", dir.display())
+            }
+            _ => bail!(
+                "{}: unsupported model (model_type {model_type:?}, architecture {arch:?}); quire-vlm runs Idefics3-family checkpoints",
+                dir.display()
+            ),
+        }
+    }
+
+    pub fn family(&self) -> Family {
+        self.family.clone()
+    }
+
+    pub fn model_name(&self) -> String {
+        self.name.clone()
+    }
+
+    pub fn default_prompt(&self, task: Task) -> String {
+        let docling = self.family.variant().contains("Docling");
+        match (task, docling) {
+            (Task::Ocr, true) => "Convert this page to docling.".into(),
+            (Task::Ocr, false) => "Transcribe all the text in this image, preserving the reading order.".into(),
+            (Task::Caption, _) => "Describe this image in detail.".into(),
+        }
+    }
+
+    /// Batched greedy generation; results are in request order.
+    pub fn generate(&mut self, reqs: &[Request]) -> Result<Vec<Generation>> {
+        match &mut self.model {
+            Model::Idefics3(m) => m.generate(reqs),
+        }
+    }
+
+    /// The Idefics3 model, for processor-level access (tile grid, input ids, pixel values).
+    pub fn as_idefics3(&mut self) -> Option<&mut idefics3::Idefics3> {
+        match &mut self.model {
+            Model::Idefics3(m) => Some(m),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    fn assert_send<T: Send>() {}
+
+    #[test]
+    fn vlm_is_send() {
+        assert_send::<super::Vlm>();
+    }
+}

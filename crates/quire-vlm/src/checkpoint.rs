@@ -1,0 +1,237 @@
+//! A Hugging Face checkpoint folder on disk: where its files are and how to read the
+//! settings that different `transformers` versions spelled differently.
+//!
+//! Knows `config.json`, single or sharded safetensors (`model.safetensors.index.json`),
+//! `generation_config.json`, processor settings in the old flat `preprocessor_config.json`
+//! or the new nested `processor_config.json`, and the chat template in `chat_template.jinja`,
+//! `chat_template.json` or `tokenizer_config.json`. Also resolves a model spec (local folder
+//! or hub id) to such a folder.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+/// Resolves a model spec to a local checkpoint folder.
+///
+/// * an existing directory is used as is;
+/// * `s3://…` is not handled here: the caller downloads the prefix and passes the folder;
+/// * anything else is taken as a Hugging Face hub id (`org/name`, optionally `@revision`)
+///   and fetched through `hf-hub`, which uses the `HF_HOME` cache and `HF_TOKEN`.
+pub fn resolve_model_dir(spec: &str) -> Result<PathBuf> {
+    let p = Path::new(spec);
+    if p.is_dir() {
+        return Ok(p.to_path_buf());
+    }
+    if spec.starts_with("s3://") {
+        bail!(
+            "{spec}: s3:// model locations are resolved by the caller (the pipeline downloads the \
+             prefix to a local cache folder); pass that local folder to quire-vlm"
+        );
+    }
+    if p.exists() {
+        bail!("{spec} exists but is not a directory; pass the checkpoint folder");
+    }
+    if spec.starts_with('/') || spec.starts_with('.') || spec.matches('/').count() != 1 {
+        bail!("{spec}: no such model folder (and it does not look like a hub id `org/name`)");
+    }
+    download_from_hub(spec)
+}
+
+fn download_from_hub(spec: &str) -> Result<PathBuf> {
+    use hf_hub::{api::sync::ApiBuilder, Repo, RepoType};
+    let (id, revision) = match spec.split_once('@') {
+        Some((i, r)) => (i.to_string(), r.to_string()),
+        None => (spec.to_string(), "main".to_string()),
+    };
+    let api = ApiBuilder::from_env().build().context("initialising the Hugging Face hub client")?;
+    let repo = api.repo(Repo::with_revision(id.clone(), RepoType::Model, revision));
+    let hint = || {
+        format!(
+            "could not fetch {id} from the Hugging Face hub (offline, or needs HF_TOKEN?); \
+             download the checkpoint elsewhere and pass its local folder instead"
+        )
+    };
+    let config = repo.get("config.json").with_context(hint)?;
+    let dir = config.parent().context("hub cache path has no parent")?.to_path_buf();
+    let info = repo.info().with_context(hint)?;
+    for s in info.siblings {
+        let f = s.rfilename;
+        let wanted = f.ends_with(".safetensors")
+            || f.ends_with(".json") && !f.contains('/')
+            || f == "chat_template.jinja";
+        if wanted {
+            repo.get(&f).with_context(|| format!("{}: fetching {f}", hint()))?;
+        }
+    }
+    Ok(dir)
+}
+
+/// Parsed JSON files of a checkpoint folder.
+#[derive(Clone, Debug)]
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    pub config: Value,
+    pub generation_config: Value,
+    pub tokenizer_config: Value,
+    /// Flat image processor settings (whichever file held them).
+    pub image_processor: Value,
+    /// Processor-level settings such as `image_seq_len`.
+    pub processor: Value,
+    pub chat_template: Option<String>,
+}
+
+fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+fn read_json_opt(path: &Path) -> Result<Value> {
+    if path.exists() {
+        read_json(path)
+    } else {
+        Ok(Value::Object(Default::default()))
+    }
+}
+
+impl Checkpoint {
+    pub fn open(dir: &Path) -> Result<Checkpoint> {
+        let config_path = dir.join("config.json");
+        if !config_path.exists() {
+            bail!("{} has no config.json; is it a Hugging Face checkpoint folder?", dir.display());
+        }
+        let config = read_json(&config_path)?;
+        let generation_config = read_json_opt(&dir.join("generation_config.json"))?;
+        let tokenizer_config = read_json_opt(&dir.join("tokenizer_config.json"))?;
+        let pre = read_json_opt(&dir.join("preprocessor_config.json"))?;
+        let mut processor = read_json_opt(&dir.join("processor_config.json"))?;
+        // Newer layout nests the image processor; the older one keeps it flat in preprocessor_config.json.
+        let image_processor = match processor.as_object_mut().and_then(|o| o.remove("image_processor")) {
+            Some(ip) => ip,
+            None => pre.clone(),
+        };
+        for key in ["image_seq_len"] {
+            if processor.get(key).is_none() {
+                if let Some(v) = pre.get(key) {
+                    processor[key] = v.clone();
+                }
+            }
+        }
+        let chat_template = Self::find_chat_template(dir, &processor, &tokenizer_config)?;
+        Ok(Checkpoint {
+            dir: dir.to_path_buf(),
+            config,
+            generation_config,
+            tokenizer_config,
+            image_processor,
+            processor,
+            chat_template,
+        })
+    }
+
+    fn find_chat_template(dir: &Path, processor: &Value, tok: &Value) -> Result<Option<String>> {
+        let jinja = dir.join("chat_template.jinja");
+        if jinja.exists() {
+            return Ok(Some(std::fs::read_to_string(&jinja)?));
+        }
+        let json = dir.join("chat_template.json");
+        if json.exists() {
+            if let Some(t) = read_json(&json)?.get("chat_template").and_then(template_text) {
+                return Ok(Some(t));
+            }
+        }
+        if let Some(t) = processor.get("chat_template").and_then(template_text) {
+            return Ok(Some(t));
+        }
+        Ok(tok.get("chat_template").and_then(template_text))
+    }
+
+    /// Weight files: the shards named by the index, or every `*.safetensors` in the folder.
+    pub fn safetensors_files(&self) -> Result<Vec<PathBuf>> {
+        let index = self.dir.join("model.safetensors.index.json");
+        if index.exists() {
+            let idx = read_json(&index)?;
+            let map = idx.get("weight_map").and_then(Value::as_object).context("index without weight_map")?;
+            let mut files: Vec<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
+            files.sort();
+            files.dedup();
+            return Ok(files.into_iter().map(|f| self.dir.join(f)).collect());
+        }
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&self.dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            bail!("{} has no *.safetensors weights", self.dir.display());
+        }
+        Ok(files)
+    }
+
+    /// `model_type` and the first `architectures` entry of config.json.
+    pub fn model_type(&self) -> (String, String) {
+        let mt = self.config.get("model_type").and_then(Value::as_str).unwrap_or("").to_string();
+        let arch = self
+            .config
+            .get("architectures")
+            .and_then(Value::as_array)
+            .and_then(|a| a.first())
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        (mt, arch)
+    }
+
+    /// EOS ids from generation_config.json (int or list), else from config.json.
+    pub fn eos_token_ids(&self) -> Vec<u32> {
+        let from = |v: Option<&Value>| -> Vec<u32> {
+            match v {
+                Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+                Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|x| x as u32).collect(),
+                _ => vec![],
+            }
+        };
+        let mut ids = from(self.generation_config.get("eos_token_id"));
+        if ids.is_empty() {
+            ids = from(self.config.get("eos_token_id"));
+        }
+        if ids.is_empty() {
+            ids = from(self.config.get("text_config").and_then(|t| t.get("eos_token_id")));
+        }
+        ids
+    }
+
+    /// Pad id for finished rows; only fills the batch, never read back.
+    pub fn pad_token_id(&self) -> Option<u32> {
+        self.generation_config.get("pad_token_id").and_then(Value::as_u64).map(|x| x as u32)
+    }
+
+    /// A human-readable model name: `_name_or_path` if it looks like one, else the folder name.
+    pub fn model_name(&self) -> String {
+        if let Some(n) = self.config.get("_name_or_path").and_then(Value::as_str) {
+            if !n.is_empty() && !n.starts_with('/') && !n.starts_with('.') {
+                return n.to_string();
+            }
+        }
+        self.dir
+            .canonicalize()
+            .ok()
+            .and_then(|p| p.file_name().map(|s| s.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| self.dir.display().to_string())
+    }
+}
+
+/// A chat template is a string, or (older tokenizers) a list of named templates.
+fn template_text(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Array(list) => list
+            .iter()
+            .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+            .or_else(|| list.first())
+            .and_then(|t| t.get("template"))
+            .and_then(Value::as_str)
+            .map(String::from),
+        _ => None,
+    }
+}

