@@ -9,6 +9,8 @@
 //!
 //! [`memory::MemoryQueue`] implements this in process for `quire run`.
 
+#[cfg(feature = "nats")]
+pub mod jetstream;
 pub mod memory;
 
 use async_trait::async_trait;

@@ -1,0 +1,1006 @@
+//! The distributed work queue: NATS JetStream.
+//!
+//! # Layout on the server
+//!
+//! | what | name | notes |
+//! |---|---|---|
+//! | work stream | `QUIRE_TASKS`, subjects `quire.tasks.>` | WorkQueue retention, file storage, `Nats-Msg-Id` = task id |
+//! | one subject per job | `quire.tasks.<job>` | `<job>` is [`subject_token`] of the job name |
+//! | worker consumer | durable pull `quire-workers`, all jobs | explicit ack, `ack_wait` / `max_deliver` from [`QueueOptions`] |
+//! | dead letters | `QUIRE_DEAD`, subjects `quire.dead.<job>` | limits retention, one JSON [`DeadLetter`] per task, deduplicated by task id |
+//! | advisories | `QUIRE_ADVISORIES` captures `$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.QUIRE_TASKS.quire-workers` | WorkQueue retention, so advisories wait for a forwarder that is down |
+//!
+//! One stream with one durable consumer over every job (rather than a
+//! stream per job) lets `quire worker --nats URL` serve whatever jobs are
+//! queued without being told their names, and a WorkQueue stream admits only
+//! non-overlapping consumers anyway.
+//!
+//! # Dedup
+//!
+//! Publishing sets `Nats-Msg-Id` to the task id; within the stream's
+//! duplicate window (default 2 h, [`JetStreamOptions::duplicate_window`]) the
+//! server drops a second publish of the same id and says so in its PubAck,
+//! which [`TaskQueue::publish`] reports as [`Published::Duplicate`]. The
+//! window costs server memory per id, so it is not meant to span days: a job
+//! re-submitted days later is deduplicated by the pipeline checking stored
+//! results before publishing; the window is the second guard against two
+//! coordinators planning the same job at once. Caveats: a dead-lettered task
+//! re-published within the window is dropped as a duplicate; after a server
+//! restart the window only remembers ids of tasks still in the stream (the
+//! server rebuilds it from the stored messages), so an acked task can be
+//! published again then.
+//!
+//! # Dead letters
+//!
+//! Two paths lead to `QUIRE_DEAD`:
+//! - a worker gives up ([`Lease::term`], or [`Lease::nack`] on the last
+//!   allowed delivery): the lease publishes the record with the worker's
+//!   reason, terminates the delivery and deletes the message from the work
+//!   stream;
+//! - a lease expires on the last delivery (a crashed or hung worker): the
+//!   server emits a max-deliveries advisory, captured in `QUIRE_ADVISORIES`;
+//!   [`JetStreamQueue::forward_dead_letters`] (run by the coordinator) reads
+//!   it, fetches the task from the work stream by sequence (with WorkQueue
+//!   retention it stays there after max deliveries until deleted), publishes
+//!   the record and deletes the task.
+//!
+//! [`JetStreamQueue::dead_letters`] lists a job's records.
+//!
+//! # Stopping
+//!
+//! For a worker the queue never ends: [`TaskQueue::pull`] waits for work
+//! until [`JetStreamQueue::stop`] is called (e.g. on SIGTERM), after which
+//! every pending and future `pull` returns `None`. A pull request in flight
+//! at that moment may have been granted a message the worker never sees; it
+//! is delivered again after `ack_wait`. While the server is unreachable
+//! `pull` keeps retrying for [`JetStreamOptions::retry_for`] before it
+//! returns an error (the client reconnects by itself).
+
+use crate::{Lease, Published, QueueError, QueueOptions, TaskQueue};
+use async_nats::jetstream::{
+    self,
+    consumer::{pull, AckPolicy, DeliverPolicy},
+    message::AckKind,
+    stream::{self, RetentionPolicy, StorageType},
+};
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use quire_core::{DeadLetter, TaskSpec};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// How to reach and authenticate to the NATS server.
+#[derive(Debug, Clone, Default)]
+pub struct NatsAuth {
+    pub user_password: Option<(String, String)>,
+    pub token: Option<String>,
+    /// A `.creds` file (JWT + nkey seed), as made by `nsc`.
+    pub creds_file: Option<PathBuf>,
+    /// A file holding an nkey seed (`SU...`).
+    pub nkey_seed_file: Option<PathBuf>,
+    /// PEM CA certificate(s) to trust in addition to the system roots.
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate and key (PEM) for mutual TLS.
+    pub tls_client_cert: Option<(PathBuf, PathBuf)>,
+    /// Insist on TLS even when the URL says `nats://`.
+    pub require_tls: bool,
+}
+
+/// Where the queue lives and what it is called there.
+#[derive(Debug, Clone)]
+pub struct JetStreamOptions {
+    /// One or more server URLs, comma separated (`nats://host:4222`, `tls://...`).
+    pub url: String,
+    pub auth: NatsAuth,
+    pub queue: QueueOptions,
+    /// Work stream name; its subjects are `<subject_prefix>.>`.
+    pub stream: String,
+    pub subject_prefix: String,
+    /// Durable pull consumer all workers share.
+    pub consumer: String,
+    pub dead_stream: String,
+    pub dead_prefix: String,
+    pub advisory_stream: String,
+    /// Stream dedup window for task ids (see the module docs).
+    pub duplicate_window: Duration,
+    /// Stream replicas (1 for a single server, 3 for a cluster).
+    pub replicas: usize,
+    /// How long a single pull request waits on the server.
+    pub poll: Duration,
+    /// How long `pull` and the forwarder retry while the server is unreachable.
+    pub retry_for: Duration,
+}
+
+impl JetStreamOptions {
+    pub fn new(url: impl Into<String>) -> Self {
+        JetStreamOptions {
+            url: url.into(),
+            auth: NatsAuth::default(),
+            queue: QueueOptions::default(),
+            stream: "QUIRE_TASKS".into(),
+            subject_prefix: "quire.tasks".into(),
+            consumer: "quire-workers".into(),
+            dead_stream: "QUIRE_DEAD".into(),
+            dead_prefix: "quire.dead".into(),
+            advisory_stream: "QUIRE_ADVISORIES".into(),
+            duplicate_window: Duration::from_secs(2 * 3600),
+            replicas: 1,
+            poll: Duration::from_secs(5),
+            retry_for: Duration::from_secs(120),
+        }
+    }
+}
+
+/// Makes a job name usable as one subject token and KV key part: ASCII
+/// letters, digits, `-` and `_` are kept, every other byte becomes `=XX`.
+pub fn subject_token(job: &str) -> String {
+    let mut out = String::with_capacity(job.len());
+    for b in job.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("={b:02X}"));
+        }
+    }
+    if out.is_empty() {
+        out.push_str("=00");
+    }
+    out
+}
+
+fn backend(what: &str, e: impl std::fmt::Display) -> QueueError {
+    QueueError::Backend(format!("{what}: {e}"))
+}
+
+struct Inner {
+    opts: JetStreamOptions,
+    client: async_nats::Client,
+    js: jetstream::Context,
+    work: stream::Stream,
+    consumer: jetstream::consumer::Consumer<pull::Config>,
+    stop: watch::Sender<bool>,
+}
+
+/// The JetStream task queue; cheap to clone.
+#[derive(Clone)]
+pub struct JetStreamQueue {
+    inner: Arc<Inner>,
+}
+
+/// Connects to NATS with the given auth settings.
+pub async fn connect_client(url: &str, auth: &NatsAuth) -> Result<async_nats::Client, QueueError> {
+    let mut o = async_nats::ConnectOptions::new()
+        .name("quire")
+        .connection_timeout(Duration::from_secs(10))
+        .max_reconnects(None);
+    if let Some((u, p)) = &auth.user_password {
+        o = o.user_and_password(u.clone(), p.clone());
+    }
+    if let Some(t) = &auth.token {
+        o = o.token(t.clone());
+    }
+    if let Some(path) = &auth.creds_file {
+        o = o.credentials_file(path).await.map_err(|e| backend(&format!("reading NATS credentials {}", path.display()), e))?;
+    }
+    if let Some(path) = &auth.nkey_seed_file {
+        let seed = std::fs::read_to_string(path).map_err(|e| backend(&format!("reading nkey seed {}", path.display()), e))?;
+        o = o.nkey(seed.trim().to_string());
+    }
+    if let Some(ca) = &auth.tls_ca {
+        o = o.add_root_certificates(ca.clone());
+    }
+    if let Some((cert, key)) = &auth.tls_client_cert {
+        o = o.add_client_certificate(cert.clone(), key.clone());
+    }
+    if auth.require_tls {
+        o = o.require_tls(true);
+    }
+    o.connect(url).await.map_err(|e| backend(&format!("connecting to NATS at {url}"), e))
+}
+
+impl JetStreamQueue {
+    /// Connects and makes sure the streams and the worker consumer exist
+    /// (creating them, or updating `ack_wait`/`max_deliver`/the dedup window
+    /// to these options).
+    pub async fn connect(opts: JetStreamOptions) -> Result<Self, QueueError> {
+        let client = connect_client(&opts.url, &opts.auth).await?;
+        Self::with_client(client, opts).await
+    }
+
+    pub async fn with_client(client: async_nats::Client, opts: JetStreamOptions) -> Result<Self, QueueError> {
+        let js = jetstream::new(client.clone());
+        let work_cfg = stream::Config {
+            name: opts.stream.clone(),
+            subjects: vec![format!("{}.>", opts.subject_prefix)],
+            retention: RetentionPolicy::WorkQueue,
+            storage: StorageType::File,
+            duplicate_window: opts.duplicate_window,
+            num_replicas: opts.replicas,
+            allow_direct: true,
+            description: Some("quire tasks, one subject per job".into()),
+            ..Default::default()
+        };
+        js.create_or_update_stream(work_cfg).await.map_err(|e| backend(&format!("creating stream {}", opts.stream), e))?;
+        let dead_cfg = stream::Config {
+            name: opts.dead_stream.clone(),
+            subjects: vec![format!("{}.>", opts.dead_prefix)],
+            retention: RetentionPolicy::Limits,
+            storage: StorageType::File,
+            duplicate_window: opts.duplicate_window,
+            num_replicas: opts.replicas,
+            allow_direct: true,
+            description: Some("quire dead-lettered tasks, one subject per job".into()),
+            ..Default::default()
+        };
+        js.create_or_update_stream(dead_cfg)
+            .await
+            .map_err(|e| backend(&format!("creating stream {}", opts.dead_stream), e))?;
+        let adv_cfg = stream::Config {
+            name: opts.advisory_stream.clone(),
+            subjects: vec![advisory_subject(&opts)],
+            retention: RetentionPolicy::WorkQueue,
+            storage: StorageType::File,
+            num_replicas: opts.replicas,
+            description: Some("max-deliveries advisories of the quire worker consumer".into()),
+            ..Default::default()
+        };
+        js.create_or_update_stream(adv_cfg)
+            .await
+            .map_err(|e| backend(&format!("creating stream {}", opts.advisory_stream), e))?;
+
+        let work = js.get_stream(&opts.stream).await.map_err(|e| backend("opening the work stream", e))?;
+        let consumer_cfg = pull::Config {
+            durable_name: Some(opts.consumer.clone()),
+            description: Some("quire workers".into()),
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: opts.queue.ack_wait,
+            max_deliver: opts.queue.max_deliver as i64,
+            deliver_policy: DeliverPolicy::All,
+            max_ack_pending: -1,
+            num_replicas: opts.replicas,
+            ..Default::default()
+        };
+        let consumer = work
+            .create_consumer(consumer_cfg)
+            .await
+            .map_err(|e| backend(&format!("creating consumer {}", opts.consumer), e))?;
+        let (stop, _) = watch::channel(false);
+        Ok(JetStreamQueue { inner: Arc::new(Inner { opts, client, js, work, consumer, stop }) })
+    }
+
+    pub fn client(&self) -> &async_nats::Client {
+        &self.inner.client
+    }
+
+    pub fn options(&self) -> &JetStreamOptions {
+        &self.inner.opts
+    }
+
+    /// Ends the queue for this process: pending and future `pull`s return
+    /// `None`, the forwarder returns.
+    pub fn stop(&self) {
+        self.inner.stop.send_replace(true);
+    }
+
+    fn stopped(&self) -> bool {
+        *self.inner.stop.borrow()
+    }
+
+    /// The subject tasks of `job` are published on.
+    pub fn task_subject(&self, job: &str) -> String {
+        format!("{}.{}", self.inner.opts.subject_prefix, subject_token(job))
+    }
+
+    fn dead_subject(&self, job: &str) -> String {
+        format!("{}.{}", self.inner.opts.dead_prefix, subject_token(job))
+    }
+
+    /// Tasks of `job` still in the work stream (queued, leased or waiting
+    /// out a nack delay; dead tasks not yet forwarded included).
+    pub async fn pending(&self, job: &str) -> Result<u64, QueueError> {
+        let subject = self.task_subject(job);
+        let mut info = self
+            .inner
+            .work
+            .info_with_subjects(&subject)
+            .await
+            .map_err(|e| backend("reading stream info", e))?;
+        let mut n = 0;
+        while let Some(x) = info.next().await {
+            let (s, c) = x.map_err(|e| backend("reading stream info", e))?;
+            if s == subject {
+                n += c as u64;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Publishes a dead-letter record (deduplicated by task id).
+    async fn publish_dead(&self, job: &str, dead: &DeadLetter) -> Result<(), QueueError> {
+        self.publish_dead_token(&subject_token(job), dead).await
+    }
+
+    /// Every dead-letter record of `job`, oldest first.
+    pub async fn dead_letters(&self, job: &str) -> Result<Vec<DeadLetter>, QueueError> {
+        let stream =
+            self.inner.js.get_stream(&self.inner.opts.dead_stream).await.map_err(|e| backend("opening the dead-letter stream", e))?;
+        let consumer: jetstream::consumer::Consumer<pull::Config> = stream
+            .create_consumer(pull::Config {
+                filter_subject: self.dead_subject(job),
+                ack_policy: AckPolicy::None,
+                deliver_policy: DeliverPolicy::All,
+                inactive_threshold: Duration::from_secs(60),
+                memory_storage: true,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| backend("listing dead letters", e))?;
+        let mut out = Vec::new();
+        loop {
+            let mut batch =
+                consumer.fetch().max_messages(256).messages().await.map_err(|e| backend("listing dead letters", e))?;
+            let mut got = 0;
+            while let Some(m) = batch.next().await {
+                let m = m.map_err(|e| backend("listing dead letters", e))?;
+                got += 1;
+                match serde_json::from_slice::<DeadLetter>(&m.payload) {
+                    Ok(d) => out.push(d),
+                    Err(e) => tracing::warn!(subject = %m.subject, "skipping malformed dead letter: {e}"),
+                }
+            }
+            if got == 0 {
+                break;
+            }
+        }
+        let name = consumer.cached_info().name.clone();
+        let _ = stream.delete_consumer(&name).await;
+        Ok(out)
+    }
+
+    /// Deletes a task from the work stream by sequence; a task already gone
+    /// is fine.
+    async fn delete_task(&self, seq: u64) -> Result<(), QueueError> {
+        match self.inner.work.delete_message(seq).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.to_string().contains("no message found") || e.to_string().contains("not found") => Ok(()),
+            Err(e) => Err(backend("deleting a dead task from the work stream", e)),
+        }
+    }
+
+    /// Forwards max-deliveries advisories to dead letters until [`stop`]
+    /// is called. Run it in the coordinator (several may run at once).
+    ///
+    /// [`stop`]: JetStreamQueue::stop
+    pub async fn forward_dead_letters(&self) -> Result<(), QueueError> {
+        let mut stop = self.inner.stop.subscribe();
+        loop {
+            if *stop.borrow() {
+                return Ok(());
+            }
+            tokio::select! {
+                r = self.forward_dead_letters_once(self.inner.opts.poll) => { r?; }
+                _ = stop.wait_for(|s| *s) => return Ok(()),
+            }
+        }
+    }
+
+    /// Forwards the advisories waiting now (waiting up to `wait` for the
+    /// first) and returns how many tasks were dead-lettered.
+    pub async fn forward_dead_letters_once(&self, wait: Duration) -> Result<usize, QueueError> {
+        let o = &self.inner.opts;
+        let adv = self.inner.js.get_stream(&o.advisory_stream).await.map_err(|e| backend("opening the advisory stream", e))?;
+        let consumer: jetstream::consumer::Consumer<pull::Config> = adv
+            .get_or_create_consumer(
+                "dead-letter-forwarder",
+                pull::Config {
+                    durable_name: Some("dead-letter-forwarder".into()),
+                    ack_policy: AckPolicy::Explicit,
+                    ack_wait: Duration::from_secs(60),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| backend("creating the dead-letter forwarder consumer", e))?;
+        let mut batch = consumer
+            .batch()
+            .max_messages(64)
+            .expires(wait.max(Duration::from_millis(100)))
+            .messages()
+            .await
+            .map_err(|e| backend("reading advisories", e))?;
+        let mut n = 0;
+        while let Some(m) = batch.next().await {
+            let m = m.map_err(|e| backend("reading advisories", e))?;
+            let advisory: MaxDeliveriesAdvisory = match serde_json::from_slice(&m.payload) {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!("skipping malformed max-deliveries advisory: {e}");
+                    let _ = m.ack().await;
+                    continue;
+                }
+            };
+            if self.forward_one(&advisory).await? {
+                n += 1;
+            }
+            m.double_ack().await.map_err(|e| backend("acking advisory", e))?;
+        }
+        Ok(n)
+    }
+
+    async fn forward_one(&self, a: &MaxDeliveriesAdvisory) -> Result<bool, QueueError> {
+        let msg = match self.inner.work.get_raw_message(a.stream_seq).await {
+            Ok(m) => m,
+            Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => {
+                // Acked late or dead-lettered by the worker itself.
+                return Ok(false);
+            }
+            Err(e) => return Err(backend("fetching a dead task", e)),
+        };
+        let dead = match serde_json::from_slice::<TaskSpec>(&msg.payload) {
+            Ok(t) => {
+                let d = DeadLetter {
+                    task_id: t.task_id.clone(),
+                    source: t.source.uri.clone(),
+                    first: t.first,
+                    last: t.last,
+                    deliveries: a.deliveries as u32,
+                    reason: "lease expired without ack on the last allowed delivery".into(),
+                };
+                (subject_token(&t.settings.job), d)
+            }
+            Err(e) => malformed_dead_letter(&msg.subject, &msg.headers, &self.inner.opts, a.deliveries as u32, &e.to_string()),
+        };
+        self.publish_dead_token(&dead.0, &dead.1).await?;
+        self.delete_task(a.stream_seq).await?;
+        tracing::warn!(task = %dead.1.task_id, deliveries = a.deliveries, "task dead-lettered after its last lease expired");
+        Ok(true)
+    }
+}
+
+fn advisory_subject(o: &JetStreamOptions) -> String {
+    format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{}.{}", o.stream, o.consumer)
+}
+
+#[derive(serde::Deserialize)]
+struct MaxDeliveriesAdvisory {
+    stream_seq: u64,
+    deliveries: u64,
+}
+
+/// A dead letter for a message that is not a task: the id comes from the
+/// `Nats-Msg-Id` header, the job's subject token from the subject.
+fn malformed_dead_letter(
+    subject: &str,
+    headers: &async_nats::HeaderMap,
+    o: &JetStreamOptions,
+    deliveries: u32,
+    err: &str,
+) -> (String, DeadLetter) {
+    let id = headers.get(async_nats::header::NATS_MESSAGE_ID).map(|v| v.as_str().to_string()).unwrap_or_default();
+    let job = subject.strip_prefix(&format!("{}.", o.subject_prefix)).unwrap_or("unknown").to_string();
+    let d = DeadLetter {
+        task_id: id,
+        source: String::new(),
+        first: 0,
+        last: 0,
+        deliveries,
+        reason: format!("malformed task message: {err}"),
+    };
+    (job, d)
+}
+
+#[async_trait]
+impl TaskQueue for JetStreamQueue {
+    async fn publish(&self, task: &TaskSpec) -> Result<Published, QueueError> {
+        let body = serde_json::to_vec(task).map_err(|e| backend("encoding task", e))?;
+        let publish = jetstream::message::PublishMessage::build().message_id(&task.task_id).payload(body.into());
+        let ack = self
+            .inner
+            .js
+            .send_publish(self.task_subject(&task.settings.job), publish)
+            .await
+            .map_err(|e| backend("publishing task", e))?
+            .await
+            .map_err(|e| backend("publishing task (no PubAck)", e))?;
+        Ok(if ack.duplicate { Published::Duplicate } else { Published::New })
+    }
+
+    async fn pull(&self) -> Result<Option<Box<dyn Lease>>, QueueError> {
+        let mut stop = self.inner.stop.subscribe();
+        let mut failing_since: Option<Instant> = None;
+        loop {
+            if self.stopped() {
+                return Ok(None);
+            }
+            let next = async {
+                let mut batch = self
+                    .inner
+                    .consumer
+                    .batch()
+                    .max_messages(1)
+                    .expires(self.inner.opts.poll)
+                    .messages()
+                    .await
+                    .map_err(|e| backend("requesting a task", e))?;
+                batch.next().await.transpose().map_err(|e| backend("receiving a task", e))
+            };
+            let got = tokio::select! {
+                r = next => r,
+                _ = stop.wait_for(|s| *s) => return Ok(None),
+            };
+            match got {
+                Ok(Some(msg)) => {
+                    failing_since = None;
+                    match self.lease(msg).await? {
+                        Some(l) => return Ok(Some(l)),
+                        None => continue,
+                    }
+                }
+                Ok(None) => failing_since = None,
+                Err(e) => {
+                    let since = *failing_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() > self.inner.opts.retry_for {
+                        return Err(e);
+                    }
+                    tracing::warn!("{e}; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                        _ = stop.wait_for(|s| *s) => return Ok(None),
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl JetStreamQueue {
+    /// Turns a delivered message into a lease; a message that is not a task
+    /// is dead-lettered on the spot and `None` returned.
+    async fn lease(&self, msg: jetstream::Message) -> Result<Option<Box<dyn Lease>>, QueueError> {
+        let (delivery, seq) = match msg.info() {
+            Ok(i) => (i.delivered.max(1) as u32, i.stream_sequence),
+            Err(e) => return Err(backend("reading delivery info", e)),
+        };
+        match serde_json::from_slice::<TaskSpec>(&msg.payload) {
+            Ok(task) => Ok(Some(Box::new(JetStreamLease { queue: self.clone(), msg, task, delivery, seq }))),
+            Err(e) => {
+                let (job, dead) =
+                    malformed_dead_letter(&msg.subject, &msg.headers.clone().unwrap_or_default(), &self.inner.opts, delivery, &e.to_string());
+                tracing::warn!(subject = %msg.subject, "dead-lettering a malformed task message: {e}");
+                self.publish_dead_token(&job, &dead).await?;
+                let _ = msg.ack_with(AckKind::Term).await;
+                self.delete_task(seq).await?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Like `publish_dead` for a job known only by its subject token.
+    async fn publish_dead_token(&self, token: &str, dead: &DeadLetter) -> Result<(), QueueError> {
+        let body = serde_json::to_vec(dead).map_err(|e| backend("encoding dead letter", e))?;
+        let subject = format!("{}.{}", self.inner.opts.dead_prefix, token);
+        let mut publish = jetstream::message::PublishMessage::build().payload(body.into());
+        if !dead.task_id.is_empty() {
+            publish = publish.message_id(&dead.task_id);
+        }
+        self.inner
+            .js
+            .send_publish(subject, publish)
+            .await
+            .map_err(|e| backend("publishing dead letter", e))?
+            .await
+            .map_err(|e| backend("publishing dead letter", e))?;
+        Ok(())
+    }
+}
+
+struct JetStreamLease {
+    queue: JetStreamQueue,
+    msg: jetstream::Message,
+    task: TaskSpec,
+    delivery: u32,
+    seq: u64,
+}
+
+impl JetStreamLease {
+    /// Dead-letter first (so that a failure leaves the task leased and it
+    /// comes back), then stop deliveries and remove the task.
+    async fn give_up(&self, reason: &str) -> Result<(), QueueError> {
+        let t = &self.task;
+        let dead = DeadLetter {
+            task_id: t.task_id.clone(),
+            source: t.source.uri.clone(),
+            first: t.first,
+            last: t.last,
+            deliveries: self.delivery,
+            reason: reason.to_string(),
+        };
+        self.queue.publish_dead(&t.settings.job, &dead).await?;
+        self.msg.ack_with(AckKind::Term).await.map_err(|e| backend("terminating task", e))?;
+        self.queue.delete_task(self.seq).await
+    }
+}
+
+#[async_trait]
+impl Lease for JetStreamLease {
+    fn task(&self) -> &TaskSpec {
+        &self.task
+    }
+
+    fn delivery(&self) -> u32 {
+        self.delivery
+    }
+
+    async fn heartbeat(&self) -> Result<(), QueueError> {
+        self.msg.ack_with(AckKind::Progress).await.map_err(|e| backend("extending lease", e))
+    }
+
+    async fn ack(self: Box<Self>) -> Result<(), QueueError> {
+        self.msg.double_ack().await.map_err(|e| backend(&format!("acking task {}", self.task.task_id), e))
+    }
+
+    async fn nack(self: Box<Self>, delay: Duration, reason: &str) -> Result<(), QueueError> {
+        if self.delivery >= self.queue.inner.opts.queue.max_deliver {
+            return self.give_up(reason).await;
+        }
+        tracing::debug!(task = %self.task.task_id, delivery = self.delivery, "nack: {reason}");
+        self.msg.ack_with(AckKind::Nak(Some(delay))).await.map_err(|e| backend("nacking task", e))
+    }
+
+    async fn term(self: Box<Self>, reason: &str) -> Result<(), QueueError> {
+        self.give_up(reason).await
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test_server {
+    //! Starts a real `nats-server -js` for the tests: a free loopback port,
+    //! a temporary store folder, restartable on the same port and folder.
+    use std::path::PathBuf;
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    pub struct NatsServer {
+        bin: PathBuf,
+        pub port: u16,
+        pub dir: tempfile::TempDir,
+        child: Option<Child>,
+    }
+
+    fn find_binary() -> PathBuf {
+        if let Ok(p) = std::env::var("QUIRE_NATS_SERVER") {
+            return PathBuf::from(p);
+        }
+        let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).map(|d| d.join("nats-server")).collect())
+            .unwrap_or_default();
+        if let Some(home) = std::env::var_os("HOME") {
+            candidates.push(PathBuf::from(home).join(".cache/quire-tools/nats-venv/bin/nats-server"));
+        }
+        candidates.into_iter().find(|p| p.is_file()).unwrap_or_else(|| {
+            panic!(
+                "nats-server not found (QUIRE_NATS_SERVER unset, none on PATH or in ~/.cache/quire-tools). \
+                 Install it with `eval \"$(scripts/install-services.sh)\"` and run the tests again."
+            )
+        })
+    }
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    }
+
+    impl NatsServer {
+        pub fn start() -> Self {
+            let mut s = NatsServer { bin: find_binary(), port: free_port(), dir: tempfile::tempdir().unwrap(), child: None };
+            s.spawn();
+            s
+        }
+
+        pub fn url(&self) -> String {
+            format!("nats://127.0.0.1:{}", self.port)
+        }
+
+        pub fn spawn(&mut self) {
+            assert!(self.child.is_none(), "already running");
+            let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("server.log")).unwrap();
+            let child = Command::new(&self.bin)
+                .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
+                .arg(self.dir.path().join("store"))
+                .stdout(Stdio::from(log.try_clone().unwrap()))
+                .stderr(Stdio::from(log))
+                .spawn()
+                .unwrap_or_else(|e| panic!("starting {}: {e}", self.bin.display()));
+            self.child = Some(child);
+            let t0 = Instant::now();
+            loop {
+                let log = std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default();
+                let ready = log.matches("Server is ready").count();
+                let starts = log.matches("Starting nats-server").count();
+                if ready == starts && ready > 0 && std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                    return;
+                }
+                if t0.elapsed() > Duration::from_secs(20) {
+                    panic!("nats-server did not become ready on port {}:\n{log}", self.port);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+
+        /// Graceful stop (SIGTERM), waiting for the process to exit.
+        pub fn stop(&mut self) {
+            if let Some(mut c) = self.child.take() {
+                let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+                let t0 = Instant::now();
+                while t0.elapsed() < Duration::from_secs(10) {
+                    if c.try_wait().ok().flatten().is_some() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+
+    impl Drop for NatsServer {
+        fn drop(&mut self) {
+            if let Some(mut c) = self.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_server::NatsServer;
+    use super::*;
+    use quire_core::{JobSettings, SourceRef, UnitKind};
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+
+    fn task(job: &str, id: &str) -> TaskSpec {
+        TaskSpec {
+            task_id: id.into(),
+            settings: JobSettings::new(job),
+            source: SourceRef { uri: format!("s3://b/{id}.pdf"), rel: format!("{id}.pdf"), size: 1, version: "etag:x".into() },
+            unit: UnitKind::Pdf,
+            first: 1,
+            last: 4,
+            unit_count: 4,
+        }
+    }
+
+    fn opts(server: &NatsServer, ack_ms: u64, max: u32) -> JetStreamOptions {
+        let mut o = JetStreamOptions::new(server.url());
+        o.queue = QueueOptions { ack_wait: Duration::from_millis(ack_ms), max_deliver: max };
+        o.poll = Duration::from_millis(500);
+        o.retry_for = Duration::from_secs(30);
+        o
+    }
+
+    async fn pull_within(q: &JetStreamQueue, d: Duration) -> Option<Box<dyn Lease>> {
+        tokio::time::timeout(d, q.pull()).await.ok().map(|r| r.unwrap().expect("queue not stopped"))
+    }
+
+    #[test]
+    fn subject_tokens_are_safe() {
+        assert_eq!(subject_token("job-1_a"), "job-1_a");
+        assert_eq!(subject_token("a.b *>"), "a=2Eb=20=2A=3E");
+        assert_eq!(subject_token(""), "=00");
+    }
+
+    #[tokio::test]
+    async fn publish_dedups_and_pull_acks_and_stop_ends_pulls() {
+        let server = NatsServer::start();
+        let q = JetStreamQueue::connect(opts(&server, 5000, 3)).await.unwrap();
+        assert_eq!(q.publish(&task("j1", "a")).await.unwrap(), Published::New);
+        assert_eq!(q.publish(&task("j1", "a")).await.unwrap(), Published::Duplicate);
+        assert_eq!(q.publish(&task("other job", "b")).await.unwrap(), Published::New);
+        assert_eq!(q.pending("j1").await.unwrap(), 1);
+        assert_eq!(q.pending("other job").await.unwrap(), 1);
+        let l = q.pull().await.unwrap().unwrap();
+        assert_eq!((l.task().task_id.as_str(), l.delivery()), ("a", 1));
+        assert_eq!(l.task(), &task("j1", "a"));
+        l.ack().await.unwrap();
+        let l = q.pull().await.unwrap().unwrap();
+        assert_eq!(l.task().task_id, "b");
+        l.ack().await.unwrap();
+        assert_eq!(q.pending("j1").await.unwrap(), 0);
+        // Acked and gone, but still inside the dedup window.
+        assert_eq!(q.publish(&task("j1", "a")).await.unwrap(), Published::Duplicate);
+        // A worker waiting for work is released by stop().
+        let q2 = q.clone();
+        let waiting = tokio::spawn(async move { q2.pull().await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        q.stop();
+        let r = tokio::time::timeout(Duration::from_secs(2), waiting).await.expect("stop releases pull").unwrap();
+        assert!(r.unwrap().is_none());
+        assert!(q.pull().await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn nack_redelivers_after_its_delay() {
+        let server = NatsServer::start();
+        let q = JetStreamQueue::connect(opts(&server, 10_000, 3)).await.unwrap();
+        q.publish(&task("j", "p")).await.unwrap();
+        let l = q.pull().await.unwrap().unwrap();
+        let t0 = Instant::now();
+        l.nack(Duration::from_millis(700), "flaky").await.unwrap();
+        let l = pull_within(&q, Duration::from_secs(5)).await.expect("redelivered");
+        assert!(t0.elapsed() >= Duration::from_millis(650), "redelivered after {:?}", t0.elapsed());
+        assert_eq!(l.delivery(), 2);
+        l.ack().await.unwrap();
+        assert!(q.dead_letters("j").await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn heartbeats_keep_a_lease_past_ack_wait() {
+        let server = NatsServer::start();
+        let q = JetStreamQueue::connect(opts(&server, 1000, 5)).await.unwrap();
+        q.publish(&task("j", "slow")).await.unwrap();
+        q.publish(&task("j", "lost")).await.unwrap();
+        let slow = q.pull().await.unwrap().unwrap();
+        let lost = q.pull().await.unwrap().unwrap();
+        assert_eq!(lost.task().task_id, "lost");
+        drop(lost); // a worker that died holding the lease
+        let t0 = Instant::now();
+        let q2 = q.clone();
+        let redelivered = tokio::spawn(async move { pull_within(&q2, Duration::from_secs(6)).await });
+        while t0.elapsed() < Duration::from_millis(3000) {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            slow.heartbeat().await.unwrap();
+        }
+        let again = redelivered.await.unwrap().expect("lost task redelivered");
+        assert_eq!((again.task().task_id.as_str(), again.delivery()), ("lost", 2));
+        slow.ack().await.unwrap();
+        again.ack().await.unwrap();
+        assert!(pull_within(&q, Duration::from_millis(1500)).await.is_none(), "slow task was redelivered");
+        assert_eq!(q.pending("j").await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn given_up_tasks_are_dead_lettered_and_listed() {
+        let server = NatsServer::start();
+        let q = JetStreamQueue::connect(opts(&server, 1000, 2)).await.unwrap();
+        for id in ["termed", "nacked", "crashed"] {
+            q.publish(&task("dj", id)).await.unwrap();
+        }
+        let mut dropped = 0;
+        let mut done = HashSet::new();
+        while done.len() < 2 || dropped < 2 {
+            let l = pull_within(&q, Duration::from_secs(5)).await.expect("a delivery");
+            match l.task().task_id.as_str() {
+                "termed" => {
+                    l.term("not a PDF").await.unwrap();
+                    done.insert("termed");
+                }
+                "nacked" => {
+                    let last = l.delivery() == 2;
+                    l.nack(Duration::ZERO, &format!("failed on delivery {}", if last { 2 } else { 1 })).await.unwrap();
+                    if last {
+                        done.insert("nacked");
+                    }
+                }
+                "crashed" => {
+                    dropped += 1;
+                    drop(l);
+                }
+                other => panic!("unexpected {other}"),
+            }
+        }
+        // The last lease of "crashed" expires while a worker is pulling:
+        // the server gives up and sends the max-deliveries advisory.
+        let q2 = q.clone();
+        let puller = tokio::spawn(async move { pull_within(&q2, Duration::from_secs(3)).await.map(|l| l.task().task_id.clone()) });
+        let mut forwarded = 0;
+        let t0 = Instant::now();
+        while forwarded == 0 && t0.elapsed() < Duration::from_secs(10) {
+            forwarded += q.forward_dead_letters_once(Duration::from_millis(500)).await.unwrap();
+        }
+        assert_eq!(forwarded, 1);
+        assert_eq!(puller.await.unwrap(), None, "a dead task was delivered again");
+        let mut dead = q.dead_letters("dj").await.unwrap();
+        dead.sort_by(|a, b| a.task_id.cmp(&b.task_id));
+        let got: Vec<_> = dead.iter().map(|d| (d.task_id.as_str(), d.deliveries, d.reason.as_str())).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("crashed", 2, "lease expired without ack on the last allowed delivery"),
+                ("nacked", 2, "failed on delivery 2"),
+                ("termed", 1, "not a PDF"),
+            ]
+        );
+        assert_eq!((dead[0].source.as_str(), dead[0].first, dead[0].last), ("s3://b/crashed.pdf", 1, 4));
+        assert_eq!(q.pending("dj").await.unwrap(), 0, "dead tasks left in the work stream");
+        assert!(q.dead_letters("other").await.unwrap().is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_workers_share_the_work_without_duplicates() {
+        let server = NatsServer::start();
+        let producer = JetStreamQueue::connect(opts(&server, 10_000, 3)).await.unwrap();
+        let n = 30;
+        for i in 0..n {
+            producer.publish(&task("share", &format!("t{i:02}"))).await.unwrap();
+        }
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let mut workers = Vec::new();
+        for w in 0..2 {
+            // Separate connections, the same durable consumer.
+            let q = JetStreamQueue::connect(opts(&server, 10_000, 3)).await.unwrap();
+            let seen = seen.clone();
+            workers.push(tokio::spawn(async move {
+                let mut mine = 0;
+                while let Some(l) = pull_within(&q, Duration::from_secs(2)).await {
+                    seen.lock().unwrap().push(l.task().task_id.clone());
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    l.ack().await.unwrap();
+                    mine += 1;
+                }
+                (w, mine)
+            }));
+        }
+        for h in workers {
+            let (w, mine) = h.await.unwrap();
+            assert!(mine > 0, "worker {w} got no work");
+        }
+        let seen = seen.lock().unwrap();
+        let unique: HashSet<_> = seen.iter().collect();
+        assert_eq!((seen.len(), unique.len()), (n, n), "duplicates or losses: {seen:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pending_tasks_survive_a_broker_restart() {
+        let mut server = NatsServer::start();
+        let q = JetStreamQueue::connect(opts(&server, 10_000, 3)).await.unwrap();
+        for id in ["r1", "r2", "r3"] {
+            q.publish(&task("restart", id)).await.unwrap();
+        }
+        let l = q.pull().await.unwrap().unwrap();
+        assert_eq!(l.task().task_id, "r1");
+        l.ack().await.unwrap();
+        server.stop();
+        // A worker pulling while the broker is down waits for it.
+        let q2 = q.clone();
+        let waiting = tokio::spawn(async move { q2.pull().await });
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        server.spawn();
+        let l = tokio::time::timeout(Duration::from_secs(20), waiting)
+            .await
+            .expect("pull resumed after restart")
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(l.task().task_id, "r2");
+        l.ack().await.unwrap();
+        let l = pull_within(&q, Duration::from_secs(5)).await.expect("r3 survived");
+        assert_eq!(l.task().task_id, "r3");
+        l.ack().await.unwrap();
+        assert_eq!(q.publish(&task("restart", "r4")).await.unwrap(), Published::New);
+        assert_eq!(q.publish(&task("restart", "r4")).await.unwrap(), Published::Duplicate);
+        // The server rebuilds its dedup table from the messages still in
+        // the stream: r4 is remembered across a second restart, acked tasks
+        // are not (the pipeline's stored-results check covers those).
+        server.stop();
+        server.spawn();
+        let t0 = Instant::now();
+        let again = loop {
+            match q.publish(&task("restart", "r4")).await {
+                Ok(p) => break p,
+                Err(e) if t0.elapsed() < Duration::from_secs(20) => {
+                    eprintln!("publish after restart: {e}");
+                    tokio::time::sleep(Duration::from_millis(300)).await
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        assert_eq!(again, Published::Duplicate, "dedup of a queued task lost in a restart");
+        assert_eq!(q.pending("restart").await.unwrap(), 1);
+    }
+}
