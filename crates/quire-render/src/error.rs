@@ -4,7 +4,8 @@
 use std::fmt;
 
 /// What went wrong, coarse enough to count in a manifest (`as_str` is the stable name).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ErrorKind {
     /// Not a PDF or a supported image (decided from magic bytes), or a feature of the file
     /// (e.g. a TIFF colour model) that is not supported.
@@ -63,7 +64,7 @@ impl fmt::Display for ErrorKind {
 }
 
 /// An error from probing, rendering or decoding one input (or one page of it).
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error, serde::Serialize, serde::Deserialize)]
 #[error("{kind}: {message}")]
 pub struct RenderError {
     pub kind: ErrorKind,

@@ -4,6 +4,8 @@
 //! * PDFs go through [pdfium](https://pdfium.googlesource.com/pdfium/) (`pdfium-render`,
 //!   libpdfium loaded at run time) on a dedicated thread owned by [`PdfRenderer`]; pdfium is
 //!   not thread-safe, so every call is marshalled to that one thread.
+//!   For parallelism and crash isolation, [`PdfRenderer::start_processes`] runs pdfium in
+//!   worker processes instead (the executable calls [`run_worker_if_requested`] in `main`).
 //! * Images (JPEG, PNG, WebP, TIFF incl. multi-page, BMP, GIF) are decoded by [`decode_image`]
 //!   with the `image`/`tiff` crates, on the caller's thread.
 //! * What a file *is* comes from its first bytes ([`sniff`]), never from its name.
@@ -18,6 +20,7 @@
 
 mod error;
 mod pdf;
+mod procs;
 mod raster;
 
 use std::fmt;
@@ -26,10 +29,12 @@ use std::path::Path;
 
 pub use error::{ErrorKind, RenderError};
 pub use pdf::{find_pdfium, PageStream, PdfRenderer, PDFIUM_ENV};
+pub use procs::{run_worker_if_requested, WORKER_ENV};
 pub use raster::{decode_image, frame_count};
 
 /// The kind of an input, decided from its magic bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum InputKind {
     Pdf,
     Jpeg,
@@ -112,7 +117,8 @@ pub fn sniff(head: &[u8]) -> Option<InputKind> {
 ///   A3 scan at 400 dpi ~31 Mpx; the decode buffer stays below 200 MB (RGBA8) / 400 MB (RGBA16).
 ///   Rendered PDF pages are normally far smaller (long side 1536–2048 px ≈ 2–3 Mpx); the check
 ///   catches a giant media box rendered at a fixed DPI.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct Limits {
     pub max_file_bytes: u64,
     pub max_pages: u32,
@@ -126,7 +132,8 @@ impl Default for Limits {
 }
 
 /// The pixel size a PDF page is rendered at.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum RenderSize {
     /// The longer side of the rendered page is exactly this many pixels; the other side keeps
     /// the page's aspect ratio (rounded, at least 1).
@@ -157,7 +164,8 @@ impl RenderSize {
 }
 
 /// What to produce for each PDF page.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct RenderOptions {
     pub size: RenderSize,
     /// Render pixels (false: only sizes and/or text, no rasterisation).

@@ -46,14 +46,14 @@ pub fn find_pdfium() -> Result<Option<PathBuf>, RenderError> {
     Ok(None)
 }
 
-type Reply<T> = SyncSender<Result<T, RenderError>>;
+pub(crate) type Reply<T> = SyncSender<Result<T, RenderError>>;
 
-enum Job {
+pub(crate) enum Job {
     PageCount { path: PathBuf, reply: Reply<u32> },
     Render { path: PathBuf, pages: RangeInclusive<u32>, opts: RenderOptions, reply: SyncSender<Msg> },
 }
 
-enum Msg {
+pub(crate) enum Msg {
     Opened(Result<u32, RenderError>),
     Page(Result<Page, RenderError>),
 }
@@ -61,7 +61,7 @@ enum Msg {
 /// Handle to this process's pdfium thread. Cheap to clone; `Send + Sync`.
 #[derive(Clone)]
 pub struct PdfRenderer {
-    tx: Sender<Job>,
+    pub(crate) tx: Sender<Job>,
 }
 
 static WORKER: Mutex<Option<Sender<Job>>> = Mutex::new(None);
@@ -72,8 +72,8 @@ impl PdfRenderer {
     /// [`ErrorKind::PdfiumMissing`] error that names the setup script.
     ///
     /// `threads`: pdfium cannot render in parallel inside one process, so all handles share
-    /// one thread and values above 1 are currently treated as 1 (for more, run more worker
-    /// processes; see the crate README / bench notes).
+    /// one thread and values above 1 are treated as 1. For parallel rendering use
+    /// [`PdfRenderer::start_processes`].
     pub fn start(threads: usize) -> Result<PdfRenderer, RenderError> {
         if threads > 1 {
             tracing::debug!(threads, "pdfium renders on one thread per process; using 1");
@@ -82,12 +82,11 @@ impl PdfRenderer {
         if let Some(tx) = slot.as_ref() {
             return Ok(PdfRenderer { tx: tx.clone() });
         }
-        let lib = find_pdfium()?;
         let (tx, rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(), RenderError>>(1);
         std::thread::Builder::new()
             .name("quire-pdfium".into())
-            .spawn(move || worker_main(lib, rx, ready_tx))
+            .spawn(move || worker_main(rx, ready_tx))
             .map_err(|e| RenderError::new(ErrorKind::Io, format!("cannot start the pdfium thread: {e}")))?;
         match ready_rx.recv() {
             Ok(Ok(())) => {}
@@ -181,11 +180,13 @@ impl Iterator for PageStream {
     }
 }
 
-fn worker_gone() -> RenderError {
+pub(crate) fn worker_gone() -> RenderError {
     RenderError::new(ErrorKind::Io, "the pdfium thread has stopped")
 }
 
-fn worker_main(lib: Option<PathBuf>, rx: Receiver<Job>, ready: SyncSender<Result<(), RenderError>>) {
+/// Finds and binds libpdfium (once per process) and initialises it.
+pub(crate) fn load_pdfium() -> Result<Pdfium, RenderError> {
+    let lib = find_pdfium()?;
     let bindings = match &lib {
         Some(path) => Pdfium::bind_to_library(path).map_err(|e| {
             RenderError::new(
@@ -202,40 +203,39 @@ fn worker_main(lib: Option<PathBuf>, rx: Receiver<Job>, ready: SyncSender<Result
                 ),
             )
         }),
-    };
-    let pdfium = match bindings {
-        Ok(b) => Pdfium::new(b),
+    }?;
+    tracing::debug!(library = ?lib, "pdfium loaded");
+    Ok(Pdfium::new(bindings))
+}
+
+fn worker_main(rx: Receiver<Job>, ready: SyncSender<Result<(), RenderError>>) {
+    let pdfium = match load_pdfium() {
+        Ok(p) => p,
         Err(e) => {
             let _ = ready.send(Err(e));
             return;
         }
     };
-    tracing::debug!(library = ?lib, "pdfium loaded");
     let _ = ready.send(Ok(()));
     drop(ready);
 
     while let Ok(job) = rx.recv() {
         match job {
             Job::PageCount { path, reply } => {
-                let r = catch_unwind(AssertUnwindSafe(|| page_count(&pdfium, &path)))
-                    .unwrap_or_else(|p| Err(panicked(&path, p)));
-                let _ = reply.send(r);
+                let _ = reply.send(count_job(&pdfium, &path));
             }
             Job::Render { path, pages, opts, reply } => {
-                let reply2 = reply.clone();
-                if let Err(p) =
-                    catch_unwind(AssertUnwindSafe(|| render_job(&pdfium, &path, pages, &opts, &reply)))
-                {
-                    // The consumer sees this as the open error or as the next page's error;
-                    // remaining pages then read as "thread stopped" (the sender is gone).
-                    let _ = reply2.send(Msg::Page(Err(panicked(&path, p))));
-                }
+                render_job(&pdfium, &path, pages, &opts, &mut |m| reply.send(m).is_ok());
             }
         }
     }
 }
 
-fn panicked(path: &Path, p: Box<dyn std::any::Any + Send>) -> RenderError {
+pub(crate) fn count_job(pdfium: &Pdfium, path: &Path) -> Result<u32, RenderError> {
+    catch_unwind(AssertUnwindSafe(|| page_count(pdfium, path))).unwrap_or_else(|p| Err(panicked(path, p)))
+}
+
+pub(crate) fn panicked(path: &Path, p: Box<dyn std::any::Any + Send>) -> RenderError {
     let what = p
         .downcast_ref::<&str>()
         .map(|s| s.to_string())
@@ -304,12 +304,30 @@ fn page_count(pdfium: &Pdfium, path: &Path) -> Result<u32, RenderError> {
     Ok(doc.pages().len().max(0) as u32)
 }
 
-fn render_job(
+/// Opens the document, reports `Opened`, then one `Page` per page, each to `sink`; stops early
+/// when `sink` returns false (the consumer went away). Never panics.
+pub(crate) fn render_job(
     pdfium: &Pdfium,
     path: &Path,
     pages: RangeInclusive<u32>,
     opts: &RenderOptions,
-    reply: &SyncSender<Msg>,
+    sink: &mut dyn FnMut(Msg) -> bool,
+) {
+    let mut sent_open = false;
+    let r = catch_unwind(AssertUnwindSafe(|| render_pages(pdfium, path, pages, opts, sink, &mut sent_open)));
+    if let Err(p) = r {
+        let e = panicked(path, p);
+        let _ = sink(if sent_open { Msg::Page(Err(e)) } else { Msg::Opened(Err(e)) });
+    }
+}
+
+fn render_pages(
+    pdfium: &Pdfium,
+    path: &Path,
+    pages: RangeInclusive<u32>,
+    opts: &RenderOptions,
+    sink: &mut dyn FnMut(Msg) -> bool,
+    sent_open: &mut bool,
 ) {
     let opened = open(pdfium, path, &opts.limits).and_then(|doc| {
         let n = doc.pages().len().max(0) as u32;
@@ -327,20 +345,22 @@ fn render_job(
     });
     let doc = match opened {
         Ok((doc, n)) => {
-            if reply.send(Msg::Opened(Ok(n))).is_err() {
+            *sent_open = true;
+            if !sink(Msg::Opened(Ok(n))) {
                 return;
             }
             doc
         }
         Err(e) => {
-            let _ = reply.send(Msg::Opened(Err(e)));
+            *sent_open = true;
+            sink(Msg::Opened(Err(e)));
             return;
         }
     };
     for n in pages {
         let r = catch_unwind(AssertUnwindSafe(|| render_page(&doc, path, n, opts)))
             .unwrap_or_else(|p| Err(panicked(path, p)));
-        if reply.send(Msg::Page(r)).is_err() {
+        if !sink(Msg::Page(r)) {
             return; // consumer dropped the stream
         }
     }

@@ -361,3 +361,62 @@ fn missing_library_names_the_setup_script() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
 }
+
+/// Not a test of its own: the body of the render worker processes that the pool tests start
+/// (this test binary re-executed with QUIRE_RENDER_WORKER=1, running only this function).
+#[test]
+fn worker_entry_point() {
+    if let Some(code) = run_worker_if_requested() {
+        std::process::exit(code);
+    }
+}
+
+fn pool(n: usize) -> PdfRenderer {
+    let _ = renderer();
+    let args: Vec<std::ffi::OsString> =
+        ["--exact", "worker_entry_point", "--nocapture", "--test-threads=1"].iter().map(Into::into).collect();
+    PdfRenderer::start_processes(n, &std::env::current_exe().unwrap(), &args).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn process_pool_matches_the_thread() {
+    let local = renderer();
+    let procs = pool(2);
+    let o = opts(RenderSize::LongSide(700));
+    for name in ["born_digital.pdf", "mixed.pdf"] {
+        let a = ok_pages(local.render(&fixture(name), 1..=3, &o).unwrap());
+        let b = ok_pages(procs.render(&fixture(name), 1..=3, &o).unwrap());
+        for (a, b) in a.iter().zip(&b) {
+            assert_eq!((a.page, a.width, a.height), (b.page, b.width, b.height));
+            assert_eq!(a.text, b.text);
+            assert!(a.image.as_ref().unwrap().as_raw() == b.image.as_ref().unwrap().as_raw(), "{name} p{}", a.page);
+        }
+    }
+    assert_eq!(procs.page_count(&fixture("mixed.pdf")).unwrap(), 3);
+    assert_eq!(kind_of(procs.page_count(&fixture("encrypted_user.pdf"))), ErrorKind::Encrypted);
+    assert_eq!(kind_of(procs.render(&fixture("encrypted_user.pdf"), 1..=1, &o)), ErrorKind::Encrypted);
+    assert_eq!(kind_of(procs.render(&fixture("born_digital.pdf"), 2..=9, &o)), ErrorKind::BadRange);
+    let px = RenderOptions { size: RenderSize::Dpi(6000.0), ..o.clone() };
+    let r = procs.render(&fixture("born_digital.pdf"), 1..=1, &px).unwrap();
+    assert_eq!(kind_of(r.into_iter().next().unwrap()), ErrorKind::TooManyPixels);
+    // Abandoned stream: that worker is replaced, later requests still work.
+    let mut s = procs.render_stream(&fixture("born_digital.pdf"), 1..=3, &o).unwrap();
+    assert!(s.next().unwrap().is_ok());
+    drop(s);
+    let handles: Vec<_> = (0..4)
+        .map(|_| {
+            let p = procs.clone();
+            std::thread::spawn(move || ok_pages(p.render(&fixture("born_digital.pdf"), 1..=3, &opts(RenderSize::LongSide(300))).unwrap()).len())
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(h.join().unwrap(), 3);
+    }
+}
+
+#[test]
+fn pool_refuses_an_executable_that_is_no_worker() {
+    let _ = renderer();
+    let e = PdfRenderer::start_processes(1, Path::new("/bin/true"), &[]).err().expect("must fail");
+    assert!(e.message.contains("run_worker_if_requested"), "{}", e.message);
+}
