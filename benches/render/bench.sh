@@ -69,15 +69,16 @@ poppler_n() {
   done
 }
 
-row() { # name pages secs rss
-  awk -v n="$1" -v p="$2" -v s="$3" -v r="$4" 'BEGIN{printf "%-34s pages=%d secs=%.2f pages_per_s=%.1f peak_rss_mb=%s\n", n, p, s, p/s, r}'
+row() { # name pages secs rss cpu_secs
+  awk -v n="$1" -v p="$2" -v s="$3" -v r="$4" -v c="$5" 'BEGIN{printf "%-40s pages=%d secs=%6.2f pages_per_s=%6.1f cpu_secs=%6.2f pages_per_cpu_s=%6.1f peak_rss_mb=%s\n", n, p, s, p/s, c, p/c, r}'
 }
+cpu_of() { awk '/User time/{u=$4} /System time/{s=$4} END{print u+s}' "$1"; }
 
 t0=$(date +%s.%N); /usr/bin/time -v -o "$shm/t1" bash -c "$(declare -p files shm long); $(declare -f poppler_1); poppler_1"; t1=$(date +%s.%N)
-pop1=$(echo "$t1 - $t0" | bc -l); row "pdftoppm x1" "$pages" "$pop1" "$(rss_of "$shm/t1")"
+pop1=$(echo "$t1 - $t0" | bc -l); row "pdftoppm x1" "$pages" "$pop1" "$(rss_of "$shm/t1")" "$(cpu_of "$shm/t1")"
 export -f poppler_n 2>/dev/null || true
-t0=$(date +%s.%N); bash -c "$(declare -p files shm long procs); $(declare -f poppler_n); poppler_n"; t1=$(date +%s.%N)
-popn=$(echo "$t1 - $t0" | bc -l); row "pdftoppm x$procs (page ranges)" "$pages" "$popn" "n/a"
+t0=$(date +%s.%N); /usr/bin/time -v -o "$shm/tn" bash -c "$(declare -p files shm long procs); $(declare -f poppler_n); poppler_n"; t1=$(date +%s.%N)
+popn=$(echo "$t1 - $t0" | bc -l); row "pdftoppm x$procs (page ranges)" "$pages" "$popn" "$(rss_of "$shm/tn") (largest)" "$(cpu_of "$shm/tn")"
 
 last_secs=0
 run_quire() { # label args...
@@ -85,7 +86,7 @@ run_quire() { # label args...
   "$bin" "$@" "${files[@]}" > "$shm/q.out"
   local line; line="$(tail -1 "$shm/q.out")"
   last_secs="$(sed -E 's/.*secs=([0-9.]+).*/\1/' <<<"$line")"
-  row "$label" "$pages" "$last_secs" "$(sed -E 's/.*peak_rss_mb=([0-9]+).*/\1/' <<<"$line")"
+  row "$label" "$pages" "$last_secs" "$(sed -E 's/.*peak_rss_mb=([0-9]+).*/\1/' <<<"$line") (sum)" "$(sed -E 's/.*cpu_secs=([0-9.]+).*/\1/' <<<"$line")"
 }
 run_quire "quire-render x1 (+text)" --long-side "$long"; q1=$last_secs
 run_quire "quire-render x1 (no text)" --long-side "$long" --no-text
@@ -93,5 +94,6 @@ run_quire "quire-render x$procs procs (+text)" --long-side "$long" --procs "$pro
 run_quire "quire-render x$procs procs (+text, --keep)" --long-side "$long" --procs "$procs" --keep
 
 ratio() { echo "scale=2; $1 / $2" | bc -l; }
+echo "# load average during the run: $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine slows every row)"
 echo "# speed-up vs pdftoppm x1: quire x1 $(ratio "$pop1" "$q1")x, quire x$procs $(ratio "$pop1" "$qn")x;" \
      "vs pdftoppm x$procs: quire x$procs $(ratio "$popn" "$qn")x"

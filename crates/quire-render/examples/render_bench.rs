@@ -55,10 +55,22 @@ fn peak_rss_kb(pid: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Our own peak plus that of our live children (the render workers).
-fn total_peak_rss_kb() -> u64 {
+/// utime + stime of a process, seconds (/proc/PID/stat fields 14 and 15, clock ticks of 1/100 s).
+fn cpu_secs(pid: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let f: Vec<&str> = s.rsplit(')').next()?.split_whitespace().collect();
+            Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / 100.0)
+        })
+        .unwrap_or(0.0)
+}
+
+/// Peak RSS (KiB) and CPU seconds of this process plus its live children (the render workers).
+fn totals() -> (u64, f64) {
     let me = std::process::id().to_string();
     let mut kb = peak_rss_kb("self");
+    let mut cpu = cpu_secs("self");
     if let Ok(rd) = std::fs::read_dir("/proc") {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
@@ -70,10 +82,11 @@ fn total_peak_rss_kb() -> u64 {
                 .and_then(|s| s.rsplit(')').next().and_then(|r| r.split_whitespace().nth(1).map(str::to_owned)));
             if ppid.as_deref() == Some(me.as_str()) {
                 kb += peak_rss_kb(&name);
+                cpu += cpu_secs(&name);
             }
         }
     }
-    kb
+    (kb, cpu)
 }
 
 fn main() {
@@ -138,11 +151,12 @@ fn main() {
         kept.push(k);
     }
     let secs = t0.elapsed().as_secs_f64();
-    let rss_kb = total_peak_rss_kb();
+    let (rss_kb, cpu) = totals();
     drop(kept);
     println!(
-        "pages={pages} secs={secs:.2} pages_per_s={:.1} peak_rss_mb={:.0} procs={} long_side={} keep={} text={}",
+        "pages={pages} secs={secs:.2} pages_per_s={:.1} cpu_secs={cpu:.2} pages_per_cpu_s={:.1} peak_rss_mb={:.0} procs={} long_side={} keep={} text={}",
         pages as f64 / secs,
+        pages as f64 / cpu.max(1e-9),
         rss_kb as f64 / 1024.0,
         a.procs.max(1),
         a.long_side,

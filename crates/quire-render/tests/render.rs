@@ -420,3 +420,31 @@ fn pool_refuses_an_executable_that_is_no_worker() {
     let e = PdfRenderer::start_processes(1, Path::new("/bin/true"), &[]).err().expect("must fail");
     assert!(e.message.contains("run_worker_if_requested"), "{}", e.message);
 }
+
+/// A worker that greets and then dies on its first request, as one would when pdfium crashes.
+#[test]
+fn crashing_worker_entry_point() {
+    if std::env::var_os(WORKER_ENV).is_some() {
+        use std::io::{BufRead, Write};
+        let mut out = std::io::stdout().lock();
+        writeln!(out, r#"{{"t":"hello","ok":null}}"#).unwrap();
+        out.flush().unwrap();
+        let mut line = String::new();
+        let _ = std::io::stdin().lock().read_line(&mut line);
+        std::process::abort();
+    }
+}
+
+#[test]
+fn a_dying_worker_fails_the_request_and_is_replaced() {
+    let _ = renderer();
+    let args: Vec<std::ffi::OsString> =
+        ["--exact", "crashing_worker_entry_point", "--nocapture", "--test-threads=1"].iter().map(Into::into).collect();
+    let pdf = PdfRenderer::start_processes(1, &std::env::current_exe().unwrap(), &args).unwrap();
+    for _ in 0..2 {
+        let e = pdf.render(&fixture("born_digital.pdf"), 1..=1, &RenderOptions::default()).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Corrupt);
+        assert!(e.message.contains("worker died"), "{}", e.message);
+        assert_eq!(kind_of(pdf.page_count(&fixture("born_digital.pdf"))), ErrorKind::Corrupt);
+    }
+}
