@@ -130,3 +130,51 @@ fn serve(mut model: Box<dyn Generator>, rx: std_mpsc::Receiver<Job>, opts: Batch
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// Echoes each prompt and remembers the batch sizes it was given.
+    struct Echo(Arc<Mutex<Vec<usize>>>);
+
+    impl Generator for Echo {
+        fn model_name(&self) -> String {
+            "echo".into()
+        }
+        fn default_prompt(&self, _: TaskKind) -> String {
+            "p".into()
+        }
+        fn generate(&mut self, reqs: &[GenRequest]) -> anyhow::Result<Vec<GenOutput>> {
+            self.0.lock().unwrap().push(reqs.len());
+            std::thread::sleep(Duration::from_millis(30));
+            Ok(reqs
+                .iter()
+                .map(|r| GenOutput { text: r.prompt.clone(), tokens_in: 1, tokens_out: 1, finish: FinishReason::Stop })
+                .collect())
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_from_many_callers_share_batches_and_get_their_own_answers() {
+        let sizes = Arc::new(Mutex::new(Vec::new()));
+        let h = InferenceHandle::start(Box::new(Echo(sizes.clone())), BatchOptions { max_batch: 4, linger: Duration::from_millis(50) });
+        let calls: Vec<_> = (0..10)
+            .map(|i| {
+                let h = h.clone();
+                tokio::spawn(async move {
+                    let req = GenRequest { image: image::RgbImage::new(1, 1), prompt: format!("task {i}"), max_new_tokens: 1 };
+                    h.submit(req).await.unwrap().0.text
+                })
+            })
+            .collect();
+        for (i, c) in calls.into_iter().enumerate() {
+            assert_eq!(c.await.unwrap(), format!("task {i}"));
+        }
+        let sizes = sizes.lock().unwrap().clone();
+        assert_eq!(sizes.iter().sum::<usize>(), 10);
+        assert!(sizes.iter().all(|&s| s <= 4), "{sizes:?}");
+        assert!(sizes.len() <= 4, "requests arriving together are batched: {sizes:?}");
+    }
+}

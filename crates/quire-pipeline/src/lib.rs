@@ -7,6 +7,7 @@
 //! * [`process`]: one task → its records (render, route, infer);
 //! * [`worker`]: the loop that leases tasks, processes them, stores results and acks;
 //! * [`finish`]: per-document Markdown and `manifest.json` once every task is settled;
+//! * [`vlm`]: the `quire-vlm` models behind the [`Generator`] trait;
 //! * [`embedded`]: all of it in one process for `quire run`.
 
 pub mod embedded;
@@ -16,6 +17,7 @@ pub mod plan;
 pub mod process;
 pub mod progress;
 pub mod route;
+pub mod vlm;
 pub mod worker;
 
 pub use embedded::{run_embedded, RunOptions, RunSummary};

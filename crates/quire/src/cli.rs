@@ -1,0 +1,129 @@
+//! Command-line arguments.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "quire", version, about = "Turn PDFs and image archives into text with vision-language models.")]
+#[command(after_help = "Exit codes: 0 all inputs processed; 2 usage or setup error; 3 finished, but some inputs or pages failed (see manifest.json); 1 internal error.")]
+pub struct Cli {
+    /// More log output (-v, -vv). QUIRE_LOG takes a tracing filter too.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Process inputs in this process and write results to a local folder.
+    #[command(after_help = RUN_EXAMPLES)]
+    Run(RunArgs),
+}
+
+const RUN_EXAMPLES: &str = "\
+Examples:
+  # Text of born-digital PDFs from their own text layer, no model needed
+  quire run examples/ --out out --engine text-layer
+
+  # Scanned PDFs and photos through a local SmolDocling checkpoint
+  quire run scans/ photos/ --out out --model ./SmolDocling-256M-preview --job scans-2026-11
+
+  # Captions for an image archive, 64 new tokens at most
+  quire run archive/ --out out --task caption --model HuggingFaceTB/SmolVLM-256M-Instruct --max-new-tokens 64
+
+Output: OUT/JOB/results/TASK_ID.jsonl (a record per page), OUT/JOB/markdown/<path>.md,
+OUT/JOB/manifest.json. Running the same command again skips finished tasks (--force redoes them).
+
+Exit codes: 0 all inputs processed; 2 usage or setup error; 3 finished, but some inputs or
+pages failed (see manifest.json); 1 internal error.";
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum TaskArg {
+    Ocr,
+    Caption,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum EngineArg {
+    Auto,
+    Vlm,
+    TextLayer,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum DtypeArg {
+    F32,
+    Bf16,
+    F16,
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// Files or folders (recursed) to process.
+    #[arg(required = true, value_name = "INPUT")]
+    pub inputs: Vec<String>,
+    /// Output folder; results go to OUT/JOB/.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Job name: the folder under --out, and what reruns resume.
+    #[arg(long, default_value = "default")]
+    pub job: String,
+    /// What to produce for each page or image.
+    #[arg(long, value_enum, default_value = "ocr")]
+    pub task: TaskArg,
+    /// auto: a PDF page's own text layer when usable, else the model; vlm: always the model; text-layer: never the model.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub engine: EngineArg,
+    /// Model checkpoint: a local folder, a Hugging Face hub id, or an s3:// prefix.
+    #[arg(long, value_name = "DIR|HUB_ID|s3://...")]
+    pub model: Option<String>,
+    /// Prompt for the model (default: the model family's own OCR or caption prompt).
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// Most tokens generated per page or image.
+    #[arg(long, default_value_t = 1024)]
+    pub max_new_tokens: usize,
+    /// Pages per task (a task is the unit of scheduling, retry and resume).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
+    pub pages_per_task: u32,
+    /// Tasks worked on at the same time.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
+    pub workers: u32,
+    /// Pages per model forward pass (pages from different tasks are batched together).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    pub batch_size: u32,
+    /// Device for the model.
+    #[arg(long, default_value = "cpu", value_name = "cpu|cuda[:N]")]
+    pub device: String,
+    /// Model weights' dtype.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: DtypeArg,
+    /// Render PDF pages with this long side in pixels (default: what the model reads, 1536 without a model).
+    #[arg(long, value_name = "PX", conflicts_with = "render_dpi")]
+    pub render_long_side: Option<u32>,
+    /// Render PDF pages at this resolution instead of a fixed long side.
+    #[arg(long, value_name = "DPI")]
+    pub render_dpi: Option<f32>,
+    /// Letters and digits a page's text layer needs to be used instead of the model (engine auto).
+    #[arg(long, default_value_t = 32)]
+    pub text_min_chars: usize,
+    /// Largest input file, in MiB (fractions allowed).
+    #[arg(long, default_value_t = 512.0)]
+    pub max_file_mb: f64,
+    /// Most pages (or TIFF frames) per document.
+    #[arg(long, default_value_t = 2000)]
+    pub max_pages: u32,
+    /// Most pixels per image or rendered page (decompression bombs are refused before decoding).
+    #[arg(long, default_value_t = 50_000_000)]
+    pub max_pixels: u64,
+    /// Redo tasks whose results already exist.
+    #[arg(long)]
+    pub force: bool,
+    /// Deliveries of a failing task before it is given up on.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_deliver: u32,
+    /// No progress bar.
+    #[arg(long, short)]
+    pub quiet: bool,
+}

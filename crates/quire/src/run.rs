@@ -1,0 +1,186 @@
+//! `quire run`: the whole job in this process.
+
+use crate::cli::{EngineArg, RunArgs, TaskArg};
+use crate::exit;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use quire_core::{Engine, JobSettings, Limits, RenderSize, TaskKind};
+use quire_pipeline::process::ProcessContext;
+use quire_pipeline::{run_embedded, Progress, RunOptions};
+use quire_queue::QueueOptions;
+use std::io::IsTerminal;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub fn run(args: RunArgs) -> u8 {
+    match run_inner(args) {
+        Ok(code) => code,
+        Err(Failure::Usage(msg)) => {
+            eprintln!("error: {msg}");
+            exit::USAGE
+        }
+        Err(Failure::Internal(e)) => {
+            eprintln!("error: {e:#}");
+            exit::INTERNAL
+        }
+    }
+}
+
+enum Failure {
+    Usage(String),
+    Internal(anyhow::Error),
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure::Internal(e)
+    }
+}
+
+fn settings(args: &RunArgs) -> JobSettings {
+    let mut s = JobSettings::new(&args.job);
+    s.task = match args.task {
+        TaskArg::Ocr => TaskKind::Ocr,
+        TaskArg::Caption => TaskKind::Caption,
+    };
+    s.engine = match args.engine {
+        EngineArg::Auto => Engine::Auto,
+        EngineArg::Vlm => Engine::Vlm,
+        EngineArg::TextLayer => Engine::TextLayer,
+    };
+    s.model = if s.engine == Engine::TextLayer { None } else { args.model.clone() };
+    s.prompt = args.prompt.clone();
+    s.max_new_tokens = args.max_new_tokens;
+    s.pages_per_task = args.pages_per_task;
+    s.render = match (args.render_long_side, args.render_dpi) {
+        (_, Some(dpi)) => RenderSize::Dpi(dpi),
+        (Some(px), None) => RenderSize::LongSide(px),
+        (None, None) => RenderSize::LongSide(1536),
+    };
+    s.limits = Limits {
+        max_file_bytes: (args.max_file_mb.max(0.0) * 1024.0 * 1024.0) as u64,
+        max_pages: args.max_pages,
+        max_pixels: args.max_pixels,
+    };
+    s.text_min_chars = args.text_min_chars;
+    s
+}
+
+fn run_inner(args: RunArgs) -> Result<u8, Failure> {
+    for input in &args.inputs {
+        if std::fs::metadata(input).is_err() {
+            return Err(Failure::Usage(format!("input {input:?} does not exist or cannot be read")));
+        }
+    }
+    if args.job.trim().is_empty() || args.job.contains(['/', '\\']) || args.job == "." || args.job == ".." {
+        return Err(Failure::Usage(format!("--job {:?}: give a plain name (no slashes)", args.job)));
+    }
+    let mut settings = settings(&args);
+    if settings.engine == Engine::Vlm && settings.model.is_none() {
+        return Err(Failure::Usage("--engine vlm needs --model (a checkpoint folder, hub id or s3:// prefix)".into()));
+    }
+    let pdf = quire_render::PdfRenderer::start(1).map_err(|e| Failure::Usage(e.message))?;
+    let model = match settings.model.clone() {
+        None => None,
+        Some(m) => {
+            let (handle, long_side) = crate::model::load(&m, &args).map_err(|e| Failure::Usage(format!("{e:#}")))?;
+            // Pages are rendered at the size the model's processor reads, so
+            // they are not resampled twice.
+            if let (None, None, Some(px)) = (args.render_long_side, args.render_dpi, long_side) {
+                settings.render = RenderSize::LongSide(px);
+            }
+            Some(handle)
+        }
+    };
+    let opts = RunOptions {
+        inputs: args.inputs.clone(),
+        out: args.out.clone(),
+        settings,
+        workers: args.workers as usize,
+        force: args.force,
+        queue: QueueOptions { ack_wait: Duration::from_secs(600), max_deliver: args.max_deliver },
+        ctx: ProcessContext { pdf, model },
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(anyhow::Error::from)?;
+    let progress = Arc::new(Progress::default());
+    let show = Shower::start(progress.clone(), args.quiet);
+    let t0 = Instant::now();
+    let result = rt.block_on(run_embedded(opts, progress.clone()));
+    show.stop();
+    let summary = result?;
+    let m = &summary.manifest;
+    let c = &m.counts;
+    let secs = t0.elapsed().as_secs_f64();
+    let done_now = c.tasks_done.saturating_sub(c.tasks_skipped);
+    eprintln!(
+        "{} documents, {} tasks ({} done now, {} already done and skipped{}), {} pages ok, {} failed, {:.1}s, {:.2} pages/s",
+        c.documents,
+        c.tasks,
+        done_now,
+        c.tasks_skipped,
+        if c.tasks_dead_lettered > 0 { format!(", {} given up", c.tasks_dead_lettered) } else { String::new() },
+        c.pages_ok,
+        c.pages_failed,
+        secs,
+        m.throughput.pages_per_second,
+    );
+    for f in m.failures.iter().take(10) {
+        eprintln!("  failed: {} page {}: {}: {}", f.source, f.page, f.kind.as_str(), f.message);
+    }
+    if m.failures.len() > 10 {
+        eprintln!("  … and {} more (see the manifest)", m.failures.len() - 10);
+    }
+    eprintln!("manifest: {}", summary.manifest_path);
+    Ok(if c.pages_failed > 0 || c.tasks_dead_lettered > 0 { exit::SOME_FAILED } else { exit::OK })
+}
+
+/// A progress bar on a terminal, a log line every 10 s otherwise.
+struct Shower {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Shower {
+    fn start(p: Arc<Progress>, quiet: bool) -> Shower {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let tty = std::io::stderr().is_terminal() && !quiet;
+        let handle = std::thread::spawn(move || {
+            let bar = ProgressBar::with_draw_target(Some(0), if tty { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() });
+            bar.set_style(
+                ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} pages  {per_sec}  ETA {eta}  {msg}")
+                    .expect("valid template"),
+            );
+            let mut last_log = Instant::now();
+            let t0 = Instant::now();
+            loop {
+                let done = flag.load(Ordering::Relaxed);
+                let planned = Progress::get(&p.pages_planned).saturating_sub(Progress::get(&p.pages_skipped));
+                let settled = Progress::get(&p.pages_ok) + Progress::get(&p.pages_failed);
+                bar.set_length(planned);
+                bar.set_position(settled);
+                let failed = Progress::get(&p.pages_failed);
+                let planning = if p.planning_done.load(Ordering::Relaxed) { "" } else { "planning… " };
+                bar.set_message(format!("{planning}{failed} failed, {} skipped", Progress::get(&p.pages_skipped)));
+                if !tty && !quiet && last_log.elapsed() >= Duration::from_secs(10) {
+                    last_log = Instant::now();
+                    let rate = settled as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+                    tracing::info!("progress: {settled}/{planned} pages ({failed} failed), {rate:.2} pages/s");
+                }
+                if done {
+                    bar.finish_and_clear();
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        Shower { stop, handle: Some(handle) }
+    }
+
+    fn stop(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The one test command: installs what the tests need when it is missing
+# (poppler-utils, libpdfium, nats-server, Garage) and runs every test.
+#
+#   scripts/test.sh [extra cargo test args]
+#
+# Idempotent and quick once everything is installed. Tools are cached under
+# ~/.cache/quire-tools; set CARGO_TARGET_DIR to keep builds elsewhere.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+
+# pdftotext: the independent extractor the text-layer tests compare with.
+if ! command -v pdftotext >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq poppler-utils >/dev/null
+  else
+    echo "scripts/test.sh: pdftotext is missing; install poppler-utils" >&2
+    exit 1
+  fi
+fi
+
+tools="${QUIRE_TOOLS:-$HOME/.cache/quire-tools}"
+export QUIRE_PDFIUM="${QUIRE_PDFIUM:-$(scripts/setup-pdfium.sh "$tools/pdfium")}"
+if [ -x scripts/install-services.sh ]; then
+  eval "$(scripts/install-services.sh)"
+fi
+
+exec cargo test --workspace "$@"
