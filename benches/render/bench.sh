@@ -85,7 +85,7 @@ run_quire() { # label args...
   local label="$1"; shift
   "$bin" "$@" "${files[@]}" > "$shm/q.out"
   local line; line="$(tail -1 "$shm/q.out")"
-  last_secs="$(sed -E 's/.*secs=([0-9.]+).*/\1/' <<<"$line")"
+  last_secs="$(sed -E 's/^pages=[0-9]+ secs=([0-9.]+).*/\1/' <<<"$line")"
   row "$label" "$pages" "$last_secs" "$(sed -E 's/.*peak_rss_mb=([0-9]+).*/\1/' <<<"$line") (sum)" "$(sed -E 's/.*cpu_secs=([0-9.]+).*/\1/' <<<"$line")"
 }
 run_quire "quire-render x1 (+text)" --long-side "$long"; q1=$last_secs
