@@ -28,7 +28,14 @@ struct Args {
 }
 
 fn parse() -> Args {
-    let mut a = Args { long_side: 1288, procs: 1, per_task: 16, keep: false, text: true, files: vec![] };
+    let mut a = Args {
+        long_side: 1288,
+        procs: 1,
+        per_task: 16,
+        keep: false,
+        text: true,
+        files: vec![],
+    };
     let mut it = std::env::args().skip(1);
     while let Some(s) = it.next() {
         match s.as_str() {
@@ -79,7 +86,11 @@ fn totals() -> (u64, f64) {
             }
             let ppid = std::fs::read_to_string(format!("/proc/{name}/stat"))
                 .ok()
-                .and_then(|s| s.rsplit(')').next().and_then(|r| r.split_whitespace().nth(1).map(str::to_owned)));
+                .and_then(|s| {
+                    s.rsplit(')')
+                        .next()
+                        .and_then(|r| r.split_whitespace().nth(1).map(str::to_owned))
+                });
             if ppid.as_deref() == Some(me.as_str()) {
                 kb += peak_rss_kb(&name);
                 cpu += cpu_secs(&name);
@@ -117,7 +128,11 @@ fn main() {
     }
     tasks.reverse();
     let tasks = Arc::new(Mutex::new(tasks));
-    let opts = RenderOptions { size: RenderSize::LongSide(a.long_side), want_text: a.text, ..Default::default() };
+    let opts = RenderOptions {
+        size: RenderSize::LongSide(a.long_side),
+        want_text: a.text,
+        ..Default::default()
+    };
     let keep = a.keep;
     let threads: Vec<_> = (0..a.procs.max(1))
         .map(|_| {
@@ -126,7 +141,9 @@ fn main() {
                 let mut kept = Vec::new();
                 let mut n = 0u64;
                 loop {
-                    let Some((path, first, last)) = tasks.lock().unwrap().pop() else { break };
+                    let Some((path, first, last)) = tasks.lock().unwrap().pop() else {
+                        break;
+                    };
                     for page in pdf.render_stream(&path, first..=last, &opts).expect("open") {
                         match page {
                             Ok(p) => {

@@ -73,7 +73,10 @@ pub struct RenderError {
 
 impl RenderError {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        RenderError { kind, message: message.into() }
+        RenderError {
+            kind,
+            message: message.into(),
+        }
     }
 }
 

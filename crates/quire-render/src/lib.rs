@@ -127,7 +127,11 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_file_bytes: 512 << 20, max_pages: 2000, max_pixels: 50_000_000 }
+        Limits {
+            max_file_bytes: 512 << 20,
+            max_pages: 2000,
+            max_pixels: 50_000_000,
+        }
     }
 }
 
@@ -239,7 +243,10 @@ pub fn probe(path: &Path, limits: &Limits, pdf: &PdfRenderer) -> Result<Probe, R
         }
     };
     if unit_count == 0 {
-        return Err(RenderError::new(ErrorKind::Empty, format!("{}: no pages", path.display())));
+        return Err(RenderError::new(
+            ErrorKind::Empty,
+            format!("{}: no pages", path.display()),
+        ));
     }
     if unit_count > limits.max_pages {
         return Err(RenderError::new(
@@ -251,7 +258,11 @@ pub fn probe(path: &Path, limits: &Limits, pdf: &PdfRenderer) -> Result<Probe, R
             ),
         ));
     }
-    Ok(Probe { kind, unit_count, bytes })
+    Ok(Probe {
+        kind,
+        unit_count,
+        bytes,
+    })
 }
 
 /// Size checks, then sniffing. Shared by every entry point.
@@ -265,7 +276,10 @@ pub(crate) fn open_checked(path: &Path, limits: &Limits) -> Result<(InputKind, u
     }
     let bytes = meta.len();
     if bytes == 0 {
-        return Err(RenderError::new(ErrorKind::Empty, format!("{}: empty file", path.display())));
+        return Err(RenderError::new(
+            ErrorKind::Empty,
+            format!("{}: empty file", path.display()),
+        ));
     }
     if bytes > limits.max_file_bytes {
         return Err(RenderError::new(
@@ -319,9 +333,18 @@ mod tests {
 
     #[test]
     fn long_side_is_exact() {
-        assert_eq!(RenderSize::LongSide(1288).pixels_for(612.0, 792.0), (995, 1288));
-        assert_eq!(RenderSize::LongSide(1288).pixels_for(792.0, 612.0), (1288, 995));
-        assert_eq!(RenderSize::Dpi(144.0).pixels_for(612.0, 792.0), (1224, 1584));
+        assert_eq!(
+            RenderSize::LongSide(1288).pixels_for(612.0, 792.0),
+            (995, 1288)
+        );
+        assert_eq!(
+            RenderSize::LongSide(1288).pixels_for(792.0, 612.0),
+            (1288, 995)
+        );
+        assert_eq!(
+            RenderSize::Dpi(144.0).pixels_for(612.0, 792.0),
+            (1224, 1584)
+        );
         assert_eq!(RenderSize::LongSide(100).pixels_for(10000.0, 1.0), (100, 1));
     }
 

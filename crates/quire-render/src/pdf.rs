@@ -34,10 +34,17 @@ pub fn find_pdfium() -> Result<Option<PathBuf>, RenderError> {
         }
         return Err(RenderError::new(
             ErrorKind::PdfiumMissing,
-            format!("{PDFIUM_ENV}={} but {} does not exist; {SETUP_HINT}", p.display(), file.display()),
+            format!(
+                "{PDFIUM_ENV}={} but {} does not exist; {SETUP_HINT}",
+                p.display(),
+                file.display()
+            ),
         ));
     }
-    if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+    {
         let file = dir.join(&name);
         if file.is_file() {
             return Ok(Some(file));
@@ -49,8 +56,16 @@ pub fn find_pdfium() -> Result<Option<PathBuf>, RenderError> {
 pub(crate) type Reply<T> = SyncSender<Result<T, RenderError>>;
 
 pub(crate) enum Job {
-    PageCount { path: PathBuf, reply: Reply<u32> },
-    Render { path: PathBuf, pages: RangeInclusive<u32>, opts: RenderOptions, reply: SyncSender<Msg> },
+    PageCount {
+        path: PathBuf,
+        reply: Reply<u32>,
+    },
+    Render {
+        path: PathBuf,
+        pages: RangeInclusive<u32>,
+        opts: RenderOptions,
+        reply: SyncSender<Msg>,
+    },
 }
 
 pub(crate) enum Msg {
@@ -87,12 +102,20 @@ impl PdfRenderer {
         std::thread::Builder::new()
             .name("quire-pdfium".into())
             .spawn(move || worker_main(rx, ready_tx))
-            .map_err(|e| RenderError::new(ErrorKind::Io, format!("cannot start the pdfium thread: {e}")))?;
+            .map_err(|e| {
+                RenderError::new(
+                    ErrorKind::Io,
+                    format!("cannot start the pdfium thread: {e}"),
+                )
+            })?;
         match ready_rx.recv() {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(e),
             Err(_) => {
-                return Err(RenderError::new(ErrorKind::PdfiumMissing, "the pdfium thread died while loading libpdfium"))
+                return Err(RenderError::new(
+                    ErrorKind::PdfiumMissing,
+                    "the pdfium thread died while loading libpdfium",
+                ))
             }
         }
         *slot = Some(tx.clone());
@@ -102,7 +125,10 @@ impl PdfRenderer {
     /// Number of pages of the PDF at `path`.
     pub fn page_count(&self, path: &Path) -> Result<u32, RenderError> {
         let (reply, rx) = mpsc::sync_channel(1);
-        self.send(Job::PageCount { path: path.to_path_buf(), reply })?;
+        self.send(Job::PageCount {
+            path: path.to_path_buf(),
+            reply,
+        })?;
         rx.recv().unwrap_or_else(|_| Err(worker_gone()))
     }
 
@@ -130,11 +156,19 @@ impl PdfRenderer {
         opts: &RenderOptions,
     ) -> Result<PageStream, RenderError> {
         let (reply, rx) = mpsc::sync_channel(2);
-        self.send(Job::Render { path: path.to_path_buf(), pages: pages.clone(), opts: opts.clone(), reply })?;
+        self.send(Job::Render {
+            path: path.to_path_buf(),
+            pages: pages.clone(),
+            opts: opts.clone(),
+            reply,
+        })?;
         match rx.recv() {
-            Ok(Msg::Opened(Ok(page_count))) => {
-                Ok(PageStream { rx, page_count, next: *pages.start(), last: *pages.end() })
-            }
+            Ok(Msg::Opened(Ok(page_count))) => Ok(PageStream {
+                rx,
+                page_count,
+                next: *pages.start(),
+                last: *pages.end(),
+            }),
             Ok(Msg::Opened(Err(e))) => Err(e),
             Ok(Msg::Page(_)) | Err(_) => Err(worker_gone()),
         }
@@ -224,7 +258,12 @@ fn worker_main(rx: Receiver<Job>, ready: SyncSender<Result<(), RenderError>>) {
             Job::PageCount { path, reply } => {
                 let _ = reply.send(count_job(&pdfium, &path));
             }
-            Job::Render { path, pages, opts, reply } => {
+            Job::Render {
+                path,
+                pages,
+                opts,
+                reply,
+            } => {
                 render_job(&pdfium, &path, pages, &opts, &mut |m| reply.send(m).is_ok());
             }
         }
@@ -232,7 +271,8 @@ fn worker_main(rx: Receiver<Job>, ready: SyncSender<Result<(), RenderError>>) {
 }
 
 pub(crate) fn count_job(pdfium: &Pdfium, path: &Path) -> Result<u32, RenderError> {
-    catch_unwind(AssertUnwindSafe(|| page_count(pdfium, path))).unwrap_or_else(|p| Err(panicked(path, p)))
+    catch_unwind(AssertUnwindSafe(|| page_count(pdfium, path)))
+        .unwrap_or_else(|p| Err(panicked(path, p)))
 }
 
 pub(crate) fn panicked(path: &Path, p: Box<dyn std::any::Any + Send>) -> RenderError {
@@ -241,27 +281,41 @@ pub(crate) fn panicked(path: &Path, p: Box<dyn std::any::Any + Send>) -> RenderE
         .map(|s| s.to_string())
         .or_else(|| p.downcast_ref::<String>().cloned())
         .unwrap_or_default();
-    RenderError::new(ErrorKind::Corrupt, format!("{}: renderer panicked: {what}", path.display()))
+    RenderError::new(
+        ErrorKind::Corrupt,
+        format!("{}: renderer panicked: {what}", path.display()),
+    )
 }
 
-fn open<'a>(pdfium: &'a Pdfium, path: &Path, limits: &Limits) -> Result<PdfDocument<'a>, RenderError> {
+fn open<'a>(
+    pdfium: &'a Pdfium,
+    path: &Path,
+    limits: &Limits,
+) -> Result<PdfDocument<'a>, RenderError> {
     let (kind, _) = open_checked(path, limits)?;
     if kind != InputKind::Pdf {
         return Err(RenderError::new(
             ErrorKind::Unsupported,
-            format!("{}: a {} image, not a PDF (use decode_image)", path.display(), kind.as_str()),
+            format!(
+                "{}: a {} image, not a PDF (use decode_image)",
+                path.display(),
+                kind.as_str()
+            ),
         ));
     }
-    pdfium.load_pdf_from_file(path, None).map_err(|e| open_error(path, e))
+    pdfium
+        .load_pdf_from_file(path, None)
+        .map_err(|e| open_error(path, e))
 }
 
 fn open_error(path: &Path, e: PdfiumError) -> RenderError {
     use PdfiumInternalError as I;
     let p = path.display();
     match e {
-        PdfiumError::PdfiumLibraryInternalError(I::PasswordError) => {
-            RenderError::new(ErrorKind::Encrypted, format!("{p}: the PDF needs a password to open"))
-        }
+        PdfiumError::PdfiumLibraryInternalError(I::PasswordError) => RenderError::new(
+            ErrorKind::Encrypted,
+            format!("{p}: the PDF needs a password to open"),
+        ),
         PdfiumError::PdfiumLibraryInternalError(I::SecurityError) => RenderError::new(
             ErrorKind::Encrypted,
             format!("{p}: the PDF uses an unsupported security handler"),
@@ -277,7 +331,10 @@ fn open_error(path: &Path, e: PdfiumError) -> RenderError {
                     format!("{p}: the PDF cannot be parsed and has no %%EOF near its end (truncated download?)"),
                 )
             } else {
-                RenderError::new(ErrorKind::Corrupt, format!("{p}: the PDF cannot be parsed ({other:?})"))
+                RenderError::new(
+                    ErrorKind::Corrupt,
+                    format!("{p}: the PDF cannot be parsed ({other:?})"),
+                )
             }
         }
     }
@@ -287,10 +344,14 @@ fn open_error(path: &Path, e: PdfiumError) -> RenderError {
 /// loses it. Only consulted when pdfium has already refused the file.
 fn looks_truncated(path: &Path) -> bool {
     use std::io::{Read, Seek, SeekFrom};
-    let Ok(mut f) = std::fs::File::open(path) else { return false };
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return false;
+    };
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
     let mut tail = Vec::new();
-    if f.seek(SeekFrom::Start(len.saturating_sub(1024))).is_err() || f.read_to_end(&mut tail).is_err() {
+    if f.seek(SeekFrom::Start(len.saturating_sub(1024))).is_err()
+        || f.read_to_end(&mut tail).is_err()
+    {
         return false;
     }
     !tail.windows(5).any(|w| w == b"%%EOF")
@@ -299,7 +360,10 @@ fn looks_truncated(path: &Path) -> bool {
 fn page_count(pdfium: &Pdfium, path: &Path) -> Result<u32, RenderError> {
     // Page counting happens at planning time with the caller's own limits; only the
     // file-size/sniff part of the default limits would apply here, so use no size limit.
-    let limits = Limits { max_file_bytes: u64::MAX, ..Limits::default() };
+    let limits = Limits {
+        max_file_bytes: u64::MAX,
+        ..Limits::default()
+    };
     let doc = open(pdfium, path, &limits)?;
     Ok(doc.pages().len().max(0) as u32)
 }
@@ -314,10 +378,16 @@ pub(crate) fn render_job(
     sink: &mut dyn FnMut(Msg) -> bool,
 ) {
     let mut sent_open = false;
-    let r = catch_unwind(AssertUnwindSafe(|| render_pages(pdfium, path, pages, opts, sink, &mut sent_open)));
+    let r = catch_unwind(AssertUnwindSafe(|| {
+        render_pages(pdfium, path, pages, opts, sink, &mut sent_open)
+    }));
     if let Err(p) = r {
         let e = panicked(path, p);
-        let _ = sink(if sent_open { Msg::Page(Err(e)) } else { Msg::Opened(Err(e)) });
+        let _ = sink(if sent_open {
+            Msg::Page(Err(e))
+        } else {
+            Msg::Opened(Err(e))
+        });
     }
 }
 
@@ -332,12 +402,19 @@ fn render_pages(
     let opened = open(pdfium, path, &opts.limits).and_then(|doc| {
         let n = doc.pages().len().max(0) as u32;
         if n == 0 {
-            return Err(RenderError::new(ErrorKind::Empty, format!("{}: the PDF has no pages", path.display())));
+            return Err(RenderError::new(
+                ErrorKind::Empty,
+                format!("{}: the PDF has no pages", path.display()),
+            ));
         }
         if n > opts.limits.max_pages {
             return Err(RenderError::new(
                 ErrorKind::TooManyPages,
-                format!("{}: {n} pages, more than the limit of {}", path.display(), opts.limits.max_pages),
+                format!(
+                    "{}: {n} pages, more than the limit of {}",
+                    path.display(),
+                    opts.limits.max_pages
+                ),
             ));
         }
         check_units(path, "pages", n, &pages)?;
@@ -366,9 +443,19 @@ fn render_pages(
     }
 }
 
-fn render_page(doc: &PdfDocument, path: &Path, n: u32, opts: &RenderOptions) -> Result<Page, RenderError> {
+fn render_page(
+    doc: &PdfDocument,
+    path: &Path,
+    n: u32,
+    opts: &RenderOptions,
+) -> Result<Page, RenderError> {
     let t0 = Instant::now();
-    let page_err = |what: String| RenderError::new(ErrorKind::Corrupt, format!("{} page {n}: {what}", path.display()));
+    let page_err = |what: String| {
+        RenderError::new(
+            ErrorKind::Corrupt,
+            format!("{} page {n}: {what}", path.display()),
+        )
+    };
     let page = doc
         .pages()
         .get((n - 1) as PdfPageIndex)
@@ -381,7 +468,11 @@ fn render_page(doc: &PdfDocument, path: &Path, n: u32, opts: &RenderOptions) -> 
     let (w, h) = opts.size.pixels_for(w_pt, h_pt);
     let px = w.saturating_mul(h);
     // pdfium addresses bitmaps with i32 strides: keep 3*w and the buffer well inside that.
-    if px > opts.limits.max_pixels || w > (i32::MAX / 4) as u64 || h > (i32::MAX / 4) as u64 || px > (isize::MAX / 4) as u64 {
+    if px > opts.limits.max_pixels
+        || w > (i32::MAX / 4) as u64
+        || h > (i32::MAX / 4) as u64
+        || px > (isize::MAX / 4) as u64
+    {
         return Err(RenderError::new(
             ErrorKind::TooManyPixels,
             format!(
@@ -398,8 +489,19 @@ fn render_page(doc: &PdfDocument, path: &Path, n: u32, opts: &RenderOptions) -> 
     } else {
         None
     };
-    let text = if opts.want_text { Some(normalise_text(&page_text(&page))) } else { None };
-    Ok(Page { page: n, image, width: w, height: h, text, render_ms: t0.elapsed().as_secs_f64() * 1e3 })
+    let text = if opts.want_text {
+        Some(normalise_text(&page_text(&page)))
+    } else {
+        None
+    };
+    Ok(Page {
+        page: n,
+        image,
+        width: w,
+        height: h,
+        text,
+        render_ms: t0.elapsed().as_secs_f64() * 1e3,
+    })
 }
 
 /// Renders into a 24-bit bitmap that wraps our own buffer (no copy out of pdfium), white
@@ -409,10 +511,13 @@ fn rasterise(page: &PdfPage, w: u32, h: u32) -> Result<image::RgbImage, PdfiumEr
     let stride = row.div_ceil(4) * 4; // pdfium's pitch for 24-bit bitmaps
     let mut buf = vec![0u8; stride * h as usize];
     {
-        let mut bitmap = PdfBitmap::from_bytes(w as Pixels, h as Pixels, PdfBitmapFormat::BGR, &mut buf)?;
+        let mut bitmap =
+            PdfBitmap::from_bytes(w as Pixels, h as Pixels, PdfBitmapFormat::BGR, &mut buf)?;
         // Defaults: clear to white, render annotations + form data, and
         // FPDF_REVERSE_BYTE_ORDER so the 24-bit pixels come out as R,G,B.
-        let config = PdfRenderConfig::new().set_fixed_size(w as Pixels, h as Pixels).set_format(PdfBitmapFormat::BGR);
+        let config = PdfRenderConfig::new()
+            .set_fixed_size(w as Pixels, h as Pixels)
+            .set_format(PdfBitmapFormat::BGR);
         page.render_into_bitmap_with_config(&mut bitmap, &config)?;
     }
     if stride != row {
@@ -473,7 +578,10 @@ mod tests {
 
     #[test]
     fn text_normalised() {
-        assert_eq!(normalise_text("a  \r\nb\rc\u{2}\r\nd \r\n\r\n"), "a\nb\nc-\nd");
+        assert_eq!(
+            normalise_text("a  \r\nb\rc\u{2}\r\nd \r\n\r\n"),
+            "a\nb\nc-\nd"
+        );
         assert_eq!(normalise_text(""), "");
     }
 }

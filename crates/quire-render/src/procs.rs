@@ -29,18 +29,33 @@ const GREETING_WAIT: Duration = Duration::from_secs(30);
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 enum Request {
-    Count { path: PathBuf },
-    Render { path: PathBuf, first: u32, last: u32, opts: RenderOptions },
+    Count {
+        path: PathBuf,
+    },
+    Render {
+        path: PathBuf,
+        first: u32,
+        last: u32,
+        opts: RenderOptions,
+    },
 }
 
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "t", rename_all = "snake_case")]
 enum Reply {
-    Hello { ok: Option<RenderError> },
-    Count { r: Result<u32, RenderError> },
-    Opened { r: Result<u32, RenderError> },
+    Hello {
+        ok: Option<RenderError>,
+    },
+    Count {
+        r: Result<u32, RenderError>,
+    },
+    Opened {
+        r: Result<u32, RenderError>,
+    },
     /// Followed by `image_bytes` raw RGB bytes (0 without an image).
-    Page { r: Result<PageHead, RenderError> },
+    Page {
+        r: Result<PageHead, RenderError>,
+    },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -83,13 +98,27 @@ pub fn run_worker_if_requested() -> Option<i32> {
             }
         };
         let ok = match req {
-            Request::Count { path } => write_reply(&mut out, &Reply::Count { r: count_job(&pdfium, &path) }, None).is_ok(),
-            Request::Render { path, first, last, opts } => {
+            Request::Count { path } => write_reply(
+                &mut out,
+                &Reply::Count {
+                    r: count_job(&pdfium, &path),
+                },
+                None,
+            )
+            .is_ok(),
+            Request::Render {
+                path,
+                first,
+                last,
+                opts,
+            } => {
                 let mut ok = true;
                 render_job(&pdfium, &path, first..=last, &opts, &mut |m| {
                     ok = match m {
                         Msg::Opened(r) => write_reply(&mut out, &Reply::Opened { r }, None).is_ok(),
-                        Msg::Page(Err(e)) => write_reply(&mut out, &Reply::Page { r: Err(e) }, None).is_ok(),
+                        Msg::Page(Err(e)) => {
+                            write_reply(&mut out, &Reply::Page { r: Err(e) }, None).is_ok()
+                        }
                         Msg::Page(Ok(p)) => {
                             let head = PageHead {
                                 page: p.page,
@@ -97,10 +126,17 @@ pub fn run_worker_if_requested() -> Option<i32> {
                                 height: p.height,
                                 text: p.text,
                                 render_ms: p.render_ms,
-                                image_bytes: p.image.as_ref().map_or(0, |i| i.as_raw().len() as u64),
+                                image_bytes: p
+                                    .image
+                                    .as_ref()
+                                    .map_or(0, |i| i.as_raw().len() as u64),
                             };
-                            write_reply(&mut out, &Reply::Page { r: Ok(head) }, p.image.as_ref().map(|i| i.as_raw().as_slice()))
-                                .is_ok()
+                            write_reply(
+                                &mut out,
+                                &Reply::Page { r: Ok(head) },
+                                p.image.as_ref().map(|i| i.as_raw().as_slice()),
+                            )
+                            .is_ok()
                         }
                     };
                     ok
@@ -151,7 +187,12 @@ impl Spawner {
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .map_err(|e| RenderError::new(ErrorKind::Io, format!("cannot start render worker {}: {e}", self.exe.display())))?;
+            .map_err(|e| {
+                RenderError::new(
+                    ErrorKind::Io,
+                    format!("cannot start render worker {}: {e}", self.exe.display()),
+                )
+            })?;
         let stdin = BufWriter::new(child.stdin.take().expect("piped"));
         let stdout = BufReader::with_capacity(1 << 20, child.stdout.take().expect("piped"));
         // Wait for the greeting, skipping whatever the executable prints first (a test harness
@@ -174,7 +215,13 @@ impl Spawner {
             let _ = tx.send((hello, stdout));
         });
         match rx.recv_timeout(GREETING_WAIT) {
-            Ok((Some(Reply::Hello { ok: None }), stdout)) => return Ok(Worker { child, stdin, stdout }),
+            Ok((Some(Reply::Hello { ok: None }), stdout)) => {
+                return Ok(Worker {
+                    child,
+                    stdin,
+                    stdout,
+                })
+            }
             Ok((Some(Reply::Hello { ok: Some(e) }), _)) => {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -202,8 +249,15 @@ impl PdfRenderer {
     /// was on and the rest of that request with [`ErrorKind::Corrupt`], and is restarted.
     /// `exe` is usually `std::env::current_exe()`; its `main` must call
     /// [`run_worker_if_requested`].
-    pub fn start_processes(n: usize, exe: &Path, args: &[OsString]) -> Result<PdfRenderer, RenderError> {
-        let spawner = Arc::new(Spawner { exe: exe.to_path_buf(), args: args.to_vec() });
+    pub fn start_processes(
+        n: usize,
+        exe: &Path,
+        args: &[OsString],
+    ) -> Result<PdfRenderer, RenderError> {
+        let spawner = Arc::new(Spawner {
+            exe: exe.to_path_buf(),
+            args: args.to_vec(),
+        });
         // Start them all now, so a broken setup fails here and not on the first document.
         let mut workers = Vec::new();
         for _ in 0..n.max(1) {
@@ -216,7 +270,12 @@ impl PdfRenderer {
             std::thread::Builder::new()
                 .name(format!("quire-render-proc-{i}"))
                 .spawn(move || dispatch(rx, spawner, Some(w)))
-                .map_err(|e| RenderError::new(ErrorKind::Io, format!("cannot start a dispatcher thread: {e}")))?;
+                .map_err(|e| {
+                    RenderError::new(
+                        ErrorKind::Io,
+                        format!("cannot start a dispatcher thread: {e}"),
+                    )
+                })?;
         }
         Ok(PdfRenderer { tx })
     }
@@ -262,7 +321,10 @@ fn fail_job(job: Job, e: RenderError) {
 fn crashed(path: &Path, what: &str) -> RenderError {
     RenderError::new(
         ErrorKind::Corrupt,
-        format!("{}: the render worker died {what} (pdfium crashed on this file?)", path.display()),
+        format!(
+            "{}: the render worker died {what} (pdfium crashed on this file?)",
+            path.display()
+        ),
     )
 }
 
@@ -282,9 +344,22 @@ fn serve(w: &mut Worker, job: Job) -> bool {
                 }
             }
         }
-        Job::Render { path, pages, opts, reply } => {
+        Job::Render {
+            path,
+            pages,
+            opts,
+            reply,
+        } => {
             let (first, last) = (*pages.start(), *pages.end());
-            let sent = send_request(w, &Request::Render { path: path.clone(), first, last, opts });
+            let sent = send_request(
+                w,
+                &Request::Render {
+                    path: path.clone(),
+                    first,
+                    last,
+                    opts,
+                },
+            );
             match sent.and_then(|_| read_reply(w)) {
                 Ok((Reply::Opened { r }, _)) => {
                     let opened = r.is_ok();
@@ -303,7 +378,11 @@ fn serve(w: &mut Worker, job: Job) -> bool {
             for n in first..=last {
                 let msg = match read_reply(w) {
                     Ok((Reply::Page { r: Ok(h) }, bytes)) => {
-                        let image = if h.image_bytes > 0 { image::RgbImage::from_raw(h.width, h.height, bytes) } else { None };
+                        let image = if h.image_bytes > 0 {
+                            image::RgbImage::from_raw(h.width, h.height, bytes)
+                        } else {
+                            None
+                        };
                         Msg::Page(Ok(Page {
                             page: h.page,
                             image,

@@ -38,7 +38,13 @@ pub fn decode_image(
 
 /// Number of frames (pages) of a TIFF; 1 for any other image. Reads only the directories.
 pub fn frame_count(path: &Path) -> Result<u32, RenderError> {
-    let (kind, _) = open_checked(path, &Limits { max_file_bytes: u64::MAX, ..Limits::default() })?;
+    let (kind, _) = open_checked(
+        path,
+        &Limits {
+            max_file_bytes: u64::MAX,
+            ..Limits::default()
+        },
+    )?;
     if kind != InputKind::Tiff {
         return Ok(1);
     }
@@ -48,7 +54,10 @@ pub fn frame_count(path: &Path) -> Result<u32, RenderError> {
         dec.next_image().map_err(|e| tiff_error(path, None, e))?;
         n += 1;
         if n > 1_000_000 {
-            return Err(RenderError::new(ErrorKind::Corrupt, format!("{}: TIFF directory loop", path.display())));
+            return Err(RenderError::new(
+                ErrorKind::Corrupt,
+                format!("{}: TIFF directory loop", path.display()),
+            ));
         }
     }
     Ok(n)
@@ -66,7 +75,11 @@ fn image_format(kind: InputKind) -> ImageFormat {
     }
 }
 
-fn reader(path: &Path, kind: InputKind, limits: &Limits) -> Result<ImageReader<BufReader<File>>, RenderError> {
+fn reader(
+    path: &Path,
+    kind: InputKind,
+    limits: &Limits,
+) -> Result<ImageReader<BufReader<File>>, RenderError> {
     let f = File::open(path).map_err(|e| io_error(path, "cannot open", e))?;
     let mut r = ImageReader::with_format(BufReader::new(f), image_format(kind));
     let mut l = image::Limits::default();
@@ -76,7 +89,13 @@ fn reader(path: &Path, kind: InputKind, limits: &Limits) -> Result<ImageReader<B
     Ok(r)
 }
 
-fn too_many_pixels(path: &Path, frame: Option<u32>, w: u64, h: u64, limits: &Limits) -> Option<RenderError> {
+fn too_many_pixels(
+    path: &Path,
+    frame: Option<u32>,
+    w: u64,
+    h: u64,
+    limits: &Limits,
+) -> Option<RenderError> {
     (w.saturating_mul(h) > limits.max_pixels).then(|| {
         let at = frame.map(|f| format!(" frame {f}")).unwrap_or_default();
         RenderError::new(
@@ -91,8 +110,14 @@ fn too_many_pixels(path: &Path, frame: Option<u32>, w: u64, h: u64, limits: &Lim
 }
 
 /// Header-only dimension check for single-frame images (used by `probe`).
-pub(crate) fn check_header_pixels(path: &Path, kind: InputKind, limits: &Limits) -> Result<(), RenderError> {
-    let dec = reader(path, kind, limits)?.into_decoder().map_err(|e| image_error(path, e))?;
+pub(crate) fn check_header_pixels(
+    path: &Path,
+    kind: InputKind,
+    limits: &Limits,
+) -> Result<(), RenderError> {
+    let dec = reader(path, kind, limits)?
+        .into_decoder()
+        .map_err(|e| image_error(path, e))?;
     let (w, h) = dec.dimensions();
     match too_many_pixels(path, None, w.into(), h.into(), limits) {
         Some(e) => Err(e),
@@ -102,7 +127,9 @@ pub(crate) fn check_header_pixels(path: &Path, kind: InputKind, limits: &Limits)
 
 fn decode_single(path: &Path, kind: InputKind, limits: &Limits) -> Result<Page, RenderError> {
     let t0 = Instant::now();
-    let mut dec = reader(path, kind, limits)?.into_decoder().map_err(|e| image_error(path, e))?;
+    let mut dec = reader(path, kind, limits)?
+        .into_decoder()
+        .map_err(|e| image_error(path, e))?;
     let (w, h) = dec.dimensions();
     if let Some(e) = too_many_pixels(path, None, w.into(), h.into(), limits) {
         return Err(e);
@@ -150,7 +177,11 @@ fn image_error(path: &Path, e: ImageError) -> RenderError {
         ImageError::Unsupported(e) => RenderError::new(ErrorKind::Unsupported, format!("{p}: {e}")),
         ImageError::Decoding(e) => {
             let msg = e.to_string();
-            let kind = if is_eof_message(&msg) { ErrorKind::Truncated } else { ErrorKind::Corrupt };
+            let kind = if is_eof_message(&msg) {
+                ErrorKind::Truncated
+            } else {
+                ErrorKind::Corrupt
+            };
             RenderError::new(kind, format!("{p}: {msg}"))
         }
         e => RenderError::new(ErrorKind::Corrupt, format!("{p}: {e}")),
@@ -159,7 +190,10 @@ fn image_error(path: &Path, e: ImageError) -> RenderError {
 
 fn is_eof_message(msg: &str) -> bool {
     let m = msg.to_ascii_lowercase();
-    m.contains("eof") || m.contains("end of file") || m.contains("unexpected end") || m.contains("truncated")
+    m.contains("eof")
+        || m.contains("end of file")
+        || m.contains("unexpected end")
+        || m.contains("truncated")
 }
 
 // ---- TIFF (every frame a page) ----
@@ -173,7 +207,9 @@ fn tiff_error(path: &Path, frame: Option<u32>, e: tiff::TiffError) -> RenderErro
     let at = frame.map(|f| format!(" frame {f}")).unwrap_or_default();
     let msg = format!("{}{at}: {e}", path.display());
     let kind = match &e {
-        tiff::TiffError::IoError(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => ErrorKind::Truncated,
+        tiff::TiffError::IoError(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+            ErrorKind::Truncated
+        }
         tiff::TiffError::IoError(_) => ErrorKind::Io,
         tiff::TiffError::UnsupportedError(_) => ErrorKind::Unsupported,
         tiff::TiffError::LimitsExceeded => ErrorKind::TooManyPixels,
@@ -192,13 +228,18 @@ fn decode_tiff(
     if count > limits.max_pages {
         return Err(RenderError::new(
             ErrorKind::TooManyPages,
-            format!("{}: {count} frames, more than the limit of {}", path.display(), limits.max_pages),
+            format!(
+                "{}: {count} frames, more than the limit of {}",
+                path.display(),
+                limits.max_pages
+            ),
         ));
     }
     check_units(path, "frames", count, &frames)?;
     let mut dec = open_tiff(path)?;
     let mut tl = tiff::decoder::Limits::default();
-    tl.decoding_buffer_size = usize::try_from(limits.max_pixels.saturating_mul(8)).unwrap_or(usize::MAX);
+    tl.decoding_buffer_size =
+        usize::try_from(limits.max_pixels.saturating_mul(8)).unwrap_or(usize::MAX);
     tl.intermediate_buffer_size = tl.decoding_buffer_size;
     dec = dec.with_limits(tl);
     let mut out = Vec::new();
@@ -237,10 +278,18 @@ fn decode_tiff_frame<R: std::io::Read + Seek>(
     let unsupported = || {
         RenderError::new(
             ErrorKind::Unsupported,
-            format!("{} frame {frame}: TIFF colour type {color:?} is not supported", path.display()),
+            format!(
+                "{} frame {frame}: TIFF colour type {color:?} is not supported",
+                path.display()
+            ),
         )
     };
-    let short = || RenderError::new(ErrorKind::Truncated, format!("{} frame {frame}: pixel data ends early", path.display()));
+    let short = || {
+        RenderError::new(
+            ErrorKind::Truncated,
+            format!("{} frame {frame}: pixel data ends early", path.display()),
+        )
+    };
     let img: DynamicImage = match (color, data) {
         (C::Gray(1), D::U8(v)) => {
             // Packed bits, rows padded to a byte; the tiff crate has already mapped
@@ -253,18 +302,36 @@ fn decode_tiff_frame<R: std::io::Read + Seek>(
             for y in 0..h as usize {
                 let r = &v[y * row..(y + 1) * row];
                 for x in 0..w as usize {
-                    g.push(if r[x / 8] & (0x80 >> (x % 8)) != 0 { 255 } else { 0 });
+                    g.push(if r[x / 8] & (0x80 >> (x % 8)) != 0 {
+                        255
+                    } else {
+                        0
+                    });
                 }
             }
             DynamicImage::ImageLuma8(image::GrayImage::from_raw(w, h, g).ok_or_else(short)?)
         }
-        (C::Gray(8), D::U8(v)) => DynamicImage::ImageLuma8(image::GrayImage::from_raw(w, h, v).ok_or_else(short)?),
-        (C::Gray(16), D::U16(v)) => DynamicImage::ImageLuma16(image::ImageBuffer::from_raw(w, h, v).ok_or_else(short)?),
-        (C::GrayA(8), D::U8(v)) => DynamicImage::ImageLumaA8(image::ImageBuffer::from_raw(w, h, v).ok_or_else(short)?),
-        (C::RGB(8), D::U8(v)) => DynamicImage::ImageRgb8(image::ImageBuffer::from_raw(w, h, v).ok_or_else(short)?),
-        (C::RGB(16), D::U16(v)) => DynamicImage::ImageRgb16(image::ImageBuffer::from_raw(w, h, v).ok_or_else(short)?),
-        (C::RGBA(8), D::U8(v)) => DynamicImage::ImageRgba8(image::ImageBuffer::from_raw(w, h, v).ok_or_else(short)?),
-        (C::RGBA(16), D::U16(v)) => DynamicImage::ImageRgba16(image::ImageBuffer::from_raw(w, h, v).ok_or_else(short)?),
+        (C::Gray(8), D::U8(v)) => {
+            DynamicImage::ImageLuma8(image::GrayImage::from_raw(w, h, v).ok_or_else(short)?)
+        }
+        (C::Gray(16), D::U16(v)) => {
+            DynamicImage::ImageLuma16(image::ImageBuffer::from_raw(w, h, v).ok_or_else(short)?)
+        }
+        (C::GrayA(8), D::U8(v)) => {
+            DynamicImage::ImageLumaA8(image::ImageBuffer::from_raw(w, h, v).ok_or_else(short)?)
+        }
+        (C::RGB(8), D::U8(v)) => {
+            DynamicImage::ImageRgb8(image::ImageBuffer::from_raw(w, h, v).ok_or_else(short)?)
+        }
+        (C::RGB(16), D::U16(v)) => {
+            DynamicImage::ImageRgb16(image::ImageBuffer::from_raw(w, h, v).ok_or_else(short)?)
+        }
+        (C::RGBA(8), D::U8(v)) => {
+            DynamicImage::ImageRgba8(image::ImageBuffer::from_raw(w, h, v).ok_or_else(short)?)
+        }
+        (C::RGBA(16), D::U16(v)) => {
+            DynamicImage::ImageRgba16(image::ImageBuffer::from_raw(w, h, v).ok_or_else(short)?)
+        }
         (C::CMYK(8), D::U8(v)) => {
             if v.len() < n * 4 {
                 return Err(short());

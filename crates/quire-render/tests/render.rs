@@ -11,7 +11,9 @@ use std::time::Instant;
 use quire_render::*;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/docs").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/docs")
+        .join(name)
 }
 
 fn renderer() -> PdfRenderer {
@@ -25,11 +27,16 @@ fn renderer() -> PdfRenderer {
 }
 
 fn opts(size: RenderSize) -> RenderOptions {
-    RenderOptions { size, ..RenderOptions::default() }
+    RenderOptions {
+        size,
+        ..RenderOptions::default()
+    }
 }
 
 fn ok_pages(v: Vec<Result<Page, RenderError>>) -> Vec<Page> {
-    v.into_iter().map(|r| r.unwrap_or_else(|e| panic!("page failed: {e}"))).collect()
+    v.into_iter()
+        .map(|r| r.unwrap_or_else(|e| panic!("page failed: {e}")))
+        .collect()
 }
 
 fn kind_of<T: std::fmt::Debug>(r: Result<T, RenderError>) -> ErrorKind {
@@ -116,10 +123,22 @@ fn bad_inputs_give_the_right_kind() {
         }
     }
     // An image handed to the PDF renderer, and a PDF handed to the image decoder.
-    assert_eq!(kind_of(pdf.render(&fixture("image.png"), 1..=1, &RenderOptions::default())), ErrorKind::Unsupported);
-    assert_eq!(kind_of(decode_image(&fixture("born_digital.pdf"), 1..=1, &l)), ErrorKind::Unsupported);
-    assert_eq!(kind_of(decode_image(&fixture("not_a_pdf.pdf"), 1..=1, &l)), ErrorKind::Unsupported);
-    assert_eq!(kind_of(decode_image(&fixture("empty.pdf"), 1..=1, &l)), ErrorKind::Empty);
+    assert_eq!(
+        kind_of(pdf.render(&fixture("image.png"), 1..=1, &RenderOptions::default())),
+        ErrorKind::Unsupported
+    );
+    assert_eq!(
+        kind_of(decode_image(&fixture("born_digital.pdf"), 1..=1, &l)),
+        ErrorKind::Unsupported
+    );
+    assert_eq!(
+        kind_of(decode_image(&fixture("not_a_pdf.pdf"), 1..=1, &l)),
+        ErrorKind::Unsupported
+    );
+    assert_eq!(
+        kind_of(decode_image(&fixture("empty.pdf"), 1..=1, &l)),
+        ErrorKind::Empty
+    );
     assert_eq!(ErrorKind::TooManyPixels.as_str(), "too_many_pixels");
     assert_eq!(ErrorKind::PdfiumMissing.as_str(), "pdfium_missing");
 }
@@ -127,16 +146,30 @@ fn bad_inputs_give_the_right_kind() {
 #[test]
 fn owner_password_only_renders() {
     let pdf = renderer();
-    let pages = ok_pages(pdf.render(&fixture("owner_only.pdf"), 1..=3, &RenderOptions::default()).unwrap());
+    let pages = ok_pages(
+        pdf.render(&fixture("owner_only.pdf"), 1..=3, &RenderOptions::default())
+            .unwrap(),
+    );
     assert_eq!(pages.len(), 3);
-    assert!(pages[0].text.as_deref().unwrap().contains("river had been rising"));
+    assert!(pages[0]
+        .text
+        .as_deref()
+        .unwrap()
+        .contains("river had been rising"));
     assert!(pages[0].image.is_some());
 }
 
 #[test]
 fn long_side_is_exact_and_colours_are_rgb() {
     let pdf = renderer();
-    let pages = ok_pages(pdf.render(&fixture("born_digital.pdf"), 1..=3, &opts(RenderSize::LongSide(1288))).unwrap());
+    let pages = ok_pages(
+        pdf.render(
+            &fixture("born_digital.pdf"),
+            1..=3,
+            &opts(RenderSize::LongSide(1288)),
+        )
+        .unwrap(),
+    );
     let dims: Vec<_> = pages.iter().map(|p| (p.page, p.width, p.height)).collect();
     // Letter portrait 612x792 pt, page 3 is landscape.
     assert_eq!(dims, vec![(1, 995, 1288), (2, 995, 1288), (3, 1288, 995)]);
@@ -145,24 +178,47 @@ fn long_side_is_exact_and_colours_are_rgb() {
         assert!(p.render_ms > 0.0);
     }
     // 72 dpi: one pixel per point. The red box is at x 72..216, y 72..144 (from the bottom).
-    let p = ok_pages(pdf.render(&fixture("born_digital.pdf"), 1..=1, &opts(RenderSize::Dpi(72.0))).unwrap()).remove(0);
+    let p = ok_pages(
+        pdf.render(
+            &fixture("born_digital.pdf"),
+            1..=1,
+            &opts(RenderSize::Dpi(72.0)),
+        )
+        .unwrap(),
+    )
+    .remove(0);
     assert_eq!((p.width, p.height), (612, 792));
     let img = p.image.unwrap();
-    assert_eq!(img.get_pixel(144, 792 - 108).0, [255, 0, 0], "red box must read as red (channel order)");
+    assert_eq!(
+        img.get_pixel(144, 792 - 108).0,
+        [255, 0, 0],
+        "red box must read as red (channel order)"
+    );
     assert_eq!(img.get_pixel(5, 5).0, [255, 255, 255], "white background");
     // Some dark text pixels exist.
-    assert!(img.pixels().filter(|px| px.0.iter().all(|&c| c < 100)).count() > 500);
+    assert!(
+        img.pixels()
+            .filter(|px| px.0.iter().all(|&c| c < 100))
+            .count()
+            > 500
+    );
 }
 
 #[test]
 fn text_only_and_size_only() {
     let pdf = renderer();
-    let o = RenderOptions { want_image: false, ..opts(RenderSize::LongSide(1000)) };
+    let o = RenderOptions {
+        want_image: false,
+        ..opts(RenderSize::LongSide(1000))
+    };
     let p = ok_pages(pdf.render(&fixture("born_digital.pdf"), 2..=2, &o).unwrap()).remove(0);
     assert!(p.image.is_none());
     assert_eq!((p.page, p.width, p.height), (2, 773, 1000));
     assert!(p.text.unwrap().contains("Chapter 2"));
-    let o = RenderOptions { want_text: false, ..opts(RenderSize::LongSide(500)) };
+    let o = RenderOptions {
+        want_text: false,
+        ..opts(RenderSize::LongSide(500))
+    };
     let p = ok_pages(pdf.render(&fixture("born_digital.pdf"), 1..=1, &o).unwrap()).remove(0);
     assert!(p.text.is_none() && p.image.is_some());
 }
@@ -175,14 +231,33 @@ fn words(s: &str) -> Vec<String> {
 fn text_layer_agrees_with_pdftotext() {
     let pdf = renderer();
     let path = fixture("born_digital.pdf");
-    let pages = ok_pages(pdf.render(&path, 1..=3, &RenderOptions { want_image: false, ..Default::default() }).unwrap());
+    let pages = ok_pages(
+        pdf.render(
+            &path,
+            1..=3,
+            &RenderOptions {
+                want_image: false,
+                ..Default::default()
+            },
+        )
+        .unwrap(),
+    );
     for p in &pages {
         let out = Command::new("pdftotext")
-            .args(["-f", &p.page.to_string(), "-l", &p.page.to_string(), "-enc", "UTF-8"])
+            .args([
+                "-f",
+                &p.page.to_string(),
+                "-l",
+                &p.page.to_string(),
+                "-enc",
+                "UTF-8",
+            ])
             .arg(&path)
             .arg("-")
             .output()
-            .expect("pdftotext (poppler-utils) is needed for this test: apt-get install poppler-utils");
+            .expect(
+                "pdftotext (poppler-utils) is needed for this test: apt-get install poppler-utils",
+            );
         assert!(out.status.success());
         let poppler = String::from_utf8(out.stdout).unwrap();
         let text = p.text.as_deref().unwrap();
@@ -200,7 +275,10 @@ fn scanned_pages_have_no_text_layer() {
     assert_eq!(scanned[0].text.as_deref(), Some(""));
     assert!(scanned[0].image.is_some());
     let mixed = ok_pages(pdf.render(&fixture("mixed.pdf"), 1..=3, &o).unwrap());
-    let lens: Vec<usize> = mixed.iter().map(|p| p.text.as_deref().unwrap().trim().len()).collect();
+    let lens: Vec<usize> = mixed
+        .iter()
+        .map(|p| p.text.as_deref().unwrap().trim().len())
+        .collect();
     assert!(lens[0] > 200 && lens[1] == 0 && lens[2] > 200, "{lens:?}");
     // The scanned page still has ink.
     let img = mixed[1].image.as_ref().unwrap();
@@ -210,14 +288,28 @@ fn scanned_pages_have_no_text_layer() {
 #[test]
 fn page_ranges() {
     let pdf = renderer();
-    let o = RenderOptions { want_image: false, ..Default::default() };
+    let o = RenderOptions {
+        want_image: false,
+        ..Default::default()
+    };
     let p = ok_pages(pdf.render(&fixture("born_digital.pdf"), 2..=3, &o).unwrap());
     assert_eq!(p.iter().map(|p| p.page).collect::<Vec<_>>(), vec![2, 3]);
-    for bad in [0..=1, 3..=4, 3..=2] {
-        assert_eq!(kind_of(pdf.render(&fixture("born_digital.pdf"), bad, &o)), ErrorKind::BadRange);
+    #[allow(clippy::reversed_empty_ranges)] // an empty range is one of the bad inputs
+    let bad_ranges = [0..=1, 3..=4, 3..=2];
+    for bad in bad_ranges {
+        assert_eq!(
+            kind_of(pdf.render(&fixture("born_digital.pdf"), bad, &o)),
+            ErrorKind::BadRange
+        );
     }
     // A stream dropped half way does not wedge the pdfium thread.
-    let mut s = pdf.render_stream(&fixture("born_digital.pdf"), 1..=3, &RenderOptions::default()).unwrap();
+    let mut s = pdf
+        .render_stream(
+            &fixture("born_digital.pdf"),
+            1..=3,
+            &RenderOptions::default(),
+        )
+        .unwrap();
     assert_eq!(s.page_count(), 3);
     assert!(s.next().unwrap().is_ok());
     drop(s);
@@ -231,8 +323,14 @@ fn many_threads_share_one_pdfium() {
         .map(|i| {
             let pdf = pdf.clone();
             std::thread::spawn(move || {
-                let name = if i % 2 == 0 { "born_digital.pdf" } else { "mixed.pdf" };
-                let pages = pdf.render(&fixture(name), 1..=3, &opts(RenderSize::LongSide(600))).unwrap();
+                let name = if i % 2 == 0 {
+                    "born_digital.pdf"
+                } else {
+                    "mixed.pdf"
+                };
+                let pages = pdf
+                    .render(&fixture(name), 1..=3, &opts(RenderSize::LongSide(600)))
+                    .unwrap();
                 pages.into_iter().filter(|p| p.is_ok()).count()
             })
         })
@@ -246,26 +344,62 @@ fn many_threads_share_one_pdfium() {
 fn limits_are_configurable() {
     let pdf = renderer();
     let born = fixture("born_digital.pdf");
-    let small_pages = Limits { max_pages: 2, ..Limits::default() };
-    assert_eq!(kind_of(probe(&born, &small_pages, &pdf)), ErrorKind::TooManyPages);
-    let o = RenderOptions { limits: small_pages, ..Default::default() };
-    assert_eq!(kind_of(pdf.render(&born, 1..=1, &o)), ErrorKind::TooManyPages);
-    let small_file = Limits { max_file_bytes: 100, ..Limits::default() };
-    assert_eq!(kind_of(probe(&born, &small_file, &pdf)), ErrorKind::TooLarge);
-    assert_eq!(kind_of(decode_image(&fixture("image.png"), 1..=1, &small_file)), ErrorKind::TooLarge);
-    let tiff = Limits { max_pages: 2, ..Limits::default() };
-    assert_eq!(kind_of(probe(&fixture("multipage.tif"), &tiff, &pdf)), ErrorKind::TooManyPages);
+    let small_pages = Limits {
+        max_pages: 2,
+        ..Limits::default()
+    };
+    assert_eq!(
+        kind_of(probe(&born, &small_pages, &pdf)),
+        ErrorKind::TooManyPages
+    );
+    let o = RenderOptions {
+        limits: small_pages,
+        ..Default::default()
+    };
+    assert_eq!(
+        kind_of(pdf.render(&born, 1..=1, &o)),
+        ErrorKind::TooManyPages
+    );
+    let small_file = Limits {
+        max_file_bytes: 100,
+        ..Limits::default()
+    };
+    assert_eq!(
+        kind_of(probe(&born, &small_file, &pdf)),
+        ErrorKind::TooLarge
+    );
+    assert_eq!(
+        kind_of(decode_image(&fixture("image.png"), 1..=1, &small_file)),
+        ErrorKind::TooLarge
+    );
+    let tiff = Limits {
+        max_pages: 2,
+        ..Limits::default()
+    };
+    assert_eq!(
+        kind_of(probe(&fixture("multipage.tif"), &tiff, &pdf)),
+        ErrorKind::TooManyPages
+    );
 
     // Pixel limit per page: a huge DPI fails each page on its own, the document still opens.
-    let o = RenderOptions { size: RenderSize::Dpi(6000.0), ..Default::default() };
+    let o = RenderOptions {
+        size: RenderSize::Dpi(6000.0),
+        ..Default::default()
+    };
     let pages = pdf.render(&born, 1..=2, &o).unwrap();
     assert_eq!(pages.len(), 2);
     for p in pages {
         assert_eq!(kind_of(p), ErrorKind::TooManyPixels);
     }
-    let few_px = Limits { max_pixels: 10_000, ..Limits::default() };
+    let few_px = Limits {
+        max_pixels: 10_000,
+        ..Limits::default()
+    };
     let img = decode_image(&fixture("photo.jpg"), 1..=1, &few_px).unwrap();
-    assert_eq!(kind_of(img.into_iter().next().unwrap()), ErrorKind::TooManyPixels);
+    assert_eq!(
+        kind_of(img.into_iter().next().unwrap()),
+        ErrorKind::TooManyPixels
+    );
 }
 
 #[test]
@@ -278,7 +412,10 @@ fn bomb_is_refused_from_the_header() {
     assert_eq!(err.kind, ErrorKind::TooManyPixels);
     assert!(err.message.contains("100000 x 100000"), "{}", err.message);
     let r = decode_image(&bomb, 1..=1, &Limits::default()).unwrap();
-    assert_eq!(kind_of(r.into_iter().next().unwrap()), ErrorKind::TooManyPixels);
+    assert_eq!(
+        kind_of(r.into_iter().next().unwrap()),
+        ErrorKind::TooManyPixels
+    );
     // 10^10 pixels would take 30 GB and many seconds to allocate and fill.
     assert!(t.elapsed().as_millis() < 500, "{:?}", t.elapsed());
 }
@@ -287,16 +424,26 @@ fn bomb_is_refused_from_the_header() {
 fn images_decode_to_rgb() {
     let l = Limits::default();
     let one = |name: &str| -> Page {
-        let mut v = decode_image(&fixture(name), 1..=1, &l).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let mut v =
+            decode_image(&fixture(name), 1..=1, &l).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(v.len(), 1);
         v.remove(0).unwrap_or_else(|e| panic!("{name}: {e}"))
     };
-    for name in ["photo.jpg", "png_named.jpg", "image.png", "image.webp", "image.bmp"] {
+    for name in [
+        "photo.jpg",
+        "png_named.jpg",
+        "image.png",
+        "image.webp",
+        "image.bmp",
+    ] {
         let p = one(name);
         assert_eq!((p.page, p.width, p.height), (1, 320, 240), "{name}");
         let img = p.image.unwrap();
         let [r, g, b] = img.get_pixel(5, 5).0;
-        assert!(r < 80 && (60..130).contains(&g) && b > 120, "{name}: sky is blue, got {r},{g},{b}");
+        assert!(
+            r < 80 && (60..130).contains(&g) && b > 120,
+            "{name}: sky is blue, got {r},{g},{b}"
+        );
         assert!(p.text.is_none());
     }
     // EXIF orientation 6: stored 320x240, displayed 240x320.
@@ -308,11 +455,16 @@ fn images_decode_to_rgb() {
     assert_eq!(img.get_pixel(32, 32).0, [0, 0, 255]);
     // Grayscale becomes three equal channels.
     let img = one("gray.png").image.unwrap();
-    assert!(img.pixels().all(|px| px.0[0] == px.0[1] && px.0[1] == px.0[2]));
+    assert!(img
+        .pixels()
+        .all(|px| px.0[0] == px.0[1] && px.0[1] == px.0[2]));
     // Animated GIF: the first frame (red), one page.
     let img = one("animated.gif").image.unwrap();
     assert_eq!(img.get_pixel(10, 10).0, [255, 0, 0]);
-    assert_eq!(kind_of(decode_image(&fixture("animated.gif"), 1..=2, &l)), ErrorKind::BadRange);
+    assert_eq!(
+        kind_of(decode_image(&fixture("animated.gif"), 1..=2, &l)),
+        ErrorKind::BadRange
+    );
     // Non-ASCII name with spaces.
     let p = one("scan été 01.png");
     assert_eq!((p.width, p.height), (425, 550));
@@ -349,17 +501,29 @@ fn missing_library_names_the_setup_script() {
     if std::env::var_os("QUIRE_RENDER_TEST_CHILD").is_some() {
         let e = find_pdfium().unwrap_err();
         assert_eq!(e.kind, ErrorKind::PdfiumMissing);
-        assert!(e.message.contains("scripts/setup-pdfium.sh"), "{}", e.message);
+        assert!(
+            e.message.contains("scripts/setup-pdfium.sh"),
+            "{}",
+            e.message
+        );
         return;
     }
     let _ = renderer();
     let out = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "missing_library_names_the_setup_script", "--nocapture"])
+        .args([
+            "--exact",
+            "missing_library_names_the_setup_script",
+            "--nocapture",
+        ])
         .env(PDFIUM_ENV, "/nonexistent/libpdfium.so")
         .env("QUIRE_RENDER_TEST_CHILD", "1")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 /// Not a test of its own: the body of the render worker processes that the pool tests start
@@ -373,9 +537,17 @@ fn worker_entry_point() {
 
 fn pool(n: usize) -> PdfRenderer {
     let _ = renderer();
-    let args: Vec<std::ffi::OsString> =
-        ["--exact", "worker_entry_point", "--nocapture", "--test-threads=1"].iter().map(Into::into).collect();
-    PdfRenderer::start_processes(n, &std::env::current_exe().unwrap(), &args).unwrap_or_else(|e| panic!("{e}"))
+    let args: Vec<std::ffi::OsString> = [
+        "--exact",
+        "worker_entry_point",
+        "--nocapture",
+        "--test-threads=1",
+    ]
+    .iter()
+    .map(Into::into)
+    .collect();
+    PdfRenderer::start_processes(n, &std::env::current_exe().unwrap(), &args)
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 #[test]
@@ -389,24 +561,57 @@ fn process_pool_matches_the_thread() {
         for (a, b) in a.iter().zip(&b) {
             assert_eq!((a.page, a.width, a.height), (b.page, b.width, b.height));
             assert_eq!(a.text, b.text);
-            assert!(a.image.as_ref().unwrap().as_raw() == b.image.as_ref().unwrap().as_raw(), "{name} p{}", a.page);
+            assert!(
+                a.image.as_ref().unwrap().as_raw() == b.image.as_ref().unwrap().as_raw(),
+                "{name} p{}",
+                a.page
+            );
         }
     }
     assert_eq!(procs.page_count(&fixture("mixed.pdf")).unwrap(), 3);
-    assert_eq!(kind_of(procs.page_count(&fixture("encrypted_user.pdf"))), ErrorKind::Encrypted);
-    assert_eq!(kind_of(procs.render(&fixture("encrypted_user.pdf"), 1..=1, &o)), ErrorKind::Encrypted);
-    assert_eq!(kind_of(procs.render(&fixture("born_digital.pdf"), 2..=9, &o)), ErrorKind::BadRange);
-    let px = RenderOptions { size: RenderSize::Dpi(6000.0), ..o.clone() };
-    let r = procs.render(&fixture("born_digital.pdf"), 1..=1, &px).unwrap();
-    assert_eq!(kind_of(r.into_iter().next().unwrap()), ErrorKind::TooManyPixels);
+    assert_eq!(
+        kind_of(procs.page_count(&fixture("encrypted_user.pdf"))),
+        ErrorKind::Encrypted
+    );
+    assert_eq!(
+        kind_of(procs.render(&fixture("encrypted_user.pdf"), 1..=1, &o)),
+        ErrorKind::Encrypted
+    );
+    assert_eq!(
+        kind_of(procs.render(&fixture("born_digital.pdf"), 2..=9, &o)),
+        ErrorKind::BadRange
+    );
+    let px = RenderOptions {
+        size: RenderSize::Dpi(6000.0),
+        ..o.clone()
+    };
+    let r = procs
+        .render(&fixture("born_digital.pdf"), 1..=1, &px)
+        .unwrap();
+    assert_eq!(
+        kind_of(r.into_iter().next().unwrap()),
+        ErrorKind::TooManyPixels
+    );
     // Abandoned stream: that worker is replaced, later requests still work.
-    let mut s = procs.render_stream(&fixture("born_digital.pdf"), 1..=3, &o).unwrap();
+    let mut s = procs
+        .render_stream(&fixture("born_digital.pdf"), 1..=3, &o)
+        .unwrap();
     assert!(s.next().unwrap().is_ok());
     drop(s);
     let handles: Vec<_> = (0..4)
         .map(|_| {
             let p = procs.clone();
-            std::thread::spawn(move || ok_pages(p.render(&fixture("born_digital.pdf"), 1..=3, &opts(RenderSize::LongSide(300))).unwrap()).len())
+            std::thread::spawn(move || {
+                ok_pages(
+                    p.render(
+                        &fixture("born_digital.pdf"),
+                        1..=3,
+                        &opts(RenderSize::LongSide(300)),
+                    )
+                    .unwrap(),
+                )
+                .len()
+            })
         })
         .collect();
     for h in handles {
@@ -417,8 +622,14 @@ fn process_pool_matches_the_thread() {
 #[test]
 fn pool_refuses_an_executable_that_is_no_worker() {
     let _ = renderer();
-    let e = PdfRenderer::start_processes(1, Path::new("/bin/true"), &[]).err().expect("must fail");
-    assert!(e.message.contains("run_worker_if_requested"), "{}", e.message);
+    let e = PdfRenderer::start_processes(1, Path::new("/bin/true"), &[])
+        .err()
+        .expect("must fail");
+    assert!(
+        e.message.contains("run_worker_if_requested"),
+        "{}",
+        e.message
+    );
 }
 
 /// A worker that greets and then dies on its first request, as one would when pdfium crashes.
@@ -438,13 +649,29 @@ fn crashing_worker_entry_point() {
 #[test]
 fn a_dying_worker_fails_the_request_and_is_replaced() {
     let _ = renderer();
-    let args: Vec<std::ffi::OsString> =
-        ["--exact", "crashing_worker_entry_point", "--nocapture", "--test-threads=1"].iter().map(Into::into).collect();
+    let args: Vec<std::ffi::OsString> = [
+        "--exact",
+        "crashing_worker_entry_point",
+        "--nocapture",
+        "--test-threads=1",
+    ]
+    .iter()
+    .map(Into::into)
+    .collect();
     let pdf = PdfRenderer::start_processes(1, &std::env::current_exe().unwrap(), &args).unwrap();
     for _ in 0..2 {
-        let e = pdf.render(&fixture("born_digital.pdf"), 1..=1, &RenderOptions::default()).unwrap_err();
+        let e = pdf
+            .render(
+                &fixture("born_digital.pdf"),
+                1..=1,
+                &RenderOptions::default(),
+            )
+            .unwrap_err();
         assert_eq!(e.kind, ErrorKind::Corrupt);
         assert!(e.message.contains("worker died"), "{}", e.message);
-        assert_eq!(kind_of(pdf.page_count(&fixture("born_digital.pdf"))), ErrorKind::Corrupt);
+        assert_eq!(
+            kind_of(pdf.page_count(&fixture("born_digital.pdf"))),
+            ErrorKind::Corrupt
+        );
     }
 }
