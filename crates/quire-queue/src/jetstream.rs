@@ -365,7 +365,13 @@ impl JetStreamQueue {
     async fn delete_task(&self, seq: u64) -> Result<(), QueueError> {
         match self.inner.work.delete_message(seq).await {
             Ok(_) => Ok(()),
-            Err(e) if e.to_string().contains("no message found") || e.to_string().contains("not found") => Ok(()),
+            Err(e)
+                if matches!(e.kind(), jetstream::stream::DeleteMessageErrorKind::JetStream(j)
+                    if j.error_code() == jetstream::ErrorCode::NO_MESSAGE_FOUND
+                        || j.error_code() == jetstream::ErrorCode::SEQUENCE_NOT_FOUND) =>
+            {
+                Ok(())
+            }
             Err(e) => Err(backend("deleting a dead task from the work stream", e)),
         }
     }
@@ -672,7 +678,13 @@ pub(crate) mod test_server {
 
     fn find_binary() -> PathBuf {
         if let Ok(p) = std::env::var("QUIRE_NATS_SERVER") {
-            return PathBuf::from(p);
+            let p = PathBuf::from(p);
+            assert!(
+                p.is_file(),
+                "QUIRE_NATS_SERVER={} is not a file. Install nats-server with `eval \"$(scripts/install-services.sh)\"` and run the tests again.",
+                p.display()
+            );
+            return p;
         }
         let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
             .map(|p| std::env::split_paths(&p).map(|d| d.join("nats-server")).collect())

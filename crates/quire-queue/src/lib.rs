@@ -12,6 +12,8 @@
 #[cfg(feature = "nats")]
 pub mod jetstream;
 pub mod memory;
+#[cfg(feature = "nats")]
+pub mod progress;
 
 use async_trait::async_trait;
 use quire_core::TaskSpec;
