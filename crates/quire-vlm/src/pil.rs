@@ -3,10 +3,11 @@
 //!
 //! The reference image processors hand uint8 images to Pillow, so matching them means
 //! matching Pillow's integer arithmetic: filter weights are normalised per output pixel,
-//! converted to 22-bit fixed point, and the image is resampled horizontally then
-//! vertically with an 8-bit intermediate. Doing the same here gives bit-identical pixels
-//! (libm `sin`/`cos` differences can move a weight by one fixed-point unit at most, which
-//! in practice never changes a rounded byte).
+//! converted to 22-bit fixed point, and the image is resampled in two passes with an 8-bit
+//! intermediate, in Pillow's order (see [`vertical_first`]). Doing the same here gives
+//! bit-identical pixels (libm `sin`/`cos` differences could move a weight by one fixed-point
+//! unit, which in practice never changes a rounded byte; `tests/pil_resize.rs` checks
+//! byte equality against Pillow).
 
 use image::{DynamicImage, RgbImage};
 
@@ -195,15 +196,15 @@ pub fn resize(img: &RgbImage, width: u32, height: u32, filter: Resample) -> RgbI
     let vert = precompute(ih, oh, filter);
     let src = img.as_raw();
 
-    // Recent Pillow does not always run the horizontal pass first. Observed on Pillow 13 (rule
-    // inferred empirically, not from its source): vertical first when the vertical kernel is
-    // wider, and on equal kernels (the usual aspect-preserving resize) when a downscaled image is taller
-    // than wide. This matched the fixtures and ~90-95% of random size pairs; in the other cases
-    // a minority of pixels differ.
-    let vertical_first = horiz.ksize < vert.ksize || (horiz.ksize == vert.ksize && ih > iw && oh < ih);
-    if ow != iw && oh != ih && vertical_first {
+    // Pass order of Pillow's `ImagingResampleInner` (src/libImaging/Resample.c, Pillow >= 7):
+    // the vertical pass runs first when the height shrinks by more than twice as many pixels
+    // as the width does, `(ih - oh) > 0 && (ih - oh) > 2 * (iw - ow)` in signed ints (so a
+    // growing width with any shrinking height counts too). Otherwise horizontal first, over
+    // only the source rows the vertical pass reads. The 8-bit intermediate makes the order
+    // visible in the output.
+    if ow != iw && oh != ih && vertical_first(iw, ih, ow, oh) {
         let tmp = vertical_pass(src, iw, &vert, 0, oh);
-        return horizontal_pass(&tmp, iw, ow, &horiz, 0, oh);
+        return horizontal_pass(tmp.as_raw(), iw, ow, &horiz, 0, oh);
     }
     if ow == iw {
         return vertical_pass(src, iw, &vert, 0, oh);
@@ -216,6 +217,12 @@ pub fn resize(img: &RgbImage, width: u32, height: u32, filter: Resample) -> RgbI
         return tmp;
     }
     vertical_pass(tmp.as_raw(), ow, &vert, first, oh)
+}
+
+/// Whether Pillow resamples vertically before horizontally for this size change.
+pub fn vertical_first(iw: usize, ih: usize, ow: usize, oh: usize) -> bool {
+    let (dw, dh) = (iw as i64 - ow as i64, ih as i64 - oh as i64);
+    dh > 0 && dh > 2 * dw
 }
 
 fn horizontal_pass(src: &[u8], iw: usize, ow: usize, horiz: &Coeffs, first: usize, rows: usize) -> RgbImage {

@@ -13,15 +13,6 @@ use candle_core::{Device, Tensor};
 use quire_vlm::{FinishReason, LoadOptions, Request, Vlm};
 use serde_json::Value;
 
-/// Cases where our Pillow pass-order rule (see `pil::resize`) is known to pick the other order than
-/// Pillow 13 did, so a few pixels differ by 1-2 levels. They get a loose bound instead of the
-/// strict one; greedy tokens must still match. Remove entries once the rule is exact.
-const KNOWN_RESAMPLE_ORDER_GAPS: &[(&str, &str)] = &[("nosplit_sf4_tied_old", "small_rgb")];
-
-fn loose(name: &str, key: &str) -> bool {
-    KNOWN_RESAMPLE_ORDER_GAPS.contains(&(name, key))
-}
-
 const CHECKPOINTS: &[&str] = &["split_sf2_gqa", "nosplit_sf4_tied_old", "split_sf1_sharded"];
 
 fn fixtures() -> PathBuf {
@@ -90,8 +81,7 @@ fn processor_matches_reference() {
                 })
                 .collect();
             let d = max_abs_diff(&got, &want);
-            let tol = if loose(name, key) { 0.02 } else { 1e-6 };
-            assert!(d <= tol, "{name}/{key} pixel values differ by {d}");
+            assert!(d <= 1e-6, "{name}/{key} pixel values differ by {d}");
         }
     }
 }
@@ -106,8 +96,7 @@ fn first_step_logits_match() {
             let got = m.prefill_logits(&[request(case, 1)]).unwrap().remove(0);
             let want: Vec<f32> = fx.tensors[&format!("{key}.logits")].to_vec1().unwrap();
             let d = max_abs_diff(&got, &want);
-            let tol = if loose(name, key) { 0.05 } else { 1e-4 };
-            assert!(d <= tol, "{name}/{key} logits differ by {d}");
+            assert!(d <= 1e-4, "{name}/{key} logits differ by {d}");
         }
     }
 }
