@@ -204,6 +204,7 @@ impl Idefics3 {
     /// First-step logits (f32, vocab) for each request; used by the parity tests.
     pub fn prefill_logits(&mut self, reqs: &[Request]) -> Result<Vec<Vec<f32>>> {
         let preps = reqs.iter().map(|r| self.prepare(&r.image, &r.prompt)).collect::<Result<Vec<_>>>()?;
+        self.text.set_cache_capacity(0);
         let logits = self.prefill(&preps)?;
         self.text.clear_cache();
         Ok(logits.to_vec2()?)
@@ -261,6 +262,7 @@ impl Idefics3 {
             .map(|r| if r.max_new_tokens == 0 { Some(FinishReason::Length) } else { None })
             .collect();
         if budget > 0 {
+            self.text.set_cache_capacity(max_len + budget);
             let mut logits = self.prefill(&preps)?;
             let mut step = 0;
             loop {

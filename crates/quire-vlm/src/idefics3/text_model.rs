@@ -4,6 +4,8 @@
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{linear_b, linear_no_bias, rms_norm, Embedding, Linear, RmsNorm, VarBuilder};
 
+use crate::par::ParLinear;
+
 use super::config::{Rope, TextConfig};
 
 /// Inverse RoPE frequencies, computed in f32 like the reference.
@@ -41,23 +43,54 @@ pub fn inv_freq(cfg: &TextConfig) -> Vec<f32> {
     }
 }
 
+/// Per-layer key/value cache, preallocated along the sequence axis and written in place.
+/// `k`/`v` have shape (batch, kv_heads, capacity, head_dim); the first `len` positions are valid.
+struct KvCache {
+    k: Tensor,
+    v: Tensor,
+    len: usize,
+}
+
+impl KvCache {
+    /// Appends `k`/`v` (batch, kv_heads, t, head_dim), growing the buffers when `capacity` is exceeded,
+    /// and returns views of all cached positions.
+    fn append(cache: &mut Option<KvCache>, k: &Tensor, v: &Tensor, capacity: usize) -> Result<(Tensor, Tensor)> {
+        let (b, kvh, t, d) = k.dims4()?;
+        let need = cache.as_ref().map_or(0, |c| c.len) + t;
+        let cap = cache.as_ref().map_or(0, |c| c.k.dim(2).unwrap_or(0));
+        if need > cap {
+            let new_cap = need.max(capacity).max(cap * 2);
+            let nk = Tensor::zeros((b, kvh, new_cap, d), k.dtype(), k.device())?;
+            let nv = Tensor::zeros((b, kvh, new_cap, d), v.dtype(), v.device())?;
+            let len = match cache.take() {
+                Some(old) => {
+                    if old.len > 0 {
+                        nk.slice_set(&old.k.narrow(2, 0, old.len)?.contiguous()?, 2, 0)?;
+                        nv.slice_set(&old.v.narrow(2, 0, old.len)?.contiguous()?, 2, 0)?;
+                    }
+                    old.len
+                }
+                None => 0,
+            };
+            *cache = Some(KvCache { k: nk, v: nv, len });
+        }
+        let c = cache.as_mut().expect("cache allocated above");
+        c.k.slice_set(&k.contiguous()?, 2, c.len)?;
+        c.v.slice_set(&v.contiguous()?, 2, c.len)?;
+        c.len += t;
+        Ok((c.k.narrow(2, 0, c.len)?, c.v.narrow(2, 0, c.len)?))
+    }
+}
+
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
+    q_proj: ParLinear,
+    k_proj: ParLinear,
+    v_proj: ParLinear,
+    o_proj: ParLinear,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
-    cache: Option<(Tensor, Tensor)>,
-}
-
-fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
-    if n_rep == 1 {
-        return Ok(x);
-    }
-    let (b, kv, s, d) = x.dims4()?;
-    x.unsqueeze(2)?.expand((b, kv, n_rep, s, d))?.reshape((b, kv * n_rep, s, d))
+    cache: Option<KvCache>,
 }
 
 impl Attention {
@@ -65,10 +98,10 @@ impl Attention {
         let (h, kv, d) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
         let bias = cfg.attention_bias;
         Ok(Attention {
-            q_proj: linear_b(cfg.hidden_size, h * d, bias, vb.pp("q_proj"))?,
-            k_proj: linear_b(cfg.hidden_size, kv * d, bias, vb.pp("k_proj"))?,
-            v_proj: linear_b(cfg.hidden_size, kv * d, bias, vb.pp("v_proj"))?,
-            o_proj: linear_b(h * d, cfg.hidden_size, bias, vb.pp("o_proj"))?,
+            q_proj: ParLinear::new(linear_b(cfg.hidden_size, h * d, bias, vb.pp("q_proj"))?)?,
+            k_proj: ParLinear::new(linear_b(cfg.hidden_size, kv * d, bias, vb.pp("k_proj"))?)?,
+            v_proj: ParLinear::new(linear_b(cfg.hidden_size, kv * d, bias, vb.pp("v_proj"))?)?,
+            o_proj: ParLinear::new(linear_b(h * d, cfg.hidden_size, bias, vb.pp("o_proj"))?)?,
             heads: h,
             kv_heads: kv,
             head_dim: d,
@@ -76,47 +109,54 @@ impl Attention {
         })
     }
 
-    fn forward(&mut self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    /// `capacity`: cache length to preallocate when the cache is (re)allocated.
+    fn forward(
+        &mut self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        capacity: usize,
+    ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
-        let shape = |n| (b, t, n, self.head_dim);
-        let q = self.q_proj.forward(x)?.reshape(shape(self.heads))?.transpose(1, 2)?.contiguous()?;
-        let k = self.k_proj.forward(x)?.reshape(shape(self.kv_heads))?.transpose(1, 2)?.contiguous()?;
-        let v = self.v_proj.forward(x)?.reshape(shape(self.kv_heads))?.transpose(1, 2)?.contiguous()?;
+        let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
+        let q = self.q_proj.forward(x)?.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous()?;
+        let k = self.k_proj.forward(x)?.reshape((b, t, kvh, d))?.transpose(1, 2)?.contiguous()?;
+        let v = self.v_proj.forward(x)?.reshape((b, t, kvh, d))?.transpose(1, 2)?;
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
-        let (k, v) = match self.cache.take() {
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-            None => (k, v),
-        };
-        self.cache = Some((k.clone(), v.clone()));
-        let n_rep = self.heads / self.kv_heads;
-        let k = repeat_kv(k, n_rep)?.contiguous()?;
-        let v = repeat_kv(v, n_rep)?.contiguous()?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+        let (k, v) = KvCache::append(&mut self.cache, &k, &v, capacity)?;
+        let s = k.dim(2)?;
+        // Grouped-query attention without repeating K/V: the n_rep query heads that share a
+        // KV head are consecutive, so (b, h, t, d) views as (b, kv_heads, n_rep * t, d).
+        let n_rep = h / kvh;
+        let q = q.reshape((b, kvh, n_rep * t, d))?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?.reshape((b, h, t, s))?.to_dtype(DType::F32)?;
         let scores = match mask {
             Some(m) => scores.broadcast_add(m)?,
             None => scores,
         };
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
-        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, self.heads * self.head_dim))?;
+        let out = probs.reshape((b, kvh, n_rep * t, s))?.matmul(&v)?;
+        let out = out.reshape((b, h, t, d))?.transpose(1, 2)?.reshape((b, t, h * d))?;
         self.o_proj.forward(&out)
     }
 }
 
 struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
+    gate_proj: ParLinear,
+    up_proj: ParLinear,
+    down_proj: ParLinear,
 }
 
 impl Mlp {
     fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
         let (h, i, b) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
         Ok(Mlp {
-            gate_proj: linear_b(h, i, b, vb.pp("gate_proj"))?,
-            up_proj: linear_b(h, i, b, vb.pp("up_proj"))?,
-            down_proj: linear_b(i, h, b, vb.pp("down_proj"))?,
+            gate_proj: ParLinear::new(linear_b(h, i, b, vb.pp("gate_proj"))?)?,
+            up_proj: ParLinear::new(linear_b(h, i, b, vb.pp("up_proj"))?)?,
+            down_proj: ParLinear::new(linear_b(i, h, b, vb.pp("down_proj"))?)?,
         })
     }
 
@@ -138,8 +178,10 @@ pub struct TextModel {
     embed_tokens: Embedding,
     layers: Vec<Layer>,
     norm: RmsNorm,
-    lm_head: Linear,
+    lm_head: ParLinear,
     inv_freq: Vec<f32>,
+    /// KV cache length preallocated per layer on the next prefill.
+    cache_capacity: usize,
     dtype: DType,
     device: Device,
 }
@@ -167,16 +209,17 @@ impl TextModel {
             });
         }
         let norm = rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("norm"))?;
-        let lm_head = match head {
+        let lm_head = ParLinear::new(match head {
             Some(h) => linear_no_bias(cfg.hidden_size, cfg.vocab_size, h)?,
             None => Linear::new(embed_w, None),
-        };
+        })?;
         Ok(TextModel {
             embed_tokens,
             layers,
             norm,
             lm_head,
             inv_freq: inv_freq(cfg),
+            cache_capacity: 0,
             dtype: vb.dtype(),
             device: vb.device().clone(),
         })
@@ -184,6 +227,11 @@ impl TextModel {
 
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         self.embed_tokens.forward(ids)
+    }
+
+    /// Preallocates this many positions (prompt + new tokens) when the next prefill starts a cache.
+    pub fn set_cache_capacity(&mut self, n: usize) {
+        self.cache_capacity = n;
     }
 
     pub fn clear_cache(&mut self) {
@@ -221,7 +269,7 @@ impl TextModel {
         for l in &mut self.layers {
             let r = h.clone();
             let x = l.input_layernorm.forward(&h)?;
-            let x = l.self_attn.forward(&x, &cos, &sin, mask)?;
+            let x = l.self_attn.forward(&x, &cos, &sin, mask, self.cache_capacity)?;
             let h2 = (r + x)?;
             let x = l.post_attention_layernorm.forward(&h2)?;
             h = (&h2 + l.mlp.forward(&x)?)?;

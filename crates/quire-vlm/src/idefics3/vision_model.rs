@@ -31,6 +31,53 @@ pub fn bucket_position_ids(side: usize, rows: usize, cols: usize, valid_h: usize
     ids
 }
 
+/// Tanh-approximated GELU (`gelu_pytorch_tanh`) split over threads: candle runs unary ops on
+/// one thread, and the encoder's MLP activation is large (patches × intermediate per layer).
+/// Uses the identity 0.5·(1 + tanh(u)) = 1 / (1 + e^(-2u)), one `expf` instead of `tanhf`
+/// (which costs an `expm1f` plus more); the result differs from the tanh form by a few f32 ulps,
+/// the same order as the reference's own vectorised tanh.
+struct ParallelGeluTanh;
+
+#[inline]
+fn gelu_tanh(v: f32) -> f32 {
+    const SQRT_TWO_OVER_PI: f32 = 0.797_884_6;
+    let u = SQRT_TWO_OVER_PI * v * (1.0 + 0.044715 * v * v);
+    v / (1.0 + (-2.0 * u).exp())
+}
+
+impl candle_core::CustomOp1 for ParallelGeluTanh {
+    fn name(&self) -> &'static str {
+        "parallel-gelu-tanh"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let candle_core::CpuStorage::F32(all) = storage else {
+            candle_core::bail!("parallel-gelu-tanh: f32 only");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("parallel-gelu-tanh: contiguous input only");
+        };
+        let src = &all[start..end];
+        let mut dst = vec![0f32; src.len()];
+        let threads = candle_core::utils::get_num_threads().max(1);
+        let chunk = src.len().div_ceil(threads).max(4096);
+        std::thread::scope(|sc| {
+            for (s, d) in src.chunks(chunk).zip(dst.chunks_mut(chunk)) {
+                sc.spawn(move || {
+                    for (o, &v) in d.iter_mut().zip(s) {
+                        *o = gelu_tanh(v);
+                    }
+                });
+            }
+        });
+        Ok((candle_core::CpuStorage::F32(dst), layout.shape().clone()))
+    }
+}
+
 struct EncoderLayer {
     layer_norm1: LayerNorm,
     q_proj: Linear,
@@ -86,6 +133,9 @@ impl VisionModel {
         match self.cfg.hidden_act.as_str() {
             "gelu" => x.gelu_erf(),
             "quick_gelu" => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
+            _ if x.device().is_cpu() && x.dtype() == DType::F32 && x.is_contiguous() => {
+                x.apply_op1_no_bwd(&ParallelGeluTanh)
+            }
             _ => x.gelu(),
         }
     }
@@ -129,6 +179,11 @@ impl VisionModel {
         };
         let heads = self.cfg.num_attention_heads;
         let hd = self.cfg.hidden_size / heads;
+        // per (tile, head) key mask rows, (n * heads, 1, seq)
+        let mask = match mask {
+            Some(m) => Some(m.broadcast_as((n, heads, 1, ph * pw))?.reshape((n * heads, 1, ph * pw))?),
+            None => None,
+        };
         let scale = 1.0 / (hd as f64).sqrt();
         let seq = ph * pw;
         for l in &self.layers {
@@ -138,13 +193,7 @@ impl VisionModel {
             let q = split(l.q_proj.forward(&y)?)?;
             let k = split(l.k_proj.forward(&y)?)?;
             let v = split(l.v_proj.forward(&y)?)?;
-            let s = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
-            let s = match &mask {
-                Some(m) => s.broadcast_add(m)?,
-                None => s,
-            };
-            let a = candle_nn::ops::softmax_last_dim(&s)?.to_dtype(v.dtype())?;
-            let o = a.matmul(&v)?.transpose(1, 2)?.reshape((n, seq, heads * hd))?;
+            let o = attention(&q, &k, &v, mask.as_ref(), scale)?.transpose(1, 2)?.reshape((n, seq, heads * hd))?;
             let x2 = (r + l.out_proj.forward(&o)?)?;
             let y = l.layer_norm2.forward(&x2)?;
             let y = l.fc2.forward(&self.act(&l.fc1.forward(&y)?)?)?;
@@ -152,6 +201,41 @@ impl VisionModel {
         }
         self.post_layernorm.forward(&x)
     }
+}
+
+/// Score-matrix elements computed at once (16 MiB of f32): big enough for the matmuls, small
+/// enough for the allocator to recycle the buffers (see `crate::tune_allocator`) instead of
+/// mapping and page-faulting a fresh 48 MiB per layer and tile.
+const ATTN_CHUNK_ELEMS: usize = 4 << 20;
+
+/// Softmax attention of `q`, `k`, `v` (n, heads, seq, head_dim), a few (tile, head) pairs at a
+/// time; `mask` is additive, (n * heads, 1, seq). Returns (n, heads, seq, head_dim).
+/// Each pair is computed exactly as in one batched call (same matmuls, same row softmax).
+fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+    let (n, heads, seq, hd) = q.dims4()?;
+    let bh = n * heads;
+    // Scaling q instead of the scores is exact when the scale is a power of two (head_dim 64, 256, ...).
+    let exact_on_q = scale.log2().fract() == 0.0;
+    let q = if exact_on_q { (q * scale)? } else { q.clone() };
+    let (q, k, v) = (q.reshape((bh, seq, hd))?, k.reshape((bh, seq, hd))?, v.reshape((bh, seq, hd))?);
+    let group = (ATTN_CHUNK_ELEMS / (seq * seq)).clamp(1, bh);
+    let mut outs = Vec::with_capacity(bh.div_ceil(group));
+    let mut i = 0;
+    while i < bh {
+        let g = group.min(bh - i);
+        let qi = q.narrow(0, i, g)?;
+        let s = qi.matmul(&k.narrow(0, i, g)?.t()?)?;
+        let s = if exact_on_q { s } else { (s * scale)? }.to_dtype(DType::F32)?;
+        let s = match mask {
+            Some(m) => s.broadcast_add(&m.narrow(0, i, g)?)?,
+            None => s,
+        };
+        let a = candle_nn::ops::softmax_last_dim(&s)?.to_dtype(v.dtype())?;
+        outs.push(a.matmul(&v.narrow(0, i, g)?)?);
+        i += g;
+    }
+    let o = if outs.len() == 1 { outs.pop().expect("one chunk") } else { Tensor::cat(&outs, 0)? };
+    o.reshape((n, heads, seq, hd))
 }
 
 /// `model.connector`: pixel shuffle by `scale_factor`, then `modality_projection.proj`.
