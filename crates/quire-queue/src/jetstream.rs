@@ -183,10 +183,14 @@ pub async fn connect_client(url: &str, auth: &NatsAuth) -> Result<async_nats::Cl
         o = o.token(t.clone());
     }
     if let Some(path) = &auth.creds_file {
-        o = o.credentials_file(path).await.map_err(|e| backend(&format!("reading NATS credentials {}", path.display()), e))?;
+        o = o
+            .credentials_file(path)
+            .await
+            .map_err(|e| backend(&format!("reading NATS credentials {}", path.display()), e))?;
     }
     if let Some(path) = &auth.nkey_seed_file {
-        let seed = std::fs::read_to_string(path).map_err(|e| backend(&format!("reading nkey seed {}", path.display()), e))?;
+        let seed = std::fs::read_to_string(path)
+            .map_err(|e| backend(&format!("reading nkey seed {}", path.display()), e))?;
         o = o.nkey(seed.trim().to_string());
     }
     if let Some(ca) = &auth.tls_ca {
@@ -198,7 +202,9 @@ pub async fn connect_client(url: &str, auth: &NatsAuth) -> Result<async_nats::Cl
     if auth.require_tls {
         o = o.require_tls(true);
     }
-    o.connect(url).await.map_err(|e| backend(&format!("connecting to NATS at {url}"), e))
+    o.connect(url)
+        .await
+        .map_err(|e| backend(&format!("connecting to NATS at {url}"), e))
 }
 
 impl JetStreamQueue {
@@ -210,7 +216,10 @@ impl JetStreamQueue {
         Self::with_client(client, opts).await
     }
 
-    pub async fn with_client(client: async_nats::Client, opts: JetStreamOptions) -> Result<Self, QueueError> {
+    pub async fn with_client(
+        client: async_nats::Client,
+        opts: JetStreamOptions,
+    ) -> Result<Self, QueueError> {
         let js = jetstream::new(client.clone());
         let work_cfg = stream::Config {
             name: opts.stream.clone(),
@@ -223,7 +232,9 @@ impl JetStreamQueue {
             description: Some("quire tasks, one subject per job".into()),
             ..Default::default()
         };
-        js.create_or_update_stream(work_cfg).await.map_err(|e| backend(&format!("creating stream {}", opts.stream), e))?;
+        js.create_or_update_stream(work_cfg)
+            .await
+            .map_err(|e| backend(&format!("creating stream {}", opts.stream), e))?;
         let dead_cfg = stream::Config {
             name: opts.dead_stream.clone(),
             subjects: vec![format!("{}.>", opts.dead_prefix)],
@@ -251,7 +262,10 @@ impl JetStreamQueue {
             .await
             .map_err(|e| backend(&format!("creating stream {}", opts.advisory_stream), e))?;
 
-        let work = js.get_stream(&opts.stream).await.map_err(|e| backend("opening the work stream", e))?;
+        let work = js
+            .get_stream(&opts.stream)
+            .await
+            .map_err(|e| backend("opening the work stream", e))?;
         let consumer_cfg = pull::Config {
             durable_name: Some(opts.consumer.clone()),
             description: Some("quire workers".into()),
@@ -268,7 +282,16 @@ impl JetStreamQueue {
             .await
             .map_err(|e| backend(&format!("creating consumer {}", opts.consumer), e))?;
         let (stop, _) = watch::channel(false);
-        Ok(JetStreamQueue { inner: Arc::new(Inner { opts, client, js, work, consumer, stop }) })
+        Ok(JetStreamQueue {
+            inner: Arc::new(Inner {
+                opts,
+                client,
+                js,
+                work,
+                consumer,
+                stop,
+            }),
+        })
     }
 
     pub fn client(&self) -> &async_nats::Client {
@@ -325,8 +348,12 @@ impl JetStreamQueue {
 
     /// Every dead-letter record of `job`, oldest first.
     pub async fn dead_letters(&self, job: &str) -> Result<Vec<DeadLetter>, QueueError> {
-        let stream =
-            self.inner.js.get_stream(&self.inner.opts.dead_stream).await.map_err(|e| backend("opening the dead-letter stream", e))?;
+        let stream = self
+            .inner
+            .js
+            .get_stream(&self.inner.opts.dead_stream)
+            .await
+            .map_err(|e| backend("opening the dead-letter stream", e))?;
         let consumer: jetstream::consumer::Consumer<pull::Config> = stream
             .create_consumer(pull::Config {
                 filter_subject: self.dead_subject(job),
@@ -340,15 +367,21 @@ impl JetStreamQueue {
             .map_err(|e| backend("listing dead letters", e))?;
         let mut out = Vec::new();
         loop {
-            let mut batch =
-                consumer.fetch().max_messages(256).messages().await.map_err(|e| backend("listing dead letters", e))?;
+            let mut batch = consumer
+                .fetch()
+                .max_messages(256)
+                .messages()
+                .await
+                .map_err(|e| backend("listing dead letters", e))?;
             let mut got = 0;
             while let Some(m) = batch.next().await {
                 let m = m.map_err(|e| backend("listing dead letters", e))?;
                 got += 1;
                 match serde_json::from_slice::<DeadLetter>(&m.payload) {
                     Ok(d) => out.push(d),
-                    Err(e) => tracing::warn!(subject = %m.subject, "skipping malformed dead letter: {e}"),
+                    Err(e) => {
+                        tracing::warn!(subject = %m.subject, "skipping malformed dead letter: {e}")
+                    }
                 }
             }
             if got == 0 {
@@ -397,7 +430,12 @@ impl JetStreamQueue {
     /// first) and returns how many tasks were dead-lettered.
     pub async fn forward_dead_letters_once(&self, wait: Duration) -> Result<usize, QueueError> {
         let o = &self.inner.opts;
-        let adv = self.inner.js.get_stream(&o.advisory_stream).await.map_err(|e| backend("opening the advisory stream", e))?;
+        let adv = self
+            .inner
+            .js
+            .get_stream(&o.advisory_stream)
+            .await
+            .map_err(|e| backend("opening the advisory stream", e))?;
         let consumer: jetstream::consumer::Consumer<pull::Config> = adv
             .get_or_create_consumer(
                 "dead-letter-forwarder",
@@ -431,7 +469,9 @@ impl JetStreamQueue {
             if self.forward_one(&advisory).await? {
                 n += 1;
             }
-            m.double_ack().await.map_err(|e| backend("acking advisory", e))?;
+            m.double_ack()
+                .await
+                .map_err(|e| backend("acking advisory", e))?;
         }
         Ok(n)
     }
@@ -457,7 +497,13 @@ impl JetStreamQueue {
                 };
                 (subject_token(&t.settings.job), d)
             }
-            Err(e) => malformed_dead_letter(&msg.subject, &msg.headers, &self.inner.opts, a.deliveries as u32, &e.to_string()),
+            Err(e) => malformed_dead_letter(
+                &msg.subject,
+                &msg.headers,
+                &self.inner.opts,
+                a.deliveries as u32,
+                &e.to_string(),
+            ),
         };
         self.publish_dead_token(&dead.0, &dead.1).await?;
         self.delete_task(a.stream_seq).await?;
@@ -467,7 +513,10 @@ impl JetStreamQueue {
 }
 
 fn advisory_subject(o: &JetStreamOptions) -> String {
-    format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{}.{}", o.stream, o.consumer)
+    format!(
+        "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{}.{}",
+        o.stream, o.consumer
+    )
 }
 
 #[derive(serde::Deserialize)]
@@ -485,8 +534,14 @@ fn malformed_dead_letter(
     deliveries: u32,
     err: &str,
 ) -> (String, DeadLetter) {
-    let id = headers.get(async_nats::header::NATS_MESSAGE_ID).map(|v| v.as_str().to_string()).unwrap_or_default();
-    let job = subject.strip_prefix(&format!("{}.", o.subject_prefix)).unwrap_or("unknown").to_string();
+    let id = headers
+        .get(async_nats::header::NATS_MESSAGE_ID)
+        .map(|v| v.as_str().to_string())
+        .unwrap_or_default();
+    let job = subject
+        .strip_prefix(&format!("{}.", o.subject_prefix))
+        .unwrap_or("unknown")
+        .to_string();
     let d = DeadLetter {
         task_id: id,
         source: String::new(),
@@ -502,7 +557,9 @@ fn malformed_dead_letter(
 impl TaskQueue for JetStreamQueue {
     async fn publish(&self, task: &TaskSpec) -> Result<Published, QueueError> {
         let body = serde_json::to_vec(task).map_err(|e| backend("encoding task", e))?;
-        let publish = jetstream::message::PublishMessage::build().message_id(&task.task_id).payload(body.into());
+        let publish = jetstream::message::PublishMessage::build()
+            .message_id(&task.task_id)
+            .payload(body.into());
         let ack = self
             .inner
             .js
@@ -511,7 +568,11 @@ impl TaskQueue for JetStreamQueue {
             .map_err(|e| backend("publishing task", e))?
             .await
             .map_err(|e| backend("publishing task (no PubAck)", e))?;
-        Ok(if ack.duplicate { Published::Duplicate } else { Published::New })
+        Ok(if ack.duplicate {
+            Published::Duplicate
+        } else {
+            Published::New
+        })
     }
 
     async fn pull(&self) -> Result<Option<Box<dyn Lease>>, QueueError> {
@@ -531,7 +592,11 @@ impl TaskQueue for JetStreamQueue {
                     .messages()
                     .await
                     .map_err(|e| backend("requesting a task", e))?;
-                batch.next().await.transpose().map_err(|e| backend("receiving a task", e))
+                batch
+                    .next()
+                    .await
+                    .transpose()
+                    .map_err(|e| backend("receiving a task", e))
             };
             let got = tokio::select! {
                 r = next => r,
@@ -571,10 +636,21 @@ impl JetStreamQueue {
             Err(e) => return Err(backend("reading delivery info", e)),
         };
         match serde_json::from_slice::<TaskSpec>(&msg.payload) {
-            Ok(task) => Ok(Some(Box::new(JetStreamLease { queue: self.clone(), msg, task, delivery, seq }))),
+            Ok(task) => Ok(Some(Box::new(JetStreamLease {
+                queue: self.clone(),
+                msg,
+                task,
+                delivery,
+                seq,
+            }))),
             Err(e) => {
-                let (job, dead) =
-                    malformed_dead_letter(&msg.subject, &msg.headers.clone().unwrap_or_default(), &self.inner.opts, delivery, &e.to_string());
+                let (job, dead) = malformed_dead_letter(
+                    &msg.subject,
+                    &msg.headers.clone().unwrap_or_default(),
+                    &self.inner.opts,
+                    delivery,
+                    &e.to_string(),
+                );
                 tracing::warn!(subject = %msg.subject, "dead-lettering a malformed task message: {e}");
                 self.publish_dead_token(&job, &dead).await?;
                 let _ = msg.ack_with(AckKind::Term).await;
@@ -625,7 +701,10 @@ impl JetStreamLease {
             reason: reason.to_string(),
         };
         self.queue.publish_dead(&t.settings.job, &dead).await?;
-        self.msg.ack_with(AckKind::Term).await.map_err(|e| backend("terminating task", e))?;
+        self.msg
+            .ack_with(AckKind::Term)
+            .await
+            .map_err(|e| backend("terminating task", e))?;
         self.queue.delete_task(self.seq).await
     }
 }
@@ -641,11 +720,17 @@ impl Lease for JetStreamLease {
     }
 
     async fn heartbeat(&self) -> Result<(), QueueError> {
-        self.msg.ack_with(AckKind::Progress).await.map_err(|e| backend("extending lease", e))
+        self.msg
+            .ack_with(AckKind::Progress)
+            .await
+            .map_err(|e| backend("extending lease", e))
     }
 
     async fn ack(self: Box<Self>) -> Result<(), QueueError> {
-        self.msg.double_ack().await.map_err(|e| backend(&format!("acking task {}", self.task.task_id), e))
+        self.msg
+            .double_ack()
+            .await
+            .map_err(|e| backend(&format!("acking task {}", self.task.task_id), e))
     }
 
     async fn nack(self: Box<Self>, delay: Duration, reason: &str) -> Result<(), QueueError> {
@@ -653,7 +738,10 @@ impl Lease for JetStreamLease {
             return self.give_up(reason).await;
         }
         tracing::debug!(task = %self.task.task_id, delivery = self.delivery, "nack: {reason}");
-        self.msg.ack_with(AckKind::Nak(Some(delay))).await.map_err(|e| backend("nacking task", e))
+        self.msg
+            .ack_with(AckKind::Nak(Some(delay)))
+            .await
+            .map_err(|e| backend("nacking task", e))
     }
 
     async fn term(self: Box<Self>, reason: &str) -> Result<(), QueueError> {
@@ -687,10 +775,15 @@ pub(crate) mod test_server {
             return p;
         }
         let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).map(|d| d.join("nats-server")).collect())
+            .map(|p| {
+                std::env::split_paths(&p)
+                    .map(|d| d.join("nats-server"))
+                    .collect()
+            })
             .unwrap_or_default();
         if let Some(home) = std::env::var_os("HOME") {
-            candidates.push(PathBuf::from(home).join(".cache/quire-tools/nats-venv/bin/nats-server"));
+            candidates
+                .push(PathBuf::from(home).join(".cache/quire-tools/nats-venv/bin/nats-server"));
         }
         candidates.into_iter().find(|p| p.is_file()).unwrap_or_else(|| {
             panic!(
@@ -701,12 +794,21 @@ pub(crate) mod test_server {
     }
 
     fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
     }
 
     impl NatsServer {
         pub fn start() -> Self {
-            let mut s = NatsServer { bin: find_binary(), port: free_port(), dir: tempfile::tempdir().unwrap(), child: None };
+            let mut s = NatsServer {
+                bin: find_binary(),
+                port: free_port(),
+                dir: tempfile::tempdir().unwrap(),
+                child: None,
+            };
             s.spawn();
             s
         }
@@ -717,9 +819,20 @@ pub(crate) mod test_server {
 
         pub fn spawn(&mut self) {
             assert!(self.child.is_none(), "already running");
-            let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("server.log")).unwrap();
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.dir.path().join("server.log"))
+                .unwrap();
             let child = Command::new(&self.bin)
-                .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
+                .args([
+                    "-js",
+                    "-a",
+                    "127.0.0.1",
+                    "-p",
+                    &self.port.to_string(),
+                    "-sd",
+                ])
                 .arg(self.dir.path().join("store"))
                 .stdout(Stdio::from(log.try_clone().unwrap()))
                 .stderr(Stdio::from(log))
@@ -728,14 +841,21 @@ pub(crate) mod test_server {
             self.child = Some(child);
             let t0 = Instant::now();
             loop {
-                let log = std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default();
+                let log =
+                    std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default();
                 let ready = log.matches("Server is ready").count();
                 let starts = log.matches("Starting nats-server").count();
-                if ready == starts && ready > 0 && std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                if ready == starts
+                    && ready > 0
+                    && std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+                {
                     return;
                 }
                 if t0.elapsed() > Duration::from_secs(20) {
-                    panic!("nats-server did not become ready on port {}:\n{log}", self.port);
+                    panic!(
+                        "nats-server did not become ready on port {}:\n{log}",
+                        self.port
+                    );
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -744,7 +864,9 @@ pub(crate) mod test_server {
         /// Graceful stop (SIGTERM), waiting for the process to exit.
         pub fn stop(&mut self) {
             if let Some(mut c) = self.child.take() {
-                let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+                let _ = Command::new("kill")
+                    .args(["-TERM", &c.id().to_string()])
+                    .status();
                 let t0 = Instant::now();
                 while t0.elapsed() < Duration::from_secs(10) {
                     if c.try_wait().ok().flatten().is_some() {
@@ -780,7 +902,12 @@ mod tests {
         TaskSpec {
             task_id: id.into(),
             settings: JobSettings::new(job),
-            source: SourceRef { uri: format!("s3://b/{id}.pdf"), rel: format!("{id}.pdf"), size: 1, version: "etag:x".into() },
+            source: SourceRef {
+                uri: format!("s3://b/{id}.pdf"),
+                rel: format!("{id}.pdf"),
+                size: 1,
+                version: "etag:x".into(),
+            },
             unit: UnitKind::Pdf,
             first: 1,
             last: 4,
@@ -790,14 +917,20 @@ mod tests {
 
     fn opts(server: &NatsServer, ack_ms: u64, max: u32) -> JetStreamOptions {
         let mut o = JetStreamOptions::new(server.url());
-        o.queue = QueueOptions { ack_wait: Duration::from_millis(ack_ms), max_deliver: max };
+        o.queue = QueueOptions {
+            ack_wait: Duration::from_millis(ack_ms),
+            max_deliver: max,
+        };
         o.poll = Duration::from_millis(500);
         o.retry_for = Duration::from_secs(30);
         o
     }
 
     async fn pull_within(q: &JetStreamQueue, d: Duration) -> Option<Box<dyn Lease>> {
-        tokio::time::timeout(d, q.pull()).await.ok().map(|r| r.unwrap().expect("queue not stopped"))
+        tokio::time::timeout(d, q.pull())
+            .await
+            .ok()
+            .map(|r| r.unwrap().expect("queue not stopped"))
     }
 
     #[test]
@@ -810,10 +943,18 @@ mod tests {
     #[tokio::test]
     async fn publish_dedups_and_pull_acks_and_stop_ends_pulls() {
         let server = NatsServer::start();
-        let q = JetStreamQueue::connect(opts(&server, 5000, 3)).await.unwrap();
+        let q = JetStreamQueue::connect(opts(&server, 5000, 3))
+            .await
+            .unwrap();
         assert_eq!(q.publish(&task("j1", "a")).await.unwrap(), Published::New);
-        assert_eq!(q.publish(&task("j1", "a")).await.unwrap(), Published::Duplicate);
-        assert_eq!(q.publish(&task("other job", "b")).await.unwrap(), Published::New);
+        assert_eq!(
+            q.publish(&task("j1", "a")).await.unwrap(),
+            Published::Duplicate
+        );
+        assert_eq!(
+            q.publish(&task("other job", "b")).await.unwrap(),
+            Published::New
+        );
         assert_eq!(q.pending("j1").await.unwrap(), 1);
         assert_eq!(q.pending("other job").await.unwrap(), 1);
         let l = q.pull().await.unwrap().unwrap();
@@ -825,13 +966,19 @@ mod tests {
         l.ack().await.unwrap();
         assert_eq!(q.pending("j1").await.unwrap(), 0);
         // Acked and gone, but still inside the dedup window.
-        assert_eq!(q.publish(&task("j1", "a")).await.unwrap(), Published::Duplicate);
+        assert_eq!(
+            q.publish(&task("j1", "a")).await.unwrap(),
+            Published::Duplicate
+        );
         // A worker waiting for work is released by stop().
         let q2 = q.clone();
         let waiting = tokio::spawn(async move { q2.pull().await });
         tokio::time::sleep(Duration::from_millis(300)).await;
         q.stop();
-        let r = tokio::time::timeout(Duration::from_secs(2), waiting).await.expect("stop releases pull").unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(2), waiting)
+            .await
+            .expect("stop releases pull")
+            .unwrap();
         assert!(r.unwrap().is_none());
         assert!(q.pull().await.unwrap().is_none());
     }
@@ -839,13 +986,21 @@ mod tests {
     #[tokio::test]
     async fn nack_redelivers_after_its_delay() {
         let server = NatsServer::start();
-        let q = JetStreamQueue::connect(opts(&server, 10_000, 3)).await.unwrap();
+        let q = JetStreamQueue::connect(opts(&server, 10_000, 3))
+            .await
+            .unwrap();
         q.publish(&task("j", "p")).await.unwrap();
         let l = q.pull().await.unwrap().unwrap();
         let t0 = Instant::now();
         l.nack(Duration::from_millis(700), "flaky").await.unwrap();
-        let l = pull_within(&q, Duration::from_secs(5)).await.expect("redelivered");
-        assert!(t0.elapsed() >= Duration::from_millis(650), "redelivered after {:?}", t0.elapsed());
+        let l = pull_within(&q, Duration::from_secs(5))
+            .await
+            .expect("redelivered");
+        assert!(
+            t0.elapsed() >= Duration::from_millis(650),
+            "redelivered after {:?}",
+            t0.elapsed()
+        );
         assert_eq!(l.delivery(), 2);
         l.ack().await.unwrap();
         assert!(q.dead_letters("j").await.unwrap().is_empty());
@@ -854,7 +1009,9 @@ mod tests {
     #[tokio::test]
     async fn heartbeats_keep_a_lease_past_ack_wait() {
         let server = NatsServer::start();
-        let q = JetStreamQueue::connect(opts(&server, 1000, 5)).await.unwrap();
+        let q = JetStreamQueue::connect(opts(&server, 1000, 5))
+            .await
+            .unwrap();
         q.publish(&task("j", "slow")).await.unwrap();
         q.publish(&task("j", "lost")).await.unwrap();
         let slow = q.pull().await.unwrap().unwrap();
@@ -863,30 +1020,41 @@ mod tests {
         drop(lost); // a worker that died holding the lease
         let t0 = Instant::now();
         let q2 = q.clone();
-        let redelivered = tokio::spawn(async move { pull_within(&q2, Duration::from_secs(6)).await });
+        let redelivered =
+            tokio::spawn(async move { pull_within(&q2, Duration::from_secs(6)).await });
         while t0.elapsed() < Duration::from_millis(3000) {
             tokio::time::sleep(Duration::from_millis(300)).await;
             slow.heartbeat().await.unwrap();
         }
         let again = redelivered.await.unwrap().expect("lost task redelivered");
-        assert_eq!((again.task().task_id.as_str(), again.delivery()), ("lost", 2));
+        assert_eq!(
+            (again.task().task_id.as_str(), again.delivery()),
+            ("lost", 2)
+        );
         slow.ack().await.unwrap();
         again.ack().await.unwrap();
-        assert!(pull_within(&q, Duration::from_millis(1500)).await.is_none(), "slow task was redelivered");
+        assert!(
+            pull_within(&q, Duration::from_millis(1500)).await.is_none(),
+            "slow task was redelivered"
+        );
         assert_eq!(q.pending("j").await.unwrap(), 0);
     }
 
     #[tokio::test]
     async fn given_up_tasks_are_dead_lettered_and_listed() {
         let server = NatsServer::start();
-        let q = JetStreamQueue::connect(opts(&server, 1000, 2)).await.unwrap();
+        let q = JetStreamQueue::connect(opts(&server, 1000, 2))
+            .await
+            .unwrap();
         for id in ["termed", "nacked", "crashed"] {
             q.publish(&task("dj", id)).await.unwrap();
         }
         let mut dropped = 0;
         let mut done = HashSet::new();
         while done.len() < 2 || dropped < 2 {
-            let l = pull_within(&q, Duration::from_secs(5)).await.expect("a delivery");
+            let l = pull_within(&q, Duration::from_secs(5))
+                .await
+                .expect("a delivery");
             match l.task().task_id.as_str() {
                 "termed" => {
                     l.term("not a PDF").await.unwrap();
@@ -894,7 +1062,12 @@ mod tests {
                 }
                 "nacked" => {
                     let last = l.delivery() == 2;
-                    l.nack(Duration::ZERO, &format!("failed on delivery {}", if last { 2 } else { 1 })).await.unwrap();
+                    l.nack(
+                        Duration::ZERO,
+                        &format!("failed on delivery {}", if last { 2 } else { 1 }),
+                    )
+                    .await
+                    .unwrap();
                     if last {
                         done.insert("nacked");
                     }
@@ -909,43 +1082,75 @@ mod tests {
         // The last lease of "crashed" expires while a worker is pulling:
         // the server gives up and sends the max-deliveries advisory.
         let q2 = q.clone();
-        let puller = tokio::spawn(async move { pull_within(&q2, Duration::from_secs(3)).await.map(|l| l.task().task_id.clone()) });
+        let puller = tokio::spawn(async move {
+            pull_within(&q2, Duration::from_secs(3))
+                .await
+                .map(|l| l.task().task_id.clone())
+        });
         let mut forwarded = 0;
         let t0 = Instant::now();
         while forwarded == 0 && t0.elapsed() < Duration::from_secs(10) {
-            forwarded += q.forward_dead_letters_once(Duration::from_millis(500)).await.unwrap();
+            forwarded += q
+                .forward_dead_letters_once(Duration::from_millis(500))
+                .await
+                .unwrap();
         }
         assert_eq!(forwarded, 1);
-        assert_eq!(puller.await.unwrap(), None, "a dead task was delivered again");
+        assert_eq!(
+            puller.await.unwrap(),
+            None,
+            "a dead task was delivered again"
+        );
         let mut dead = q.dead_letters("dj").await.unwrap();
         dead.sort_by(|a, b| a.task_id.cmp(&b.task_id));
-        let got: Vec<_> = dead.iter().map(|d| (d.task_id.as_str(), d.deliveries, d.reason.as_str())).collect();
+        let got: Vec<_> = dead
+            .iter()
+            .map(|d| (d.task_id.as_str(), d.deliveries, d.reason.as_str()))
+            .collect();
         assert_eq!(
             got,
             vec![
-                ("crashed", 2, "lease expired without ack on the last allowed delivery"),
+                (
+                    "crashed",
+                    2,
+                    "lease expired without ack on the last allowed delivery"
+                ),
                 ("nacked", 2, "failed on delivery 2"),
                 ("termed", 1, "not a PDF"),
             ]
         );
-        assert_eq!((dead[0].source.as_str(), dead[0].first, dead[0].last), ("s3://b/crashed.pdf", 1, 4));
-        assert_eq!(q.pending("dj").await.unwrap(), 0, "dead tasks left in the work stream");
+        assert_eq!(
+            (dead[0].source.as_str(), dead[0].first, dead[0].last),
+            ("s3://b/crashed.pdf", 1, 4)
+        );
+        assert_eq!(
+            q.pending("dj").await.unwrap(),
+            0,
+            "dead tasks left in the work stream"
+        );
         assert!(q.dead_letters("other").await.unwrap().is_empty());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn two_workers_share_the_work_without_duplicates() {
         let server = NatsServer::start();
-        let producer = JetStreamQueue::connect(opts(&server, 10_000, 3)).await.unwrap();
+        let producer = JetStreamQueue::connect(opts(&server, 10_000, 3))
+            .await
+            .unwrap();
         let n = 30;
         for i in 0..n {
-            producer.publish(&task("share", &format!("t{i:02}"))).await.unwrap();
+            producer
+                .publish(&task("share", &format!("t{i:02}")))
+                .await
+                .unwrap();
         }
         let seen = Arc::new(Mutex::new(Vec::new()));
         let mut workers = Vec::new();
         for w in 0..2 {
             // Separate connections, the same durable consumer.
-            let q = JetStreamQueue::connect(opts(&server, 10_000, 3)).await.unwrap();
+            let q = JetStreamQueue::connect(opts(&server, 10_000, 3))
+                .await
+                .unwrap();
             let seen = seen.clone();
             workers.push(tokio::spawn(async move {
                 let mut mine = 0;
@@ -964,13 +1169,19 @@ mod tests {
         }
         let seen = seen.lock().unwrap();
         let unique: HashSet<_> = seen.iter().collect();
-        assert_eq!((seen.len(), unique.len()), (n, n), "duplicates or losses: {seen:?}");
+        assert_eq!(
+            (seen.len(), unique.len()),
+            (n, n),
+            "duplicates or losses: {seen:?}"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn pending_tasks_survive_a_broker_restart() {
         let mut server = NatsServer::start();
-        let q = JetStreamQueue::connect(opts(&server, 10_000, 3)).await.unwrap();
+        let q = JetStreamQueue::connect(opts(&server, 10_000, 3))
+            .await
+            .unwrap();
         for id in ["r1", "r2", "r3"] {
             q.publish(&task("restart", id)).await.unwrap();
         }
@@ -991,11 +1202,19 @@ mod tests {
             .unwrap();
         assert_eq!(l.task().task_id, "r2");
         l.ack().await.unwrap();
-        let l = pull_within(&q, Duration::from_secs(5)).await.expect("r3 survived");
+        let l = pull_within(&q, Duration::from_secs(5))
+            .await
+            .expect("r3 survived");
         assert_eq!(l.task().task_id, "r3");
         l.ack().await.unwrap();
-        assert_eq!(q.publish(&task("restart", "r4")).await.unwrap(), Published::New);
-        assert_eq!(q.publish(&task("restart", "r4")).await.unwrap(), Published::Duplicate);
+        assert_eq!(
+            q.publish(&task("restart", "r4")).await.unwrap(),
+            Published::New
+        );
+        assert_eq!(
+            q.publish(&task("restart", "r4")).await.unwrap(),
+            Published::Duplicate
+        );
         // The server rebuilds its dedup table from the messages still in
         // the stream: r4 is remembered across a second restart, acked tasks
         // are not (the pipeline's stored-results check covers those).
@@ -1012,7 +1231,11 @@ mod tests {
                 Err(e) => panic!("{e}"),
             }
         };
-        assert_eq!(again, Published::Duplicate, "dedup of a queued task lost in a restart");
+        assert_eq!(
+            again,
+            Published::Duplicate,
+            "dedup of a queued task lost in a restart"
+        );
         assert_eq!(q.pending("restart").await.unwrap(), 1);
     }
 }

@@ -116,19 +116,33 @@ impl JobProgress {
 
     pub async fn put_meta(&self, job: &str, meta: &JobMeta) -> Result<(), QueueError> {
         let body = serde_json::to_vec(meta).map_err(|e| backend("encoding job meta", e))?;
-        self.kv.put(format!("{}.meta", subject_token(job)), body.into()).await.map_err(|e| backend("writing job meta", e))?;
+        self.kv
+            .put(format!("{}.meta", subject_token(job)), body.into())
+            .await
+            .map_err(|e| backend("writing job meta", e))?;
         Ok(())
     }
 
     pub async fn meta(&self, job: &str) -> Result<Option<JobMeta>, QueueError> {
-        let v = self.kv.get(format!("{}.meta", subject_token(job))).await.map_err(|e| backend("reading job meta", e))?;
-        v.map(|b| serde_json::from_slice(&b).map_err(|e| QueueError::Malformed(format!("job meta of {job}: {e}")))).transpose()
+        let v = self
+            .kv
+            .get(format!("{}.meta", subject_token(job)))
+            .await
+            .map_err(|e| backend("reading job meta", e))?;
+        v.map(|b| {
+            serde_json::from_slice(&b)
+                .map_err(|e| QueueError::Malformed(format!("job meta of {job}: {e}")))
+        })
+        .transpose()
     }
 
     /// Records how a task ended (task ids are hex, usable as key tokens).
     pub async fn mark(&self, job: &str, task_id: &str, state: TaskState) -> Result<(), QueueError> {
         self.kv
-            .put(format!("{}.task.{}", subject_token(job), subject_token(task_id)), state.as_str().into())
+            .put(
+                format!("{}.task.{}", subject_token(job), subject_token(task_id)),
+                state.as_str().into(),
+            )
             .await
             .map_err(|e| backend("recording task state", e))?;
         Ok(())
@@ -136,7 +150,11 @@ impl JobProgress {
 
     /// Counts the job's task states (one scan over its keys).
     pub async fn counts(&self, job: &str) -> Result<TaskCounts, QueueError> {
-        let stream = self.js.get_stream(format!("KV_{BUCKET}")).await.map_err(|e| backend("opening the quire-jobs bucket", e))?;
+        let stream = self
+            .js
+            .get_stream(format!("KV_{BUCKET}"))
+            .await
+            .map_err(|e| backend("opening the quire-jobs bucket", e))?;
         let consumer: jetstream::consumer::Consumer<pull::Config> = stream
             .create_consumer(pull::Config {
                 filter_subject: format!("$KV.{BUCKET}.{}.task.>", subject_token(job)),
@@ -150,7 +168,12 @@ impl JobProgress {
             .map_err(|e| backend("counting tasks", e))?;
         let mut c = TaskCounts::default();
         loop {
-            let mut batch = consumer.fetch().max_messages(1000).messages().await.map_err(|e| backend("counting tasks", e))?;
+            let mut batch = consumer
+                .fetch()
+                .max_messages(1000)
+                .messages()
+                .await
+                .map_err(|e| backend("counting tasks", e))?;
             let mut got = 0;
             while let Some(m) = batch.next().await {
                 let m = m.map_err(|e| backend("counting tasks", e))?;
@@ -183,7 +206,12 @@ mod tests {
         let client = async_nats::connect(server.url()).await.unwrap();
         let p = JobProgress::open(&client, 1).await.unwrap();
         assert_eq!(p.meta("my job").await.unwrap(), None);
-        let meta = JobMeta { settings: JobSettings::new("my job"), tasks: 4, units: 40, planning_done: true };
+        let meta = JobMeta {
+            settings: JobSettings::new("my job"),
+            tasks: 4,
+            units: 40,
+            planning_done: true,
+        };
         p.put_meta("my job", &meta).await.unwrap();
         assert_eq!(p.meta("my job").await.unwrap(), Some(meta));
         assert_eq!(p.counts("my job").await.unwrap(), TaskCounts::default());
@@ -193,7 +221,14 @@ mod tests {
         p.mark("my job", "t3", TaskState::Dead).await.unwrap();
         p.mark("other", "t9", TaskState::Done).await.unwrap();
         let c = p.counts("my job").await.unwrap();
-        assert_eq!(c, TaskCounts { done: 1, failed: 1, dead: 1 });
+        assert_eq!(
+            c,
+            TaskCounts {
+                done: 1,
+                failed: 1,
+                dead: 1
+            }
+        );
         assert_eq!(c.settled(), 3);
         // Re-opening finds the same bucket.
         let p2 = JobProgress::open(&client, 1).await.unwrap();

@@ -86,7 +86,9 @@ pub fn parse_s3_uri(uri: &str) -> Result<(String, String), StoreError> {
         .ok_or_else(|| StoreError::Permanent(format!("{uri}: not an s3:// URI")))?;
     let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
     if bucket.is_empty() {
-        return Err(StoreError::Permanent(format!("{uri}: no bucket name (expected s3://bucket/prefix)")));
+        return Err(StoreError::Permanent(format!(
+            "{uri}: no bucket name (expected s3://bucket/prefix)"
+        )));
     }
     Ok((bucket.to_string(), prefix.to_string()))
 }
@@ -100,7 +102,9 @@ pub async fn client(opts: &S3Options) -> Client {
                 .read_timeout(opts.read_timeout)
                 .build(),
         )
-        .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(opts.max_attempts.max(1)));
+        .retry_config(
+            aws_config::retry::RetryConfig::standard().with_max_attempts(opts.max_attempts.max(1)),
+        );
     if let Some(r) = &opts.region {
         loader = loader.region(Region::new(r.clone()));
     }
@@ -108,10 +112,17 @@ pub async fn client(opts: &S3Options) -> Client {
         loader = loader.endpoint_url(e.clone());
     }
     if let Some((ak, sk)) = &opts.credentials {
-        loader = loader.credentials_provider(Credentials::new(ak.clone(), sk.clone(), None, None, "quire-static"));
+        loader = loader.credentials_provider(Credentials::new(
+            ak.clone(),
+            sk.clone(),
+            None,
+            None,
+            "quire-static",
+        ));
     }
     let shared = loader.load().await;
-    let mut conf = aws_sdk_s3::config::Builder::from(&shared).force_path_style(opts.force_path_style);
+    let mut conf =
+        aws_sdk_s3::config::Builder::from(&shared).force_path_style(opts.force_path_style);
     if shared.region().is_none() {
         // S3-compatible services rarely care; AWS redirects to the right one.
         conf = conf.region(Region::new("us-east-1"));
@@ -121,7 +132,9 @@ pub async fn client(opts: &S3Options) -> Client {
 
 fn status<E>(e: &SdkError<E, HttpResponse>) -> Option<u16> {
     match e {
-        SdkError::ServiceError(_) | SdkError::ResponseError(_) => e.raw_response().map(|r| r.status().as_u16()),
+        SdkError::ServiceError(_) | SdkError::ResponseError(_) => {
+            e.raw_response().map(|r| r.status().as_u16())
+        }
         _ => None,
     }
 }
@@ -136,18 +149,33 @@ where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
     let transient = match &e {
-        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => true,
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            true
+        }
         SdkError::ServiceError(_) => {
             let code = e.code().unwrap_or("");
-            matches!(code, "SlowDown" | "Throttling" | "ThrottlingException" | "RequestTimeout" | "InternalError" | "ServiceUnavailable")
-                || status(&e).is_some_and(|s| s >= 500 || s == 429 || s == 408)
+            matches!(
+                code,
+                "SlowDown"
+                    | "Throttling"
+                    | "ThrottlingException"
+                    | "RequestTimeout"
+                    | "InternalError"
+                    | "ServiceUnavailable"
+            ) || status(&e).is_some_and(|s| s >= 500 || s == 429 || s == 408)
         }
         // ConstructionFailure (e.g. no credentials found) and the rest.
         _ => false,
     };
     let mut msg = format!("{what}: {}", DisplayErrorContext(&e));
-    if !transient && (msg.contains("credentials") || msg.contains("InvalidAccessKeyId") || msg.contains("AccessDenied")) {
-        msg.push_str(" (check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or the pod's IAM role)");
+    if !transient
+        && (msg.contains("credentials")
+            || msg.contains("InvalidAccessKeyId")
+            || msg.contains("AccessDenied"))
+    {
+        msg.push_str(
+            " (check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or the pod's IAM role)",
+        );
     }
     if transient {
         StoreError::Transient(msg)
@@ -207,9 +235,10 @@ impl S3Store {
     pub async fn check_bucket(&self) -> Result<(), StoreError> {
         match self.client.head_bucket().bucket(&self.bucket).send().await {
             Ok(_) => Ok(()),
-            Err(e) if is_status(&e, 404) => {
-                Err(StoreError::Permanent(format!("s3://{}: bucket does not exist", self.bucket)))
-            }
+            Err(e) if is_status(&e, 404) => Err(StoreError::Permanent(format!(
+                "s3://{}: bucket does not exist",
+                self.bucket
+            ))),
             Err(e) if is_status(&e, 403) => Err(StoreError::Permanent(format!(
                 "s3://{}: access denied (check the credentials and the bucket policy)",
                 self.bucket
@@ -241,31 +270,64 @@ impl BlobStore for S3Store {
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let full = self.key(key);
         let what = || format!("reading s3://{}/{full}", self.bucket);
-        let resp = match self.client.get_object().bucket(&self.bucket).key(&full).send().await {
+        let resp = match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .send()
+            .await
+        {
             Ok(r) => r,
             Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => return Ok(None),
             Err(e) => return Err(classify(&what(), e)),
         };
-        let body = resp.body.collect().await.map_err(|e| StoreError::Transient(format!("{}: {e}", what())))?;
+        let body = resp
+            .body
+            .collect()
+            .await
+            .map_err(|e| StoreError::Transient(format!("{}: {e}", what())))?;
         Ok(Some(body.into_bytes().to_vec()))
     }
 
     async fn exists(&self, key: &str) -> Result<bool, StoreError> {
         let full = self.key(key);
-        match self.client.head_object().bucket(&self.bucket).key(&full).send().await {
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .send()
+            .await
+        {
             Ok(_) => Ok(true),
             // HEAD has no body: a missing bucket also reads as 404; `new`
             // checked the bucket.
-            Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) || is_status(&e, 404) => Ok(false),
-            Err(e) => Err(classify(&format!("checking s3://{}/{full}", self.bucket), e)),
+            Err(e)
+                if e.as_service_error().is_some_and(|s| s.is_not_found()) || is_status(&e, 404) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(classify(
+                &format!("checking s3://{}/{full}", self.bucket),
+                e,
+            )),
         }
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
         let full = self.key(prefix);
         // `key("")` has no trailing slash; keep what the caller asked for.
-        let full = if prefix.is_empty() && !self.prefix.is_empty() { format!("{}/", self.prefix) } else { full };
-        let strip = if self.prefix.is_empty() { 0 } else { self.prefix.len() + 1 };
+        let full = if prefix.is_empty() && !self.prefix.is_empty() {
+            format!("{}/", self.prefix)
+        } else {
+            full
+        };
+        let strip = if self.prefix.is_empty() {
+            0
+        } else {
+            self.prefix.len() + 1
+        };
         let mut out = Vec::new();
         let mut token: Option<String> = None;
         loop {
@@ -306,7 +368,12 @@ impl BlobStore for S3Store {
 /// Folder markers (keys ending in `/`) are skipped. Errors arrive as
 /// warnings; the listing stops at the first failed page.
 pub async fn list_s3(client: &Client, uri: &str, page_size: i32, tx: mpsc::Sender<Listed>) {
-    let warn = |message: String| Listed::Warning(ListWarning { path: uri.to_string(), message });
+    let warn = |message: String| {
+        Listed::Warning(ListWarning {
+            path: uri.to_string(),
+            message,
+        })
+    };
     let (bucket, prefix) = match parse_s3_uri(uri) {
         Ok(x) => x,
         Err(e) => {
@@ -316,7 +383,13 @@ pub async fn list_s3(client: &Client, uri: &str, page_size: i32, tx: mpsc::Sende
     };
     // A single object?
     if !prefix.is_empty() && !prefix.ends_with('/') {
-        match client.head_object().bucket(&bucket).key(&prefix).send().await {
+        match client
+            .head_object()
+            .bucket(&bucket)
+            .key(&prefix)
+            .send()
+            .await
+        {
             Ok(h) => {
                 let name = prefix.rsplit('/').next().unwrap_or(&prefix).to_string();
                 let r = SourceRef {
@@ -328,15 +401,29 @@ pub async fn list_s3(client: &Client, uri: &str, page_size: i32, tx: mpsc::Sende
                 let _ = tx.send(Listed::Object(r)).await;
                 return;
             }
-            Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) || is_status(&e, 404) => {}
+            Err(e)
+                if e.as_service_error().is_some_and(|s| s.is_not_found()) || is_status(&e, 404) => {
+            }
             Err(e) => {
-                let _ = tx.send(warn(classify("checking the input object", e).to_string())).await;
+                let _ = tx
+                    .send(warn(classify("checking the input object", e).to_string()))
+                    .await;
                 return;
             }
         }
     }
-    let folder = if prefix.is_empty() || prefix.ends_with('/') { prefix.clone() } else { format!("{prefix}/") };
-    let base = folder.trim_end_matches('/').rsplit('/').next().filter(|s| !s.is_empty()).unwrap_or(&bucket).to_string();
+    let folder = if prefix.is_empty() || prefix.ends_with('/') {
+        prefix.clone()
+    } else {
+        format!("{prefix}/")
+    };
+    let base = folder
+        .trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .filter(|s| !s.is_empty())
+        .unwrap_or(&bucket)
+        .to_string();
     let mut token: Option<String> = None;
     let mut listed = 0usize;
     loop {
@@ -351,7 +438,11 @@ pub async fn list_s3(client: &Client, uri: &str, page_size: i32, tx: mpsc::Sende
         {
             Ok(p) => p,
             Err(e) => {
-                let _ = tx.send(warn(classify(&format!("listing s3://{bucket}/{folder}"), e).to_string())).await;
+                let _ = tx
+                    .send(warn(
+                        classify(&format!("listing s3://{bucket}/{folder}"), e).to_string(),
+                    ))
+                    .await;
                 return;
             }
         };
@@ -382,7 +473,11 @@ pub async fn list_s3(client: &Client, uri: &str, page_size: i32, tx: mpsc::Sende
     }
 }
 
-async fn stream_to(body: &mut ByteStream, file: &mut tokio::fs::File, what: &str) -> Result<u64, StoreError> {
+async fn stream_to(
+    body: &mut ByteStream,
+    file: &mut tokio::fs::File,
+    what: &str,
+) -> Result<u64, StoreError> {
     let mut n = 0u64;
     while let Some(chunk) = body.next().await {
         let chunk = chunk.map_err(|e| StoreError::Transient(format!("{what}: {e}")))?;
@@ -396,7 +491,11 @@ async fn stream_to(body: &mut ByteStream, file: &mut tokio::fs::File, what: &str
 /// Streams the input object to a temporary file in `dir` (deleted when the
 /// returned handle drops). The object must still have the listed ETag: a
 /// changed object would not match its task id, and is a permanent error.
-pub async fn fetch_to_file(client: &Client, src: &SourceRef, dir: &Path) -> Result<tempfile::NamedTempFile, StoreError> {
+pub async fn fetch_to_file(
+    client: &Client,
+    src: &SourceRef,
+    dir: &Path,
+) -> Result<tempfile::NamedTempFile, StoreError> {
     let (bucket, key) = parse_s3_uri(&src.uri)?;
     let what = format!("fetching {}", src.uri);
     let mut req = client.get_object().bucket(&bucket).key(&key);
@@ -406,15 +505,25 @@ pub async fn fetch_to_file(client: &Client, src: &SourceRef, dir: &Path) -> Resu
     let mut resp = match req.send().await {
         Ok(r) => r,
         Err(e) if is_status(&e, 412) => {
-            return Err(StoreError::Permanent(format!("{what}: the object changed since it was listed; plan the job again")))
+            return Err(StoreError::Permanent(format!(
+                "{what}: the object changed since it was listed; plan the job again"
+            )))
         }
         Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => {
-            return Err(StoreError::Permanent(format!("{what}: the object no longer exists")))
+            return Err(StoreError::Permanent(format!(
+                "{what}: the object no longer exists"
+            )))
         }
         Err(e) => return Err(classify(&what, e)),
     };
-    let ext = Path::new(&key).extension().map(|e| format!(".{}", e.to_string_lossy())).unwrap_or_default();
-    let tmp = tempfile::Builder::new().prefix("quire-input-").suffix(&ext).tempfile_in(dir)?;
+    let ext = Path::new(&key)
+        .extension()
+        .map(|e| format!(".{}", e.to_string_lossy()))
+        .unwrap_or_default();
+    let tmp = tempfile::Builder::new()
+        .prefix("quire-input-")
+        .suffix(&ext)
+        .tempfile_in(dir)?;
     let mut file = tokio::fs::File::from_std(tmp.reopen()?);
     stream_to(&mut resp.body, &mut file, &what).await?;
     Ok(tmp)
@@ -425,9 +534,17 @@ pub async fn fetch_to_file(client: &Client, src: &SourceRef, dir: &Path) -> Resu
 /// kept. Each object is streamed to a temporary file and renamed into
 /// place, so an interrupted download leaves no partial file. Returns the
 /// number of objects downloaded.
-pub async fn download_prefix(client: &Client, uri: &str, local_dir: &Path) -> Result<usize, StoreError> {
+pub async fn download_prefix(
+    client: &Client,
+    uri: &str,
+    local_dir: &Path,
+) -> Result<usize, StoreError> {
     let (bucket, prefix) = parse_s3_uri(uri)?;
-    let folder = if prefix.is_empty() || prefix.ends_with('/') { prefix.clone() } else { format!("{prefix}/") };
+    let folder = if prefix.is_empty() || prefix.ends_with('/') {
+        prefix.clone()
+    } else {
+        format!("{prefix}/")
+    };
     tokio::fs::create_dir_all(local_dir).await?;
     let mut token: Option<String> = None;
     let mut downloaded = 0;
@@ -448,8 +565,9 @@ pub async fn download_prefix(client: &Client, uri: &str, local_dir: &Path) -> Re
             }
             seen += 1;
             let below = &key[folder.len()..];
-            let dest = safe_join(local_dir, below)
-                .ok_or_else(|| StoreError::Permanent(format!("s3://{bucket}/{key}: unsafe path below {uri}")))?;
+            let dest = safe_join(local_dir, below).ok_or_else(|| {
+                StoreError::Permanent(format!("s3://{bucket}/{key}: unsafe path below {uri}"))
+            })?;
             let size = o.size().unwrap_or(-1);
             if let Ok(m) = tokio::fs::metadata(&dest).await {
                 if m.is_file() && m.len() as i64 == size {
@@ -459,9 +577,16 @@ pub async fn download_prefix(client: &Client, uri: &str, local_dir: &Path) -> Re
             let parent = dest.parent().expect("joined below local_dir");
             tokio::fs::create_dir_all(parent).await?;
             let what = format!("downloading s3://{bucket}/{key}");
-            let mut resp =
-                client.get_object().bucket(&bucket).key(key).send().await.map_err(|e| classify(&what, e))?;
-            let tmp = tempfile::Builder::new().prefix(".quire-download-").tempfile_in(parent)?;
+            let mut resp = client
+                .get_object()
+                .bucket(&bucket)
+                .key(key)
+                .send()
+                .await
+                .map_err(|e| classify(&what, e))?;
+            let tmp = tempfile::Builder::new()
+                .prefix(".quire-download-")
+                .tempfile_in(parent)?;
             let mut file = tokio::fs::File::from_std(tmp.reopen()?);
             stream_to(&mut resp.body, &mut file, &what).await?;
             file.sync_all().await?;
@@ -474,7 +599,9 @@ pub async fn download_prefix(client: &Client, uri: &str, local_dir: &Path) -> Re
         }
     }
     if seen == 0 {
-        return Err(StoreError::Permanent(format!("{uri}: no objects below this prefix")));
+        return Err(StoreError::Permanent(format!(
+            "{uri}: no objects below this prefix"
+        )));
     }
     Ok(downloaded)
 }
@@ -516,24 +643,41 @@ pub(crate) mod test_server {
 
     fn find_binary() -> PathBuf {
         if let Ok(p) = std::env::var("QUIRE_GARAGE") {
-            return PathBuf::from(p);
+            let p = PathBuf::from(p);
+            assert!(
+                p.is_file(),
+                "QUIRE_GARAGE={} is not a file. Install garage with `eval \"$(scripts/install-services.sh)\"` and run the tests again.",
+                p.display()
+            );
+            return p;
         }
         let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).map(|d| d.join("garage")).collect())
+            .map(|p| {
+                std::env::split_paths(&p)
+                    .map(|d| d.join("garage"))
+                    .collect()
+            })
             .unwrap_or_default();
         if let Some(home) = std::env::var_os("HOME") {
             candidates.push(PathBuf::from(home).join(".cache/quire-tools/bin/garage"));
         }
-        candidates.into_iter().find(|p| p.is_file()).unwrap_or_else(|| {
-            panic!(
+        candidates
+            .into_iter()
+            .find(|p| p.is_file())
+            .unwrap_or_else(|| {
+                panic!(
                 "garage not found (QUIRE_GARAGE unset, none on PATH or in ~/.cache/quire-tools). \
                  Install it with `eval \"$(scripts/install-services.sh)\"` and run the tests again."
             )
-        })
+            })
     }
 
     pub fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
     }
 
     impl Garage {
@@ -572,7 +716,11 @@ root_domain = ".s3.garage.localhost"
                 .stderr(Stdio::from(log))
                 .spawn()
                 .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
-            let mut g = Garage { s3_port, dir, child };
+            let mut g = Garage {
+                s3_port,
+                dir,
+                child,
+            };
             let t0 = Instant::now();
             while std::net::TcpStream::connect(("127.0.0.1", s3_port)).is_err() {
                 if let Ok(Some(status)) = g.child.try_wait() {
@@ -605,7 +753,9 @@ root_domain = ".s3.garage.localhost"
             loop {
                 match super::S3Store::new(self.options(prefix)).await {
                     Ok(s) => return s,
-                    Err(e) if t0.elapsed() > Duration::from_secs(30) => panic!("garage not ready: {e}\n{}", self.log()),
+                    Err(e) if t0.elapsed() > Duration::from_secs(30) => {
+                        panic!("garage not ready: {e}\n{}", self.log())
+                    }
                     Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
                 }
             }
@@ -628,11 +778,17 @@ mod tests {
 
     #[test]
     fn parses_s3_uris() {
-        assert_eq!(parse_s3_uri("s3://b/p/q/").unwrap(), ("b".into(), "p/q/".into()));
+        assert_eq!(
+            parse_s3_uri("s3://b/p/q/").unwrap(),
+            ("b".into(), "p/q/".into())
+        );
         assert_eq!(parse_s3_uri("s3://b").unwrap(), ("b".into(), "".into()));
         assert!(parse_s3_uri("s3:///x").is_err());
         assert!(parse_s3_uri("/local/x").is_err());
-        assert_eq!(safe_join(Path::new("/m"), "a/./b.json"), Some(PathBuf::from("/m/a/b.json")));
+        assert_eq!(
+            safe_join(Path::new("/m"), "a/./b.json"),
+            Some(PathBuf::from("/m/a/b.json"))
+        );
         assert_eq!(safe_join(Path::new("/m"), "a/../../b"), None);
     }
 
@@ -641,22 +797,43 @@ mod tests {
         let g = Garage::start();
         let mut store = g.store("out/run1").await;
         store.page_size = 7;
-        store.put("job/results/a.jsonl", b"one".to_vec()).await.unwrap();
-        store.put("job/results/a.jsonl", b"two".to_vec()).await.unwrap(); // idempotent overwrite
-        assert_eq!(store.get("job/results/a.jsonl").await.unwrap().unwrap(), b"two");
+        store
+            .put("job/results/a.jsonl", b"one".to_vec())
+            .await
+            .unwrap();
+        store
+            .put("job/results/a.jsonl", b"two".to_vec())
+            .await
+            .unwrap(); // idempotent overwrite
+        assert_eq!(
+            store.get("job/results/a.jsonl").await.unwrap().unwrap(),
+            b"two"
+        );
         assert_eq!(store.get("job/results/missing.jsonl").await.unwrap(), None);
         assert!(store.exists("job/results/a.jsonl").await.unwrap());
         assert!(!store.exists("job/results/missing.jsonl").await.unwrap());
         for i in 0..24 {
-            store.put(&format!("job/markdown/d{i:02}.md"), vec![b'x'; i]).await.unwrap();
+            store
+                .put(&format!("job/markdown/d{i:02}.md"), vec![b'x'; i])
+                .await
+                .unwrap();
         }
-        store.put("job/manifest.json", b"{}".to_vec()).await.unwrap();
+        store
+            .put("job/manifest.json", b"{}".to_vec())
+            .await
+            .unwrap();
         let md = store.list("job/markdown/").await.unwrap();
         assert_eq!(md.len(), 24);
         assert_eq!(md[0], "job/markdown/d00.md");
         assert_eq!(store.list("").await.unwrap().len(), 26);
-        assert_eq!(store.list("job/results/").await.unwrap(), vec!["job/results/a.jsonl"]);
-        assert_eq!(store.locate("job/manifest.json"), format!("s3://{BUCKET}/out/run1/job/manifest.json"));
+        assert_eq!(
+            store.list("job/results/").await.unwrap(),
+            vec!["job/results/a.jsonl"]
+        );
+        assert_eq!(
+            store.locate("job/manifest.json"),
+            format!("s3://{BUCKET}/out/run1/job/manifest.json")
+        );
         // Keys outside the prefix are not listed.
         let other = g.store("out/run10").await;
         other.put("x", b"y".to_vec()).await.unwrap();
@@ -683,26 +860,49 @@ mod tests {
         let g = Garage::start();
         let store = g.store("").await;
         let c = store.client().clone();
-        let keys = ["corpus/scans/a.pdf", "corpus/scans/sub/b.png", "corpus/scans/sub/c d.tif", "corpus/scansx/no.pdf"];
+        let keys = [
+            "corpus/scans/a.pdf",
+            "corpus/scans/sub/b.png",
+            "corpus/scans/sub/c d.tif",
+            "corpus/scansx/no.pdf",
+        ];
         for k in keys {
-            store.put(k, format!("body of {k}").into_bytes()).await.unwrap();
+            store
+                .put(k, format!("body of {k}").into_bytes())
+                .await
+                .unwrap();
         }
         store.put("corpus/scans/empty/", vec![]).await.unwrap(); // a folder marker
         let (objs, warns) = collect(&c, &format!("s3://{BUCKET}/corpus/scans"), 2).await;
         assert!(warns.is_empty(), "{warns:?}");
         let rels: Vec<_> = objs.iter().map(|o| o.rel.as_str()).collect();
-        assert_eq!(rels, vec!["scans/a.pdf", "scans/sub/b.png", "scans/sub/c d.tif"]);
+        assert_eq!(
+            rels,
+            vec!["scans/a.pdf", "scans/sub/b.png", "scans/sub/c d.tif"]
+        );
         assert_eq!(objs[0].uri, format!("s3://{BUCKET}/corpus/scans/a.pdf"));
         assert_eq!(objs[0].size, "body of corpus/scans/a.pdf".len() as u64);
-        assert!(objs[0].version.starts_with("etag:") && objs[0].version.len() > 10, "{}", objs[0].version);
+        assert!(
+            objs[0].version.starts_with("etag:") && objs[0].version.len() > 10,
+            "{}",
+            objs[0].version
+        );
         assert!(!objs[0].version.contains('"'));
         // Trailing slash, whole bucket, one object, nothing.
-        assert_eq!(collect(&c, &format!("s3://{BUCKET}/corpus/scans/"), 1000).await.0, objs);
+        assert_eq!(
+            collect(&c, &format!("s3://{BUCKET}/corpus/scans/"), 1000)
+                .await
+                .0,
+            objs
+        );
         let (all, _) = collect(&c, &format!("s3://{BUCKET}"), 1000).await;
         assert_eq!(all.len(), 4);
         assert_eq!(all[0].rel, format!("{BUCKET}/corpus/scans/a.pdf"));
         let (one, _) = collect(&c, &format!("s3://{BUCKET}/corpus/scans/sub/b.png"), 1000).await;
-        assert_eq!((one.len(), one[0].rel.as_str(), one[0].version.as_str()), (1, "b.png", objs[1].version.as_str()));
+        assert_eq!(
+            (one.len(), one[0].rel.as_str(), one[0].version.as_str()),
+            (1, "b.png", objs[1].version.as_str())
+        );
         let (none, warns) = collect(&c, &format!("s3://{BUCKET}/nothing/here"), 1000).await;
         assert!(none.is_empty() && warns.len() == 1, "{warns:?}");
         let (none, warns) = collect(&c, "s3://no-such-bucket/x", 1000).await;
@@ -711,22 +911,45 @@ mod tests {
         // Fetch streams to a temp file keeping the extension.
         let dir = tempfile::tempdir().unwrap();
         let f = fetch_to_file(&c, &objs[2], dir.path()).await.unwrap();
-        assert_eq!(std::fs::read(f.path()).unwrap(), b"body of corpus/scans/sub/c d.tif");
+        assert_eq!(
+            std::fs::read(f.path()).unwrap(),
+            b"body of corpus/scans/sub/c d.tif"
+        );
         assert!(f.path().to_string_lossy().ends_with(".tif"));
         // An object changed since listing is refused.
-        store.put("corpus/scans/a.pdf", b"new content".to_vec()).await.unwrap();
+        store
+            .put("corpus/scans/a.pdf", b"new content".to_vec())
+            .await
+            .unwrap();
         match fetch_to_file(&c, &objs[0], dir.path()).await {
             Err(StoreError::Permanent(m)) => assert!(m.contains("changed"), "{m}"),
-            other => panic!("expected a permanent error, got {:?}", other.map(|f| f.path().to_path_buf())),
+            other => panic!(
+                "expected a permanent error, got {:?}",
+                other.map(|f| f.path().to_path_buf())
+            ),
         }
         drop(f);
 
         // Download a prefix (a model checkpoint) into a cache folder.
         let cache = dir.path().join("model");
-        assert_eq!(download_prefix(&c, &format!("s3://{BUCKET}/corpus/scans"), &cache).await.unwrap(), 3);
-        assert_eq!(std::fs::read(cache.join("sub/b.png")).unwrap(), b"body of corpus/scans/sub/b.png");
+        assert_eq!(
+            download_prefix(&c, &format!("s3://{BUCKET}/corpus/scans"), &cache)
+                .await
+                .unwrap(),
+            3
+        );
+        assert_eq!(
+            std::fs::read(cache.join("sub/b.png")).unwrap(),
+            b"body of corpus/scans/sub/b.png"
+        );
         assert!(!cache.join("empty").exists());
-        assert_eq!(download_prefix(&c, &format!("s3://{BUCKET}/corpus/scans/"), &cache).await.unwrap(), 0, "not cached");
+        assert_eq!(
+            download_prefix(&c, &format!("s3://{BUCKET}/corpus/scans/"), &cache)
+                .await
+                .unwrap(),
+            0,
+            "not cached"
+        );
         assert!(matches!(
             download_prefix(&c, &format!("s3://{BUCKET}/nothing"), &cache).await,
             Err(StoreError::Permanent(_))
@@ -748,8 +971,16 @@ mod tests {
             other => panic!("expected a transient error, got {:?}", other.err()),
         }
         let store = S3Store::from_client(client(&o).await, &o);
-        assert!(store.put("k", b"v".to_vec()).await.unwrap_err().is_transient());
-        assert!(t0.elapsed() < Duration::from_secs(10), "took {:?}", t0.elapsed());
+        assert!(store
+            .put("k", b"v".to_vec())
+            .await
+            .unwrap_err()
+            .is_transient());
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "took {:?}",
+            t0.elapsed()
+        );
 
         let g = Garage::start();
         g.store("").await; // ready
@@ -761,7 +992,11 @@ mod tests {
         }
         let store = S3Store::from_client(client(&missing).await, &missing);
         assert!(!store.get("k").await.unwrap_err().is_transient());
-        assert!(!store.put("k", b"v".to_vec()).await.unwrap_err().is_transient());
+        assert!(!store
+            .put("k", b"v".to_vec())
+            .await
+            .unwrap_err()
+            .is_transient());
         let mut bad_key = g.options("p");
         bad_key.credentials = Some(("GKnotakey000000000000000".into(), "x".repeat(64)));
         match S3Store::new(bad_key).await {
