@@ -399,9 +399,12 @@ impl JetStreamQueue {
         match self.inner.work.delete_message(seq).await {
             Ok(_) => Ok(()),
             Err(e)
+                // A terminated delivery may already have removed it
+                // (the server answers 10057 "no message found" then).
                 if matches!(e.kind(), jetstream::stream::DeleteMessageErrorKind::JetStream(j)
                     if j.error_code() == jetstream::ErrorCode::NO_MESSAGE_FOUND
-                        || j.error_code() == jetstream::ErrorCode::SEQUENCE_NOT_FOUND) =>
+                        || j.error_code() == jetstream::ErrorCode::SEQUENCE_NOT_FOUND
+                        || j.to_string().contains("no message found")) =>
             {
                 Ok(())
             }
@@ -705,7 +708,12 @@ impl JetStreamLease {
             .ack_with(AckKind::Term)
             .await
             .map_err(|e| backend("terminating task", e))?;
-        self.queue.delete_task(self.seq).await
+        // With WorkQueue retention the terminated delivery removes the task
+        // already; deleting it is a second guard, so a failure only warns.
+        if let Err(e) = self.queue.delete_task(self.seq).await {
+            tracing::warn!(task = %t.task_id, "{e}");
+        }
+        Ok(())
     }
 }
 
