@@ -58,5 +58,7 @@ mod tests {
         let mut s3 = s.clone();
         s3.job = "another-name".into();
         assert_eq!(fp, settings_fingerprint(&s3), "the job name does not change output");
+        s3.out = Some("s3://bucket/elsewhere".into());
+        assert_eq!(fp, settings_fingerprint(&s3), "the output location does not change ids");
     }
 }

@@ -95,6 +95,11 @@ pub struct JobSettings {
     pub limits: Limits,
     /// Minimum count of letters and digits for a text layer to count as usable.
     pub text_min_chars: usize,
+    /// Where results go (`s3://bucket/prefix` or a folder), carried in every
+    /// task so a distributed worker knows where to store it. Not part of
+    /// the settings fingerprint: moving the output does not change task ids.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub out: Option<String>,
 }
 
 impl JobSettings {
@@ -110,6 +115,7 @@ impl JobSettings {
             render: RenderSize::LongSide(1536),
             limits: Limits::default(),
             text_min_chars: 32,
+            out: None,
         }
     }
 }

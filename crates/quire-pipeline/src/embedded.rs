@@ -5,7 +5,7 @@ use crate::finish::{finish_job, JobOutcome, PlannedTask};
 use crate::plan::Planner;
 use crate::process::{render_limits, ProcessContext};
 use crate::progress::Progress;
-use crate::worker::{LocalFetch, Worker};
+use crate::worker::{LocalFetch, OneStore, Worker};
 use quire_core::{results_key, JobSettings, Manifest};
 use quire_queue::memory::MemoryQueue;
 use quire_queue::{QueueOptions, TaskQueue};
@@ -46,11 +46,14 @@ pub async fn run_embedded(opts: RunOptions, progress: Arc<Progress>) -> anyhow::
     for _ in 0..opts.workers.max(1) {
         let w = Worker {
             queue: Arc::new(queue.clone()),
-            store: store.clone(),
+            stores: Arc::new(OneStore(store.clone())),
             fetch: Arc::new(LocalFetch),
             ctx: opts.ctx.clone(),
             progress: progress.clone(),
             heartbeat,
+            admit: None,
+            observer: None,
+            abort: None,
         };
         workers.push(tokio::spawn(async move { w.run().await }));
     }

@@ -10,9 +10,12 @@
 //! * [`vlm`]: the `quire-vlm` models behind the [`Generator`] trait;
 //! * [`embedded`]: all of it in one process for `quire run`.
 
+#[cfg(feature = "distributed")]
+pub mod distributed;
 pub mod embedded;
 pub mod finish;
 pub mod infer;
+pub mod metrics;
 pub mod plan;
 pub mod process;
 pub mod progress;

@@ -5,12 +5,13 @@
 
 use crate::process::{process_task, ProcessContext, TaskFailure};
 use crate::progress::Progress;
-use quire_core::{results_key, Record, SourceRef};
+use quire_core::{results_key, Record, SourceRef, TaskSpec};
 use quire_queue::{Lease, TaskQueue};
 use quire_store::BlobStore;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
 
 /// Makes an input object available as a local file for the renderer.
 #[async_trait::async_trait]
@@ -36,14 +37,61 @@ impl Fetch for LocalFetch {
     }
 }
 
+/// Where a task's records are stored.
+#[async_trait::async_trait]
+pub trait ResultStores: Send + Sync {
+    async fn store_for(&self, task: &TaskSpec) -> Result<Arc<dyn BlobStore>, TaskFailure>;
+}
+
+/// Every task's records go to the same store (`quire run`).
+pub struct OneStore(pub Arc<dyn BlobStore>);
+
+#[async_trait::async_trait]
+impl ResultStores for OneStore {
+    async fn store_for(&self, _task: &TaskSpec) -> Result<Arc<dyn BlobStore>, TaskFailure> {
+        Ok(self.0.clone())
+    }
+}
+
+/// How a task went, for metrics and progress records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskEnd {
+    /// Records stored and acked.
+    Stored,
+    /// Failed this delivery; nacked for a later one.
+    Retried,
+    /// Not taken (e.g. it needs another model); handed back.
+    Refused,
+    /// Interrupted by a shutdown; handed back.
+    Interrupted,
+}
+
+/// Told about each task a worker finishes; all methods default to nothing.
+#[async_trait::async_trait]
+pub trait TaskObserver: Send + Sync {
+    async fn started(&self, _task: &TaskSpec) {}
+    /// `records` is empty unless `end` is [`TaskEnd::Stored`].
+    async fn ended(&self, _task: &TaskSpec, _end: TaskEnd, _records: &[Record], _elapsed: Duration, _delivery: u32) {}
+    /// Seconds spent fetching, processing and storing one task.
+    fn stage(&self, _stage: &'static str, _seconds: f64) {}
+}
+
+/// Whether this worker can run a task (`Err` names why not: the task is
+/// handed back for another worker).
+pub type Admit = Arc<dyn Fn(&TaskSpec) -> Result<(), String> + Send + Sync>;
+
 pub struct Worker {
     pub queue: Arc<dyn TaskQueue>,
-    pub store: Arc<dyn BlobStore>,
+    pub stores: Arc<dyn ResultStores>,
     pub fetch: Arc<dyn Fetch>,
     pub ctx: ProcessContext,
     pub progress: Arc<Progress>,
     /// How often a running task's lease is renewed.
     pub heartbeat: Duration,
+    pub admit: Option<Admit>,
+    pub observer: Option<Arc<dyn TaskObserver>>,
+    /// Set to `true` to abandon running tasks (they are nacked at once).
+    pub abort: Option<watch::Receiver<bool>>,
 }
 
 /// Serialises records as JSON lines, in page order.
@@ -72,28 +120,79 @@ impl Worker {
 
     async fn handle(&self, lease: Box<dyn Lease>) {
         let task = lease.task().clone();
+        let delivery = lease.delivery();
+        let t0 = Instant::now();
+        if let Some(admit) = &self.admit {
+            if let Err(why) = admit(&task) {
+                tracing::warn!(task = %task.task_id, "handing the task back: {why}");
+                if let Err(e) = lease.nack(backoff(delivery), &why).await {
+                    tracing::warn!(task = %task.task_id, "nack failed: {e}");
+                }
+                if let Some(o) = &self.observer {
+                    o.ended(&task, TaskEnd::Refused, &[], t0.elapsed(), delivery).await;
+                }
+                return;
+            }
+        }
+        if let Some(o) = &self.observer {
+            o.started(&task).await;
+        }
+        let observer = self.observer.clone();
+        let stage = move |name: &'static str, t: Instant| {
+            if let Some(o) = &observer {
+                o.stage(name, t.elapsed().as_secs_f64());
+            }
+        };
         let work = async {
+            let t = Instant::now();
+            let store = self.stores.store_for(&task).await?;
             let input = self.fetch.fetch(&task.source).await?;
+            stage("fetch", t);
+            let t = Instant::now();
             let records = process_task(&task, &input.path, &self.ctx).await?;
+            stage("process", t);
             drop(input);
-            self.store
+            let t = Instant::now();
+            store
                 .put(&results_key(&task.settings.job, &task.task_id), to_jsonl(&records))
                 .await
                 .map_err(|e| TaskFailure(format!("storing results: {e}")))?;
+            stage("upload", t);
             Ok::<_, TaskFailure>(records)
         };
         tokio::pin!(work);
         let mut beat = tokio::time::interval(self.heartbeat);
         beat.tick().await;
+        let mut abort = self.abort.clone();
+        let aborted = async move {
+            match abort.as_mut() {
+                Some(rx) => {
+                    let _ = rx.wait_for(|a| *a).await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::pin!(aborted);
         let result = loop {
             tokio::select! {
-                r = &mut work => break r,
+                r = &mut work => break Some(r),
+                _ = &mut aborted => break None,
                 _ = beat.tick() => {
                     if let Err(e) = lease.heartbeat().await {
                         tracing::warn!(task = %task.task_id, "heartbeat failed: {e}");
                     }
                 }
             }
+        };
+        let Some(result) = result else {
+            tracing::warn!(task = %task.task_id, "shutting down: handing the unfinished task back");
+            if let Err(e) = lease.nack(Duration::ZERO, "worker shut down before finishing the task").await {
+                tracing::warn!(task = %task.task_id, "nack failed: {e}");
+            }
+            if let Some(o) = &self.observer {
+                o.ended(&task, TaskEnd::Interrupted, &[], t0.elapsed(), delivery).await;
+            }
+            return;
         };
         let p = &self.progress;
         match result {
@@ -112,13 +211,18 @@ impl Worker {
                 if let Err(e) = lease.ack().await {
                     tracing::warn!(task = %task.task_id, "ack failed (results are stored; a redelivery will redo them): {e}");
                 }
+                if let Some(o) = &self.observer {
+                    o.ended(&task, TaskEnd::Stored, &records, t0.elapsed(), delivery).await;
+                }
             }
             Err(TaskFailure(msg)) => {
-                let delivery = lease.delivery();
                 tracing::warn!(task = %task.task_id, source = %task.source.uri, delivery, "task failed, will retry: {msg}");
                 Progress::add(&p.tasks_retried, 1);
                 if let Err(e) = lease.nack(backoff(delivery), &msg).await {
                     tracing::warn!(task = %task.task_id, "nack failed: {e}");
+                }
+                if let Some(o) = &self.observer {
+                    o.ended(&task, TaskEnd::Retried, &[], t0.elapsed(), delivery).await;
                 }
             }
         }

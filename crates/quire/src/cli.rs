@@ -19,6 +19,12 @@ pub enum Command {
     /// Process inputs in this process and write results to a local folder.
     #[command(after_help = RUN_EXAMPLES)]
     Run(RunArgs),
+    /// Plan a job onto the NATS JetStream queue (distributed mode); with --wait, finish it.
+    Coordinator(CoordinatorArgs),
+    /// Pull tasks from the NATS JetStream queue and store their results (distributed mode).
+    Worker(WorkerArgs),
+    /// How far a distributed job has come.
+    Status(StatusArgs),
 }
 
 const RUN_EXAMPLES: &str = "\
@@ -58,14 +64,9 @@ pub enum DtypeArg {
     F16,
 }
 
-#[derive(Args)]
-pub struct RunArgs {
-    /// Files or folders (recursed) to process.
-    #[arg(required = true, value_name = "INPUT")]
-    pub inputs: Vec<String>,
-    /// Output folder; results go to OUT/JOB/.
-    #[arg(long, value_name = "DIR")]
-    pub out: PathBuf,
+/// What a job produces: the options that go into its settings.
+#[derive(Args, Clone)]
+pub struct JobOpts {
     /// Job name: the folder under --out, and what reruns resume.
     #[arg(long, default_value = "default")]
     pub job: String,
@@ -87,18 +88,6 @@ pub struct RunArgs {
     /// Pages per task (a task is the unit of scheduling, retry and resume).
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
     pub pages_per_task: u32,
-    /// Tasks worked on at the same time.
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
-    pub workers: u32,
-    /// Pages per model forward pass (pages from different tasks are batched together).
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
-    pub batch_size: u32,
-    /// Device for the model.
-    #[arg(long, default_value = "cpu", value_name = "cpu|cuda[:N]")]
-    pub device: String,
-    /// Model weights' dtype.
-    #[arg(long, value_enum, default_value = "f32")]
-    pub dtype: DtypeArg,
     /// Render PDF pages with this long side in pixels (default: what the model reads, 1536 without a model).
     #[arg(long, value_name = "PX", conflicts_with = "render_dpi")]
     pub render_long_side: Option<u32>,
@@ -117,13 +106,134 @@ pub struct RunArgs {
     /// Most pixels per image or rendered page (decompression bombs are refused before decoding).
     #[arg(long, default_value_t = 50_000_000)]
     pub max_pixels: u64,
-    /// Redo tasks whose results already exist.
-    #[arg(long)]
-    pub force: bool,
     /// Deliveries of a failing task before it is given up on.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_deliver: u32,
+}
+
+/// How the model runs on this machine.
+#[derive(Args, Clone)]
+pub struct ModelOpts {
+    /// Tasks worked on at the same time.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
+    pub workers: u32,
+    /// Pages per model forward pass (pages from different tasks are batched together).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    pub batch_size: u32,
+    /// Device for the model.
+    #[arg(long, default_value = "cpu", value_name = "cpu|cuda[:N]")]
+    pub device: String,
+    /// Model weights' dtype.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: DtypeArg,
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// Files or folders (recursed) to process.
+    #[arg(required = true, value_name = "INPUT")]
+    pub inputs: Vec<String>,
+    /// Output folder; results go to OUT/JOB/.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub opts: JobOpts,
+    #[command(flatten)]
+    pub model_opts: ModelOpts,
+    /// Redo tasks whose results already exist.
+    #[arg(long)]
+    pub force: bool,
     /// No progress bar.
     #[arg(long, short)]
     pub quiet: bool,
+}
+
+/// Reaching NATS and S3.
+#[derive(Args, Clone)]
+pub struct ServiceOpts {
+    /// NATS server URL(s), comma separated.
+    #[arg(long, value_name = "URL", env = "QUIRE_NATS")]
+    pub nats: String,
+    /// S3 endpoint for S3-compatible stores (default: AWS_ENDPOINT_URL or AWS).
+    #[arg(long, value_name = "URL", env = "QUIRE_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+    /// S3 region (default: AWS_REGION).
+    #[arg(long, env = "QUIRE_S3_REGION")]
+    pub s3_region: Option<String>,
+    /// Path-style S3 URLs (http://host/bucket/key), as most S3-compatible stores need.
+    #[arg(long, env = "QUIRE_S3_PATH_STYLE")]
+    pub s3_path_style: bool,
+}
+
+#[derive(Args)]
+pub struct CoordinatorArgs {
+    /// Input files, folders or s3://bucket/prefix (repeatable).
+    #[arg(long = "input", required = true, value_name = "URI")]
+    pub inputs: Vec<String>,
+    /// Output folder (shared with the workers) or s3://bucket/prefix.
+    #[arg(long, value_name = "URI")]
+    pub out: String,
+    #[command(flatten)]
+    pub opts: JobOpts,
+    #[command(flatten)]
+    pub services: ServiceOpts,
+    /// Wait for the job to finish, then write the Markdown and the manifest.
+    #[arg(long)]
+    pub wait: bool,
+    /// Publish tasks whose results already exist.
+    #[arg(long)]
+    pub force: bool,
+    /// How long a task's lease lives without a heartbeat, in seconds.
+    #[arg(long, default_value_t = 300)]
+    pub ack_wait_s: u64,
+    /// How often --wait checks the output, in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    pub poll_ms: u64,
+}
+
+#[derive(Args)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    pub services: ServiceOpts,
+    /// Serve Prometheus metrics (/metrics) and health checks (/healthz, /readyz) here.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_addr: Option<String>,
+    /// The model this worker runs (tasks that need another model are handed back).
+    #[arg(long, value_name = "DIR|HUB_ID|s3://...")]
+    pub model: Option<String>,
+    /// Where s3:// models are downloaded (default ~/.cache/quire/models).
+    #[arg(long, value_name = "DIR")]
+    pub model_cache: Option<PathBuf>,
+    #[command(flatten)]
+    pub model_opts: ModelOpts,
+    /// Seconds to finish running tasks after SIGTERM/SIGINT before handing them back.
+    #[arg(long, default_value_t = 30)]
+    pub grace_s: u64,
+    /// How long a task's lease lives without a heartbeat, in seconds (as the coordinator's).
+    #[arg(long, default_value_t = 300)]
+    pub ack_wait_s: u64,
+    /// Deliveries of a failing task before it is given up on (as the coordinator's).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_deliver: u32,
+}
+
+#[derive(Args)]
+pub struct StatusArgs {
+    /// Job name.
+    pub job: String,
+    /// The job's output folder or s3://bucket/prefix.
+    #[arg(long, value_name = "URI")]
+    pub out: String,
+    /// NATS server, to count dead-lettered and queued tasks.
+    #[arg(long, value_name = "URL", env = "QUIRE_NATS")]
+    pub nats: Option<String>,
+    #[arg(long, value_name = "URL", env = "QUIRE_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+    #[arg(long, env = "QUIRE_S3_REGION")]
+    pub s3_region: Option<String>,
+    #[arg(long, env = "QUIRE_S3_PATH_STYLE")]
+    pub s3_path_style: bool,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
 }

@@ -1,6 +1,7 @@
 //! The `quire` command line.
 
 mod cli;
+mod distributed;
 mod model;
 mod run;
 
@@ -32,6 +33,9 @@ fn main() -> std::process::ExitCode {
         .init();
     let code = match cli.command {
         cli::Command::Run(args) => run::run(args),
+        cli::Command::Coordinator(args) => distributed::coordinator(args),
+        cli::Command::Worker(args) => distributed::worker(args),
+        cli::Command::Status(args) => distributed::status(args),
     };
     std::process::ExitCode::from(code)
 }

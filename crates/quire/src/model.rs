@@ -1,22 +1,23 @@
 //! Resolving and loading `--model`.
 
-use crate::cli::{DtypeArg, RunArgs};
+use crate::cli::{DtypeArg, ModelOpts};
 use quire_pipeline::infer::BatchOptions;
 use quire_pipeline::vlm::VlmGenerator;
 use quire_pipeline::InferenceHandle;
 use std::time::Instant;
 
-/// Resolves the model reference to a local folder, loads it, and starts
-/// the inference thread. Returns the handle and the long side the model's
-/// processor wants pages rendered at.
-pub fn load(spec: &str, args: &RunArgs) -> anyhow::Result<(InferenceHandle, Option<u32>)> {
+/// Resolves the model reference `local` (a folder or hub id) to a local
+/// folder, loads it under the name `spec`, and starts the inference thread.
+/// Returns the handle and the long side the model's processor wants pages
+/// rendered at.
+pub fn load(spec: &str, local: &str, args: &ModelOpts) -> anyhow::Result<(InferenceHandle, Option<u32>)> {
     let dtype = match args.dtype {
         DtypeArg::F32 => "f32",
         DtypeArg::Bf16 => "bf16",
         DtypeArg::F16 => "f16",
     };
     let t0 = Instant::now();
-    let dir = quire_vlm::resolve_model_dir(spec)?;
+    let dir = quire_vlm::resolve_model_dir(local)?;
     let model = VlmGenerator::load(spec, &dir, &args.device, dtype)?;
     let long_side = model.input_long_side();
     tracing::info!("loaded model {spec} in {:.1}s", t0.elapsed().as_secs_f64());

@@ -1,6 +1,6 @@
 //! `quire run`: the whole job in this process.
 
-use crate::cli::{EngineArg, RunArgs, TaskArg};
+use crate::cli::{EngineArg, JobOpts, RunArgs, TaskArg};
 use crate::exit;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use quire_core::{Engine, JobSettings, Limits, RenderSize, TaskKind};
@@ -37,7 +37,7 @@ impl From<anyhow::Error> for Failure {
     }
 }
 
-fn settings(args: &RunArgs) -> JobSettings {
+pub fn settings(args: &JobOpts) -> JobSettings {
     let mut s = JobSettings::new(&args.job);
     s.task = match args.task {
         TaskArg::Ocr => TaskKind::Ocr,
@@ -72,10 +72,8 @@ fn run_inner(args: RunArgs) -> Result<u8, Failure> {
             return Err(Failure::Usage(format!("input {input:?} does not exist or cannot be read")));
         }
     }
-    if args.job.trim().is_empty() || args.job.contains(['/', '\\']) || args.job == "." || args.job == ".." {
-        return Err(Failure::Usage(format!("--job {:?}: give a plain name (no slashes)", args.job)));
-    }
-    let mut settings = settings(&args);
+    check_job_name(&args.opts.job).map_err(Failure::Usage)?;
+    let mut settings = settings(&args.opts);
     if settings.engine == Engine::Vlm && settings.model.is_none() {
         return Err(Failure::Usage("--engine vlm needs --model (a checkpoint folder, hub id or s3:// prefix)".into()));
     }
@@ -83,10 +81,10 @@ fn run_inner(args: RunArgs) -> Result<u8, Failure> {
     let model = match settings.model.clone() {
         None => None,
         Some(m) => {
-            let (handle, long_side) = crate::model::load(&m, &args).map_err(|e| Failure::Usage(format!("{e:#}")))?;
+            let (handle, long_side) = crate::model::load(&m, &m, &args.model_opts).map_err(|e| Failure::Usage(format!("{e:#}")))?;
             // Pages are rendered at the size the model's processor reads, so
             // they are not resampled twice.
-            if let (None, None, Some(px)) = (args.render_long_side, args.render_dpi, long_side) {
+            if let (None, None, Some(px)) = (args.opts.render_long_side, args.opts.render_dpi, long_side) {
                 settings.render = RenderSize::LongSide(px);
             }
             Some(handle)
@@ -96,9 +94,9 @@ fn run_inner(args: RunArgs) -> Result<u8, Failure> {
         inputs: args.inputs.clone(),
         out: args.out.clone(),
         settings,
-        workers: args.workers as usize,
+        workers: args.model_opts.workers as usize,
         force: args.force,
-        queue: QueueOptions { ack_wait: Duration::from_secs(600), max_deliver: args.max_deliver },
+        queue: QueueOptions { ack_wait: Duration::from_secs(600), max_deliver: args.opts.max_deliver },
         ctx: ProcessContext { pdf, model },
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(anyhow::Error::from)?;
@@ -132,6 +130,14 @@ fn run_inner(args: RunArgs) -> Result<u8, Failure> {
     }
     eprintln!("manifest: {}", summary.manifest_path);
     Ok(if c.pages_failed > 0 || c.tasks_dead_lettered > 0 { exit::SOME_FAILED } else { exit::OK })
+}
+
+/// A job name is a folder name and a subject token: no slashes.
+pub fn check_job_name(job: &str) -> Result<(), String> {
+    if job.trim().is_empty() || job.contains(['/', '\\']) || job == "." || job == ".." {
+        return Err(format!("--job {job:?}: give a plain name (no slashes)"));
+    }
+    Ok(())
 }
 
 /// A progress bar on a terminal, a log line every 10 s otherwise.

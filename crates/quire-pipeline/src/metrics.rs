@@ -1,0 +1,227 @@
+//! Prometheus metrics of a worker, and a tiny HTTP server for `/metrics`,
+//! `/healthz` and `/readyz`.
+
+use crate::worker::{TaskEnd, TaskObserver};
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+use quire_core::{Record, TaskSpec, UnitKind};
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+pub struct Metrics {
+    pub registry: Registry,
+    /// Tasks by how they ended: stored, retried, refused, interrupted.
+    pub tasks: IntCounterVec,
+    /// Records by unit kind (page, image) and result (ok, failed).
+    pub units: IntCounterVec,
+    pub tokens_in: IntCounter,
+    pub tokens_out: IntCounter,
+    /// Seconds per task stage: fetch, process, upload.
+    pub stage_seconds: HistogramVec,
+    /// Per page: render and inference milliseconds as the records report them, in seconds.
+    pub render_seconds: Histogram,
+    pub infer_seconds: Histogram,
+    /// Error records and task failures by kind.
+    pub errors: IntCounterVec,
+    pub in_flight: IntGauge,
+    /// Tasks in the work stream, per job this worker has seen.
+    pub queue_pending: IntGaugeVec,
+    pub model_load_seconds: Gauge,
+    /// 1 once connected to the queue, 0 while starting or stopping.
+    pub ready: IntGauge,
+    jobs: Mutex<HashSet<String>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn buckets() -> Vec<f64> {
+    prometheus::exponential_buckets(0.005, 2.5, 14).expect("valid buckets")
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new_custom(Some("quire".into()), None).expect("registry");
+        let tasks = IntCounterVec::new(Opts::new("tasks_total", "Tasks by outcome"), &["outcome"]).unwrap();
+        let units = IntCounterVec::new(Opts::new("records_total", "Page and image records by kind and result"), &["kind", "result"]).unwrap();
+        let tokens_in = IntCounter::new("tokens_in_total", "Prompt tokens including image tokens").unwrap();
+        let tokens_out = IntCounter::new("tokens_out_total", "Generated tokens").unwrap();
+        let stage_seconds =
+            HistogramVec::new(HistogramOpts::new("task_stage_seconds", "Seconds per task stage").buckets(buckets()), &["stage"]).unwrap();
+        let render_seconds = Histogram::with_opts(HistogramOpts::new("render_seconds", "Render seconds per page").buckets(buckets())).unwrap();
+        let infer_seconds =
+            Histogram::with_opts(HistogramOpts::new("inference_seconds", "Inference seconds of the batch a page was in").buckets(buckets())).unwrap();
+        let errors = IntCounterVec::new(Opts::new("errors_total", "Error records and task failures by kind"), &["kind"]).unwrap();
+        let in_flight = IntGauge::new("tasks_in_flight", "Tasks being worked on").unwrap();
+        let queue_pending = IntGaugeVec::new(Opts::new("queue_pending_tasks", "Tasks in the work stream"), &["job"]).unwrap();
+        let model_load_seconds = Gauge::new("model_load_seconds", "Seconds it took to load the model").unwrap();
+        let ready = IntGauge::new("ready", "1 when the worker takes tasks").unwrap();
+        for c in [
+            Box::new(tasks.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(units.clone()),
+            Box::new(tokens_in.clone()),
+            Box::new(tokens_out.clone()),
+            Box::new(stage_seconds.clone()),
+            Box::new(render_seconds.clone()),
+            Box::new(infer_seconds.clone()),
+            Box::new(errors.clone()),
+            Box::new(in_flight.clone()),
+            Box::new(queue_pending.clone()),
+            Box::new(model_load_seconds.clone()),
+            Box::new(ready.clone()),
+        ] {
+            registry.register(c).expect("unique metric names");
+        }
+        Metrics {
+            registry,
+            tasks,
+            units,
+            tokens_in,
+            tokens_out,
+            stage_seconds,
+            render_seconds,
+            infer_seconds,
+            errors,
+            in_flight,
+            queue_pending,
+            model_load_seconds,
+            ready,
+            jobs: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Jobs this worker has had tasks of.
+    pub fn jobs(&self) -> Vec<String> {
+        self.jobs.lock().unwrap().iter().cloned().collect()
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("metrics encode");
+        out
+    }
+}
+
+#[async_trait::async_trait]
+impl TaskObserver for Metrics {
+    async fn started(&self, task: &TaskSpec) {
+        self.in_flight.inc();
+        self.jobs.lock().unwrap().insert(task.settings.job.clone());
+    }
+
+    async fn ended(&self, task: &TaskSpec, end: TaskEnd, records: &[Record], _elapsed: Duration, _delivery: u32) {
+        let outcome = match end {
+            TaskEnd::Stored => "stored",
+            TaskEnd::Retried => "retried",
+            TaskEnd::Refused => "refused",
+            TaskEnd::Interrupted => "interrupted",
+        };
+        self.tasks.with_label_values(&[outcome]).inc();
+        if end != TaskEnd::Refused {
+            self.in_flight.dec();
+        }
+        if end == TaskEnd::Retried {
+            self.errors.with_label_values(&["task_retry"]).inc();
+        }
+        let kind = if task.unit == UnitKind::Image { "image" } else { "page" };
+        for r in records {
+            match &r.error {
+                None => self.units.with_label_values(&[kind, "ok"]).inc(),
+                Some(e) => {
+                    self.units.with_label_values(&[kind, "failed"]).inc();
+                    self.errors.with_label_values(&[e.kind.as_str()]).inc();
+                }
+            }
+            self.tokens_in.inc_by(r.tokens_in);
+            self.tokens_out.inc_by(r.tokens_out);
+            self.render_seconds.observe(r.timings_ms.render / 1000.0);
+            if r.timings_ms.infer > 0.0 {
+                self.infer_seconds.observe(r.timings_ms.infer / 1000.0);
+            }
+        }
+    }
+
+    fn stage(&self, stage: &'static str, seconds: f64) {
+        self.stage_seconds.with_label_values(&[stage]).observe(seconds);
+    }
+}
+
+/// Serves `GET /metrics`, `/healthz` (always 200) and `/readyz` (200 when
+/// `ready` is 1) on `addr` until the returned task is dropped or aborted.
+pub async fn serve(addr: &str, metrics: Arc<Metrics>) -> std::io::Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    let h = tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else { continue };
+            let m = metrics.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut n = 0;
+                // Read the request head (we need only its first line).
+                while n < buf.len() {
+                    match tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf[n..])).await {
+                        Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
+                        Ok(Ok(k)) => {
+                            n += k;
+                            if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") || buf[..n].contains(&b'\n') {
+                                break;
+                            }
+                        }
+                    }
+                }
+                let head = String::from_utf8_lossy(&buf[..n]);
+                let mut parts = head.split_whitespace();
+                let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+                let (status, ctype, body): (&str, &str, Vec<u8>) = match (method, path) {
+                    ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", m.render()),
+                    ("GET", "/healthz") => ("200 OK", "text/plain", b"ok\n".to_vec()),
+                    ("GET", "/readyz") if m.ready.get() == 1 => ("200 OK", "text/plain", b"ready\n".to_vec()),
+                    ("GET", "/readyz") => ("503 Service Unavailable", "text/plain", b"not ready\n".to_vec()),
+                    ("GET", _) => ("404 Not Found", "text/plain", b"not found\n".to_vec()),
+                    _ => ("405 Method Not Allowed", "text/plain", b"GET only\n".to_vec()),
+                };
+                let head = format!("HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+                let _ = sock.write_all(head.as_bytes()).await;
+                let _ = sock.write_all(&body).await;
+                let _ = sock.shutdown().await;
+            });
+        }
+    });
+    Ok((local, h))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn serves_metrics_health_and_readiness() {
+        let m = Arc::new(Metrics::new());
+        m.tokens_out.inc_by(7);
+        let (addr, _h) = serve("127.0.0.1:0", m.clone()).await.unwrap();
+        let get = |path: &'static str| async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.unwrap();
+            out
+        };
+        let body = get("/metrics").await;
+        assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+        assert!(body.contains("quire_tokens_out_total 7"), "{body}");
+        assert!(get("/healthz").await.starts_with("HTTP/1.1 200"));
+        assert!(get("/readyz").await.starts_with("HTTP/1.1 503"));
+        m.ready.set(1);
+        assert!(get("/readyz").await.starts_with("HTTP/1.1 200"));
+        assert!(get("/nope").await.starts_with("HTTP/1.1 404"));
+    }
+}

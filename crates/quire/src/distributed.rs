@@ -1,0 +1,290 @@
+//! `quire coordinator`, `quire worker` and `quire status`: the distributed
+//! mode over NATS JetStream, with results in S3 or a shared folder.
+
+use crate::cli::{CoordinatorArgs, ServiceOpts, StatusArgs, WorkerArgs};
+use crate::exit;
+use quire_pipeline::metrics::{self, Metrics};
+use crate::run::{check_job_name, settings};
+use anyhow::Context as _;
+use quire_core::{Engine, TaskSpec};
+use quire_pipeline::distributed::{
+    connect_queue, fetch_model, is_s3, job_status, open_store, scratch_dir, submit, wait_and_finish, CoordinatorOptions,
+    S3Access, S3Fetch, StoreCache,
+};
+use quire_pipeline::process::ProcessContext;
+use quire_pipeline::worker::{Admit, TaskObserver, Worker};
+use quire_pipeline::Progress;
+use quire_queue::QueueOptions;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::watch;
+
+fn access(s: &ServiceOpts) -> S3Access {
+    S3Access { endpoint: s.s3_endpoint.clone(), region: s.s3_region.clone(), path_style: s.s3_path_style }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+pub fn coordinator(args: CoordinatorArgs) -> u8 {
+    if let Err(m) = check_job_name(&args.opts.job) {
+        eprintln!("error: {m}");
+        return exit::USAGE;
+    }
+    for input in args.inputs.iter().filter(|i| !is_s3(i)) {
+        if std::fs::metadata(input).is_err() {
+            eprintln!("error: input {input:?} does not exist or cannot be read");
+            return exit::USAGE;
+        }
+    }
+    let mut s = settings(&args.opts);
+    if s.engine == Engine::Vlm && s.model.is_none() {
+        eprintln!("error: --engine vlm needs --model (a checkpoint folder, hub id or s3:// prefix)");
+        return exit::USAGE;
+    }
+    s.out = Some(args.out.clone());
+    let pdf = match quire_render::PdfRenderer::start(1) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: {}", e.message);
+            return exit::USAGE;
+        }
+    };
+    let o = CoordinatorOptions {
+        nats: quire_queue::jetstream::JetStreamOptions::new(&args.services.nats),
+        inputs: args.inputs.clone(),
+        settings: s,
+        access: access(&args.services),
+        force: args.force,
+        scratch: scratch_dir(),
+        pdf,
+    };
+    let queue_opts = QueueOptions { ack_wait: Duration::from_secs(args.ack_wait_s), max_deliver: args.opts.max_deliver };
+    let started_at = SystemTime::now();
+    let result = runtime().and_then(|rt| {
+        rt.block_on(async {
+            let queue = connect_queue(&args.services.nats, queue_opts).await?;
+            let store = open_store(&args.out, &o.access).await?;
+            let (sub, plan) = submit(&o, &queue, store.as_ref()).await?;
+            println!("{}", serde_json::to_string(&sub)?);
+            eprintln!(
+                "job {}: {} documents, {} tasks ({} pages): {} published, {} already done, {} already queued{}",
+                o.settings.job,
+                sub.documents,
+                sub.tasks,
+                sub.units,
+                sub.published,
+                sub.skipped,
+                sub.duplicates,
+                if sub.warnings.is_empty() { String::new() } else { format!(", {} listing warnings", sub.warnings.len()) },
+            );
+            if !args.wait {
+                return Ok(exit::OK);
+            }
+            let m = wait_and_finish(&o, &queue, store.as_ref(), &plan, &sub, started_at, Duration::from_millis(args.poll_ms))
+                .await?;
+            let c = &m.counts;
+            eprintln!(
+                "{} documents, {} tasks ({} done, {} given up), {} pages ok, {} failed, {:.1}s",
+                c.documents, c.tasks, c.tasks_done, c.tasks_dead_lettered, c.pages_ok, c.pages_failed, m.throughput.wall_seconds
+            );
+            for f in m.failures.iter().take(10) {
+                eprintln!("  failed: {} page {}: {}: {}", f.source, f.page, f.kind.as_str(), f.message);
+            }
+            for d in m.dead_lettered.iter().take(10) {
+                eprintln!("  given up: {} pages {}-{} after {} deliveries: {}", d.source, d.first, d.last, d.deliveries, d.reason);
+            }
+            eprintln!("manifest: {}", store.locate(&quire_core::manifest_key(&o.settings.job)));
+            Ok(if c.pages_failed > 0 || c.tasks_dead_lettered > 0 { exit::SOME_FAILED } else { exit::OK })
+        })
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            exit::INTERNAL
+        }
+    }
+}
+
+pub fn worker(args: WorkerArgs) -> u8 {
+    match worker_inner(args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            exit::INTERNAL
+        }
+    }
+}
+
+fn worker_inner(args: WorkerArgs) -> anyhow::Result<u8> {
+    let rt = runtime()?;
+    let access = access(&args.services);
+    let metrics = Arc::new(Metrics::new());
+    let _server = match &args.metrics_addr {
+        Some(addr) => Some(rt.block_on(metrics::serve(addr, metrics.clone())).with_context(|| format!("--metrics-addr {addr}"))?),
+        None => None,
+    };
+    let pdf = match quire_render::PdfRenderer::start(1) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: {}", e.message);
+            return Ok(exit::USAGE);
+        }
+    };
+    let model = match &args.model {
+        None => None,
+        Some(m) => {
+            let t0 = Instant::now();
+            let local = if is_s3(m) {
+                let cache = args.model_cache.clone().unwrap_or_else(|| {
+                    std::env::var_os("HOME").map(std::path::PathBuf::from).unwrap_or_else(std::env::temp_dir).join(".cache/quire/models")
+                });
+                rt.block_on(fetch_model(m, &access, &cache))?.to_string_lossy().into_owned()
+            } else {
+                m.clone()
+            };
+            match crate::model::load(m, &local, &args.model_opts) {
+                Ok((handle, _)) => {
+                    metrics.model_load_seconds.set(t0.elapsed().as_secs_f64());
+                    Some(handle)
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    return Ok(exit::USAGE);
+                }
+            }
+        }
+    };
+    let mine = args.model.clone();
+    let admit: Admit = Arc::new(move |t: &TaskSpec| {
+        if t.settings.engine == Engine::TextLayer {
+            return Ok(());
+        }
+        match (&t.settings.model, &mine) {
+            (Some(want), Some(have)) if want != have => Err(format!("the task needs model {want}; this worker runs {have}")),
+            (Some(want), None) => Err(format!("the task needs model {want}; this worker has none (--model)")),
+            _ => Ok(()),
+        }
+    });
+    let queue_opts = QueueOptions { ack_wait: Duration::from_secs(args.ack_wait_s), max_deliver: args.max_deliver };
+    let grace = Duration::from_secs(args.grace_s);
+    rt.block_on(async move {
+        let queue = connect_queue(&args.services.nats, queue_opts).await?;
+        metrics.ready.set(1);
+        let stores = Arc::new(StoreCache::new(access.clone()));
+        let fetch = Arc::new(S3Fetch { client: access.client().await, dir: scratch_dir() });
+        let ctx = ProcessContext { pdf, model };
+        let progress = Arc::new(Progress::default());
+        let (abort_tx, abort_rx) = watch::channel(false);
+        let mut loops = tokio::task::JoinSet::new();
+        for _ in 0..args.model_opts.workers.max(1) {
+            let w = Worker {
+                queue: Arc::new(queue.clone()),
+                stores: stores.clone(),
+                fetch: fetch.clone(),
+                ctx: ctx.clone(),
+                progress: progress.clone(),
+                heartbeat: (queue_opts.ack_wait / 3).max(Duration::from_millis(100)),
+                admit: Some(admit.clone()),
+                observer: Some(metrics.clone() as Arc<dyn TaskObserver>),
+                abort: Some(abort_rx.clone()),
+            };
+            loops.spawn(async move { w.run().await });
+        }
+        let fq = queue.clone();
+        let forwarder = tokio::spawn(async move {
+            if let Err(e) = fq.forward_dead_letters().await {
+                tracing::warn!("dead-letter forwarder stopped: {e}");
+            }
+        });
+        let mq = queue.clone();
+        let m2 = metrics.clone();
+        let gauge = tokio::spawn(async move {
+            loop {
+                for job in m2.jobs() {
+                    if let Ok(n) = mq.pending(&job).await {
+                        m2.queue_pending.with_label_values(&[job.as_str()]).set(n as i64);
+                    }
+                }
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        });
+        tracing::info!("worker ready: {} task slots, model {}", args.model_opts.workers, args.model.as_deref().unwrap_or("none"));
+        let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut failed = None;
+        tokio::select! {
+            _ = sigterm.recv() => tracing::info!("SIGTERM: finishing running tasks (up to {grace:?})"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: finishing running tasks (up to {grace:?})"),
+            Some(r) = loops.join_next() => failed = Some(r),
+        }
+        metrics.ready.set(0);
+        queue.stop();
+        let drain = async {
+            while let Some(r) = loops.join_next().await {
+                if let Ok(Err(e)) = r {
+                    tracing::warn!("worker loop: {e:#}");
+                }
+            }
+        };
+        if tokio::time::timeout(grace, drain).await.is_err() {
+            tracing::warn!("grace period over: handing unfinished tasks back");
+            abort_tx.send_replace(true);
+            let _ = tokio::time::timeout(Duration::from_secs(10), async {
+                while loops.join_next().await.is_some() {}
+            })
+            .await;
+        }
+        forwarder.abort();
+        gauge.abort();
+        match failed {
+            Some(Ok(Err(e))) => Err(e),
+            Some(Err(e)) => Err(anyhow::anyhow!("worker loop panicked: {e}")),
+            _ => Ok(exit::OK),
+        }
+    })
+}
+
+pub fn status(args: StatusArgs) -> u8 {
+    let access = S3Access { endpoint: args.s3_endpoint.clone(), region: args.s3_region.clone(), path_style: args.s3_path_style };
+    let result = runtime().and_then(|rt| {
+        rt.block_on(async {
+            let store = open_store(&args.out, &access).await?;
+            let queue = match &args.nats {
+                Some(url) => Some(connect_queue(url, QueueOptions { ack_wait: Duration::from_secs(300), max_deliver: 3 }).await?),
+                None => None,
+            };
+            job_status(store.as_ref(), &args.job, queue.as_ref(), true).await
+        })
+    });
+    match result {
+        Ok(None) => {
+            eprintln!("error: no job {:?} under {} (no plan.jsonl: was it submitted with `quire coordinator`?)", args.job, args.out);
+            exit::USAGE
+        }
+        Ok(Some(st)) => {
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&st).expect("status serialises"));
+            } else {
+                println!("job {}", st.job);
+                println!("  tasks     {} planned, {} done, {} dead-lettered, {} pending", st.tasks, st.done, st.dead_lettered, st.pending);
+                if let Some(q) = st.queued {
+                    println!("  queue     {q} tasks in the work stream");
+                }
+                println!("  pages     {} planned, {} ok, {} failed", st.units, st.pages_ok, st.pages_failed);
+                println!("  rate      {:.2} pages/s over {:.0}s", st.pages_per_second, st.elapsed_seconds);
+                match st.eta_seconds {
+                    _ if st.finished => println!("  finished  every task has results or was given up"),
+                    Some(e) => println!("  eta       {e:.0}s"),
+                    None => println!("  eta       unknown"),
+                }
+            }
+            exit::OK
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            exit::INTERNAL
+        }
+    }
+}
