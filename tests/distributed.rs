@@ -19,7 +19,11 @@ const ACCESS_KEY: &str = "GKquiretest0123456789abcdef";
 const SECRET_KEY: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// `env` if set, else `name` on PATH, else below ~/.cache/quire-tools.
@@ -27,8 +31,9 @@ fn find_service(env: &str, name: &str, cached: &str) -> PathBuf {
     if let Some(p) = std::env::var_os(env) {
         return PathBuf::from(p);
     }
-    let mut candidates: Vec<PathBuf> =
-        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).map(|d| d.join(name)).collect()).unwrap_or_default();
+    let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).map(|d| d.join(name)).collect())
+        .unwrap_or_default();
     if let Some(home) = std::env::var_os("HOME") {
         candidates.push(PathBuf::from(home).join(".cache/quire-tools").join(cached));
     }
@@ -53,7 +58,11 @@ impl Proc {
             .stderr(Stdio::from(f))
             .spawn()
             .unwrap_or_else(|e| panic!("starting {name}: {e}"));
-        Proc { name: name.into(), child: Some(child), log }
+        Proc {
+            name: name.into(),
+            child: Some(child),
+            log,
+        }
     }
 
     fn log(&self) -> String {
@@ -82,7 +91,11 @@ impl Drop for Proc {
             let _ = c.kill();
             let _ = c.wait();
             if std::thread::panicking() {
-                eprintln!("--- {} log ---\n{}", self.name, std::fs::read_to_string(&self.log).unwrap_or_default());
+                eprintln!(
+                    "--- {} log ---\n{}",
+                    self.name,
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
             }
         }
     }
@@ -91,23 +104,41 @@ impl Drop for Proc {
 fn wait_listening(p: &mut Proc, port: u16, what: &str) {
     let t0 = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(p.child.as_mut().unwrap().try_wait().unwrap().is_none(), "{what} exited:\n{}", p.log());
-        assert!(t0.elapsed() < Duration::from_secs(30), "{what} did not listen on {port}:\n{}", p.log());
+        assert!(
+            p.child.as_mut().unwrap().try_wait().unwrap().is_none(),
+            "{what} exited:\n{}",
+            p.log()
+        );
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "{what} did not listen on {port}:\n{}",
+            p.log()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
 fn start_nats(dir: &Path) -> (Proc, String) {
-    let bin = find_service("QUIRE_NATS_SERVER", "nats-server", "nats-venv/bin/nats-server");
+    let bin = find_service(
+        "QUIRE_NATS_SERVER",
+        "nats-server",
+        "nats-venv/bin/nats-server",
+    );
     let port = free_port();
     let mut p = Proc::spawn(
         "nats-server",
-        Command::new(bin).args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"]).arg(dir.join("nats")),
+        Command::new(bin)
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(dir.join("nats")),
         dir,
     );
     let t0 = Instant::now();
     while !p.log().contains("Server is ready") {
-        assert!(t0.elapsed() < Duration::from_secs(20), "nats-server not ready:\n{}", p.log());
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "nats-server not ready:\n{}",
+            p.log()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     wait_listening(&mut p, port, "nats-server");
@@ -174,25 +205,38 @@ fn quire_cmd(endpoint: &str, args: &[&str]) -> Command {
 }
 
 fn run_quire(endpoint: &str, args: &[&str], limit: Duration) -> Output {
-    let mut child = quire_cmd(endpoint, args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("run quire");
+    let mut child = quire_cmd(endpoint, args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run quire");
     let t0 = Instant::now();
     while child.try_wait().unwrap().is_none() {
         if t0.elapsed() > limit {
             let _ = child.kill();
             let out = child.wait_with_output().unwrap();
-            panic!("quire {} ran past {limit:?}:\n{}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+            panic!(
+                "quire {} ran past {limit:?}:\n{}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     let out = child.wait_with_output().unwrap();
-    eprintln!("quire {}\n--- stderr ---\n{}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    eprintln!(
+        "quire {}\n--- stderr ---\n{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
     out
 }
 
 fn http_get(port: u16, path: &str) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     out
@@ -204,7 +248,10 @@ fn coordinator_and_two_workers_process_a_bucket_exactly_once() {
     let bucket = format!("quire-dist-{}", std::process::id());
     let (_nats, nats_url) = start_nats(tmp.path());
     let (_garage, endpoint) = start_garage(tmp.path(), &bucket);
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let store = rt.block_on(async {
         let t0 = Instant::now();
         loop {
@@ -218,7 +265,13 @@ fn coordinator_and_two_workers_process_a_bucket_exactly_once() {
     let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/docs");
     rt.block_on(async {
         for name in ["born_digital.pdf", "mixed.pdf", "corrupt.pdf"] {
-            store.put(&format!("in/{name}"), std::fs::read(docs.join(name)).unwrap()).await.unwrap();
+            store
+                .put(
+                    &format!("in/{name}"),
+                    std::fs::read(docs.join(name)).unwrap(),
+                )
+                .await
+                .unwrap();
         }
     });
 
@@ -226,22 +279,49 @@ fn coordinator_and_two_workers_process_a_bucket_exactly_once() {
     let mut workers: Vec<Proc> = (0..2)
         .map(|i| {
             let addr = format!("127.0.0.1:{metrics_port}");
-            let mut args = vec!["worker", "--nats", &nats_url, "--workers", "2", "--grace-s", "5"];
+            let mut args = vec![
+                "worker",
+                "--nats",
+                &nats_url,
+                "--workers",
+                "2",
+                "--grace-s",
+                "5",
+            ];
             if i == 0 {
                 args.extend(["--metrics-addr", addr.as_str()]);
             }
-            Proc::spawn(&format!("worker{i}"), &mut quire_cmd(&endpoint, &args), tmp.path())
+            Proc::spawn(
+                &format!("worker{i}"),
+                &mut quire_cmd(&endpoint, &args),
+                tmp.path(),
+            )
         })
         .collect();
 
     let input = format!("s3://{bucket}/in");
     let out = format!("s3://{bucket}/out");
-    let job_args = ["--input", &input, "--out", &out, "--job", "dist", "--engine", "text-layer", "--pages-per-task", "2"];
+    let job_args = [
+        "--input",
+        &input,
+        "--out",
+        &out,
+        "--job",
+        "dist",
+        "--engine",
+        "text-layer",
+        "--pages-per-task",
+        "2",
+    ];
     let mut args = vec!["coordinator", "--nats", &nats_url];
     args.extend(job_args);
     args.extend(["--wait", "--poll-ms", "200"]);
     let o = run_quire(&endpoint, &args, Duration::from_secs(60));
-    assert_eq!(o.status.code(), Some(3), "corrupt.pdf is corrupt: some pages failed");
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "corrupt.pdf is corrupt: some pages failed"
+    );
     let submitted: Value = serde_json::from_slice(&o.stdout).expect("a JSON summary on stdout");
     let tasks = submitted["tasks"].as_u64().unwrap();
     assert_eq!(submitted["published"].as_u64(), Some(tasks));
@@ -255,21 +335,51 @@ fn coordinator_and_two_workers_process_a_bucket_exactly_once() {
             let body = store.get(&k).await.unwrap().unwrap();
             for line in String::from_utf8(body).unwrap().lines() {
                 let v: Value = serde_json::from_str(line).unwrap();
-                let key = (v["source"].as_str().unwrap().to_string(), v["page"].as_u64().unwrap());
-                assert!(recs.insert(key.clone(), v).is_none(), "duplicate record {key:?}");
+                let key = (
+                    v["source"].as_str().unwrap().to_string(),
+                    v["page"].as_u64().unwrap(),
+                );
+                assert!(
+                    recs.insert(key.clone(), v).is_none(),
+                    "duplicate record {key:?}"
+                );
             }
         }
-        let m: Value = serde_json::from_slice(&store.get("out/dist/manifest.json").await.unwrap().expect("manifest")).unwrap();
-        assert!(store.exists("out/dist/markdown/in/born_digital.pdf.md").await.unwrap());
+        let m: Value = serde_json::from_slice(
+            &store
+                .get("out/dist/manifest.json")
+                .await
+                .unwrap()
+                .expect("manifest"),
+        )
+        .unwrap();
+        assert!(store
+            .exists("out/dist/markdown/in/born_digital.pdf.md")
+            .await
+            .unwrap());
         (recs, m)
     });
     let sources: BTreeSet<String> = recs.keys().map(|(s, _)| s.clone()).collect();
-    let expected: BTreeSet<String> = ["born_digital.pdf", "corrupt.pdf", "mixed.pdf"].iter().map(|n| format!("{input}/{n}")).collect();
+    let expected: BTreeSet<String> = ["born_digital.pdf", "corrupt.pdf", "mixed.pdf"]
+        .iter()
+        .map(|n| format!("{input}/{n}"))
+        .collect();
     assert_eq!(sources, expected);
     for src in &sources {
-        let pages: Vec<u64> = recs.keys().filter(|(s, _)| s == src).map(|(_, p)| *p).collect();
-        let count = recs[&(src.clone(), 1)]["page_count"].as_u64().unwrap().max(1);
-        assert_eq!(pages, (1..=count).collect::<Vec<_>>(), "{src}: one record per page");
+        let pages: Vec<u64> = recs
+            .keys()
+            .filter(|(s, _)| s == src)
+            .map(|(_, p)| *p)
+            .collect();
+        let count = recs[&(src.clone(), 1)]["page_count"]
+            .as_u64()
+            .unwrap()
+            .max(1);
+        assert_eq!(
+            pages,
+            (1..=count).collect::<Vec<_>>(),
+            "{src}: one record per page"
+        );
     }
     assert!(recs[&(format!("{input}/corrupt.pdf"), 1)]["error"]["kind"].is_string());
     let c = &manifest["counts"];
@@ -284,13 +394,29 @@ fn coordinator_and_two_workers_process_a_bucket_exactly_once() {
     assert!(failed >= 1, "corrupt.pdf has an error record");
 
     // Status agrees; the metrics endpoint counts what worker 0 did.
-    let st = run_quire(&endpoint, &["status", "dist", "--out", &out, "--nats", &nats_url, "--json"], Duration::from_secs(20));
+    let st = run_quire(
+        &endpoint,
+        &[
+            "status", "dist", "--out", &out, "--nats", &nats_url, "--json",
+        ],
+        Duration::from_secs(20),
+    );
     assert_eq!(st.status.code(), Some(0));
     let st: Value = serde_json::from_slice(&st.stdout).unwrap();
-    assert_eq!((st["tasks"].as_u64(), st["done"].as_u64(), st["pending"].as_u64()), (Some(tasks), Some(tasks), Some(0)));
+    assert_eq!(
+        (
+            st["tasks"].as_u64(),
+            st["done"].as_u64(),
+            st["pending"].as_u64()
+        ),
+        (Some(tasks), Some(tasks), Some(0))
+    );
     assert_eq!(st["pages_ok"].as_u64(), Some(recs.len() as u64 - failed));
     let m = http_get(metrics_port, "/metrics");
-    assert!(m.starts_with("HTTP/1.1 200") && m.contains("quire_tasks_total"), "{m}");
+    assert!(
+        m.starts_with("HTTP/1.1 200") && m.contains("quire_tasks_total"),
+        "{m}"
+    );
     assert!(http_get(metrics_port, "/readyz").starts_with("HTTP/1.1 200"));
 
     // Submitting again publishes nothing.
@@ -299,11 +425,77 @@ fn coordinator_and_two_workers_process_a_bucket_exactly_once() {
     let again = run_quire(&endpoint, &args, Duration::from_secs(30));
     assert_eq!(again.status.code(), Some(0));
     let again: Value = serde_json::from_slice(&again.stdout).unwrap();
-    assert_eq!((again["published"].as_u64(), again["skipped"].as_u64()), (Some(0), Some(tasks)), "{again}");
+    assert_eq!(
+        (again["published"].as_u64(), again["skipped"].as_u64()),
+        (Some(0), Some(tasks)),
+        "{again}"
+    );
+
+    // A task no worker can run (its model is not loaded anywhere) is
+    // handed back until it runs out of deliveries, then dead-lettered; the
+    // job still finishes, and says so.
+    let one = format!("{input}/born_digital.pdf");
+    let args = [
+        "coordinator",
+        "--nats",
+        &nats_url,
+        "--input",
+        &one,
+        "--out",
+        &out,
+        "--job",
+        "dead",
+        "--engine",
+        "vlm",
+        "--model",
+        "no-such-model",
+        "--pages-per-task",
+        "100",
+        "--max-deliver",
+        "1",
+        "--wait",
+        "--poll-ms",
+        "200",
+    ];
+    let o = run_quire(&endpoint, &args, Duration::from_secs(40));
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "a dead-lettered task is a failure"
+    );
+    let m: Value = rt.block_on(async {
+        serde_json::from_slice(&store.get("out/dead/manifest.json").await.unwrap().unwrap())
+            .unwrap()
+    });
+    assert_eq!(
+        (
+            m["counts"]["tasks"].as_u64(),
+            m["counts"]["tasks_dead_lettered"].as_u64()
+        ),
+        (Some(1), Some(1)),
+        "{m}"
+    );
+    assert_eq!(m["dead_lettered"][0]["source"].as_str(), Some(one.as_str()));
+    let st = run_quire(
+        &endpoint,
+        &[
+            "status", "dead", "--out", &out, "--nats", &nats_url, "--json",
+        ],
+        Duration::from_secs(20),
+    );
+    let st: Value = serde_json::from_slice(&st.stdout).unwrap();
+    assert_eq!(
+        (st["dead_lettered"].as_u64(), st["pending"].as_u64()),
+        (Some(1), Some(0)),
+        "{st}"
+    );
 
     // SIGTERM: each worker stops pulling and exits 0.
     for w in &mut workers {
-        let status = Command::new("kill").args(["-TERM", &w.pid().to_string()]).status().unwrap();
+        let status = Command::new("kill")
+            .args(["-TERM", &w.pid().to_string()])
+            .status()
+            .unwrap();
         assert!(status.success());
         let code = w.wait_for(Duration::from_secs(15));
         assert_eq!(code, Some(0), "worker exit after SIGTERM:\n{}", w.log());

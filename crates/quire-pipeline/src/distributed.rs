@@ -68,7 +68,9 @@ pub fn is_s3(uri: &str) -> bool {
 /// is checked) or a folder.
 pub async fn open_store(uri: &str, access: &S3Access) -> anyhow::Result<Arc<dyn BlobStore>> {
     if is_s3(uri) {
-        let store = S3Store::new(access.options(uri)?).await.with_context(|| format!("opening {uri}"))?;
+        let store = S3Store::new(access.options(uri)?)
+            .await
+            .with_context(|| format!("opening {uri}"))?;
         Ok(Arc::new(store))
     } else {
         Ok(Arc::new(LocalStore::new(uri)))
@@ -86,12 +88,18 @@ pub struct S3Fetch {
 impl Fetch for S3Fetch {
     async fn fetch(&self, src: &SourceRef) -> Result<Fetched, TaskFailure> {
         if !is_s3(&src.uri) {
-            return Ok(Fetched { path: PathBuf::from(&src.uri), _keep: None });
+            return Ok(Fetched {
+                path: PathBuf::from(&src.uri),
+                _keep: None,
+            });
         }
         let f = s3::fetch_to_file(&self.client, src, &self.dir)
             .await
             .map_err(|e| TaskFailure(format!("fetching {}: {e}", src.uri)))?;
-        Ok(Fetched { path: f.path().to_path_buf(), _keep: Some(Box::new(f)) })
+        Ok(Fetched {
+            path: f.path().to_path_buf(),
+            _keep: Some(Box::new(f)),
+        })
     }
 }
 
@@ -103,23 +111,28 @@ pub struct StoreCache {
 
 impl StoreCache {
     pub fn new(access: S3Access) -> Self {
-        StoreCache { access, stores: Default::default() }
+        StoreCache {
+            access,
+            stores: Default::default(),
+        }
     }
 }
 
 #[async_trait::async_trait]
 impl ResultStores for StoreCache {
     async fn store_for(&self, task: &TaskSpec) -> Result<Arc<dyn BlobStore>, TaskFailure> {
-        let out = task
-            .settings
-            .out
-            .as_deref()
-            .ok_or_else(|| TaskFailure("the task names no output location (published by an older coordinator?)".into()))?;
+        let out = task.settings.out.as_deref().ok_or_else(|| {
+            TaskFailure(
+                "the task names no output location (published by an older coordinator?)".into(),
+            )
+        })?;
         let mut map = self.stores.lock().await;
         if let Some(s) = map.get(out) {
             return Ok(s.clone());
         }
-        let s = open_store(out, &self.access).await.map_err(|e| TaskFailure(format!("{e:#}")))?;
+        let s = open_store(out, &self.access)
+            .await
+            .map_err(|e| TaskFailure(format!("{e:#}")))?;
         map.insert(out.to_string(), s.clone());
         Ok(s)
     }
@@ -141,7 +154,13 @@ impl PlanLine {
     }
 
     fn planned(&self) -> PlannedTask {
-        PlannedTask { task_id: self.task_id.clone(), uri: self.uri.clone(), rel: self.rel.clone(), first: self.first, last: self.last }
+        PlannedTask {
+            task_id: self.task_id.clone(),
+            uri: self.uri.clone(),
+            rel: self.rel.clone(),
+            first: self.first,
+            last: self.last,
+        }
     }
 }
 
@@ -168,11 +187,16 @@ pub fn job_file_key(job: &str) -> String {
 }
 
 fn unix_now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 pub async fn read_plan(store: &dyn BlobStore, job: &str) -> anyhow::Result<Option<Vec<PlanLine>>> {
-    let Some(bytes) = store.get(&plan_key(job)).await? else { return Ok(None) };
+    let Some(bytes) = store.get(&plan_key(job)).await? else {
+        return Ok(None);
+    };
     let mut out = Vec::new();
     for line in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
         out.push(serde_json::from_slice(line).context("malformed plan.jsonl")?);
@@ -181,8 +205,12 @@ pub async fn read_plan(store: &dyn BlobStore, job: &str) -> anyhow::Result<Optio
 }
 
 pub async fn read_job_file(store: &dyn BlobStore, job: &str) -> anyhow::Result<Option<JobFile>> {
-    let Some(bytes) = store.get(&job_file_key(job)).await? else { return Ok(None) };
-    Ok(Some(serde_json::from_slice(&bytes).context("malformed job.json")?))
+    let Some(bytes) = store.get(&job_file_key(job)).await? else {
+        return Ok(None);
+    };
+    Ok(Some(
+        serde_json::from_slice(&bytes).context("malformed job.json")?,
+    ))
 }
 
 /// Ids of the tasks of `job` with stored results.
@@ -192,7 +220,11 @@ pub async fn results_present(store: &dyn BlobStore, job: &str) -> anyhow::Result
         .list(&prefix)
         .await?
         .into_iter()
-        .filter_map(|k| k.strip_prefix(&prefix).and_then(|r| r.strip_suffix(".jsonl")).map(str::to_string))
+        .filter_map(|k| {
+            k.strip_prefix(&prefix)
+                .and_then(|r| r.strip_suffix(".jsonl"))
+                .map(str::to_string)
+        })
         .collect())
 }
 
@@ -225,12 +257,20 @@ pub struct Submitted {
 
 /// Lists the inputs, plans them, publishes the tasks that have no results
 /// yet and writes `JOB/plan.jsonl` and `JOB/job.json`.
-pub async fn submit(o: &CoordinatorOptions, queue: &JetStreamQueue, store: &dyn BlobStore) -> anyhow::Result<(Submitted, Vec<PlanLine>)> {
+pub async fn submit(
+    o: &CoordinatorOptions,
+    queue: &JetStreamQueue,
+    store: &dyn BlobStore,
+) -> anyhow::Result<(Submitted, Vec<PlanLine>)> {
     let job = o.settings.job.clone();
     let planner = Planner::new(o.settings.clone());
     let limits = render_limits(&o.settings.limits);
     let s3_client = o.access.client().await;
-    let done = if o.force { HashSet::new() } else { results_present(store, &job).await? };
+    let done = if o.force {
+        HashSet::new()
+    } else {
+        results_present(store, &job).await?
+    };
     let mut sub = Submitted::default();
     let mut plan = Vec::new();
     for input in &o.inputs {
@@ -261,7 +301,10 @@ pub async fn submit(o: &CoordinatorOptions, queue: &JetStreamQueue, store: &dyn 
                     Ok(f) => Some(f),
                     Err(e) => {
                         tracing::warn!("{}: {e}", src.uri);
-                        sub.warnings.push(ListWarning { path: src.uri.clone(), message: e.to_string() });
+                        sub.warnings.push(ListWarning {
+                            path: src.uri.clone(),
+                            message: e.to_string(),
+                        });
                         sub.documents -= 1;
                         continue;
                     }
@@ -269,14 +312,25 @@ pub async fn submit(o: &CoordinatorOptions, queue: &JetStreamQueue, store: &dyn 
             } else {
                 None
             };
-            let path = fetched.as_ref().map(|f| f.path().to_path_buf()).unwrap_or_else(|| PathBuf::from(&src.uri));
+            let path = fetched
+                .as_ref()
+                .map(|f| f.path().to_path_buf())
+                .unwrap_or_else(|| PathBuf::from(&src.uri));
             let pdf = o.pdf.clone();
-            let probe = tokio::task::spawn_blocking(move || quire_render::probe(&path, &limits, &pdf)).await?;
+            let probe =
+                tokio::task::spawn_blocking(move || quire_render::probe(&path, &limits, &pdf))
+                    .await?;
             drop(fetched);
             for task in planner.plan(&src, &probe) {
                 sub.tasks += 1;
                 sub.units += u64::from(task.units());
-                plan.push(PlanLine { task_id: task.task_id.clone(), uri: src.uri.clone(), rel: src.rel.clone(), first: task.first, last: task.last });
+                plan.push(PlanLine {
+                    task_id: task.task_id.clone(),
+                    uri: src.uri.clone(),
+                    rel: src.rel.clone(),
+                    first: task.first,
+                    last: task.last,
+                });
                 if done.contains(&task.task_id) {
                     sub.skipped += 1;
                     sub.skipped_units += u64::from(task.units());
@@ -306,7 +360,9 @@ pub async fn submit(o: &CoordinatorOptions, queue: &JetStreamQueue, store: &dyn 
         skipped: sub.skipped,
         duplicates: sub.duplicates,
     };
-    store.put(&job_file_key(&job), serde_json::to_vec_pretty(&jf)?).await?;
+    store
+        .put(&job_file_key(&job), serde_json::to_vec_pretty(&jf)?)
+        .await?;
     Ok((sub, plan))
 }
 
@@ -336,14 +392,25 @@ pub async fn job_status(
     queue: Option<&JetStreamQueue>,
     pages: bool,
 ) -> anyhow::Result<Option<JobStatus>> {
-    let Some(plan) = read_plan(store, job).await? else { return Ok(None) };
+    let Some(plan) = read_plan(store, job).await? else {
+        return Ok(None);
+    };
     let jf = read_job_file(store, job).await?;
     let present = results_present(store, job).await?;
     let dead: HashSet<String> = match queue {
-        Some(q) => q.dead_letters(job).await?.into_iter().map(|d| d.task_id).collect(),
+        Some(q) => q
+            .dead_letters(job)
+            .await?
+            .into_iter()
+            .map(|d| d.task_id)
+            .collect(),
         None => HashSet::new(),
     };
-    let mut st = JobStatus { job: job.to_string(), tasks: plan.len() as u64, ..Default::default() };
+    let mut st = JobStatus {
+        job: job.to_string(),
+        tasks: plan.len() as u64,
+        ..Default::default()
+    };
     let mut units_done = 0;
     for p in &plan {
         st.units += p.units();
@@ -376,7 +443,11 @@ pub async fn job_status(
         // Units done by this submission: what was done minus what was
         // skipped as already done (approximately: skipped tasks' units are
         // not recorded, so use the task share).
-        let skipped_units = if jf.tasks > 0 { jf.units * jf.skipped / jf.tasks } else { 0 };
+        let skipped_units = if jf.tasks > 0 {
+            jf.units * jf.skipped / jf.tasks
+        } else {
+            0
+        };
         let new_units = units_done.saturating_sub(skipped_units);
         if st.elapsed_seconds > 0.0 {
             st.pages_per_second = new_units as f64 / st.elapsed_seconds;
@@ -411,7 +482,10 @@ pub async fn wait_and_finish(
         let present = results_present(store, job).await?;
         let dead = queue.dead_letters(job).await?;
         let dead_ids: HashSet<&str> = dead.iter().map(|d| d.task_id.as_str()).collect();
-        let open = plan.iter().filter(|p| !present.contains(&p.task_id) && !dead_ids.contains(p.task_id.as_str())).count();
+        let open = plan
+            .iter()
+            .filter(|p| !present.contains(&p.task_id) && !dead_ids.contains(p.task_id.as_str()))
+            .count();
         if open == 0 {
             break dead;
         }
@@ -444,7 +518,9 @@ pub async fn wait_and_finish(
 pub async fn connect_queue(url: &str, queue: QueueOptions) -> anyhow::Result<JetStreamQueue> {
     let mut o = JetStreamOptions::new(url);
     o.queue = queue;
-    JetStreamQueue::connect(o).await.with_context(|| format!("connecting to NATS JetStream at {url}"))
+    JetStreamQueue::connect(o)
+        .await
+        .with_context(|| format!("connecting to NATS JetStream at {url}"))
 }
 
 /// A folder for temporary downloads.
@@ -458,7 +534,9 @@ pub async fn fetch_model(spec: &str, access: &S3Access, cache: &Path) -> anyhow:
     let (bucket, prefix) = s3::parse_s3_uri(spec)?;
     let dir = cache.join(bucket).join(prefix.trim_matches('/'));
     let client = access.client().await;
-    let n = s3::download_prefix(&client, spec, &dir).await.with_context(|| format!("downloading the model {spec}"))?;
+    let n = s3::download_prefix(&client, spec, &dir)
+        .await
+        .with_context(|| format!("downloading the model {spec}"))?;
     tracing::info!("model {spec}: {n} files downloaded to {}", dir.display());
     Ok(dir)
 }

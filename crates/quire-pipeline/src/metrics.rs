@@ -3,8 +3,8 @@
 
 use crate::worker::{TaskEnd, TaskObserver};
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use quire_core::{Record, TaskSpec, UnitKind};
 use std::collections::HashSet;
@@ -49,19 +49,46 @@ fn buckets() -> Vec<f64> {
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new_custom(Some("quire".into()), None).expect("registry");
-        let tasks = IntCounterVec::new(Opts::new("tasks_total", "Tasks by outcome"), &["outcome"]).unwrap();
-        let units = IntCounterVec::new(Opts::new("records_total", "Page and image records by kind and result"), &["kind", "result"]).unwrap();
-        let tokens_in = IntCounter::new("tokens_in_total", "Prompt tokens including image tokens").unwrap();
+        let tasks =
+            IntCounterVec::new(Opts::new("tasks_total", "Tasks by outcome"), &["outcome"]).unwrap();
+        let units = IntCounterVec::new(
+            Opts::new("records_total", "Page and image records by kind and result"),
+            &["kind", "result"],
+        )
+        .unwrap();
+        let tokens_in =
+            IntCounter::new("tokens_in_total", "Prompt tokens including image tokens").unwrap();
         let tokens_out = IntCounter::new("tokens_out_total", "Generated tokens").unwrap();
-        let stage_seconds =
-            HistogramVec::new(HistogramOpts::new("task_stage_seconds", "Seconds per task stage").buckets(buckets()), &["stage"]).unwrap();
-        let render_seconds = Histogram::with_opts(HistogramOpts::new("render_seconds", "Render seconds per page").buckets(buckets())).unwrap();
-        let infer_seconds =
-            Histogram::with_opts(HistogramOpts::new("inference_seconds", "Inference seconds of the batch a page was in").buckets(buckets())).unwrap();
-        let errors = IntCounterVec::new(Opts::new("errors_total", "Error records and task failures by kind"), &["kind"]).unwrap();
+        let stage_seconds = HistogramVec::new(
+            HistogramOpts::new("task_stage_seconds", "Seconds per task stage").buckets(buckets()),
+            &["stage"],
+        )
+        .unwrap();
+        let render_seconds = Histogram::with_opts(
+            HistogramOpts::new("render_seconds", "Render seconds per page").buckets(buckets()),
+        )
+        .unwrap();
+        let infer_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "inference_seconds",
+                "Inference seconds of the batch a page was in",
+            )
+            .buckets(buckets()),
+        )
+        .unwrap();
+        let errors = IntCounterVec::new(
+            Opts::new("errors_total", "Error records and task failures by kind"),
+            &["kind"],
+        )
+        .unwrap();
         let in_flight = IntGauge::new("tasks_in_flight", "Tasks being worked on").unwrap();
-        let queue_pending = IntGaugeVec::new(Opts::new("queue_pending_tasks", "Tasks in the work stream"), &["job"]).unwrap();
-        let model_load_seconds = Gauge::new("model_load_seconds", "Seconds it took to load the model").unwrap();
+        let queue_pending = IntGaugeVec::new(
+            Opts::new("queue_pending_tasks", "Tasks in the work stream"),
+            &["job"],
+        )
+        .unwrap();
+        let model_load_seconds =
+            Gauge::new("model_load_seconds", "Seconds it took to load the model").unwrap();
         let ready = IntGauge::new("ready", "1 when the worker takes tasks").unwrap();
         for c in [
             Box::new(tasks.clone()) as Box<dyn prometheus::core::Collector>,
@@ -105,7 +132,9 @@ impl Metrics {
     /// The text exposition format.
     pub fn render(&self) -> Vec<u8> {
         let mut out = Vec::new();
-        TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("metrics encode");
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("metrics encode");
         out
     }
 }
@@ -117,7 +146,14 @@ impl TaskObserver for Metrics {
         self.jobs.lock().unwrap().insert(task.settings.job.clone());
     }
 
-    async fn ended(&self, task: &TaskSpec, end: TaskEnd, records: &[Record], _elapsed: Duration, _delivery: u32) {
+    async fn ended(
+        &self,
+        task: &TaskSpec,
+        end: TaskEnd,
+        records: &[Record],
+        _elapsed: Duration,
+        _delivery: u32,
+    ) {
         let outcome = match end {
             TaskEnd::Stored => "stored",
             TaskEnd::Retried => "retried",
@@ -131,7 +167,11 @@ impl TaskObserver for Metrics {
         if end == TaskEnd::Retried {
             self.errors.with_label_values(&["task_retry"]).inc();
         }
-        let kind = if task.unit == UnitKind::Image { "image" } else { "page" };
+        let kind = if task.unit == UnitKind::Image {
+            "image"
+        } else {
+            "page"
+        };
         for r in records {
             match &r.error {
                 None => self.units.with_label_values(&[kind, "ok"]).inc(),
@@ -150,29 +190,40 @@ impl TaskObserver for Metrics {
     }
 
     fn stage(&self, stage: &'static str, seconds: f64) {
-        self.stage_seconds.with_label_values(&[stage]).observe(seconds);
+        self.stage_seconds
+            .with_label_values(&[stage])
+            .observe(seconds);
     }
 }
 
 /// Serves `GET /metrics`, `/healthz` (always 200) and `/readyz` (200 when
 /// `ready` is 1) on `addr` until the returned task is dropped or aborted.
-pub async fn serve(addr: &str, metrics: Arc<Metrics>) -> std::io::Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>)> {
+pub async fn serve(
+    addr: &str,
+    metrics: Arc<Metrics>,
+) -> std::io::Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     let h = tokio::spawn(async move {
         loop {
-            let Ok((mut sock, _)) = listener.accept().await else { continue };
+            let Ok((mut sock, _)) = listener.accept().await else {
+                continue;
+            };
             let m = metrics.clone();
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 4096];
                 let mut n = 0;
                 // Read the request head (we need only its first line).
                 while n < buf.len() {
-                    match tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf[n..])).await {
+                    match tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf[n..]))
+                        .await
+                    {
                         Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
                         Ok(Ok(k)) => {
                             n += k;
-                            if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") || buf[..n].contains(&b'\n') {
+                            if buf[..n].windows(4).any(|w| w == b"\r\n\r\n")
+                                || buf[..n].contains(&b'\n')
+                            {
                                 break;
                             }
                         }
@@ -184,10 +235,20 @@ pub async fn serve(addr: &str, metrics: Arc<Metrics>) -> std::io::Result<(std::n
                 let (status, ctype, body): (&str, &str, Vec<u8>) = match (method, path) {
                     ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", m.render()),
                     ("GET", "/healthz") => ("200 OK", "text/plain", b"ok\n".to_vec()),
-                    ("GET", "/readyz") if m.ready.get() == 1 => ("200 OK", "text/plain", b"ready\n".to_vec()),
-                    ("GET", "/readyz") => ("503 Service Unavailable", "text/plain", b"not ready\n".to_vec()),
+                    ("GET", "/readyz") if m.ready.get() == 1 => {
+                        ("200 OK", "text/plain", b"ready\n".to_vec())
+                    }
+                    ("GET", "/readyz") => (
+                        "503 Service Unavailable",
+                        "text/plain",
+                        b"not ready\n".to_vec(),
+                    ),
                     ("GET", _) => ("404 Not Found", "text/plain", b"not found\n".to_vec()),
-                    _ => ("405 Method Not Allowed", "text/plain", b"GET only\n".to_vec()),
+                    _ => (
+                        "405 Method Not Allowed",
+                        "text/plain",
+                        b"GET only\n".to_vec(),
+                    ),
                 };
                 let head = format!("HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
                 let _ = sock.write_all(head.as_bytes()).await;
@@ -210,7 +271,9 @@ mod tests {
         let (addr, _h) = serve("127.0.0.1:0", m.clone()).await.unwrap();
         let get = |path: &'static str| async move {
             let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
             let mut out = String::new();
             s.read_to_string(&mut out).await.unwrap();
             out

@@ -3,14 +3,14 @@
 
 use crate::cli::{CoordinatorArgs, ServiceOpts, StatusArgs, WorkerArgs};
 use crate::exit;
-use quire_pipeline::metrics::{self, Metrics};
 use crate::run::{check_job_name, settings};
 use anyhow::Context as _;
 use quire_core::{Engine, TaskSpec};
 use quire_pipeline::distributed::{
-    connect_queue, fetch_model, is_s3, job_status, open_store, scratch_dir, submit, wait_and_finish, CoordinatorOptions,
-    S3Access, S3Fetch, StoreCache,
+    connect_queue, fetch_model, is_s3, job_status, open_store, scratch_dir, submit,
+    wait_and_finish, CoordinatorOptions, S3Access, S3Fetch, StoreCache,
 };
+use quire_pipeline::metrics::{self, Metrics};
 use quire_pipeline::process::ProcessContext;
 use quire_pipeline::worker::{Admit, TaskObserver, Worker};
 use quire_pipeline::Progress;
@@ -20,11 +20,17 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::watch;
 
 fn access(s: &ServiceOpts) -> S3Access {
-    S3Access { endpoint: s.s3_endpoint.clone(), region: s.s3_region.clone(), path_style: s.s3_path_style }
+    S3Access {
+        endpoint: s.s3_endpoint.clone(),
+        region: s.s3_region.clone(),
+        path_style: s.s3_path_style,
+    }
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }
 
 pub fn coordinator(args: CoordinatorArgs) -> u8 {
@@ -40,7 +46,9 @@ pub fn coordinator(args: CoordinatorArgs) -> u8 {
     }
     let mut s = settings(&args.opts);
     if s.engine == Engine::Vlm && s.model.is_none() {
-        eprintln!("error: --engine vlm needs --model (a checkpoint folder, hub id or s3:// prefix)");
+        eprintln!(
+            "error: --engine vlm needs --model (a checkpoint folder, hub id or s3:// prefix)"
+        );
         return exit::USAGE;
     }
     s.out = Some(args.out.clone());
@@ -60,7 +68,10 @@ pub fn coordinator(args: CoordinatorArgs) -> u8 {
         scratch: scratch_dir(),
         pdf,
     };
-    let queue_opts = QueueOptions { ack_wait: Duration::from_secs(args.ack_wait_s), max_deliver: args.opts.max_deliver };
+    let queue_opts = QueueOptions {
+        ack_wait: Duration::from_secs(args.ack_wait_s),
+        max_deliver: args.opts.max_deliver,
+    };
     let started_at = SystemTime::now();
     let result = runtime().and_then(|rt| {
         rt.block_on(async {
@@ -123,7 +134,10 @@ fn worker_inner(args: WorkerArgs) -> anyhow::Result<u8> {
     let access = access(&args.services);
     let metrics = Arc::new(Metrics::new());
     let _server = match &args.metrics_addr {
-        Some(addr) => Some(rt.block_on(metrics::serve(addr, metrics.clone())).with_context(|| format!("--metrics-addr {addr}"))?),
+        Some(addr) => Some(
+            rt.block_on(metrics::serve(addr, metrics.clone()))
+                .with_context(|| format!("--metrics-addr {addr}"))?,
+        ),
         None => None,
     };
     let pdf = match quire_render::PdfRenderer::start(1) {
@@ -139,9 +153,14 @@ fn worker_inner(args: WorkerArgs) -> anyhow::Result<u8> {
             let t0 = Instant::now();
             let local = if is_s3(m) {
                 let cache = args.model_cache.clone().unwrap_or_else(|| {
-                    std::env::var_os("HOME").map(std::path::PathBuf::from).unwrap_or_else(std::env::temp_dir).join(".cache/quire/models")
+                    std::env::var_os("HOME")
+                        .map(std::path::PathBuf::from)
+                        .unwrap_or_else(std::env::temp_dir)
+                        .join(".cache/quire/models")
                 });
-                rt.block_on(fetch_model(m, &access, &cache))?.to_string_lossy().into_owned()
+                rt.block_on(fetch_model(m, &access, &cache))?
+                    .to_string_lossy()
+                    .into_owned()
             } else {
                 m.clone()
             };
@@ -163,12 +182,19 @@ fn worker_inner(args: WorkerArgs) -> anyhow::Result<u8> {
             return Ok(());
         }
         match (&t.settings.model, &mine) {
-            (Some(want), Some(have)) if want != have => Err(format!("the task needs model {want}; this worker runs {have}")),
-            (Some(want), None) => Err(format!("the task needs model {want}; this worker has none (--model)")),
+            (Some(want), Some(have)) if want != have => Err(format!(
+                "the task needs model {want}; this worker runs {have}"
+            )),
+            (Some(want), None) => Err(format!(
+                "the task needs model {want}; this worker has none (--model)"
+            )),
             _ => Ok(()),
         }
     });
-    let queue_opts = QueueOptions { ack_wait: Duration::from_secs(args.ack_wait_s), max_deliver: args.max_deliver };
+    let queue_opts = QueueOptions {
+        ack_wait: Duration::from_secs(args.ack_wait_s),
+        max_deliver: args.max_deliver,
+    };
     let grace = Duration::from_secs(args.grace_s);
     rt.block_on(async move {
         let queue = connect_queue(&args.services.nats, queue_opts).await?;
@@ -247,12 +273,25 @@ fn worker_inner(args: WorkerArgs) -> anyhow::Result<u8> {
 }
 
 pub fn status(args: StatusArgs) -> u8 {
-    let access = S3Access { endpoint: args.s3_endpoint.clone(), region: args.s3_region.clone(), path_style: args.s3_path_style };
+    let access = S3Access {
+        endpoint: args.s3_endpoint.clone(),
+        region: args.s3_region.clone(),
+        path_style: args.s3_path_style,
+    };
     let result = runtime().and_then(|rt| {
         rt.block_on(async {
             let store = open_store(&args.out, &access).await?;
             let queue = match &args.nats {
-                Some(url) => Some(connect_queue(url, QueueOptions { ack_wait: Duration::from_secs(300), max_deliver: 3 }).await?),
+                Some(url) => Some(
+                    connect_queue(
+                        url,
+                        QueueOptions {
+                            ack_wait: Duration::from_secs(300),
+                            max_deliver: 3,
+                        },
+                    )
+                    .await?,
+                ),
                 None => None,
             };
             job_status(store.as_ref(), &args.job, queue.as_ref(), true).await
@@ -265,17 +304,31 @@ pub fn status(args: StatusArgs) -> u8 {
         }
         Ok(Some(st)) => {
             if args.json {
-                println!("{}", serde_json::to_string_pretty(&st).expect("status serialises"));
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&st).expect("status serialises")
+                );
             } else {
                 println!("job {}", st.job);
-                println!("  tasks     {} planned, {} done, {} dead-lettered, {} pending", st.tasks, st.done, st.dead_lettered, st.pending);
+                println!(
+                    "  tasks     {} planned, {} done, {} dead-lettered, {} pending",
+                    st.tasks, st.done, st.dead_lettered, st.pending
+                );
                 if let Some(q) = st.queued {
                     println!("  queue     {q} tasks in the work stream");
                 }
-                println!("  pages     {} planned, {} ok, {} failed", st.units, st.pages_ok, st.pages_failed);
-                println!("  rate      {:.2} pages/s over {:.0}s", st.pages_per_second, st.elapsed_seconds);
+                println!(
+                    "  pages     {} planned, {} ok, {} failed",
+                    st.units, st.pages_ok, st.pages_failed
+                );
+                println!(
+                    "  rate      {:.2} pages/s over {:.0}s",
+                    st.pages_per_second, st.elapsed_seconds
+                );
                 match st.eta_seconds {
-                    _ if st.finished => println!("  finished  every task has results or was given up"),
+                    _ if st.finished => {
+                        println!("  finished  every task has results or was given up")
+                    }
                     Some(e) => println!("  eta       {e:.0}s"),
                     None => println!("  eta       unknown"),
                 }
