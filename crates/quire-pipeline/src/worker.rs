@@ -110,9 +110,16 @@ pub fn backoff(delivery: u32) -> Duration {
 }
 
 impl Worker {
-    /// Works until the queue says there is nothing more.
+    /// Works until the queue says there is nothing more, or until `abort`
+    /// is set (the running task is handed back, nothing more is pulled).
     pub async fn run(&self) -> anyhow::Result<()> {
-        while let Some(lease) = self.queue.pull().await? {
+        let aborted = || self.abort.as_ref().is_some_and(|a| *a.borrow());
+        while !aborted() {
+            let Some(lease) = self.queue.pull().await? else { break };
+            if aborted() {
+                lease.nack(Duration::ZERO, "worker shut down before starting the task").await?;
+                break;
+            }
             self.handle(lease).await;
         }
         Ok(())
@@ -226,5 +233,66 @@ impl Worker {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quire_core::{JobSettings, UnitKind};
+    use quire_queue::memory::MemoryQueue;
+    use quire_queue::QueueOptions;
+    use quire_store::local::LocalStore;
+
+    /// A fetch that never finishes (a stuck download), and says when it started.
+    struct Stuck(tokio::sync::mpsc::Sender<()>);
+
+    #[async_trait::async_trait]
+    impl Fetch for Stuck {
+        async fn fetch(&self, _src: &SourceRef) -> Result<Fetched, TaskFailure> {
+            let _ = self.0.send(()).await;
+            std::future::pending().await
+        }
+    }
+
+    #[tokio::test]
+    async fn abort_hands_the_running_task_back_and_stops_pulling() {
+        let Ok(pdf) = quire_render::PdfRenderer::start(1) else {
+            panic!("libpdfium is needed: run scripts/setup-pdfium.sh and export QUIRE_PDFIUM");
+        };
+        let queue = MemoryQueue::new(QueueOptions { ack_wait: Duration::from_secs(60), max_deliver: 3 });
+        let src = SourceRef { uri: "x.pdf".into(), rel: "x.pdf".into(), size: 1, version: "1".into() };
+        let task = TaskSpec {
+            task_id: "t1".into(),
+            settings: JobSettings::new("j"),
+            source: src,
+            unit: UnitKind::Pdf,
+            first: 1,
+            last: 1,
+            unit_count: 1,
+        };
+        queue.publish(&task).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (started_tx, mut started) = tokio::sync::mpsc::channel(1);
+        let (abort_tx, abort_rx) = watch::channel(false);
+        let w = Worker {
+            queue: Arc::new(queue.clone()),
+            stores: Arc::new(OneStore(Arc::new(LocalStore::new(dir.path())))),
+            fetch: Arc::new(Stuck(started_tx)),
+            ctx: ProcessContext { pdf, model: None },
+            progress: Arc::new(Progress::default()),
+            heartbeat: Duration::from_secs(10),
+            admit: None,
+            observer: None,
+            abort: Some(abort_rx),
+        };
+        let h = tokio::spawn(async move { w.run().await });
+        started.recv().await.unwrap();
+        abort_tx.send_replace(true);
+        tokio::time::timeout(Duration::from_secs(5), h).await.expect("worker stopped").unwrap().unwrap();
+        // The task is back in the queue at once, for another worker.
+        assert!(queue.dead_letters().is_empty());
+        let again = tokio::time::timeout(Duration::from_secs(2), queue.pull()).await.unwrap().unwrap().unwrap();
+        assert_eq!((again.task().task_id.as_str(), again.delivery()), ("t1", 2));
     }
 }
