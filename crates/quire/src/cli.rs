@@ -221,10 +221,10 @@ pub struct WorkerArgs {
 pub struct StatusArgs {
     /// Job name.
     pub job: String,
-    /// The job's output folder or s3://bucket/prefix.
-    #[arg(long, value_name = "URI")]
-    pub out: String,
-    /// NATS server, to count dead-lettered and queued tasks.
+    /// The job's output folder or s3://bucket/prefix (default: where the coordinator said, read from NATS).
+    #[arg(long, value_name = "URI", required_unless_present = "nats")]
+    pub out: Option<String>,
+    /// NATS server, to find the job and count dead-lettered and queued tasks.
     #[arg(long, value_name = "URL", env = "QUIRE_NATS")]
     pub nats: Option<String>,
     #[arg(long, value_name = "URL", env = "QUIRE_S3_ENDPOINT")]

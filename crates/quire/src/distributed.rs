@@ -14,6 +14,7 @@ use quire_pipeline::metrics::{self, Metrics};
 use quire_pipeline::process::ProcessContext;
 use quire_pipeline::worker::{Admit, TaskObserver, Worker};
 use quire_pipeline::Progress;
+use quire_queue::progress::{JobMeta, JobProgress};
 use quire_queue::QueueOptions;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -78,6 +79,10 @@ pub fn coordinator(args: CoordinatorArgs) -> u8 {
             let queue = connect_queue(&args.services.nats, queue_opts).await?;
             let store = open_store(&args.out, &o.access).await?;
             let (sub, plan) = submit(&o, &queue, store.as_ref()).await?;
+            // The job's settings (output location included) in the quire-jobs
+            // KV bucket, so `quire status JOB --nats URL` finds the output.
+            let meta = JobMeta { settings: o.settings.clone(), tasks: sub.tasks, units: sub.units, planning_done: true };
+            JobProgress::open(queue.client(), 1).await?.put_meta(&o.settings.job, &meta).await?;
             println!("{}", serde_json::to_string(&sub)?);
             eprintln!(
                 "job {}: {} documents, {} tasks ({} pages): {} published, {} already done, {} already queued{}",
@@ -280,7 +285,6 @@ pub fn status(args: StatusArgs) -> u8 {
     };
     let result = runtime().and_then(|rt| {
         rt.block_on(async {
-            let store = open_store(&args.out, &access).await?;
             let queue = match &args.nats {
                 Some(url) => Some(
                     connect_queue(
@@ -294,12 +298,34 @@ pub fn status(args: StatusArgs) -> u8 {
                 ),
                 None => None,
             };
+            let out = match (&args.out, &queue) {
+                (Some(out), _) => out.clone(),
+                (None, Some(q)) => {
+                    let meta = JobProgress::open(q.client(), 1)
+                        .await?
+                        .meta(&args.job)
+                        .await?;
+                    match meta.and_then(|m| m.settings.out) {
+                        Some(out) => out,
+                        None => return Ok(None),
+                    }
+                }
+                (None, None) => anyhow::bail!("give --out URI or --nats URL"),
+            };
+            let store = open_store(&out, &access).await?;
             job_status(store.as_ref(), &args.job, queue.as_ref(), true).await
         })
     });
     match result {
         Ok(None) => {
-            eprintln!("error: no job {:?} under {} (no plan.jsonl: was it submitted with `quire coordinator`?)", args.job, args.out);
+            eprintln!(
+                "error: no job {:?} {} (was it submitted with `quire coordinator`?)",
+                args.job,
+                args.out
+                    .as_deref()
+                    .map(|o| format!("under {o}"))
+                    .unwrap_or_else(|| "known to the queue".into())
+            );
             exit::USAGE
         }
         Ok(Some(st)) => {
