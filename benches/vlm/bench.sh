@@ -25,7 +25,7 @@ Q=$("$BIN" "$WORK/ckpt" "$WORK/page.png" "$NEW")
 H=$("$PY" benches/vlm/hf_bench.py "$WORK/ckpt" "$WORK/page.png" "$THREADS" "$NEW" 2>/dev/null | tail -1)
 echo "$Q"
 echo "$H"
-echo "load average: $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) CPUs (figures are noisy on a shared machine)"
+echo "load average: $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc --all) CPUs (figures are noisy on a shared machine)"
 "$PY" - "$Q" "$H" "$THREADS" <<'PYEOF'
 import json, sys
 q, h = json.loads(sys.argv[1]), json.loads(sys.argv[2])
