@@ -156,7 +156,16 @@ impl Worker {
             let input = self.fetch.fetch(&task.source).await?;
             stage("fetch", t);
             let t = Instant::now();
-            let records = process_task(&task, &input.path, &self.ctx).await?;
+            // A job planned without a model never uses this worker's model
+            // (its task ids say "no model"; `quire run` would not use one).
+            let no_model;
+            let ctx = if task.settings.model.is_none() && self.ctx.model.is_some() {
+                no_model = ProcessContext { pdf: self.ctx.pdf.clone(), model: None };
+                &no_model
+            } else {
+                &self.ctx
+            };
+            let records = process_task(&task, &input.path, ctx).await?;
             stage("process", t);
             drop(input);
             let t = Instant::now();
