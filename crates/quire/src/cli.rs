@@ -10,6 +10,9 @@ pub struct Cli {
     /// More log output (-v, -vv). QUIRE_LOG takes a tracing filter too.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
+    /// pdfium worker processes for rendering PDF pages (default: CPU cores, at most 4; 1 renders in-process).
+    #[arg(long, global = true, value_name = "N", value_parser = clap::value_parser!(u32).range(1..64))]
+    pub render_procs: Option<u32>,
     #[command(subcommand)]
     pub command: Command,
 }

@@ -145,7 +145,7 @@ fn worker_inner(args: WorkerArgs) -> anyhow::Result<u8> {
         ),
         None => None,
     };
-    let pdf = match quire_render::PdfRenderer::start(1) {
+    let pdf = match crate::start_renderer() {
         Ok(p) => p,
         Err(e) => {
             eprintln!("error: {}", e.message);

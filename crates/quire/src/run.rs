@@ -77,7 +77,7 @@ fn run_inner(args: RunArgs) -> Result<u8, Failure> {
     if settings.engine == Engine::Vlm && settings.model.is_none() {
         return Err(Failure::Usage("--engine vlm needs --model (a checkpoint folder, hub id or s3:// prefix)".into()));
     }
-    let pdf = quire_render::PdfRenderer::start(1).map_err(|e| Failure::Usage(e.message))?;
+    let pdf = crate::start_renderer().map_err(|e| Failure::Usage(e.message))?;
     let model = match settings.model.clone() {
         None => None,
         Some(m) => {
