@@ -14,7 +14,7 @@
 
 use crate::finish::{finish_job, parse_jsonl, JobOutcome, PlannedTask};
 use crate::plan::Planner;
-use crate::process::{render_limits, TaskFailure};
+use crate::process::TaskFailure;
 use crate::worker::{Fetch, Fetched, ResultStores};
 use anyhow::Context as _;
 use quire_core::{job_prefix, results_key, DeadLetter, JobSettings, Manifest, SourceRef, TaskSpec};
@@ -264,7 +264,7 @@ pub async fn submit(
 ) -> anyhow::Result<(Submitted, Vec<PlanLine>)> {
     let job = o.settings.job.clone();
     let planner = Planner::new(o.settings.clone());
-    let limits = render_limits(&o.settings.limits);
+    let limits = o.settings.limits;
     let s3_client = o.access.client().await;
     let done = if o.force {
         HashSet::new()

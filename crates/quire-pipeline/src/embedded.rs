@@ -3,7 +3,7 @@
 
 use crate::finish::{finish_job, JobOutcome, PlannedTask};
 use crate::plan::Planner;
-use crate::process::{render_limits, ProcessContext};
+use crate::process::ProcessContext;
 use crate::progress::Progress;
 use crate::worker::{LocalFetch, OneStore, Worker};
 use quire_core::{results_key, JobSettings, Manifest};
@@ -59,7 +59,7 @@ pub async fn run_embedded(opts: RunOptions, progress: Arc<Progress>) -> anyhow::
     }
 
     let planner = Planner::new(opts.settings.clone());
-    let limits = render_limits(&opts.settings.limits);
+    let limits = opts.settings.limits;
     let mut plan: Vec<PlannedTask> = Vec::new();
     let mut warnings = Vec::new();
     let mut skipped = 0u64;

@@ -9,7 +9,7 @@
 use crate::infer::{GenRequest, InferenceHandle};
 use crate::route::usable_text;
 use quire_core::{
-    Engine, ErrorInfo, ErrorKind, FinishReason, JobSettings, Limits, Record, RenderSize, TaskSpec, Timings, UnitKind,
+    Engine, ErrorInfo, ErrorKind, FinishReason, JobSettings, Record, TaskSpec, Timings, UnitKind,
 };
 use quire_render::{self as render, PdfRenderer, RenderError, RenderOptions};
 use std::path::{Path, PathBuf};
@@ -25,17 +25,6 @@ pub struct ProcessContext {
 /// The task could not be finished now; try again later.
 #[derive(Debug)]
 pub struct TaskFailure(pub String);
-
-pub fn render_limits(l: &Limits) -> render::Limits {
-    render::Limits { max_file_bytes: l.max_file_bytes, max_pages: l.max_pages, max_pixels: l.max_pixels }
-}
-
-pub fn render_size(s: RenderSize) -> render::RenderSize {
-    match s {
-        RenderSize::LongSide(px) => render::RenderSize::LongSide(px),
-        RenderSize::Dpi(d) => render::RenderSize::Dpi(d),
-    }
-}
 
 pub fn error_kind(k: render::ErrorKind) -> ErrorKind {
     use render::ErrorKind as R;
@@ -102,7 +91,7 @@ fn whole_file_error(task: &TaskSpec, e: RenderError) -> Result<Vec<Unit>, TaskFa
 /// Runs `task` on the local file `path` and returns one record per unit.
 pub async fn process_task(task: &TaskSpec, path: &Path, ctx: &ProcessContext) -> Result<Vec<Record>, TaskFailure> {
     let s = &task.settings;
-    let limits = render_limits(&s.limits);
+    let limits = s.limits;
     let path: PathBuf = path.to_path_buf();
     let mut page_count = task.unit_count;
     let mut units = match task.unit {
@@ -155,7 +144,7 @@ pub async fn process_task(task: &TaskSpec, path: &Path, ctx: &ProcessContext) ->
 async fn render_pdf(task: &TaskSpec, path: &Path, ctx: &ProcessContext) -> Result<(Vec<Unit>, Option<u32>), TaskFailure> {
     let s = &task.settings;
     let range = task.first..=task.last;
-    let base = RenderOptions { size: render_size(s.render), want_image: false, want_text: true, limits: render_limits(&s.limits) };
+    let base = RenderOptions { size: s.render, want_image: false, want_text: true, limits: s.limits };
     let mut units: Vec<Unit>;
     if s.engine == Engine::Vlm {
         units = (task.first..=task.last)

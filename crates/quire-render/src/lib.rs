@@ -105,67 +105,7 @@ pub fn sniff(head: &[u8]) -> Option<InputKind> {
     None
 }
 
-/// Input limits, checked before the expensive work.
-///
-/// Defaults (see [`Limits::default`]) are chosen so a legitimate document passes and a hostile
-/// one costs bounded memory:
-/// * `max_file_bytes` 512 MiB: larger than nearly any real PDF or scan; the file is never read
-///   whole into memory by pdfium (it seeks), but images are decoded whole.
-/// * `max_pages` 2000: more than a long book; larger "documents" are usually concatenated
-///   dumps that are better split upstream. Also caps TIFF frames.
-/// * `max_pixels` 50 Mpx per image/page: an A4 or US-Letter scan at 600 dpi is ~35 Mpx and an
-///   A3 scan at 400 dpi ~31 Mpx; the decode buffer stays below 200 MB (RGBA8) / 400 MB (RGBA16).
-///   Rendered PDF pages are normally far smaller (long side 1536–2048 px ≈ 2–3 Mpx); the check
-///   catches a giant media box rendered at a fixed DPI.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(default)]
-pub struct Limits {
-    pub max_file_bytes: u64,
-    pub max_pages: u32,
-    pub max_pixels: u64,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            max_file_bytes: 512 << 20,
-            max_pages: 2000,
-            max_pixels: 50_000_000,
-        }
-    }
-}
-
-/// The pixel size a PDF page is rendered at.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RenderSize {
-    /// The longer side of the rendered page is exactly this many pixels; the other side keeps
-    /// the page's aspect ratio (rounded, at least 1).
-    LongSide(u32),
-    /// Dots per inch (72 = one pixel per PDF point).
-    Dpi(f32),
-}
-
-impl RenderSize {
-    /// Pixel size of a page of `w_pt` × `h_pt` points (already rotated as displayed).
-    pub fn pixels_for(self, w_pt: f32, h_pt: f32) -> (u64, u64) {
-        let to_px = |v: f32| (v.round() as u64).max(1);
-        match self {
-            RenderSize::LongSide(long) => {
-                let long = u64::from(long.max(1));
-                if w_pt >= h_pt {
-                    (long, to_px(h_pt * long as f32 / w_pt))
-                } else {
-                    (to_px(w_pt * long as f32 / h_pt), long)
-                }
-            }
-            RenderSize::Dpi(dpi) => {
-                let s = dpi / 72.0;
-                (to_px(w_pt * s), to_px(h_pt * s))
-            }
-        }
-    }
-}
+pub use quire_core::{Limits, RenderSize};
 
 /// What to produce for each PDF page.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
