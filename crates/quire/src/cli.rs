@@ -157,6 +157,13 @@ pub struct ServiceOpts {
     /// NATS server URL(s), comma separated.
     #[arg(long, value_name = "URL", env = "QUIRE_NATS")]
     pub nats: String,
+    #[command(flatten)]
+    pub s3: S3Opts,
+}
+
+/// Where S3 is; credentials come from the standard AWS chain.
+#[derive(Args, Clone)]
+pub struct S3Opts {
     /// S3 endpoint for S3-compatible stores (default: AWS_ENDPOINT_URL or AWS).
     #[arg(long, value_name = "URL", env = "QUIRE_S3_ENDPOINT")]
     pub s3_endpoint: Option<String>,
@@ -230,12 +237,8 @@ pub struct StatusArgs {
     /// NATS server, to find the job and count dead-lettered and queued tasks.
     #[arg(long, value_name = "URL", env = "QUIRE_NATS")]
     pub nats: Option<String>,
-    #[arg(long, value_name = "URL", env = "QUIRE_S3_ENDPOINT")]
-    pub s3_endpoint: Option<String>,
-    #[arg(long, env = "QUIRE_S3_REGION")]
-    pub s3_region: Option<String>,
-    #[arg(long, env = "QUIRE_S3_PATH_STYLE")]
-    pub s3_path_style: bool,
+    #[command(flatten)]
+    pub s3: S3Opts,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,

@@ -1,7 +1,7 @@
 //! `quire coordinator`, `quire worker` and `quire status`: the distributed
 //! mode over NATS JetStream, with results in S3 or a shared folder.
 
-use crate::cli::{CoordinatorArgs, ServiceOpts, StatusArgs, WorkerArgs};
+use crate::cli::{CoordinatorArgs, S3Opts, StatusArgs, WorkerArgs};
 use crate::exit;
 use crate::run::{check_job_name, settings};
 use anyhow::Context as _;
@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::watch;
 
-fn access(s: &ServiceOpts) -> S3Access {
+fn access(s: &S3Opts) -> S3Access {
     S3Access {
         endpoint: s.s3_endpoint.clone(),
         region: s.s3_region.clone(),
@@ -64,7 +64,7 @@ pub fn coordinator(args: CoordinatorArgs) -> u8 {
         nats: quire_queue::jetstream::JetStreamOptions::new(&args.services.nats),
         inputs: args.inputs.clone(),
         settings: s,
-        access: access(&args.services),
+        access: access(&args.services.s3),
         force: args.force,
         scratch: scratch_dir(),
         pdf,
@@ -136,7 +136,7 @@ pub fn worker(args: WorkerArgs) -> u8 {
 
 fn worker_inner(args: WorkerArgs) -> anyhow::Result<u8> {
     let rt = runtime()?;
-    let access = access(&args.services);
+    let access = access(&args.services.s3);
     let metrics = Arc::new(Metrics::new());
     let _server = match &args.metrics_addr {
         Some(addr) => Some(
@@ -278,11 +278,7 @@ fn worker_inner(args: WorkerArgs) -> anyhow::Result<u8> {
 }
 
 pub fn status(args: StatusArgs) -> u8 {
-    let access = S3Access {
-        endpoint: args.s3_endpoint.clone(),
-        region: args.s3_region.clone(),
-        path_style: args.s3_path_style,
-    };
+    let access = access(&args.s3);
     let result = runtime().and_then(|rt| {
         rt.block_on(async {
             let queue = match &args.nats {
