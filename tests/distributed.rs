@@ -323,14 +323,23 @@ fn coordinator_and_two_workers_process_a_bucket_exactly_once() {
         "corrupt.pdf is corrupt: some pages failed"
     );
     let submitted: Value = serde_json::from_slice(&o.stdout).expect("a JSON summary on stdout");
-    let tasks = submitted["tasks"].as_u64().unwrap();
-    assert_eq!(submitted["published"].as_u64(), Some(tasks));
+    // One whole-document task per object; workers open and split them.
+    assert_eq!(
+        (submitted["documents"].as_u64(), submitted["published"].as_u64()),
+        (Some(3), Some(3)),
+        "{submitted}"
+    );
 
     // Every page of every input has exactly one record.
-    let (recs, manifest) = rt.block_on(async {
+    let (recs, manifest, tasks) = rt.block_on(async {
         let mut recs: BTreeMap<(String, u64), Value> = BTreeMap::new();
         let keys = store.list("out/dist/results/").await.unwrap();
-        assert_eq!(keys.len() as u64, tasks, "one result file per task");
+        // born_digital.pdf and mixed.pdf have more than 2 pages: split by a
+        // worker into page-range tasks; corrupt.pdf is one task.
+        let splits = store.list("out/dist/splits/").await.unwrap();
+        assert_eq!(splits.len(), 2, "{splits:?}");
+        let tasks = keys.len() as u64;
+        assert!(tasks > 3, "split documents give several result files: {keys:?}");
         for k in keys {
             let body = store.get(&k).await.unwrap().unwrap();
             for line in String::from_utf8(body).unwrap().lines() {
@@ -357,7 +366,7 @@ fn coordinator_and_two_workers_process_a_bucket_exactly_once() {
             .exists("out/dist/markdown/in/born_digital.pdf.md")
             .await
             .unwrap());
-        (recs, m)
+        (recs, m, tasks)
     });
     let sources: BTreeSet<String> = recs.keys().map(|(s, _)| s.clone()).collect();
     let expected: BTreeSet<String> = ["born_digital.pdf", "corrupt.pdf", "mixed.pdf"]
@@ -425,7 +434,7 @@ fn coordinator_and_two_workers_process_a_bucket_exactly_once() {
     let again: Value = serde_json::from_slice(&again.stdout).unwrap();
     assert_eq!(
         (again["published"].as_u64(), again["skipped"].as_u64()),
-        (Some(0), Some(tasks)),
+        (Some(0), Some(3)),
         "{again}"
     );
 

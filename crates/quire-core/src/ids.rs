@@ -35,6 +35,12 @@ pub fn task_id(fingerprint: &str, src: &SourceRef, first: u32, last: u32) -> Str
     hex::encode(&h.finalize()[..16])
 }
 
+/// Id of the task for a whole, unopened object (see `UnitKind::Document`):
+/// a range no page-range task can have.
+pub fn document_task_id(fingerprint: &str, src: &SourceRef) -> String {
+    task_id(fingerprint, src, 0, u32::MAX)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

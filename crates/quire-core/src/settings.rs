@@ -82,9 +82,25 @@ pub enum RenderSize {
     LongSide(u32),
     /// Dots per inch (72 = one pixel per PDF point).
     Dpi(f32),
+    /// The long side the job's model reads images at (its processor's
+    /// resize target), so pages are not resampled twice; resolved by the
+    /// process that holds the model ([`RenderSize::resolve`]).
+    Model,
 }
 
+/// The long side pages are rendered at when nothing else decides.
+pub const DEFAULT_LONG_SIDE: u32 = 1536;
+
 impl RenderSize {
+    /// A concrete size: [`RenderSize::Model`] becomes the model's long side
+    /// (or [`DEFAULT_LONG_SIDE`] without a model).
+    pub fn resolve(self, model_long_side: Option<u32>) -> RenderSize {
+        match self {
+            RenderSize::Model => RenderSize::LongSide(model_long_side.unwrap_or(DEFAULT_LONG_SIDE)),
+            other => other,
+        }
+    }
+
     /// Pixel size of a page of `w_pt` × `h_pt` points (already rotated as displayed).
     pub fn pixels_for(self, w_pt: f32, h_pt: f32) -> (u64, u64) {
         let to_px = |v: f32| (v.round() as u64).max(1);
@@ -101,6 +117,7 @@ impl RenderSize {
                 let s = dpi / 72.0;
                 (to_px(w_pt * s), to_px(h_pt * s))
             }
+            RenderSize::Model => self.resolve(None).pixels_for(w_pt, h_pt),
         }
     }
 }
@@ -171,6 +188,10 @@ pub enum UnitKind {
     Image,
     /// Probing the object failed; the worker writes one error record for it.
     Unreadable,
+    /// A whole object not opened yet (distributed planning never downloads
+    /// inputs). The worker that takes it opens it, processes it in one go
+    /// when it fits one task, or publishes its page-range tasks.
+    Document,
 }
 
 /// One unit of work: a page range of one document, or a frame range of one
@@ -190,7 +211,11 @@ pub struct TaskSpec {
 }
 
 impl TaskSpec {
+    /// Pages or frames the task covers (0 for a document not yet opened).
     pub fn units(&self) -> u32 {
+        if self.unit == UnitKind::Document {
+            return 0;
+        }
         self.last + 1 - self.first
     }
 }

@@ -5,21 +5,26 @@
 //! What lives where:
 //! - every task carries the job's settings, the output location included
 //!   ([`JobSettings::out`]), so a worker needs nothing but the queue;
+//! - the coordinator lists the inputs and publishes one whole-document task
+//!   per object without opening it; the worker that takes it runs it whole
+//!   or splits it into page-range tasks (`JOB/splits/ID.json`, see
+//!   [`crate::split`]);
 //! - `JOB/job.json` ([`JobFile`]: settings, inputs, start time, counts) and
-//!   `JOB/plan.jsonl` (one [`PlanLine`] per task, in plan order) are written
-//!   under the output by the coordinator; `quire status` and the finish step
-//!   read them from there;
+//!   `JOB/plan/NNNNNN.jsonl` (one [`PlanLine`] per document, in plan order)
+//!   are written under the output by the coordinator; `quire status` and the
+//!   finish step read them from there;
 //! - `JOB/results/TASK_ID.jsonl` marks a task done; dead letters live in the
 //!   `QUIRE_DEAD` stream.
 
-use crate::finish::{finish_job, parse_jsonl, JobOutcome, PlannedTask};
+use crate::finish::{finish_job, parse_jsonl, JobOutcome, PagesThisRun, PlannedTask};
 use crate::plan::Planner;
+use crate::split::{document_task, split_key, splits_prefix, Split};
 use crate::process::TaskFailure;
 use crate::worker::{Fetch, Fetched, ResultStores};
 use anyhow::Context as _;
 use quire_core::{job_prefix, results_key, DeadLetter, JobSettings, Manifest, SourceRef, TaskSpec};
 use quire_queue::jetstream::{JetStreamOptions, JetStreamQueue};
-use quire_queue::{Published, QueueOptions, TaskQueue};
+use quire_queue::QueueOptions;
 use quire_store::inputs::{list_local, ListWarning, Listed};
 use quire_store::local::LocalStore;
 use quire_store::s3::{self, S3Options, S3Store};
@@ -138,30 +143,13 @@ impl ResultStores for StoreCache {
     }
 }
 
-/// One planned task in `JOB/plan.jsonl`.
+/// One planned document in `JOB/plan/NNNNNN.jsonl`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PlanLine {
+    /// The whole-document task's id.
     pub task_id: String,
     pub uri: String,
     pub rel: String,
-    pub first: u32,
-    pub last: u32,
-}
-
-impl PlanLine {
-    pub fn units(&self) -> u64 {
-        u64::from(self.last + 1 - self.first)
-    }
-
-    fn planned(&self) -> PlannedTask {
-        PlannedTask {
-            task_id: self.task_id.clone(),
-            uri: self.uri.clone(),
-            rel: self.rel.clone(),
-            first: self.first,
-            last: self.last,
-        }
-    }
 }
 
 /// `JOB/job.json`: what the coordinator submitted.
@@ -171,15 +159,20 @@ pub struct JobFile {
     pub inputs: Vec<String>,
     /// Unix seconds of the (latest) submission.
     pub submitted_at: f64,
-    pub tasks: u64,
-    pub units: u64,
+    pub documents: u64,
+    /// `JOB/plan/000000.jsonl` … in order; parts beyond are stale.
+    pub plan_parts: u32,
     pub published: u64,
     pub skipped: u64,
     pub duplicates: u64,
 }
 
-pub fn plan_key(job: &str) -> String {
-    format!("{}plan.jsonl", job_prefix(job))
+/// Documents per plan part: bounds the coordinator's memory whatever the
+/// corpus size.
+pub const PLAN_PART_LINES: usize = 10_000;
+
+pub fn plan_part_key(job: &str, part: u32) -> String {
+    format!("{}plan/{part:06}.jsonl", job_prefix(job))
 }
 
 pub fn job_file_key(job: &str) -> String {
@@ -193,15 +186,48 @@ fn unix_now() -> f64 {
         .unwrap_or(0.0)
 }
 
-pub async fn read_plan(store: &dyn BlobStore, job: &str) -> anyhow::Result<Option<Vec<PlanLine>>> {
-    let Some(bytes) = store.get(&plan_key(job)).await? else {
-        return Ok(None);
-    };
-    let mut out = Vec::new();
-    for line in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-        out.push(serde_json::from_slice(line).context("malformed plan.jsonl")?);
+/// Writes the plan in parts of [`PLAN_PART_LINES`] documents.
+struct PlanWriter<'a> {
+    store: &'a dyn BlobStore,
+    job: String,
+    part: u32,
+    buf: Vec<u8>,
+    lines: usize,
+}
+
+impl PlanWriter<'_> {
+    async fn push(&mut self, line: &PlanLine) -> anyhow::Result<()> {
+        serde_json::to_writer(&mut self.buf, line)?;
+        self.buf.push(b'\n');
+        self.lines += 1;
+        if self.lines == PLAN_PART_LINES {
+            self.flush().await?;
+        }
+        Ok(())
     }
-    Ok(Some(out))
+
+    async fn flush(&mut self) -> anyhow::Result<()> {
+        if self.lines > 0 {
+            let body = std::mem::take(&mut self.buf);
+            self.store.put(&plan_part_key(&self.job, self.part), body).await?;
+            self.part += 1;
+            self.lines = 0;
+        }
+        Ok(())
+    }
+}
+
+/// The planned documents of `job`, in plan order.
+pub async fn read_plan(store: &dyn BlobStore, job: &str, jf: &JobFile) -> anyhow::Result<Vec<PlanLine>> {
+    let mut out = Vec::with_capacity(jf.documents as usize);
+    for part in 0..jf.plan_parts {
+        let key = plan_part_key(job, part);
+        let bytes = store.get(&key).await?.with_context(|| format!("{key} is missing"))?;
+        for line in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            out.push(serde_json::from_slice(line).with_context(|| format!("malformed {key}"))?);
+        }
+    }
+    Ok(out)
 }
 
 pub async fn read_job_file(store: &dyn BlobStore, job: &str) -> anyhow::Result<Option<JobFile>> {
@@ -209,80 +235,130 @@ pub async fn read_job_file(store: &dyn BlobStore, job: &str) -> anyhow::Result<O
         return Ok(None);
     };
     Ok(Some(
-        serde_json::from_slice(&bytes).context("malformed job.json")?,
+        serde_json::from_slice(&bytes).context("malformed job.json (written by an older quire? resubmit the job)")?,
     ))
 }
 
+/// A set of task ids held as 128-bit numbers (16 bytes each instead of a
+/// 32-character string): the coordinator checks every document against it.
+#[derive(Debug, Default, Clone)]
+pub struct IdSet(HashSet<u128>);
+
+impl IdSet {
+    fn bits(id: &str) -> Option<u128> {
+        if id.len() == 32 {
+            u128::from_str_radix(id, 16).ok()
+        } else {
+            None
+        }
+    }
+
+    pub fn insert(&mut self, id: &str) {
+        if let Some(b) = Self::bits(id) {
+            self.0.insert(b);
+        }
+    }
+
+    pub fn contains(&self, id: &str) -> bool {
+        Self::bits(id).is_some_and(|b| self.0.contains(&b))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// Ids named by the keys under `prefix` that end in `suffix`.
+async fn ids_under(store: &dyn BlobStore, prefix: &str, suffix: &str) -> anyhow::Result<IdSet> {
+    let mut set = IdSet::default();
+    for k in store.list(prefix).await? {
+        if let Some(id) = k.strip_prefix(prefix).and_then(|r| r.strip_suffix(suffix)) {
+            set.insert(id);
+        }
+    }
+    Ok(set)
+}
+
 /// Ids of the tasks of `job` with stored results.
-pub async fn results_present(store: &dyn BlobStore, job: &str) -> anyhow::Result<HashSet<String>> {
-    let prefix = format!("{}results/", job_prefix(job));
-    Ok(store
-        .list(&prefix)
-        .await?
-        .into_iter()
-        .filter_map(|k| {
-            k.strip_prefix(&prefix)
-                .and_then(|r| r.strip_suffix(".jsonl"))
-                .map(str::to_string)
-        })
-        .collect())
+pub async fn results_present(store: &dyn BlobStore, job: &str) -> anyhow::Result<IdSet> {
+    ids_under(store, &format!("{}results/", job_prefix(job)), ".jsonl").await
+}
+
+/// Ids of the documents of `job` that a worker has split.
+pub async fn splits_present(store: &dyn BlobStore, job: &str) -> anyhow::Result<IdSet> {
+    ids_under(store, &splits_prefix(job), ".json").await
+}
+
+pub async fn read_split(store: &dyn BlobStore, job: &str, document_task_id: &str) -> anyhow::Result<Option<Split>> {
+    let key = split_key(job, document_task_id);
+    match store.get(&key).await? {
+        None => Ok(None),
+        Some(b) => Ok(Some(serde_json::from_slice(&b).with_context(|| format!("malformed {key}"))?)),
+    }
 }
 
 pub struct CoordinatorOptions {
-    pub nats: JetStreamOptions,
     pub inputs: Vec<String>,
     /// `settings.out` names the output (a folder or `s3://`).
     pub settings: JobSettings,
     pub access: S3Access,
     /// Publish tasks whose results already exist.
     pub force: bool,
-    /// Where S3 inputs are downloaded to be probed.
-    pub scratch: PathBuf,
-    pub pdf: quire_render::PdfRenderer,
 }
 
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct Submitted {
     pub documents: u64,
-    pub tasks: u64,
-    pub units: u64,
     pub published: u64,
+    /// Documents whose results (or all of whose page-range results) exist.
     pub skipped: u64,
+    /// Documents the queue already held (published within its dedup window).
     pub duplicates: u64,
-    /// Pages and frames of the skipped tasks.
-    pub skipped_units: u64,
     #[serde(skip)]
     pub warnings: Vec<ListWarning>,
+    /// Tasks with results before this submission.
+    #[serde(skip)]
+    pub done_before: IdSet,
 }
 
-/// Lists the inputs, plans them, publishes the tasks that have no results
-/// yet and writes `JOB/plan.jsonl` and `JOB/job.json`.
-pub async fn submit(
-    o: &CoordinatorOptions,
-    queue: &JetStreamQueue,
-    store: &dyn BlobStore,
-) -> anyhow::Result<(Submitted, Vec<PlanLine>)> {
+/// Tasks published at once before waiting for the server's acks.
+const PUBLISH_WINDOW: usize = 512;
+
+/// Lists the inputs and publishes one whole-document task per object that
+/// has no results yet, without opening any of them (workers do: see
+/// [`crate::split`]); writes the plan parts and `JOB/job.json`.
+///
+/// Memory stays flat in the corpus size except for the set of finished
+/// task ids (16 bytes each) needed to skip finished work.
+pub async fn submit(o: &CoordinatorOptions, queue: &JetStreamQueue, store: &dyn BlobStore) -> anyhow::Result<Submitted> {
     let job = o.settings.job.clone();
     let planner = Planner::new(o.settings.clone());
-    let limits = o.settings.limits;
-    let s3_client = o.access.client().await;
-    let done = if o.force {
-        HashSet::new()
+    let s3_client = if o.inputs.iter().any(|i| is_s3(i)) { Some(o.access.client().await) } else { None };
+    let (done, split) = if o.force {
+        (IdSet::default(), IdSet::default())
     } else {
-        results_present(store, &job).await?
+        (results_present(store, &job).await?, splits_present(store, &job).await?)
     };
     let mut sub = Submitted::default();
-    let mut plan = Vec::new();
+    let mut plan = PlanWriter { store, job: job.clone(), part: 0, buf: Vec::new(), lines: 0 };
+    let mut publisher = queue.publisher(PUBLISH_WINDOW);
     for input in &o.inputs {
-        let (tx, mut rx) = mpsc::channel(256);
-        let lister = if is_s3(input) {
-            let (c, u) = (s3_client.clone(), input.clone());
-            tokio::spawn(async move { s3::list_s3(&c, &u, 1000, tx).await })
-        } else {
-            let root = input.clone();
-            tokio::spawn(async move {
-                let _ = tokio::task::spawn_blocking(move || list_local(&root, tx)).await;
-            })
+        let (tx, mut rx) = mpsc::channel(1024);
+        let lister = match &s3_client {
+            Some(c) if is_s3(input) => {
+                let (c, u) = (c.clone(), input.clone());
+                tokio::spawn(async move { s3::list_s3(&c, &u, 1000, tx).await })
+            }
+            _ => {
+                let root = input.clone();
+                tokio::spawn(async move {
+                    let _ = tokio::task::spawn_blocking(move || list_local(&root, tx)).await;
+                })
+            }
         };
         while let Some(item) = rx.recv().await {
             let src = match item {
@@ -294,95 +370,158 @@ pub async fn submit(
                 }
             };
             sub.documents += 1;
-            // S3 objects are downloaded to be probed (the probe reads the
-            // PDF's page tree; a ranged read would do for most files).
-            let fetched = if is_s3(&src.uri) {
-                match s3::fetch_to_file(&s3_client, &src, &o.scratch).await {
-                    Ok(f) => Some(f),
-                    Err(e) => {
-                        tracing::warn!("{}: {e}", src.uri);
-                        sub.warnings.push(ListWarning {
-                            path: src.uri.clone(),
-                            message: e.to_string(),
-                        });
-                        sub.documents -= 1;
+            let doc = document_task(&planner.settings, &planner.fingerprint, &src);
+            plan.push(&PlanLine { task_id: doc.task_id.clone(), uri: src.uri.clone(), rel: src.rel.clone() }).await?;
+            if done.contains(&doc.task_id) {
+                sub.skipped += 1;
+                continue;
+            }
+            if split.contains(&doc.task_id) {
+                if let Some(sp) = read_split(store, &job, &doc.task_id).await? {
+                    if sp.parts.iter().all(|p| done.contains(&p.task_id)) {
+                        sub.skipped += 1;
                         continue;
                     }
                 }
-            } else {
-                None
-            };
-            let path = fetched
-                .as_ref()
-                .map(|f| f.path().to_path_buf())
-                .unwrap_or_else(|| PathBuf::from(&src.uri));
-            let pdf = o.pdf.clone();
-            let probe =
-                tokio::task::spawn_blocking(move || quire_render::probe(&path, &limits, &pdf))
-                    .await?;
-            drop(fetched);
-            for task in planner.plan(&src, &probe) {
-                sub.tasks += 1;
-                sub.units += u64::from(task.units());
-                plan.push(PlanLine {
-                    task_id: task.task_id.clone(),
-                    uri: src.uri.clone(),
-                    rel: src.rel.clone(),
-                    first: task.first,
-                    last: task.last,
-                });
-                if done.contains(&task.task_id) {
-                    sub.skipped += 1;
-                    sub.skipped_units += u64::from(task.units());
-                    continue;
-                }
-                match queue.publish(&task).await? {
-                    Published::New => sub.published += 1,
-                    Published::Duplicate => sub.duplicates += 1,
-                }
             }
+            publisher.send(&doc).await?;
         }
         lister.await?;
     }
-    let mut body = Vec::new();
-    for p in &plan {
-        serde_json::to_writer(&mut body, p)?;
-        body.push(b'\n');
-    }
-    store.put(&plan_key(&job), body).await?;
+    plan.flush().await?;
+    let acks = publisher.finish().await?;
+    sub.published = acks.new;
+    sub.done_before = done;
+    sub.duplicates = acks.duplicates;
     let jf = JobFile {
         settings: o.settings.clone(),
         inputs: o.inputs.clone(),
         submitted_at: unix_now(),
-        tasks: sub.tasks,
-        units: sub.units,
+        documents: sub.documents,
+        plan_parts: plan.part,
         published: sub.published,
         skipped: sub.skipped,
         duplicates: sub.duplicates,
     };
-    store
-        .put(&job_file_key(&job), serde_json::to_vec_pretty(&jf)?)
-        .await?;
-    Ok((sub, plan))
+    store.put(&job_file_key(&job), serde_json::to_vec_pretty(&jf)?).await?;
+    Ok(sub)
+}
+
+/// Every task of a job as known now: a document not opened yet is one
+/// task; a split document is its page-range tasks.
+pub struct Ledger {
+    pub job: JobFile,
+    pub docs: Vec<PlanLine>,
+    splits: HashMap<String, Split>,
+}
+
+/// Where one task stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskState {
+    Done,
+    Dead,
+    Open,
+}
+
+impl Ledger {
+    pub async fn load(store: &dyn BlobStore, job: &str) -> anyhow::Result<Option<Ledger>> {
+        let Some(jf) = read_job_file(store, job).await? else {
+            return Ok(None);
+        };
+        let docs = read_plan(store, job, &jf).await?;
+        Ok(Some(Ledger { job: jf, docs, splits: HashMap::new() }))
+    }
+
+    /// Reads the splits that appeared since the last call (a split never
+    /// changes once written).
+    pub async fn refresh_splits(&mut self, store: &dyn BlobStore) -> anyhow::Result<()> {
+        let job = self.job.settings.job.clone();
+        let present = splits_present(store, &job).await?;
+        if present.len() == self.splits.len() {
+            return Ok(());
+        }
+        for d in &self.docs {
+            if present.contains(&d.task_id) && !self.splits.contains_key(&d.task_id) {
+                if let Some(sp) = read_split(store, &job, &d.task_id).await? {
+                    self.splits.insert(d.task_id.clone(), sp);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The tasks of each document in plan order: `(document, tasks)`, each
+    /// task as a [`PlannedTask`] (an unopened document has pages `1..=0`).
+    pub fn tasks(&self) -> impl Iterator<Item = (&PlanLine, Vec<PlannedTask>)> {
+        self.docs.iter().map(|d| {
+            let tasks = match self.splits.get(&d.task_id) {
+                Some(sp) => sp
+                    .parts
+                    .iter()
+                    .map(|p| PlannedTask { task_id: p.task_id.clone(), uri: d.uri.clone(), rel: d.rel.clone(), first: p.first, last: p.last })
+                    .collect(),
+                None => vec![PlannedTask { task_id: d.task_id.clone(), uri: d.uri.clone(), rel: d.rel.clone(), first: 1, last: 0 }],
+            };
+            (d, tasks)
+        })
+    }
+
+    /// The state of every task; a split document whose own task was given
+    /// up on before all its parts were published counts its open parts as
+    /// given up too.
+    pub fn states(&self, present: &IdSet, dead: &IdSet) -> Vec<(PlannedTask, TaskState)> {
+        let mut out = Vec::new();
+        for (d, tasks) in self.tasks() {
+            let doc_dead = dead.contains(&d.task_id);
+            for t in tasks {
+                let st = if present.contains(&t.task_id) {
+                    TaskState::Done
+                } else if dead.contains(&t.task_id) || doc_dead {
+                    TaskState::Dead
+                } else {
+                    TaskState::Open
+                };
+                out.push((t, st));
+            }
+        }
+        out
+    }
 }
 
 /// Where a job stands, from the output store (and the queue when given).
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct JobStatus {
     pub job: String,
+    pub documents: u64,
+    /// Tasks known now: unopened documents count as one task each.
     pub tasks: u64,
     pub done: u64,
     pub dead_lettered: u64,
     pub pending: u64,
-    pub units: u64,
+    /// Documents not opened by a worker yet.
+    pub unopened: u64,
     pub pages_ok: u64,
     pub pages_failed: u64,
     /// Tasks still in the work stream (queued, leased or backing off), when the queue was asked.
     pub queued: Option<u64>,
     pub elapsed_seconds: f64,
+    /// Pages (and frames) with records per second since the submission; needs `pages`.
     pub pages_per_second: f64,
+    /// From the task rate since the submission; an unopened document counts as one task.
     pub eta_seconds: Option<f64>,
     pub finished: bool,
+}
+
+async fn dead_ids(queue: Option<&JetStreamQueue>, job: &str) -> anyhow::Result<(IdSet, Vec<DeadLetter>)> {
+    let mut set = IdSet::default();
+    let dead = match queue {
+        Some(q) => q.dead_letters(job).await?,
+        None => Vec::new(),
+    };
+    for d in &dead {
+        set.insert(&d.task_id);
+    }
+    Ok((set, dead))
 }
 
 /// Counts a job's tasks; `pages` reads every result file to count pages.
@@ -392,111 +531,88 @@ pub async fn job_status(
     queue: Option<&JetStreamQueue>,
     pages: bool,
 ) -> anyhow::Result<Option<JobStatus>> {
-    let Some(plan) = read_plan(store, job).await? else {
+    let Some(mut ledger) = Ledger::load(store, job).await? else {
         return Ok(None);
     };
-    let jf = read_job_file(store, job).await?;
+    ledger.refresh_splits(store).await?;
     let present = results_present(store, job).await?;
-    let dead: HashSet<String> = match queue {
-        Some(q) => q
-            .dead_letters(job)
-            .await?
-            .into_iter()
-            .map(|d| d.task_id)
-            .collect(),
-        None => HashSet::new(),
-    };
-    let mut st = JobStatus {
-        job: job.to_string(),
-        tasks: plan.len() as u64,
-        ..Default::default()
-    };
-    let mut units_done = 0;
-    for p in &plan {
-        st.units += p.units();
-        if present.contains(&p.task_id) {
-            st.done += 1;
-            units_done += p.units();
-            if pages {
-                if let Some(bytes) = store.get(&results_key(job, &p.task_id)).await? {
-                    for r in parse_jsonl(&bytes)? {
-                        if r.error.is_some() {
-                            st.pages_failed += 1;
-                        } else {
-                            st.pages_ok += 1;
+    let (dead, _) = dead_ids(queue, job).await?;
+    let mut st = JobStatus { job: job.to_string(), documents: ledger.docs.len() as u64, ..Default::default() };
+    st.unopened = ledger.docs.iter().filter(|d| !ledger.splits.contains_key(&d.task_id) && !present.contains(&d.task_id)).count() as u64;
+    for (t, state) in ledger.states(&present, &dead) {
+        st.tasks += 1;
+        match state {
+            TaskState::Done => {
+                st.done += 1;
+                if pages {
+                    if let Some(bytes) = store.get(&results_key(job, &t.task_id)).await? {
+                        for r in parse_jsonl(&bytes)? {
+                            if r.error.is_some() {
+                                st.pages_failed += 1;
+                            } else {
+                                st.pages_ok += 1;
+                            }
                         }
                     }
                 }
             }
-        } else if dead.contains(&p.task_id) {
-            st.dead_lettered += 1;
-        } else {
-            st.pending += 1;
+            TaskState::Dead => st.dead_lettered += 1,
+            TaskState::Open => st.pending += 1,
         }
     }
     if let Some(q) = queue {
         st.queued = Some(q.pending(job).await?);
     }
     st.finished = st.pending == 0;
-    if let Some(jf) = jf {
-        st.elapsed_seconds = (unix_now() - jf.submitted_at).max(0.0);
-        // Units done by this submission: what was done minus what was
-        // skipped as already done (approximately: skipped tasks' units are
-        // not recorded, so use the task share).
-        let skipped_units = if jf.tasks > 0 {
-            jf.units * jf.skipped / jf.tasks
-        } else {
-            0
-        };
-        let new_units = units_done.saturating_sub(skipped_units);
-        if st.elapsed_seconds > 0.0 {
-            st.pages_per_second = new_units as f64 / st.elapsed_seconds;
-        }
-        let remaining = st.units.saturating_sub(units_done);
-        if remaining == 0 {
-            st.eta_seconds = Some(0.0);
-        } else if st.pages_per_second > 0.0 {
-            st.eta_seconds = Some(remaining as f64 / st.pages_per_second);
-        }
+    st.elapsed_seconds = (unix_now() - ledger.job.submitted_at).max(0.0);
+    if st.elapsed_seconds > 0.0 {
+        st.pages_per_second = (st.pages_ok + st.pages_failed) as f64 / st.elapsed_seconds;
+    }
+    // Tasks done since this submission: those done before it were skipped
+    // as whole documents, which is what `skipped` counts.
+    let new_done = st.done.saturating_sub(ledger.job.skipped);
+    if st.pending == 0 {
+        st.eta_seconds = Some(0.0);
+    } else if new_done > 0 && st.elapsed_seconds > 0.0 {
+        st.eta_seconds = Some(st.pending as f64 * st.elapsed_seconds / new_done as f64);
     }
     Ok(Some(st))
 }
 
-/// Waits until every planned task has results or is dead-lettered, then
-/// writes the Markdown and the manifest. Dead letters of expired leases are
-/// forwarded meanwhile.
+/// Waits until every task has results or is dead-lettered, then writes the
+/// Markdown and the manifest. Dead letters of expired leases are forwarded
+/// meanwhile.
 pub async fn wait_and_finish(
     o: &CoordinatorOptions,
     queue: &JetStreamQueue,
     store: &dyn BlobStore,
-    plan: &[PlanLine],
     sub: &Submitted,
     started_at: SystemTime,
     poll: Duration,
 ) -> anyhow::Result<Manifest> {
     let job = &o.settings.job;
+    let mut ledger = Ledger::load(store, job).await?.context("job.json vanished from the output")?;
     let q = queue.clone();
     let forwarder = tokio::spawn(async move { q.forward_dead_letters().await });
     let mut last_log = std::time::Instant::now();
-    let dead: Vec<DeadLetter> = loop {
+    let (states, dead) = loop {
+        ledger.refresh_splits(store).await?;
         let present = results_present(store, job).await?;
-        let dead = queue.dead_letters(job).await?;
-        let dead_ids: HashSet<&str> = dead.iter().map(|d| d.task_id.as_str()).collect();
-        let open = plan
-            .iter()
-            .filter(|p| !present.contains(&p.task_id) && !dead_ids.contains(p.task_id.as_str()))
-            .count();
+        let (dead_set, dead) = dead_ids(Some(queue), job).await?;
+        let states = ledger.states(&present, &dead_set);
+        let open = states.iter().filter(|(_, s)| *s == TaskState::Open).count();
         if open == 0 {
-            break dead;
+            break (states, dead);
         }
         if last_log.elapsed() >= Duration::from_secs(10) {
             last_log = std::time::Instant::now();
-            tracing::info!("{job}: {open} of {} tasks still open", plan.len());
+            tracing::info!("{job}: {open} of {} tasks still open", states.len());
         }
         tokio::time::sleep(poll).await;
     };
     forwarder.abort();
-    let planned: Vec<PlannedTask> = plan.iter().map(PlanLine::planned).collect();
+    let planned: Vec<PlannedTask> = states.into_iter().map(|(t, _)| t).collect();
+    let before = |id: &str| sub.done_before.contains(id);
     let manifest = finish_job(
         store,
         JobOutcome {
@@ -506,7 +622,7 @@ pub async fn wait_and_finish(
             dead: &dead,
             tasks_skipped: sub.skipped,
             started_at,
-            pages_this_run: sub.units.saturating_sub(sub.skipped_units),
+            pages_this_run: PagesThisRun::DoneBefore(&before),
             gpu_seconds: 0.0,
         },
     )
@@ -514,10 +630,19 @@ pub async fn wait_and_finish(
     Ok(manifest)
 }
 
-/// Connects to the queue with the given delivery rules.
-pub async fn connect_queue(url: &str, queue: QueueOptions) -> anyhow::Result<JetStreamQueue> {
+/// Connects to the queue. With `set_rules` (the coordinator) the worker
+/// consumer gets `queue`'s delivery rules; otherwise (workers, status) an
+/// existing consumer's rules are kept and adopted.
+pub async fn connect_queue(
+    url: &str,
+    auth: quire_queue::jetstream::NatsAuth,
+    queue: QueueOptions,
+    set_rules: bool,
+) -> anyhow::Result<JetStreamQueue> {
     let mut o = JetStreamOptions::new(url);
+    o.auth = auth;
     o.queue = queue;
+    o.set_delivery_rules = set_rules;
     JetStreamQueue::connect(o)
         .await
         .with_context(|| format!("connecting to NATS JetStream at {url}"))

@@ -118,7 +118,7 @@ pub async fn run_embedded(opts: RunOptions, progress: Arc<Progress>) -> anyhow::
             dead: &dead,
             tasks_skipped: skipped,
             started_at,
-            pages_this_run,
+            pages_this_run: crate::finish::PagesThisRun::Counted(pages_this_run),
             gpu_seconds: 0.0,
         },
     )

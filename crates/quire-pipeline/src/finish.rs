@@ -22,6 +22,13 @@ pub struct PlannedTask {
     pub last: u32,
 }
 
+/// How to tell the pages this run produced from those of earlier runs.
+pub enum PagesThisRun<'a> {
+    Counted(u64),
+    /// Records of tasks for which this returns true were there before the run.
+    DoneBefore(&'a (dyn Fn(&str) -> bool + Sync)),
+}
+
 pub struct JobOutcome<'a> {
     pub settings: &'a JobSettings,
     pub inputs: &'a [String],
@@ -30,7 +37,7 @@ pub struct JobOutcome<'a> {
     pub tasks_skipped: u64,
     pub started_at: SystemTime,
     /// Pages with a record written by this run (for the rate).
-    pub pages_this_run: u64,
+    pub pages_this_run: PagesThisRun<'a>,
     pub gpu_seconds: f64,
 }
 
@@ -53,7 +60,8 @@ pub fn document_markdown(records: &[Record], first_missing: &[(u32, u32)]) -> St
         })
         .collect();
     for (a, b) in missing {
-        entries.push((a, format!("<!-- pages {a}-{b}: not processed (gave up after repeated failures) -->")));
+        let what = if b < a { "document".to_string() } else { format!("pages {a}-{b}") };
+        entries.push((a, format!("<!-- {what}: not processed (gave up after repeated failures) -->")));
     }
     entries.sort_by_key(|(p, _)| *p);
     for (page, body) in entries {
@@ -97,6 +105,7 @@ pub async fn finish_job(store: &dyn BlobStore, o: JobOutcome<'_>) -> anyhow::Res
     let mut counts = ManifestCounts { tasks: o.plan.len() as u64, tasks_skipped: o.tasks_skipped, ..Default::default() };
     let mut failures = Vec::new();
     let mut dead_lettered = Vec::new();
+    let mut pages_new = 0u64;
     let mut i = 0;
     while i < o.plan.len() {
         let uri = &o.plan[i].uri;
@@ -111,7 +120,13 @@ pub async fn finish_job(store: &dyn BlobStore, o: JobOutcome<'_>) -> anyhow::Res
             match store.get(&results_key(job, &t.task_id)).await? {
                 Some(bytes) => {
                     counts.tasks_done += 1;
-                    records.extend(parse_jsonl(&bytes)?);
+                    let recs = parse_jsonl(&bytes)?;
+                    if let PagesThisRun::DoneBefore(before) = &o.pages_this_run {
+                        if !before(&t.task_id) {
+                            pages_new += recs.len() as u64;
+                        }
+                    }
+                    records.extend(recs);
                 }
                 None => {
                     missing.push((t.first, t.last));
@@ -139,6 +154,10 @@ pub async fn finish_job(store: &dyn BlobStore, o: JobOutcome<'_>) -> anyhow::Res
     }
     counts.tasks_dead_lettered = dead_lettered.len() as u64;
     let wall = SystemTime::now().duration_since(o.started_at).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+    let pages_this_run = match o.pages_this_run {
+        PagesThisRun::Counted(n) => n,
+        PagesThisRun::DoneBefore(_) => pages_new,
+    };
     let manifest = Manifest {
         job: job.clone(),
         quire_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -151,7 +170,7 @@ pub async fn finish_job(store: &dyn BlobStore, o: JobOutcome<'_>) -> anyhow::Res
         dead_lettered,
         throughput: Throughput {
             wall_seconds: (wall * 1000.0).round() / 1000.0,
-            pages_per_second: if wall > 0.0 { ((o.pages_this_run as f64 / wall) * 100.0).round() / 100.0 } else { 0.0 },
+            pages_per_second: if wall > 0.0 { ((pages_this_run as f64 / wall) * 100.0).round() / 100.0 } else { 0.0 },
             cpu_seconds: (process_cpu_seconds() * 100.0).round() / 100.0,
             gpu_seconds: o.gpu_seconds,
         },

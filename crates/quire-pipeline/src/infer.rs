@@ -54,6 +54,9 @@ impl Default for BatchOptions {
     }
 }
 
+/// Told the size of every batch the model runs.
+pub type BatchObserver = Box<dyn Fn(usize) + Send>;
+
 /// Cloneable handle to the inference thread.
 #[derive(Clone)]
 pub struct InferenceHandle {
@@ -65,12 +68,17 @@ pub struct InferenceHandle {
 impl InferenceHandle {
     /// Moves `model` onto its own thread and returns the handle that feeds it.
     pub fn start(model: Box<dyn Generator>, opts: BatchOptions) -> Self {
+        Self::start_observed(model, opts, None)
+    }
+
+    /// Like [`InferenceHandle::start`], calling `observe` with each batch's size.
+    pub fn start_observed(model: Box<dyn Generator>, opts: BatchOptions, observe: Option<BatchObserver>) -> Self {
         let model_name = model.model_name();
         let prompts = [model.default_prompt(TaskKind::Ocr), model.default_prompt(TaskKind::Caption)];
         let (tx, rx) = std_mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("quire-infer".into())
-            .spawn(move || serve(model, rx, opts))
+            .spawn(move || serve(model, rx, opts, observe))
             .expect("spawn the inference thread");
         InferenceHandle { tx, model_name, prompts }
     }
@@ -94,7 +102,7 @@ impl InferenceHandle {
     }
 }
 
-fn serve(mut model: Box<dyn Generator>, rx: std_mpsc::Receiver<Job>, opts: BatchOptions) {
+fn serve(mut model: Box<dyn Generator>, rx: std_mpsc::Receiver<Job>, opts: BatchOptions, observe: Option<BatchObserver>) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         let deadline = Instant::now() + opts.linger;
@@ -106,6 +114,9 @@ fn serve(mut model: Box<dyn Generator>, rx: std_mpsc::Receiver<Job>, opts: Batch
             }
         }
         let (reqs, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|j| (j.req, j.reply)).unzip();
+        if let Some(o) = &observe {
+            o(reqs.len());
+        }
         let t0 = Instant::now();
         let result = model.generate(&reqs);
         let ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -159,7 +170,13 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn requests_from_many_callers_share_batches_and_get_their_own_answers() {
         let sizes = Arc::new(Mutex::new(Vec::new()));
-        let h = InferenceHandle::start(Box::new(Echo(sizes.clone())), BatchOptions { max_batch: 4, linger: Duration::from_millis(50) });
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s2 = seen.clone();
+        let h = InferenceHandle::start_observed(
+            Box::new(Echo(sizes.clone())),
+            BatchOptions { max_batch: 4, linger: Duration::from_millis(50) },
+            Some(Box::new(move |n| s2.lock().unwrap().push(n))),
+        );
         let calls: Vec<_> = (0..10)
             .map(|i| {
                 let h = h.clone();
@@ -176,5 +193,6 @@ mod tests {
         assert_eq!(sizes.iter().sum::<usize>(), 10);
         assert!(sizes.iter().all(|&s| s <= 4), "{sizes:?}");
         assert!(sizes.len() <= 4, "requests arriving together are batched: {sizes:?}");
+        assert_eq!(*seen.lock().unwrap(), sizes, "the observer sees every batch");
     }
 }

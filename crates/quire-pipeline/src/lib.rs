@@ -5,6 +5,7 @@
 //! * [`route`]: whether a PDF page's own text layer is good enough to skip the model;
 //! * [`infer`]: one model per process behind a channel, batching pages across tasks;
 //! * [`process`]: one task → its records (render, route, infer);
+//! * [`split`]: whole-document tasks (distributed planning) opened and split by a worker;
 //! * [`worker`]: the loop that leases tasks, processes them, stores results and acks;
 //! * [`finish`]: per-document Markdown and `manifest.json` once every task is settled;
 //! * [`vlm`]: the `quire-vlm` models behind the [`Generator`] trait;
@@ -20,6 +21,7 @@ pub mod plan;
 pub mod process;
 pub mod progress;
 pub mod route;
+pub mod split;
 pub mod vlm;
 pub mod worker;
 

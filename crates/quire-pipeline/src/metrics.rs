@@ -25,6 +25,8 @@ pub struct Metrics {
     /// Per page: render and inference milliseconds as the records report them, in seconds.
     pub render_seconds: Histogram,
     pub infer_seconds: Histogram,
+    /// Requests per model forward batch (pages and images that shared one `generate`).
+    pub batch_size: Histogram,
     /// Error records and task failures by kind.
     pub errors: IntCounterVec,
     pub in_flight: IntGauge,
@@ -76,6 +78,11 @@ impl Metrics {
             .buckets(buckets()),
         )
         .unwrap();
+        let batch_size = Histogram::with_opts(
+            HistogramOpts::new("batch_size", "Pages and images per model batch")
+                .buckets(vec![1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 64.0]),
+        )
+        .unwrap();
         let errors = IntCounterVec::new(
             Opts::new("errors_total", "Error records and task failures by kind"),
             &["kind"],
@@ -98,6 +105,7 @@ impl Metrics {
             Box::new(stage_seconds.clone()),
             Box::new(render_seconds.clone()),
             Box::new(infer_seconds.clone()),
+            Box::new(batch_size.clone()),
             Box::new(errors.clone()),
             Box::new(in_flight.clone()),
             Box::new(queue_pending.clone()),
@@ -115,6 +123,7 @@ impl Metrics {
             stage_seconds,
             render_seconds,
             infer_seconds,
+            batch_size,
             errors,
             in_flight,
             queue_pending,
@@ -159,6 +168,7 @@ impl TaskObserver for Metrics {
             TaskEnd::Retried => "retried",
             TaskEnd::Refused => "refused",
             TaskEnd::Interrupted => "interrupted",
+            TaskEnd::Split => "split",
         };
         self.tasks.with_label_values(&[outcome]).inc();
         if end != TaskEnd::Refused {

@@ -20,6 +20,8 @@ pub struct ProcessContext {
     pub pdf: PdfRenderer,
     /// The model, when one was given.
     pub model: Option<InferenceHandle>,
+    /// The long side the model reads images at (for `RenderSize::Model`).
+    pub model_long_side: Option<u32>,
 }
 
 /// The task could not be finished now; try again later.
@@ -125,6 +127,12 @@ pub async fn process_task(task: &TaskSpec, path: &Path, ctx: &ProcessContext) ->
                     .collect(),
             }
         }
+        UnitKind::Document => {
+            return Err(TaskFailure(format!(
+                "{}: a whole-document task must be opened and split by the worker first",
+                task.source.uri
+            )))
+        }
         UnitKind::Pdf => {
             let (units, count) = render_pdf(task, &path, ctx).await?;
             page_count = count.unwrap_or(page_count);
@@ -144,7 +152,8 @@ pub async fn process_task(task: &TaskSpec, path: &Path, ctx: &ProcessContext) ->
 async fn render_pdf(task: &TaskSpec, path: &Path, ctx: &ProcessContext) -> Result<(Vec<Unit>, Option<u32>), TaskFailure> {
     let s = &task.settings;
     let range = task.first..=task.last;
-    let base = RenderOptions { size: s.render, want_image: false, want_text: true, limits: s.limits };
+    let size = s.render.resolve(ctx.model_long_side);
+    let base = RenderOptions { size, want_image: false, want_text: true, limits: s.limits };
     let mut units: Vec<Unit>;
     if s.engine == Engine::Vlm {
         units = (task.first..=task.last)

@@ -5,7 +5,8 @@
 
 use crate::process::{process_task, ProcessContext, TaskFailure};
 use crate::progress::Progress;
-use quire_core::{results_key, Record, SourceRef, TaskSpec};
+use crate::split::{open_document, split_key, Opened};
+use quire_core::{results_key, Record, SourceRef, TaskSpec, UnitKind};
 use quire_queue::{Lease, TaskQueue};
 use quire_store::BlobStore;
 use std::path::PathBuf;
@@ -64,6 +65,17 @@ pub enum TaskEnd {
     Refused,
     /// Interrupted by a shutdown; handed back.
     Interrupted,
+    /// A whole-document task whose page-range tasks were published.
+    Split,
+}
+
+/// What a finished task produced.
+enum Done {
+    /// The records, and the kind of units they are (a whole-document task
+    /// learns it when it opens the document).
+    Records(Vec<Record>, UnitKind),
+    /// Page-range tasks published for a document.
+    Split,
 }
 
 /// Told about each task a worker finishes; all methods default to nothing.
@@ -110,6 +122,38 @@ pub fn backoff(delivery: u32) -> Duration {
 }
 
 impl Worker {
+    /// Stores the split of a document, then publishes its page-range tasks
+    /// that have no results yet (the queue drops ids it already holds).
+    async fn publish_parts(
+        &self,
+        store: &Arc<dyn BlobStore>,
+        split: &crate::split::Split,
+        parts: &[TaskSpec],
+    ) -> Result<(), TaskFailure> {
+        let job = &parts[0].settings.job;
+        let body = serde_json::to_vec(split).map_err(|e| TaskFailure(format!("encoding the split: {e}")))?;
+        store
+            .put(&split_key(job, &split.document_task_id), body)
+            .await
+            .map_err(|e| TaskFailure(format!("storing the split: {e}")))?;
+        let mut published = 0;
+        for part in parts {
+            let done = store
+                .exists(&results_key(job, &part.task_id))
+                .await
+                .map_err(|e| TaskFailure(format!("checking results: {e}")))?;
+            if !done {
+                self.queue
+                    .publish(part)
+                    .await
+                    .map_err(|e| TaskFailure(format!("publishing page-range tasks: {e}")))?;
+                published += 1;
+            }
+        }
+        tracing::info!(source = %split.uri, pages = split.unit_count, tasks = parts.len(), published, "document split");
+        Ok(())
+    }
+
     /// Works until the queue says there is nothing more, or until `abort`
     /// is set (the running task is handed back, nothing more is pulled).
     pub async fn run(&self) -> anyhow::Result<()> {
@@ -160,12 +204,33 @@ impl Worker {
             // (its task ids say "no model"; `quire run` would not use one).
             let no_model;
             let ctx = if task.settings.model.is_none() && self.ctx.model.is_some() {
-                no_model = ProcessContext { pdf: self.ctx.pdf.clone(), model: None };
+                no_model = ProcessContext { pdf: self.ctx.pdf.clone(), model: None, model_long_side: None };
                 &no_model
             } else {
                 &self.ctx
             };
-            let records = process_task(&task, &input.path, ctx).await?;
+            let whole;
+            let run = if task.unit == UnitKind::Document {
+                let (path, limits, pdf) = (input.path.clone(), task.settings.limits, ctx.pdf.clone());
+                let probe = tokio::task::spawn_blocking(move || quire_render::probe(&path, &limits, &pdf))
+                    .await
+                    .map_err(|e| TaskFailure(format!("opening the document: {e}")))?;
+                match open_document(&task, &probe) {
+                    Opened::Whole(t) => {
+                        whole = t;
+                        &whole
+                    }
+                    Opened::Split(split, parts) => {
+                        drop(input);
+                        self.publish_parts(&store, &split, &parts).await?;
+                        stage("split", t);
+                        return Ok(Done::Split);
+                    }
+                }
+            } else {
+                &task
+            };
+            let records = process_task(run, &input.path, ctx).await?;
             stage("process", t);
             drop(input);
             let t = Instant::now();
@@ -174,7 +239,7 @@ impl Worker {
                 .await
                 .map_err(|e| TaskFailure(format!("storing results: {e}")))?;
             stage("upload", t);
-            Ok::<_, TaskFailure>(records)
+            Ok::<_, TaskFailure>(Done::Records(records, run.unit))
         };
         tokio::pin!(work);
         let mut beat = tokio::time::interval(self.heartbeat);
@@ -212,7 +277,15 @@ impl Worker {
         };
         let p = &self.progress;
         match result {
-            Ok(records) => {
+            Ok(Done::Split) => {
+                if let Err(e) = lease.ack().await {
+                    tracing::warn!(task = %task.task_id, "ack failed (the split is stored; a redelivery will redo it): {e}");
+                }
+                if let Some(o) = &self.observer {
+                    o.ended(&task, TaskEnd::Split, &[], t0.elapsed(), delivery).await;
+                }
+            }
+            Ok(Done::Records(records, unit)) => {
                 for r in &records {
                     if r.error.is_some() {
                         Progress::add(&p.pages_failed, 1);
@@ -228,7 +301,8 @@ impl Worker {
                     tracing::warn!(task = %task.task_id, "ack failed (results are stored; a redelivery will redo them): {e}");
                 }
                 if let Some(o) = &self.observer {
-                    o.ended(&task, TaskEnd::Stored, &records, t0.elapsed(), delivery).await;
+                    let opened = TaskSpec { unit, ..task.clone() };
+                    o.ended(&opened, TaskEnd::Stored, &records, t0.elapsed(), delivery).await;
                 }
             }
             Err(TaskFailure(msg)) => {
@@ -288,7 +362,7 @@ mod tests {
             queue: Arc::new(queue.clone()),
             stores: Arc::new(OneStore(Arc::new(LocalStore::new(dir.path())))),
             fetch: Arc::new(Stuck(started_tx)),
-            ctx: ProcessContext { pdf, model: None },
+            ctx: ProcessContext { pdf, model: None, model_long_side: None },
             progress: Arc::new(Progress::default()),
             heartbeat: Duration::from_secs(10),
             admit: None,

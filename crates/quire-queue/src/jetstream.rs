@@ -4,7 +4,7 @@
 //!
 //! | what | name | notes |
 //! |---|---|---|
-//! | work stream | `QUIRE_TASKS`, subjects `quire.tasks.>` | WorkQueue retention, file storage, `Nats-Msg-Id` = task id |
+//! | work stream | `QUIRE_TASKS`, subjects `quire.tasks.>` | WorkQueue retention, file storage, `Nats-Msg-Id` = job token / task id |
 //! | one subject per job | `quire.tasks.<job>` | `<job>` is [`subject_token`] of the job name |
 //! | worker consumer | durable pull `quire-workers`, all jobs | explicit ack, `ack_wait` / `max_deliver` from [`QueueOptions`] |
 //! | dead letters | `QUIRE_DEAD`, subjects `quire.dead.<job>` | limits retention, one JSON [`DeadLetter`] per task, deduplicated by task id |
@@ -17,7 +17,9 @@
 //!
 //! # Dedup
 //!
-//! Publishing sets `Nats-Msg-Id` to the task id; within the stream's
+//! Publishing sets `Nats-Msg-Id` to `JOB_TOKEN/TASK_ID` (task ids leave the
+//! job name out, and two jobs over the same inputs each need their own
+//! results); within the stream's
 //! duplicate window (default 2 h, [`JetStreamOptions::duplicate_window`]) the
 //! server drops a second publish of the same id and says so in its PubAck,
 //! which [`TaskQueue::publish`] reports as [`Published::Duplicate`]. The
@@ -112,6 +114,12 @@ pub struct JetStreamOptions {
     pub poll: Duration,
     /// How long `pull` and the forwarder retry while the server is unreachable.
     pub retry_for: Duration,
+    /// Whether connecting sets the worker consumer's `ack_wait` and
+    /// `max_deliver` to `queue` (the coordinator does). When `false` (workers,
+    /// `quire status`) an existing consumer's rules are adopted instead, so a
+    /// worker started with other defaults does not change them for everyone;
+    /// `queue` only applies when the consumer does not exist yet.
+    pub set_delivery_rules: bool,
 }
 
 impl JetStreamOptions {
@@ -130,6 +138,7 @@ impl JetStreamOptions {
             replicas: 1,
             poll: Duration::from_secs(5),
             retry_for: Duration::from_secs(120),
+            set_delivery_rules: true,
         }
     }
 }
@@ -218,7 +227,7 @@ impl JetStreamQueue {
 
     pub async fn with_client(
         client: async_nats::Client,
-        opts: JetStreamOptions,
+        mut opts: JetStreamOptions,
     ) -> Result<Self, QueueError> {
         let js = jetstream::new(client.clone());
         let work_cfg = stream::Config {
@@ -277,10 +286,19 @@ impl JetStreamQueue {
             num_replicas: opts.replicas,
             ..Default::default()
         };
-        let consumer = work
-            .create_consumer(consumer_cfg)
+        let mut consumer = if opts.set_delivery_rules {
+            work.create_consumer(consumer_cfg).await
+        } else {
+            work.get_or_create_consumer(&opts.consumer, consumer_cfg).await
+        }
+        .map_err(|e| backend(&format!("creating consumer {}", opts.consumer), e))?;
+        // The rules in force are the consumer's, whoever set them.
+        let info = consumer
+            .info()
             .await
-            .map_err(|e| backend(&format!("creating consumer {}", opts.consumer), e))?;
+            .map_err(|e| backend(&format!("reading consumer {}", opts.consumer), e))?;
+        opts.queue.ack_wait = info.config.ack_wait;
+        opts.queue.max_deliver = u32::try_from(info.config.max_deliver).unwrap_or(u32::MAX);
         let (stop, _) = watch::channel(false);
         Ok(JetStreamQueue {
             inner: Arc::new(Inner {
@@ -539,7 +557,7 @@ fn malformed_dead_letter(
 ) -> (String, DeadLetter) {
     let id = headers
         .get(async_nats::header::NATS_MESSAGE_ID)
-        .map(|v| v.as_str().to_string())
+        .map(|v| v.as_str().rsplit('/').next().unwrap_or_default().to_string())
         .unwrap_or_default();
     let job = subject
         .strip_prefix(&format!("{}.", o.subject_prefix))
@@ -556,19 +574,84 @@ fn malformed_dead_letter(
     (job, d)
 }
 
-#[async_trait]
-impl TaskQueue for JetStreamQueue {
-    async fn publish(&self, task: &TaskSpec) -> Result<Published, QueueError> {
+/// Counts of a [`Publisher`]'s acknowledged publishes.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PublishCounts {
+    pub new: u64,
+    pub duplicates: u64,
+}
+
+/// Publishes many tasks with up to `window` of them awaiting the server's
+/// ack at once, instead of one round trip each.
+pub struct Publisher {
+    queue: JetStreamQueue,
+    window: usize,
+    in_flight: tokio::task::JoinSet<Result<bool, QueueError>>,
+    counts: PublishCounts,
+}
+
+impl Publisher {
+    fn settle(&mut self, r: Result<Result<bool, QueueError>, tokio::task::JoinError>) -> Result<(), QueueError> {
+        match r.map_err(|e| backend("publishing task", e))?? {
+            true => self.counts.duplicates += 1,
+            false => self.counts.new += 1,
+        }
+        Ok(())
+    }
+
+    pub async fn send(&mut self, task: &TaskSpec) -> Result<(), QueueError> {
+        while self.in_flight.len() >= self.window {
+            if let Some(r) = self.in_flight.join_next().await {
+                self.settle(r)?;
+            }
+        }
+        let ack = self.queue.send_task(task).await?;
+        self.in_flight.spawn(async move {
+            ack.await
+                .map(|a| a.duplicate)
+                .map_err(|e| backend("publishing task (no PubAck)", e))
+        });
+        Ok(())
+    }
+
+    /// Waits for every ack.
+    pub async fn finish(mut self) -> Result<PublishCounts, QueueError> {
+        while let Some(r) = self.in_flight.join_next().await {
+            self.settle(r)?;
+        }
+        Ok(self.counts)
+    }
+}
+
+impl JetStreamQueue {
+    /// A [`Publisher`] for bulk submission.
+    pub fn publisher(&self, window: usize) -> Publisher {
+        Publisher { queue: self.clone(), window: window.max(1), in_flight: Default::default(), counts: Default::default() }
+    }
+
+    async fn send_task(&self, task: &TaskSpec) -> Result<jetstream::context::PublishAckFuture, QueueError> {
         let body = serde_json::to_vec(task).map_err(|e| backend("encoding task", e))?;
+        // Dedup is stream-wide: the id names the job too, since two jobs may
+        // share task ids (the job name does not change what a task outputs)
+        // while each needs its own results.
+        let msg_id = format!("{}/{}", subject_token(&task.settings.job), task.task_id);
         let publish = jetstream::message::PublishMessage::build()
-            .message_id(&task.task_id)
+            .message_id(msg_id)
             .payload(body.into());
-        let ack = self
-            .inner
+        self.inner
             .js
             .send_publish(self.task_subject(&task.settings.job), publish)
             .await
-            .map_err(|e| backend("publishing task", e))?
+            .map_err(|e| backend("publishing task", e))
+    }
+}
+
+#[async_trait]
+impl TaskQueue for JetStreamQueue {
+    async fn publish(&self, task: &TaskSpec) -> Result<Published, QueueError> {
+        let ack = self
+            .send_task(task)
+            .await?
             .await
             .map_err(|e| backend("publishing task (no PubAck)", e))?;
         Ok(if ack.duplicate {
@@ -669,7 +752,7 @@ impl JetStreamQueue {
         let subject = format!("{}.{}", self.inner.opts.dead_prefix, token);
         let mut publish = jetstream::message::PublishMessage::build().payload(body.into());
         if !dead.task_id.is_empty() {
-            publish = publish.message_id(&dead.task_id);
+            publish = publish.message_id(format!("{token}/{}", dead.task_id));
         }
         self.inner
             .js
@@ -770,6 +853,7 @@ pub(crate) mod test_server {
         pub port: u16,
         pub dir: tempfile::TempDir,
         child: Option<Child>,
+        extra: Vec<String>,
     }
 
     fn find_binary() -> PathBuf {
@@ -811,11 +895,17 @@ pub(crate) mod test_server {
 
     impl NatsServer {
         pub fn start() -> Self {
+            Self::start_with(&[])
+        }
+
+        /// With extra server flags (e.g. `--user`/`--pass`).
+        pub fn start_with(extra: &[&str]) -> Self {
             let mut s = NatsServer {
                 bin: find_binary(),
                 port: free_port(),
                 dir: tempfile::tempdir().unwrap(),
                 child: None,
+                extra: extra.iter().map(|a| a.to_string()).collect(),
             };
             s.spawn();
             s
@@ -842,6 +932,7 @@ pub(crate) mod test_server {
                     "-sd",
                 ])
                 .arg(self.dir.path().join("store"))
+                .args(&self.extra)
                 .stdout(Stdio::from(log.try_clone().unwrap()))
                 .stderr(Stdio::from(log))
                 .spawn()
@@ -989,6 +1080,59 @@ mod tests {
             .unwrap();
         assert!(r.unwrap().is_none());
         assert!(q.pull().await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn user_password_and_token_auth_are_used_and_refusals_are_clear() {
+        let server = NatsServer::start_with(&["--user", "quire", "--pass", "s3cret"]);
+        let mut o = opts(&server, 5000, 3);
+        let err = JetStreamQueue::connect(o.clone()).await.err().expect("no credentials: refused");
+        assert!(err.to_string().contains("connecting to NATS at"), "{err}");
+        o.auth.user_password = Some(("quire".into(), "wrong".into()));
+        assert!(JetStreamQueue::connect(o.clone()).await.is_err());
+        o.auth.user_password = Some(("quire".into(), "s3cret".into()));
+        let q = JetStreamQueue::connect(o).await.unwrap();
+        assert_eq!(q.publish(&task("auth", "a")).await.unwrap(), Published::New);
+        let tok = NatsServer::start_with(&["--auth", "t0ken"]);
+        let mut o = opts(&tok, 5000, 3);
+        o.auth.token = Some("t0ken".into());
+        JetStreamQueue::connect(o).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn same_task_id_in_two_jobs_is_two_tasks_and_bulk_publish_counts_acks() {
+        let server = NatsServer::start();
+        let q = JetStreamQueue::connect(opts(&server, 5000, 3)).await.unwrap();
+        let mut p = q.publisher(8);
+        for i in 0..50 {
+            p.send(&task("bulk", &format!("t{i}"))).await.unwrap();
+        }
+        // The same ids again (duplicates), and under another job (new work:
+        // that job needs its own results).
+        for i in 0..50 {
+            p.send(&task("bulk", &format!("t{i}"))).await.unwrap();
+            p.send(&task("bulk copy", &format!("t{i}"))).await.unwrap();
+        }
+        assert_eq!(p.finish().await.unwrap(), PublishCounts { new: 100, duplicates: 50 });
+        assert_eq!((q.pending("bulk").await.unwrap(), q.pending("bulk copy").await.unwrap()), (50, 50));
+    }
+
+    #[tokio::test]
+    async fn workers_adopt_the_consumer_rules_instead_of_overwriting_them() {
+        let server = NatsServer::start();
+        let coord = JetStreamQueue::connect(opts(&server, 30_000, 7)).await.unwrap();
+        let mut w = opts(&server, 2_000, 2);
+        w.set_delivery_rules = false;
+        let worker = JetStreamQueue::connect(w).await.unwrap();
+        for q in [&worker, &coord] {
+            assert_eq!((q.options().queue.ack_wait, q.options().queue.max_deliver), (Duration::from_secs(30), 7));
+        }
+        // A worker alone on a fresh server creates the consumer with its own rules.
+        let fresh = NatsServer::start();
+        let mut w = opts(&fresh, 2_000, 2);
+        w.set_delivery_rules = false;
+        let q = JetStreamQueue::connect(w).await.unwrap();
+        assert_eq!((q.options().queue.ack_wait, q.options().queue.max_deliver), (Duration::from_secs(2), 2));
     }
 
     #[tokio::test]

@@ -29,10 +29,8 @@ pub const BUCKET: &str = "quire-jobs";
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobMeta {
     pub settings: JobSettings,
-    /// Tasks planned (published or found already done).
-    pub tasks: u64,
-    /// Pages and image frames over all tasks.
-    pub units: u64,
+    /// Documents planned (each one task until a worker splits it).
+    pub documents: u64,
     /// `false` while the coordinator is still listing and planning.
     pub planning_done: bool,
 }
@@ -208,8 +206,7 @@ mod tests {
         assert_eq!(p.meta("my job").await.unwrap(), None);
         let meta = JobMeta {
             settings: JobSettings::new("my job"),
-            tasks: 4,
-            units: 40,
+            documents: 4,
             planning_done: true,
         };
         p.put_meta("my job", &meta).await.unwrap();

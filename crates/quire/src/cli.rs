@@ -158,7 +158,55 @@ pub struct ServiceOpts {
     #[arg(long, value_name = "URL", env = "QUIRE_NATS")]
     pub nats: String,
     #[command(flatten)]
+    pub nats_auth: NatsAuthOpts,
+    #[command(flatten)]
     pub s3: S3Opts,
+}
+
+/// NATS authentication and TLS (secrets are best passed as environment variables).
+#[derive(Args, Clone, Default)]
+pub struct NatsAuthOpts {
+    /// NATS user name (with --nats-password).
+    #[arg(long, value_name = "NAME", env = "QUIRE_NATS_USER", requires = "nats_password")]
+    pub nats_user: Option<String>,
+    /// NATS password.
+    #[arg(long, value_name = "PASSWORD", env = "QUIRE_NATS_PASSWORD", hide_env_values = true, requires = "nats_user")]
+    pub nats_password: Option<String>,
+    /// NATS authentication token.
+    #[arg(long, value_name = "TOKEN", env = "QUIRE_NATS_TOKEN", hide_env_values = true)]
+    pub nats_token: Option<String>,
+    /// NATS credentials file (JWT and nkey seed, as made by `nsc`).
+    #[arg(long, value_name = "FILE", env = "QUIRE_NATS_CREDS")]
+    pub nats_creds: Option<std::path::PathBuf>,
+    /// File holding an nkey seed (`SU...`).
+    #[arg(long, value_name = "FILE", env = "QUIRE_NATS_NKEY")]
+    pub nats_nkey: Option<std::path::PathBuf>,
+    /// PEM CA certificate to trust for the NATS server's TLS certificate.
+    #[arg(long, value_name = "FILE", env = "QUIRE_NATS_TLS_CA")]
+    pub nats_tls_ca: Option<std::path::PathBuf>,
+    /// PEM client certificate for mutual TLS (with --nats-tls-key).
+    #[arg(long, value_name = "FILE", env = "QUIRE_NATS_TLS_CERT", requires = "nats_tls_key")]
+    pub nats_tls_cert: Option<std::path::PathBuf>,
+    /// PEM key of the client certificate.
+    #[arg(long, value_name = "FILE", env = "QUIRE_NATS_TLS_KEY", requires = "nats_tls_cert")]
+    pub nats_tls_key: Option<std::path::PathBuf>,
+    /// Insist on TLS even for a nats:// URL.
+    #[arg(long)]
+    pub nats_require_tls: bool,
+}
+
+impl NatsAuthOpts {
+    pub fn auth(&self) -> quire_queue::jetstream::NatsAuth {
+        quire_queue::jetstream::NatsAuth {
+            user_password: self.nats_user.clone().zip(self.nats_password.clone()),
+            token: self.nats_token.clone(),
+            creds_file: self.nats_creds.clone(),
+            nkey_seed_file: self.nats_nkey.clone(),
+            tls_ca: self.nats_tls_ca.clone(),
+            tls_client_cert: self.nats_tls_cert.clone().zip(self.nats_tls_key.clone()),
+            require_tls: self.nats_require_tls,
+        }
+    }
 }
 
 /// Where S3 is; credentials come from the standard AWS chain.
@@ -237,6 +285,8 @@ pub struct StatusArgs {
     /// NATS server, to find the job and count dead-lettered and queued tasks.
     #[arg(long, value_name = "URL", env = "QUIRE_NATS")]
     pub nats: Option<String>,
+    #[command(flatten)]
+    pub nats_auth: NatsAuthOpts,
     #[command(flatten)]
     pub s3: S3Opts,
     /// Print JSON.

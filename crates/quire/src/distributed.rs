@@ -53,21 +53,11 @@ pub fn coordinator(args: CoordinatorArgs) -> u8 {
         return exit::USAGE;
     }
     s.out = Some(args.out.clone());
-    let pdf = match quire_render::PdfRenderer::start(1) {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("error: {}", e.message);
-            return exit::USAGE;
-        }
-    };
     let o = CoordinatorOptions {
-        nats: quire_queue::jetstream::JetStreamOptions::new(&args.services.nats),
         inputs: args.inputs.clone(),
         settings: s,
         access: access(&args.services.s3),
         force: args.force,
-        scratch: scratch_dir(),
-        pdf,
     };
     let queue_opts = QueueOptions {
         ack_wait: Duration::from_secs(args.ack_wait_s),
@@ -76,20 +66,18 @@ pub fn coordinator(args: CoordinatorArgs) -> u8 {
     let started_at = SystemTime::now();
     let result = runtime().and_then(|rt| {
         rt.block_on(async {
-            let queue = connect_queue(&args.services.nats, queue_opts).await?;
+            let queue = connect_queue(&args.services.nats, args.services.nats_auth.auth(), queue_opts, true).await?;
             let store = open_store(&args.out, &o.access).await?;
-            let (sub, plan) = submit(&o, &queue, store.as_ref()).await?;
+            let sub = submit(&o, &queue, store.as_ref()).await?;
             // The job's settings (output location included) in the quire-jobs
             // KV bucket, so `quire status JOB --nats URL` finds the output.
-            let meta = JobMeta { settings: o.settings.clone(), tasks: sub.tasks, units: sub.units, planning_done: true };
+            let meta = JobMeta { settings: o.settings.clone(), documents: sub.documents, planning_done: true };
             JobProgress::open(queue.client(), 1).await?.put_meta(&o.settings.job, &meta).await?;
             println!("{}", serde_json::to_string(&sub)?);
             eprintln!(
-                "job {}: {} documents, {} tasks ({} pages): {} published, {} already done, {} already queued{}",
+                "job {}: {} documents: {} published, {} already done, {} already queued{}",
                 o.settings.job,
                 sub.documents,
-                sub.tasks,
-                sub.units,
                 sub.published,
                 sub.skipped,
                 sub.duplicates,
@@ -98,7 +86,7 @@ pub fn coordinator(args: CoordinatorArgs) -> u8 {
             if !args.wait {
                 return Ok(exit::OK);
             }
-            let m = wait_and_finish(&o, &queue, store.as_ref(), &plan, &sub, started_at, Duration::from_millis(args.poll_ms))
+            let m = wait_and_finish(&o, &queue, store.as_ref(), &sub, started_at, Duration::from_millis(args.poll_ms))
                 .await?;
             let c = &m.counts;
             eprintln!(
@@ -169,10 +157,12 @@ fn worker_inner(args: WorkerArgs) -> anyhow::Result<u8> {
             } else {
                 m.clone()
             };
-            match crate::model::load(m, &local, &args.model_opts) {
-                Ok((handle, _)) => {
+            let m2 = metrics.clone();
+            let observe: quire_pipeline::infer::BatchObserver = Box::new(move |n| m2.batch_size.observe(n as f64));
+            match crate::model::load(m, &local, &args.model_opts, Some(observe)) {
+                Ok((handle, long_side)) => {
                     metrics.model_load_seconds.set(t0.elapsed().as_secs_f64());
-                    Some(handle)
+                    Some((handle, long_side))
                 }
                 Err(e) => {
                     eprintln!("error: {e:#}");
@@ -202,11 +192,20 @@ fn worker_inner(args: WorkerArgs) -> anyhow::Result<u8> {
     };
     let grace = Duration::from_secs(args.grace_s);
     rt.block_on(async move {
-        let queue = connect_queue(&args.services.nats, queue_opts).await?;
+        let queue = connect_queue(&args.services.nats, args.services.nats_auth.auth(), queue_opts, false).await?;
+        // The lease time in force is the consumer's (set by the coordinator).
+        let ack_wait = queue.options().queue.ack_wait;
+        if ack_wait != queue_opts.ack_wait {
+            tracing::info!("the queue's ack wait is {ack_wait:?} (set by the coordinator); heartbeats follow it");
+        }
         metrics.ready.set(1);
         let stores = Arc::new(StoreCache::new(access.clone()));
         let fetch = Arc::new(S3Fetch { client: access.client().await, dir: scratch_dir() });
-        let ctx = ProcessContext { pdf, model };
+        let (model, model_long_side) = match model {
+            Some((h, l)) => (Some(h), l),
+            None => (None, None),
+        };
+        let ctx = ProcessContext { pdf, model, model_long_side };
         let progress = Arc::new(Progress::default());
         let (abort_tx, abort_rx) = watch::channel(false);
         let mut loops = tokio::task::JoinSet::new();
@@ -217,7 +216,7 @@ fn worker_inner(args: WorkerArgs) -> anyhow::Result<u8> {
                 fetch: fetch.clone(),
                 ctx: ctx.clone(),
                 progress: progress.clone(),
-                heartbeat: (queue_opts.ack_wait / 3).max(Duration::from_millis(100)),
+                heartbeat: (ack_wait / 3).max(Duration::from_millis(100)),
                 admit: Some(admit.clone()),
                 observer: Some(metrics.clone() as Arc<dyn TaskObserver>),
                 abort: Some(abort_rx.clone()),
@@ -285,10 +284,12 @@ pub fn status(args: StatusArgs) -> u8 {
                 Some(url) => Some(
                     connect_queue(
                         url,
+                        args.nats_auth.auth(),
                         QueueOptions {
                             ack_wait: Duration::from_secs(300),
                             max_deliver: 3,
                         },
+                        false,
                     )
                     .await?,
                 ),
@@ -333,16 +334,17 @@ pub fn status(args: StatusArgs) -> u8 {
             } else {
                 println!("job {}", st.job);
                 println!(
-                    "  tasks     {} planned, {} done, {} dead-lettered, {} pending",
+                    "  documents {} ({} not opened by a worker yet)",
+                    st.documents, st.unopened
+                );
+                println!(
+                    "  tasks     {} known, {} done, {} dead-lettered, {} pending",
                     st.tasks, st.done, st.dead_lettered, st.pending
                 );
                 if let Some(q) = st.queued {
                     println!("  queue     {q} tasks in the work stream");
                 }
-                println!(
-                    "  pages     {} planned, {} ok, {} failed",
-                    st.units, st.pages_ok, st.pages_failed
-                );
+                println!("  pages     {} ok, {} failed", st.pages_ok, st.pages_failed);
                 println!(
                     "  rate      {:.2} pages/s over {:.0}s",
                     st.pages_per_second, st.elapsed_seconds

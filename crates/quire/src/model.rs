@@ -1,7 +1,7 @@
 //! Resolving and loading `--model`.
 
 use crate::cli::{DtypeArg, ModelOpts};
-use quire_pipeline::infer::BatchOptions;
+use quire_pipeline::infer::{BatchObserver, BatchOptions};
 use quire_pipeline::vlm::VlmGenerator;
 use quire_pipeline::InferenceHandle;
 use std::time::Instant;
@@ -10,7 +10,12 @@ use std::time::Instant;
 /// folder, loads it under the name `spec`, and starts the inference thread.
 /// Returns the handle and the long side the model's processor wants pages
 /// rendered at.
-pub fn load(spec: &str, local: &str, args: &ModelOpts) -> anyhow::Result<(InferenceHandle, Option<u32>)> {
+pub fn load(
+    spec: &str,
+    local: &str,
+    args: &ModelOpts,
+    observe: Option<BatchObserver>,
+) -> anyhow::Result<(InferenceHandle, Option<u32>)> {
     let dtype = match args.dtype {
         DtypeArg::F32 => "f32",
         DtypeArg::Bf16 => "bf16",
@@ -22,5 +27,5 @@ pub fn load(spec: &str, local: &str, args: &ModelOpts) -> anyhow::Result<(Infere
     let long_side = model.input_long_side();
     tracing::info!("loaded model {spec} in {:.1}s", t0.elapsed().as_secs_f64());
     let opts = BatchOptions { max_batch: args.batch_size as usize, ..BatchOptions::default() };
-    Ok((InferenceHandle::start(Box::new(model), opts), long_side))
+    Ok((InferenceHandle::start_observed(Box::new(model), opts, observe), long_side))
 }

@@ -55,7 +55,10 @@ pub fn settings(args: &JobOpts) -> JobSettings {
     s.render = match (args.render_long_side, args.render_dpi) {
         (_, Some(dpi)) => RenderSize::Dpi(dpi),
         (Some(px), None) => RenderSize::LongSide(px),
-        (None, None) => RenderSize::LongSide(1536),
+        // With a model: the size its processor reads, decided where the
+        // model is loaded (`quire run`, or each worker).
+        (None, None) if s.model.is_some() => RenderSize::Model,
+        (None, None) => RenderSize::LongSide(quire_core::DEFAULT_LONG_SIDE),
     };
     s.limits = Limits {
         max_file_bytes: (args.max_file_mb.max(0.0) * 1024.0 * 1024.0) as u64,
@@ -73,21 +76,16 @@ fn run_inner(args: RunArgs) -> Result<u8, Failure> {
         }
     }
     check_job_name(&args.opts.job).map_err(Failure::Usage)?;
-    let mut settings = settings(&args.opts);
+    let settings = settings(&args.opts);
     if settings.engine == Engine::Vlm && settings.model.is_none() {
         return Err(Failure::Usage("--engine vlm needs --model (a checkpoint folder, hub id or s3:// prefix)".into()));
     }
     let pdf = crate::start_renderer().map_err(|e| Failure::Usage(e.message))?;
-    let model = match settings.model.clone() {
-        None => None,
+    let (model, model_long_side) = match settings.model.clone() {
+        None => (None, None),
         Some(m) => {
-            let (handle, long_side) = crate::model::load(&m, &m, &args.model_opts).map_err(|e| Failure::Usage(format!("{e:#}")))?;
-            // Pages are rendered at the size the model's processor reads, so
-            // they are not resampled twice.
-            if let (None, None, Some(px)) = (args.opts.render_long_side, args.opts.render_dpi, long_side) {
-                settings.render = RenderSize::LongSide(px);
-            }
-            Some(handle)
+            let (handle, long_side) = crate::model::load(&m, &m, &args.model_opts, None).map_err(|e| Failure::Usage(format!("{e:#}")))?;
+            (Some(handle), long_side)
         }
     };
     let opts = RunOptions {
@@ -97,7 +95,7 @@ fn run_inner(args: RunArgs) -> Result<u8, Failure> {
         workers: args.model_opts.workers as usize,
         force: args.force,
         queue: QueueOptions { ack_wait: Duration::from_secs(600), max_deliver: args.opts.max_deliver },
-        ctx: ProcessContext { pdf, model },
+        ctx: ProcessContext { pdf, model, model_long_side },
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(anyhow::Error::from)?;
     let progress = Arc::new(Progress::default());
