@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The same text-layer job embedded (`quire run`) and distributed (1
+# coordinator + 2 workers over a real nats-server, inputs and results in
+# Garage S3 on loopback), on this machine, in the same run. Not a test.
+#
+#   benches/dist/overhead.sh [REPS]          # default 3 repetitions, alternating
+#
+# Corpus: the real Debian manuals of benches/render/bench.sh (661 pages),
+# fetched into BENCH_DIR (default /root/bench-pdfs). Same parallelism on both
+# sides: `quire run` renders with 2 pdfium processes; each worker has 1 task
+# slot and 1 render process. The distributed wall time runs from submission to
+# the manifest written by `coordinator --wait` (planning, worker-side splits,
+# downloads, uploads, Markdown included); workers are started beforehand.
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
+reps="${1:-3}"
+bench="${BENCH_DIR:-/root/bench-pdfs}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+for p in r-doc-pdf gnuplot-doc asymptote-doc; do
+  ls "$bench/deb/${p}"_*.deb >/dev/null 2>&1 || (mkdir -p "$bench/deb" && cd "$bench/deb" && apt-get download "$p" >/dev/null 2>&1)
+  dpkg-deb -x "$bench/deb/${p}"_*.deb "$bench/x"
+done
+files=("$bench/x/usr/share/R/doc/manual/R-intro.pdf" "$bench/x/usr/share/R/doc/manual/R-data.pdf"
+       "$bench/x/usr/share/doc/gnuplot/gnuplot.pdf" "$bench/x/usr/share/doc/asymptote/asymptote.pdf")
+# PROFILE=dev reuses a test build (the workspace's dev profile is optimised).
+PROFILE="${PROFILE:-release}"
+cargo build -q --profile "$PROFILE" -p quire -p quire-store --features quire-store/s3 --example s3_put
+bin="$CARGO_TARGET_DIR/$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")"
+QUIRE="$bin/quire"
+S3PUT="$bin/examples/s3_put"
+export QUIRE_PDFIUM="${QUIRE_PDFIUM:-$("$ROOT/scripts/setup-pdfium.sh" "$HOME/.cache/quire-tools/pdfium")}"
+WORK="$(mktemp -d /tmp/quire-overhead-bench.XXXX)"
+source "$ROOT/benches/dist/services.sh"
+mkdir -p "$WORK/in"
+cp "${files[@]}" "$WORK/in/"
+"$S3PUT" "s3://$BUCKET/in" "${files[@]}" 2>/dev/null
+for i in 1 2; do
+  "$QUIRE" --render-procs 1 worker --nats "$NATS_URL" --workers 1 >"$WORK/worker$i.log" 2>&1 &
+  PIDS+=($!)
+done
+sleep 1
+emb=(); dist=()
+for r in $(seq "$reps"); do
+  t0=$(date +%s.%N)
+  "$QUIRE" --render-procs 2 run "$WORK/in" --out "$WORK/emb" --job "e$r" --engine text-layer --quiet >/dev/null 2>"$WORK/emb$r.log"
+  t1=$(date +%s.%N)
+  "$QUIRE" coordinator --nats "$NATS_URL" --input "s3://$BUCKET/in" --out "s3://$BUCKET/out" --job "d$r" \
+    --engine text-layer --wait --poll-ms 100 >"$WORK/dist$r.json" 2>"$WORK/dist$r.log"
+  t2=$(date +%s.%N)
+  emb+=("$(echo "$t1 - $t0" | bc)"); dist+=("$(echo "$t2 - $t1" | bc)")
+  echo "rep $r: embedded ${emb[-1]} s, distributed ${dist[-1]} s"
+done
+python3 - "$WORK" "${emb[*]}" "${dist[*]}" <<'PY'
+import json, statistics, sys
+work, e, d = sys.argv[1], [float(x) for x in sys.argv[2].split()], [float(x) for x in sys.argv[3].split()]
+pages = json.load(open(f"{work}/emb/e1/manifest.json"))["counts"]["records"]
+me, md = statistics.median(e), statistics.median(d)
+print(f"pages {pages}; median embedded {me:.2f} s ({pages/me:.0f} pages/s), distributed {md:.2f} s ({pages/md:.0f} pages/s)")
+print(f"distributed / embedded wall time: {md/me:.3f} (overhead {100*(md/me-1):+.1f}%)")
+PY
+echo "load average: $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) CPUs"
