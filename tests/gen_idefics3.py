@@ -8,6 +8,7 @@ processor is used, which is what `AutoProcessor` picks there):
 
 Output: tests/fixtures/idefics3/<checkpoint>/ (a loadable HF folder), images/*.png and
 <checkpoint>/reference.json + reference.safetensors (pixel values, first-step logits).
+`gen_idefics3.py NAME...` regenerates only those checkpoints.
 The Rust parity tests in crates/quire-vlm/tests/parity.rs read these.
 """
 import json
@@ -137,6 +138,21 @@ CHECKPOINTS = {
                                   do_image_splitting=True, resample=3),
         tie=False, layout="sharded", eos=["<end_of_utterance>"],
     ),
+    # The small new-layout model again, with a generation_config.json that sets what greedy
+    # generate() applies by default: repetition_penalty, no_repeat_ngram_size, max_new_tokens
+    # (the default length), bad_words_ids, suppress_tokens; plus do_sample/temperature, which
+    # a greedy call overrides. The reference is generate(do_sample=False) with no length given.
+    "genconf_penalties": dict(
+        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                    image_size=32, patch_size=8),
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 100000.0}),
+        scale_factor=2, proc=dict(size={"longest_edge": 64}, max_image_size={"longest_edge": 32},
+                                  do_image_splitting=True),
+        tie=False, layout="new", eos=["<end_of_utterance>"],
+        generation=dict(repetition_penalty=1.3, no_repeat_ngram_size=3, max_new_tokens=24,
+                        do_sample=True, temperature=0.7, top_k=20),
+    ),
 }
 
 PROMPTS = ["Convert this page to docling.", "Describe this image in one sentence."]
@@ -232,7 +248,11 @@ def render(processor, prompt):
     return processor.apply_chat_template(messages(prompt), add_generation_prompt=True)
 
 
-def reference(d, images):
+def reference(d, images, gen_kwargs=None, plain=False):
+    """Greedy reference outputs. `gen_kwargs` default to max_new_tokens=MAX_NEW; with `plain`,
+    also what generation gives with every logits processor of the generation config switched
+    off (to show the processors change the output)."""
+    gen_kwargs = dict(max_new_tokens=MAX_NEW) if gen_kwargs is None else gen_kwargs
     processor = AutoProcessor.from_pretrained(d)
     assert "Pil" in type(processor.image_processor).__name__, type(processor.image_processor)
     model = AutoModelForImageTextToText.from_pretrained(d, dtype=torch.float32).eval()
@@ -246,11 +266,11 @@ def reference(d, images):
         info = processor.image_processor(images=[[images[name]]], return_row_col_info=True)
         with torch.no_grad():
             out = model(**enc)
-            gen = model.generate(**enc, max_new_tokens=MAX_NEW, do_sample=False, output_logits=True,
+            gen = model.generate(**enc, **gen_kwargs, do_sample=False, output_scores=True,
                                  return_dict_in_generate=True)
         new = gen.sequences[0, enc["input_ids"].shape[1]:].tolist()
-        # margin between best and second-best logit at each greedy step (token-exactness headroom)
-        top2 = torch.stack([l[0] for l in gen.logits]).topk(2, dim=-1).values
+        # margin between best and second-best processed score at each greedy step (token-exactness headroom)
+        top2 = torch.stack([l[0] for l in gen.scores]).topk(2, dim=-1).values
         margin = float((top2[:, 0] - top2[:, 1]).min())
         key = name.replace(".png", "")
         tensors[f"{key}.pixel_values"] = enc["pixel_values"][0].contiguous()
@@ -262,18 +282,46 @@ def reference(d, images):
             input_ids=enc["input_ids"][0].tolist(), new_tokens=new,
             text=tok.decode(new, skip_special_tokens=True), min_top2_margin=margin,
         ))
+        if plain:
+            with torch.no_grad():
+                g = model.generate(**enc, max_new_tokens=len(new), do_sample=False, repetition_penalty=1.0,
+                                   no_repeat_ngram_size=0, bad_words_ids=None, suppress_tokens=None)
+            cases[-1]["plain_new_tokens"] = g[0, enc["input_ids"].shape[1]:].tolist()
     # batched reference (left padding) across all images, for information
     tok.padding_side = "left"
     texts = [render(processor, c["prompt"]) for c in cases]
     enc = processor(text=texts, images=[[images[c["image"]]] for c in cases], return_tensors="pt", padding=True)
     with torch.no_grad():
-        gen = model.generate(**enc, max_new_tokens=MAX_NEW, do_sample=False)
+        gen = model.generate(**enc, **gen_kwargs, do_sample=False)
     batched = [gen[i, enc["input_ids"].shape[1]:].tolist() for i in range(len(cases))]
+    max_new = gen_kwargs.get("max_new_tokens", model.generation_config.max_new_tokens)
     meta = dict(transformers_version=transformers.__version__, torch_version=torch.__version__,
-                max_new_tokens=MAX_NEW, image_processor=type(processor.image_processor).__name__,
+                max_new_tokens=max_new, max_new_tokens_from_generation_config="max_new_tokens" not in gen_kwargs,
+                image_processor=type(processor.image_processor).__name__,
                 image_seq_len=processor.image_seq_len, cases=cases, hf_batched_new_tokens=batched)
     json.dump(meta, open(os.path.join(d, "reference.json"), "w"), indent=1)
     save_file(tensors, os.path.join(d, "reference.safetensors"))
+    return meta
+
+
+def with_generation_config(d, settings, images, plain_meta):
+    """Writes `settings` into d/generation_config.json, with bad_words_ids and suppress_tokens
+    picked from the plain greedy output so each rule changes something, and returns the
+    reference made under that config (None when the processors changed no output)."""
+    outs = [c["new_tokens"] for c in plain_meta["cases"]]
+    gc_path = os.path.join(d, "generation_config.json")
+    gc = json.load(open(gc_path))
+    gc.update(settings)
+    # one single-token bad word, one two-token bad word, one suppressed token
+    gc["bad_words_ids"] = [[outs[0][2]], [outs[1][3], outs[1][4]]]
+    gc["suppress_tokens"] = [outs[2][1]]
+    json.dump(gc, open(gc_path, "w"), indent=2)
+    meta = reference(d, images, gen_kwargs={}, plain=True)
+    changed = sum(c["new_tokens"] != c["plain_new_tokens"] for c in meta["cases"])
+    if changed < 2:
+        return None
+    # pixel values and logits are those of split_sf2_gqa's processor and covered there
+    os.remove(os.path.join(d, "reference.safetensors"))
     return meta
 
 
@@ -298,6 +346,10 @@ def main():
                 gc["eos_token_id"] = first + [meta["cases"][0]["new_tokens"][5]]
                 json.dump(gc, open(gc_path, "w"), indent=2)
                 meta = reference(d, images)
+            if "generation" in spec:
+                meta = with_generation_config(d, spec["generation"], images, meta)
+                if meta is None:
+                    continue
             if min(c["min_top2_margin"] for c in meta["cases"]) > 2e-3:
                 break
         print(name, "seed", seed)

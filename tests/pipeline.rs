@@ -362,3 +362,34 @@ fn scanned_pages_and_images_go_to_the_model() {
     assert_eq!(code(&o), 0);
     assert!(String::from_utf8_lossy(&o.stderr).contains("0 already done"));
 }
+
+#[test]
+fn without_max_new_tokens_the_checkpoints_generation_config_decides() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, reference) = idefics3("genconf_penalties");
+    let case = &reference["cases"][0];
+    let image = case["image"].as_str().unwrap();
+    let input = fixtures().join("idefics3/images").join(image);
+    let run = |job: &str, extra: &[&str]| {
+        let out = tmp.path().join("out");
+        let args = [
+            &["run", input.to_str().unwrap(), "--out", out.to_str().unwrap(), "--job", job, "--engine", "vlm",
+              "--model", model.to_str().unwrap(), "--prompt", case["prompt"].as_str().unwrap()][..],
+            extra,
+        ]
+        .concat();
+        let o = quire(&args);
+        assert_eq!(code(&o), 0);
+        records(&out, job).remove(&(image.to_string(), 1)).unwrap()
+    };
+    // The generation config's max_new_tokens, repetition penalty, n-gram and bad-word rules.
+    let r = run("default", &[]);
+    assert_eq!(r["text"], case["text"], "greedy text differs from transformers' generate()");
+    assert_eq!(r["tokens_out"], reference["max_new_tokens"]);
+    assert_eq!(r["finish_reason"], "length");
+    // An explicit --max-new-tokens wins.
+    let r = run("explicit", &["--max-new-tokens", "5"]);
+    assert_eq!(r["tokens_out"], 5);
+    let o = quire(&["run", input.to_str().unwrap(), "--out", tmp.path().to_str().unwrap(), "--max-new-tokens", "0"]);
+    assert_eq!(code(&o), 2, "--max-new-tokens 0 is a usage error");
+}

@@ -42,7 +42,7 @@ fn image(case: &Value) -> image::DynamicImage {
 }
 
 fn request(case: &Value, max_new: usize) -> Request {
-    Request { image: image(case), prompt: case["prompt"].as_str().unwrap().to_string(), max_new_tokens: max_new }
+    Request { image: image(case), prompt: case["prompt"].as_str().unwrap().to_string(), max_new_tokens: Some(max_new) }
 }
 
 fn u32s(v: &Value) -> Vec<u32> {
@@ -132,7 +132,7 @@ fn batched_equals_unbatched() {
         }
         // per-request budgets differ inside a batch
         let mut reqs = reqs;
-        reqs[0].max_new_tokens = 3;
+        reqs[0].max_new_tokens = Some(3);
         let out = fx.vlm.generate(&reqs).unwrap();
         let first = u32s(&cases(&fx.meta)[0]["new_tokens"]);
         assert_eq!(out[0].token_ids, first[..first.len().min(3)].to_vec());
@@ -148,6 +148,9 @@ fn layouts_and_sources() {
         let mut fx = load(name);
         let m = fx.vlm.as_idefics3().unwrap();
         assert_eq!(m.image_seq_len, fx.meta["image_seq_len"].as_u64().unwrap() as usize);
+        // Nothing but EOS and pad in these generation configs: the quire default length applies.
+        assert_eq!(fx.vlm.generation_config().budget(None, 10), quire_vlm::DEFAULT_MAX_NEW_TOKENS);
+        assert!(!fx.vlm.generation_config().processes_scores());
     }
     let dir = fixtures().join("split_sf2_gqa");
     assert_eq!(quire_vlm::resolve_model_dir(dir.to_str().unwrap()).unwrap(), dir);
@@ -156,3 +159,48 @@ fn layouts_and_sources() {
     assert!(quire_vlm::resolve_model_dir("/no/such/folder").is_err());
 }
 
+
+/// `genconf_penalties`: the generation config sets repetition_penalty, no_repeat_ngram_size,
+/// bad_words_ids, suppress_tokens and max_new_tokens (plus do_sample, which greedy decoding
+/// ignores); the reference is `generate(do_sample=False)` with no length given.
+#[test]
+fn generation_config_is_applied_like_transformers_generate() {
+    let dir = fixtures().join("genconf_penalties");
+    let mut vlm = Vlm::load(&dir, &LoadOptions::default()).unwrap();
+    let meta: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+    assert_eq!(meta["max_new_tokens_from_generation_config"], true);
+    let default_len = meta["max_new_tokens"].as_u64().unwrap() as usize;
+    let gc = vlm.generation_config().clone();
+    assert_eq!(gc.repetition_penalty, 1.3);
+    assert_eq!(gc.no_repeat_ngram_size, 3);
+    assert_eq!(gc.bad_words_ids.len(), 2);
+    assert_eq!(gc.suppress_tokens.len(), 1);
+    assert!(gc.do_sample, "read, reported, and not used");
+    assert_eq!(gc.budget(None, 50), default_len);
+    // The processors matter: with them off, transformers generates something else.
+    let differs = cases(&meta).iter().filter(|c| c["new_tokens"] != c["plain_new_tokens"]).count();
+    assert!(differs >= 2, "the reference does not exercise the generation config");
+    let req = |case: &Value, n: Option<usize>| Request {
+        image: image(case),
+        prompt: case["prompt"].as_str().unwrap().to_string(),
+        max_new_tokens: n,
+    };
+    for case in cases(&meta) {
+        let g = vlm.generate(&[req(case, None)]).unwrap().remove(0);
+        let want = u32s(&case["new_tokens"]);
+        assert_eq!(g.token_ids, want, "genconf_penalties/{}", case["image"]);
+        assert_eq!(g.text, case["text"].as_str().unwrap());
+        assert_eq!(g.tokens_out, default_len, "the generation config's max_new_tokens is the default length");
+        assert_eq!(g.finish_reason, FinishReason::Length);
+    }
+    // Batched (left padded, different prompt lengths) equals unbatched, with the caller's
+    // length winning over the generation config's where given.
+    let mut reqs: Vec<Request> = cases(&meta).iter().map(|c| req(c, None)).collect();
+    reqs[1].max_new_tokens = Some(5);
+    let out = vlm.generate(&reqs).unwrap();
+    for (i, (g, case)) in out.iter().zip(cases(&meta)).enumerate() {
+        let want = u32s(&case["new_tokens"]);
+        let n = if i == 1 { 5 } else { default_len };
+        assert_eq!(g.token_ids, want[..n].to_vec(), "genconf_penalties/{} batched", case["image"]);
+    }
+}
