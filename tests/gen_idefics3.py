@@ -8,7 +8,8 @@ processor is used, which is what `AutoProcessor` picks there):
 
 Output: tests/fixtures/idefics3/<checkpoint>/ (a loadable HF folder), images/*.png and
 <checkpoint>/reference.json + reference.safetensors (pixel values, first-step logits).
-`gen_idefics3.py NAME...` regenerates only those checkpoints.
+`gen_idefics3.py NAME...` regenerates only those checkpoints; `gen_idefics3.py lowp`
+measures transformers' own bf16/f16 logit drift (lowp_reference.json).
 The Rust parity tests in crates/quire-vlm/tests/parity.rs read these.
 """
 import json
@@ -325,11 +326,47 @@ def with_generation_config(d, settings, images, plain_meta):
     return meta
 
 
+LOWP_CHECKPOINTS = ["split_sf2_gqa", "nosplit_sf4_tied_old", "split_sf1_sharded"]
+
+
+def lowp_reference(images):
+    """How far transformers' own first-step logits move when the checkpoint runs in bf16 or
+    f16 instead of f32 (max |low - f32| per case), as a yardstick for quire's low-precision
+    runs: lowp_reference.json."""
+    out = dict(transformers_version=transformers.__version__, torch_version=torch.__version__, checkpoints={})
+    for name in LOWP_CHECKPOINTS:
+        d = os.path.join(ROOT, name)
+        processor = AutoProcessor.from_pretrained(d)
+        ref = AutoModelForImageTextToText.from_pretrained(d, dtype=torch.float32).eval()
+        res = {}
+        for label, dtype in [("bf16", torch.bfloat16), ("f16", torch.float16)]:
+            model = AutoModelForImageTextToText.from_pretrained(d, dtype=dtype).eval()
+            res[label] = {}
+            for i, img in enumerate(sorted(images)):
+                text = render(processor, PROMPTS[i % len(PROMPTS)])
+                enc = processor(text=[text], images=[[images[img]]], return_tensors="pt")
+                with torch.no_grad():
+                    want = ref(**enc).logits[0, -1].float()
+                    low = dict(enc, pixel_values=enc["pixel_values"].to(dtype))
+                    got = model(**low).logits[0, -1].float()
+                res[label][img.replace(".png", "")] = dict(
+                    max_abs_diff=float((got - want).abs().max()), max_abs_logit=float(want.abs().max()),
+                    same_argmax=bool(got.argmax() == want.argmax()))
+        out["checkpoints"][name] = res
+        print("lowp", name, {k: max(c["max_abs_diff"] for c in v.values()) for k, v in res.items()})
+    json.dump(out, open(os.path.join(ROOT, "lowp_reference.json"), "w"), indent=1)
+
+
 def main():
     torch.set_num_threads(2)
     images = make_images(os.path.join(ROOT, "images"))
     tok = build_tokenizer()
     only = sys.argv[1:]
+    if "lowp" in only:
+        lowp_reference(images)
+        only = [o for o in only if o != "lowp"]
+        if not only:
+            return
     for name, spec in CHECKPOINTS.items():
         if only and name not in only:
             continue

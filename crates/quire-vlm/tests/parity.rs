@@ -204,3 +204,53 @@ fn generation_config_is_applied_like_transformers_generate() {
         assert_eq!(g.token_ids, want[..n].to_vec(), "genconf_penalties/{} batched", case["image"]);
     }
 }
+
+/// bf16 and f16 on the CPU: first-step logits stay as close to the f32 reference as
+/// transformers' own bf16/f16 runs do (`lowp_reference.json`, written by
+/// `gen_idefics3.py lowp`), and generation runs to completion. (On the CPU, f16 computes in
+/// f16; bf16 rounds the weights to bf16 and computes in f32, as candle 0.9's CPU backend has
+/// no bf16 matrix product, so it lands well inside the bound.)
+///
+/// Tolerance per case: max |logit - f32 reference| <= 2 x what transformers gets in the same
+/// dtype on the same case, and at most 4% (bf16) or 0.5% (f16) of the largest |logit|. The
+/// two formats keep 8 and 11 significant bits (unit roundoff 2^-8 = 0.4%, 2^-11 = 0.05%);
+/// a few layers of rounding multiply that by a small factor, which is what transformers
+/// shows (bf16 up to 2.8%, f16 up to 0.3% of the largest logit on these checkpoints).
+#[test]
+fn bf16_and_f16_on_cpu_stay_as_close_to_f32_as_transformers() {
+    use candle_core::DType;
+    let lowp: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("lowp_reference.json")).unwrap()).unwrap();
+    for name in CHECKPOINTS {
+        let f32_fx = load(name);
+        for (label, dtype, rel) in [("bf16", DType::BF16, 0.04f32), ("f16", DType::F16, 0.005)] {
+            let dir = fixtures().join(name);
+            let mut vlm = Vlm::load(&dir, &LoadOptions { device: Device::Cpu, dtype })
+                .unwrap_or_else(|e| panic!("loading {name} in {label}: {e:#}"));
+            let max_new = f32_fx.meta["max_new_tokens"].as_u64().unwrap() as usize;
+            let m = vlm.as_idefics3().unwrap();
+            for case in cases(&f32_fx.meta) {
+                let key = case["image"].as_str().unwrap().trim_end_matches(".png");
+                let got = m.prefill_logits(&[request(case, 1)]).unwrap().remove(0);
+                assert!(got.iter().all(|x| x.is_finite()), "{name}/{key} {label}: non-finite logits");
+                let want: Vec<f32> = f32_fx.tensors[&format!("{key}.logits")].to_vec1().unwrap();
+                let d = max_abs_diff(&got, &want);
+                let hf = &lowp["checkpoints"][*name][label][key];
+                let hf_d = hf["max_abs_diff"].as_f64().unwrap() as f32;
+                let scale = want.iter().fold(0f32, |a, x| a.max(x.abs()));
+                eprintln!("{name}/{key} {label}: max |diff| {d:.5} (transformers {hf_d:.5}), largest |logit| {scale:.3}");
+                assert!(d <= 2.0 * hf_d && d <= rel * scale, "{name}/{key} {label}: logits differ by {d} (transformers: {hf_d})");
+                assert!(d > 1e-5, "{name}/{key} {label}: logits equal f32's, so {label} is not in effect");
+            }
+            // Generation runs to completion in the low dtype, batched and alone alike.
+            let reqs: Vec<Request> = cases(&f32_fx.meta).iter().map(|c| request(c, max_new)).collect();
+            let batched = vlm.generate(&reqs).unwrap();
+            for (g, r) in batched.iter().zip(&reqs) {
+                assert!(g.tokens_out >= 1 && g.tokens_out <= max_new, "{name} {label}");
+                assert_eq!(g.finish_reason == FinishReason::Length, g.tokens_out == max_new);
+                let alone = vlm.generate(std::slice::from_ref(r)).unwrap().remove(0);
+                assert_eq!(alone.token_ids, g.token_ids, "{name} {label}: batched differs from alone");
+            }
+        }
+    }
+}

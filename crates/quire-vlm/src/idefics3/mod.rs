@@ -48,6 +48,35 @@ pub struct Idefics3 {
     dtype: DType,
 }
 
+/// Weights read in `via` precision and handed out in the requested one: bf16 weights for
+/// f32 arithmetic (see [`Idefics3::load`]).
+struct RoundedWeights {
+    inner: candle_core::safetensors::MmapedSafetensors,
+    via: DType,
+}
+
+impl candle_nn::var_builder::SimpleBackend for RoundedWeights {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        use candle_nn::var_builder::SimpleBackend;
+        SimpleBackend::get(&self.inner, s, name, h, self.via, dev)?.to_dtype(dtype)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        candle_nn::var_builder::SimpleBackend::get_unchecked(&self.inner, name, self.via, dev)?.to_dtype(dtype)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        candle_nn::var_builder::SimpleBackend::contains_tensor(&self.inner, name)
+    }
+}
+
 /// Finds the prefix under which a checkpoint stores a component (names changed across versions).
 fn pick_prefix<'a>(vb: &VarBuilder<'a>, probe: &str, candidates: &[&str]) -> Result<VarBuilder<'a>> {
     for c in candidates {
@@ -74,8 +103,22 @@ impl Idefics3 {
             None => None,
         };
         let files = ck.safetensors_files()?;
-        // SAFETY: the weight files are memory-mapped read-only and not modified while loaded.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device)? };
+        // candle 0.9's CPU backend has no bf16 matrix product (f16, f32 and f64 only), so bf16
+        // on the CPU means bf16 weights with f32 arithmetic: every weight is rounded to bf16,
+        // then widened (exactly) to f32.
+        let (dtype, vb) = if device.is_cpu() && dtype == DType::BF16 {
+            tracing::info!(
+                "bf16 on the CPU: weights rounded to bf16, arithmetic in f32 (candle's CPU backend \
+                 has no bf16 matrix product); use --dtype f16 for 16-bit arithmetic on the CPU"
+            );
+            // SAFETY: the weight files are memory-mapped read-only and not modified while loaded.
+            let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files)? };
+            let backend = RoundedWeights { inner: st, via: DType::BF16 };
+            (DType::F32, VarBuilder::from_backend(Box::new(backend), DType::F32, device.clone()))
+        } else {
+            // SAFETY: as above.
+            (dtype, unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device)? })
+        };
         let text_vb = pick_prefix(&vb, "embed_tokens.weight", &["model.text_model", "text_model", "model.language_model"])?;
         let vision_vb = pick_prefix(
             &vb,
