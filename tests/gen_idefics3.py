@@ -8,8 +8,9 @@ processor is used, which is what `AutoProcessor` picks there):
 
 Output: tests/fixtures/idefics3/<checkpoint>/ (a loadable HF folder), images/*.png and
 <checkpoint>/reference.json + reference.safetensors (pixel values, first-step logits).
-`gen_idefics3.py NAME...` regenerates only those checkpoints; `gen_idefics3.py lowp`
-measures transformers' own bf16/f16 logit drift (lowp_reference.json).
+`gen_idefics3.py NAME...` regenerates only those checkpoints; `gen_idefics3.py pdf` renders
+the scanned PDF pages like quire (needs pypdfium2==5.15.2) into pdf_pages/ with references;
+`gen_idefics3.py lowp` measures transformers' own bf16/f16 logit drift (lowp_reference.json).
 The Rust parity tests in crates/quire-vlm/tests/parity.rs read these.
 """
 import json
@@ -326,6 +327,105 @@ def with_generation_config(d, settings, images, plain_meta):
     return meta
 
 
+PDF_DIR = os.path.join(ROOT, "pdf_pages")
+DOCS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "docs")
+# (document, 1-based page) rendered for each checkpoint at the long side `quire run --model` picks
+PDF_PAGES = [("scanned.pdf", 1)]
+PDF_CHECKPOINTS = ["split_sf2_gqa", "nosplit_sf4_tied_old"]
+PDF_PROMPT = "Convert this page to docling."
+
+
+def long_side_of(d):
+    """What `quire run --model d` renders PDF pages at: the image processor's size.longest_edge
+    (nested processor_config.json, else flat preprocessor_config.json)."""
+    pc = os.path.join(d, "processor_config.json")
+    ip = json.load(open(pc)).get("image_processor") if os.path.exists(pc) else None
+    if ip is None:
+        ip = json.load(open(os.path.join(d, "preprocessor_config.json")))
+    return int(ip["size"]["longest_edge"])
+
+
+def render_like_quire(path, page_no, long_side):
+    """Renders a PDF page exactly as quire-render does (crates/quire-render/src/pdf.rs, through
+    pdfium-render 0.9's default PdfRenderConfig), with the same libpdfium: the one in the
+    pypdfium2 5.15.2 wheel, which scripts/setup-pdfium.sh installs for quire.
+
+    * size: quire_core::RenderSize::LongSide(long_side).pixels_for(FPDF_GetPageWidthF,
+      FPDF_GetPageHeightF), computed in f32 and rounded half away from zero, like the Rust code;
+    * a 24-bit FPDFBitmap_BGR bitmap with a 4-byte-aligned stride, filled with opaque white;
+    * FPDF_RenderPageBitmap(0, 0, w, h, rotate 0, FPDF_ANNOT | FPDF_REVERSE_BYTE_ORDER), so the
+      bytes come out R, G, B; then FPDF_FFLDraw with the same arguments when the document has a
+      form (pdfium-render keeps a form-fill environment only then, as pypdfium2's init_forms);
+    * pages are loaded with plain FPDF_LoadPage (pdfium-render calls no FORM_OnAfterLoadPage).
+    """
+    import ctypes
+
+    import pypdfium2 as pdfium
+    import pypdfium2.raw as raw
+
+    assert pdfium.PYPDFIUM_INFO.version == "5.15.2", pdfium.PYPDFIUM_INFO
+    pdf = pdfium.PdfDocument(path)
+    pdf.init_forms()
+    page = raw.FPDF_LoadPage(pdf.raw, page_no - 1)
+    assert page
+    w_pt, h_pt = np.float32(raw.FPDF_GetPageWidthF(page)), np.float32(raw.FPDF_GetPageHeightF(page))
+    long = np.float32(long_side)
+
+    def to_px(v):
+        v = np.float32(v)
+        return max(int(np.floor(abs(v) + np.float32(0.5))) * (1 if v >= 0 else -1), 1)
+
+    if w_pt >= h_pt:
+        w, h = long_side, to_px(h_pt * long / w_pt)
+    else:
+        w, h = to_px(w_pt * long / h_pt), long_side
+    stride = (w * 3 + 3) // 4 * 4
+    buf = (ctypes.c_ubyte * (stride * h))()
+    bitmap = raw.FPDFBitmap_CreateEx(w, h, raw.FPDFBitmap_BGR, buf, stride)
+    raw.FPDFBitmap_FillRect(bitmap, 0, 0, w, h, 0xFFFFFFFF)
+    flags = raw.FPDF_ANNOT | raw.FPDF_REVERSE_BYTE_ORDER
+    raw.FPDF_RenderPageBitmap(bitmap, page, 0, 0, w, h, 0, flags)
+    if pdf.formenv:
+        raw.FPDF_FFLDraw(pdf.formenv.raw, bitmap, page, 0, 0, w, h, 0, flags)
+    img = Image.frombuffer("RGB", (w, h), bytes(buf), "raw", "RGB", stride, 1).copy()
+    raw.FPDFBitmap_Destroy(bitmap)
+    raw.FPDF_ClosePage(page)
+    pdf.close()
+    return img
+
+
+def pdf_reference():
+    """Scanned PDF pages through the existing checkpoints: each page rendered like quire,
+    saved as PNG, and transformers' greedy output on those pixels (pdf_pages/reference.json)."""
+    os.makedirs(PDF_DIR, exist_ok=True)
+    out = dict(transformers_version=transformers.__version__, max_new_tokens=MAX_NEW, prompt=PDF_PROMPT, cases=[])
+    for name in PDF_CHECKPOINTS:
+        d = os.path.join(ROOT, name)
+        long_side = long_side_of(d)
+        processor = AutoProcessor.from_pretrained(d)
+        model = AutoModelForImageTextToText.from_pretrained(d, dtype=torch.float32).eval()
+        for doc, page_no in PDF_PAGES:
+            png = f"{doc.replace('.pdf', '')}_p{page_no}_{long_side}.png"
+            img = render_like_quire(os.path.join(DOCS, doc), page_no, long_side)
+            img.save(os.path.join(PDF_DIR, png))
+            img = Image.open(os.path.join(PDF_DIR, png))  # the committed pixels, as the Rust test reads them
+            text = render(processor, PDF_PROMPT)
+            enc = processor(text=[text], images=[[img]], return_tensors="pt")
+            with torch.no_grad():
+                gen = model.generate(**enc, max_new_tokens=MAX_NEW, do_sample=False, output_scores=True,
+                                     return_dict_in_generate=True)
+            new = gen.sequences[0, enc["input_ids"].shape[1]:].tolist()
+            top2 = torch.stack([l[0] for l in gen.scores]).topk(2, dim=-1).values
+            out["cases"].append(dict(
+                checkpoint=name, document=doc, page=page_no, long_side=long_side, png=png,
+                width=img.width, height=img.height, input_ids=enc["input_ids"][0].tolist(), new_tokens=new,
+                text=processor.tokenizer.decode(new, skip_special_tokens=True),
+                min_top2_margin=float((top2[:, 0] - top2[:, 1]).min()),
+            ))
+            print("pdf", name, doc, page_no, img.size, new[:8], "margin=%.4f" % out["cases"][-1]["min_top2_margin"])
+    json.dump(out, open(os.path.join(PDF_DIR, "reference.json"), "w"), indent=1)
+
+
 LOWP_CHECKPOINTS = ["split_sf2_gqa", "nosplit_sf4_tied_old", "split_sf1_sharded"]
 
 
@@ -362,9 +462,12 @@ def main():
     images = make_images(os.path.join(ROOT, "images"))
     tok = build_tokenizer()
     only = sys.argv[1:]
+    if "pdf" in only:
+        pdf_reference()
     if "lowp" in only:
         lowp_reference(images)
-        only = [o for o in only if o != "lowp"]
+    if {"pdf", "lowp"} & set(only):
+        only = [o for o in only if o not in ("pdf", "lowp")]
         if not only:
             return
     for name, spec in CHECKPOINTS.items():
