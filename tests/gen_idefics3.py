@@ -8,6 +8,9 @@ processor is used, which is what `AutoProcessor` picks there):
 
 Output: tests/fixtures/idefics3/<checkpoint>/ (a loadable HF folder), images/*.png and
 <checkpoint>/reference.json + reference.safetensors (pixel values, first-step logits).
+`gen_idefics3.py NAME...` regenerates only those checkpoints; `gen_idefics3.py pdf` renders
+the scanned PDF pages like quire (needs pypdfium2==5.15.2) into pdf_pages/ with references;
+`gen_idefics3.py lowp` measures transformers' own bf16/f16 logit drift (lowp_reference.json).
 The Rust parity tests in crates/quire-vlm/tests/parity.rs read these.
 """
 import json
@@ -137,6 +140,21 @@ CHECKPOINTS = {
                                   do_image_splitting=True, resample=3),
         tie=False, layout="sharded", eos=["<end_of_utterance>"],
     ),
+    # The small new-layout model again, with a generation_config.json that sets what greedy
+    # generate() applies by default: repetition_penalty, no_repeat_ngram_size, max_new_tokens
+    # (the default length), bad_words_ids, suppress_tokens; plus do_sample/temperature, which
+    # a greedy call overrides. The reference is generate(do_sample=False) with no length given.
+    "genconf_penalties": dict(
+        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                    image_size=32, patch_size=8),
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 100000.0}),
+        scale_factor=2, proc=dict(size={"longest_edge": 64}, max_image_size={"longest_edge": 32},
+                                  do_image_splitting=True),
+        tie=False, layout="new", eos=["<end_of_utterance>"],
+        generation=dict(repetition_penalty=1.3, no_repeat_ngram_size=3, max_new_tokens=24,
+                        do_sample=True, temperature=0.7, top_k=20),
+    ),
 }
 
 PROMPTS = ["Convert this page to docling.", "Describe this image in one sentence."]
@@ -232,7 +250,11 @@ def render(processor, prompt):
     return processor.apply_chat_template(messages(prompt), add_generation_prompt=True)
 
 
-def reference(d, images):
+def reference(d, images, gen_kwargs=None, plain=False):
+    """Greedy reference outputs. `gen_kwargs` default to max_new_tokens=MAX_NEW; with `plain`,
+    also what generation gives with every logits processor of the generation config switched
+    off (to show the processors change the output)."""
+    gen_kwargs = dict(max_new_tokens=MAX_NEW) if gen_kwargs is None else gen_kwargs
     processor = AutoProcessor.from_pretrained(d)
     assert "Pil" in type(processor.image_processor).__name__, type(processor.image_processor)
     model = AutoModelForImageTextToText.from_pretrained(d, dtype=torch.float32).eval()
@@ -246,11 +268,11 @@ def reference(d, images):
         info = processor.image_processor(images=[[images[name]]], return_row_col_info=True)
         with torch.no_grad():
             out = model(**enc)
-            gen = model.generate(**enc, max_new_tokens=MAX_NEW, do_sample=False, output_logits=True,
+            gen = model.generate(**enc, **gen_kwargs, do_sample=False, output_scores=True,
                                  return_dict_in_generate=True)
         new = gen.sequences[0, enc["input_ids"].shape[1]:].tolist()
-        # margin between best and second-best logit at each greedy step (token-exactness headroom)
-        top2 = torch.stack([l[0] for l in gen.logits]).topk(2, dim=-1).values
+        # margin between best and second-best processed score at each greedy step (token-exactness headroom)
+        top2 = torch.stack([l[0] for l in gen.scores]).topk(2, dim=-1).values
         margin = float((top2[:, 0] - top2[:, 1]).min())
         key = name.replace(".png", "")
         tensors[f"{key}.pixel_values"] = enc["pixel_values"][0].contiguous()
@@ -262,19 +284,177 @@ def reference(d, images):
             input_ids=enc["input_ids"][0].tolist(), new_tokens=new,
             text=tok.decode(new, skip_special_tokens=True), min_top2_margin=margin,
         ))
+        if plain:
+            with torch.no_grad():
+                g = model.generate(**enc, max_new_tokens=len(new), do_sample=False, repetition_penalty=1.0,
+                                   no_repeat_ngram_size=0, bad_words_ids=None, suppress_tokens=None)
+            cases[-1]["plain_new_tokens"] = g[0, enc["input_ids"].shape[1]:].tolist()
     # batched reference (left padding) across all images, for information
     tok.padding_side = "left"
     texts = [render(processor, c["prompt"]) for c in cases]
     enc = processor(text=texts, images=[[images[c["image"]]] for c in cases], return_tensors="pt", padding=True)
     with torch.no_grad():
-        gen = model.generate(**enc, max_new_tokens=MAX_NEW, do_sample=False)
+        gen = model.generate(**enc, **gen_kwargs, do_sample=False)
     batched = [gen[i, enc["input_ids"].shape[1]:].tolist() for i in range(len(cases))]
+    max_new = gen_kwargs.get("max_new_tokens", model.generation_config.max_new_tokens)
     meta = dict(transformers_version=transformers.__version__, torch_version=torch.__version__,
-                max_new_tokens=MAX_NEW, image_processor=type(processor.image_processor).__name__,
+                max_new_tokens=max_new, max_new_tokens_from_generation_config="max_new_tokens" not in gen_kwargs,
+                image_processor=type(processor.image_processor).__name__,
                 image_seq_len=processor.image_seq_len, cases=cases, hf_batched_new_tokens=batched)
     json.dump(meta, open(os.path.join(d, "reference.json"), "w"), indent=1)
     save_file(tensors, os.path.join(d, "reference.safetensors"))
     return meta
+
+
+def with_generation_config(d, settings, images, plain_meta):
+    """Writes `settings` into d/generation_config.json, with bad_words_ids and suppress_tokens
+    picked from the plain greedy output so each rule changes something, and returns the
+    reference made under that config (None when the processors changed no output)."""
+    outs = [c["new_tokens"] for c in plain_meta["cases"]]
+    gc_path = os.path.join(d, "generation_config.json")
+    gc = json.load(open(gc_path))
+    gc.update(settings)
+    # one single-token bad word, one two-token bad word, one suppressed token
+    gc["bad_words_ids"] = [[outs[0][2]], [outs[1][3], outs[1][4]]]
+    gc["suppress_tokens"] = [outs[2][1]]
+    json.dump(gc, open(gc_path, "w"), indent=2)
+    meta = reference(d, images, gen_kwargs={}, plain=True)
+    changed = sum(c["new_tokens"] != c["plain_new_tokens"] for c in meta["cases"])
+    if changed < 2:
+        return None
+    # pixel values and logits are those of split_sf2_gqa's processor and covered there
+    os.remove(os.path.join(d, "reference.safetensors"))
+    return meta
+
+
+PDF_DIR = os.path.join(ROOT, "pdf_pages")
+DOCS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "docs")
+# (document, 1-based page) rendered for each checkpoint at the long side `quire run --model` picks
+PDF_PAGES = [("scanned.pdf", 1)]
+PDF_CHECKPOINTS = ["split_sf2_gqa", "nosplit_sf4_tied_old"]
+PDF_PROMPT = "Convert this page to docling."
+
+
+def long_side_of(d):
+    """What `quire run --model d` renders PDF pages at: the image processor's size.longest_edge
+    (nested processor_config.json, else flat preprocessor_config.json)."""
+    pc = os.path.join(d, "processor_config.json")
+    ip = json.load(open(pc)).get("image_processor") if os.path.exists(pc) else None
+    if ip is None:
+        ip = json.load(open(os.path.join(d, "preprocessor_config.json")))
+    return int(ip["size"]["longest_edge"])
+
+
+def render_like_quire(path, page_no, long_side):
+    """Renders a PDF page exactly as quire-render does (crates/quire-render/src/pdf.rs, through
+    pdfium-render 0.9's default PdfRenderConfig), with the same libpdfium: the one in the
+    pypdfium2 5.15.2 wheel, which scripts/setup-pdfium.sh installs for quire.
+
+    * size: quire_core::RenderSize::LongSide(long_side).pixels_for(FPDF_GetPageWidthF,
+      FPDF_GetPageHeightF), computed in f32 and rounded half away from zero, like the Rust code;
+    * a 24-bit FPDFBitmap_BGR bitmap with a 4-byte-aligned stride, filled with opaque white;
+    * FPDF_RenderPageBitmap(0, 0, w, h, rotate 0, FPDF_ANNOT | FPDF_REVERSE_BYTE_ORDER), so the
+      bytes come out R, G, B; then FPDF_FFLDraw with the same arguments when the document has a
+      form (pdfium-render keeps a form-fill environment only then, as pypdfium2's init_forms);
+    * pages are loaded with plain FPDF_LoadPage (pdfium-render calls no FORM_OnAfterLoadPage).
+    """
+    import ctypes
+
+    import pypdfium2 as pdfium
+    import pypdfium2.raw as raw
+
+    assert pdfium.PYPDFIUM_INFO.version == "5.15.2", pdfium.PYPDFIUM_INFO
+    pdf = pdfium.PdfDocument(path)
+    pdf.init_forms()
+    page = raw.FPDF_LoadPage(pdf.raw, page_no - 1)
+    assert page
+    w_pt, h_pt = np.float32(raw.FPDF_GetPageWidthF(page)), np.float32(raw.FPDF_GetPageHeightF(page))
+    long = np.float32(long_side)
+
+    def to_px(v):
+        v = np.float32(v)
+        return max(int(np.floor(abs(v) + np.float32(0.5))) * (1 if v >= 0 else -1), 1)
+
+    if w_pt >= h_pt:
+        w, h = long_side, to_px(h_pt * long / w_pt)
+    else:
+        w, h = to_px(w_pt * long / h_pt), long_side
+    stride = (w * 3 + 3) // 4 * 4
+    buf = (ctypes.c_ubyte * (stride * h))()
+    bitmap = raw.FPDFBitmap_CreateEx(w, h, raw.FPDFBitmap_BGR, buf, stride)
+    raw.FPDFBitmap_FillRect(bitmap, 0, 0, w, h, 0xFFFFFFFF)
+    flags = raw.FPDF_ANNOT | raw.FPDF_REVERSE_BYTE_ORDER
+    raw.FPDF_RenderPageBitmap(bitmap, page, 0, 0, w, h, 0, flags)
+    if pdf.formenv:
+        raw.FPDF_FFLDraw(pdf.formenv.raw, bitmap, page, 0, 0, w, h, 0, flags)
+    img = Image.frombuffer("RGB", (w, h), bytes(buf), "raw", "RGB", stride, 1).copy()
+    raw.FPDFBitmap_Destroy(bitmap)
+    raw.FPDF_ClosePage(page)
+    pdf.close()
+    return img
+
+
+def pdf_reference():
+    """Scanned PDF pages through the existing checkpoints: each page rendered like quire,
+    saved as PNG, and transformers' greedy output on those pixels (pdf_pages/reference.json)."""
+    os.makedirs(PDF_DIR, exist_ok=True)
+    out = dict(transformers_version=transformers.__version__, max_new_tokens=MAX_NEW, prompt=PDF_PROMPT, cases=[])
+    for name in PDF_CHECKPOINTS:
+        d = os.path.join(ROOT, name)
+        long_side = long_side_of(d)
+        processor = AutoProcessor.from_pretrained(d)
+        model = AutoModelForImageTextToText.from_pretrained(d, dtype=torch.float32).eval()
+        for doc, page_no in PDF_PAGES:
+            png = f"{doc.replace('.pdf', '')}_p{page_no}_{long_side}.png"
+            img = render_like_quire(os.path.join(DOCS, doc), page_no, long_side)
+            img.save(os.path.join(PDF_DIR, png))
+            img = Image.open(os.path.join(PDF_DIR, png))  # the committed pixels, as the Rust test reads them
+            text = render(processor, PDF_PROMPT)
+            enc = processor(text=[text], images=[[img]], return_tensors="pt")
+            with torch.no_grad():
+                gen = model.generate(**enc, max_new_tokens=MAX_NEW, do_sample=False, output_scores=True,
+                                     return_dict_in_generate=True)
+            new = gen.sequences[0, enc["input_ids"].shape[1]:].tolist()
+            top2 = torch.stack([l[0] for l in gen.scores]).topk(2, dim=-1).values
+            out["cases"].append(dict(
+                checkpoint=name, document=doc, page=page_no, long_side=long_side, png=png,
+                width=img.width, height=img.height, input_ids=enc["input_ids"][0].tolist(), new_tokens=new,
+                text=processor.tokenizer.decode(new, skip_special_tokens=True),
+                min_top2_margin=float((top2[:, 0] - top2[:, 1]).min()),
+            ))
+            print("pdf", name, doc, page_no, img.size, new[:8], "margin=%.4f" % out["cases"][-1]["min_top2_margin"])
+    json.dump(out, open(os.path.join(PDF_DIR, "reference.json"), "w"), indent=1)
+
+
+LOWP_CHECKPOINTS = ["split_sf2_gqa", "nosplit_sf4_tied_old", "split_sf1_sharded"]
+
+
+def lowp_reference(images):
+    """How far transformers' own first-step logits move when the checkpoint runs in bf16 or
+    f16 instead of f32 (max |low - f32| per case), as a yardstick for quire's low-precision
+    runs: lowp_reference.json."""
+    out = dict(transformers_version=transformers.__version__, torch_version=torch.__version__, checkpoints={})
+    for name in LOWP_CHECKPOINTS:
+        d = os.path.join(ROOT, name)
+        processor = AutoProcessor.from_pretrained(d)
+        ref = AutoModelForImageTextToText.from_pretrained(d, dtype=torch.float32).eval()
+        res = {}
+        for label, dtype in [("bf16", torch.bfloat16), ("f16", torch.float16)]:
+            model = AutoModelForImageTextToText.from_pretrained(d, dtype=dtype).eval()
+            res[label] = {}
+            for i, img in enumerate(sorted(images)):
+                text = render(processor, PROMPTS[i % len(PROMPTS)])
+                enc = processor(text=[text], images=[[images[img]]], return_tensors="pt")
+                with torch.no_grad():
+                    want = ref(**enc).logits[0, -1].float()
+                    low = dict(enc, pixel_values=enc["pixel_values"].to(dtype))
+                    got = model(**low).logits[0, -1].float()
+                res[label][img.replace(".png", "")] = dict(
+                    max_abs_diff=float((got - want).abs().max()), max_abs_logit=float(want.abs().max()),
+                    same_argmax=bool(got.argmax() == want.argmax()))
+        out["checkpoints"][name] = res
+        print("lowp", name, {k: max(c["max_abs_diff"] for c in v.values()) for k, v in res.items()})
+    json.dump(out, open(os.path.join(ROOT, "lowp_reference.json"), "w"), indent=1)
 
 
 def main():
@@ -282,6 +462,14 @@ def main():
     images = make_images(os.path.join(ROOT, "images"))
     tok = build_tokenizer()
     only = sys.argv[1:]
+    if "pdf" in only:
+        pdf_reference()
+    if "lowp" in only:
+        lowp_reference(images)
+    if {"pdf", "lowp"} & set(only):
+        only = [o for o in only if o not in ("pdf", "lowp")]
+        if not only:
+            return
     for name, spec in CHECKPOINTS.items():
         if only and name not in only:
             continue
@@ -298,6 +486,10 @@ def main():
                 gc["eos_token_id"] = first + [meta["cases"][0]["new_tokens"][5]]
                 json.dump(gc, open(gc_path, "w"), indent=2)
                 meta = reference(d, images)
+            if "generation" in spec:
+                meta = with_generation_config(d, spec["generation"], images, meta)
+                if meta is None:
+                    continue
             if min(c["min_top2_margin"] for c in meta["cases"]) > 2e-3:
                 break
         print(name, "seed", seed)

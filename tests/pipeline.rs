@@ -362,3 +362,106 @@ fn scanned_pages_and_images_go_to_the_model() {
     assert_eq!(code(&o), 0);
     assert!(String::from_utf8_lossy(&o.stderr).contains("0 already done"));
 }
+
+/// Scanned PDF pages rendered the way quire renders them, by pypdfium2 with the same
+/// libpdfium (the pypdfium2 5.15.2 wheel's), and what `transformers` generated on exactly
+/// those pixels: `tests/gen_idefics3.py pdf` writes `idefics3/pdf_pages/`.
+fn pdf_pages() -> (PathBuf, Value) {
+    let dir = fixtures().join("idefics3/pdf_pages");
+    let reference = serde_json::from_slice(&std::fs::read(dir.join("reference.json")).unwrap()).unwrap();
+    (dir, reference)
+}
+
+#[test]
+fn pdf_pages_render_to_the_same_pixels_as_the_reference_rendering() {
+    assert!(std::env::var_os("QUIRE_PDFIUM").is_some(), "QUIRE_PDFIUM is not set (scripts/setup-pdfium.sh)");
+    let (dir, reference) = pdf_pages();
+    let pdf = quire_render::PdfRenderer::start(1).expect("pdfium");
+    for case in reference["cases"].as_array().unwrap() {
+        let what = format!("{} page {} at {} px", case["document"], case["page"], case["long_side"]);
+        let n = case["page"].as_u64().unwrap() as u32;
+        let opts = quire_render::RenderOptions {
+            size: quire_render::RenderSize::LongSide(case["long_side"].as_u64().unwrap() as u32),
+            want_image: true,
+            want_text: false,
+            limits: quire_render::Limits::default(),
+        };
+        let page = pdf.render(&doc(case["document"].as_str().unwrap()), n..=n, &opts).unwrap().remove(0).unwrap();
+        let got = page.image.expect("pixels");
+        let png = dir.join(case["png"].as_str().unwrap());
+        let want = quire_render::decode_image(&png, 1..=1, &quire_render::Limits::default()).unwrap().remove(0).unwrap();
+        let want = want.image.unwrap();
+        assert_eq!(got.dimensions(), want.dimensions(), "{what}: size");
+        assert_eq!(
+            (got.width() as u64, got.height() as u64),
+            (case["width"].as_u64().unwrap(), case["height"].as_u64().unwrap())
+        );
+        // Same library, same bitmap format, flags and background: the bytes are identical.
+        let differing = got.as_raw().iter().zip(want.as_raw()).filter(|(a, b)| a != b).count();
+        assert_eq!(differing, 0, "{what}: {differing} of {} bytes differ from pypdfium2's rendering", got.as_raw().len());
+    }
+}
+
+#[test]
+fn vlm_engine_reproduces_the_reference_greedy_text_on_scanned_pdf_pages() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, reference) = pdf_pages();
+    let max_new = reference["max_new_tokens"].as_u64().unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for case in reference["cases"].as_array().unwrap() {
+        let ckpt = case["checkpoint"].as_str().unwrap();
+        let (model, _) = idefics3(ckpt);
+        let document = case["document"].as_str().unwrap();
+        let out = tmp.path().join(format!("{ckpt}-{document}"));
+        // No --render-long-side: quire renders at the long side the model's processor reads,
+        // which is what the reference rendering used.
+        let o = quire(&[
+            "run", doc(document).to_str().unwrap(), "--out", out.to_str().unwrap(), "--job", "pdf", "--engine", "vlm",
+            "--model", model.to_str().unwrap(), "--prompt", reference["prompt"].as_str().unwrap(),
+            "--max-new-tokens", &max_new.to_string(),
+        ]);
+        assert_eq!(code(&o), 0);
+        let recs = records(&out, "pdf");
+        let r = &recs[&(document.to_string(), case["page"].as_u64().unwrap())];
+        assert_eq!(r["engine"], "vlm");
+        assert_eq!((r["width"].as_u64(), r["height"].as_u64()), (case["width"].as_u64(), case["height"].as_u64()), "{ckpt}: render size");
+        assert_eq!(r["text"], case["text"], "{ckpt} {document}: greedy text differs from transformers");
+        let new_tokens = case["new_tokens"].as_array().unwrap().len() as u64;
+        assert_eq!(r["tokens_out"].as_u64(), Some(new_tokens));
+        assert_eq!(r["tokens_in"].as_u64().unwrap() as usize, case["input_ids"].as_array().unwrap().len());
+        assert_eq!(r["finish_reason"], if new_tokens == max_new { "length" } else { "stop" });
+        seen.insert(r["finish_reason"].as_str().unwrap().to_string());
+    }
+    assert_eq!(seen.len(), 2, "the cases cover both a stop and a length finish");
+}
+
+#[test]
+fn without_max_new_tokens_the_checkpoints_generation_config_decides() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, reference) = idefics3("genconf_penalties");
+    let case = &reference["cases"][0];
+    let image = case["image"].as_str().unwrap();
+    let input = fixtures().join("idefics3/images").join(image);
+    let run = |job: &str, extra: &[&str]| {
+        let out = tmp.path().join("out");
+        let args = [
+            &["run", input.to_str().unwrap(), "--out", out.to_str().unwrap(), "--job", job, "--engine", "vlm",
+              "--model", model.to_str().unwrap(), "--prompt", case["prompt"].as_str().unwrap()][..],
+            extra,
+        ]
+        .concat();
+        let o = quire(&args);
+        assert_eq!(code(&o), 0);
+        records(&out, job).remove(&(image.to_string(), 1)).unwrap()
+    };
+    // The generation config's max_new_tokens, repetition penalty, n-gram and bad-word rules.
+    let r = run("default", &[]);
+    assert_eq!(r["text"], case["text"], "greedy text differs from transformers' generate()");
+    assert_eq!(r["tokens_out"], reference["max_new_tokens"]);
+    assert_eq!(r["finish_reason"], "length");
+    // An explicit --max-new-tokens wins.
+    let r = run("explicit", &["--max-new-tokens", "5"]);
+    assert_eq!(r["tokens_out"], 5);
+    let o = quire(&["run", input.to_str().unwrap(), "--out", tmp.path().to_str().unwrap(), "--max-new-tokens", "0"]);
+    assert_eq!(code(&o), 2, "--max-new-tokens 0 is a usage error");
+}

@@ -5,6 +5,12 @@ use anyhow::{bail, Context};
 use quire_core::{FinishReason, TaskKind};
 use quire_vlm::{LoadOptions, Task, Vlm};
 
+/// `max_new_tokens` of a job that leaves the length to the checkpoint's generation config
+/// (`max_new_tokens`, else `max_length`, else quire-vlm's default; see
+/// [`quire_vlm::generation`]). `quire run` and the coordinator use it when `--max-new-tokens`
+/// is not given, so it is also what goes into task ids then.
+pub const MODEL_DEFAULT_MAX_NEW_TOKENS: usize = 0;
+
 pub struct VlmGenerator {
     vlm: Vlm,
     long_side: Option<u32>,
@@ -58,7 +64,7 @@ impl Generator for VlmGenerator {
             .map(|r| quire_vlm::Request {
                 image: image::DynamicImage::ImageRgb8(r.image.clone()),
                 prompt: r.prompt.clone(),
-                max_new_tokens: r.max_new_tokens,
+                max_new_tokens: (r.max_new_tokens != MODEL_DEFAULT_MAX_NEW_TOKENS).then_some(r.max_new_tokens),
             })
             .collect();
         Ok(self

@@ -20,7 +20,7 @@ fn main() -> anyhow::Result<()> {
     let (dir, image, new) = (&args[1], &args[2], args[3].parse::<usize>()?);
     let mut vlm = Vlm::load(std::path::Path::new(dir), &LoadOptions::default())?;
     let img = image::open(image)?;
-    let req = |n| Request { image: img.clone(), prompt: "Convert this page to docling.".into(), max_new_tokens: n };
+    let req = |n| Request { image: img.clone(), prompt: "Convert this page to docling.".into(), max_new_tokens: Some(n) };
     let mut run = |n| -> anyhow::Result<(f64, usize, usize)> {
         let t = Instant::now();
         let g = vlm.generate(&[req(n)])?.remove(0);

@@ -16,8 +16,12 @@ use serde_json::Value;
 ///
 /// * an existing directory is used as is;
 /// * `s3://…` is not handled here: the caller downloads the prefix and passes the folder;
-/// * anything else is taken as a Hugging Face hub id (`org/name`, optionally `@revision`)
-///   and fetched through `hf-hub`, which uses the `HF_HOME` cache and `HF_TOKEN`.
+/// * anything else is taken as a Hugging Face hub id (`org/name`, optionally `@revision`).
+///   The local Hugging Face cache is consulted first (`$HF_HUB_CACHE`, else `$HF_HOME/hub`,
+///   else `~/.cache/huggingface/hub`, the layout `huggingface_hub` and `hf-hub` write): a
+///   complete snapshot there is used without any network access. Otherwise the files are
+///   fetched through `hf-hub` (which honours `HF_ENDPOINT` and the token in `HF_HOME`), unless
+///   `HF_HUB_OFFLINE` is set, in which case a missing model is an error.
 pub fn resolve_model_dir(spec: &str) -> Result<PathBuf> {
     let p = Path::new(spec);
     if p.is_dir() {
@@ -32,24 +36,97 @@ pub fn resolve_model_dir(spec: &str) -> Result<PathBuf> {
     if p.exists() {
         bail!("{spec} exists but is not a directory; pass the checkpoint folder");
     }
-    if spec.starts_with('/') || spec.starts_with('.') || spec.matches('/').count() != 1 {
+    let id = spec.split_once('@').map_or(spec, |(i, _)| i);
+    if spec.starts_with('/') || spec.starts_with('.') || id.matches('/').count() != 1 {
         bail!("{spec}: no such model folder (and it does not look like a hub id `org/name`)");
     }
-    download_from_hub(spec)
+    let (id, revision) = match spec.split_once('@') {
+        Some((i, r)) => (i, r),
+        None => (spec, "main"),
+    };
+    let cache = hub_cache_dir();
+    if let Some(dir) = cached_snapshot(&cache, id, revision) {
+        tracing::debug!(model = spec, dir = %dir.display(), "model found in the Hugging Face cache");
+        return Ok(dir);
+    }
+    if hub_offline() {
+        bail!(
+            "{id} (revision {revision}) is not in the Hugging Face cache at {} and HF_HUB_OFFLINE is set, \
+             so it cannot be downloaded; download it where the hub is reachable (with HF_TOKEN for gated \
+             or private models), or pass a local checkpoint folder",
+            cache.display()
+        );
+    }
+    download_from_hub(id, revision, &cache)
 }
 
-fn download_from_hub(spec: &str) -> Result<PathBuf> {
-    use hf_hub::{api::sync::ApiBuilder, Repo, RepoType};
-    let (id, revision) = match spec.split_once('@') {
-        Some((i, r)) => (i.to_string(), r.to_string()),
-        None => (spec.to_string(), "main".to_string()),
+/// The hub cache folder, as `huggingface_hub` picks it.
+fn hub_cache_dir() -> PathBuf {
+    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    if let Some(d) = env("HF_HUB_CACHE") {
+        return d;
+    }
+    if let Some(d) = env("HF_HOME") {
+        return d.join("hub");
+    }
+    let home = env("XDG_CACHE_HOME").or_else(|| env("HOME").map(|h| h.join(".cache"))).unwrap_or_default();
+    home.join("huggingface").join("hub")
+}
+
+/// `HF_HUB_OFFLINE` as `huggingface_hub` reads it: 1, ON, YES or TRUE (any case).
+fn hub_offline() -> bool {
+    std::env::var("HF_HUB_OFFLINE")
+        .map(|v| matches!(v.trim().to_ascii_uppercase().as_str(), "1" | "ON" | "YES" | "TRUE"))
+        .unwrap_or(false)
+}
+
+/// The snapshot folder of `id` at `revision` (a branch or tag under `refs/`, or a commit hash)
+/// in the hub cache, when it holds a complete checkpoint: `config.json`, `tokenizer.json` and
+/// the weights (every shard the index names, or at least one `*.safetensors`).
+fn cached_snapshot(cache: &Path, id: &str, revision: &str) -> Option<PathBuf> {
+    let repo = cache.join(format!("models--{}", id.replace('/', "--")));
+    let commit = match std::fs::read_to_string(repo.join("refs").join(revision)) {
+        Ok(c) => c.trim().to_string(),
+        Err(_) => revision.to_string(),
     };
-    let api = ApiBuilder::from_env().build().context("initialising the Hugging Face hub client")?;
-    let repo = api.repo(Repo::with_revision(id.clone(), RepoType::Model, revision));
+    if commit.is_empty() || commit.contains(['/', '\\']) || commit == "." || commit == ".." {
+        return None;
+    }
+    let dir = repo.join("snapshots").join(&commit);
+    if !dir.join("config.json").is_file() || !dir.join("tokenizer.json").is_file() {
+        return None;
+    }
+    let index = dir.join("model.safetensors.index.json");
+    let weights_ok = if index.is_file() {
+        let idx = read_json(&index).ok()?;
+        let map = idx.get("weight_map")?.as_object()?;
+        !map.is_empty() && map.values().all(|f| f.as_str().is_some_and(|f| dir.join(f).is_file()))
+    } else {
+        std::fs::read_dir(&dir)
+            .ok()?
+            .filter_map(|e| e.ok())
+            .any(|e| e.path().extension().is_some_and(|x| x == "safetensors") && e.path().is_file())
+    };
+    weights_ok.then_some(dir)
+}
+
+fn download_from_hub(id: &str, revision: &str, cache: &Path) -> Result<PathBuf> {
+    use hf_hub::{api::sync::ApiBuilder, Cache, Repo, RepoType};
+    let mut builder = ApiBuilder::from_cache(Cache::new(cache.to_path_buf()));
+    if let Ok(endpoint) = std::env::var("HF_ENDPOINT") {
+        builder = builder.with_endpoint(endpoint);
+    }
+    if let Some(token) = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()) {
+        builder = builder.with_token(Some(token));
+    }
+    let api = builder.build().context("initialising the Hugging Face hub client")?;
+    let repo = api.repo(Repo::with_revision(id.to_string(), RepoType::Model, revision.to_string()));
     let hint = || {
         format!(
-            "could not fetch {id} from the Hugging Face hub (offline, or needs HF_TOKEN?); \
-             download the checkpoint elsewhere and pass its local folder instead"
+            "could not fetch {id} (revision {revision}) from the Hugging Face hub: offline, or a gated or \
+             private model that needs HF_TOKEN? Not in the local cache at {} either; download the \
+             checkpoint elsewhere and pass its local folder instead",
+            cache.display()
         )
     };
     let config = repo.get("config.json").with_context(hint)?;

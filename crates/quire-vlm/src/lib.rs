@@ -10,6 +10,7 @@
 //! are downloaded by the caller.
 
 pub mod checkpoint;
+pub mod generation;
 pub mod idefics3;
 pub mod par;
 pub mod pil;
@@ -21,6 +22,7 @@ use anyhow::{bail, Result};
 pub use candle_core::{DType, Device};
 
 pub use checkpoint::{resolve_model_dir, Checkpoint};
+pub use generation::{GenerationConfig, DEFAULT_MAX_NEW_TOKENS};
 
 /// Where and in which precision to run the model.
 #[derive(Clone, Debug)]
@@ -107,14 +109,16 @@ pub enum Task {
 pub struct Request {
     pub image: image::DynamicImage,
     pub prompt: String,
-    pub max_new_tokens: usize,
+    /// Most new tokens; `None`: the checkpoint's generation config decides (`max_new_tokens`,
+    /// else `max_length` minus the prompt, else [`DEFAULT_MAX_NEW_TOKENS`]).
+    pub max_new_tokens: Option<usize>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FinishReason {
     /// An end-of-sequence id was produced (it is the last of `token_ids`).
     Stop,
-    /// `max_new_tokens` was reached.
+    /// The length limit was reached (`max_new_tokens` or the generation config's default).
     Length,
 }
 
@@ -194,7 +198,14 @@ impl Vlm {
         }
     }
 
-    /// Batched greedy generation; results are in request order.
+    /// The checkpoint's generation settings (`generation_config.json`), as `generate` applies them.
+    pub fn generation_config(&self) -> &GenerationConfig {
+        match &self.model {
+            Model::Idefics3(m) => m.generation_config(),
+        }
+    }
+
+    /// Batched greedy generation with the checkpoint's generation config; results are in request order.
     pub fn generate(&mut self, reqs: &[Request]) -> Result<Vec<Generation>> {
         match &mut self.model {
             Model::Idefics3(m) => m.generate(reqs),

@@ -42,7 +42,7 @@ fn image(case: &Value) -> image::DynamicImage {
 }
 
 fn request(case: &Value, max_new: usize) -> Request {
-    Request { image: image(case), prompt: case["prompt"].as_str().unwrap().to_string(), max_new_tokens: max_new }
+    Request { image: image(case), prompt: case["prompt"].as_str().unwrap().to_string(), max_new_tokens: Some(max_new) }
 }
 
 fn u32s(v: &Value) -> Vec<u32> {
@@ -132,7 +132,7 @@ fn batched_equals_unbatched() {
         }
         // per-request budgets differ inside a batch
         let mut reqs = reqs;
-        reqs[0].max_new_tokens = 3;
+        reqs[0].max_new_tokens = Some(3);
         let out = fx.vlm.generate(&reqs).unwrap();
         let first = u32s(&cases(&fx.meta)[0]["new_tokens"]);
         assert_eq!(out[0].token_ids, first[..first.len().min(3)].to_vec());
@@ -148,6 +148,9 @@ fn layouts_and_sources() {
         let mut fx = load(name);
         let m = fx.vlm.as_idefics3().unwrap();
         assert_eq!(m.image_seq_len, fx.meta["image_seq_len"].as_u64().unwrap() as usize);
+        // Nothing but EOS and pad in these generation configs: the quire default length applies.
+        assert_eq!(fx.vlm.generation_config().budget(None, 10), quire_vlm::DEFAULT_MAX_NEW_TOKENS);
+        assert!(!fx.vlm.generation_config().processes_scores());
     }
     let dir = fixtures().join("split_sf2_gqa");
     assert_eq!(quire_vlm::resolve_model_dir(dir.to_str().unwrap()).unwrap(), dir);
@@ -156,3 +159,98 @@ fn layouts_and_sources() {
     assert!(quire_vlm::resolve_model_dir("/no/such/folder").is_err());
 }
 
+
+/// `genconf_penalties`: the generation config sets repetition_penalty, no_repeat_ngram_size,
+/// bad_words_ids, suppress_tokens and max_new_tokens (plus do_sample, which greedy decoding
+/// ignores); the reference is `generate(do_sample=False)` with no length given.
+#[test]
+fn generation_config_is_applied_like_transformers_generate() {
+    let dir = fixtures().join("genconf_penalties");
+    let mut vlm = Vlm::load(&dir, &LoadOptions::default()).unwrap();
+    let meta: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+    assert_eq!(meta["max_new_tokens_from_generation_config"], true);
+    let default_len = meta["max_new_tokens"].as_u64().unwrap() as usize;
+    let gc = vlm.generation_config().clone();
+    assert_eq!(gc.repetition_penalty, 1.3);
+    assert_eq!(gc.no_repeat_ngram_size, 3);
+    assert_eq!(gc.bad_words_ids.len(), 2);
+    assert_eq!(gc.suppress_tokens.len(), 1);
+    assert!(gc.do_sample, "read, reported, and not used");
+    assert_eq!(gc.budget(None, 50), default_len);
+    // The processors matter: with them off, transformers generates something else.
+    let differs = cases(&meta).iter().filter(|c| c["new_tokens"] != c["plain_new_tokens"]).count();
+    assert!(differs >= 2, "the reference does not exercise the generation config");
+    let req = |case: &Value, n: Option<usize>| Request {
+        image: image(case),
+        prompt: case["prompt"].as_str().unwrap().to_string(),
+        max_new_tokens: n,
+    };
+    for case in cases(&meta) {
+        let g = vlm.generate(&[req(case, None)]).unwrap().remove(0);
+        let want = u32s(&case["new_tokens"]);
+        assert_eq!(g.token_ids, want, "genconf_penalties/{}", case["image"]);
+        assert_eq!(g.text, case["text"].as_str().unwrap());
+        assert_eq!(g.tokens_out, default_len, "the generation config's max_new_tokens is the default length");
+        assert_eq!(g.finish_reason, FinishReason::Length);
+    }
+    // Batched (left padded, different prompt lengths) equals unbatched, with the caller's
+    // length winning over the generation config's where given.
+    let mut reqs: Vec<Request> = cases(&meta).iter().map(|c| req(c, None)).collect();
+    reqs[1].max_new_tokens = Some(5);
+    let out = vlm.generate(&reqs).unwrap();
+    for (i, (g, case)) in out.iter().zip(cases(&meta)).enumerate() {
+        let want = u32s(&case["new_tokens"]);
+        let n = if i == 1 { 5 } else { default_len };
+        assert_eq!(g.token_ids, want[..n].to_vec(), "genconf_penalties/{} batched", case["image"]);
+    }
+}
+
+/// bf16 and f16 on the CPU: first-step logits stay as close to the f32 reference as
+/// transformers' own bf16/f16 runs do (`lowp_reference.json`, written by
+/// `gen_idefics3.py lowp`), and generation runs to completion. (On the CPU, f16 computes in
+/// f16; bf16 rounds the weights to bf16 and computes in f32, as candle 0.9's CPU backend has
+/// no bf16 matrix product, so it lands well inside the bound.)
+///
+/// Tolerance per case: max |logit - f32 reference| <= 2 x what transformers gets in the same
+/// dtype on the same case, and at most 4% (bf16) or 0.5% (f16) of the largest |logit|. The
+/// two formats keep 8 and 11 significant bits (unit roundoff 2^-8 = 0.4%, 2^-11 = 0.05%);
+/// a few layers of rounding multiply that by a small factor, which is what transformers
+/// shows (bf16 up to 2.8%, f16 up to 0.3% of the largest logit on these checkpoints).
+#[test]
+fn bf16_and_f16_on_cpu_stay_as_close_to_f32_as_transformers() {
+    use candle_core::DType;
+    let lowp: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("lowp_reference.json")).unwrap()).unwrap();
+    for name in CHECKPOINTS {
+        let f32_fx = load(name);
+        for (label, dtype, rel) in [("bf16", DType::BF16, 0.04f32), ("f16", DType::F16, 0.005)] {
+            let dir = fixtures().join(name);
+            let mut vlm = Vlm::load(&dir, &LoadOptions { device: Device::Cpu, dtype })
+                .unwrap_or_else(|e| panic!("loading {name} in {label}: {e:#}"));
+            let max_new = f32_fx.meta["max_new_tokens"].as_u64().unwrap() as usize;
+            let m = vlm.as_idefics3().unwrap();
+            for case in cases(&f32_fx.meta) {
+                let key = case["image"].as_str().unwrap().trim_end_matches(".png");
+                let got = m.prefill_logits(&[request(case, 1)]).unwrap().remove(0);
+                assert!(got.iter().all(|x| x.is_finite()), "{name}/{key} {label}: non-finite logits");
+                let want: Vec<f32> = f32_fx.tensors[&format!("{key}.logits")].to_vec1().unwrap();
+                let d = max_abs_diff(&got, &want);
+                let hf = &lowp["checkpoints"][*name][label][key];
+                let hf_d = hf["max_abs_diff"].as_f64().unwrap() as f32;
+                let scale = want.iter().fold(0f32, |a, x| a.max(x.abs()));
+                eprintln!("{name}/{key} {label}: max |diff| {d:.5} (transformers {hf_d:.5}), largest |logit| {scale:.3}");
+                assert!(d <= 2.0 * hf_d && d <= rel * scale, "{name}/{key} {label}: logits differ by {d} (transformers: {hf_d})");
+                assert!(d > 1e-5, "{name}/{key} {label}: logits equal f32's, so {label} is not in effect");
+            }
+            // Generation runs to completion in the low dtype, batched and alone alike.
+            let reqs: Vec<Request> = cases(&f32_fx.meta).iter().map(|c| request(c, max_new)).collect();
+            let batched = vlm.generate(&reqs).unwrap();
+            for (g, r) in batched.iter().zip(&reqs) {
+                assert!(g.tokens_out >= 1 && g.tokens_out <= max_new, "{name} {label}");
+                assert_eq!(g.finish_reason == FinishReason::Length, g.tokens_out == max_new);
+                let alone = vlm.generate(std::slice::from_ref(r)).unwrap().remove(0);
+                assert_eq!(alone.token_ids, g.token_ids, "{name} {label}: batched differs from alone");
+            }
+        }
+    }
+}

@@ -85,9 +85,10 @@ pub struct JobOpts {
     /// Prompt for the model (default: the model family's own OCR or caption prompt).
     #[arg(long)]
     pub prompt: Option<String>,
-    /// Most tokens generated per page or image.
-    #[arg(long, default_value_t = 1024)]
-    pub max_new_tokens: usize,
+    /// Most tokens generated per page or image (default: the checkpoint's generation_config.json
+    /// max_new_tokens or max_length, else 1024).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_new_tokens: Option<u64>,
     /// Pages per task (a task is the unit of scheduling, retry and resume).
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
     pub pages_per_task: u32,

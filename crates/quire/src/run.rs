@@ -50,7 +50,11 @@ pub fn settings(args: &JobOpts) -> JobSettings {
     };
     s.model = if s.engine == Engine::TextLayer { None } else { args.model.clone() };
     s.prompt = args.prompt.clone();
-    s.max_new_tokens = args.max_new_tokens;
+    // Without --max-new-tokens the checkpoint's generation config decides, on whichever
+    // machine runs the model (the coordinator does not load it).
+    s.max_new_tokens = args
+        .max_new_tokens
+        .map_or(quire_pipeline::vlm::MODEL_DEFAULT_MAX_NEW_TOKENS, |n| n as usize);
     s.pages_per_task = args.pages_per_task;
     s.render = match (args.render_long_side, args.render_dpi) {
         (_, Some(dpi)) => RenderSize::Dpi(dpi),

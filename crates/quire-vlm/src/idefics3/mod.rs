@@ -14,6 +14,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::checkpoint::Checkpoint;
+use crate::generation::GenerationConfig;
 use crate::prompt::{ChatTemplate, TextTokenizer};
 use crate::{FinishReason, Generation, Request};
 use config::Idefics3Config;
@@ -41,10 +42,39 @@ pub struct Idefics3 {
     vision: VisionModel,
     connector: Connector,
     text: TextModel,
-    eos: Vec<u32>,
+    generation: GenerationConfig,
     pad: u32,
     device: Device,
     dtype: DType,
+}
+
+/// Weights read in `via` precision and handed out in the requested one: bf16 weights for
+/// f32 arithmetic (see [`Idefics3::load`]).
+struct RoundedWeights {
+    inner: candle_core::safetensors::MmapedSafetensors,
+    via: DType,
+}
+
+impl candle_nn::var_builder::SimpleBackend for RoundedWeights {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        use candle_nn::var_builder::SimpleBackend;
+        SimpleBackend::get(&self.inner, s, name, h, self.via, dev)?.to_dtype(dtype)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        candle_nn::var_builder::SimpleBackend::get_unchecked(&self.inner, name, self.via, dev)?.to_dtype(dtype)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        candle_nn::var_builder::SimpleBackend::contains_tensor(&self.inner, name)
+    }
 }
 
 /// Finds the prefix under which a checkpoint stores a component (names changed across versions).
@@ -73,8 +103,22 @@ impl Idefics3 {
             None => None,
         };
         let files = ck.safetensors_files()?;
-        // SAFETY: the weight files are memory-mapped read-only and not modified while loaded.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device)? };
+        // candle 0.9's CPU backend has no bf16 matrix product (f16, f32 and f64 only), so bf16
+        // on the CPU means bf16 weights with f32 arithmetic: every weight is rounded to bf16,
+        // then widened (exactly) to f32.
+        let (dtype, vb) = if device.is_cpu() && dtype == DType::BF16 {
+            tracing::info!(
+                "bf16 on the CPU: weights rounded to bf16, arithmetic in f32 (candle's CPU backend \
+                 has no bf16 matrix product); use --dtype f16 for 16-bit arithmetic on the CPU"
+            );
+            // SAFETY: the weight files are memory-mapped read-only and not modified while loaded.
+            let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files)? };
+            let backend = RoundedWeights { inner: st, via: DType::BF16 };
+            (DType::F32, VarBuilder::from_backend(Box::new(backend), DType::F32, device.clone()))
+        } else {
+            // SAFETY: as above.
+            (dtype, unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device)? })
+        };
         let text_vb = pick_prefix(&vb, "embed_tokens.weight", &["model.text_model", "text_model", "model.language_model"])?;
         let vision_vb = pick_prefix(
             &vb,
@@ -96,6 +140,16 @@ impl Idefics3 {
         let text = TextModel::new(&config.text, text_vb, head).context("loading model.text_model")?;
         let eos = ck.eos_token_ids();
         let pad = ck.pad_token_id().or_else(|| eos.first().copied()).unwrap_or(0);
+        let generation = GenerationConfig::from_json(&ck.generation_config, eos);
+        let ignored = generation.ignored();
+        if !ignored.is_empty() {
+            tracing::info!(
+                "{}: generation_config.json asks for {}; quire decodes greedily with one beam (deterministic), \
+                 applying the rest of the generation config",
+                ck.dir.display(),
+                ignored.join(", ")
+            );
+        }
         Ok(Idefics3 {
             config,
             image_processor,
@@ -105,7 +159,7 @@ impl Idefics3 {
             vision,
             connector,
             text,
-            eos,
+            generation,
             pad,
             device: device.clone(),
             dtype,
@@ -131,6 +185,11 @@ impl Idefics3 {
 
     pub fn tokenizer(&self) -> &TextTokenizer {
         &self.tokenizer
+    }
+
+    /// The checkpoint's generation settings as applied by [`Self::generate`].
+    pub fn generation_config(&self) -> &GenerationConfig {
+        &self.generation
     }
 
     /// Image features (tiles × image_seq_len rows, text hidden) for each prepared request.
@@ -246,7 +305,8 @@ impl Idefics3 {
         Ok(Tensor::from_vec(m, (pads.len(), 1, len, len), &self.device)?)
     }
 
-    /// Batched greedy decoding; each row yields exactly the tokens of a run on its own.
+    /// Batched greedy decoding with the checkpoint's generation config (see
+    /// [`crate::generation`]); each row yields exactly the tokens of a run on its own.
     pub fn generate(&mut self, reqs: &[Request]) -> Result<Vec<Generation>> {
         if reqs.is_empty() {
             return Ok(vec![]);
@@ -255,29 +315,38 @@ impl Idefics3 {
         let b = preps.len();
         let max_len = preps.iter().map(|p| p.input_ids.len()).max().unwrap_or(0);
         let pads: Vec<usize> = preps.iter().map(|p| max_len - p.input_ids.len()).collect();
-        let budget = reqs.iter().map(|r| r.max_new_tokens).max().unwrap_or(0);
-        let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
-        let mut done: Vec<Option<FinishReason>> = reqs
+        let budgets: Vec<usize> = reqs
             .iter()
-            .map(|r| if r.max_new_tokens == 0 { Some(FinishReason::Length) } else { None })
+            .zip(&preps)
+            .map(|(r, p)| self.generation.budget(r.max_new_tokens, p.input_ids.len()))
             .collect();
+        let budget = budgets.iter().copied().max().unwrap_or(0);
+        let process = self.generation.processes_scores();
+        // Each row's prompt followed by what it generated: what the logits processors look at.
+        let mut seqs: Vec<Vec<u32>> = preps.iter().map(|p| p.input_ids.clone()).collect();
+        let mut done: Vec<Option<FinishReason>> =
+            budgets.iter().map(|&n| if n == 0 { Some(FinishReason::Length) } else { None }).collect();
         if budget > 0 {
             self.text.set_cache_capacity(max_len + budget);
             let mut logits = self.prefill(&preps)?;
             let mut step = 0;
             loop {
-                let rows: Vec<Vec<f32>> = logits.to_vec2()?;
+                let mut rows: Vec<Vec<f32>> = logits.to_vec2()?;
                 let mut next = Vec::with_capacity(b);
-                for (i, row) in rows.iter().enumerate() {
+                for (i, row) in rows.iter_mut().enumerate() {
                     if done[i].is_some() {
                         next.push(self.pad);
                         continue;
                     }
+                    let prompt_len = preps[i].input_ids.len();
+                    if process {
+                        self.generation.process(&seqs[i], prompt_len, budgets[i], row);
+                    }
                     let tok = argmax(row);
-                    out[i].push(tok);
-                    if self.eos.contains(&tok) {
+                    seqs[i].push(tok);
+                    if self.generation.eos_token_ids.contains(&tok) {
                         done[i] = Some(FinishReason::Stop);
-                    } else if out[i].len() >= reqs[i].max_new_tokens {
+                    } else if seqs[i].len() - prompt_len >= budgets[i] {
                         done[i] = Some(FinishReason::Length);
                     }
                     next.push(tok);
@@ -306,9 +375,10 @@ impl Idefics3 {
         }
         preps
             .iter()
-            .zip(out)
+            .zip(seqs)
             .zip(done)
-            .map(|((p, ids), d)| {
+            .map(|((p, mut seq), d)| {
+                let ids = seq.split_off(p.input_ids.len());
                 Ok(Generation {
                     text: self.tokenizer.decode(&ids)?,
                     tokens_in: p.input_ids.len(),
