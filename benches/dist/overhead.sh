@@ -4,11 +4,12 @@
 # Garage S3 on loopback), on this machine, in the same run. Not a test.
 #
 #   benches/dist/overhead.sh [REPS]          # default 3 repetitions, alternating
+#   COPIES=5 WORKER_SLOTS=2 PROFILE=dev benches/dist/overhead.sh 5
 #
 # Corpus: the real Debian manuals of benches/render/bench.sh (661 pages),
 # fetched into BENCH_DIR (default /root/bench-pdfs). Same parallelism on both
-# sides: `quire run` renders with 2 pdfium processes; each worker has 1 task
-# slot and 1 render process. The distributed wall time runs from submission to
+# sides: `quire run` renders with 2 pdfium processes; each worker has 1
+# render process and WORKER_SLOTS task slots (default 1). The distributed wall time runs from submission to
 # the manifest written by `coordinator --wait` (planning, worker-side splits,
 # downloads, uploads, Markdown included); workers are started beforehand.
 set -euo pipefail
@@ -31,11 +32,14 @@ S3PUT="$bin/examples/s3_put"
 export QUIRE_PDFIUM="${QUIRE_PDFIUM:-$("$ROOT/scripts/setup-pdfium.sh" "$HOME/.cache/quire-tools/pdfium")}"
 WORK="$(mktemp -d /tmp/quire-overhead-bench.XXXX)"
 source "$ROOT/benches/dist/services.sh"
+# COPIES > 1: each manual several times under other names (a bigger job).
 mkdir -p "$WORK/in"
-cp "${files[@]}" "$WORK/in/"
-"$S3PUT" "s3://$BUCKET/in" "${files[@]}" 2>/dev/null
+for c in $(seq "${COPIES:-1}"); do
+  for f in "${files[@]}"; do cp "$f" "$WORK/in/c$c-$(basename "$f")"; done
+done
+"$S3PUT" "s3://$BUCKET/in" "$WORK"/in/*.pdf 2>/dev/null
 for i in 1 2; do
-  "$QUIRE" --render-procs 1 worker --nats "$NATS_URL" --workers 1 >"$WORK/worker$i.log" 2>&1 &
+  "$QUIRE" --render-procs 1 worker --nats "$NATS_URL" --workers "${WORKER_SLOTS:-1}" >"$WORK/worker$i.log" 2>&1 &
   PIDS+=($!)
 done
 sleep 1

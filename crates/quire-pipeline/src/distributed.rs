@@ -83,10 +83,45 @@ pub async fn open_store(uri: &str, access: &S3Access) -> anyhow::Result<Arc<dyn 
 }
 
 /// Local paths are read in place; `s3://` objects are streamed to a
-/// temporary file in `dir` (deleted when the task is done).
+/// temporary file in `dir`. The most recent downloads are kept while they
+/// fit `cache_bytes`, so the page-range tasks of one document that land on
+/// the same worker download it once; a file is deleted when it is evicted
+/// and no running task uses it any more.
 pub struct S3Fetch {
     pub client: aws_sdk_s3::Client,
     pub dir: PathBuf,
+    pub cache_bytes: u64,
+    /// Most recent first: (uri and version, size, file).
+    cache: std::sync::Mutex<std::collections::VecDeque<(String, u64, Arc<tempfile::NamedTempFile>)>>,
+}
+
+impl S3Fetch {
+    pub fn new(client: aws_sdk_s3::Client, dir: PathBuf, cache_bytes: u64) -> Self {
+        S3Fetch { client, dir, cache_bytes, cache: Default::default() }
+    }
+
+    fn cached(&self, key: &str) -> Option<Arc<tempfile::NamedTempFile>> {
+        let mut c = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let i = c.iter().position(|(k, ..)| k == key)?;
+        let e = c.remove(i)?;
+        let f = e.2.clone();
+        c.push_front(e);
+        Some(f)
+    }
+
+    fn remember(&self, key: String, size: u64, f: Arc<tempfile::NamedTempFile>) {
+        if size > self.cache_bytes {
+            return;
+        }
+        let mut c = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        c.retain(|(k, ..)| *k != key);
+        c.push_front((key, size, f));
+        let mut total = 0;
+        c.retain(|(_, n, _)| {
+            total += n;
+            total <= self.cache_bytes
+        });
+    }
 }
 
 #[async_trait::async_trait]
@@ -98,9 +133,18 @@ impl Fetch for S3Fetch {
                 _keep: None,
             });
         }
-        let f = s3::fetch_to_file(&self.client, src, &self.dir)
-            .await
-            .map_err(|e| TaskFailure(format!("fetching {}: {e}", src.uri)))?;
+        let key = format!("{}\n{}", src.uri, src.version);
+        let f = match self.cached(&key) {
+            Some(f) => f,
+            None => {
+                let f = s3::fetch_to_file(&self.client, src, &self.dir)
+                    .await
+                    .map_err(|e| TaskFailure(format!("fetching {}: {e}", src.uri)))?;
+                let f = Arc::new(f);
+                self.remember(key, src.size, f.clone());
+                f
+            }
+        };
         Ok(Fetched {
             path: f.path().to_path_buf(),
             _keep: Some(Box::new(f)),
@@ -613,6 +657,8 @@ pub async fn wait_and_finish(
     forwarder.abort();
     let planned: Vec<PlannedTask> = states.into_iter().map(|(t, _)| t).collect();
     let before = |id: &str| sub.done_before.contains(id);
+    tracing::debug!("{job}: every task settled; writing Markdown and the manifest");
+    let t0 = std::time::Instant::now();
     let manifest = finish_job(
         store,
         JobOutcome {
@@ -627,6 +673,7 @@ pub async fn wait_and_finish(
         },
     )
     .await?;
+    tracing::debug!("{job}: finished in {:.3}s", t0.elapsed().as_secs_f64());
     Ok(manifest)
 }
 

@@ -268,6 +268,10 @@ pub struct WorkerArgs {
     /// Seconds to finish running tasks after SIGTERM/SIGINT before handing them back.
     #[arg(long, default_value_t = 30)]
     pub grace_s: u64,
+    /// Disk space (MiB, in the temp folder) for recently downloaded inputs, so that the
+    /// page-range tasks of one document download it once per worker; 0 keeps none.
+    #[arg(long, default_value_t = 2048, value_name = "MIB")]
+    pub doc_cache_mb: u64,
     /// How long a task's lease lives without a heartbeat, in seconds (as the coordinator's).
     #[arg(long, default_value_t = 300)]
     pub ack_wait_s: u64,

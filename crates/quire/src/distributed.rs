@@ -66,9 +66,13 @@ pub fn coordinator(args: CoordinatorArgs) -> u8 {
     let started_at = SystemTime::now();
     let result = runtime().and_then(|rt| {
         rt.block_on(async {
+            let t0 = Instant::now();
             let queue = connect_queue(&args.services.nats, args.services.nats_auth.auth(), queue_opts, true).await?;
             let store = open_store(&args.out, &o.access).await?;
+            tracing::debug!("connected to the queue and the output in {:.3}s", t0.elapsed().as_secs_f64());
+            let t0 = Instant::now();
             let sub = submit(&o, &queue, store.as_ref()).await?;
+            tracing::debug!("listed and published in {:.3}s", t0.elapsed().as_secs_f64());
             // The job's settings (output location included) in the quire-jobs
             // KV bucket, so `quire status JOB --nats URL` finds the output.
             let meta = JobMeta { settings: o.settings.clone(), documents: sub.documents, planning_done: true };
@@ -200,7 +204,7 @@ fn worker_inner(args: WorkerArgs) -> anyhow::Result<u8> {
         }
         metrics.ready.set(1);
         let stores = Arc::new(StoreCache::new(access.clone()));
-        let fetch = Arc::new(S3Fetch { client: access.client().await, dir: scratch_dir() });
+        let fetch = Arc::new(S3Fetch::new(access.client().await, scratch_dir(), args.doc_cache_mb.saturating_mul(1 << 20)));
         let (model, model_long_side) = match model {
             Some((h, l)) => (Some(h), l),
             None => (None, None),
