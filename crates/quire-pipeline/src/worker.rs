@@ -339,6 +339,70 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn document_tasks_are_split_into_quire_run_tasks_or_run_whole() {
+        let Ok(pdf) = quire_render::PdfRenderer::start(1) else {
+            panic!("libpdfium is needed: run scripts/setup-pdfium.sh and export QUIRE_PDFIUM");
+        };
+        let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/docs");
+        let mut s = JobSettings::new("j");
+        s.pages_per_task = 2;
+        s.engine = quire_core::Engine::TextLayer;
+        let fp = quire_core::settings_fingerprint(&s);
+        let src = |name: &str| {
+            let p = docs.join(name);
+            SourceRef { uri: p.to_string_lossy().into(), rel: name.into(), size: std::fs::metadata(&p).unwrap().len(), version: "1".into() }
+        };
+        let queue = MemoryQueue::new(QueueOptions { ack_wait: Duration::from_secs(60), max_deliver: 3 });
+        let big = crate::split::document_task(&s, &fp, &src("born_digital.pdf")); // 3 pages
+        let small = crate::split::document_task(&s, &fp, &src("image.png"));
+        queue.publish(&big).await.unwrap();
+        queue.publish(&small).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn BlobStore> = Arc::new(LocalStore::new(dir.path()));
+        let (abort_tx, abort_rx) = watch::channel(false);
+        let w = Worker {
+            queue: Arc::new(queue.clone()),
+            stores: Arc::new(OneStore(store.clone())),
+            fetch: Arc::new(LocalFetch),
+            ctx: ProcessContext { pdf, model: None, model_long_side: None },
+            progress: Arc::new(Progress::default()),
+            heartbeat: Duration::from_secs(10),
+            admit: None,
+            observer: None,
+            abort: Some(abort_rx),
+        };
+        let h = tokio::spawn(async move { w.run().await });
+        let t0 = Instant::now();
+        while queue.outstanding() > 0 {
+            assert!(t0.elapsed() < Duration::from_secs(30), "work did not finish");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        abort_tx.send_replace(true);
+        queue.close();
+        h.await.unwrap().unwrap();
+        // The 3-page PDF: a split record and the two tasks quire run plans.
+        let split: crate::split::Split =
+            serde_json::from_slice(&store.get(&split_key("j", &big.task_id)).await.unwrap().expect("split stored")).unwrap();
+        let planned = crate::plan::plan_tasks(&s, &fp, &big.source, &Ok(quire_render::Probe { kind: quire_render::InputKind::Pdf, unit_count: 3, bytes: 0 }));
+        assert_eq!(split.parts.iter().map(|p| p.task_id.clone()).collect::<Vec<_>>(), planned.iter().map(|t| t.task_id.clone()).collect::<Vec<_>>());
+        let mut pages = Vec::new();
+        for p in &split.parts {
+            let body = store.get(&results_key("j", &p.task_id)).await.unwrap().expect("part results");
+            for r in crate::finish::parse_jsonl(&body).unwrap() {
+                assert_eq!((r.task_id.as_str(), r.page_count), (p.task_id.as_str(), 3));
+                pages.push(r.page);
+            }
+        }
+        assert_eq!(pages, vec![1, 2, 3]);
+        assert!(!store.exists(&results_key("j", &big.task_id)).await.unwrap());
+        // The image fits one task: run whole, results under the document id.
+        let body = store.get(&results_key("j", &small.task_id)).await.unwrap().expect("whole results");
+        let recs = crate::finish::parse_jsonl(&body).unwrap();
+        assert_eq!((recs.len(), recs[0].task_id.as_str()), (1, small.task_id.as_str()));
+        assert!(!store.exists(&split_key("j", &small.task_id)).await.unwrap());
+    }
+
+    #[tokio::test]
     async fn abort_hands_the_running_task_back_and_stops_pulling() {
         let Ok(pdf) = quire_render::PdfRenderer::start(1) else {
             panic!("libpdfium is needed: run scripts/setup-pdfium.sh and export QUIRE_PDFIUM");

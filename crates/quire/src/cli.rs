@@ -272,10 +272,12 @@ pub struct WorkerArgs {
     /// page-range tasks of one document download it once per worker; 0 keeps none.
     #[arg(long, default_value_t = 2048, value_name = "MIB")]
     pub doc_cache_mb: u64,
-    /// How long a task's lease lives without a heartbeat, in seconds (as the coordinator's).
+    /// Lease time without a heartbeat, in seconds, for a queue no coordinator has set up yet
+    /// (otherwise the coordinator's value is in force and adopted).
     #[arg(long, default_value_t = 300)]
     pub ack_wait_s: u64,
-    /// Deliveries of a failing task before it is given up on (as the coordinator's).
+    /// Deliveries before a failing task is given up on, for a queue no coordinator has set up
+    /// yet (otherwise the coordinator's value is in force and adopted).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_deliver: u32,
 }
