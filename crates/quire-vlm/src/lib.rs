@@ -11,6 +11,7 @@
 
 pub mod checkpoint;
 pub mod idefics3;
+pub mod kernels;
 pub mod par;
 pub mod pil;
 pub mod prompt;

@@ -83,9 +83,8 @@ impl KvCache {
 }
 
 struct Attention {
-    q_proj: ParLinear,
-    k_proj: ParLinear,
-    v_proj: ParLinear,
+    /// q_proj, k_proj and v_proj stacked: one product per step.
+    qkv_proj: ParLinear,
     o_proj: ParLinear,
     heads: usize,
     kv_heads: usize,
@@ -98,9 +97,11 @@ impl Attention {
         let (h, kv, d) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
         let bias = cfg.attention_bias;
         Ok(Attention {
-            q_proj: ParLinear::new(linear_b(cfg.hidden_size, h * d, bias, vb.pp("q_proj"))?)?,
-            k_proj: ParLinear::new(linear_b(cfg.hidden_size, kv * d, bias, vb.pp("k_proj"))?)?,
-            v_proj: ParLinear::new(linear_b(cfg.hidden_size, kv * d, bias, vb.pp("v_proj"))?)?,
+            qkv_proj: ParLinear::fused(&[
+                linear_b(cfg.hidden_size, h * d, bias, vb.pp("q_proj"))?,
+                linear_b(cfg.hidden_size, kv * d, bias, vb.pp("k_proj"))?,
+                linear_b(cfg.hidden_size, kv * d, bias, vb.pp("v_proj"))?,
+            ])?,
             o_proj: ParLinear::new(linear_b(h * d, cfg.hidden_size, bias, vb.pp("o_proj"))?)?,
             heads: h,
             kv_heads: kv,
@@ -120,9 +121,10 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
-        let q = self.q_proj.forward(x)?.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous()?;
-        let k = self.k_proj.forward(x)?.reshape((b, t, kvh, d))?.transpose(1, 2)?.contiguous()?;
-        let v = self.v_proj.forward(x)?.reshape((b, t, kvh, d))?.transpose(1, 2)?;
+        let qkv = self.qkv_proj.forward(x)?;
+        let q = qkv.narrow(2, 0, h * d)?.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous()?;
+        let k = qkv.narrow(2, h * d, kvh * d)?.reshape((b, t, kvh, d))?.transpose(1, 2)?.contiguous()?;
+        let v = qkv.narrow(2, (h + kvh) * d, kvh * d)?.reshape((b, t, kvh, d))?.transpose(1, 2)?;
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
         let (k, v) = KvCache::append(&mut self.cache, &k, &v, capacity)?;
@@ -145,24 +147,28 @@ impl Attention {
 }
 
 struct Mlp {
-    gate_proj: ParLinear,
-    up_proj: ParLinear,
+    /// gate_proj and up_proj stacked.
+    gate_up_proj: ParLinear,
     down_proj: ParLinear,
+    intermediate: usize,
 }
 
 impl Mlp {
     fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
         let (h, i, b) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
         Ok(Mlp {
-            gate_proj: ParLinear::new(linear_b(h, i, b, vb.pp("gate_proj"))?)?,
-            up_proj: ParLinear::new(linear_b(h, i, b, vb.pp("up_proj"))?)?,
+            gate_up_proj: ParLinear::fused(&[linear_b(h, i, b, vb.pp("gate_proj"))?, linear_b(h, i, b, vb.pp("up_proj"))?])?,
             down_proj: ParLinear::new(linear_b(i, h, b, vb.pp("down_proj"))?)?,
+            intermediate: i,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let g = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
-        self.down_proj.forward(&(g * self.up_proj.forward(x)?)?)
+        let gu = self.gate_up_proj.forward(x)?;
+        let i = self.intermediate;
+        let last = gu.rank() - 1;
+        let g = candle_nn::ops::silu(&gu.narrow(last, 0, i)?)?;
+        self.down_proj.forward(&(g * gu.narrow(last, i, i)?)?)
     }
 }
 
