@@ -128,6 +128,10 @@ impl Attention {
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
         let (k, v) = KvCache::append(&mut self.cache, &k, &v, capacity)?;
+        if t == 1 && q.device().is_cpu() && q.dtype() == DType::F32 {
+            let out = self.decode_attention(&q, mask)?;
+            return self.o_proj.forward(&out);
+        }
         let s = k.dim(2)?;
         // Grouped-query attention without repeating K/V: the n_rep query heads that share a
         // KV head are consecutive, so (b, h, t, d) views as (b, kv_heads, n_rep * t, d).
@@ -143,6 +147,61 @@ impl Attention {
         let out = probs.reshape((b, kvh, n_rep * t, s))?.matmul(&v)?;
         let out = out.reshape((b, h, t, d))?.transpose(1, 2)?.reshape((b, t, h * d))?;
         self.o_proj.forward(&out)
+    }
+}
+
+impl Attention {
+    /// Attention of one new position per sequence (CPU f32) straight on the cache buffers:
+    /// `q` (b, heads, 1, head_dim) after RoPE, `mask` (b, 1, 1, cached) or None. Returns
+    /// (b, 1, heads·head_dim). Each (row, head) is computed on its own, whatever the batch.
+    fn decode_attention(&self, q: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (b, h, _, d) = q.dims4()?;
+        let kvh = self.kv_heads;
+        let n_rep = h / kvh;
+        let c = self.cache.as_ref().expect("cache appended before attention");
+        let (cap, len) = (c.k.dim(2)?, c.len);
+        let scale = (1.0 / (d as f64).sqrt()) as f32;
+        let q = q.flatten_all()?.to_vec1::<f32>()?;
+        let mask = match mask {
+            Some(m) => Some(m.to_dtype(DType::F32)?.broadcast_as((b, 1, 1, len))?.flatten_all()?.to_vec1::<f32>()?),
+            None => None,
+        };
+        let mut out = vec![0f32; b * h * d];
+        let op = OutPtr(out.as_mut_ptr());
+        let (kg, kl) = c.k.storage_and_layout();
+        let (vg, vl) = c.v.storage_and_layout();
+        let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(ks)), candle_core::Storage::Cpu(candle_core::CpuStorage::F32(vs))) = (&*kg, &*vg) else {
+            candle_core::bail!("decode attention: f32 CPU cache expected");
+        };
+        let (Some((k0, _)), Some((v0, _))) = (kl.contiguous_offsets(), vl.contiguous_offsets()) else {
+            candle_core::bail!("decode attention: contiguous cache expected");
+        };
+        let (ks, vs) = (&ks[k0..], &vs[v0..]);
+        crate::par::par_for(b * h, &|task| {
+            let (bi, hh) = (task / h, task % h);
+            let base = (bi * kvh + hh / n_rep) * cap * d;
+            let qv = &q[task * d..(task + 1) * d];
+            let mut scores: Vec<f32> =
+                (0..len).map(|j| crate::kernels::dot(qv, &ks[base + j * d..base + (j + 1) * d])).collect();
+            crate::kernels::softmax_row(&mut scores, scale, mask.as_ref().map(|m| &m[bi * len..(bi + 1) * len]));
+            // SAFETY: each task writes its own head's d outputs; `out` outlives par_for.
+            let o = unsafe { std::slice::from_raw_parts_mut(op.get().add(task * d), d) };
+            for (j, &p) in scores.iter().enumerate() {
+                let vr = &vs[base + j * d..base + (j + 1) * d];
+                o.iter_mut().zip(vr).for_each(|(o, &v)| *o += p * v);
+            }
+        });
+        drop((kg, vg));
+        Tensor::from_vec(out, (b, 1, h * d), &Device::Cpu)
+    }
+}
+
+struct OutPtr(*mut f32);
+// SAFETY: hands disjoint parts of one buffer to pool tasks.
+unsafe impl Sync for OutPtr {}
+impl OutPtr {
+    fn get(&self) -> *mut f32 {
+        self.0
     }
 }
 
