@@ -394,6 +394,52 @@ pub fn layer_norm_row(src: &[f32], dst: &mut [f32], w: &[f32], b: &[f32], eps: f
     }
 }
 
+/// [`matmul_wt`] split over the pool by blocks of output features (columns of `dst`), each
+/// block one single-threaded product: gemm's own threading loses to one thread on products
+/// with few rows and outputs (a text prefill), while the column split keeps both busy and
+/// packs every weight once.
+pub fn matmul_wt_cols(x: &[f32], w: &[f32], dst: &mut [f32], m: usize, k: usize, n: usize, accumulate: bool) {
+    const COL_BLOCK: usize = 192;
+    assert!(x.len() >= m * k && w.len() >= n * k && dst.len() >= m * n, "matmul sizes");
+    struct P(*mut f32);
+    // SAFETY: tasks write disjoint column blocks.
+    unsafe impl Sync for P {}
+    impl P {
+        fn get(&self) -> *mut f32 {
+            self.0
+        }
+    }
+    let dp = P(dst.as_mut_ptr());
+    crate::par::par_for(n.div_ceil(COL_BLOCK), &|t| {
+        let c0 = t * COL_BLOCK;
+        let cols = COL_BLOCK.min(n - c0);
+        // SAFETY: columns c0..c0+cols of the m × n `dst` (row stride n) belong to this task.
+        unsafe {
+            gemm::gemm(
+                m,
+                cols,
+                k,
+                dp.get().add(c0),
+                1,
+                n as isize,
+                accumulate,
+                x.as_ptr(),
+                1,
+                k as isize,
+                w.as_ptr().add(c0 * k),
+                k as isize,
+                1,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            )
+        }
+    });
+}
+
 /// `dst` = `x`·`wᵀ` (+ `dst` when `accumulate`), `x` (m, k) and `w` (n, k) row-major, `dst`
 /// (m, n) row-major, on gemm's kernels with `threads` threads.
 pub fn matmul_wt(x: &[f32], w: &[f32], dst: &mut [f32], m: usize, k: usize, n: usize, accumulate: bool, threads: usize) {
@@ -488,6 +534,36 @@ mod tests {
                     assert!((all[r * n + o] as f64 - want).abs() < 1e-4);
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod speed {
+    /// gemm throughput on a vision-MLP-sized product (run with --release --ignored --nocapture).
+    #[test]
+    #[ignore]
+    fn gemm_gflops() {
+        for (m, k, n) in [(1024, 768, 3072), (87, 576, 3072), (87, 1536, 576), (87, 576, 960)] {
+        let x: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 * 0.1).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| (i % 7) as f32 * 0.1).collect();
+        let mut d = vec![0f32; m * n];
+        for threads in [1, 2] {
+            let mut best = f64::MAX;
+            for _ in 0..5 {
+                let t = std::time::Instant::now();
+                super::matmul_wt(&x, &w, &mut d, m, k, n, false, threads);
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            println!("gemm {m}x{k}x{n} {threads} threads: {:.0} GFLOP/s", 2.0 * (m * k * n) as f64 / best / 1e9);
+        }
+        let mut best = f64::MAX;
+        for _ in 0..5 {
+            let t = std::time::Instant::now();
+            super::matmul_wt_cols(&x, &w, &mut d, m, k, n, false);
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        println!("gemm {m}x{k}x{n} column split: {:.0} GFLOP/s", 2.0 * (m * k * n) as f64 / best / 1e9);
         }
     }
 }

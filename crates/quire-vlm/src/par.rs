@@ -170,8 +170,9 @@ pub fn par_for(n: usize, f: &(dyn Fn(usize) + Sync)) {
     }
 }
 
-/// A linear layer whose decoding products (one new token per sequence) run on [`par_for`]
-/// with [`crate::kernels::matvec_rows`]; other shapes go to candle's matmul.
+/// A linear layer on the pool: decoding products (one new token per sequence) with
+/// [`crate::kernels::matvec_rows`], others (CPU f32) with gemm split by output features
+/// ([`crate::kernels::matmul_wt_cols`]); other devices and dtypes go to candle's matmul.
 pub struct ParLinear {
     full: Linear,
     /// The weight as a contiguous f32 CPU slice source, when the kernel path applies.
@@ -253,12 +254,23 @@ impl Module for ParLinear {
             1 => true,
             r => dims[r - 2] == 1,
         };
-        let Some((w, bias)) = self.cpu.as_ref().filter(|_| decoding && x.dtype() == candle_core::DType::F32 && x.device().is_cpu()) else {
+        let Some((w, bias)) = self.cpu.as_ref().filter(|_| x.dtype() == candle_core::DType::F32 && x.device().is_cpu()) else {
             return self.full.forward(x);
         };
         let x = x.contiguous()?;
         let rows = x.elem_count() / self.inp;
         let (n, k) = (self.out, self.inp);
+        let mut shape = dims.to_vec();
+        *shape.last_mut().expect("rank >= 1") = n;
+        if !decoding {
+            // Several positions per sequence (a prefill): gemm, split by output features.
+            let mut y = match bias {
+                Some(b) => with_f32(b, |b| b.repeat(rows))?,
+                None => vec![0f32; rows * n],
+            };
+            with_f32(&x, |xs| with_f32(w, |ws| crate::kernels::matmul_wt_cols(xs, ws, &mut y, rows, k, n, bias.is_some())))??;
+            return Tensor::from_vec(y, shape, x.device());
+        }
         let mut y = vec![0f32; rows * n];
         let yp = SendPtr(y.as_mut_ptr());
         with_f32(&x, |xs| {
@@ -282,8 +294,6 @@ impl Module for ParLinear {
                 }
             })
         })???;
-        let mut shape = dims.to_vec();
-        *shape.last_mut().expect("rank >= 1") = n;
         Tensor::from_vec(y, shape, x.device())
     }
 }
