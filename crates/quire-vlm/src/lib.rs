@@ -12,6 +12,7 @@
 pub mod checkpoint;
 pub mod generation;
 pub mod idefics3;
+pub mod kernels;
 pub mod par;
 pub mod pil;
 pub mod prompt;

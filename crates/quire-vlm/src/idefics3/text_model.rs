@@ -83,9 +83,8 @@ impl KvCache {
 }
 
 struct Attention {
-    q_proj: ParLinear,
-    k_proj: ParLinear,
-    v_proj: ParLinear,
+    /// q_proj, k_proj and v_proj stacked: one product per step.
+    qkv_proj: ParLinear,
     o_proj: ParLinear,
     heads: usize,
     kv_heads: usize,
@@ -98,9 +97,11 @@ impl Attention {
         let (h, kv, d) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
         let bias = cfg.attention_bias;
         Ok(Attention {
-            q_proj: ParLinear::new(linear_b(cfg.hidden_size, h * d, bias, vb.pp("q_proj"))?)?,
-            k_proj: ParLinear::new(linear_b(cfg.hidden_size, kv * d, bias, vb.pp("k_proj"))?)?,
-            v_proj: ParLinear::new(linear_b(cfg.hidden_size, kv * d, bias, vb.pp("v_proj"))?)?,
+            qkv_proj: ParLinear::fused(&[
+                linear_b(cfg.hidden_size, h * d, bias, vb.pp("q_proj"))?,
+                linear_b(cfg.hidden_size, kv * d, bias, vb.pp("k_proj"))?,
+                linear_b(cfg.hidden_size, kv * d, bias, vb.pp("v_proj"))?,
+            ])?,
             o_proj: ParLinear::new(linear_b(h * d, cfg.hidden_size, bias, vb.pp("o_proj"))?)?,
             heads: h,
             kv_heads: kv,
@@ -120,12 +121,17 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
-        let q = self.q_proj.forward(x)?.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous()?;
-        let k = self.k_proj.forward(x)?.reshape((b, t, kvh, d))?.transpose(1, 2)?.contiguous()?;
-        let v = self.v_proj.forward(x)?.reshape((b, t, kvh, d))?.transpose(1, 2)?;
+        let qkv = self.qkv_proj.forward(x)?;
+        let q = qkv.narrow(2, 0, h * d)?.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous()?;
+        let k = qkv.narrow(2, h * d, kvh * d)?.reshape((b, t, kvh, d))?.transpose(1, 2)?.contiguous()?;
+        let v = qkv.narrow(2, (h + kvh) * d, kvh * d)?.reshape((b, t, kvh, d))?.transpose(1, 2)?;
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
         let (k, v) = KvCache::append(&mut self.cache, &k, &v, capacity)?;
+        if t == 1 && q.device().is_cpu() && q.dtype() == DType::F32 {
+            let out = self.decode_attention(&q, mask)?;
+            return self.o_proj.forward(&out);
+        }
         let s = k.dim(2)?;
         // Grouped-query attention without repeating K/V: the n_rep query heads that share a
         // KV head are consecutive, so (b, h, t, d) views as (b, kv_heads, n_rep * t, d).
@@ -144,25 +150,84 @@ impl Attention {
     }
 }
 
+impl Attention {
+    /// Attention of one new position per sequence (CPU f32) straight on the cache buffers:
+    /// `q` (b, heads, 1, head_dim) after RoPE, `mask` (b, 1, 1, cached) or None. Returns
+    /// (b, 1, heads·head_dim). Each (row, head) is computed on its own, whatever the batch.
+    fn decode_attention(&self, q: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (b, h, _, d) = q.dims4()?;
+        let kvh = self.kv_heads;
+        let n_rep = h / kvh;
+        let c = self.cache.as_ref().expect("cache appended before attention");
+        let (cap, len) = (c.k.dim(2)?, c.len);
+        let scale = (1.0 / (d as f64).sqrt()) as f32;
+        let q = q.flatten_all()?.to_vec1::<f32>()?;
+        let mask = match mask {
+            Some(m) => Some(m.to_dtype(DType::F32)?.broadcast_as((b, 1, 1, len))?.flatten_all()?.to_vec1::<f32>()?),
+            None => None,
+        };
+        let mut out = vec![0f32; b * h * d];
+        let op = OutPtr(out.as_mut_ptr());
+        let (kg, kl) = c.k.storage_and_layout();
+        let (vg, vl) = c.v.storage_and_layout();
+        let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(ks)), candle_core::Storage::Cpu(candle_core::CpuStorage::F32(vs))) = (&*kg, &*vg) else {
+            candle_core::bail!("decode attention: f32 CPU cache expected");
+        };
+        let (Some((k0, _)), Some((v0, _))) = (kl.contiguous_offsets(), vl.contiguous_offsets()) else {
+            candle_core::bail!("decode attention: contiguous cache expected");
+        };
+        let (ks, vs) = (&ks[k0..], &vs[v0..]);
+        crate::par::par_for(b * h, &|task| {
+            let (bi, hh) = (task / h, task % h);
+            let base = (bi * kvh + hh / n_rep) * cap * d;
+            let qv = &q[task * d..(task + 1) * d];
+            let mut scores: Vec<f32> =
+                (0..len).map(|j| crate::kernels::dot(qv, &ks[base + j * d..base + (j + 1) * d])).collect();
+            crate::kernels::softmax_row(&mut scores, scale, mask.as_ref().map(|m| &m[bi * len..(bi + 1) * len]));
+            // SAFETY: each task writes its own head's d outputs; `out` outlives par_for.
+            let o = unsafe { std::slice::from_raw_parts_mut(op.get().add(task * d), d) };
+            for (j, &p) in scores.iter().enumerate() {
+                let vr = &vs[base + j * d..base + (j + 1) * d];
+                o.iter_mut().zip(vr).for_each(|(o, &v)| *o += p * v);
+            }
+        });
+        drop((kg, vg));
+        Tensor::from_vec(out, (b, 1, h * d), &Device::Cpu)
+    }
+}
+
+struct OutPtr(*mut f32);
+// SAFETY: hands disjoint parts of one buffer to pool tasks.
+unsafe impl Sync for OutPtr {}
+impl OutPtr {
+    fn get(&self) -> *mut f32 {
+        self.0
+    }
+}
+
 struct Mlp {
-    gate_proj: ParLinear,
-    up_proj: ParLinear,
+    /// gate_proj and up_proj stacked.
+    gate_up_proj: ParLinear,
     down_proj: ParLinear,
+    intermediate: usize,
 }
 
 impl Mlp {
     fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
         let (h, i, b) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
         Ok(Mlp {
-            gate_proj: ParLinear::new(linear_b(h, i, b, vb.pp("gate_proj"))?)?,
-            up_proj: ParLinear::new(linear_b(h, i, b, vb.pp("up_proj"))?)?,
+            gate_up_proj: ParLinear::fused(&[linear_b(h, i, b, vb.pp("gate_proj"))?, linear_b(h, i, b, vb.pp("up_proj"))?])?,
             down_proj: ParLinear::new(linear_b(i, h, b, vb.pp("down_proj"))?)?,
+            intermediate: i,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let g = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
-        self.down_proj.forward(&(g * self.up_proj.forward(x)?)?)
+        let gu = self.gate_up_proj.forward(x)?;
+        let i = self.intermediate;
+        let last = gu.rank() - 1;
+        let g = candle_nn::ops::silu(&gu.narrow(last, 0, i)?)?;
+        self.down_proj.forward(&(g * gu.narrow(last, i, i)?)?)
     }
 }
 

@@ -80,9 +80,8 @@ impl candle_core::CustomOp1 for ParallelGeluTanh {
 
 struct EncoderLayer {
     layer_norm1: LayerNorm,
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    /// q_proj, k_proj and v_proj stacked by output features.
+    qkv_proj: Linear,
     out_proj: Linear,
     layer_norm2: LayerNorm,
     fc1: Linear,
@@ -110,11 +109,15 @@ impl VisionModel {
         for i in 0..cfg.num_hidden_layers {
             let l = vb.pp(format!("encoder.layers.{i}"));
             let a = l.pp("self_attn");
+            let (q, k, v) = (linear(e, e, a.pp("q_proj"))?, linear(e, e, a.pp("k_proj"))?, linear(e, e, a.pp("v_proj"))?);
+            let cat = |f: &dyn Fn(&Linear) -> Tensor| Tensor::cat(&[f(&q), f(&k), f(&v)], 0);
+            let qkv_proj = Linear::new(
+                cat(&|l| l.weight().clone())?,
+                Some(cat(&|l| l.bias().expect("linear() has a bias").clone())?),
+            );
             layers.push(EncoderLayer {
                 layer_norm1: layer_norm(e, cfg.layer_norm_eps, l.pp("layer_norm1"))?,
-                q_proj: linear(e, e, a.pp("q_proj"))?,
-                k_proj: linear(e, e, a.pp("k_proj"))?,
-                v_proj: linear(e, e, a.pp("v_proj"))?,
+                qkv_proj,
                 out_proj: linear(e, e, a.pp("out_proj"))?,
                 layer_norm2: layer_norm(e, cfg.layer_norm_eps, l.pp("layer_norm2"))?,
                 fc1: linear(e, cfg.intermediate_size, l.pp("mlp.fc1"))?,
@@ -173,9 +176,16 @@ impl VisionModel {
                     }
                 }
             }
-            Some(Tensor::from_vec(m, (n, 1, 1, ph * pw), x.device())?)
+            Some(m)
         } else {
             None
+        };
+        if x.device().is_cpu() && x.dtype() == DType::F32 && self.cfg.hidden_act.contains("gelu") && self.cfg.hidden_act != "gelu" {
+            return self.forward_cpu_f32(&x, mask.as_deref());
+        }
+        let mask = match mask {
+            Some(m) => Some(Tensor::from_vec(m, (n, 1, 1, ph * pw), x.device())?),
+            None => None,
         };
         let heads = self.cfg.num_attention_heads;
         let hd = self.cfg.hidden_size / heads;
@@ -190,9 +200,11 @@ impl VisionModel {
             let r = x.clone();
             let y = l.layer_norm1.forward(&x)?;
             let split = |t: Tensor| -> Result<Tensor> { t.reshape((n, seq, heads, hd))?.transpose(1, 2)?.contiguous() };
-            let q = split(l.q_proj.forward(&y)?)?;
-            let k = split(l.k_proj.forward(&y)?)?;
-            let v = split(l.v_proj.forward(&y)?)?;
+            let qkv = l.qkv_proj.forward(&y)?;
+            let e = heads * hd;
+            let q = split(qkv.narrow(2, 0, e)?)?;
+            let k = split(qkv.narrow(2, e, e)?)?;
+            let v = split(qkv.narrow(2, 2 * e, e)?)?;
             let o = attention(&q, &k, &v, mask.as_ref(), scale)?.transpose(1, 2)?.reshape((n, seq, heads * hd))?;
             let x2 = (r + l.out_proj.forward(&o)?)?;
             let y = l.layer_norm2.forward(&x2)?;
@@ -201,6 +213,162 @@ impl VisionModel {
         }
         self.post_layernorm.forward(&x)
     }
+}
+
+impl VisionModel {
+    /// The encoder on CPU f32 buffers: fused kernels, no per-op temporaries. `x` (n, seq,
+    /// hidden) are the embeddings, `mask` the additive key mask per tile (n·seq) when padded.
+    /// Every (tile, head, query block) is computed the same way whatever the number of tiles.
+    fn forward_cpu_f32(&self, x: &Tensor, mask: Option<&[f32]>) -> Result<Tensor> {
+        let (n, seq, e) = x.dims3()?;
+        let rows = n * seq;
+        let inter = self.cfg.intermediate_size;
+        let threads = candle_core::utils::get_num_threads().max(1);
+        let eps = self.cfg.layer_norm_eps;
+        let mut x: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let mut y = vec![0f32; rows * e];
+        let mut qkv = vec![0f32; rows * 3 * e];
+        let mut o = vec![0f32; rows * e];
+        let mut h = vec![0f32; rows * inter];
+        for l in &self.layers {
+            layer_norm_rows(&x, &mut y, e, &l.layer_norm1, eps)?;
+            linear_rows(&y, &l.qkv_proj, &mut qkv, rows, false, threads)?;
+            self.attention_cpu(&qkv, &mut o, n, seq, mask);
+            // x += out_proj(o): bias first, then the product accumulated in place
+            linear_rows(&o, &l.out_proj, &mut x, rows, true, threads)?;
+            layer_norm_rows(&x, &mut y, e, &l.layer_norm2, eps)?;
+            linear_rows(&y, &l.fc1, &mut h, rows, false, threads)?;
+            const CHUNK: usize = 1 << 16;
+            let hp = SendPtr(h.as_mut_ptr());
+            let len = h.len();
+            crate::par::par_for(len.div_ceil(CHUNK), &|i| {
+                let (a, b) = (i * CHUNK, ((i + 1) * CHUNK).min(len));
+                // SAFETY: tasks cover disjoint ranges of `h`, which outlives par_for.
+                let s = unsafe { std::slice::from_raw_parts_mut(hp.get().add(a), b - a) };
+                crate::kernels::gelu_tanh_inplace(s);
+            });
+            linear_rows(&h, &l.fc2, &mut x, rows, true, threads)?;
+        }
+        layer_norm_rows(&x, &mut y, e, &self.post_layernorm, eps)?;
+        Tensor::from_vec(y, (n, seq, e), &candle_core::Device::Cpu)
+    }
+
+    /// Multi-head attention from the stacked projections `qkv` (n·seq, 3·hidden) into `o`
+    /// (n·seq, hidden): per (tile, head, block of queries) one score product, a fused
+    /// scale/mask/softmax, and one product with the values, all on one thread.
+    fn attention_cpu(&self, qkv: &[f32], o: &mut [f32], n: usize, seq: usize, mask: Option<&[f32]>) {
+        const QB: usize = 128;
+        let heads = self.cfg.num_attention_heads;
+        let e = self.cfg.hidden_size;
+        let hd = e / heads;
+        let scale = (1.0 / (hd as f64).sqrt()) as f32;
+        let qblocks = seq.div_ceil(QB);
+        let op = SendPtr(o.as_mut_ptr());
+        thread_local! {
+            static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let task = |t: usize| {
+            let (tile, rest) = (t / (heads * qblocks), t % (heads * qblocks));
+            let (head, qb) = (rest / qblocks, rest % qblocks);
+            let q0 = qb * QB;
+            let m = QB.min(seq - q0);
+            let base = tile * seq * 3 * e;
+            let q = &qkv[base + q0 * 3 * e + head * hd..];
+            let k = &qkv[base + e + head * hd..];
+            let v = &qkv[base + 2 * e + head * hd..];
+            SCORES.with_borrow_mut(|sc| {
+                sc.resize(QB * seq, 0.0);
+                // SAFETY: the strides address rows of `qkv` (3·hidden wide) inside the tile, the
+                // score block is m × seq, and the output block (rows q0.., columns of this head)
+                // is written by this task only; `o` outlives par_for.
+                unsafe {
+                    gemm::gemm(
+                        m, seq, hd,
+                        sc.as_mut_ptr(), 1, seq as isize, false,
+                        q.as_ptr(), 1, (3 * e) as isize,
+                        k.as_ptr(), (3 * e) as isize, 1,
+                        0.0, 1.0, false, false, false, gemm::Parallelism::None,
+                    );
+                }
+                let tmask = mask.map(|mk| &mk[tile * seq..(tile + 1) * seq]);
+                for row in sc[..m * seq].chunks_exact_mut(seq) {
+                    crate::kernels::softmax_row(row, scale, tmask);
+                }
+                unsafe {
+                    gemm::gemm(
+                        m, hd, seq,
+                        op.get().add((tile * seq + q0) * e + head * hd), 1, e as isize, false,
+                        sc.as_ptr(), 1, seq as isize,
+                        v.as_ptr(), 1, (3 * e) as isize,
+                        0.0, 1.0, false, false, false, gemm::Parallelism::None,
+                    );
+                }
+            });
+        };
+        crate::par::par_for(n * heads * qblocks, &task);
+    }
+}
+
+struct SendPtr(*mut f32);
+// SAFETY: used only to hand disjoint parts of one buffer to pool tasks.
+unsafe impl Sync for SendPtr {}
+unsafe impl Send for SendPtr {}
+impl SendPtr {
+    fn get(&self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Contiguous f32 data of a CPU tensor.
+fn cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let (s, l) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(d)) = &*s else {
+        candle_core::bail!("expected an f32 CPU tensor");
+    };
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("expected a contiguous tensor");
+    };
+    Ok(f(&d[a..b]))
+}
+
+/// `dst` = LayerNorm(`src`) row by row (rows of `width`), split over the pool.
+fn layer_norm_rows(src: &[f32], dst: &mut [f32], width: usize, ln: &LayerNorm, eps: f64) -> Result<()> {
+    let w = ln.weight();
+    let b = ln.bias().ok_or_else(|| candle_core::Error::Msg("layer norm without bias".into()))?;
+    let eps = eps as f32;
+    const ROWS: usize = 32;
+    let rows = src.len() / width;
+    let dp = SendPtr(dst.as_mut_ptr());
+    cpu_f32(w, |w| {
+        cpu_f32(b, |b| {
+            crate::par::par_for(rows.div_ceil(ROWS), &|t| {
+                for r in t * ROWS..((t + 1) * ROWS).min(rows) {
+                    // SAFETY: each task writes its own rows of `dst`, which outlives par_for.
+                    let d = unsafe { std::slice::from_raw_parts_mut(dp.get().add(r * width), width) };
+                    crate::kernels::layer_norm_row(&src[r * width..(r + 1) * width], d, w, b, eps);
+                }
+            })
+        })
+    })?
+}
+
+/// `dst` (rows, out) = `x`·Wᵀ + bias, or `dst` += that when `accumulate`.
+fn linear_rows(x: &[f32], lin: &Linear, dst: &mut [f32], rows: usize, accumulate: bool, threads: usize) -> Result<()> {
+    let (out, k) = lin.weight().dims2()?;
+    match lin.bias() {
+        Some(b) => cpu_f32(b, |b| {
+            for row in dst[..rows * out].chunks_exact_mut(out) {
+                if accumulate {
+                    row.iter_mut().zip(b).for_each(|(d, b)| *d += b);
+                } else {
+                    row.copy_from_slice(b);
+                }
+            }
+        })?,
+        None if !accumulate => dst[..rows * out].fill(0.0),
+        None => {}
+    }
+    cpu_f32(lin.weight(), |w| crate::kernels::matmul_wt(x, w, dst, rows, k, out, true, threads))
 }
 
 /// Score-matrix elements computed at once (16 MiB of f32): big enough for the matmuls, small
