@@ -62,4 +62,6 @@ me, md = statistics.median(e), statistics.median(d)
 print(f"pages {pages}; median embedded {me:.2f} s ({pages/me:.0f} pages/s), distributed {md:.2f} s ({pages/md:.0f} pages/s)")
 print(f"distributed / embedded wall time: {md/me:.3f} (overhead {100*(md/me-1):+.1f}%)")
 PY
+echo "CPU time of the services and workers over all distributed runs (they idle during the embedded ones):"
+ps -o comm=,cputime= -p "$(IFS=,; echo "${PIDS[*]}")" | sed 's/^/  /'
 echo "load average: $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) CPUs"
