@@ -25,7 +25,8 @@ files=("$bench/x/usr/share/R/doc/manual/R-intro.pdf" "$bench/x/usr/share/R/doc/m
        "$bench/x/usr/share/doc/gnuplot/gnuplot.pdf" "$bench/x/usr/share/doc/asymptote/asymptote.pdf")
 # PROFILE=dev reuses a test build (the workspace's dev profile is optimised).
 PROFILE="${PROFILE:-release}"
-cargo build -q --profile "$PROFILE" -p quire -p quire-store --features quire-store/s3 --example s3_put
+cargo build -q --profile "$PROFILE" -p quire
+cargo build -q --profile "$PROFILE" -p quire-store --features s3 --example s3_put
 bin="$CARGO_TARGET_DIR/$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")"
 QUIRE="$bin/quire"
 S3PUT="$bin/examples/s3_put"

@@ -17,7 +17,8 @@ read -r -a sizes <<<"${sizes[*]}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 # PROFILE=dev reuses a test build (the workspace's dev profile is optimised).
 PROFILE="${PROFILE:-release}"
-cargo build -q --profile "$PROFILE" -p quire -p quire-store --features quire-store/s3 --example s3_put
+cargo build -q --profile "$PROFILE" -p quire
+cargo build -q --profile "$PROFILE" -p quire-store --features s3 --example s3_put
 bin="$CARGO_TARGET_DIR/$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")"
 QUIRE="$bin/quire"
 S3PUT="$bin/examples/s3_put"
