@@ -123,14 +123,13 @@ pub fn backoff(delivery: u32) -> Duration {
 
 impl Worker {
     /// Stores the split of a document, then publishes its page-range tasks
-    /// after the first that have no results yet (the queue drops ids it
-    /// already holds). Returns whether the first still needs running.
+    /// that have no results yet (the queue drops ids it already holds).
     async fn publish_parts(
         &self,
         store: &Arc<dyn BlobStore>,
         split: &crate::split::Split,
         parts: &[TaskSpec],
-    ) -> Result<bool, TaskFailure> {
+    ) -> Result<(), TaskFailure> {
         let job = &parts[0].settings.job;
         let body = serde_json::to_vec(split).map_err(|e| TaskFailure(format!("encoding the split: {e}")))?;
         store
@@ -138,27 +137,21 @@ impl Worker {
             .await
             .map_err(|e| TaskFailure(format!("storing the split: {e}")))?;
         let mut published = 0;
-        let mut first_open = false;
-        for (i, part) in parts.iter().enumerate() {
+        for part in parts {
             let done = store
                 .exists(&results_key(job, &part.task_id))
                 .await
                 .map_err(|e| TaskFailure(format!("checking results: {e}")))?;
-            if done {
-                continue;
+            if !done {
+                self.queue
+                    .publish(part)
+                    .await
+                    .map_err(|e| TaskFailure(format!("publishing page-range tasks: {e}")))?;
+                published += 1;
             }
-            if i == 0 {
-                first_open = true;
-                continue;
-            }
-            self.queue
-                .publish(part)
-                .await
-                .map_err(|e| TaskFailure(format!("publishing page-range tasks: {e}")))?;
-            published += 1;
         }
         tracing::info!(source = %split.uri, pages = split.unit_count, tasks = parts.len(), published, "document split");
-        Ok(first_open)
+        Ok(())
     }
 
     /// Works until the queue says there is nothing more, or until `abort`
@@ -216,7 +209,7 @@ impl Worker {
             } else {
                 &self.ctx
             };
-            let (whole, first);
+            let whole;
             let run = if task.unit == UnitKind::Document {
                 let (path, limits, pdf) = (input.path.clone(), task.settings.limits, ctx.pdf.clone());
                 let probe = tokio::task::spawn_blocking(move || quire_render::probe(&path, &limits, &pdf))
@@ -227,16 +220,11 @@ impl Worker {
                         whole = t;
                         &whole
                     }
-                    Opened::Split(split, mut parts) => {
-                        // The others go to the queue; the first range runs
-                        // here at once, on the file already fetched.
-                        let run_here = self.publish_parts(&store, &split, &parts).await?;
+                    Opened::Split(split, parts) => {
+                        drop(input);
+                        self.publish_parts(&store, &split, &parts).await?;
                         stage("split", t);
-                        if !run_here {
-                            return Ok(Done::Split);
-                        }
-                        first = parts.swap_remove(0);
-                        &first
+                        return Ok(Done::Split);
                     }
                 }
             } else {
@@ -247,7 +235,7 @@ impl Worker {
             drop(input);
             let t = Instant::now();
             store
-                .put(&results_key(&task.settings.job, &run.task_id), to_jsonl(&records))
+                .put(&results_key(&task.settings.job, &task.task_id), to_jsonl(&records))
                 .await
                 .map_err(|e| TaskFailure(format!("storing results: {e}")))?;
             stage("upload", t);
