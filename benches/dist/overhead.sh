@@ -16,20 +16,13 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 reps="${1:-3}"
 bench="${BENCH_DIR:-/root/bench-pdfs}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 for p in r-doc-pdf gnuplot-doc asymptote-doc; do
   ls "$bench/deb/${p}"_*.deb >/dev/null 2>&1 || (mkdir -p "$bench/deb" && cd "$bench/deb" && apt-get download "$p" >/dev/null 2>&1)
   dpkg-deb -x "$bench/deb/${p}"_*.deb "$bench/x"
 done
 files=("$bench/x/usr/share/R/doc/manual/R-intro.pdf" "$bench/x/usr/share/R/doc/manual/R-data.pdf"
        "$bench/x/usr/share/doc/gnuplot/gnuplot.pdf" "$bench/x/usr/share/doc/asymptote/asymptote.pdf")
-# PROFILE=dev reuses a test build (the workspace's dev profile is optimised).
-PROFILE="${PROFILE:-release}"
-cargo build -q --profile "$PROFILE" -p quire
-cargo build -q --profile "$PROFILE" -p quire-store --features s3 --example s3_put
-bin="$CARGO_TARGET_DIR/$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")"
-QUIRE="$bin/quire"
-S3PUT="$bin/examples/s3_put"
+source "$ROOT/benches/dist/build.sh"
 export QUIRE_PDFIUM="${QUIRE_PDFIUM:-$("$ROOT/scripts/setup-pdfium.sh" "$HOME/.cache/quire-tools/pdfium")}"
 WORK="$(mktemp -d /tmp/quire-overhead-bench.XXXX)"
 source "$ROOT/benches/dist/services.sh"

@@ -14,14 +14,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 sizes=("${@:-10000 50000 100000}")
 read -r -a sizes <<<"${sizes[*]}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
-# PROFILE=dev reuses a test build (the workspace's dev profile is optimised).
-PROFILE="${PROFILE:-release}"
-cargo build -q --profile "$PROFILE" -p quire
-cargo build -q --profile "$PROFILE" -p quire-store --features s3 --example s3_put
-bin="$CARGO_TARGET_DIR/$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")"
-QUIRE="$bin/quire"
-S3PUT="$bin/examples/s3_put"
+source "$ROOT/benches/dist/build.sh"
 WORK="$(mktemp -d /tmp/quire-plan-bench.XXXX)"
 source "$ROOT/benches/dist/services.sh"
 printf '%-8s %-10s %-12s %-10s %-10s\n' objects pass seconds objects/s peak_MB
