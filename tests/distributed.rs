@@ -315,7 +315,10 @@ fn coordinator_and_two_workers_process_a_bucket_exactly_once() {
     ];
     let mut args = vec!["coordinator", "--nats", &nats_url];
     args.extend(job_args);
-    args.extend(["--wait", "--poll-ms", "200"]);
+    // The output is looked at once, then again only when the workers'
+    // task events (splits, stored results) say every task is done: with a
+    // 10-minute poll the job ends within the limit only through them.
+    args.extend(["--wait", "--poll-ms", "600000"]);
     let o = run_quire(&endpoint, &args, Duration::from_secs(60));
     assert_eq!(
         o.status.code(),
@@ -462,7 +465,7 @@ fn coordinator_and_two_workers_process_a_bucket_exactly_once() {
         "1",
         "--wait",
         "--poll-ms",
-        "200",
+        "600000", // the dead letter's event ends the wait
     ];
     let o = run_quire(&endpoint, &args, Duration::from_secs(40));
     assert_eq!(

@@ -37,16 +37,40 @@ for i in 1 2; do
   PIDS+=($!)
 done
 sleep 1
+# CPU seconds (user+sys) used so far by each service and worker process,
+# its live descendants (a worker's render processes) included.
+cpu_all() {
+  python3 - "${PIDS[@]}" <<'PY'
+import os, sys
+tick = os.sysconf("SC_CLK_TCK")
+stat = {}
+for d in os.listdir("/proc"):
+    if d.isdigit():
+        try:
+            f = open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        stat[int(d)] = (int(f[1]), sum(int(x) for x in f[11:15]) / tick)
+def tree(p):
+    return stat.get(p, (0, 0))[1] + sum(tree(c) for c, (pp, _) in stat.items() if pp == p)
+print(" ".join(f"{tree(int(p)):.2f}" for p in sys.argv[1:]))
+PY
+}
 emb=(); dist=()
 for r in $(seq "$reps"); do
   t0=$(date +%s.%N)
-  "$QUIRE" --render-procs 2 run "$WORK/in" --out "$WORK/emb" --job "e$r" --engine text-layer --quiet >/dev/null 2>"$WORK/emb$r.log"
+  /usr/bin/time -f '%U %S' -o "$WORK/emb$r.time" "$QUIRE" --render-procs 2 run "$WORK/in" --out "$WORK/emb" --job "e$r" --engine text-layer --quiet >/dev/null 2>"$WORK/emb$r.log"
   t1=$(date +%s.%N)
-  "$QUIRE" coordinator --nats "$NATS_URL" --input "s3://$BUCKET/in" --out "s3://$BUCKET/out" --job "d$r" \
-    --engine text-layer --wait --poll-ms 100 >"$WORK/dist$r.json" 2>"$WORK/dist$r.log"
+  before=($(cpu_all))
+  /usr/bin/time -f '%U %S' -o "$WORK/coord$r.time" "$QUIRE" coordinator --nats "$NATS_URL" --input "s3://$BUCKET/in" --out "s3://$BUCKET/out" --job "d$r" \
+    --engine text-layer --wait >"$WORK/dist$r.json" 2>"$WORK/dist$r.log"
   t2=$(date +%s.%N)
+  after=($(cpu_all))
   emb+=("$(echo "$t1 - $t0" | bc)"); dist+=("$(echo "$t2 - $t1" | bc)")
   echo "rep $r: embedded ${emb[-1]} s, distributed ${dist[-1]} s"
+  printf '  CPU s: embedded %s (render processes included); distributed: coordinator %s, nats/garage/worker1/worker2 (renderers included)' \
+    "$(awk '{print $1+$2}' "$WORK/emb$r.time")" "$(awk '{print $1+$2}' "$WORK/coord$r.time")"
+  for i in "${!PIDS[@]}"; do printf ' %.2f' "$(echo "${after[$i]} - ${before[$i]}" | bc)"; done; echo
 done
 python3 - "$WORK" "${emb[*]}" "${dist[*]}" <<'PY'
 import json, statistics, sys

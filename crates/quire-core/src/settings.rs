@@ -208,6 +208,12 @@ pub struct TaskSpec {
     pub last: u32,
     /// Pages (frames) in the whole document, 0 when unknown.
     pub unit_count: u32,
+    /// For a whole-document task: some of its page-range tasks may have
+    /// stored results already (the job's output held results when it was
+    /// submitted), so the worker that splits it checks each one and
+    /// publishes only the rest. A fresh job skips those look-ups.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub check_stored: bool,
 }
 
 impl TaskSpec {

@@ -23,7 +23,8 @@ use crate::process::TaskFailure;
 use crate::worker::{Fetch, Fetched, ResultStores};
 use anyhow::Context as _;
 use quire_core::{job_prefix, results_key, DeadLetter, JobSettings, Manifest, SourceRef, TaskSpec};
-use quire_queue::jetstream::{JetStreamOptions, JetStreamQueue};
+use quire_queue::jetstream::{JetStreamOptions, JetStreamQueue, TaskEvents};
+use quire_queue::TaskEvent;
 use quire_queue::QueueOptions;
 use quire_store::inputs::{list_local, ListWarning, Listed};
 use quire_store::local::LocalStore;
@@ -387,6 +388,8 @@ pub async fn submit(o: &CoordinatorOptions, queue: &JetStreamQueue, store: &dyn 
     } else {
         (results_present(store, &job).await?, splits_present(store, &job).await?)
     };
+    // Workers look for stored page-range results only where some may exist.
+    let check_stored = !o.force && !(done.is_empty() && split.is_empty());
     let mut sub = Submitted::default();
     let mut plan = PlanWriter { store, job: job.clone(), part: 0, buf: Vec::new(), lines: 0 };
     let mut publisher = queue.publisher(PUBLISH_WINDOW);
@@ -414,7 +417,8 @@ pub async fn submit(o: &CoordinatorOptions, queue: &JetStreamQueue, store: &dyn 
                 }
             };
             sub.documents += 1;
-            let doc = document_task(&planner.settings, &planner.fingerprint, &src);
+            let mut doc = document_task(&planner.settings, &planner.fingerprint, &src);
+            doc.check_stored = check_stored;
             plan.push(&PlanLine { task_id: doc.task_id.clone(), uri: src.uri.clone(), rel: src.rel.clone() }).await?;
             if done.contains(&doc.task_id) {
                 sub.skipped += 1;
@@ -626,6 +630,13 @@ pub async fn job_status(
 /// Waits until every task has results or is dead-lettered, then writes the
 /// Markdown and the manifest. Dead letters of expired leases are forwarded
 /// meanwhile.
+///
+/// The output store is the record: the wait ends only when a full look
+/// there (results, splits, dead letters) finds no open task. `events`
+/// (subscribe before [`submit`] so that none is missed) says when a look is
+/// worth it: the open tasks of the last look are followed through the
+/// events, and the store is looked at again as soon as none is left, or
+/// after `poll` in any case (events are best effort).
 pub async fn wait_and_finish(
     o: &CoordinatorOptions,
     queue: &JetStreamQueue,
@@ -633,27 +644,69 @@ pub async fn wait_and_finish(
     sub: &Submitted,
     started_at: SystemTime,
     poll: Duration,
+    mut events: Option<TaskEvents>,
 ) -> anyhow::Result<Manifest> {
     let job = &o.settings.job;
     let mut ledger = Ledger::load(store, job).await?.context("job.json vanished from the output")?;
     let q = queue.clone();
     let forwarder = tokio::spawn(async move { q.forward_dead_letters().await });
     let mut last_log = std::time::Instant::now();
+    let mut looks = 0u64;
+    // Records that came with the events (the last copy of each task's),
+    // so that the finish need not read them back.
+    let (mut kept, mut kept_bytes) = (HashMap::<String, Vec<u8>>::new(), 0usize);
     let (states, dead) = loop {
+        looks += 1;
         ledger.refresh_splits(store).await?;
         let present = results_present(store, job).await?;
         let (dead_set, dead) = dead_ids(Some(queue), job).await?;
         let states = ledger.states(&present, &dead_set);
-        let open = states.iter().filter(|(_, s)| *s == TaskState::Open).count();
-        if open == 0 {
+        let mut open: HashSet<String> =
+            states.iter().filter(|(_, s)| *s == TaskState::Open).map(|(t, _)| t.task_id.clone()).collect();
+        if open.is_empty() {
             break (states, dead);
         }
         if last_log.elapsed() >= Duration::from_secs(10) {
             last_log = std::time::Instant::now();
-            tracing::info!("{job}: {open} of {} tasks still open", states.len());
+            tracing::info!("{job}: {} of {} tasks still open", open.len(), states.len());
         }
-        tokio::time::sleep(poll).await;
+        let deadline = tokio::time::Instant::now() + poll;
+        let mut settled = HashSet::new();
+        while !open.is_empty() {
+            let Some(ev) = events.as_mut() else {
+                tokio::time::sleep_until(deadline).await;
+                break;
+            };
+            match tokio::time::timeout_at(deadline, ev.next()).await {
+                Err(_) => break,
+                Ok(None) => {
+                    events = None;
+                }
+                Ok(Some(TaskEvent::Done { task_id, records })) => {
+                    if let Some(r) = records {
+                        if kept_bytes + r.len() <= KEEP_RECORDS_MAX {
+                            kept_bytes += r.len();
+                            if let Some(old) = kept.insert(task_id.clone(), r.into_bytes()) {
+                                kept_bytes -= old.len();
+                            }
+                        }
+                    }
+                    open.remove(&task_id);
+                    settled.insert(task_id);
+                }
+                Ok(Some(TaskEvent::Dead { task_id })) => {
+                    open.remove(&task_id);
+                    settled.insert(task_id);
+                }
+                Ok(Some(TaskEvent::Split { task_id, published })) => {
+                    if open.remove(&task_id) {
+                        open.extend(published.into_iter().filter(|p| !settled.contains(p)));
+                    }
+                }
+            }
+        }
     };
+    tracing::debug!("{job}: every task settled after {looks} looks at the output");
     forwarder.abort();
     let planned: Vec<PlannedTask> = states.into_iter().map(|(t, _)| t).collect();
     let before = |id: &str| sub.done_before.contains(id);
@@ -670,12 +723,17 @@ pub async fn wait_and_finish(
             started_at,
             pages_this_run: PagesThisRun::DoneBefore(&before),
             gpu_seconds: 0.0,
+            known_records: Some(&kept),
         },
     )
     .await?;
     tracing::debug!("{job}: finished in {:.3}s", t0.elapsed().as_secs_f64());
     Ok(manifest)
 }
+
+/// The most bytes of records `--wait` keeps from task events for the
+/// finish; beyond that the finish reads them from the store.
+pub const KEEP_RECORDS_MAX: usize = 512 << 20;
 
 /// Connects to the queue. With `set_rules` (the coordinator) the worker
 /// consumer gets `queue`'s delivery rules; otherwise (workers, status) an

@@ -119,6 +119,7 @@ pub async fn run_embedded(opts: RunOptions, progress: Arc<Progress>) -> anyhow::
             tasks_skipped: skipped,
             started_at,
             pages_this_run: crate::finish::PagesThisRun::Counted(pages_this_run),
+            known_records: None,
             gpu_seconds: 0.0,
         },
     )

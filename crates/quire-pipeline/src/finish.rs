@@ -40,6 +40,9 @@ pub struct JobOutcome<'a> {
     /// Pages with a record written by this run (for the rate).
     pub pages_this_run: PagesThisRun<'a>,
     pub gpu_seconds: f64,
+    /// Stored results already at hand (task id → JSON lines), read from
+    /// the store only for the other tasks.
+    pub known_records: Option<&'a HashMap<String, Vec<u8>>>,
 }
 
 /// Renders one document's records as Markdown: pages in order, each after a
@@ -117,7 +120,12 @@ pub async fn finish_job(store: &dyn BlobStore, o: JobOutcome<'_>) -> anyhow::Res
     const READ_AHEAD: usize = 32;
     const WRITE_AHEAD: usize = 16;
     let mut reads = futures_util::stream::iter(o.plan.iter())
-        .map(|t| async move { (t, store.get(&results_key(job, &t.task_id)).await) })
+        .map(|t| async move {
+            match o.known_records.and_then(|k| k.get(&t.task_id)) {
+                Some(body) => (t, Ok(Some(body.clone()))),
+                None => (t, store.get(&results_key(job, &t.task_id)).await),
+            }
+        })
         .buffered(READ_AHEAD);
     let mut writes = futures_util::stream::FuturesUnordered::new();
     let mut doc: Option<(&PlannedTask, Vec<Record>, Vec<(u32, u32)>)> = None;
@@ -200,4 +208,100 @@ pub async fn finish_job(store: &dyn BlobStore, o: JobOutcome<'_>) -> anyhow::Res
     };
     store.put(&manifest_key(job), serde_json::to_vec_pretty(&manifest)?).await?;
     Ok(manifest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quire_core::{FinishReason, Timings};
+    use quire_store::local::LocalStore;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Counts the reads of result files.
+    struct Counting(LocalStore, AtomicUsize);
+
+    #[async_trait::async_trait]
+    impl BlobStore for Counting {
+        async fn put(&self, key: &str, data: Vec<u8>) -> Result<(), quire_store::StoreError> {
+            self.0.put(key, data).await
+        }
+        async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, quire_store::StoreError> {
+            if key.contains("/results/") {
+                self.1.fetch_add(1, Ordering::SeqCst);
+            }
+            self.0.get(key).await
+        }
+        async fn exists(&self, key: &str) -> Result<bool, quire_store::StoreError> {
+            self.0.exists(key).await
+        }
+        async fn list(&self, prefix: &str) -> Result<Vec<String>, quire_store::StoreError> {
+            self.0.list(prefix).await
+        }
+        fn locate(&self, key: &str) -> String {
+            self.0.locate(key)
+        }
+    }
+
+    fn record(task: &str, page: u32) -> Record {
+        Record {
+            job: "j".into(),
+            task_id: task.into(),
+            source: "in/a.pdf".into(),
+            page,
+            page_count: 3,
+            task: "ocr".into(),
+            engine: "text-layer".into(),
+            model: None,
+            prompt: None,
+            text: format!("text of page {page}"),
+            tokens_in: 0,
+            tokens_out: 0,
+            finish_reason: FinishReason::Stop,
+            width: 0,
+            height: 0,
+            timings_ms: Timings::default(),
+            error: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn records_at_hand_are_not_read_back_and_give_the_same_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Counting(LocalStore::new(dir.path()), AtomicUsize::new(0));
+        let settings = JobSettings::new("j");
+        let plan: Vec<PlannedTask> = [("t1", 1, 2), ("t2", 3, 3)]
+            .iter()
+            .map(|(id, a, b)| PlannedTask { task_id: id.to_string(), uri: "in/a.pdf".into(), rel: "a.pdf".into(), first: *a, last: *b })
+            .collect();
+        let t1 = crate::worker::to_jsonl(&[record("t1", 1), record("t1", 2)]);
+        store.put(&results_key("j", "t1"), t1.clone()).await.unwrap();
+        store.put(&results_key("j", "t2"), crate::worker::to_jsonl(&[record("t2", 3)])).await.unwrap();
+        let known = HashMap::from([("t1".to_string(), t1)]);
+        let mut outputs = Vec::new();
+        for k in [None, Some(&known)] {
+            store.1.store(0, Ordering::SeqCst);
+            let m = finish_job(
+                &store,
+                JobOutcome {
+                    settings: &settings,
+                    inputs: &[],
+                    plan: &plan,
+                    dead: &[],
+                    tasks_skipped: 0,
+                    started_at: SystemTime::now(),
+                    pages_this_run: PagesThisRun::Counted(3),
+                    gpu_seconds: 0.0,
+                    known_records: k,
+                },
+            )
+            .await
+            .unwrap();
+            let md = store.get(&markdown_key("j", "a.pdf")).await.unwrap().unwrap();
+            outputs.push((m.counts, md, store.1.load(Ordering::SeqCst)));
+        }
+        assert_eq!((outputs[0].2, outputs[1].2), (2, 1), "result files read without / with records at hand");
+        assert_eq!(outputs[0].0, outputs[1].0);
+        assert_eq!(outputs[0].1, outputs[1].1);
+        assert!(String::from_utf8_lossy(&outputs[1].1).contains("text of page 3"));
+    }
 }

@@ -18,6 +18,7 @@ pub fn plan_tasks(settings: &JobSettings, fingerprint: &str, src: &SourceRef, pr
         first,
         last,
         unit_count: count,
+        check_stored: false,
     };
     match probe {
         Err(_) => vec![make(UnitKind::Unreadable, 1, 1, 0)],

@@ -22,6 +22,7 @@ pub fn document_task(settings: &JobSettings, fingerprint: &str, src: &SourceRef)
         first: 0,
         last: 0,
         unit_count: 0,
+        check_stored: false,
     }
 }
 

@@ -7,7 +7,7 @@ use crate::process::{process_task, ProcessContext, TaskFailure};
 use crate::progress::Progress;
 use crate::split::{open_document, split_key, Opened};
 use quire_core::{results_key, Record, SourceRef, TaskSpec, UnitKind};
-use quire_queue::{Lease, TaskQueue};
+use quire_queue::{Lease, TaskEvent, TaskQueue};
 use quire_store::BlobStore;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -106,6 +106,10 @@ pub struct Worker {
     pub abort: Option<watch::Receiver<bool>>,
 }
 
+/// Stored results up to this size also travel in the task's `Done` event,
+/// so that a coordinator following the job need not read them back.
+pub const EVENT_RECORDS_MAX: usize = 256 * 1024;
+
 /// Serialises records as JSON lines, in page order.
 pub fn to_jsonl(records: &[Record]) -> Vec<u8> {
     let mut out = Vec::new();
@@ -124,33 +128,42 @@ pub fn backoff(delivery: u32) -> Duration {
 impl Worker {
     /// Stores the split of a document, then publishes its page-range tasks
     /// that have no results yet (the queue drops ids it already holds).
+    /// Results are looked up only where some may exist: the coordinator
+    /// found results of the job at submission (`doc.check_stored`), or the
+    /// document was split before (a redelivery).
     async fn publish_parts(
         &self,
         store: &Arc<dyn BlobStore>,
+        doc: &TaskSpec,
         split: &crate::split::Split,
         parts: &[TaskSpec],
     ) -> Result<(), TaskFailure> {
         let job = &parts[0].settings.job;
+        let key = split_key(job, &split.document_task_id);
+        let check = doc.check_stored
+            || store.exists(&key).await.map_err(|e| TaskFailure(format!("checking for an earlier split: {e}")))?;
         let body = serde_json::to_vec(split).map_err(|e| TaskFailure(format!("encoding the split: {e}")))?;
         store
-            .put(&split_key(job, &split.document_task_id), body)
+            .put(&key, body)
             .await
             .map_err(|e| TaskFailure(format!("storing the split: {e}")))?;
-        let mut published = 0;
+        let mut published = Vec::new();
         for part in parts {
-            let done = store
-                .exists(&results_key(job, &part.task_id))
-                .await
-                .map_err(|e| TaskFailure(format!("checking results: {e}")))?;
+            let done = check
+                && store
+                    .exists(&results_key(job, &part.task_id))
+                    .await
+                    .map_err(|e| TaskFailure(format!("checking results: {e}")))?;
             if !done {
                 self.queue
                     .publish(part)
                     .await
                     .map_err(|e| TaskFailure(format!("publishing page-range tasks: {e}")))?;
-                published += 1;
+                published.push(part.task_id.clone());
             }
         }
-        tracing::info!(source = %split.uri, pages = split.unit_count, tasks = parts.len(), published, "document split");
+        tracing::info!(source = %split.uri, pages = split.unit_count, tasks = parts.len(), published = published.len(), "document split");
+        self.queue.announce(job, TaskEvent::Split { task_id: split.document_task_id.clone(), published }).await;
         Ok(())
     }
 
@@ -222,7 +235,7 @@ impl Worker {
                     }
                     Opened::Split(split, parts) => {
                         drop(input);
-                        self.publish_parts(&store, &split, &parts).await?;
+                        self.publish_parts(&store, &task, &split, &parts).await?;
                         stage("split", t);
                         return Ok(Done::Split);
                     }
@@ -234,11 +247,14 @@ impl Worker {
             stage("process", t);
             drop(input);
             let t = Instant::now();
+            let body = to_jsonl(&records);
+            let copy = (body.len() <= EVENT_RECORDS_MAX).then(|| String::from_utf8_lossy(&body).into_owned());
             store
-                .put(&results_key(&task.settings.job, &task.task_id), to_jsonl(&records))
+                .put(&results_key(&task.settings.job, &task.task_id), body)
                 .await
                 .map_err(|e| TaskFailure(format!("storing results: {e}")))?;
             stage("upload", t);
+            self.queue.announce(&task.settings.job, TaskEvent::Done { task_id: task.task_id.clone(), records: copy }).await;
             Ok::<_, TaskFailure>(Done::Records(records, run.unit))
         };
         tokio::pin!(work);
@@ -403,6 +419,60 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_split_skips_page_ranges_with_stored_results_where_some_may_exist() {
+        let Ok(pdf) = quire_render::PdfRenderer::start(1) else {
+            panic!("libpdfium is needed: run scripts/setup-pdfium.sh and export QUIRE_PDFIUM");
+        };
+        let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/docs");
+        let p = docs.join("born_digital.pdf"); // 3 pages: tasks 1-2 and 3
+        let src = SourceRef { uri: p.to_string_lossy().into(), rel: "born_digital.pdf".into(), size: std::fs::metadata(&p).unwrap().len(), version: "1".into() };
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn BlobStore> = Arc::new(LocalStore::new(dir.path()));
+        // (job, the coordinator found results at submission, the document was split before)
+        for (job, check_stored, split_before) in [("fresh", false, false), ("resumed", true, false), ("redelivered", false, true)] {
+            let mut s = JobSettings::new(job);
+            s.pages_per_task = 2;
+            s.engine = quire_core::Engine::TextLayer;
+            let fp = quire_core::settings_fingerprint(&s);
+            let mut doc = crate::split::document_task(&s, &fp, &src);
+            doc.check_stored = check_stored;
+            let parts = crate::plan::plan_tasks(&s, &fp, &src, &Ok(quire_render::Probe { kind: quire_render::InputKind::Pdf, unit_count: 3, bytes: 0 }));
+            store.put(&results_key(job, &parts[0].task_id), b"stored earlier\n".to_vec()).await.unwrap();
+            if split_before {
+                store.put(&split_key(job, &doc.task_id), b"{}".to_vec()).await.unwrap();
+            }
+            let queue = MemoryQueue::new(QueueOptions { ack_wait: Duration::from_secs(60), max_deliver: 3 });
+            queue.publish(&doc).await.unwrap();
+            let (abort_tx, abort_rx) = watch::channel(false);
+            let w = Worker {
+                queue: Arc::new(queue.clone()),
+                stores: Arc::new(OneStore(store.clone())),
+                fetch: Arc::new(LocalFetch),
+                ctx: ProcessContext { pdf: pdf.clone(), model: None, model_long_side: None },
+                progress: Arc::new(Progress::default()),
+                heartbeat: Duration::from_secs(10),
+                admit: None,
+                observer: None,
+                abort: Some(abort_rx),
+            };
+            let h = tokio::spawn(async move { w.run().await });
+            let t0 = Instant::now();
+            while queue.outstanding() > 0 {
+                assert!(t0.elapsed() < Duration::from_secs(30), "work did not finish");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            abort_tx.send_replace(true);
+            queue.close();
+            h.await.unwrap().unwrap();
+            let first = store.get(&results_key(job, &parts[0].task_id)).await.unwrap().unwrap();
+            let looked = check_stored || split_before;
+            assert_eq!(first == b"stored earlier\n", looked, "{job}: pages 1-2 {}", if looked { "kept" } else { "run (a fresh job looks nothing up)" });
+            let last = store.get(&results_key(job, &parts[1].task_id)).await.unwrap().expect("page 3 ran");
+            assert_eq!(crate::finish::parse_jsonl(&last).unwrap()[0].page, 3, "{job}");
+        }
+    }
+
+    #[tokio::test]
     async fn abort_hands_the_running_task_back_and_stops_pulling() {
         let Ok(pdf) = quire_render::PdfRenderer::start(1) else {
             panic!("libpdfium is needed: run scripts/setup-pdfium.sh and export QUIRE_PDFIUM");
@@ -417,6 +487,7 @@ mod tests {
             first: 1,
             last: 1,
             unit_count: 1,
+            check_stored: false,
         };
         queue.publish(&task).await.unwrap();
         let dir = tempfile::tempdir().unwrap();

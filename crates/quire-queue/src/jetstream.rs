@@ -8,6 +8,7 @@
 //! | one subject per job | `quire.tasks.<job>` | `<job>` is [`subject_token`] of the job name |
 //! | worker consumer | durable pull `quire-workers`, all jobs | explicit ack, `ack_wait` / `max_deliver` from [`QueueOptions`] |
 //! | dead letters | `QUIRE_DEAD`, subjects `quire.dead.<job>` | limits retention, one JSON [`DeadLetter`] per task, deduplicated by task id |
+//! | task events | `quire.events.<job>`, core NATS (not stored) | one JSON [`TaskEvent`] per stored result, split or dead letter, for `--wait` |
 //! | advisories | `QUIRE_ADVISORIES` captures `$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.QUIRE_TASKS.quire-workers` | WorkQueue retention, so advisories wait for a forwarder that is down |
 //!
 //! One stream with one durable consumer over every job (rather than a
@@ -58,7 +59,7 @@
 //! `pull` keeps retrying for [`JetStreamOptions::retry_for`] before it
 //! returns an error (the client reconnects by itself).
 
-use crate::{Lease, Published, QueueError, QueueOptions, TaskQueue};
+use crate::{Lease, Published, QueueError, QueueOptions, TaskEvent, TaskQueue};
 use async_nats::jetstream::{
     self,
     consumer::{pull, AckPolicy, DeliverPolicy},
@@ -106,6 +107,8 @@ pub struct JetStreamOptions {
     pub dead_stream: String,
     pub dead_prefix: String,
     pub advisory_stream: String,
+    /// Task events go to `<events_prefix>.<job>` (core NATS, not stored).
+    pub events_prefix: String,
     /// Stream dedup window for task ids (see the module docs).
     pub duplicate_window: Duration,
     /// Stream replicas (1 for a single server, 3 for a cluster).
@@ -134,6 +137,7 @@ impl JetStreamOptions {
             dead_stream: "QUIRE_DEAD".into(),
             dead_prefix: "quire.dead".into(),
             advisory_stream: "QUIRE_ADVISORIES".into(),
+            events_prefix: "quire.events".into(),
             duplicate_window: Duration::from_secs(2 * 3600),
             replicas: 1,
             poll: Duration::from_secs(5),
@@ -333,6 +337,43 @@ impl JetStreamQueue {
     /// The subject tasks of `job` are published on.
     pub fn task_subject(&self, job: &str) -> String {
         format!("{}.{}", self.inner.opts.subject_prefix, subject_token(job))
+    }
+
+    fn events_subject_token(&self, token: &str) -> String {
+        format!("{}.{}", self.inner.opts.events_prefix, token)
+    }
+
+    /// Follows the task events of `job` from now on (see [`TaskEvent`]:
+    /// events published before this call, or while the connection is
+    /// down, are not seen).
+    pub async fn task_events(&self, job: &str) -> Result<TaskEvents, QueueError> {
+        let sub = self
+            .inner
+            .client
+            .subscribe(self.events_subject_token(&subject_token(job)))
+            .await
+            .map_err(|e| backend("subscribing to task events", e))?;
+        // The subscription is live on the server once a round trip has passed.
+        self.inner.client.flush().await.map_err(|e| backend("subscribing to task events", e))?;
+        Ok(TaskEvents(sub))
+    }
+
+    async fn announce_token(&self, token: &str, event: &TaskEvent) {
+        let mut body = match serde_json::to_vec(event) {
+            Ok(b) => b,
+            Err(e) => return tracing::warn!("encoding a task event: {e}"),
+        };
+        // Records too big for one message stay behind: followers read them
+        // from the store.
+        if body.len() > self.inner.client.server_info().max_payload {
+            if let TaskEvent::Done { task_id, records: Some(_) } = event {
+                let slim = TaskEvent::Done { task_id: task_id.clone(), records: None };
+                body = serde_json::to_vec(&slim).unwrap_or_default();
+            }
+        }
+        if let Err(e) = self.inner.client.publish(self.events_subject_token(token), body.into()).await {
+            tracing::debug!("task event not sent: {e}");
+        }
     }
 
     fn dead_subject(&self, job: &str) -> String {
@@ -661,6 +702,10 @@ impl TaskQueue for JetStreamQueue {
         })
     }
 
+    async fn announce(&self, job: &str, event: TaskEvent) {
+        self.announce_token(&subject_token(job), &event).await
+    }
+
     async fn pull(&self) -> Result<Option<Box<dyn Lease>>, QueueError> {
         let mut stop = self.inner.stop.subscribe();
         let mut failing_since: Option<Instant> = None;
@@ -761,7 +806,27 @@ impl JetStreamQueue {
             .map_err(|e| backend("publishing dead letter", e))?
             .await
             .map_err(|e| backend("publishing dead letter", e))?;
+        if !dead.task_id.is_empty() {
+            self.announce_token(token, &TaskEvent::Dead { task_id: dead.task_id.clone() }).await;
+        }
         Ok(())
+    }
+}
+
+/// A job's task events as they happen ([`JetStreamQueue::task_events`]).
+pub struct TaskEvents(async_nats::Subscriber);
+
+impl TaskEvents {
+    /// The next event; `None` once the subscription has ended. Malformed
+    /// messages are skipped.
+    pub async fn next(&mut self) -> Option<TaskEvent> {
+        loop {
+            let m = self.0.next().await?;
+            match serde_json::from_slice(&m.payload) {
+                Ok(ev) => return Some(ev),
+                Err(e) => tracing::debug!(subject = %m.subject, "skipping a malformed task event: {e}"),
+            }
+        }
     }
 }
 
@@ -1011,6 +1076,7 @@ mod tests {
             first: 1,
             last: 4,
             unit_count: 4,
+            check_stored: false,
         }
     }
 
@@ -1133,6 +1199,40 @@ mod tests {
         w.set_delivery_rules = false;
         let q = JetStreamQueue::connect(w).await.unwrap();
         assert_eq!((q.options().queue.ack_wait, q.options().queue.max_deliver), (Duration::from_secs(2), 2));
+    }
+
+    #[tokio::test]
+    async fn a_jobs_followers_hear_its_results_splits_and_dead_letters_and_no_other_jobs() {
+        let server = NatsServer::start();
+        let q = JetStreamQueue::connect(opts(&server, 5000, 3)).await.unwrap();
+        let mut events = q.task_events("j.1").await.unwrap();
+        let mut other = q.task_events("j-2").await.unwrap();
+        q.announce("j.1", TaskEvent::Split { task_id: "d".into(), published: vec!["p1".into(), "p2".into()] }).await;
+        q.announce("j-2", TaskEvent::Done { task_id: "elsewhere".into(), records: None }).await;
+        q.announce("j.1", TaskEvent::Done { task_id: "p1".into(), records: Some("{\"page\":1}\n".into()) }).await;
+        // Records bigger than the server takes in one message are left out.
+        let big = "x".repeat(q.client().server_info().max_payload + 1);
+        q.announce("j.1", TaskEvent::Done { task_id: "p3".into(), records: Some(big) }).await;
+        // A task given up on tells its job's followers too.
+        q.publish(&task("j.1", "p2")).await.unwrap();
+        let lease = pull_within(&q, Duration::from_secs(5)).await.expect("a task");
+        lease.term("poison").await.unwrap();
+        let mut heard = Vec::new();
+        for _ in 0..4 {
+            heard.push(tokio::time::timeout(Duration::from_secs(5), events.next()).await.expect("an event").unwrap());
+        }
+        assert_eq!(
+            heard,
+            vec![
+                TaskEvent::Split { task_id: "d".into(), published: vec!["p1".into(), "p2".into()] },
+                TaskEvent::Done { task_id: "p1".into(), records: Some("{\"page\":1}\n".into()) },
+                TaskEvent::Done { task_id: "p3".into(), records: None },
+                TaskEvent::Dead { task_id: "p2".into() },
+            ]
+        );
+        let e = tokio::time::timeout(Duration::from_secs(5), other.next()).await.unwrap().unwrap();
+        assert_eq!(e, TaskEvent::Done { task_id: "elsewhere".into(), records: None });
+        assert!(tokio::time::timeout(Duration::from_millis(300), other.next()).await.is_err(), "j-2 hears only its own events");
     }
 
     #[tokio::test]

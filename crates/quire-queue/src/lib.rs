@@ -49,12 +49,37 @@ pub enum Published {
     Duplicate,
 }
 
+/// What happened to a task, told as it happens to whoever follows the job
+/// (the coordinator's `--wait`). Best effort: a follower may miss events
+/// and must treat the output store as the record; events only tell it when
+/// looking there is worth it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskEvent {
+    /// The task's results are stored; `records` is a copy of the stored
+    /// JSON lines when they are small enough to travel along (a follower
+    /// that has them need not read them back from the store).
+    Done {
+        task_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        records: Option<String>,
+    },
+    /// A whole-document task was split and these page-range tasks were
+    /// published for it (parts with results already stored are left out).
+    Split { task_id: String, published: Vec<String> },
+    /// The task was dead-lettered.
+    Dead { task_id: String },
+}
+
 #[async_trait]
 pub trait TaskQueue: Send + Sync {
     /// Publish a task; a task id the queue has already seen is dropped.
     async fn publish(&self, task: &TaskSpec) -> Result<Published, QueueError>;
     /// Wait for the next task. `None` means no more work will come.
     async fn pull(&self) -> Result<Option<Box<dyn Lease>>, QueueError>;
+    /// Tell the followers of `job` what happened (best effort, never
+    /// fails; backends without followers do nothing).
+    async fn announce(&self, _job: &str, _event: TaskEvent) {}
 }
 
 #[async_trait]

@@ -237,6 +237,7 @@ mod tests {
             first: 1,
             last: 1,
             unit_count: 1,
+            check_stored: false,
         }
     }
 

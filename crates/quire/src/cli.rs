@@ -245,8 +245,10 @@ pub struct CoordinatorArgs {
     /// How long a task's lease lives without a heartbeat, in seconds.
     #[arg(long, default_value_t = 300)]
     pub ack_wait_s: u64,
-    /// How often --wait checks the output, in milliseconds.
-    #[arg(long, default_value_t = 2000)]
+    /// With --wait: the longest time between two full looks at the output,
+    /// in milliseconds (the workers' task events trigger a look as soon as
+    /// every open task has reported).
+    #[arg(long, default_value_t = 5000)]
     pub poll_ms: u64,
 }
 

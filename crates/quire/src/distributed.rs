@@ -70,6 +70,8 @@ pub fn coordinator(args: CoordinatorArgs) -> u8 {
             let queue = connect_queue(&args.services.nats, args.services.nats_auth.auth(), queue_opts, true).await?;
             let store = open_store(&args.out, &o.access).await?;
             tracing::debug!("connected to the queue and the output in {:.3}s", t0.elapsed().as_secs_f64());
+            // Followed from before the first publish, so no event is missed.
+            let events = if args.wait { Some(queue.task_events(&o.settings.job).await?) } else { None };
             let t0 = Instant::now();
             let sub = submit(&o, &queue, store.as_ref()).await?;
             tracing::debug!("listed and published in {:.3}s", t0.elapsed().as_secs_f64());
@@ -90,7 +92,7 @@ pub fn coordinator(args: CoordinatorArgs) -> u8 {
             if !args.wait {
                 return Ok(exit::OK);
             }
-            let m = wait_and_finish(&o, &queue, store.as_ref(), &sub, started_at, Duration::from_millis(args.poll_ms))
+            let m = wait_and_finish(&o, &queue, store.as_ref(), &sub, started_at, Duration::from_millis(args.poll_ms), events)
                 .await?;
             let c = &m.counts;
             eprintln!(
