@@ -15,7 +15,8 @@
 #
 # Env: OUT (default /tmp/quire-gpu-check), BIN_DIR (.gpu), DEVICE (cuda; cpu is for trying the
 # script on a CPU machine with CPU-built binaries), DTYPE (bf16), BATCHES ("1 8 32 64"), NEW (512),
-# SMALL (1: one-tile checkpoint and a small image, for CPU tries), TOTAL_S (420), PY (python3).
+# SMALL (1: one-tile checkpoint and a small image, for CPU tries), TOTAL_S (420), PY (python3),
+# LIBCUDA (the driver's libcuda.so.1; looked up with ldconfig, then find, when unset).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -84,7 +85,7 @@ PYEOF
       echo "$lib: NOT FOUND"
     fi
   done
-  LIBCUDA=$(ldconfig -p 2>/dev/null | awk '/libcuda.so.1 /{print $NF; exit}' || true)
+  LIBCUDA=${LIBCUDA:-$(ldconfig -p 2>/dev/null | awk '/libcuda.so.1 /{print $NF; exit}' || true)}
   [ -n "$LIBCUDA" ] || LIBCUDA=$(timeout 60 find / -xdev -name 'libcuda.so.1' -not -path '/proc/*' 2>/dev/null | head -1 || true)
   echo "libcuda: ${LIBCUDA:-NOT FOUND}"
   RUNENV=(env "LD_LIBRARY_PATH=${libdirs#:}:$(dirname "${LIBCUDA:-/x/x}")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" "LD_PRELOAD=$LIBCUDA")
@@ -99,7 +100,8 @@ say "3. parity tests on $DEVICE (f32 token-exact, bf16/f16 bounded)"
 rc=0
 QUIRE_TEST_DEVICE=$DEVICE QUIRE_FIXTURES="$ROOT/tests/fixtures/idefics3" RUST_BACKTRACE=1 \
   "${RUNENV[@]}" timeout "$(cap 150)" "$WORK/bin/parity" --test-threads=1 --nocapture >"$OUT/parity.log" 2>&1 || rc=$?
-grep -E '^test |test result|panicked|max \|' "$OUT/parity.log" | head -80 || true
+grep -E '^test |test result|max \|' "$OUT/parity.log" | head -80 || true
+grep -E -A3 'panicked' "$OUT/parity.log" | head -60 || true
 say "parity exit $rc$([ $rc = 124 ] && echo ' (timed out)')"
 
 say "4. bench checkpoint"

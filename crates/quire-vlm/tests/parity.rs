@@ -161,7 +161,7 @@ fn first_step_logits_match() {
             let got = m.prefill_logits(&[request(case, 1)]).unwrap().remove(0);
             let want: Vec<f32> = fx.tensors[&format!("{key}.logits")].to_vec1().unwrap();
             let d = max_abs_diff(&got, &want);
-            eprintln!("{name}/{key} f32 on {:?}: max |logit diff| {d:.2e}", device_label());
+            eprintln!("{name}/{key} f32 on {}: max |logit diff| {d:.2e}", device_label());
             assert!(d <= f32_logit_tolerance(), "{name}/{key} logits differ by {d}");
         }
     }
