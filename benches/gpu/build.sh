@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Builds what benches/gpu/check.sh runs: the quire-vlm parity test binary and the bench
+# example, release, stripped, xz-compressed (check.sh unpacks them with python's lzma), into
+# DEST (default: .gpu of this checkout; keep it out of git, e.g. `/.gpu/` in .git/info/exclude).
+#
+#   CUDA=1 (default): --features cuda. Needs a CUDA 13.0 toolkit in CUDA_ROOT (bin/nvcc, lib/
+#   with libcublas/libcublasLt/libcudart/libnvrtc/libcurand and a libcuda.so to link against;
+#   a stub will do, as the driver exists only on the GPU machine). The binaries are linked with
+#   unresolved symbols allowed, so check.sh preloads the GPU machine's libcuda.so.1.
+#   CUDA=0: CPU-only binaries, to try check.sh with DEVICE=cpu.
+# Env: CARGO_TARGET_DIR (default target), CUDA_COMPUTE_CAP (default 90 = H100/H200), JOBS (2).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+DEST=${DEST:-$PWD/.gpu}
+CUDA=${CUDA:-1}
+JOBS=${JOBS:-2}
+TGT=${CARGO_TARGET_DIR:-$PWD/target}
+feat=()
+if [ "$CUDA" = 1 ]; then
+  : "${CUDA_ROOT:?set CUDA_ROOT to a CUDA 13.0 toolkit (bin/nvcc, include/, lib/)}"
+  export PATH="$CUDA_ROOT/bin:$PATH" CUDA_PATH="$CUDA_ROOT" LIBRARY_PATH="$CUDA_ROOT/lib${LIBRARY_PATH:+:$LIBRARY_PATH}"
+  export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
+  export RUSTFLAGS="${RUSTFLAGS:-} -C link-arg=-Wl,--unresolved-symbols=ignore-all"
+  feat=(--features cuda)
+fi
+parity=$(cargo test -p quire-vlm --release "${feat[@]}" -j "$JOBS" --test parity --no-run --message-format=json \
+  | python3 -c 'import json, sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "parity" and m.get("executable"):
+        print(m["executable"])')
+cargo build -p quire-vlm --release "${feat[@]}" -j "$JOBS" --example bench
+mkdir -p "$DEST"
+rm -f "$DEST/parity" "$DEST/parity.xz" "$DEST/bench" "$DEST/bench.xz"
+for pair in "parity:$parity" "bench:$TGT/release/examples/bench"; do
+  name=${pair%%:*} src=${pair#*:}
+  strip -o "$DEST/$name" "$src"
+  xz -9 -T1 -f "$DEST/$name"
+done
+ls -la "$DEST"
