@@ -23,6 +23,8 @@ pub enum ErrorKind {
     TooManyPages,
     /// More pixels than `max_pixels`.
     TooManyPixels,
+    /// Rendering the page took longer than the page time limit.
+    Timeout,
     /// The file could not be read.
     Io,
     /// The page has no usable text layer and no model was given.
@@ -44,6 +46,7 @@ impl ErrorKind {
             ErrorKind::TooLarge => "too_large",
             ErrorKind::TooManyPages => "too_many_pages",
             ErrorKind::TooManyPixels => "too_many_pixels",
+            ErrorKind::Timeout => "timeout",
             ErrorKind::Io => "io",
             ErrorKind::NeedsModel => "needs_model",
             ErrorKind::Model => "model",

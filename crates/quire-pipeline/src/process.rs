@@ -40,6 +40,7 @@ pub fn error_kind(k: render::ErrorKind) -> ErrorKind {
         R::TooManyPages => ErrorKind::TooManyPages,
         R::TooManyPixels => ErrorKind::TooManyPixels,
         R::Io => ErrorKind::Io,
+        R::Timeout => ErrorKind::Timeout,
         R::BadRange | R::PdfiumMissing => ErrorKind::Internal,
     }
 }

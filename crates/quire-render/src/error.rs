@@ -30,6 +30,9 @@ pub enum ErrorKind {
     Io,
     /// libpdfium could not be found or loaded.
     PdfiumMissing,
+    /// pdfium took longer than the page time limit on a page (or opening the document); the
+    /// render process was stopped and replaced.
+    Timeout,
 }
 
 impl ErrorKind {
@@ -47,6 +50,7 @@ impl ErrorKind {
             ErrorKind::BadRange => "bad_range",
             ErrorKind::Io => "io",
             ErrorKind::PdfiumMissing => "pdfium_missing",
+            ErrorKind::Timeout => "timeout",
         }
     }
 

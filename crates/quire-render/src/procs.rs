@@ -11,7 +11,7 @@ use std::ffi::OsString;
 use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
-use std::sync::mpsc::{self, Receiver};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -163,7 +163,9 @@ fn write_reply(out: &mut impl Write, r: &Reply, bytes: Option<&[u8]>) -> std::io
 struct Worker {
     child: Child,
     stdin: BufWriter<ChildStdin>,
-    stdout: BufReader<ChildStdout>,
+    /// Replies as a reader thread reads them off the worker's stdout (so that waiting for one
+    /// can time out).
+    replies: Receiver<std::io::Result<(Reply, Vec<u8>)>>,
 }
 
 impl Drop for Worker {
@@ -176,7 +178,17 @@ impl Drop for Worker {
 struct Spawner {
     exe: PathBuf,
     args: Vec<OsString>,
+    /// Longest wait for one page (or for opening a document, or counting its pages).
+    page_timeout: Option<Duration>,
 }
+
+/// How long a render process may take over one page before it is stopped and replaced, unless
+/// [`PdfRenderer::start_processes_with`] says otherwise.
+pub const DEFAULT_PAGE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Failed pages after which a request gives up on the rest of its pages (each failure costs a
+/// new render process).
+const MAX_RESTARTS_PER_REQUEST: u32 = 3;
 
 impl Spawner {
     fn spawn(&self) -> Result<Worker, RenderError> {
@@ -215,12 +227,20 @@ impl Spawner {
             let _ = tx.send((hello, stdout));
         });
         match rx.recv_timeout(GREETING_WAIT) {
-            Ok((Some(Reply::Hello { ok: None }), stdout)) => {
+            Ok((Some(Reply::Hello { ok: None }), mut stdout)) => {
+                let (tx, replies) = mpsc::sync_channel(1);
+                std::thread::spawn(move || loop {
+                    let r = read_reply_from(&mut stdout);
+                    let end = r.is_err();
+                    if tx.send(r).is_err() || end {
+                        return;
+                    }
+                });
                 return Ok(Worker {
                     child,
                     stdin,
-                    stdout,
-                })
+                    replies,
+                });
             }
             Ok((Some(Reply::Hello { ok: Some(e) }), _)) => {
                 let _ = child.kill();
@@ -245,18 +265,31 @@ impl PdfRenderer {
     /// Starts `n` render worker processes (`exe` with `args`, plus `QUIRE_RENDER_WORKER=1`),
     /// each with its own pdfium, and returns a handle that spreads requests over them (a
     /// request goes to the next free worker). Same API and semantics as the in-process
-    /// renderer; in addition a worker that dies (a PDF that crashes pdfium) fails the page it
-    /// was on and the rest of that request with [`ErrorKind::Corrupt`], and is restarted.
-    /// `exe` is usually `std::env::current_exe()`; its `main` must call
+    /// renderer; in addition a worker that dies on a page (a PDF that crashes pdfium) fails
+    /// that page with [`ErrorKind::Corrupt`], and one that takes longer than
+    /// [`DEFAULT_PAGE_TIMEOUT`] fails it with [`ErrorKind::Timeout`]; either way the worker is
+    /// replaced and the request goes on with the next page (after a few such pages the rest of
+    /// the request fails). `exe` is usually `std::env::current_exe()`; its `main` must call
     /// [`run_worker_if_requested`].
     pub fn start_processes(
         n: usize,
         exe: &Path,
         args: &[OsString],
     ) -> Result<PdfRenderer, RenderError> {
+        Self::start_processes_with(n, exe, args, Some(DEFAULT_PAGE_TIMEOUT))
+    }
+
+    /// [`Self::start_processes`] with another page time limit (`None`: wait for ever).
+    pub fn start_processes_with(
+        n: usize,
+        exe: &Path,
+        args: &[OsString],
+        page_timeout: Option<Duration>,
+    ) -> Result<PdfRenderer, RenderError> {
         let spawner = Arc::new(Spawner {
             exe: exe.to_path_buf(),
             args: args.to_vec(),
+            page_timeout,
         });
         // Start them all now, so a broken setup fails here and not on the first document.
         let mut workers = Vec::new();
@@ -301,7 +334,7 @@ fn dispatch(rx: Arc<Mutex<Receiver<Job>>>, spawner: Arc<Spawner>, mut worker: Op
             }
         }
         let w = worker.as_mut().expect("just spawned");
-        if !serve(w, job) {
+        if !serve(w, &spawner, job) {
             worker = None; // died or abandoned mid-request: restart on the next one
         }
     }
@@ -328,18 +361,40 @@ fn crashed(path: &Path, what: &str) -> RenderError {
     )
 }
 
-/// Runs one job on `w`; false when the worker must be replaced.
-fn serve(w: &mut Worker, job: Job) -> bool {
+/// The error for a worker that failed while `what` (crashed, or was stopped after the limit).
+fn failed(path: &Path, what: &str, e: &std::io::Error, limit: Option<Duration>) -> RenderError {
+    if e.kind() == std::io::ErrorKind::TimedOut {
+        RenderError::new(
+            ErrorKind::Timeout,
+            format!(
+                "{}: pdfium took longer than {:?} {what}; its render worker was stopped",
+                path.display(),
+                limit.unwrap_or_default()
+            ),
+        )
+    } else {
+        crashed(path, what)
+    }
+}
+
+/// Runs one job on `w`; false when the worker must be replaced. A worker that fails on a page
+/// is replaced here and the rest of the pages go to the new one.
+fn serve(w: &mut Worker, spawner: &Spawner, job: Job) -> bool {
+    let limit = spawner.page_timeout;
     match job {
         Job::PageCount { path, reply } => {
             let sent = send_request(w, &Request::Count { path: path.clone() });
-            match sent.and_then(|_| read_reply(w)) {
+            match sent.and_then(|_| read_reply(w, limit)) {
                 Ok((Reply::Count { r }, _)) => {
                     let _ = reply.send(r);
                     true
                 }
-                _ => {
+                Ok(_) => {
                     let _ = reply.send(Err(crashed(&path, "while counting pages")));
+                    false
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(failed(&path, "while counting pages", &e, limit)));
                     false
                 }
             }
@@ -351,16 +406,14 @@ fn serve(w: &mut Worker, job: Job) -> bool {
             reply,
         } => {
             let (first, last) = (*pages.start(), *pages.end());
-            let sent = send_request(
-                w,
-                &Request::Render {
-                    path: path.clone(),
-                    first,
-                    last,
-                    opts,
-                },
-            );
-            match sent.and_then(|_| read_reply(w)) {
+            let request = |first| Request::Render {
+                path: path.clone(),
+                first,
+                last,
+                opts: opts.clone(),
+            };
+            let sent = send_request(w, &request(first));
+            match sent.and_then(|_| read_reply(w, limit)) {
                 Ok((Reply::Opened { r }, _)) => {
                     let opened = r.is_ok();
                     if reply.send(Msg::Opened(r)).is_err() {
@@ -370,13 +423,19 @@ fn serve(w: &mut Worker, job: Job) -> bool {
                         return true;
                     }
                 }
-                _ => {
+                Ok(_) => {
                     let _ = reply.send(Msg::Opened(Err(crashed(&path, "while opening"))));
                     return false;
                 }
+                Err(e) => {
+                    let _ = reply.send(Msg::Opened(Err(failed(&path, "while opening", &e, limit))));
+                    return false;
+                }
             }
-            for n in first..=last {
-                let msg = match read_reply(w) {
+            let mut restarts = 0;
+            let mut n = first;
+            while n <= last {
+                let msg = match read_reply(w, limit) {
                     Ok((Reply::Page { r: Ok(h) }, bytes)) => {
                         let image = if h.image_bytes > 0 {
                             image::RgbImage::from_raw(h.width, h.height, bytes)
@@ -393,15 +452,36 @@ fn serve(w: &mut Worker, job: Job) -> bool {
                         }))
                     }
                     Ok((Reply::Page { r: Err(e) }, _)) => Msg::Page(Err(e)),
-                    _ => {
-                        let _ = reply.send(Msg::Page(Err(crashed(&path, &format!("on page {n}")))));
-                        // The stream reports the remaining pages as failed (sender dropped).
-                        return false;
+                    other => {
+                        let what = format!("on page {n}");
+                        let e = match other {
+                            Err(e) => failed(&path, &what, &e, limit),
+                            Ok(_) => crashed(&path, &what),
+                        };
+                        tracing::warn!("{e}");
+                        if reply.send(Msg::Page(Err(e))).is_err() || n == last {
+                            return false;
+                        }
+                        // The rest of the pages go to a new worker; after a few failures the
+                        // stream reports the remaining pages as failed (sender dropped).
+                        restarts += 1;
+                        if restarts >= MAX_RESTARTS_PER_REQUEST {
+                            return false;
+                        }
+                        let Ok(fresh) = spawner.spawn() else { return false };
+                        *w = fresh;
+                        n += 1;
+                        let sent = send_request(w, &request(n));
+                        if !matches!(sent.and_then(|_| read_reply(w, limit)), Ok((Reply::Opened { r: Ok(_) }, _))) {
+                            return false;
+                        }
+                        continue;
                     }
                 };
                 if reply.send(msg).is_err() {
                     return n == last; // abandoned mid-way: kill rather than drain
                 }
+                n += 1;
             }
             true
         }
@@ -414,9 +494,22 @@ fn send_request(w: &mut Worker, r: &Request) -> std::io::Result<()> {
     w.stdin.flush()
 }
 
-fn read_reply(w: &mut Worker) -> std::io::Result<(Reply, Vec<u8>)> {
+/// The next reply of `w`, waiting at most `limit` (then an error of kind `TimedOut`).
+fn read_reply(w: &mut Worker, limit: Option<Duration>) -> std::io::Result<(Reply, Vec<u8>)> {
+    let got = match limit {
+        Some(d) => w.replies.recv_timeout(d),
+        None => w.replies.recv().map_err(|_| RecvTimeoutError::Disconnected),
+    };
+    match got {
+        Ok(r) => r,
+        Err(RecvTimeoutError::Timeout) => Err(std::io::ErrorKind::TimedOut.into()),
+        Err(RecvTimeoutError::Disconnected) => Err(std::io::ErrorKind::UnexpectedEof.into()),
+    }
+}
+
+fn read_reply_from(stdout: &mut BufReader<ChildStdout>) -> std::io::Result<(Reply, Vec<u8>)> {
     let mut line = String::new();
-    if w.stdout.read_line(&mut line)? == 0 {
+    if stdout.read_line(&mut line)? == 0 {
         return Err(std::io::ErrorKind::UnexpectedEof.into());
     }
     let r: Reply = serde_json::from_str(line.trim_end()).map_err(std::io::Error::other)?;
@@ -424,7 +517,7 @@ fn read_reply(w: &mut Worker) -> std::io::Result<(Reply, Vec<u8>)> {
     if let Reply::Page { r: Ok(h) } = &r {
         if h.image_bytes > 0 {
             bytes = vec![0u8; h.image_bytes as usize];
-            w.stdout.read_exact(&mut bytes)?;
+            stdout.read_exact(&mut bytes)?;
         }
     }
     Ok((r, bytes))

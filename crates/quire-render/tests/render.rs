@@ -675,3 +675,55 @@ fn a_dying_worker_fails_the_request_and_is_replaced() {
         );
     }
 }
+
+/// A worker that speaks the protocol but hangs on page 2 of any document, as pdfium can on a
+/// pathological page: it claims 3 pages and sends pages 1 and 3 without images.
+#[test]
+fn hanging_worker_entry_point() {
+    if std::env::var_os(WORKER_ENV).is_some() {
+        use std::io::{BufRead, Write};
+        let mut out = std::io::stdout().lock();
+        writeln!(out, r#"{{"t":"hello","ok":null}}"#).unwrap();
+        out.flush().unwrap();
+        for line in std::io::stdin().lock().lines() {
+            let req: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
+            writeln!(out, r#"{{"t":"opened","r":{{"Ok":3}}}}"#).unwrap();
+            out.flush().unwrap();
+            for p in req["first"].as_u64().unwrap()..=req["last"].as_u64().unwrap() {
+                if p == 2 {
+                    std::thread::sleep(std::time::Duration::from_secs(3600));
+                }
+                let head = serde_json::json!({"page": p, "width": 1, "height": 1, "text": format!("page {p}"), "render_ms": 0.0, "image_bytes": 0});
+                writeln!(out, "{}", serde_json::json!({"t": "page", "r": {"Ok": head}})).unwrap();
+                out.flush().unwrap();
+            }
+        }
+        std::process::exit(0);
+    }
+}
+
+#[test]
+fn a_hanging_page_times_out_and_the_rest_of_the_document_still_renders() {
+    let _ = renderer();
+    let args: Vec<std::ffi::OsString> = ["--exact", "hanging_worker_entry_point", "--nocapture", "--test-threads=1"]
+        .iter()
+        .map(Into::into)
+        .collect();
+    let limit = std::time::Duration::from_millis(1500);
+    let pdf = PdfRenderer::start_processes_with(1, &std::env::current_exe().unwrap(), &args, Some(limit)).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let t0 = Instant::now();
+    std::thread::spawn(move || {
+        let pages = pdf.render(&fixture("born_digital.pdf"), 1..=3, &RenderOptions::default()).unwrap();
+        let _ = tx.send(pages);
+    });
+    let pages = rx.recv_timeout(std::time::Duration::from_secs(60)).expect("the hang was not cut short");
+    assert!(t0.elapsed() >= limit);
+    assert_eq!(pages.len(), 3);
+    assert_eq!(pages[0].as_ref().unwrap().text.as_deref(), Some("page 1"));
+    let e = pages[1].as_ref().unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Timeout, "{e}");
+    assert!(e.message.contains("longer than"), "{}", e.message);
+    // Page 3 went to a fresh worker.
+    assert_eq!(pages[2].as_ref().unwrap().text.as_deref(), Some("page 3"));
+}

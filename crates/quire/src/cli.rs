@@ -10,9 +10,14 @@ pub struct Cli {
     /// More log output (-v, -vv). QUIRE_LOG takes a tracing filter too.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
-    /// pdfium worker processes for rendering PDF pages (default: CPU cores, at most 4; 1 renders in-process).
-    #[arg(long, global = true, value_name = "N", value_parser = clap::value_parser!(u32).range(1..64))]
+    /// pdfium worker processes for rendering PDF pages (default: CPU cores, at most 4). 0
+    /// renders on a thread of this process: no crash isolation and no page time limit.
+    #[arg(long, global = true, value_name = "N", value_parser = clap::value_parser!(u32).range(0..64))]
     pub render_procs: Option<u32>,
+    /// Longest time pdfium may spend on one page (or on opening a document) before its render
+    /// process is stopped and the page gets a `timeout` error record; 0 waits for ever.
+    #[arg(long, global = true, value_name = "SECONDS", default_value_t = 120)]
+    pub page_timeout_s: u64,
     #[command(subcommand)]
     pub command: Command,
 }

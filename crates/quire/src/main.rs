@@ -20,20 +20,21 @@ pub mod exit {
 }
 
 /// Render worker processes for PDF pages (see [`start_renderer`]).
-static RENDER_PROCS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+static RENDER_PROCS: std::sync::OnceLock<(usize, Option<std::time::Duration>)> = std::sync::OnceLock::new();
 
 /// pdfium for the pages this process renders: `--render-procs` worker
 /// processes (this executable started again), so that pages render in
-/// parallel and a PDF that crashes pdfium takes down one worker, not the job.
-/// With 1, pdfium runs on a thread of this process.
+/// parallel, a PDF that crashes pdfium costs one page, not the job, and a
+/// page that takes longer than `--page-timeout-s` is cut short. With 0,
+/// pdfium runs on a thread of this process.
 pub fn start_renderer() -> Result<quire_render::PdfRenderer, quire_render::RenderError> {
-    let n = *RENDER_PROCS.get().unwrap_or(&1);
-    if n <= 1 {
+    let (n, timeout) = *RENDER_PROCS.get().unwrap_or(&(0, None));
+    if n == 0 {
         return quire_render::PdfRenderer::start(1);
     }
     let exe = std::env::current_exe()
         .map_err(|e| quire_render::RenderError::new(quire_render::ErrorKind::Io, format!("cannot find the quire executable: {e}")))?;
-    quire_render::PdfRenderer::start_processes(n, &exe, &[])
+    quire_render::PdfRenderer::start_processes_with(n, &exe, &[], timeout)
 }
 
 fn main() -> std::process::ExitCode {
@@ -42,9 +43,10 @@ fn main() -> std::process::ExitCode {
         std::process::exit(code);
     }
     let cli = cli::Cli::parse();
-    let _ = RENDER_PROCS.set(cli.render_procs.map(|n| n as usize).unwrap_or_else(|| {
+    let timeout = (cli.page_timeout_s > 0).then(|| std::time::Duration::from_secs(cli.page_timeout_s));
+    let _ = RENDER_PROCS.set((cli.render_procs.map(|n| n as usize).unwrap_or_else(|| {
         std::thread::available_parallelism().map(|n| n.get().min(4)).unwrap_or(1)
-    }));
+    }), timeout));
     let filter = match cli.verbose {
         0 => "quire=info,quire_pipeline=info,warn",
         1 => "quire=debug,quire_pipeline=debug,info",
