@@ -5,6 +5,7 @@
 #
 #   benches/dist/overhead.sh [REPS]          # default 3 repetitions, alternating
 #   COPIES=5 WORKER_SLOTS=2 PROFILE=dev benches/dist/overhead.sh 5
+#   STORE=local ... benches/dist/overhead.sh   # inputs and results in local folders, no S3
 #
 # Corpus: the real Debian manuals of benches/render/bench.sh (661 pages),
 # fetched into BENCH_DIR (default /root/bench-pdfs). Same parallelism on both
@@ -62,7 +63,8 @@ for r in $(seq "$reps"); do
   /usr/bin/time -f '%U %S' -o "$WORK/emb$r.time" "$QUIRE" --render-procs 2 run "$WORK/in" --out "$WORK/emb" --job "e$r" --engine text-layer --quiet >/dev/null 2>"$WORK/emb$r.log"
   t1=$(date +%s.%N)
   before=($(cpu_all))
-  /usr/bin/time -f '%U %S' -o "$WORK/coord$r.time" "$QUIRE" coordinator --nats "$NATS_URL" --input "s3://$BUCKET/in" --out "s3://$BUCKET/out" --job "d$r" \
+  if [ "${STORE:-s3}" = local ]; then din="$WORK/in" dout="$WORK/dist"; else din="s3://$BUCKET/in" dout="s3://$BUCKET/out"; fi
+  /usr/bin/time -f '%U %S' -o "$WORK/coord$r.time" "$QUIRE" coordinator --nats "$NATS_URL" --input "$din" --out "$dout" --job "d$r" \
     --engine text-layer --wait >"$WORK/dist$r.json" 2>"$WORK/dist$r.log"
   t2=$(date +%s.%N)
   after=($(cpu_all))

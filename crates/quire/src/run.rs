@@ -144,14 +144,14 @@ pub fn check_job_name(job: &str) -> Result<(), String> {
 
 /// A progress bar on a terminal, a log line every 10 s otherwise.
 struct Shower {
-    stop: Arc<std::sync::atomic::AtomicBool>,
+    /// Dropped to stop the thread at once (it redraws every 200 ms otherwise).
+    stop: Option<std::sync::mpsc::Sender<()>>,
     handle: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Shower {
     fn start(p: Arc<Progress>, quiet: bool) -> Shower {
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = stop.clone();
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
         let tty = std::io::stderr().is_terminal() && !quiet;
         let handle = std::thread::spawn(move || {
             let bar = ProgressBar::with_draw_target(Some(0), if tty { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() });
@@ -161,8 +161,8 @@ impl Shower {
             );
             let mut last_log = Instant::now();
             let t0 = Instant::now();
+            let mut done = false;
             loop {
-                let done = flag.load(Ordering::Relaxed);
                 let planned = Progress::get(&p.pages_planned).saturating_sub(Progress::get(&p.pages_skipped));
                 let settled = Progress::get(&p.pages_ok) + Progress::get(&p.pages_failed);
                 bar.set_length(planned);
@@ -179,14 +179,15 @@ impl Shower {
                     bar.finish_and_clear();
                     return;
                 }
-                std::thread::sleep(Duration::from_millis(200));
+                // One last redraw once stopped, without waiting out the period.
+                done = matches!(stopped.recv_timeout(Duration::from_millis(200)), Err(std::sync::mpsc::RecvTimeoutError::Disconnected) | Ok(()));
             }
         });
-        Shower { stop, handle: Some(handle) }
+        Shower { stop: Some(stop), handle: Some(handle) }
     }
 
     fn stop(mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        drop(self.stop.take());
         if let Some(h) = self.handle.take() {
             let _ = h.join();
         }
