@@ -183,6 +183,26 @@ impl Idefics3 {
         Ok(Prepared { prompt, input_ids, image: img })
     }
 
+    /// [`Self::prepare`] for every request, spread over the CPU cores (resizing and tiling
+    /// large pages is CPU work that would otherwise keep the device waiting).
+    pub fn prepare_all(&self, reqs: &[Request]) -> Result<Vec<Prepared>> {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(reqs.len());
+        if threads <= 1 {
+            return reqs.iter().map(|r| self.prepare(&r.image, &r.prompt)).collect();
+        }
+        std::thread::scope(|s| {
+            let handles: Vec<_> = reqs
+                .chunks(reqs.len().div_ceil(threads))
+                .map(|c| s.spawn(move || c.iter().map(|r| self.prepare(&r.image, &r.prompt)).collect::<Result<Vec<_>>>()))
+                .collect();
+            let mut out = Vec::with_capacity(reqs.len());
+            for h in handles {
+                out.extend(h.join().map_err(|_| anyhow::anyhow!("preparing an image panicked"))??);
+            }
+            Ok(out)
+        })
+    }
+
     pub fn tokenizer(&self) -> &TextTokenizer {
         &self.tokenizer
     }
@@ -262,7 +282,7 @@ impl Idefics3 {
 
     /// First-step logits (f32, vocab) for each request; used by the parity tests.
     pub fn prefill_logits(&mut self, reqs: &[Request]) -> Result<Vec<Vec<f32>>> {
-        let preps = reqs.iter().map(|r| self.prepare(&r.image, &r.prompt)).collect::<Result<Vec<_>>>()?;
+        let preps = self.prepare_all(reqs)?;
         self.text.set_cache_capacity(0);
         let logits = self.prefill(&preps)?;
         self.text.clear_cache();
@@ -311,7 +331,7 @@ impl Idefics3 {
         if reqs.is_empty() {
             return Ok(vec![]);
         }
-        let preps = reqs.iter().map(|r| self.prepare(&r.image, &r.prompt)).collect::<Result<Vec<_>>>()?;
+        let preps = self.prepare_all(reqs)?;
         let b = preps.len();
         let max_len = preps.iter().map(|p| p.input_ids.len()).max().unwrap_or(0);
         let pads: Vec<usize> = preps.iter().map(|p| max_len - p.input_ids.len()).collect();
