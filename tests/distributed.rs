@@ -441,6 +441,26 @@ fn coordinator_and_two_workers_process_a_bucket_exactly_once() {
         "{again}"
     );
 
+    // --force redoes the job at once, although the queue saw the same task
+    // ids moments ago; results are replaced, not duplicated.
+    let mut args = vec!["coordinator", "--nats", &nats_url];
+    args.extend(job_args);
+    args.extend(["--force", "--wait", "--poll-ms", "600000"]);
+    let forced = run_quire(&endpoint, &args, Duration::from_secs(60));
+    assert_eq!(forced.status.code(), Some(3), "{}", String::from_utf8_lossy(&forced.stderr));
+    let forced: Value = serde_json::from_slice(&forced.stdout).unwrap();
+    assert_eq!(
+        (forced["published"].as_u64(), forced["duplicates"].as_u64()),
+        (Some(3), Some(0)),
+        "{forced}"
+    );
+    rt.block_on(async {
+        assert_eq!(store.list("out/dist/results/").await.unwrap().len() as u64, tasks);
+        let m: Value = serde_json::from_slice(&store.get("out/dist/manifest.json").await.unwrap().unwrap()).unwrap();
+        assert_eq!(m["counts"]["records"].as_u64(), Some(recs.len() as u64));
+        assert!(m["throughput"]["pages_per_second"].as_f64().unwrap() > 0.0, "pages were redone: {m}");
+    });
+
     // A task no worker can run (its model is not loaded anywhere) is
     // handed back until it runs out of deliveries, then dead-lettered; the
     // job still finishes, and says so.

@@ -214,6 +214,11 @@ pub struct TaskSpec {
     /// publishes only the rest. A fresh job skips those look-ups.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub check_stored: bool,
+    /// Set by a forced submission (`--force`) and passed on to the page-range tasks of a split:
+    /// the queue's duplicate detection then tells this submission's tasks apart from earlier
+    /// ones with the same ids instead of dropping them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub submission: Option<String>,
 }
 
 impl TaskSpec {

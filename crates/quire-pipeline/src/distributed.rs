@@ -390,6 +390,9 @@ pub async fn submit(o: &CoordinatorOptions, queue: &JetStreamQueue, store: &dyn 
     };
     // Workers look for stored page-range results only where some may exist.
     let check_stored = !o.force && !(done.is_empty() && split.is_empty());
+    // A forced submission redoes tasks the queue may have seen within its
+    // duplicate window: its own tag keeps them from being dropped.
+    let submission = o.force.then(|| format!("force-{:x}", SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos()));
     let mut sub = Submitted::default();
     let mut plan = PlanWriter { store, job: job.clone(), part: 0, buf: Vec::new(), lines: 0 };
     let mut publisher = queue.publisher(PUBLISH_WINDOW);
@@ -419,6 +422,7 @@ pub async fn submit(o: &CoordinatorOptions, queue: &JetStreamQueue, store: &dyn 
             sub.documents += 1;
             let mut doc = document_task(&planner.settings, &planner.fingerprint, &src);
             doc.check_stored = check_stored;
+            doc.submission = submission.clone();
             plan.push(&PlanLine { task_id: doc.task_id.clone(), uri: src.uri.clone(), rel: src.rel.clone() }).await?;
             if done.contains(&doc.task_id) {
                 sub.skipped += 1;

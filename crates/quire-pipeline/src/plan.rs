@@ -19,6 +19,7 @@ pub fn plan_tasks(settings: &JobSettings, fingerprint: &str, src: &SourceRef, pr
         last,
         unit_count: count,
         check_stored: false,
+        submission: None,
     };
     match probe {
         Err(_) => vec![make(UnitKind::Unreadable, 1, 1, 0)],

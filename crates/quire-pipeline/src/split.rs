@@ -23,6 +23,7 @@ pub fn document_task(settings: &JobSettings, fingerprint: &str, src: &SourceRef)
         last: 0,
         unit_count: 0,
         check_stored: false,
+        submission: None,
     }
 }
 
@@ -65,6 +66,9 @@ pub enum Opened {
 pub fn open_document(doc: &TaskSpec, probe: &Result<quire_render::Probe, quire_render::RenderError>) -> Opened {
     let fp = settings_fingerprint(&doc.settings);
     let mut tasks = plan_tasks(&doc.settings, &fp, &doc.source, probe);
+    for t in &mut tasks {
+        t.submission = doc.submission.clone();
+    }
     if tasks.len() <= 1 {
         let mut t = tasks.pop().unwrap_or_else(|| TaskSpec {
             // An object with no pages at all still gets its one record.

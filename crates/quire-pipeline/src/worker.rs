@@ -488,6 +488,7 @@ mod tests {
             last: 1,
             unit_count: 1,
             check_stored: false,
+            submission: None,
         };
         queue.publish(&task).await.unwrap();
         let dir = tempfile::tempdir().unwrap();

@@ -27,7 +27,10 @@
 //! window costs server memory per id, so it is not meant to span days: a job
 //! re-submitted days later is deduplicated by the pipeline checking stored
 //! results before publishing; the window is the second guard against two
-//! coordinators planning the same job at once. Caveats: a dead-lettered task
+//! coordinators planning the same job at once. A forced submission
+//! (`coordinator --force`) tags its tasks ([`TaskSpec::submission`]), and the
+//! tag joins the id, so it is not dropped as a repeat of an earlier
+//! submission. Caveats: a dead-lettered task
 //! re-published within the window is dropped as a duplicate; after a server
 //! restart the window only remembers ids of tasks still in the stream (the
 //! server rebuilds it from the stored messages), so an acked task can be
@@ -675,7 +678,10 @@ impl JetStreamQueue {
         // Dedup is stream-wide: the id names the job too, since two jobs may
         // share task ids (the job name does not change what a task outputs)
         // while each needs its own results.
-        let msg_id = format!("{}/{}", subject_token(&task.settings.job), task.task_id);
+        let mut msg_id = format!("{}/{}", subject_token(&task.settings.job), task.task_id);
+        if let Some(s) = &task.submission {
+            msg_id = format!("{msg_id}/{s}");
+        }
         let publish = jetstream::message::PublishMessage::build()
             .message_id(msg_id)
             .payload(body.into());
@@ -1077,6 +1083,7 @@ mod tests {
             last: 4,
             unit_count: 4,
             check_stored: false,
+            submission: None,
         }
     }
 

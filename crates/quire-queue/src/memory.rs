@@ -238,6 +238,7 @@ mod tests {
             last: 1,
             unit_count: 1,
             check_stored: false,
+            submission: None,
         }
     }
 
