@@ -354,27 +354,8 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn document_tasks_are_split_into_quire_run_tasks_or_run_whole() {
-        let Ok(pdf) = quire_render::PdfRenderer::start(1) else {
-            panic!("libpdfium is needed: run scripts/setup-pdfium.sh and export QUIRE_PDFIUM");
-        };
-        let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/docs");
-        let mut s = JobSettings::new("j");
-        s.pages_per_task = 2;
-        s.engine = quire_core::Engine::TextLayer;
-        let fp = quire_core::settings_fingerprint(&s);
-        let src = |name: &str| {
-            let p = docs.join(name);
-            SourceRef { uri: p.to_string_lossy().into(), rel: name.into(), size: std::fs::metadata(&p).unwrap().len(), version: "1".into() }
-        };
-        let queue = MemoryQueue::new(QueueOptions { ack_wait: Duration::from_secs(60), max_deliver: 3 });
-        let big = crate::split::document_task(&s, &fp, &src("born_digital.pdf")); // 3 pages
-        let small = crate::split::document_task(&s, &fp, &src("image.png"));
-        queue.publish(&big).await.unwrap();
-        queue.publish(&small).await.unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn BlobStore> = Arc::new(LocalStore::new(dir.path()));
+    /// Runs one worker over `queue` until no task is left, then stops it.
+    async fn run_until_drained(queue: &MemoryQueue, store: &Arc<dyn BlobStore>, pdf: quire_render::PdfRenderer) {
         let (abort_tx, abort_rx) = watch::channel(false);
         let w = Worker {
             queue: Arc::new(queue.clone()),
@@ -396,6 +377,30 @@ mod tests {
         abort_tx.send_replace(true);
         queue.close();
         h.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn document_tasks_are_split_into_quire_run_tasks_or_run_whole() {
+        let Ok(pdf) = quire_render::PdfRenderer::start(1) else {
+            panic!("libpdfium is needed: run scripts/setup-pdfium.sh and export QUIRE_PDFIUM");
+        };
+        let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/docs");
+        let mut s = JobSettings::new("j");
+        s.pages_per_task = 2;
+        s.engine = quire_core::Engine::TextLayer;
+        let fp = quire_core::settings_fingerprint(&s);
+        let src = |name: &str| {
+            let p = docs.join(name);
+            SourceRef { uri: p.to_string_lossy().into(), rel: name.into(), size: std::fs::metadata(&p).unwrap().len(), version: "1".into() }
+        };
+        let queue = MemoryQueue::new(QueueOptions { ack_wait: Duration::from_secs(60), max_deliver: 3 });
+        let big = crate::split::document_task(&s, &fp, &src("born_digital.pdf")); // 3 pages
+        let small = crate::split::document_task(&s, &fp, &src("image.png"));
+        queue.publish(&big).await.unwrap();
+        queue.publish(&small).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn BlobStore> = Arc::new(LocalStore::new(dir.path()));
+        run_until_drained(&queue, &store, pdf).await;
         // The 3-page PDF: a split record and the two tasks quire run plans.
         let split: crate::split::Split =
             serde_json::from_slice(&store.get(&split_key("j", &big.task_id)).await.unwrap().expect("split stored")).unwrap();
@@ -443,27 +448,7 @@ mod tests {
             }
             let queue = MemoryQueue::new(QueueOptions { ack_wait: Duration::from_secs(60), max_deliver: 3 });
             queue.publish(&doc).await.unwrap();
-            let (abort_tx, abort_rx) = watch::channel(false);
-            let w = Worker {
-                queue: Arc::new(queue.clone()),
-                stores: Arc::new(OneStore(store.clone())),
-                fetch: Arc::new(LocalFetch),
-                ctx: ProcessContext { pdf: pdf.clone(), model: None, model_long_side: None },
-                progress: Arc::new(Progress::default()),
-                heartbeat: Duration::from_secs(10),
-                admit: None,
-                observer: None,
-                abort: Some(abort_rx),
-            };
-            let h = tokio::spawn(async move { w.run().await });
-            let t0 = Instant::now();
-            while queue.outstanding() > 0 {
-                assert!(t0.elapsed() < Duration::from_secs(30), "work did not finish");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            abort_tx.send_replace(true);
-            queue.close();
-            h.await.unwrap().unwrap();
+            run_until_drained(&queue, &store, pdf.clone()).await;
             let first = store.get(&results_key(job, &parts[0].task_id)).await.unwrap().unwrap();
             let looked = check_stored || split_before;
             assert_eq!(first == b"stored earlier\n", looked, "{job}: pages 1-2 {}", if looked { "kept" } else { "run (a fresh job looks nothing up)" });
