@@ -140,22 +140,16 @@ CHECKPOINTS = {
                                   do_image_splitting=True, resample=3),
         tie=False, layout="sharded", eos=["<end_of_utterance>"],
     ),
-    # The small new-layout model again, with a generation_config.json that sets what greedy
-    # generate() applies by default: repetition_penalty, no_repeat_ngram_size, max_new_tokens
-    # (the default length), bad_words_ids, suppress_tokens; plus do_sample/temperature, which
-    # a greedy call overrides. The reference is generate(do_sample=False) with no length given.
-    "genconf_penalties": dict(
-        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                    image_size=32, patch_size=8),
-        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 100000.0}),
-        scale_factor=2, proc=dict(size={"longest_edge": 64}, max_image_size={"longest_edge": 32},
-                                  do_image_splitting=True),
-        tie=False, layout="new", eos=["<end_of_utterance>"],
-        generation=dict(repetition_penalty=1.3, no_repeat_ngram_size=3, max_new_tokens=24,
-                        do_sample=True, temperature=0.7, top_k=20),
-    ),
 }
+# The small new-layout model again, with a generation_config.json that sets what greedy
+# generate() applies by default: repetition_penalty, no_repeat_ngram_size, max_new_tokens
+# (the default length), bad_words_ids, suppress_tokens; plus do_sample/temperature, which
+# a greedy call overrides. The reference is generate(do_sample=False) with no length given.
+CHECKPOINTS["genconf_penalties"] = dict(
+    CHECKPOINTS["split_sf2_gqa"],
+    generation=dict(repetition_penalty=1.3, no_repeat_ngram_size=3, max_new_tokens=24,
+                    do_sample=True, temperature=0.7, top_k=20),
+)
 
 PROMPTS = ["Convert this page to docling.", "Describe this image in one sentence."]
 

@@ -687,13 +687,13 @@ pub async fn wait_and_finish(
                     events = None;
                 }
                 Ok(Some(TaskEvent::Done { task_id, records })) => {
-                    if let Some(r) = records {
-                        if kept_bytes + r.len() <= KEEP_RECORDS_MAX {
-                            kept_bytes += r.len();
-                            if let Some(old) = kept.insert(task_id.clone(), r.into_bytes()) {
-                                kept_bytes -= old.len();
-                            }
-                        }
+                    // Only the latest copy stands (a redelivered task wrote its results again).
+                    if let Some(old) = kept.remove(&task_id) {
+                        kept_bytes -= old.len();
+                    }
+                    if let Some(r) = records.filter(|r| kept_bytes + r.len() <= KEEP_RECORDS_MAX) {
+                        kept_bytes += r.len();
+                        kept.insert(task_id.clone(), r.into_bytes());
                     }
                     open.remove(&task_id);
                     settled.insert(task_id);

@@ -122,8 +122,8 @@ pub async fn finish_job(store: &dyn BlobStore, o: JobOutcome<'_>) -> anyhow::Res
     let mut reads = futures_util::stream::iter(o.plan.iter())
         .map(|t| async move {
             match o.known_records.and_then(|k| k.get(&t.task_id)) {
-                Some(body) => (t, Ok(Some(body.clone()))),
-                None => (t, store.get(&results_key(job, &t.task_id)).await),
+                Some(body) => (t, Ok(Some(std::borrow::Cow::Borrowed(body.as_slice())))),
+                None => (t, store.get(&results_key(job, &t.task_id)).await.map(|b| b.map(std::borrow::Cow::Owned))),
             }
         })
         .buffered(READ_AHEAD);

@@ -354,20 +354,25 @@ mod tests {
         }
     }
 
-    /// Runs one worker over `queue` until no task is left, then stops it.
-    async fn run_until_drained(queue: &MemoryQueue, store: &Arc<dyn BlobStore>, pdf: quire_render::PdfRenderer) {
-        let (abort_tx, abort_rx) = watch::channel(false);
-        let w = Worker {
+    /// A text-layer worker over `queue` that stops when `abort` says so.
+    fn worker(queue: &MemoryQueue, store: Arc<dyn BlobStore>, fetch: Arc<dyn Fetch>, pdf: quire_render::PdfRenderer, abort: watch::Receiver<bool>) -> Worker {
+        Worker {
             queue: Arc::new(queue.clone()),
-            stores: Arc::new(OneStore(store.clone())),
-            fetch: Arc::new(LocalFetch),
+            stores: Arc::new(OneStore(store)),
+            fetch,
             ctx: ProcessContext { pdf, model: None, model_long_side: None },
             progress: Arc::new(Progress::default()),
             heartbeat: Duration::from_secs(10),
             admit: None,
             observer: None,
-            abort: Some(abort_rx),
-        };
+            abort: Some(abort),
+        }
+    }
+
+    /// Runs one worker over `queue` until no task is left, then stops it.
+    async fn run_until_drained(queue: &MemoryQueue, store: &Arc<dyn BlobStore>, pdf: quire_render::PdfRenderer) {
+        let (abort_tx, abort_rx) = watch::channel(false);
+        let w = worker(queue, store.clone(), Arc::new(LocalFetch), pdf, abort_rx);
         let h = tokio::spawn(async move { w.run().await });
         let t0 = Instant::now();
         while queue.outstanding() > 0 {
@@ -479,17 +484,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (started_tx, mut started) = tokio::sync::mpsc::channel(1);
         let (abort_tx, abort_rx) = watch::channel(false);
-        let w = Worker {
-            queue: Arc::new(queue.clone()),
-            stores: Arc::new(OneStore(Arc::new(LocalStore::new(dir.path())))),
-            fetch: Arc::new(Stuck(started_tx)),
-            ctx: ProcessContext { pdf, model: None, model_long_side: None },
-            progress: Arc::new(Progress::default()),
-            heartbeat: Duration::from_secs(10),
-            admit: None,
-            observer: None,
-            abort: Some(abort_rx),
-        };
+        let w = worker(&queue, Arc::new(LocalStore::new(dir.path())), Arc::new(Stuck(started_tx)), pdf, abort_rx);
         let h = tokio::spawn(async move { w.run().await });
         started.recv().await.unwrap();
         abort_tx.send_replace(true);
