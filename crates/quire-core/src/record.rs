@@ -106,6 +106,13 @@ pub struct Record {
     pub height: u32,
     pub timings_ms: Timings,
     pub error: Option<ErrorInfo>,
+    /// The WebDataset key of an archive member (its path up to the first dot of its base name);
+    /// `null` for plain files.
+    #[serde(default)]
+    pub key: Option<String>,
+    /// The member's path inside the archive named by `source`; `null` for plain files.
+    #[serde(default)]
+    pub member: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -261,6 +261,8 @@ mod tests {
             height: 0,
             timings_ms: Timings::default(),
             error: None,
+            key: None,
+            member: None,
         }
     }
 

@@ -292,6 +292,8 @@ fn to_record(task: &TaskSpec, s: &JobSettings, page_count: u32, u: Unit, ctx: &P
         height: u.height,
         timings_ms: Timings { render: round_ms(u.render_ms), infer: 0.0 },
         error: None,
+        key: None,
+        member: None,
     };
     let vlm_engine = s.engine == Engine::Vlm || (task.unit == UnitKind::Image && s.engine != Engine::TextLayer);
     match u.outcome.unwrap_or_else(|| failed(ErrorKind::Internal, "page was not processed")) {
