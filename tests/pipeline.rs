@@ -465,3 +465,74 @@ fn without_max_new_tokens_the_checkpoints_generation_config_decides() {
     let o = quire(&["run", input.to_str().unwrap(), "--out", tmp.path().to_str().unwrap(), "--max-new-tokens", "0"]);
     assert_eq!(code(&o), 2, "--max-new-tokens 0 is a usage error");
 }
+
+/// A small tmpfs, unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// `None` when this process may not mount (not root).
+    fn mount(dir: &Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(dir).status().is_ok_and(|s| s.success());
+        ok.then(|| Tmpfs(dir.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_stops_the_run_with_a_clear_error_and_a_rerun_completes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("in");
+    std::fs::create_dir(&input).unwrap();
+    copy_into(&input, &["born_digital.pdf", "mixed.pdf"]);
+    let Some(fs) = Tmpfs::mount(&tmp.path().join("small"), "1m") else {
+        assert!(!is_root(), "root could not mount a tmpfs");
+        eprintln!("skipped: mounting a small tmpfs needs root (CI runs as root)");
+        return;
+    };
+    // Fill the file system, then leave a few KiB: enough for some results, not for all.
+    let filler = fs.0.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![b'x'; 4096];
+        while f.write_all(&block).is_ok() {}
+        let len = f.metadata().unwrap().len();
+        f.set_len(len - 12 * 1024).unwrap();
+    }
+    let out = fs.0.join("out");
+    let args = ["run", input.to_str().unwrap(), "--out", out.to_str().unwrap(), "--engine", "text-layer", "--job", "full", "--pages-per-task", "1"];
+    let o = quire(&args);
+    assert_eq!(code(&o), 1, "a full disk is an error of the output, exit 1");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("No space left on device") && err.contains("free some space"), "{err}");
+    // Nothing half-written is left behind: no temporary files, every result file whole.
+    for f in walk(&out) {
+        let name = f.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(!name.starts_with(".quire-tmp-"), "temporary file left: {f:?}");
+        if name.ends_with(".jsonl") {
+            let text = std::fs::read_to_string(&f).unwrap();
+            assert!(text.ends_with('\n'), "truncated result file {f:?}");
+            for line in text.lines() {
+                serde_json::from_str::<Value>(line).unwrap_or_else(|e| panic!("truncated record in {f:?}: {e}"));
+            }
+        }
+    }
+    std::fs::remove_file(&filler).unwrap();
+    let o = quire(&args);
+    assert_eq!(code(&o), 0, "after freeing space the rerun completes");
+    let recs = records(&out, "full");
+    let pages = manifest(&out, "full")["counts"]["pages_ok"].as_u64().unwrap();
+    assert_eq!(recs.len() as u64, pages);
+    assert!(recs.keys().filter(|(n, _)| n == "mixed.pdf").count() >= 2 && recs.keys().any(|(n, _)| n == "born_digital.pdf"));
+    drop(fs);
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}

@@ -11,7 +11,8 @@ use quire_queue::memory::MemoryQueue;
 use quire_queue::{QueueOptions, TaskQueue};
 use quire_store::inputs::{list_local, ListWarning, Listed};
 use quire_store::local::LocalStore;
-use quire_store::BlobStore;
+use quire_store::{BlobStore, StoreError};
+use tokio::sync::watch;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -36,10 +37,56 @@ pub struct RunSummary {
     pub manifest_path: String,
 }
 
+/// The output folder, stopping the run when it refuses a write for good (a full disk, a
+/// read-only file system, no permission): every other task would fail the same way, so the
+/// run ends at once with the reason instead of retrying and dead-lettering every task.
+struct OutputGuard {
+    inner: LocalStore,
+    stop: watch::Sender<bool>,
+    failure: std::sync::Mutex<Option<String>>,
+}
+
+#[async_trait::async_trait]
+impl BlobStore for OutputGuard {
+    async fn put(&self, key: &str, data: Vec<u8>) -> Result<(), StoreError> {
+        let r = self.inner.put(key, data).await;
+        if let Err(e @ StoreError::Permanent(_)) = &r {
+            let mut f = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+            f.get_or_insert_with(|| format!("writing {}: {e}", self.inner.locate(key)));
+            self.stop.send_replace(true);
+        }
+        r
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.get(key).await
+    }
+
+    async fn exists(&self, key: &str) -> Result<bool, StoreError> {
+        self.inner.exists(key).await
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        self.inner.list(prefix).await
+    }
+
+    fn locate(&self, key: &str) -> String {
+        self.inner.locate(key)
+    }
+}
+
+impl OutputGuard {
+    fn failure(&self) -> Option<String> {
+        self.failure.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
 /// Runs a whole job. Progress is reported through `progress` while it runs.
 pub async fn run_embedded(opts: RunOptions, progress: Arc<Progress>) -> anyhow::Result<RunSummary> {
     let started_at = SystemTime::now();
-    let store: Arc<dyn BlobStore> = Arc::new(LocalStore::new(&opts.out));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let guard = Arc::new(OutputGuard { inner: LocalStore::new(&opts.out), stop: stop_tx, failure: Default::default() });
+    let store: Arc<dyn BlobStore> = guard.clone();
     let queue = MemoryQueue::new(opts.queue);
     let heartbeat = (opts.queue.ack_wait / 3).max(Duration::from_millis(10));
     let mut workers = Vec::new();
@@ -53,7 +100,7 @@ pub async fn run_embedded(opts: RunOptions, progress: Arc<Progress>) -> anyhow::
             heartbeat,
             admit: None,
             observer: None,
-            abort: None,
+            abort: Some(stop_rx.clone()),
         };
         workers.push(tokio::spawn(async move { w.run().await }));
     }
@@ -68,6 +115,9 @@ pub async fn run_embedded(opts: RunOptions, progress: Arc<Progress>) -> anyhow::
         let root = input.clone();
         let lister = tokio::task::spawn_blocking(move || list_local(&root, tx));
         while let Some(item) = rx.recv().await {
+            if guard.failure().is_some() {
+                break;
+            }
             let src = match item {
                 Listed::Object(src) => src,
                 Listed::Warning(w) => {
@@ -100,12 +150,17 @@ pub async fn run_embedded(opts: RunOptions, progress: Arc<Progress>) -> anyhow::
                 queue.publish(&task).await?;
             }
         }
+        // A stopped run leaves the rest of the listing unread: let the lister end.
+        drop(rx);
         lister.await?;
     }
     progress.planning_done.store(true, std::sync::atomic::Ordering::Relaxed);
     queue.close();
     for w in workers {
         w.await??;
+    }
+    if let Some(why) = guard.failure() {
+        anyhow::bail!("{why}; the job stopped, and running the same command again resumes it");
     }
     let dead = queue.dead_letters();
     let pages_this_run = Progress::get(&progress.pages_ok) + Progress::get(&progress.pages_failed);

@@ -28,11 +28,17 @@ impl LocalStore {
     }
 }
 
+/// Output files get the usual `0666 & !umask` (0644 with the common umask 022), as any other
+/// program's files would: a temporary file alone would be 0600, readable by nobody else.
 fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
     let dir = path.parent().expect("keys have a parent");
     std::fs::create_dir_all(dir)?;
-    let mut tmp = tempfile::Builder::new().prefix(".quire-tmp-").tempfile_in(dir)?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".quire-tmp-")
+        .permissions(std::fs::Permissions::from_mode(0o666))
+        .tempfile_in(dir)?;
     tmp.write_all(data)?;
     tmp.as_file().sync_data()?;
     tmp.persist(path).map_err(|e| e.error)?;
@@ -102,6 +108,22 @@ impl BlobStore for LocalStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn umask() -> u32 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find_map(|l| l.strip_prefix("Umask:")).expect("Umask in /proc/self/status");
+        u32::from_str_radix(line.trim(), 8).unwrap()
+    }
+
+    #[tokio::test]
+    async fn written_files_follow_the_umask_like_other_programs_files() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let s = LocalStore::new(dir.path());
+        s.put("job/results/a.jsonl", b"one".to_vec()).await.unwrap();
+        let mode = std::fs::metadata(dir.path().join("job/results/a.jsonl")).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o666 & !umask(), "a result file must be readable as the umask allows, not 0600");
+    }
 
     #[tokio::test]
     async fn put_get_list_and_refuse_escapes() {
