@@ -119,17 +119,24 @@ fn wait_listening(p: &mut Proc, port: u16, what: &str) {
 }
 
 fn start_nats(dir: &Path) -> (Proc, String) {
+    let port = free_port();
+    (start_nats_at(dir, port, &[]), format!("nats://127.0.0.1:{port}"))
+}
+
+/// nats-server with JetStream (file storage under `dir/nats`) on `port`; `extra` arguments
+/// (e.g. `--auth TOKEN`). Starting it again with the same `dir` and `port` is a broker restart.
+fn start_nats_at(dir: &Path, port: u16, extra: &[&str]) -> Proc {
     let bin = find_service(
         "QUIRE_NATS_SERVER",
         "nats-server",
         "nats-venv/bin/nats-server",
     );
-    let port = free_port();
     let mut p = Proc::spawn(
         "nats-server",
         Command::new(bin)
             .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-            .arg(dir.join("nats")),
+            .arg(dir.join("nats"))
+            .args(extra),
         dir,
     );
     let t0 = Instant::now();
@@ -142,12 +149,18 @@ fn start_nats(dir: &Path) -> (Proc, String) {
         std::thread::sleep(Duration::from_millis(50));
     }
     wait_listening(&mut p, port, "nats-server");
-    (p, format!("nats://127.0.0.1:{port}"))
+    p
 }
 
 fn start_garage(dir: &Path, bucket: &str) -> (Proc, String) {
-    let bin = find_service("QUIRE_GARAGE", "garage", "bin/garage");
     let (s3_port, rpc_port) = (free_port(), free_port());
+    (start_garage_at(dir, bucket, s3_port, rpc_port), format!("http://127.0.0.1:{s3_port}"))
+}
+
+/// Garage with its data under `dir/garage`; starting it again with the same folder and ports
+/// brings the store back after an outage.
+fn start_garage_at(dir: &Path, bucket: &str, s3_port: u16, rpc_port: u16) -> Proc {
+    let bin = find_service("QUIRE_GARAGE", "garage", "bin/garage");
     let d = dir.join("garage");
     std::fs::create_dir_all(&d).unwrap();
     let dd = d.display();
@@ -174,7 +187,7 @@ fn start_garage(dir: &Path, bucket: &str) -> (Proc, String) {
         dir,
     );
     wait_listening(&mut p, s3_port, "garage");
-    (p, format!("http://127.0.0.1:{s3_port}"))
+    p
 }
 
 fn s3_options(endpoint: &str, bucket: &str, prefix: &str) -> S3Options {
@@ -529,5 +542,388 @@ fn coordinator_and_two_workers_process_a_bucket_exactly_once() {
         assert!(status.success());
         let code = w.wait_for(Duration::from_secs(15));
         assert_eq!(code, Some(0), "worker exit after SIGTERM:\n{}", w.log());
+    }
+}
+
+/// Sends `sig` (`-9`, `-TERM`, ...) to a process.
+fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill").args([sig, &pid.to_string()]).status().unwrap().success();
+    assert!(ok, "kill {sig} {pid}");
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+/// A small deterministic generator (xorshift), seeded per run and printed so a failure can be
+/// replayed with `QUIRE_FAULT_SEED`.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+fn s3_store(rt: &tokio::runtime::Runtime, endpoint: &str, bucket: &str) -> S3Store {
+    rt.block_on(async {
+        let t0 = Instant::now();
+        loop {
+            match S3Store::new(s3_options(endpoint, bucket, "")).await {
+                Ok(s) => break s,
+                Err(e) if t0.elapsed() > Duration::from_secs(30) => panic!("garage not ready: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    })
+}
+
+/// Every record of a job's stored results, keyed by (source, page); a second record for the
+/// same page, or an object that does not parse to the end, fails the test.
+fn stored_records(rt: &tokio::runtime::Runtime, store: &S3Store, prefix: &str) -> BTreeMap<(String, u64), Value> {
+    rt.block_on(async {
+        let mut recs = BTreeMap::new();
+        for k in store.list(prefix).await.unwrap() {
+            let body = store.get(&k).await.unwrap().unwrap();
+            let text = String::from_utf8(body).unwrap();
+            assert!(text.ends_with('\n'), "partial object {k}");
+            for line in text.lines() {
+                let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("partial object {k}: {e}"));
+                let key = (v["source"].as_str().unwrap().to_string(), v["page"].as_u64().unwrap());
+                assert!(recs.insert(key.clone(), v).is_none(), "duplicate record {key:?}");
+            }
+        }
+        recs
+    })
+}
+
+/// The fault drill of the distributed mode, on loopback: a text-layer job whose pages are
+/// made slower than the lease (so only heartbeats keep them), while workers are killed with
+/// SIGKILL and restarted again and again, the broker is restarted, the coordinator is killed
+/// during `--wait` and started again, the S3 store goes away for a while, and one poison
+/// document kills every worker that starts it. The job must finish with exactly one record
+/// per page, the poison document dead-lettered and nothing else.
+///
+/// `QUIRE_FAULTS_LONG=1` is the long variant (100 kills, 10 s broker and 30 s store outages).
+#[test]
+fn kills_restarts_outages_and_a_poison_task_lose_and_duplicate_nothing() {
+    let long = std::env::var_os("QUIRE_FAULTS_LONG").is_some();
+    let (kills, broker_down, store_down) = if long { (100, 10, 30) } else { (20, 4, 8) };
+    // Between kills: a minimum and a random extra, in ms (QUIRE_FAULT_KILL_GAP_MS=MIN,EXTRA).
+    let kill_gap_ms: (u64, u64) = std::env::var("QUIRE_FAULT_KILL_GAP_MS")
+        .ok()
+        .and_then(|v| v.split_once(',').and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?))))
+        .unwrap_or((1000, 1500));
+    let seed = std::env::var("QUIRE_FAULT_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| unix_ms() | 1);
+    eprintln!("fault drill: seed {seed}, {kills} kills, broker down {broker_down}s, store down {store_down}s");
+    let mut rng = Rng(seed);
+    // QUIRE_KEEP_TMP=1 keeps the services' data and every process's log for a post-mortem.
+    let keep = std::env::var_os("QUIRE_KEEP_TMP").is_some();
+    let tmp = tempfile::Builder::new().prefix("quire-drill-").disable_cleanup(keep).tempdir().unwrap();
+    eprintln!("fault drill: files in {}", tmp.path().display());
+    let bucket = format!("quire-faults-{}", std::process::id());
+    let nats_port = free_port();
+    let mut nats = start_nats_at(tmp.path(), nats_port, &[]);
+    let nats_url = format!("nats://127.0.0.1:{nats_port}");
+    let (s3_port, rpc_port) = (free_port(), free_port());
+    let mut garage = start_garage_at(tmp.path(), &bucket, s3_port, rpc_port);
+    let endpoint = format!("http://127.0.0.1:{s3_port}");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let store = s3_store(&rt, &endpoint, &bucket);
+    let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/docs");
+    let copies = if long { 60 } else { 24 };
+    rt.block_on(async {
+        for i in 0..copies {
+            let name = if i % 2 == 0 { "born_digital.pdf" } else { "mixed.pdf" };
+            store.put(&format!("in/{i:03}-{name}"), std::fs::read(docs.join(name)).unwrap()).await.unwrap();
+        }
+        store.put("in/poison.pdf", std::fs::read(docs.join("born_digital.pdf")).unwrap()).await.unwrap();
+    });
+    let starts = tmp.path().join("starts.log");
+    let faults = format!("page_ms=2500,crash_source=poison.pdf,starts_log={}", starts.display());
+    let spawn_worker = |name: &str| {
+        let mut c = quire_cmd(&endpoint, &["worker", "--nats", &nats_url, "--workers", "2", "--render-procs", "1", "--grace-s", "2"]);
+        c.env("QUIRE_TEST_FAULTS", &faults);
+        Proc::spawn(name, &mut c, tmp.path())
+    };
+    let mut workers: Vec<Proc> = (0..3).map(|i| spawn_worker(&format!("w{i}-0"))).collect();
+    let mut spawned = 3;
+    let (input, out) = (format!("s3://{bucket}/in"), format!("s3://{bucket}/out"));
+    let coordinator_args = [
+        "coordinator", "--nats", &nats_url, "--input", &input, "--out", &out, "--job", "drill", "--engine", "text-layer",
+        "--pages-per-task", "1", "--ack-wait-s", "2", "--max-deliver", "8", "--wait", "--poll-ms", "1000",
+    ];
+    let mut coordinator = Proc::spawn("coordinator-0", &mut quire_cmd(&endpoint, &coordinator_args), tmp.path());
+
+    // Keeps three workers running: a worker the poison task killed is started again.
+    let keep_three = |workers: &mut Vec<Proc>, spawned: &mut usize, died: &mut Vec<(u32, u64)>| {
+        for w in workers.iter_mut() {
+            if w.child.as_mut().unwrap().try_wait().unwrap().is_some() {
+                died.push((w.pid(), unix_ms()));
+                *spawned += 1;
+                *w = spawn_worker(&format!("w-{spawned}"));
+            }
+        }
+    };
+    let t_start = Instant::now();
+    while !starts.exists() {
+        assert!(t_start.elapsed() < Duration::from_secs(60), "no task started:\n{}", coordinator.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // SIGKILL a random worker, again and again, restarting it each time.
+    let mut killed: Vec<(u32, u64)> = Vec::new();
+    // Workers the poison task crashed (their other running task is handed over too).
+    let mut died: Vec<(u32, u64)> = Vec::new();
+    for _ in 0..kills {
+        std::thread::sleep(Duration::from_millis(kill_gap_ms.0 + rng.below(kill_gap_ms.1)));
+        keep_three(&mut workers, &mut spawned, &mut died);
+        let i = rng.below(3) as usize;
+        let pid = workers[i].pid();
+        signal(pid, "-9");
+        killed.push((pid, unix_ms()));
+        let _ = workers[i].wait_for(Duration::from_secs(5));
+        spawned += 1;
+        workers[i] = spawn_worker(&format!("w{i}-{spawned}"));
+    }
+    let kills_done_ms = unix_ms();
+    // The broker stops and comes back on the same store.
+    signal(nats.pid(), "-TERM");
+    assert!(nats.wait_for(Duration::from_secs(15)).is_some(), "nats-server did not stop");
+    std::thread::sleep(Duration::from_secs(broker_down));
+    nats = start_nats_at(tmp.path(), nats_port, &[]);
+    // The waiting coordinator is killed and another one takes over the wait.
+    std::thread::sleep(Duration::from_secs(2));
+    keep_three(&mut workers, &mut spawned, &mut died);
+    signal(coordinator.pid(), "-9");
+    let _ = coordinator.wait_for(Duration::from_secs(5));
+    coordinator = Proc::spawn("coordinator-1", &mut quire_cmd(&endpoint, &coordinator_args), tmp.path());
+    // The store goes away; status says so instead of failing.
+    std::thread::sleep(Duration::from_secs(2));
+    signal(garage.pid(), "-TERM");
+    assert!(garage.wait_for(Duration::from_secs(15)).is_some(), "garage did not stop");
+    let st = run_quire(&endpoint, &["status", "drill", "--nats", &nats_url, "--out", &out, "--json"], Duration::from_secs(60));
+    assert_eq!(st.status.code(), Some(0), "status during a store outage");
+    let st: Value = serde_json::from_slice(&st.stdout).unwrap();
+    assert!(st["store_error"].is_string(), "status names the outage: {st}");
+    let t_down = Instant::now();
+    while t_down.elapsed() < Duration::from_secs(store_down) {
+        keep_three(&mut workers, &mut spawned, &mut died);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    garage = start_garage_at(tmp.path(), &bucket, s3_port, rpc_port);
+
+    // The job finishes by itself.
+    let code = loop {
+        if let Some(c) = coordinator.wait_for(Duration::from_millis(500)) {
+            break c;
+        }
+        keep_three(&mut workers, &mut spawned, &mut died);
+        assert!(t_start.elapsed() < Duration::from_secs(if long { 900 } else { 300 }), "the job did not finish:\n{}", coordinator.log());
+    };
+    let wall = t_start.elapsed().as_secs_f64();
+    let log = coordinator.log();
+    assert_eq!(code, 3, "the poison task is a failure of the job:\n{log}");
+
+    // Every dead letter of the job, with its reason (for the messages below).
+    let dead = rt.block_on(async {
+        let q = quire_queue::jetstream::JetStreamQueue::connect(quire_queue::jetstream::JetStreamOptions {
+            set_delivery_rules: false,
+            ..quire_queue::jetstream::JetStreamOptions::new(&nats_url)
+        })
+        .await
+        .unwrap();
+        eprintln!("lease in force: {:?}", q.options().queue.ack_wait);
+        q.dead_letters("drill").await.unwrap()
+    });
+    eprintln!("dead letters: {dead:#?}");
+    // Exactly one record per page of every document but the poison one.
+    let recs = stored_records(&rt, &store, "out/drill/results/");
+    for i in 0..copies {
+        let name = if i % 2 == 0 { "born_digital.pdf" } else { "mixed.pdf" };
+        let src = format!("{input}/{i:03}-{name}");
+        let pages: Vec<u64> = recs.keys().filter(|(s, _)| *s == src).map(|(_, p)| *p).collect();
+        assert_eq!(pages, vec![1, 2, 3], "{src}");
+    }
+    assert!(!recs.keys().any(|(s, _)| s.ends_with("poison.pdf")));
+    let m: Value = rt.block_on(async { serde_json::from_slice(&store.get("out/drill/manifest.json").await.unwrap().unwrap()).unwrap() });
+    assert_eq!(m["counts"]["records"].as_u64(), Some(recs.len() as u64), "{m}");
+    assert_eq!(m["counts"]["tasks_dead_lettered"].as_u64(), Some(1), "only the poison task is given up: {m}");
+    assert!(m["dead_lettered"][0]["source"].as_str().unwrap().ends_with("poison.pdf"), "{m}");
+
+    // Starts: (time, task, pid). A task runs twice only after its worker was killed (or once
+    // the broker restarted); heartbeats kept every slower-than-the-lease task on its worker.
+    let starts: Vec<(u64, String, u32)> = std::fs::read_to_string(&starts)
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            (f.len() == 4).then(|| (f[3].parse().unwrap(), f[0].to_string(), f[2].parse().unwrap()))
+        })
+        .collect();
+    let ended: BTreeMap<u32, u64> = killed.iter().chain(&died).copied().collect();
+    let poison = m["dead_lettered"][0]["task_id"].as_str().unwrap();
+    let mut by_task: BTreeMap<&str, Vec<(u64, u32)>> = BTreeMap::new();
+    for (t, task, pid) in starts.iter().filter(|s| s.1 != poison) {
+        by_task.entry(task).or_default().push((*t, *pid));
+    }
+    let mut recover = Vec::new();
+    for runs in by_task.values() {
+        for pair in runs.windows(2) {
+            let ((t0, pid0), (t1, _)) = (pair[0], pair[1]);
+            if t1 > kills_done_ms {
+                continue; // the broker restart and the outage may hand tasks over too
+            }
+            assert!(
+                ended.get(&pid0).is_some_and(|k| *k >= t0 && *k <= t1),
+                "a task was started again while its first worker was alive: {runs:?}"
+            );
+            if let Some(k) = killed.iter().find(|(p, _)| *p == pid0).map(|k| k.1) {
+                recover.push(t1.saturating_sub(k) as f64 / 1000.0);
+            }
+        }
+    }
+    recover.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let worst = recover.last().copied().unwrap_or(0.0);
+    eprintln!(
+        "fault drill: {wall:.1}s, {} starts of {} tasks, {} kills, {} workers started; time to take over a killed worker's task: median {:.1}s, worst {worst:.1}s over {} tasks",
+        starts.len(),
+        by_task.len(),
+        killed.len(),
+        spawned,
+        recover.get(recover.len() / 2).copied().unwrap_or(0.0),
+        recover.len(),
+    );
+    assert!(!recover.is_empty(), "the kills hit no running task: the drill proved nothing");
+    assert!(worst < 30.0, "a killed worker's task waited {worst:.1}s to be taken over");
+    drop(garage);
+    drop(nats);
+}
+
+/// Workers check every task message against its job's registration: a message that points
+/// at another output, at an input outside the job's, or at a job no coordinator registered is
+/// dead-lettered with the reason, and nothing is read or written for it. Meanwhile no secret
+/// (the NATS token, the S3 secret key) shows up in any log at the most verbose level, in the
+/// metrics or in any file of the job; and a worker with a wrong token is refused clearly.
+#[test]
+fn forged_task_messages_are_dead_lettered_and_secrets_stay_out_of_every_output() {
+    use quire_queue::TaskQueue;
+    const TOKEN: &str = "s3cr3t-nats-token-9f8e7d6c";
+    let tmp = tempfile::tempdir().unwrap();
+    let bucket = format!("quire-forged-{}", std::process::id());
+    let nats_port = free_port();
+    let _nats = start_nats_at(tmp.path(), nats_port, &["--auth", TOKEN]);
+    let nats_url = format!("nats://127.0.0.1:{nats_port}");
+    let (_garage, endpoint) = start_garage(tmp.path(), &bucket);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let store = s3_store(&rt, &endpoint, &bucket);
+    let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/docs");
+    rt.block_on(async {
+        store.put("in/born_digital.pdf", std::fs::read(docs.join("born_digital.pdf")).unwrap()).await.unwrap();
+        store.put("private/secret.pdf", std::fs::read(docs.join("mixed.pdf")).unwrap()).await.unwrap();
+    });
+    let metrics_port = free_port();
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
+    let mut wc = quire_cmd(&endpoint, &["worker", "--nats", &nats_url, "--render-procs", "1", "--metrics-addr", &metrics_addr]);
+    wc.env("QUIRE_NATS_TOKEN", TOKEN).env("QUIRE_LOG", "trace");
+    let worker = Proc::spawn("worker", &mut wc, tmp.path());
+
+    let (input, out) = (format!("s3://{bucket}/in"), format!("s3://{bucket}/out"));
+    let mut cc = quire_cmd(&endpoint, &[
+        "-vv", "coordinator", "--nats", &nats_url, "--input", &input, "--out", &out, "--job", "legit", "--engine", "text-layer", "--wait",
+    ]);
+    cc.env("QUIRE_NATS_TOKEN", TOKEN).env("QUIRE_LOG", "trace");
+    let legit = cc.output().unwrap();
+    assert_eq!(legit.status.code(), Some(0), "{}", String::from_utf8_lossy(&legit.stderr));
+
+    // Forged messages, published straight onto the queue by someone holding the token.
+    let (dead, queue) = rt.block_on(async {
+        let mut o = quire_queue::jetstream::JetStreamOptions::new(&nats_url);
+        o.auth.token = Some(TOKEN.into());
+        o.set_delivery_rules = false;
+        let q = quire_queue::jetstream::JetStreamQueue::connect(o).await.unwrap();
+        let forged = |job: &str, uri: &str, out: &str, id: char| {
+            let mut settings = quire_core::JobSettings::new(job);
+            settings.engine = quire_core::Engine::TextLayer;
+            settings.out = Some(out.into());
+            quire_core::TaskSpec {
+                task_id: id.to_string().repeat(32),
+                settings,
+                source: quire_core::SourceRef { uri: uri.into(), rel: "x.pdf".into(), size: 4286, version: "etag:".into() },
+                unit: quire_core::UnitKind::Document,
+                first: 1,
+                last: 1,
+                unit_count: 0,
+                check_stored: false,
+                submission: None,
+            }
+        };
+        let evil_out = format!("s3://{bucket}/evil");
+        for t in [
+            forged("legit", &format!("{input}/born_digital.pdf"), &evil_out, 'a'),
+            forged("legit", &format!("s3://{bucket}/private/secret.pdf"), &out, 'b'),
+            forged("legit", &format!("{input}/../private/secret.pdf"), &out, 'c'),
+            forged("ghost", &format!("{input}/born_digital.pdf"), &out, 'd'),
+        ] {
+            q.publish(&t).await.unwrap();
+        }
+        let t0 = Instant::now();
+        loop {
+            let mut dead = q.dead_letters("legit").await.unwrap();
+            dead.extend(q.dead_letters("ghost").await.unwrap());
+            if dead.len() >= 4 || t0.elapsed() > Duration::from_secs(30) {
+                break (dead, q);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    let reasons: BTreeMap<String, String> = dead.iter().map(|d| (d.task_id[..1].to_string(), d.reason.clone())).collect();
+    assert_eq!(reasons.len(), 4, "every forged task is dead-lettered: {dead:?}\n{}", worker.log());
+    assert!(reasons["a"].contains("output") && reasons["a"].contains("evil"), "{reasons:?}");
+    assert!(reasons["b"].contains("input") && reasons["b"].contains("private/secret.pdf"), "{reasons:?}");
+    assert!(reasons["c"].contains("input"), "{reasons:?}");
+    assert!(reasons["d"].contains("not registered"), "{reasons:?}");
+    rt.block_on(async {
+        assert!(store.list("evil/").await.unwrap().is_empty(), "nothing is written where a forged task points");
+        let results = store.list("out/legit/results/").await.unwrap();
+        assert!(results.iter().all(|k| !k.contains("aaaa") && !k.contains("bbbb") && !k.contains("cccc")), "{results:?}");
+        assert!(store.list("out/ghost/").await.unwrap().is_empty());
+    });
+    drop(queue);
+
+    // A worker with a wrong token is refused, and says why.
+    let mut bad = quire_cmd(&endpoint, &["worker", "--nats", &nats_url]);
+    bad.env("QUIRE_NATS_TOKEN", "wrong-token");
+    let t0 = Instant::now();
+    let mut bad = Proc::spawn("bad-worker", &mut bad, tmp.path());
+    let code = bad.wait_for(Duration::from_secs(30));
+    assert!(matches!(code, Some(c) if c != 0), "a worker with a wrong token must exit with an error: {:?}\n{}", code, bad.log());
+    assert!(bad.log().to_lowercase().contains("authoriz"), "the error says the credentials were refused:\n{}", bad.log());
+    eprintln!("wrong token refused after {:.1}s", t0.elapsed().as_secs_f64());
+
+    // No secret anywhere: logs at trace level, stdout, /metrics, every object of the job.
+    let wlog = worker.log();
+    assert!(wlog.contains("TRACE") && wlog.matches("refusing the task for good").count() == 4, "{wlog}");
+    let metrics = http_get(metrics_port, "/metrics");
+    assert!(metrics.contains(r#"quire_tasks_total{outcome="rejected"} 4"#), "{metrics}");
+    let mut texts = vec![
+        ("worker log".to_string(), worker.log()),
+        ("coordinator stderr".into(), String::from_utf8_lossy(&legit.stderr).into_owned()),
+        ("coordinator stdout".into(), String::from_utf8_lossy(&legit.stdout).into_owned()),
+        ("metrics".into(), metrics),
+    ];
+    rt.block_on(async {
+        for k in store.list("out/").await.unwrap() {
+            let body = store.get(&k).await.unwrap().unwrap();
+            texts.push((k, String::from_utf8_lossy(&body).into_owned()));
+        }
+    });
+    assert!(texts.iter().any(|(k, _)| k.ends_with("job.json")) && texts.iter().any(|(k, _)| k.ends_with("manifest.json")));
+    for (what, text) in &texts {
+        for secret in [TOKEN, SECRET_KEY] {
+            assert!(!text.contains(secret), "a secret appears in {what}");
+        }
     }
 }

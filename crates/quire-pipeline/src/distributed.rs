@@ -20,16 +20,17 @@ use crate::finish::{finish_job, parse_jsonl, JobOutcome, PagesThisRun, PlannedTa
 use crate::plan::Planner;
 use crate::split::{document_task, split_key, splits_prefix, Split};
 use crate::process::TaskFailure;
-use crate::worker::{Fetch, Fetched, ResultStores};
+use crate::worker::{Fetch, Fetched, ResultStores, Vetting};
 use anyhow::Context as _;
 use quire_core::{job_prefix, results_key, DeadLetter, JobSettings, Manifest, SourceRef, TaskSpec};
 use quire_queue::jetstream::{JetStreamOptions, JetStreamQueue, TaskEvents};
+use quire_queue::progress::{JobMeta, JobProgress};
 use quire_queue::TaskEvent;
 use quire_queue::QueueOptions;
 use quire_store::inputs::{list_local, ListWarning, Listed};
 use quire_store::local::LocalStore;
 use quire_store::s3::{self, S3Options, S3Store};
-use quire_store::BlobStore;
+use quire_store::{BlobStore, Retry, RetryingStore};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -45,6 +46,10 @@ pub struct S3Access {
     pub region: Option<String>,
     /// Path-style addressing (most S3-compatible services need it).
     pub path_style: bool,
+    /// How long transient faults of the output store and of input downloads are ridden out
+    /// (with backoff) before an operation fails: a store's bad minutes must not dead-letter
+    /// tasks or end a waiting coordinator.
+    pub retry: Retry,
 }
 
 impl S3Access {
@@ -72,14 +77,20 @@ pub fn is_s3(uri: &str) -> bool {
 
 /// Opens the output store named by `uri`: `s3://bucket/prefix` (the bucket
 /// is checked) or a folder.
+/// Every operation of the store retries transient faults for `access.retry`.
 pub async fn open_store(uri: &str, access: &S3Access) -> anyhow::Result<Arc<dyn BlobStore>> {
+    let retry = access.retry;
     if is_s3(uri) {
-        let store = S3Store::new(access.options(uri)?)
+        let opts = access.options(uri)?;
+        let client = s3::client(&opts).await;
+        let store = S3Store::from_client(client, &opts);
+        retry
+            .run(&format!("opening {uri}"), || store.check_bucket())
             .await
             .with_context(|| format!("opening {uri}"))?;
-        Ok(Arc::new(store))
+        Ok(Arc::new(RetryingStore { inner: store, retry }))
     } else {
-        Ok(Arc::new(LocalStore::new(uri)))
+        Ok(Arc::new(RetryingStore { inner: LocalStore::new(uri), retry }))
     }
 }
 
@@ -92,13 +103,15 @@ pub struct S3Fetch {
     pub client: aws_sdk_s3::Client,
     pub dir: PathBuf,
     pub cache_bytes: u64,
+    /// Transient download faults are retried this long before the task fails.
+    pub retry: Retry,
     /// Most recent first: (uri and version, size, file).
     cache: std::sync::Mutex<std::collections::VecDeque<(String, u64, Arc<tempfile::NamedTempFile>)>>,
 }
 
 impl S3Fetch {
     pub fn new(client: aws_sdk_s3::Client, dir: PathBuf, cache_bytes: u64) -> Self {
-        S3Fetch { client, dir, cache_bytes, cache: Default::default() }
+        S3Fetch { client, dir, cache_bytes, retry: Retry::default(), cache: Default::default() }
     }
 
     fn cached(&self, key: &str) -> Option<Arc<tempfile::NamedTempFile>> {
@@ -138,7 +151,9 @@ impl Fetch for S3Fetch {
         let f = match self.cached(&key) {
             Some(f) => f,
             None => {
-                let f = s3::fetch_to_file(&self.client, src, &self.dir)
+                let f = self
+                    .retry
+                    .run(&format!("fetching {}", src.uri), || s3::fetch_to_file(&self.client, src, &self.dir))
                     .await
                     .map_err(|e| TaskFailure(format!("fetching {}: {e}", src.uri)))?;
                 let f = Arc::new(f);
@@ -157,6 +172,10 @@ impl Fetch for S3Fetch {
 pub struct StoreCache {
     pub access: S3Access,
     stores: tokio::sync::Mutex<HashMap<String, Arc<dyn BlobStore>>>,
+    /// The coordinators' job registrations (`quire-jobs`): with it, a task is run only when
+    /// its job is registered and its input and output lie where the job's do.
+    pub jobs: Option<JobProgress>,
+    registered: tokio::sync::Mutex<HashMap<String, JobMeta>>,
 }
 
 impl StoreCache {
@@ -164,8 +183,53 @@ impl StoreCache {
         StoreCache {
             access,
             stores: Default::default(),
+            jobs: None,
+            registered: Default::default(),
         }
     }
+}
+
+/// Whether `uri` names `input` itself or something below it, without `..` climbing out. A
+/// brace pattern (`shard-{000..009}.tar`) admits what lies below the text before its brace.
+pub fn lies_under(uri: &str, input: &str) -> bool {
+    if uri.split(['/', '\\']).any(|part| part == "..") || uri.contains('\0') {
+        return false;
+    }
+    if uri == input {
+        return true;
+    }
+    let root = match input.find('{') {
+        Some(i) => &input[..i],
+        None => input,
+    };
+    if root.is_empty() {
+        return false;
+    }
+    if root != input || root.ends_with('/') {
+        return uri.starts_with(root);
+    }
+    uri.strip_prefix(root).is_some_and(|rest| rest.starts_with('/'))
+}
+
+/// Why a task from the queue must not be run, if it must not: its job is not registered by a
+/// coordinator, or its input or output is not the job's. Anyone who can publish to the task
+/// subjects could otherwise make workers read and write wherever their credentials reach.
+pub fn vet_task(task: &TaskSpec, meta: Option<&JobMeta>) -> Result<(), String> {
+    let job = &task.settings.job;
+    let Some(meta) = meta else {
+        return Err(format!("job {job:?} is not registered by a coordinator (no entry in the quire-jobs bucket)"));
+    };
+    if task.settings.out != meta.settings.out {
+        return Err(format!(
+            "the task's output {:?} is not its job's output {:?}",
+            task.settings.out.as_deref().unwrap_or(""),
+            meta.settings.out.as_deref().unwrap_or("")
+        ));
+    }
+    if !meta.inputs.iter().any(|i| lies_under(&task.source.uri, i)) {
+        return Err(format!("the task's input {:?} is not below any of its job's inputs {:?}", task.source.uri, meta.inputs));
+    }
+    Ok(())
 }
 
 #[async_trait::async_trait]
@@ -185,6 +249,30 @@ impl ResultStores for StoreCache {
             .map_err(|e| TaskFailure(format!("{e:#}")))?;
         map.insert(out.to_string(), s.clone());
         Ok(s)
+    }
+
+    async fn vet(&self, task: &TaskSpec) -> Vetting {
+        let Some(jobs) = &self.jobs else { return Vetting::Run };
+        let job = &task.settings.job;
+        let mut known = self.registered.lock().await;
+        let fits = |m: &JobMeta| vet_task(task, Some(m)).is_ok();
+        if !known.get(job).is_some_and(fits) {
+            // Not seen yet, or registered again since (a new submission may change inputs).
+            match jobs.meta(job).await {
+                Ok(Some(m)) => {
+                    known.insert(job.clone(), m);
+                }
+                Ok(None) => {
+                    known.remove(job);
+                }
+                // Unknown for now: not a reason to give the task up, nor to run it unchecked.
+                Err(e) => return Vetting::HandBack(format!("could not read the job's registration: {e}")),
+            }
+        }
+        match vet_task(task, known.get(job)) {
+            Ok(()) => Vetting::Run,
+            Err(why) => Vetting::Reject(why),
+        }
     }
 }
 
@@ -518,13 +606,37 @@ impl Ledger {
         })
     }
 
-    /// The state of every task; a split document whose own task was given
-    /// up on before all its parts were published counts its open parts as
-    /// given up too.
-    pub fn states(&self, present: &IdSet, dead: &IdSet) -> Vec<(PlannedTask, TaskState)> {
+    /// Dead letters for the parts [`Ledger::states`] counts as given up because their
+    /// document's task was, so that the manifest lists every task without results.
+    pub fn implied_dead(&self, states: &[(PlannedTask, TaskState)], dead: &[DeadLetter]) -> Vec<DeadLetter> {
+        let by_id: HashMap<&str, &DeadLetter> = dead.iter().map(|d| (d.task_id.as_str(), d)).collect();
+        let given_up: HashSet<&str> =
+            states.iter().filter(|(_, s)| *s == TaskState::Dead).map(|(t, _)| t.task_id.as_str()).collect();
         let mut out = Vec::new();
         for (d, tasks) in self.tasks() {
-            let doc_dead = dead.contains(&d.task_id);
+            let Some(doc) = by_id.get(d.task_id.as_str()) else { continue };
+            for t in tasks.iter().filter(|t| given_up.contains(t.task_id.as_str()) && !by_id.contains_key(t.task_id.as_str())) {
+                out.push(DeadLetter {
+                    task_id: t.task_id.clone(),
+                    source: d.uri.clone(),
+                    first: t.first,
+                    last: t.last,
+                    deliveries: 0,
+                    reason: format!("never ran: its document's task was given up on ({})", doc.reason),
+                });
+            }
+        }
+        out
+    }
+
+    /// The state of every task. A split document whose own task was given up on may have
+    /// left parts unpublished (it died between storing the split and publishing); such
+    /// parts count as given up too, but only once `queue_idle` (the queue holds no task of
+    /// the job): until then they may still be queued or running.
+    pub fn states(&self, present: &IdSet, dead: &IdSet, queue_idle: bool) -> Vec<(PlannedTask, TaskState)> {
+        let mut out = Vec::new();
+        for (d, tasks) in self.tasks() {
+            let doc_dead = queue_idle && dead.contains(&d.task_id);
             for t in tasks {
                 let st = if present.contains(&t.task_id) {
                     TaskState::Done
@@ -562,6 +674,10 @@ pub struct JobStatus {
     /// From the task rate since the submission; an unopened document counts as one task.
     pub eta_seconds: Option<f64>,
     pub finished: bool,
+    /// Set when the output store could not be read (an outage): the counts above then come
+    /// from the queue alone, or are unknown.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store_error: Option<String>,
 }
 
 async fn dead_ids(queue: Option<&JetStreamQueue>, job: &str) -> anyhow::Result<(IdSet, Vec<DeadLetter>)> {
@@ -591,7 +707,11 @@ pub async fn job_status(
     let (dead, _) = dead_ids(queue, job).await?;
     let mut st = JobStatus { job: job.to_string(), documents: ledger.docs.len() as u64, ..Default::default() };
     st.unopened = ledger.docs.iter().filter(|d| !ledger.splits.contains_key(&d.task_id) && !present.contains(&d.task_id)).count() as u64;
-    for (t, state) in ledger.states(&present, &dead) {
+    let queued = match queue {
+        Some(q) => Some(q.pending(job).await?),
+        None => None,
+    };
+    for (t, state) in ledger.states(&present, &dead, queued == Some(0)) {
         st.tasks += 1;
         match state {
             TaskState::Done => {
@@ -612,9 +732,7 @@ pub async fn job_status(
             TaskState::Open => st.pending += 1,
         }
     }
-    if let Some(q) = queue {
-        st.queued = Some(q.pending(job).await?);
-    }
+    st.queued = queued;
     st.finished = st.pending == 0;
     st.elapsed_seconds = (unix_now() - ledger.job.submitted_at).max(0.0);
     if st.elapsed_seconds > 0.0 {
@@ -661,13 +779,28 @@ pub async fn wait_and_finish(
     let (mut kept, mut kept_bytes) = (HashMap::<String, Vec<u8>>::new(), 0usize);
     let (states, dead) = loop {
         looks += 1;
-        ledger.refresh_splits(store).await?;
-        let present = results_present(store, job).await?;
-        let (dead_set, dead) = dead_ids(Some(queue), job).await?;
-        let states = ledger.states(&present, &dead_set);
+        // A store or broker outage is waited out (the store retries its own operations;
+        // this also covers the queue), for as long as the store's retry budget.
+        let mut outage = Outage::new(o.access.retry);
+        let (present, dead_set, dead, queue_idle) = loop {
+            let look = async {
+                ledger.refresh_splits(store).await?;
+                let present = results_present(store, job).await?;
+                let (dead_set, dead) = dead_ids(Some(queue), job).await?;
+                let idle = queue.pending(job).await? == 0;
+                anyhow::Ok((present, dead_set, dead, idle))
+            };
+            match look.await {
+                Ok(v) => break v,
+                Err(e) => outage.wait(&format!("{job}: looking at the job's output and dead letters"), e).await?,
+            }
+        };
+        let states = ledger.states(&present, &dead_set, queue_idle);
         let mut open: HashSet<String> =
             states.iter().filter(|(_, s)| *s == TaskState::Open).map(|(t, _)| t.task_id.clone()).collect();
         if open.is_empty() {
+            let mut dead = dead;
+            dead.extend(ledger.implied_dead(&states, &dead));
             break (states, dead);
         }
         if last_log.elapsed() >= Duration::from_secs(10) {
@@ -716,23 +849,57 @@ pub async fn wait_and_finish(
     let before = |id: &str| sub.done_before.contains(id);
     tracing::debug!("{job}: every task settled; writing Markdown and the manifest");
     let t0 = std::time::Instant::now();
-    let manifest = finish_job(
-        store,
-        JobOutcome {
-            settings: &o.settings,
-            inputs: &o.inputs,
-            plan: &planned,
-            dead: &dead,
-            tasks_skipped: sub.skipped,
-            started_at,
-            pages_this_run: PagesThisRun::DoneBefore(&before),
-            gpu_seconds: 0.0,
-            known_records: Some(&kept),
-        },
-    )
-    .await?;
+    let mut outage = Outage::new(o.access.retry);
+    let manifest = loop {
+        let finished = finish_job(
+            store,
+            JobOutcome {
+                settings: &o.settings,
+                inputs: &o.inputs,
+                plan: &planned,
+                dead: &dead,
+                tasks_skipped: sub.skipped,
+                started_at,
+                pages_this_run: PagesThisRun::DoneBefore(&before),
+                gpu_seconds: 0.0,
+                known_records: Some(&kept),
+            },
+        )
+        .await;
+        // Every file of the finish is written whole under a fixed key, so doing it again is safe.
+        match finished {
+            Ok(m) => break m,
+            Err(e) => outage.wait(&format!("{job}: writing the Markdown and the manifest"), e).await?,
+        }
+    };
     tracing::debug!("{job}: finished in {:.3}s", t0.elapsed().as_secs_f64());
     Ok(manifest)
+}
+
+/// Backoff for a step that failed as a whole (the store retries single operations itself):
+/// waits from 0.5 s doubling to 15 s, until `retry.budget` has passed since the first failure.
+struct Outage {
+    retry: Retry,
+    since: Option<std::time::Instant>,
+    wait: Duration,
+}
+
+impl Outage {
+    fn new(retry: Retry) -> Self {
+        Outage { retry, since: None, wait: retry.first_wait }
+    }
+
+    /// Waits before the next try, or gives `e` back once the budget is spent.
+    async fn wait(&mut self, what: &str, e: anyhow::Error) -> anyhow::Result<()> {
+        let since = *self.since.get_or_insert_with(std::time::Instant::now);
+        if since.elapsed() + self.wait > self.retry.budget {
+            return Err(e.context(format!("{what}: still failing after {:.0}s", since.elapsed().as_secs_f64())));
+        }
+        tracing::warn!("{what}: {e:#}; trying again in {:.1}s", self.wait.as_secs_f64());
+        tokio::time::sleep(self.wait).await;
+        self.wait = (self.wait * 2).min(self.retry.max_wait);
+        Ok(())
+    }
 }
 
 /// The most bytes of records `--wait` keeps from task events for the
@@ -773,4 +940,90 @@ pub async fn fetch_model(spec: &str, access: &S3Access, cache: &Path) -> anyhow:
         .with_context(|| format!("downloading the model {spec}"))?;
     tracing::info!("model {spec}: {n} files downloaded to {}", dir.display());
     Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(job: &str, uri: &str, out: &str) -> TaskSpec {
+        let mut settings = JobSettings::new(job);
+        settings.out = Some(out.into());
+        TaskSpec {
+            task_id: "0".repeat(32),
+            settings,
+            source: SourceRef { uri: uri.into(), rel: String::new(), size: 1, version: String::new() },
+            unit: quire_core::UnitKind::Document,
+            first: 1,
+            last: 1,
+            unit_count: 0,
+            check_stored: false,
+            submission: None,
+        }
+    }
+
+    fn meta(inputs: &[&str], out: &str) -> JobMeta {
+        let mut settings = JobSettings::new("j");
+        settings.out = Some(out.into());
+        JobMeta { settings, documents: 1, planning_done: true, inputs: inputs.iter().map(|s| s.to_string()).collect() }
+    }
+
+    #[test]
+    fn parts_of_a_given_up_document_count_as_given_up_only_once_the_queue_is_idle() {
+        let job = JobFile {
+            settings: JobSettings::new("j"),
+            inputs: vec![],
+            submitted_at: 0.0,
+            documents: 1,
+            plan_parts: 1,
+            published: 1,
+            skipped: 0,
+            duplicates: 0,
+        };
+        let id = |n: u32| format!("{n:032x}");
+        let doc = PlanLine { task_id: id(100), uri: "s3://b/in/a.pdf".into(), rel: "a.pdf".into() };
+        let parts = (1..=3).map(|p| crate::split::Part { task_id: id(p), first: p, last: p }).collect();
+        let split = Split { document_task_id: id(100), uri: doc.uri.clone(), unit_count: 3, parts };
+        let ledger = Ledger { job, docs: vec![doc], splits: HashMap::from([(id(100), split)]) };
+        let mut present = IdSet::default();
+        present.insert(&id(1));
+        let mut dead_set = IdSet::default();
+        dead_set.insert(&id(100));
+        let dead = vec![DeadLetter { task_id: id(100), source: "s3://b/in/a.pdf".into(), first: 0, last: 0, deliveries: 5, reason: "lease expired".into() }];
+        // Parts 2 and 3 may still be queued or running: the job is not over.
+        let busy = ledger.states(&present, &dead_set, false);
+        assert_eq!(busy.iter().map(|(_, s)| *s).collect::<Vec<_>>(), vec![TaskState::Done, TaskState::Open, TaskState::Open]);
+        // Nothing of the job is queued any more: they will never run, and the manifest says so.
+        let idle = ledger.states(&present, &dead_set, true);
+        assert_eq!(idle.iter().map(|(_, s)| *s).collect::<Vec<_>>(), vec![TaskState::Done, TaskState::Dead, TaskState::Dead]);
+        let implied = ledger.implied_dead(&idle, &dead);
+        assert_eq!(implied.iter().map(|d| (d.task_id.as_str(), d.first)).collect::<Vec<_>>(), vec![(id(2).as_str(), 2), (id(3).as_str(), 3)]);
+        assert!(implied[0].reason.contains("lease expired"), "{:?}", implied[0]);
+    }
+
+    #[test]
+    fn inputs_admit_what_lies_below_them_and_nothing_else() {
+        assert!(lies_under("s3://b/in/a.pdf", "s3://b/in"));
+        assert!(lies_under("s3://b/in/a.pdf", "s3://b/in/"));
+        assert!(lies_under("scans/x/y.pdf", "scans"));
+        assert!(lies_under("one.pdf", "one.pdf"));
+        assert!(lies_under("s3://b/laion/000003.tar", "s3://b/laion/{000000..000009}.tar"));
+        assert!(!lies_under("s3://b/inside/a.pdf", "s3://b/in"), "a sibling prefix is not below");
+        assert!(!lies_under("s3://b/in/../secret/a.pdf", "s3://b/in"));
+        assert!(!lies_under("scans/../../etc/passwd", "scans"));
+        assert!(!lies_under("s3://other/in/a.pdf", "s3://b/in"));
+        assert!(!lies_under("anything", "{a,b}"), "a pattern with nothing before its brace admits nothing");
+    }
+
+    #[test]
+    fn forged_tasks_are_told_apart_from_the_jobs_own() {
+        let m = meta(&["s3://b/in"], "s3://b/out");
+        assert_eq!(vet_task(&task("j", "s3://b/in/a.pdf", "s3://b/out"), Some(&m)), Ok(()));
+        let e = vet_task(&task("j", "s3://b/in/a.pdf", "s3://evil/out"), Some(&m)).unwrap_err();
+        assert!(e.contains("output") && e.contains("s3://evil/out"), "{e}");
+        let e = vet_task(&task("j", "s3://b/private/key.pem", "s3://b/out"), Some(&m)).unwrap_err();
+        assert!(e.contains("input") && e.contains("private/key.pem"), "{e}");
+        let e = vet_task(&task("nobody", "s3://b/in/a.pdf", "s3://b/out"), None).unwrap_err();
+        assert!(e.contains("not registered"), "{e}");
+    }
 }

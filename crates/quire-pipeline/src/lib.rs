@@ -14,6 +14,7 @@
 #[cfg(feature = "distributed")]
 pub mod distributed;
 pub mod embedded;
+pub mod faults;
 pub mod finish;
 pub mod infer;
 pub mod metrics;

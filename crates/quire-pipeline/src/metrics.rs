@@ -169,9 +169,10 @@ impl TaskObserver for Metrics {
             TaskEnd::Refused => "refused",
             TaskEnd::Interrupted => "interrupted",
             TaskEnd::Split => "split",
+            TaskEnd::Rejected => "rejected",
         };
         self.tasks.with_label_values(&[outcome]).inc();
-        if end != TaskEnd::Refused {
+        if end != TaskEnd::Refused && end != TaskEnd::Rejected {
             self.in_flight.dec();
         }
         if end == TaskEnd::Retried {

@@ -42,6 +42,22 @@ impl Fetch for LocalFetch {
 #[async_trait::async_trait]
 pub trait ResultStores: Send + Sync {
     async fn store_for(&self, task: &TaskSpec) -> Result<Arc<dyn BlobStore>, TaskFailure>;
+
+    /// Whether the task may be run at all, e.g. not a message that names an input or output
+    /// its job does not have.
+    async fn vet(&self, _task: &TaskSpec) -> Vetting {
+        Vetting::Run
+    }
+}
+
+/// What [`ResultStores::vet`] decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Vetting {
+    Run,
+    /// Cannot tell now (e.g. the registry is unreachable): handed back for later.
+    HandBack(String),
+    /// Never to be run: given up at once (a dead letter with this reason).
+    Reject(String),
 }
 
 /// Every task's records go to the same store (`quire run`).
@@ -67,6 +83,8 @@ pub enum TaskEnd {
     Interrupted,
     /// A whole-document task whose page-range tasks were published.
     Split,
+    /// Failed the checks on its origin (see [`ResultStores::vet`]); given up at once.
+    Rejected,
 }
 
 /// What a finished task produced.
@@ -198,6 +216,30 @@ impl Worker {
                 return;
             }
         }
+        match self.stores.vet(&task).await {
+            Vetting::Run => {}
+            Vetting::HandBack(why) => {
+                tracing::warn!(task = %task.task_id, "handing the task back: {why}");
+                if let Err(e) = lease.nack(backoff(delivery), &why).await {
+                    tracing::warn!(task = %task.task_id, "nack failed: {e}");
+                }
+                if let Some(o) = &self.observer {
+                    o.ended(&task, TaskEnd::Refused, &[], t0.elapsed(), delivery).await;
+                }
+                return;
+            }
+            Vetting::Reject(why) => {
+                tracing::warn!(task = %task.task_id, job = %task.settings.job, "refusing the task for good: {why}");
+                if let Err(e) = lease.term(&why).await {
+                    tracing::warn!(task = %task.task_id, "giving up the task failed: {e}");
+                }
+                if let Some(o) = &self.observer {
+                    o.ended(&task, TaskEnd::Rejected, &[], t0.elapsed(), delivery).await;
+                }
+                return;
+            }
+        }
+        crate::faults::task_started(&task, delivery);
         if let Some(o) = &self.observer {
             o.started(&task).await;
         }
@@ -244,6 +286,7 @@ impl Worker {
                 &task
             };
             let records = process_task(run, &input.path, ctx).await?;
+            crate::faults::records_made(records.len()).await;
             stage("process", t);
             drop(input);
             let t = Instant::now();
@@ -258,7 +301,10 @@ impl Worker {
             Ok::<_, TaskFailure>(Done::Records(records, run.unit))
         };
         tokio::pin!(work);
-        let mut beat = tokio::time::interval(self.heartbeat);
+        // Renewed every third of the lease in force, which the queue may know better than
+        // this worker's settings (a coordinator may have changed it since the worker started).
+        let every = lease.lease_time().map(|t| (t / 3).max(Duration::from_millis(100))).unwrap_or(self.heartbeat);
+        let mut beat = tokio::time::interval(every);
         beat.tick().await;
         let mut abort = self.abort.clone();
         let aborted = async move {

@@ -178,7 +178,13 @@ struct Inner {
     work: stream::Stream,
     consumer: jetstream::consumer::Consumer<pull::Config>,
     stop: watch::Sender<bool>,
+    /// The delivery rules in force and when they were read: a coordinator may change them
+    /// while workers run, and a worker must renew its leases by the lease time in force.
+    rules: std::sync::Mutex<(Instant, QueueOptions)>,
 }
+
+/// How often a worker re-reads the delivery rules in force (once per pulled task at most).
+const RULES_MAX_AGE: Duration = Duration::from_secs(5);
 
 /// The JetStream task queue; cheap to clone.
 #[derive(Clone)]
@@ -307,6 +313,7 @@ impl JetStreamQueue {
         opts.queue.ack_wait = info.config.ack_wait;
         opts.queue.max_deliver = u32::try_from(info.config.max_deliver).unwrap_or(u32::MAX);
         let (stop, _) = watch::channel(false);
+        let rules = std::sync::Mutex::new((Instant::now(), opts.queue));
         Ok(JetStreamQueue {
             inner: Arc::new(Inner {
                 opts,
@@ -315,6 +322,7 @@ impl JetStreamQueue {
                 work,
                 consumer,
                 stop,
+                rules,
             }),
         })
     }
@@ -765,6 +773,33 @@ impl TaskQueue for JetStreamQueue {
 }
 
 impl JetStreamQueue {
+    /// The delivery rules in force now: the consumer's, read again when the last reading is
+    /// older than a few seconds (a coordinator that started after this worker may have
+    /// changed them). On a failed reading the last one stands.
+    pub async fn rules(&self) -> QueueOptions {
+        let (at, rules) = *self.inner.rules.lock().unwrap_or_else(|p| p.into_inner());
+        if at.elapsed() < RULES_MAX_AGE {
+            return rules;
+        }
+        match self.inner.consumer.get_info().await {
+            Ok(info) => {
+                let now = QueueOptions {
+                    ack_wait: info.config.ack_wait,
+                    max_deliver: u32::try_from(info.config.max_deliver).unwrap_or(u32::MAX),
+                };
+                if now != rules {
+                    tracing::info!("delivery rules in force now: lease {:?}, {} deliveries", now.ack_wait, now.max_deliver);
+                }
+                *self.inner.rules.lock().unwrap_or_else(|p| p.into_inner()) = (Instant::now(), now);
+                now
+            }
+            Err(e) => {
+                tracing::debug!("reading the delivery rules: {e}");
+                rules
+            }
+        }
+    }
+
     /// Turns a delivered message into a lease; a message that is not a task
     /// is dead-lettered on the spot and `None` returned.
     async fn lease(&self, msg: jetstream::Message) -> Result<Option<Box<dyn Lease>>, QueueError> {
@@ -779,6 +814,7 @@ impl JetStreamQueue {
                 task,
                 delivery,
                 seq,
+                rules: self.rules().await,
             }))),
             Err(e) => {
                 let (job, dead) = malformed_dead_letter(
@@ -842,6 +878,8 @@ struct JetStreamLease {
     task: TaskSpec,
     delivery: u32,
     seq: u64,
+    /// The delivery rules in force when the task was pulled.
+    rules: QueueOptions,
 }
 
 impl JetStreamLease {
@@ -881,6 +919,10 @@ impl Lease for JetStreamLease {
         self.delivery
     }
 
+    fn lease_time(&self) -> Option<Duration> {
+        Some(self.rules.ack_wait)
+    }
+
     async fn heartbeat(&self) -> Result<(), QueueError> {
         self.msg
             .ack_with(AckKind::Progress)
@@ -896,7 +938,7 @@ impl Lease for JetStreamLease {
     }
 
     async fn nack(self: Box<Self>, delay: Duration, reason: &str) -> Result<(), QueueError> {
-        if self.delivery >= self.queue.inner.opts.queue.max_deliver {
+        if self.delivery >= self.rules.max_deliver {
             return self.give_up(reason).await;
         }
         tracing::debug!(task = %self.task.task_id, delivery = self.delivery, "nack: {reason}");
@@ -1206,6 +1248,26 @@ mod tests {
         w.set_delivery_rules = false;
         let q = JetStreamQueue::connect(w).await.unwrap();
         assert_eq!((q.options().queue.ack_wait, q.options().queue.max_deliver), (Duration::from_secs(2), 2));
+    }
+
+    #[tokio::test]
+    async fn leases_follow_rules_a_coordinator_changed_after_the_worker_started() {
+        let server = NatsServer::start();
+        let mut w = opts(&server, 30_000, 3);
+        w.set_delivery_rules = false;
+        let worker = JetStreamQueue::connect(w).await.unwrap();
+        let _coord = JetStreamQueue::connect(opts(&server, 2_000, 2)).await.unwrap();
+        worker.publish(&task("j", "a")).await.unwrap();
+        tokio::time::sleep(RULES_MAX_AGE + Duration::from_millis(200)).await;
+        let lease = pull_within(&worker, Duration::from_secs(10)).await.expect("a task");
+        assert_eq!(lease.lease_time(), Some(Duration::from_secs(2)), "the worker renews by the lease in force");
+        // The last delivery allowed now is the 2nd: a failure on it is a dead letter.
+        lease.nack(Duration::ZERO, "first failure").await.unwrap();
+        let again = pull_within(&worker, Duration::from_secs(10)).await.expect("redelivered");
+        assert_eq!(again.delivery(), 2);
+        again.nack(Duration::ZERO, "second failure").await.unwrap();
+        assert!(pull_within(&worker, Duration::from_millis(1500)).await.is_none());
+        assert_eq!(worker.dead_letters("j").await.unwrap().len(), 1);
     }
 
     #[tokio::test]

@@ -28,7 +28,7 @@ pub enum QueueError {
 }
 
 /// Delivery rules shared by every backend.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueueOptions {
     /// How long a lease lives without an ack or heartbeat.
     pub ack_wait: Duration,
@@ -87,6 +87,11 @@ pub trait Lease: Send + Sync {
     fn task(&self) -> &TaskSpec;
     /// 1 on the first delivery.
     fn delivery(&self) -> u32;
+    /// How long the lease lives without a heartbeat, when the backend says (it may differ
+    /// from what the worker was started with).
+    fn lease_time(&self) -> Option<Duration> {
+        None
+    }
     /// Keep the lease alive for another `ack_wait`.
     async fn heartbeat(&self) -> Result<(), QueueError>;
     /// Done: results are stored.

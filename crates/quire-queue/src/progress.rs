@@ -33,6 +33,10 @@ pub struct JobMeta {
     pub documents: u64,
     /// `false` while the coordinator is still listing and planning.
     pub planning_done: bool,
+    /// The job's inputs as given to the coordinator: workers take only tasks whose source
+    /// lies below one of them.
+    #[serde(default)]
+    pub inputs: Vec<String>,
 }
 
 /// How a task ended (its latest delivery).
@@ -208,6 +212,7 @@ mod tests {
             settings: JobSettings::new("my job"),
             documents: 4,
             planning_done: true,
+            inputs: vec!["s3://in/scans/".into()],
         };
         p.put_meta("my job", &meta).await.unwrap();
         assert_eq!(p.meta("my job").await.unwrap(), Some(meta));

@@ -227,6 +227,10 @@ pub struct S3Opts {
     /// Path-style S3 URLs (http://host/bucket/key), as most S3-compatible stores need.
     #[arg(long, env = "QUIRE_S3_PATH_STYLE")]
     pub s3_path_style: bool,
+    /// How long to ride out an unreachable or failing output store (and input downloads) with
+    /// backoff before an operation fails, in seconds; a task is not given up on meanwhile.
+    #[arg(long, value_name = "SECONDS", default_value_t = 900, env = "QUIRE_STORE_RETRY_S")]
+    pub store_retry_s: u64,
 }
 
 #[derive(Args)]
@@ -247,8 +251,10 @@ pub struct CoordinatorArgs {
     /// Publish tasks whose results already exist.
     #[arg(long)]
     pub force: bool,
-    /// How long a task's lease lives without a heartbeat, in seconds.
-    #[arg(long, default_value_t = 300)]
+    /// How long a task's lease lives without a heartbeat, in seconds: the time a killed
+    /// worker's task waits before another worker takes it. Workers renew leases every third of
+    /// it while they work, so slow pages do not need a long lease.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     pub ack_wait_s: u64,
     /// With --wait: the longest time between two full looks at the output,
     /// in milliseconds (the workers' task events trigger a look as soon as
@@ -281,7 +287,7 @@ pub struct WorkerArgs {
     pub doc_cache_mb: u64,
     /// Lease time without a heartbeat, in seconds, for a queue no coordinator has set up yet
     /// (otherwise the coordinator's value is in force and adopted).
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     pub ack_wait_s: u64,
     /// Deliveries before a failing task is given up on, for a queue no coordinator has set up
     /// yet (otherwise the coordinator's value is in force and adopted).

@@ -25,6 +25,7 @@ fn access(s: &S3Opts) -> S3Access {
         endpoint: s.s3_endpoint.clone(),
         region: s.s3_region.clone(),
         path_style: s.s3_path_style,
+        retry: quire_store::Retry { budget: Duration::from_secs(s.store_retry_s), ..Default::default() },
     }
 }
 
@@ -72,13 +73,18 @@ pub fn coordinator(args: CoordinatorArgs) -> u8 {
             tracing::debug!("connected to the queue and the output in {:.3}s", t0.elapsed().as_secs_f64());
             // Followed from before the first publish, so no event is missed.
             let events = if args.wait { Some(queue.task_events(&o.settings.job).await?) } else { None };
+            // Registered before the first publish: workers take a task only when its job is
+            // registered and the task's input and output lie where the job's do.
+            let jobs = JobProgress::open(queue.client(), 1).await?;
+            let mut meta = JobMeta { settings: o.settings.clone(), documents: 0, planning_done: false, inputs: o.inputs.clone() };
+            jobs.put_meta(&o.settings.job, &meta).await?;
             let t0 = Instant::now();
             let sub = submit(&o, &queue, store.as_ref()).await?;
             tracing::debug!("listed and published in {:.3}s", t0.elapsed().as_secs_f64());
             // The job's settings (output location included) in the quire-jobs
             // KV bucket, so `quire status JOB --nats URL` finds the output.
-            let meta = JobMeta { settings: o.settings.clone(), documents: sub.documents, planning_done: true };
-            JobProgress::open(queue.client(), 1).await?.put_meta(&o.settings.job, &meta).await?;
+            (meta.documents, meta.planning_done) = (sub.documents, true);
+            jobs.put_meta(&o.settings.job, &meta).await?;
             println!("{}", serde_json::to_string(&sub)?);
             eprintln!(
                 "job {}: {} documents: {} published, {} already done, {} already queued{}",
@@ -205,8 +211,12 @@ fn worker_inner(args: WorkerArgs) -> anyhow::Result<u8> {
             tracing::info!("the queue's ack wait is {ack_wait:?} (set by the coordinator); heartbeats follow it");
         }
         metrics.ready.set(1);
-        let stores = Arc::new(StoreCache::new(access.clone()));
-        let fetch = Arc::new(S3Fetch::new(access.client().await, scratch_dir(), args.doc_cache_mb.saturating_mul(1 << 20)));
+        let mut stores = StoreCache::new(access.clone());
+        stores.jobs = Some(JobProgress::open(queue.client(), 1).await?);
+        let stores = Arc::new(stores);
+        let mut fetch = S3Fetch::new(access.client().await, scratch_dir(), args.doc_cache_mb.saturating_mul(1 << 20));
+        fetch.retry = access.retry;
+        let fetch = Arc::new(fetch);
         let (model, model_long_side) = match model {
             Some((h, l)) => (Some(h), l),
             None => (None, None),
@@ -283,7 +293,9 @@ fn worker_inner(args: WorkerArgs) -> anyhow::Result<u8> {
 }
 
 pub fn status(args: StatusArgs) -> u8 {
-    let access = access(&args.s3);
+    let mut access = access(&args.s3);
+    // Status is a quick look: an unreachable store is reported, not waited out.
+    access.retry.budget = access.retry.budget.min(Duration::from_secs(5));
     let result = runtime().and_then(|rt| {
         rt.block_on(async {
             let queue = match &args.nats {
@@ -315,8 +327,24 @@ pub fn status(args: StatusArgs) -> u8 {
                 }
                 (None, None) => anyhow::bail!("give --out URI or --nats URL"),
             };
-            let store = open_store(&out, &access).await?;
-            job_status(store.as_ref(), &args.job, queue.as_ref(), true).await
+            let looked = async {
+                let store = open_store(&out, &access).await?;
+                job_status(store.as_ref(), &args.job, queue.as_ref(), true).await
+            };
+            match looked.await {
+                Ok(st) => Ok(st),
+                // The output store is down: say so, with what the queue still knows.
+                Err(e) if e.chain().any(|c| c.downcast_ref::<quire_store::StoreError>().is_some_and(|s| s.is_transient())) => {
+                    let mut st = quire_pipeline::distributed::JobStatus { job: args.job.clone(), ..Default::default() };
+                    st.store_error = Some(format!("{e:#}"));
+                    if let Some(q) = &queue {
+                        st.queued = q.pending(&args.job).await.ok();
+                        st.dead_lettered = q.dead_letters(&args.job).await.map(|d| d.len() as u64).unwrap_or(0);
+                    }
+                    Ok(Some(st))
+                }
+                Err(e) => Err(e),
+            }
         })
     });
     match result {
@@ -337,6 +365,12 @@ pub fn status(args: StatusArgs) -> u8 {
                     "{}",
                     serde_json::to_string_pretty(&st).expect("status serialises")
                 );
+            } else if let Some(err) = &st.store_error {
+                println!("job {}", st.job);
+                println!("  store     unreachable, counts unknown: {err}");
+                if let Some(q) = st.queued {
+                    println!("  queue     {q} tasks in the work stream, {} dead-lettered", st.dead_lettered);
+                }
             } else {
                 println!("job {}", st.job);
                 println!(
