@@ -111,6 +111,8 @@ fn inline(b: &Block) -> String {
             Kind::Code => code_span(&p.text),
             Kind::PageHeader | Kind::PageFooter => String::new(),
             Kind::Title => format!("# {}", escape(&p.text.replace('\n', " "))),
+            Kind::CheckboxSelected => escape(&line_breaks(&format!("- [x] {}", p.text))),
+            Kind::CheckboxUnselected => escape(&line_breaks(&format!("- [ ] {}", p.text))),
             _ => escape(&line_breaks(&p.text)),
         })
         .filter(|s| !s.is_empty())

@@ -195,7 +195,9 @@ const VOCABULARY: &[&str] = &[
 #[test]
 fn random_token_sequences_never_panic_and_keep_every_word() {
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
-    for case in 0..20_000 {
+    // QUIRE_DOCTAGS_CASES=N runs more (or fewer) cases.
+    let cases: u64 = std::env::var("QUIRE_DOCTAGS_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
+    for case in 0..cases {
         let mut input = String::new();
         let mut words = Vec::new();
         for _ in 0..rng.below(40) {
