@@ -142,9 +142,10 @@ impl Table {
         let (rows, cols) = (self.rows as usize, self.cols as usize);
         let mut g = vec![vec![""; cols]; rows];
         for c in &self.cells {
-            for r in (c.row as usize)..((c.row + c.row_span) as usize).min(rows) {
-                for k in (c.col as usize)..((c.col + c.col_span) as usize).min(cols) {
-                    g[r][k] = &c.text;
+            let cols_covered = (c.col as usize).min(cols)..((c.col + c.col_span) as usize).min(cols);
+            for row in g.iter_mut().take(((c.row + c.row_span) as usize).min(rows)).skip(c.row as usize) {
+                for slot in &mut row[cols_covered.clone()] {
+                    *slot = &c.text;
                 }
             }
         }

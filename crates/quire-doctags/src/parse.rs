@@ -377,11 +377,8 @@ impl<'a> Parser<'a> {
                     self.pos += 1;
                     break;
                 }
-                Tok::Open("nl") => {
-                    if !row.is_empty() {
-                        rows.push(std::mem::take(&mut row));
-                    }
-                }
+                Tok::Open("nl") if !row.is_empty() => rows.push(std::mem::take(&mut row)),
+                Tok::Open("nl") => {}
                 Tok::Open(n) if OTSL_CELLS.contains(&n) => row.push((n, String::new())),
                 Tok::Open("caption") => {
                     self.pos += 1;
@@ -483,11 +480,8 @@ impl<'a> Parser<'a> {
                 }
                 Tok::Close(n) if n.starts_with("key_") || n.starts_with("value_") => in_cell = false,
                 // The region's own box comes before its first cell.
-                Tok::Open(n) if loc(n).is_some() => {
-                    if !in_cell && pieces.is_empty() {
-                        locs.push(loc(n).unwrap_or(0));
-                    }
-                }
+                Tok::Open(n) if loc(n).is_some() && !in_cell && pieces.is_empty() => locs.push(loc(n).unwrap_or(0)),
+                Tok::Open(n) if loc(n).is_some() => {}
                 Tok::Text(s) => match pieces.last_mut() {
                     Some(p) if in_cell => p.push_str(s),
                     _ => pieces.push(s.to_string()),

@@ -127,7 +127,7 @@ fn py_float_number(s: &str) -> bool {
         return false;
     }
     // Overflow to infinity is not a number to tabulate.
-    let ascii: String = t.chars().filter(|&c| c != '_').map(|c| ascii_digit(c)).collect();
+    let ascii: String = t.chars().filter(|&c| c != '_').map(ascii_digit).collect();
     ascii.parse::<f64>().map(|v| v.is_finite()).unwrap_or(true)
 }
 
@@ -142,36 +142,31 @@ fn ascii_digit(c: char) -> char {
     c
 }
 
-/// `tabulate`'s test for numbers with thousands separators (`1,000.5`).
+/// `tabulate`'s test for numbers with thousands separators: an optional
+/// sign with one to three digits and `,ddd` groups, then an optional
+/// fraction (`1,000.5`, `12`, `.5`).
 fn thousands(s: &str) -> bool {
     let b = s.as_bytes();
-    let mut i = 0;
-    let start = i;
-    if i < b.len() && (b[i] == b'+' || b[i] == b'-') {
+    let mut i = usize::from(matches!(b.first(), Some(b'+' | b'-')));
+    let digits_start = i;
+    while i < b.len() && b[i].is_ascii_digit() && i - digits_start < 3 {
         i += 1;
     }
-    let d0 = i;
-    while i < b.len() && b[i].is_ascii_digit() && i - d0 < 3 {
-        i += 1;
-    }
-    let has_int = i > d0;
-    if !has_int {
-        i = start;
-    } else {
-        while i + 3 < b.len() + 0 && b[i] == b',' && b[i + 1..i + 4].iter().all(u8::is_ascii_digit) {
+    let has_int = i > digits_start;
+    if has_int {
+        while i + 3 < b.len() && b[i] == b',' && b[i + 1..i + 4].iter().all(u8::is_ascii_digit) {
             i += 4;
         }
+    } else {
+        // A sign needs digits after it.
+        i = 0;
     }
-    if i < b.len() && b[i] == b'.' {
+    if b.get(i) == Some(&b'.') {
         let frac = i + 1;
-        let mut j = frac;
-        while j < b.len() && b[j].is_ascii_digit() {
-            j += 1;
-        }
-        if !has_int && j == frac {
+        i = frac + b[frac..].iter().take_while(|c| c.is_ascii_digit()).count();
+        if !has_int && i == frac {
             return false;
         }
-        i = j;
     }
     i == b.len()
 }
