@@ -4,8 +4,13 @@
 use crate::*;
 use std::path::PathBuf;
 
+/// tests/fixtures/doctags, or the folder in `QUIRE_DOCTAGS_CORPUS` (pages and
+/// references written by `tests/gen_doctags_md.py --random`).
 fn corpus() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/doctags")
+    match std::env::var_os("QUIRE_DOCTAGS_CORPUS") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/doctags"),
+    }
 }
 
 /// Markdown of a corpus file as `quire doctags` writes it: pages split at
