@@ -535,4 +535,157 @@ fn a_full_disk_stops_the_run_with_a_clear_error_and_a_rerun_completes() {
 
 fn is_root() -> bool {
     Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+
+/// DocTags as SmolDocling writes it, for every page the test model is given.
+const DOCTAGS_PAGE: &str = "<doctag><page_header><loc_20><loc_10><loc_480><loc_20>ACME Corp</page_header>\
+<title><loc_50><loc_40><loc_450><loc_60>Quarterly report</title>\
+<text><loc_50><loc_70><loc_450><loc_100>Revenue grew by 12% in region_north.</text>\
+<otsl><loc_50><loc_110><loc_450><loc_200><ched>Region<ched>Q1<nl><fcel>North<fcel>120<nl><fcel>South<fcel>80<nl></otsl>\
+<page_footer><loc_240><loc_480><loc_260><loc_490>1</page_footer></doctag>";
+
+/// What docling-core renders for `DOCTAGS_PAGE`.
+const DOCTAGS_MARKDOWN: &str = "# Quarterly report\n\nRevenue grew by 12% in region\\_north.\n\n\
+| Region   |   Q1 |\n|----------|------|\n| North    |  120 |\n| South    |   80 |";
+
+/// A model whose greedy output is `DOCTAGS_PAGE`; a DocTags model or not as
+/// its checkpoint's tokenizer says.
+struct FixedDocTags {
+    doctags: bool,
+}
+
+impl quire_pipeline::Generator for FixedDocTags {
+    fn model_name(&self) -> String {
+        "test/fixed-doctags".into()
+    }
+    fn default_prompt(&self, _: quire_core::TaskKind) -> String {
+        "Convert this page to docling.".into()
+    }
+    fn generate(&mut self, reqs: &[quire_pipeline::GenRequest]) -> anyhow::Result<Vec<quire_pipeline::GenOutput>> {
+        Ok(reqs
+            .iter()
+            .map(|_| quire_pipeline::GenOutput {
+                text: DOCTAGS_PAGE.into(),
+                tokens_in: 10,
+                tokens_out: 60,
+                finish: quire_core::FinishReason::Stop,
+            })
+            .collect())
+    }
+    fn emits_doctags(&self) -> bool {
+        self.doctags
+    }
+}
+
+/// Runs `quire run`'s pipeline on `inputs` with the fixed model, whose
+/// checkpoint has `tokenizer` as its tokenizer.json.
+fn run_fixed_doctags(inputs: &Path, out: &Path, job: &str, tokenizer: &str) {
+    let ck = tempfile::tempdir().unwrap();
+    std::fs::write(ck.path().join("tokenizer.json"), tokenizer).unwrap();
+    let doctags = quire_pipeline::doctags::has_doctags_vocabulary(ck.path());
+    let model = quire_pipeline::InferenceHandle::start(Box::new(FixedDocTags { doctags }), Default::default());
+    let mut settings = quire_core::JobSettings::new(job);
+    settings.model = Some("test/fixed-doctags".into());
+    let opts = quire_pipeline::RunOptions {
+        inputs: vec![inputs.to_string_lossy().into_owned()],
+        out: out.to_path_buf(),
+        settings,
+        workers: 1,
+        force: false,
+        queue: quire_queue::QueueOptions::default(),
+        ctx: quire_pipeline::process::ProcessContext {
+            pdf: quire_render::PdfRenderer::start(1).expect("pdfium (QUIRE_PDFIUM)"),
+            model: Some(model),
+            model_long_side: Some(512),
+        },
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let summary = rt.block_on(quire_pipeline::run_embedded(opts, Default::default())).unwrap();
+    assert_eq!(summary.manifest.counts.pages_failed, 0, "{:?}", summary.manifest.failures);
+}
+
+#[test]
+fn doctags_models_get_markdown_and_layout_blocks_in_records_and_markdown_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let inputs = tmp.path().join("in");
+    std::fs::create_dir(&inputs).unwrap();
+    copy_into(&inputs, &["scanned.pdf", "born_digital.pdf", "image.png"]);
+    let out = tmp.path().join("out");
+    let vocab = r#"{"added_tokens":[{"id":49152,"content":"<doctag>","special":false},{"id":49153,"content":"<loc_0>","special":false}],"model":{"vocab":{}}}"#;
+    run_fixed_doctags(&inputs, &out, "dt", vocab);
+    let recs = records(&out, "dt");
+    let scanned: Vec<&Value> = recs.iter().filter(|(k, _)| k.0 == "scanned.pdf").map(|(_, v)| v).collect();
+    assert!(!scanned.is_empty());
+    for r in scanned.iter().copied().chain([&recs[&("image.png".to_string(), 1)]]) {
+        assert_eq!(r["engine"], "vlm");
+        assert_eq!(r["text"], DOCTAGS_PAGE, "the raw output stays in text");
+        assert_eq!(r["markdown"], DOCTAGS_MARKDOWN);
+        let blocks = r["blocks"].as_array().expect("blocks");
+        let kinds: Vec<&str> = blocks.iter().map(|b| b["kind"].as_str().unwrap()).collect();
+        assert_eq!(kinds, ["page_header", "title", "text", "table", "page_footer"]);
+        // Boxes in the page's pixels: <loc_50><loc_40><loc_450><loc_60> of a width × height page.
+        let (w, h) = (r["width"].as_f64().unwrap(), r["height"].as_f64().unwrap());
+        assert!(w > 0.0 && h > 0.0);
+        let px = |loc: f64, size: f64| (loc / 500.0 * size * 100.0).round() / 100.0;
+        let bbox: Vec<f64> = blocks[1]["bbox"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        assert_eq!(bbox, [px(50.0, w), px(40.0, h), px(450.0, w), px(60.0, h)]);
+        let table = &blocks[3]["table"];
+        assert_eq!((table["rows"].as_u64(), table["cols"].as_u64()), (Some(3), Some(2)));
+        assert_eq!(table["cells"][0]["header"], true, "ched cells are headers");
+        assert_eq!(table["cells"][2]["text"], "North");
+    }
+    // The text layer has neither.
+    let born = &recs[&("born_digital.pdf".to_string(), 1)];
+    assert_eq!(born["engine"], "text-layer");
+    assert!(born["markdown"].is_null() && born["blocks"].is_null());
+    let md = std::fs::read_to_string(out.join("dt/markdown/in/scanned.pdf.md")).unwrap();
+    assert!(md.contains(&format!("<!-- page 1 -->\n{DOCTAGS_MARKDOWN}\n")), "{md}");
+    assert!(!md.contains("<loc_") && !md.contains("<doctag>") && !md.contains("ACME Corp"), "{md}");
+
+    // The same output from a model without the DocTags vocabulary stays text.
+    let no_vocab = r#"{"added_tokens":[{"id":0,"content":"<|endoftext|>"}],"model":{"vocab":{}}}"#;
+    run_fixed_doctags(&inputs, &out, "plain", no_vocab);
+    let recs = records(&out, "plain");
+    let r = &recs[&("image.png".to_string(), 1)];
+    assert_eq!(r["text"], DOCTAGS_PAGE);
+    assert!(r["markdown"].is_null() && r["blocks"].is_null());
+    let md = std::fs::read_to_string(out.join("plain/markdown/in/scanned.pdf.md")).unwrap();
+    assert!(md.contains(DOCTAGS_PAGE), "{md}");
+}
+
+#[test]
+fn quire_doctags_converts_files_and_stdin_and_refuses_unreadable_files() {
+    let corpus = fixtures().join("doctags");
+    let normalise = |s: &str| s.lines().map(str::trim_end).collect::<Vec<_>>().join("\n").trim_end().to_string();
+    // Several files, one of several pages: docling-core's Markdown of each, joined.
+    let (a, b) = (corpus.join("36-multi-page.dt"), corpus.join("27-table-headers.dt"));
+    let o = quire(&["doctags", a.to_str().unwrap(), b.to_str().unwrap()]);
+    assert_eq!(code(&o), 0);
+    let want = [a.with_extension("md"), b.with_extension("md")].map(|p| normalise(&std::fs::read_to_string(p).unwrap())).join("\n\n");
+    assert_eq!(normalise(&String::from_utf8(o.stdout).unwrap()), want);
+    assert!(!want.contains("<loc_"));
+
+    // stdin, blocks as a JSON line per page, boxes in the given page size.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_quire"))
+        .args(["doctags", "--json", "--width", "1000", "--height", "2000", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(std::fs::read(&a).unwrap().as_slice()).unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(code(&o), 0);
+    let pages: Vec<Value> = String::from_utf8(o.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(pages.len(), 3, "36-multi-page has three pages");
+    assert_eq!((pages[0]["source"].as_str(), pages[2]["page"].as_u64()), (Some("-"), Some(3)));
+    let title = &pages[0]["blocks"][0];
+    assert_eq!((title["kind"].as_str(), title["text"].as_str()), (Some("title"), Some("A Short Book")));
+    assert_eq!(title["bbox"], serde_json::json!([120.0, 160.0, 880.0, 248.0]), "<loc_60><loc_40><loc_440><loc_62> on 1000x2000");
+    assert_eq!(pages[2]["blocks"][0]["table"]["rows"], 2);
+
+    // An unreadable file: a clear message, exit 2, nothing on stdout.
+    let o = quire(&["doctags", a.to_str().unwrap(), "/nonexistent/page.dt"]);
+    assert_eq!(code(&o), 2);
+    assert!(o.stdout.is_empty());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("cannot read /nonexistent/page.dt"));
 }

@@ -113,6 +113,14 @@ pub struct Record {
     /// The member's path inside the archive named by `source`; `null` for plain files.
     #[serde(default)]
     pub member: Option<String>,
+    /// DocTags models (SmolDocling, Granite-Docling): the page as Markdown,
+    /// rendered from `text` as docling-core renders it; `null` otherwise.
+    #[serde(default)]
+    pub markdown: Option<String>,
+    /// DocTags models: the page's layout blocks (kind, text, bounding box in
+    /// page pixels, level, table, …); `null` otherwise.
+    #[serde(default)]
+    pub blocks: Option<Vec<quire_doctags::Block>>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

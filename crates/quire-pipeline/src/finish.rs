@@ -46,7 +46,8 @@ pub struct JobOutcome<'a> {
 }
 
 /// Renders one document's records as Markdown: pages in order, each after a
-/// `<!-- page N -->` marker; failed or missing pages say so in a comment.
+/// `<!-- page N -->` marker (a DocTags model's page as its `markdown`);
+/// failed or missing pages say so in a comment.
 pub fn document_markdown(records: &[Record], first_missing: &[(u32, u32)]) -> String {
     let mut pages: Vec<&Record> = records.iter().collect();
     pages.sort_by_key(|r| r.page);
@@ -57,7 +58,7 @@ pub fn document_markdown(records: &[Record], first_missing: &[(u32, u32)]) -> St
         .iter()
         .map(|r| {
             let body = match &r.error {
-                None => r.text.trim_end().to_string(),
+                None => r.markdown.as_deref().unwrap_or(&r.text).trim_end().to_string(),
                 Some(e) => format!("<!-- error {}: {} -->", e.kind.as_str(), e.message.replace("--", "- -")),
             };
             (r.page, body)
@@ -263,6 +264,8 @@ mod tests {
             error: None,
             key: None,
             member: None,
+            markdown: None,
+            blocks: None,
         }
     }
 

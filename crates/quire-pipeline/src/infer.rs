@@ -33,6 +33,11 @@ pub trait Generator: Send {
     fn default_prompt(&self, task: TaskKind) -> String;
     /// Generates for every request; the output has one entry per request, in order.
     fn generate(&mut self, reqs: &[GenRequest]) -> anyhow::Result<Vec<GenOutput>>;
+    /// Whether the model writes DocTags (see [`crate::doctags`]); its pages then get
+    /// `markdown` and `blocks` in their records.
+    fn emits_doctags(&self) -> bool {
+        false
+    }
 }
 
 struct Job {
@@ -63,6 +68,7 @@ pub struct InferenceHandle {
     tx: std_mpsc::Sender<Job>,
     model_name: String,
     prompts: [String; 2],
+    doctags: bool,
 }
 
 impl InferenceHandle {
@@ -75,16 +81,22 @@ impl InferenceHandle {
     pub fn start_observed(model: Box<dyn Generator>, opts: BatchOptions, observe: Option<BatchObserver>) -> Self {
         let model_name = model.model_name();
         let prompts = [model.default_prompt(TaskKind::Ocr), model.default_prompt(TaskKind::Caption)];
+        let doctags = model.emits_doctags();
         let (tx, rx) = std_mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("quire-infer".into())
             .spawn(move || serve(model, rx, opts, observe))
             .expect("spawn the inference thread");
-        InferenceHandle { tx, model_name, prompts }
+        InferenceHandle { tx, model_name, prompts, doctags }
     }
 
     pub fn model_name(&self) -> &str {
         &self.model_name
+    }
+
+    /// Whether the model writes DocTags ([`Generator::emits_doctags`]).
+    pub fn emits_doctags(&self) -> bool {
+        self.doctags
     }
 
     pub fn default_prompt(&self, task: TaskKind) -> &str {

@@ -4,7 +4,7 @@
 //! * [`plan`]: an input object and its probe become page-range tasks with stable ids;
 //! * [`route`]: whether a PDF page's own text layer is good enough to skip the model;
 //! * [`infer`]: one model per process behind a channel, batching pages across tasks;
-//! * [`process`]: one task → its records (render, route, infer);
+//! * [`process`]: one task → its records (render, route, infer, and [`doctags`]: DocTags → Markdown + blocks);
 //! * [`split`]: whole-document tasks (distributed planning) opened and split by a worker;
 //! * [`worker`]: the loop that leases tasks, processes them, stores results and acks;
 //! * [`finish`]: per-document Markdown and `manifest.json` once every task is settled;
@@ -13,6 +13,7 @@
 
 #[cfg(feature = "distributed")]
 pub mod distributed;
+pub mod doctags;
 pub mod embedded;
 pub mod faults;
 pub mod finish;

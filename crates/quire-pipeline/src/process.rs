@@ -294,6 +294,8 @@ fn to_record(task: &TaskSpec, s: &JobSettings, page_count: u32, u: Unit, ctx: &P
         error: None,
         key: None,
         member: None,
+        markdown: None,
+        blocks: None,
     };
     let vlm_engine = s.engine == Engine::Vlm || (task.unit == UnitKind::Image && s.engine != Engine::TextLayer);
     match u.outcome.unwrap_or_else(|| failed(ErrorKind::Internal, "page was not processed")) {
@@ -302,6 +304,12 @@ fn to_record(task: &TaskSpec, s: &JobSettings, page_count: u32, u: Unit, ctx: &P
             r.engine = Engine::Vlm.as_str().into();
             r.model = model_name;
             r.prompt = Some(prompt);
+            if ctx.model.as_ref().is_some_and(|m| m.emits_doctags()) {
+                if let Some((markdown, blocks)) = crate::doctags::transform(&text, r.width, r.height) {
+                    r.markdown = Some(markdown);
+                    r.blocks = Some(blocks);
+                }
+            }
             r.text = text;
             r.tokens_in = tokens_in;
             r.tokens_out = tokens_out;

@@ -16,6 +16,8 @@ pub struct VlmGenerator {
     long_side: Option<u32>,
     /// The model reference as the user gave it, written into records.
     spec: String,
+    /// The checkpoint's tokenizer has the DocTags vocabulary.
+    doctags: bool,
 }
 
 /// `cpu`, `cuda` or `cuda:N`.
@@ -37,7 +39,11 @@ impl VlmGenerator {
         let vlm = Vlm::load(dir, &opts).with_context(|| format!("loading model {spec}"))?;
         let ck = quire_vlm::Checkpoint::open(dir)?;
         let long_side = ck.image_processor.pointer("/size/longest_edge").and_then(|v| v.as_u64()).map(|v| v as u32);
-        Ok(VlmGenerator { vlm, long_side, spec: spec.to_string() })
+        let doctags = crate::doctags::has_doctags_vocabulary(dir);
+        if doctags {
+            tracing::info!("{spec} writes DocTags: its pages get markdown and layout blocks");
+        }
+        Ok(VlmGenerator { vlm, long_side, spec: spec.to_string(), doctags })
     }
 
     /// The long side, in pixels, the model's processor resizes images to.
@@ -49,6 +55,10 @@ impl VlmGenerator {
 impl Generator for VlmGenerator {
     fn model_name(&self) -> String {
         self.spec.clone()
+    }
+
+    fn emits_doctags(&self) -> bool {
+        self.doctags
     }
 
     fn default_prompt(&self, task: TaskKind) -> String {

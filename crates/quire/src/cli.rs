@@ -33,7 +33,20 @@ pub enum Command {
     Worker(WorkerArgs),
     /// How far a distributed job has come.
     Status(StatusArgs),
+    /// Convert DocTags (SmolDocling / Granite-Docling output) to Markdown, or to layout blocks with --json.
+    #[command(after_help = DOCTAGS_EXAMPLES)]
+    Doctags(DoctagsArgs),
 }
+
+const DOCTAGS_EXAMPLES: &str = "\
+Examples:
+  # Markdown of saved model output, pages split at <page_break>
+  quire doctags page1.dt page2.dt > doc.md
+
+  # Layout blocks of the text on stdin, boxes scaled to a 1240x1754 page
+  quire doctags --json --width 1240 --height 1754 < page.dt
+
+Exit codes: 0 converted; 2 an input could not be read (nothing is printed then).";
 
 const RUN_EXAMPLES: &str = "\
 Examples:
@@ -293,6 +306,22 @@ pub struct WorkerArgs {
     /// yet (otherwise the coordinator's value is in force and adopted).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_deliver: u32,
+}
+
+#[derive(Args)]
+pub struct DoctagsArgs {
+    /// DocTags files, a page each or pages split at <page_break>; `-` or nothing reads stdin.
+    #[arg(value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+    /// Print the layout blocks as JSON lines, one line per page: {"source", "page", "blocks"}.
+    #[arg(long)]
+    pub json: bool,
+    /// Page width in pixels that bounding boxes are scaled to (default: DocTags' own 0..500 grid).
+    #[arg(long, default_value_t = quire_doctags::LOC_GRID, value_parser = clap::value_parser!(u32).range(1..))]
+    pub width: u32,
+    /// Page height in pixels that bounding boxes are scaled to.
+    #[arg(long, default_value_t = quire_doctags::LOC_GRID, value_parser = clap::value_parser!(u32).range(1..))]
+    pub height: u32,
 }
 
 #[derive(Args)]

@@ -2,6 +2,7 @@
 
 mod cli;
 mod distributed;
+mod doctags;
 mod model;
 mod run;
 
@@ -62,6 +63,7 @@ fn main() -> std::process::ExitCode {
         cli::Command::Coordinator(args) => distributed::coordinator(args),
         cli::Command::Worker(args) => distributed::worker(args),
         cli::Command::Status(args) => distributed::status(args),
+        cli::Command::Doctags(args) => doctags::run(args),
     };
     std::process::ExitCode::from(code)
 }
