@@ -118,6 +118,8 @@ work="$(mktemp -d)"
 ctr=""
 cleanup() {
   if [ -n "$ctr" ]; then b rm "$ctr" >/dev/null 2>&1 || true; fi
+  # Earlier builds' images (untagged now) would pile up in the cache.
+  b rmi --prune >/dev/null 2>&1 || true
   rm -rf "$ctx" "$work"
 }
 trap cleanup EXIT
@@ -129,7 +131,7 @@ else
 fi
 cp "$pdfium" "$ctx/libpdfium.so"
 tag="localhost/quire:ci"
-b bud --quiet --layers --format docker --isolation chroot -f deploy/Dockerfile --target runtime-prebuilt \
+b bud --quiet --format docker --isolation chroot -f deploy/Dockerfile --target runtime-prebuilt \
   --build-arg BASE_IMAGE="$base" --build-arg VERSION="$("$bin" --version | awk '{print $2}')" \
   --build-arg REVISION="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" \
   -t "$tag" "$ctx" >/dev/null
