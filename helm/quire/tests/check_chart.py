@@ -254,6 +254,17 @@ def metric_names() -> set[str]:
 
 # ---------------------------------------------------------------------------
 
+def supported_versions() -> list[str]:
+    """The oldest and the newest Kubernetes that kubernetes-validate ships within
+    the chart's kubeVersion (>= 1.27)."""
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["kubeVersion"].startswith(">= 1.27"), chart["kubeVersion"]
+    ok = [v for v in kubernetes_validate.utils.all_versions()
+          if tuple(int(x) for x in v.split(".")[:2]) >= (1, 27)]
+    assert ok, "kubernetes-validate ships no version >= 1.27"
+    return [ok[0], ok[-1]]
+
+
 def lint(values: dict) -> None:
     report = helm.lint(str(CHART), values, strict=True, namespace=NAMESPACE)
     bad = [m for m in report.get("messages", []) if m.get("severity", 0) >= 2]
@@ -402,7 +413,7 @@ def scenario_checks(path: Path) -> None:
     check(f"{name}: render", do_render)
     if not docs:
         return
-    versions = ["1.27.0", kubernetes_validate.utils.latest_version()]
+    versions = supported_versions()
     check(f"{name}: kubernetes-validate --strict {versions}", lambda: kube_validate(docs, versions))
     check(f"{name}: custom resource shapes", lambda: custom_shapes(docs))
     check(f"{name}: securityContext on every quire pod", lambda: security_everywhere(docs))
