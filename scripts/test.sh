@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one test command: installs what the tests need when it is missing
-# (poppler-utils, libpdfium, nats-server, Garage) and runs every test.
+# (poppler-utils, libpdfium, nats-server, Garage) and runs every test, then
+# the deploy checks (scripts/test-deploy.sh).
 #
 #   scripts/test.sh [extra cargo test args]
 #
@@ -26,4 +27,9 @@ if [ -x scripts/install-services.sh ]; then
   eval "$(scripts/install-services.sh)"
 fi
 
-exec cargo test --workspace "$@"
+cargo test --workspace "$@"
+# Then deploy/ and helm/quire/: linters, chart checks, and the CPU image built
+# around the binary cargo test just built, run with buildah (QUIRE_DEPLOY_CHECKS=0 skips them).
+if [ "${QUIRE_DEPLOY_CHECKS:-1}" != 0 ]; then
+  bash scripts/test-deploy.sh
+fi

@@ -290,6 +290,42 @@ fn usage_errors_exit_2_with_a_clear_message() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("setup-pdfium"), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
+#[test]
+fn job_names_expand_the_date_so_a_nightly_command_makes_a_new_job_each_night() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().to_str().unwrap();
+    let input = doc("born_digital.pdf");
+    let night = |time: &str| {
+        Command::new(env!("CARGO_BIN_EXE_quire"))
+            .args(["run", input.to_str().unwrap(), "--out", out, "--engine", "text-layer", "--quiet", "--job", "nightly-{date}"])
+            .env("QUIRE_JOB_TIME", time)
+            .output()
+            .unwrap()
+    };
+    assert_eq!(code(&night("2026-11-28T02:00:00Z")), 0);
+    // The same command the next night: a job of its own, nothing skipped.
+    assert_eq!(code(&night("2026-11-29T02:00:00Z")), 0);
+    for job in ["nightly-2026-11-28", "nightly-2026-11-29"] {
+        let m = manifest(tmp.path(), job);
+        assert_eq!(m["counts"]["tasks_skipped"], 0, "{job}: {m}");
+        assert!(m["counts"]["pages_ok"].as_u64().unwrap() > 0, "{job}: {m}");
+        assert!(records(tmp.path(), job).values().all(|r| r["job"] == job));
+    }
+    // --job-time beats the variable; {time} is HHMM, in UTC.
+    let o = quire(&["run", input.to_str().unwrap(), "--out", out, "--engine", "text-layer", "--quiet",
+                    "--job", "adhoc-{date}-{time}", "--job-time", "2026-11-29T00:30:00+01:00"]);
+    assert_eq!(code(&o), 0);
+    assert!(tmp.path().join("adhoc-2026-11-28-2330/manifest.json").is_file());
+    // An unknown placeholder or a time that is not RFC 3339 is a usage error, before any work.
+    let o = quire(&["run", input.to_str().unwrap(), "--out", out, "--job", "nightly-{day}"]);
+    assert_eq!(code(&o), 2);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("{day}"), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = quire(&["run", input.to_str().unwrap(), "--out", out, "--job", "nightly-{date}", "--job-time", "yesterday"]);
+    assert_eq!(code(&o), 2);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("RFC 3339"));
+    assert!(!tmp.path().join("nightly-{day}").exists());
+}
+
 /// The tiny random-weight checkpoints written by `tests/gen_idefics3.py` and
 /// what `transformers` generated with them.
 fn idefics3(name: &str) -> (PathBuf, Value) {

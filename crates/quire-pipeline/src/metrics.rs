@@ -8,6 +8,7 @@ use prometheus::{
 };
 use quire_core::{Record, TaskSpec, UnitKind};
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -35,6 +36,11 @@ pub struct Metrics {
     pub model_load_seconds: Gauge,
     /// 1 once connected to the queue, 0 while starting or stopping.
     pub ready: IntGauge,
+    /// Tasks that failed on their last allowed delivery (`max_deliver`), so
+    /// that the queue dead-letters them.
+    pub tasks_given_up: IntCounter,
+    /// The queue's `max_deliver` in force (0 while unknown); see [`Metrics::set_max_deliver`].
+    max_deliver: AtomicU32,
     jobs: Mutex<HashSet<String>>,
 }
 
@@ -97,6 +103,11 @@ impl Metrics {
         let model_load_seconds =
             Gauge::new("model_load_seconds", "Seconds it took to load the model").unwrap();
         let ready = IntGauge::new("ready", "1 when the worker takes tasks").unwrap();
+        let tasks_given_up = IntCounter::new(
+            "tasks_given_up_total",
+            "Tasks that failed on their last allowed delivery and go to the dead letters",
+        )
+        .unwrap();
         for c in [
             Box::new(tasks.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(units.clone()),
@@ -111,6 +122,7 @@ impl Metrics {
             Box::new(queue_pending.clone()),
             Box::new(model_load_seconds.clone()),
             Box::new(ready.clone()),
+            Box::new(tasks_given_up.clone()),
         ] {
             registry.register(c).expect("unique metric names");
         }
@@ -129,8 +141,17 @@ impl Metrics {
             queue_pending,
             model_load_seconds,
             ready,
+            tasks_given_up,
+            max_deliver: AtomicU32::new(0),
             jobs: Mutex::new(HashSet::new()),
         }
+    }
+
+    /// The deliveries a task gets before the queue gives it up (the rule in
+    /// force on the queue), so that a failure on the last one is counted in
+    /// `quire_tasks_given_up_total`.
+    pub fn set_max_deliver(&self, n: u32) {
+        self.max_deliver.store(n, Ordering::Relaxed);
     }
 
     /// Jobs this worker has had tasks of.
@@ -161,7 +182,7 @@ impl TaskObserver for Metrics {
         end: TaskEnd,
         records: &[Record],
         _elapsed: Duration,
-        _delivery: u32,
+        delivery: u32,
     ) {
         let outcome = match end {
             TaskEnd::Stored => "stored",
@@ -177,6 +198,10 @@ impl TaskObserver for Metrics {
         }
         if end == TaskEnd::Retried {
             self.errors.with_label_values(&["task_retry"]).inc();
+            let max = self.max_deliver.load(Ordering::Relaxed);
+            if max > 0 && delivery >= max {
+                self.tasks_given_up.inc();
+            }
         }
         let kind = if task.unit == UnitKind::Image {
             "image"
@@ -297,5 +322,28 @@ mod tests {
         m.ready.set(1);
         assert!(get("/readyz").await.starts_with("HTTP/1.1 200"));
         assert!(get("/nope").await.starts_with("HTTP/1.1 404"));
+    }
+
+    #[tokio::test]
+    async fn a_failure_on_the_last_delivery_counts_as_given_up() {
+        let m = Metrics::new();
+        let src = quire_core::SourceRef {
+            uri: "a.pdf".into(),
+            rel: "a.pdf".into(),
+            size: 1,
+            version: "1".into(),
+        };
+        let task = crate::split::document_task(&quire_core::JobSettings::new("j"), "f", &src);
+        m.set_max_deliver(3);
+        m.ended(&task, TaskEnd::Retried, &[], Duration::ZERO, 2).await;
+        assert_eq!(m.tasks_given_up.get(), 0);
+        m.ended(&task, TaskEnd::Retried, &[], Duration::ZERO, 3).await;
+        assert_eq!(m.tasks_given_up.get(), 1);
+        // Handed back on the last delivery by a shutdown is not a failure of the task.
+        m.ended(&task, TaskEnd::Interrupted, &[], Duration::ZERO, 3).await;
+        assert_eq!(m.tasks_given_up.get(), 1);
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(text.contains("quire_tasks_given_up_total 1"), "{text}");
+        assert!(text.contains("quire_tasks_total{outcome=\"retried\"} 2"), "{text}");
     }
 }

@@ -18,6 +18,10 @@ pub struct Cli {
     /// process is stopped and the page gets a `timeout` error record; 0 waits for ever.
     #[arg(long, global = true, value_name = "SECONDS", default_value_t = 120)]
     pub page_timeout_s: u64,
+    /// The time `{date}` (YYYY-MM-DD) and `{time}` (HHMM) in a job name stand for, as an
+    /// RFC 3339 timestamp; they are UTC. Default: now.
+    #[arg(long, global = true, value_name = "RFC3339", env = "QUIRE_JOB_TIME")]
+    pub job_time: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -88,7 +92,8 @@ pub enum DtypeArg {
 /// What a job produces: the options that go into its settings.
 #[derive(Args, Clone)]
 pub struct JobOpts {
-    /// Job name: the folder under --out, and what reruns resume.
+    /// Job name: the folder under --out, and what reruns resume. `{date}` and `{time}` in it
+    /// become the UTC date and time (see --job-time), e.g. nightly-{date}.
     #[arg(long, default_value = "default")]
     pub job: String,
     /// What to produce for each page or image.
@@ -326,7 +331,7 @@ pub struct DoctagsArgs {
 
 #[derive(Args)]
 pub struct StatusArgs {
-    /// Job name.
+    /// Job name (`{date}` and `{time}` expand as in --job).
     pub job: String,
     /// The job's output folder or s3://bucket/prefix (default: where the coordinator said, read from NATS).
     #[arg(long, value_name = "URI", required_unless_present = "nats")]

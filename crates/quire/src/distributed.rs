@@ -207,6 +207,7 @@ fn worker_inner(args: WorkerArgs) -> anyhow::Result<u8> {
         let queue = connect_queue(&args.services.nats, args.services.nats_auth.auth(), queue_opts, false).await?;
         // The lease time in force is the consumer's (set by the coordinator).
         let ack_wait = queue.options().queue.ack_wait;
+        metrics.set_max_deliver(queue.options().queue.max_deliver);
         if ack_wait != queue_opts.ack_wait {
             tracing::info!("the queue's ack wait is {ack_wait:?} (set by the coordinator); heartbeats follow it");
         }

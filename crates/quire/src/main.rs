@@ -3,6 +3,7 @@
 mod cli;
 mod distributed;
 mod doctags;
+mod jobname;
 mod model;
 mod run;
 
@@ -38,12 +39,30 @@ pub fn start_renderer() -> Result<quire_render::PdfRenderer, quire_render::Rende
     quire_render::PdfRenderer::start_processes_with(n, &exe, &[], timeout)
 }
 
+/// `{date}` and `{time}` in the job name of any subcommand (see [`jobname`]).
+fn expand_job_name(cli: &mut cli::Cli) -> Result<(), String> {
+    let job = match &mut cli.command {
+        cli::Command::Run(a) => &mut a.opts.job,
+        cli::Command::Coordinator(a) => &mut a.opts.job,
+        cli::Command::Status(a) => &mut a.job,
+        // The worker has no job of its own (and other subcommands no job name).
+        #[allow(unreachable_patterns)]
+        _ => return Ok(()),
+    };
+    *job = jobname::expand_job_name(job, jobname::job_clock(cli.job_time.as_deref())?)?;
+    Ok(())
+}
+
 fn main() -> std::process::ExitCode {
     // A render worker process started by `start_renderer` does only that.
     if let Some(code) = quire_render::run_worker_if_requested() {
         std::process::exit(code);
     }
-    let cli = cli::Cli::parse();
+    let mut cli = cli::Cli::parse();
+    if let Err(m) = expand_job_name(&mut cli) {
+        eprintln!("error: {m}");
+        return std::process::ExitCode::from(exit::USAGE);
+    }
     let timeout = (cli.page_timeout_s > 0).then(|| std::time::Duration::from_secs(cli.page_timeout_s));
     let _ = RENDER_PROCS.set((cli.render_procs.map(|n| n as usize).unwrap_or_else(|| {
         std::thread::available_parallelism().map(|n| n.get().min(4)).unwrap_or(1)

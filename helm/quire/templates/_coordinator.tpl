@@ -1,0 +1,93 @@
+{{/*
+The coordinator's pod template, for the nightly CronJob and the ad-hoc Job:
+`quire coordinator ... --wait`, so the pod's exit code is the run's.
+Called with (dict "root" $ "job" NAME).
+*/}}
+{{- define "quire.coordinatorPod" -}}
+{{- $ := .root }}
+{{- $c := $.Values.coordinator }}
+{{- $j := $.Values.job }}
+metadata:
+  labels:
+    {{- include "quire.selectorLabels" (dict "root" $ "component" "coordinator") | nindent 4 }}
+  {{- with $c.podAnnotations }}
+  annotations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+spec:
+  restartPolicy: Never
+  serviceAccountName: {{ include "quire.serviceAccountName" $ }}
+  automountServiceAccountToken: false
+  {{- with $.Values.imagePullSecrets }}
+  imagePullSecrets:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  securityContext:
+    {{- include "quire.podSecurityContext" $ | nindent 4 }}
+  {{- with $c.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $c.tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $c.affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  containers:
+    - name: coordinator
+      image: {{ include "quire.cpuImage" $ }}
+      imagePullPolicy: {{ $.Values.image.pullPolicy }}
+      args:
+        - coordinator
+        {{- if not $j.inputs }}{{ fail "job.inputs needs at least one input (s3://bucket/prefix)" }}{{ end }}
+        {{- range $j.inputs }}
+        - --input
+        - {{ . | quote }}
+        {{- end }}
+        - --out
+        - {{ required "job.out is required (s3://bucket/prefix)" $j.out | quote }}
+        - --job
+        - {{ .job | quote }}
+        - --task
+        - {{ $j.task | quote }}
+        - --engine
+        - {{ $j.engine | quote }}
+        {{- with $j.model }}
+        - --model
+        - {{ . | quote }}
+        {{- end }}
+        - --pages-per-task
+        - {{ $j.pagesPerTask | quote }}
+        - --max-deliver
+        - {{ $j.maxDeliver | quote }}
+        - --ack-wait-s
+        - {{ $j.ackWaitSeconds | quote }}
+        - --poll-ms
+        - {{ $c.pollMs | quote }}
+        {{- range $j.extraArgs }}
+        - {{ . | quote }}
+        {{- end }}
+        - --wait
+      env:
+        {{- include "quire.env" $ | nindent 8 }}
+        {{- with $c.extraEnv }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      resources:
+        {{- toYaml $c.resources | nindent 8 }}
+      securityContext:
+        {{- include "quire.containerSecurityContext" $ | nindent 8 }}
+      volumeMounts:
+        - {name: tmp, mountPath: /tmp}
+        - {name: cache, mountPath: /cache}
+        {{- include "quire.secretVolumeMounts" $ | nindent 8 }}
+  volumes:
+    - name: tmp
+      emptyDir: {sizeLimit: 4Gi}
+    - name: cache
+      emptyDir: {sizeLimit: 1Gi}
+    {{- include "quire.secretVolumes" $ | nindent 4 }}
+{{- end }}

@@ -1,0 +1,212 @@
+{{/* Names and labels. */}}
+{{- define "quire.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "quire.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "quire.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+app.kubernetes.io/name: {{ include "quire.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "quire.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "quire.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "quire.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "quire.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* The bundled NATS chart's full name, as that chart computes it. */}}
+{{- define "quire.natsFullname" -}}
+{{- if .Values.nats.fullnameOverride }}
+{{- .Values.nats.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default "nats" .Values.nats.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "quire.natsUrl" -}}
+{{- if .Values.queue.url }}
+{{- .Values.queue.url }}
+{{- else if .Values.nats.enabled }}
+{{- printf "nats://%s.%s.svc:4222" (include "quire.natsFullname" .) .Release.Namespace }}
+{{- else }}
+{{- fail "queue.url is required unless nats.enabled (the bundled NATS) is true" }}
+{{- end }}
+{{- end }}
+
+{{- define "quire.image" -}}
+{{- if gt (int .Values.worker.gpu) 0 -}}
+{{ .Values.cudaImage.repository }}:{{ default (printf "%s-cuda" .Chart.AppVersion) .Values.cudaImage.tag }}
+{{- else -}}
+{{ .Values.image.repository }}:{{ default .Chart.AppVersion .Values.image.tag }}
+{{- end }}
+{{- end }}
+
+{{- define "quire.cpuImage" -}}
+{{ .Values.image.repository }}:{{ default .Chart.AppVersion .Values.image.tag }}
+{{- end }}
+
+{{/* Secret names: the user's, or the one this chart makes from values. */}}
+{{- define "quire.natsSecret" -}}
+{{- if .Values.queue.auth.existingSecret }}{{ .Values.queue.auth.existingSecret }}
+{{- else }}{{ include "quire.fullname" . }}-nats
+{{- end }}
+{{- end }}
+
+{{- define "quire.s3Secret" -}}
+{{- if .Values.s3.existingSecret }}{{ .Values.s3.existingSecret }}
+{{- else if or .Values.s3.accessKeyId .Values.s3.secretAccessKey }}{{ include "quire.fullname" . }}-s3
+{{- end }}
+{{- end }}
+
+{{- define "quire.hfSecret" -}}
+{{- if .Values.huggingface.existingSecret }}{{ .Values.huggingface.existingSecret }}
+{{- else if .Values.huggingface.token }}{{ include "quire.fullname" . }}-hf
+{{- end }}
+{{- end }}
+
+{{/* Pod-level securityContext: every quire pod runs as uid 65532, never root. */}}
+{{- define "quire.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 65532
+runAsGroup: 65532
+fsGroup: 65532
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{- define "quire.containerSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 65532
+runAsGroup: 65532
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+privileged: false
+capabilities:
+  drop: ["ALL"]
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{/*
+Environment shared by every quire container: the QUIRE_* variables the
+README documents. Secret values come only through secretKeyRef or mounted files.
+*/}}
+{{- define "quire.env" -}}
+- name: QUIRE_NATS
+  value: {{ include "quire.natsUrl" . | quote }}
+{{- $a := .Values.queue.auth }}
+{{- if eq $a.method "userPassword" }}
+- name: QUIRE_NATS_USER
+  valueFrom: {secretKeyRef: {name: {{ include "quire.natsSecret" . }}, key: {{ $a.userKey }}}}
+- name: QUIRE_NATS_PASSWORD
+  valueFrom: {secretKeyRef: {name: {{ include "quire.natsSecret" . }}, key: {{ $a.passwordKey }}}}
+{{- else if eq $a.method "token" }}
+- name: QUIRE_NATS_TOKEN
+  valueFrom: {secretKeyRef: {name: {{ include "quire.natsSecret" . }}, key: {{ $a.tokenKey }}}}
+{{- end }}
+{{- if include "quire.natsCredsMounted" . }}
+- name: QUIRE_NATS_CREDS
+  value: /var/run/secrets/quire/nats/{{ .Values.queue.auth.credsKey }}
+{{- end }}
+{{- if .Values.queue.tls.enabled }}
+- name: QUIRE_NATS_TLS_CA
+  value: /var/run/secrets/quire/nats-tls/{{ .Values.queue.tls.caKey }}
+{{- if .Values.queue.tls.clientCert }}
+- name: QUIRE_NATS_TLS_CERT
+  value: /var/run/secrets/quire/nats-tls/tls.crt
+- name: QUIRE_NATS_TLS_KEY
+  value: /var/run/secrets/quire/nats-tls/tls.key
+{{- end }}
+{{- end }}
+{{- with .Values.s3.endpoint }}
+- name: QUIRE_S3_ENDPOINT
+  value: {{ . | quote }}
+{{- end }}
+{{- with .Values.s3.region }}
+- name: QUIRE_S3_REGION
+  value: {{ . | quote }}
+- name: AWS_REGION
+  value: {{ . | quote }}
+{{- end }}
+{{- if .Values.s3.pathStyle }}
+- name: QUIRE_S3_PATH_STYLE
+  value: "true"
+{{- end }}
+{{- with include "quire.s3Secret" . }}
+- name: AWS_ACCESS_KEY_ID
+  valueFrom: {secretKeyRef: {name: {{ . }}, key: {{ $.Values.s3.accessKeyIdKey }}}}
+- name: AWS_SECRET_ACCESS_KEY
+  valueFrom: {secretKeyRef: {name: {{ . }}, key: {{ $.Values.s3.secretAccessKeyKey }}}}
+{{- end }}
+{{- with include "quire.hfSecret" . }}
+- name: HF_TOKEN
+  valueFrom: {secretKeyRef: {name: {{ . }}, key: {{ $.Values.huggingface.tokenKey }}}}
+{{- end }}
+- name: HF_HOME
+  value: /cache/huggingface
+{{- end }}
+
+{{/* Whether a NATS credentials file is mounted. */}}
+{{- define "quire.natsCredsMounted" -}}
+{{- if eq .Values.queue.auth.method "creds" }}true{{- end }}
+{{- end }}
+
+{{- define "quire.secretVolumeMounts" -}}
+{{- if include "quire.natsCredsMounted" . }}
+- name: nats-creds
+  mountPath: /var/run/secrets/quire/nats
+  readOnly: true
+{{- end }}
+{{- if .Values.queue.tls.enabled }}
+- name: nats-tls
+  mountPath: /var/run/secrets/quire/nats-tls
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "quire.secretVolumes" -}}
+{{- if include "quire.natsCredsMounted" . }}
+- name: nats-creds
+  secret:
+    secretName: {{ include "quire.natsSecret" . }}
+    defaultMode: 0440
+    items:
+      - key: {{ .Values.queue.auth.credsKey }}
+        path: {{ .Values.queue.auth.credsKey }}
+{{- end }}
+{{- if .Values.queue.tls.enabled }}
+- name: nats-tls
+  secret:
+    secretName: {{ required "queue.tls.secretName is required with queue.tls.enabled" .Values.queue.tls.secretName }}
+    defaultMode: 0440
+{{- end }}
+{{- end }}

@@ -1,0 +1,642 @@
+#!/usr/bin/env python3
+"""Checks of the quire Helm chart, offline (no cluster, no helm binary).
+
+Run by scripts/test-deploy.sh in a venv with helm-python-sdk (Helm's Go SDK
+through ctypes), kubernetes-validate and PyYAML:
+
+    python helm/quire/tests/check_chart.py
+
+For every ci/*-values.yaml scenario: `helm lint --strict`, render, validate
+every manifest of a built-in kind with `kubernetes-validate --strict` against
+the oldest and the newest Kubernetes version it ships in the chart's range
+(>= 1.27), check the custom resources (KEDA ScaledObject, PodMonitor,
+PrometheusRule) against their shapes, and assert what matters for operators.
+Then values.schema.json must refuse bad values. Exits 1 on any failure.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+import helm_python as helm
+import jsonschema
+import kubernetes_validate
+import yaml
+
+CHART = Path(__file__).resolve().parents[1]
+ROOT = CHART.parents[1]
+SCENARIOS = sorted((CHART / "ci").glob("*-values.yaml"))
+RELEASE, NAMESPACE = "quire", "batch"
+CUSTOM_KINDS = {"ScaledObject", "PodMonitor", "PrometheusRule"}
+
+failures: list[str] = []
+passed = 0
+
+
+def check(name: str, fn) -> None:
+    """Runs one named check; an AssertionError or exception is a failure."""
+    global passed
+    try:
+        fn()
+        passed += 1
+    except Exception as e:  # noqa: BLE001 - every failure is reported the same way
+        detail = str(e) if isinstance(e, AssertionError) else traceback.format_exc(limit=3)
+        failures.append(f"{name}: {detail}")
+        print(f"FAIL {name}: {detail}", file=sys.stderr)
+
+
+def render(values: dict) -> list[dict]:
+    chart = helm.Chart.load(str(CHART))
+    out = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    docs = []
+    for path, text in sorted(out.items()):
+        if path.endswith("NOTES.txt"):
+            continue
+        for d in yaml.safe_load_all(text):
+            if d:
+                d.setdefault("metadata", {})
+                d["_template"] = path
+                docs.append(d)
+    return docs
+
+
+def notes(values: dict) -> str:
+    chart = helm.Chart.load(str(CHART))
+    out = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    return next(t for p, t in out.items() if p.endswith("NOTES.txt"))
+
+
+def strip(d: dict) -> dict:
+    return {k: v for k, v in d.items() if k != "_template"}
+
+
+def kinds(docs, kind):
+    return [d for d in docs if d["kind"] == kind]
+
+
+def one(docs, kind, name_suffix=""):
+    found = [d for d in kinds(docs, kind) if d["metadata"]["name"].endswith(name_suffix)]
+    assert len(found) == 1, f"expected one {kind} *{name_suffix}, found {[d['metadata']['name'] for d in found]}"
+    return found[0]
+
+
+def quire_docs(docs):
+    """Manifests of this chart itself (not of the bundled NATS chart)."""
+    return [d for d in docs if d["_template"].startswith("quire/templates/")]
+
+
+def pod_specs(docs):
+    """(owner, pod spec) of every workload quire renders."""
+    for d in quire_docs(docs):
+        k = d["kind"]
+        if k in ("Deployment", "Job", "StatefulSet", "DaemonSet"):
+            yield d, d["spec"]["template"]["spec"]
+        elif k == "CronJob":
+            yield d, d["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+
+
+def arg_after(args, flag):
+    assert flag in args, f"{flag} missing from {args}"
+    return args[args.index(flag) + 1]
+
+
+def env_of(container):
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+# ---------------------------------------------------------------------------
+# Shapes of the custom resources (the fields quire uses, typed as the CRDs
+# type them; unknown fields refused so that a typo cannot slip through).
+
+STR_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+LABEL_SELECTOR = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {"matchLabels": STR_MAP, "matchExpressions": {"type": "array"}},
+}
+METADATA = {
+    "type": "object",
+    "required": ["name"],
+    "properties": {"name": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", "maxLength": 253},
+                   "labels": STR_MAP, "annotations": STR_MAP, "namespace": {"type": "string"}},
+}
+DURATION = {"type": "string", "pattern": "^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"}
+SHAPES = {
+    ("keda.sh/v1alpha1", "ScaledObject"): {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "metadata": METADATA,
+            "spec": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["scaleTargetRef", "triggers"],
+                "properties": {
+                    "scaleTargetRef": {
+                        "type": "object", "additionalProperties": False, "required": ["name"],
+                        "properties": {"name": {"type": "string"}, "apiVersion": {"type": "string"},
+                                       "kind": {"type": "string"}, "envSourceContainerName": {"type": "string"}},
+                    },
+                    "minReplicaCount": {"type": "integer", "minimum": 0},
+                    "maxReplicaCount": {"type": "integer", "minimum": 1},
+                    "idleReplicaCount": {"type": "integer", "minimum": 0},
+                    "pollingInterval": {"type": "integer", "minimum": 1},
+                    "cooldownPeriod": {"type": "integer", "minimum": 0},
+                    "fallback": {"type": "object"},
+                    "advanced": {"type": "object"},
+                    "triggers": {
+                        "type": "array", "minItems": 1,
+                        "items": {
+                            "type": "object", "additionalProperties": False, "required": ["type", "metadata"],
+                            "properties": {"type": {"type": "string"}, "name": {"type": "string"},
+                                           "metadata": STR_MAP, "authenticationRef": {"type": "object"},
+                                           "metricType": {"enum": ["AverageValue", "Value", "Utilization"]},
+                                           "useCachedMetrics": {"type": "boolean"}},
+                        },
+                    },
+                },
+            },
+        },
+    },
+    ("monitoring.coreos.com/v1", "PodMonitor"): {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "metadata": METADATA,
+            "spec": {
+                "type": "object", "additionalProperties": False, "required": ["selector"],
+                "properties": {
+                    "selector": LABEL_SELECTOR,
+                    "namespaceSelector": {"type": "object"},
+                    "jobLabel": {"type": "string"},
+                    "podMetricsEndpoints": {
+                        "type": "array",
+                        "items": {"type": "object", "additionalProperties": False,
+                                  "properties": {"port": {"type": "string"}, "path": {"type": "string"},
+                                                 "interval": DURATION, "scrapeTimeout": DURATION,
+                                                 "scheme": {"enum": ["http", "https"]},
+                                                 "relabelings": {"type": "array"}, "metricRelabelings": {"type": "array"}}},
+                    },
+                },
+            },
+        },
+    },
+    ("monitoring.coreos.com/v1", "PrometheusRule"): {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "metadata": METADATA,
+            "spec": {
+                "type": "object", "additionalProperties": False,
+                "properties": {"groups": {"type": "array", "items": {
+                    "type": "object", "additionalProperties": False, "required": ["name", "rules"],
+                    "properties": {
+                        "name": {"type": "string", "minLength": 1}, "interval": DURATION,
+                        "rules": {"type": "array", "items": {
+                            "type": "object", "additionalProperties": False, "required": ["expr"],
+                            "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],
+                            "properties": {"alert": {"type": "string"}, "record": {"type": "string"},
+                                           "expr": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
+                                           "for": DURATION, "keep_firing_for": DURATION,
+                                           "labels": STR_MAP, "annotations": STR_MAP},
+                        }},
+                    },
+                }}},
+            },
+        },
+    },
+}
+
+
+# ---------------------------------------------------------------------------
+# Facts from the rest of the repository the chart must agree with.
+
+def consumer_name() -> str:
+    src = (ROOT / "crates/quire-queue/src/jetstream.rs").read_text()
+    m = re.search(r'consumer:\s*"([^"]+)"\.into\(\)', src)
+    assert m, "durable consumer name not found in jetstream.rs"
+    return m.group(1)
+
+
+def stream_name() -> str:
+    src = (ROOT / "crates/quire-queue/src/jetstream.rs").read_text()
+    m = re.search(r'stream:\s*"([^"]+)"\.into\(\)', src)
+    assert m, "stream name not found in jetstream.rs"
+    return m.group(1)
+
+
+def quire_env_names() -> set[str]:
+    src = (ROOT / "crates/quire/src/cli.rs").read_text()
+    return set(re.findall(r'env = "(QUIRE_[A-Z0-9_]+)"', src))
+
+
+def metric_names() -> set[str]:
+    """quire_* series the workers export (histograms with their suffixes)."""
+    src = (ROOT / "crates/quire-pipeline/src/metrics.rs").read_text()
+    names = set()
+    for m in re.finditer(r'(Opts|HistogramOpts|IntCounter|IntGauge|Gauge)::(new|with_opts)\(\s*"([a-z_]+)"', src):
+        names.add("quire_" + m.group(3))
+    hist = set(re.findall(r'HistogramOpts::new\(\s*"([a-z_]+)"', src))
+    for h in hist:
+        for suffix in ("_bucket", "_sum", "_count"):
+            names.add(f"quire_{h}{suffix}")
+    assert "quire_tasks_total" in names and "quire_batch_size_bucket" in names, names
+    return names
+
+
+# ---------------------------------------------------------------------------
+
+def supported_versions() -> list[str]:
+    """The oldest and the newest Kubernetes that kubernetes-validate ships within
+    the chart's kubeVersion (>= 1.27)."""
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["kubeVersion"].startswith(">= 1.27"), chart["kubeVersion"]
+    ok = [v for v in kubernetes_validate.utils.all_versions()
+          if tuple(int(x) for x in v.split(".")[:2]) >= (1, 27)]
+    assert ok, "kubernetes-validate ships no version >= 1.27"
+    return [ok[0], ok[-1]]
+
+
+def lint(values: dict) -> None:
+    report = helm.lint(str(CHART), values, strict=True, namespace=NAMESPACE)
+    bad = [m for m in report.get("messages", []) if m.get("severity", 0) >= 2]
+    assert not report.get("errors") and not bad, f"helm lint --strict: {report}"
+
+
+def kube_validate(docs: list[dict], versions: list[str]) -> None:
+    builtin = [strip(d) for d in docs if d["kind"] not in CUSTOM_KINDS]
+    assert builtin, "nothing rendered"
+    with tempfile.TemporaryDirectory() as tmp:
+        files = []
+        for i, d in enumerate(builtin):
+            p = Path(tmp) / f"{i:03d}-{d['kind']}.yaml"
+            p.write_text(yaml.safe_dump(d))
+            files.append(str(p))
+        exe = Path(sys.executable).with_name("kubernetes-validate")
+        for v in versions:
+            r = subprocess.run([str(exe), "--strict", "--quiet", "-k", v, *files], capture_output=True, text=True)
+            assert r.returncode == 0, f"kubernetes-validate --strict -k {v}:\n{r.stdout}{r.stderr}"
+
+
+def custom_shapes(docs: list[dict]) -> None:
+    for d in docs:
+        if d["kind"] in CUSTOM_KINDS:
+            shape = SHAPES.get((d["apiVersion"], d["kind"]))
+            assert shape, f"no shape for {d['apiVersion']} {d['kind']}"
+            jsonschema.validate(strip(d), shape)
+
+
+def security_everywhere(docs: list[dict]) -> None:
+    n = 0
+    for owner, spec in pod_specs(docs):
+        name = f"{owner['kind']}/{owner['metadata']['name']}"
+        psc = spec.get("securityContext", {})
+        assert psc.get("runAsNonRoot") is True and psc.get("runAsUser") == 65532, f"{name}: pod securityContext {psc}"
+        assert psc.get("seccompProfile", {}).get("type") == "RuntimeDefault", f"{name}: seccomp {psc}"
+        assert spec.get("automountServiceAccountToken") is False, f"{name}: service account token mounted"
+        writable = {v["name"] for v in spec.get("volumes", []) if "emptyDir" in v or "persistentVolumeClaim" in v}
+        for c in spec.get("containers", []) + spec.get("initContainers", []):
+            sc = c.get("securityContext", {})
+            assert sc.get("readOnlyRootFilesystem") is True, f"{name}/{c['name']}: root filesystem writable"
+            assert sc.get("allowPrivilegeEscalation") is False, f"{name}/{c['name']}: privilege escalation"
+            assert sc.get("capabilities", {}).get("drop") == ["ALL"], f"{name}/{c['name']}: capabilities {sc}"
+            assert sc.get("runAsNonRoot") is True and sc.get("privileged") is False, f"{name}/{c['name']}: {sc}"
+            mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
+            assert mounts.get("/tmp") in writable, f"{name}/{c['name']}: /tmp is not a writable volume ({mounts})"
+            assert mounts.get("/cache") in writable, f"{name}/{c['name']}: no writable cache volume ({mounts})"
+            n += 1
+    assert n >= 1, "no quire container rendered"
+
+
+def no_secret_values(docs: list[dict], values: dict) -> None:
+    secrets = []
+    for path in (("s3", "accessKeyId"), ("s3", "secretAccessKey"), ("huggingface", "token"),
+                 ("queue", "auth", "password"), ("queue", "auth", "token"), ("queue", "auth", "creds")):
+        v = values
+        for k in path:
+            v = (v or {}).get(k)
+        if v:
+            secrets.append(v)
+    made = {d["metadata"]["name"] for d in quire_docs(docs) if d["kind"] == "Secret"}
+    for d in docs:
+        if d["kind"] == "Secret" and d["metadata"]["name"] in made:
+            continue
+        text = json.dumps(strip(d))
+        for s in secrets:
+            for form in (s, base64.b64encode(s.encode()).decode(), s.strip().splitlines()[0] if "\n" in s.strip() else s):
+                assert form not in text, f"a secret value appears in {d['kind']}/{d['metadata']['name']}"
+    # Nothing secret-named is passed as a plain value: only secretKeyRef or a path to a mounted file.
+    for owner, spec in pod_specs(docs):
+        for c in spec["containers"]:
+            for e in c.get("env", []):
+                if re.search(r"PASSWORD|TOKEN|SECRET|ACCESS_KEY|CREDS|NKEY|TLS_KEY", e["name"]):
+                    if "valueFrom" in e:
+                        assert "secretKeyRef" in e["valueFrom"], f"{e['name']} not from a Secret"
+                    else:
+                        assert e["value"].startswith("/var/run/secrets/"), f"{e['name']} given inline"
+
+
+def worker(docs):
+    return one(docs, "Deployment", "-worker")
+
+
+def worker_container(docs):
+    return worker(docs)["spec"]["template"]["spec"]["containers"][0]
+
+
+def probes_on_metrics_port(docs) -> None:
+    c = worker_container(docs)
+    port = int(arg_after(c["args"], "--metrics-addr").rsplit(":", 1)[1])
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports.get("metrics") == port, f"metrics port {ports} vs --metrics-addr {port}"
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}, c["readinessProbe"]
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}, c["livenessProbe"]
+    spec = worker(docs)["spec"]["template"]["spec"]
+    grace = int(arg_after(c["args"], "--grace-s"))
+    assert spec["terminationGracePeriodSeconds"] > grace, "terminationGracePeriodSeconds must exceed --grace-s"
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    shm = next(v for v in spec["volumes"] if v["name"] == mounts["/dev/shm"])
+    assert shm["emptyDir"]["medium"] == "Memory", shm
+
+
+def cronjob_policy(docs, values) -> None:
+    cj = one(docs, "CronJob", "-nightly")
+    s = cj["spec"]
+    coord = values.get("coordinator", {})
+    assert s["schedule"] == coord.get("schedule", "0 2 * * *"), s["schedule"]
+    assert s["timeZone"] == coord.get("timeZone", "Etc/UTC"), s.get("timeZone")
+    assert s["concurrencyPolicy"] == "Forbid", s["concurrencyPolicy"]
+    assert s["startingDeadlineSeconds"] > 0 and s["successfulJobsHistoryLimit"] >= 1 and s["failedJobsHistoryLimit"] >= 1
+    js = s["jobTemplate"]["spec"]
+    assert js["ttlSecondsAfterFinished"] > 0 and js["activeDeadlineSeconds"] > 0, js
+    pod = js["template"]["spec"]
+    assert pod["restartPolicy"] == "Never", pod["restartPolicy"]
+    args = pod["containers"][0]["args"]
+    assert args[0] == "coordinator" and args[-1] == "--wait", args
+    # The job name is passed as the pattern: quire expands {date} itself each night.
+    want = values.get("job", {}).get("name", "nightly-{date}")
+    assert arg_after(args, "--job") == want and "{date}" in want, args
+    for i in values["job"]["inputs"]:
+        assert i in args, (i, args)
+    assert arg_after(args, "--out") == values["job"]["out"]
+
+
+def env_names_are_quires(docs) -> None:
+    known = quire_env_names()
+    for owner, spec in pod_specs(docs):
+        for c in spec["containers"]:
+            for n in env_of(c):
+                if n.startswith("QUIRE_"):
+                    assert n in known, f"{n} is not a variable quire reads ({sorted(known)})"
+
+
+# ---------------------------------------------------------------------------
+
+def scenario_checks(path: Path) -> None:
+    name = path.stem.removesuffix("-values")
+    values = yaml.safe_load(path.read_text()) or {}
+    docs: list[dict] = []
+
+    def do_render():
+        docs.extend(render(values))
+        assert docs
+
+    check(f"{name}: helm lint --strict", lambda: lint(values))
+    check(f"{name}: render", do_render)
+    if not docs:
+        return
+    versions = supported_versions()
+    check(f"{name}: kubernetes-validate --strict {versions}", lambda: kube_validate(docs, versions))
+    check(f"{name}: custom resource shapes", lambda: custom_shapes(docs))
+    check(f"{name}: securityContext on every quire pod", lambda: security_everywhere(docs))
+    check(f"{name}: no secret value outside its Secret", lambda: no_secret_values(docs, values))
+    check(f"{name}: probes on the metrics port, grace", lambda: probes_on_metrics_port(docs))
+    check(f"{name}: CronJob policy and schedule", lambda: cronjob_policy(docs, values))
+    check(f"{name}: QUIRE_* variables are quire's", lambda: env_names_are_quires(docs))
+    check(f"{name}: NOTES render", lambda: notes(values))
+
+    gpu = int(values.get("worker", {}).get("gpu", 0))
+
+    def gpu_limits():
+        c = worker_container(docs)
+        text = json.dumps([strip(d) for d in docs])
+        if gpu:
+            assert c["resources"]["limits"]["nvidia.com/gpu"] == gpu, c["resources"]
+            assert c["image"].endswith("-cuda"), c["image"]
+            assert arg_after(c["args"], "--device") == "cuda"
+        else:
+            assert "nvidia.com/gpu" not in json.dumps(c["resources"]), "GPU limits without worker.gpu"
+            assert "nvidia.com/gpu\":" not in text.replace('"nvidia.com/gpu.product"', ""), "GPU resources without worker.gpu"
+            assert arg_after(c["args"], "--device") == "cpu"
+    check(f"{name}: GPU limits only when asked", gpu_limits)
+
+    keda = values.get("keda", {}).get("enabled", False)
+
+    def scaling():
+        dep = worker(docs)
+        so = [d for d in docs if d["kind"] == "ScaledObject"]
+        if not keda:
+            assert not so and dep["spec"]["replicas"] == values.get("worker", {}).get("replicas", 1)
+            return
+        assert "replicas" not in dep["spec"], "KEDA owns the replica count"
+        (so,) = so
+        assert so["spec"]["scaleTargetRef"]["name"] == dep["metadata"]["name"]
+        assert so["spec"]["minReplicaCount"] == 0, "GPUs are released when the queue is empty"
+        (t,) = so["spec"]["triggers"]
+        m = t["metadata"]
+        assert t["type"] == "nats-jetstream"
+        assert m["stream"] == stream_name() and m["consumer"] == consumer_name(), m
+        assert m["natsServerMonitoringEndpoint"].endswith(":8222"), m
+        assert int(m["lagThreshold"]) >= 1
+        if values.get("nats", {}).get("enabled"):
+            host = m["natsServerMonitoringEndpoint"].split(".")[0]
+            headless = [d for d in docs if d["kind"] == "Service" and d["spec"].get("clusterIP") == "None"]
+            assert any(d["metadata"]["name"] == host and any(p["port"] == 8222 for p in d["spec"]["ports"])
+                       for d in headless), f"{host} is no headless service with port 8222"
+    check(f"{name}: KEDA ScaledObject or fixed replicas", scaling)
+
+    def nats_wiring():
+        c = worker_container(docs)
+        url = env_of(c)["QUIRE_NATS"]["value"]
+        if values.get("nats", {}).get("enabled"):
+            sts = [d for d in docs if d["kind"] == "StatefulSet" and d["_template"].startswith("quire/charts/nats/")]
+            assert len(sts) == 1, "the bundled NATS StatefulSet is missing"
+            cm = next(d for d in docs if d["kind"] == "ConfigMap" and d["_template"].startswith("quire/charts/nats/"))
+            conf = "".join(cm["data"].values())
+            assert "jetstream" in conf and "store_dir" in conf, conf
+            assert sts[0]["spec"]["volumeClaimTemplates"], "JetStream without file storage"
+            svc = url.removeprefix("nats://").split(".")[0]
+            assert any(d["kind"] == "Service" and d["metadata"]["name"] == svc for d in docs), (url, svc)
+        else:
+            assert url == values["queue"]["url"], url
+            assert not any(d["_template"].startswith("quire/charts/nats/") for d in docs)
+        auth = values.get("queue", {}).get("auth", {}).get("method", "none")
+        env = env_of(c)
+        if auth == "userPassword":
+            assert env["QUIRE_NATS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == values["queue"]["auth"].get("existingSecret", "quire-nats")
+        if auth == "creds":
+            path = env["QUIRE_NATS_CREDS"]["value"]
+            mount = next(m for m in c["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
+            vol = next(v for v in worker(docs)["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
+            assert "secret" in vol, vol
+        if values.get("queue", {}).get("tls", {}).get("enabled"):
+            for k in ("QUIRE_NATS_TLS_CA", "QUIRE_NATS_TLS_CERT", "QUIRE_NATS_TLS_KEY"):
+                assert env[k]["value"].startswith("/var/run/secrets/quire/nats-tls/"), env[k]
+    check(f"{name}: NATS connection and credentials", nats_wiring)
+
+    def s3_and_identity():
+        c = worker_container(docs)
+        env = env_of(c)
+        s3 = values.get("s3", {})
+        if s3.get("existingSecret") or s3.get("accessKeyId"):
+            ref = env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]
+            assert ref["name"] == (s3.get("existingSecret") or "quire-s3"), ref
+        else:
+            assert "AWS_SECRET_ACCESS_KEY" not in env and "AWS_ACCESS_KEY_ID" not in env
+        if s3.get("endpoint"):
+            assert env["QUIRE_S3_ENDPOINT"]["value"] == s3["endpoint"]
+        if s3.get("pathStyle"):
+            assert env["QUIRE_S3_PATH_STYLE"]["value"] == "true"
+        sa = one(docs, "ServiceAccount")
+        want = values.get("serviceAccount", {}).get("annotations", {})
+        assert sa["metadata"].get("annotations", {}) == want, sa["metadata"]
+        for owner, spec in pod_specs(docs):
+            assert spec["serviceAccountName"] == sa["metadata"]["name"]
+        if values.get("s3", {}).get("existingSecret") or values.get("queue", {}).get("auth", {}).get("existingSecret"):
+            assert not [d for d in quire_docs(docs) if d["kind"] == "Secret"], "a Secret was made although existing ones were named"
+    check(f"{name}: S3 credentials and workload identity", s3_and_identity)
+
+    def monitoring():
+        pm = [d for d in docs if d["kind"] == "PodMonitor"]
+        pr = [d for d in docs if d["kind"] == "PrometheusRule"]
+        cm = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-dashboard")]
+        assert bool(pm) == values.get("podMonitor", {}).get("enabled", False)
+        assert bool(pr) == values.get("prometheusRule", {}).get("enabled", False)
+        assert bool(cm) == values.get("dashboard", {}).get("enabled", False)
+        if pm:
+            extra = values["podMonitor"].get("additionalLabels", {})
+            assert extra.items() <= pm[0]["metadata"]["labels"].items()
+            ep = pm[0]["spec"]["podMetricsEndpoints"][0]
+            assert ep["port"] == "metrics" and ep["path"] == "/metrics"
+            assert pm[0]["spec"]["selector"]["matchLabels"] == worker(docs)["spec"]["selector"]["matchLabels"]
+        if pr:
+            extra = values["prometheusRule"].get("additionalLabels", {})
+            assert extra.items() <= pr[0]["metadata"]["labels"].items()
+            want = yaml.safe_load((ROOT / "deploy/prometheus/rules.yaml").read_text())
+            assert pr[0]["spec"] == want, "PrometheusRule differs from deploy/prometheus/rules.yaml"
+        if cm:
+            assert cm[0]["metadata"]["labels"].get("grafana_dashboard") == "1"
+            want = json.loads((ROOT / "deploy/grafana/quire.json").read_text())
+            assert json.loads(cm[0]["data"]["quire.json"]) == want, "dashboard differs from deploy/grafana/quire.json"
+    check(f"{name}: PodMonitor, PrometheusRule, dashboard", monitoring)
+
+    def pdb_and_netpol():
+        pdb = one(quire_docs(docs), "PodDisruptionBudget")
+        assert pdb["spec"]["selector"]["matchLabels"] == worker(docs)["spec"]["selector"]["matchLabels"]
+        np_ = one(quire_docs(docs), "NetworkPolicy")
+        assert np_["spec"]["policyTypes"] == ["Ingress"]
+        (rule,) = np_["spec"]["ingress"]
+        assert rule["ports"] == [{"port": "metrics", "protocol": "TCP"}], rule
+    check(f"{name}: PodDisruptionBudget and NetworkPolicy", pdb_and_netpol)
+
+    if values.get("adhoc", {}).get("enabled"):
+        def adhoc():
+            job = one(docs, "Job", f"-adhoc-{values['adhoc']['runId']}")
+            args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+            assert args[0] == "coordinator" and "--wait" in args
+            assert arg_after(args, "--job") == values["adhoc"].get("jobName", "adhoc-{date}-{time}")
+        check(f"{name}: ad-hoc Job", adhoc)
+
+
+def schema_checks() -> None:
+    base = yaml.safe_load((CHART / "ci/defaults-values.yaml").read_text())
+
+    def refused(change: dict, why: str, expect: str):
+        def run():
+            values = json.loads(json.dumps(base))
+            for path, v in change.items():
+                cur = values
+                keys = path.split(".")
+                for k in keys[:-1]:
+                    cur = cur.setdefault(k, {})
+                cur[keys[-1]] = v
+            try:
+                render(values)
+            except helm.HelmError as e:
+                assert re.search(expect, str(e)), f"refused for another reason: {e}"
+                return
+            raise AssertionError(f"{why}: accepted {change}")
+        check(f"schema: refuses {why}", run)
+
+    refused({"worker.replicas": -1}, "negative replicas", r"replicas")
+    refused({"worker.gpu": 1.5}, "a GPU count that is not an integer", r"gpu")
+    refused({"worker.gpu": "1"}, "a GPU count given as a string", r"gpu")
+    refused({"worker.gpus": 1}, "an unknown key (worker.gpus)", r"gpus")
+    refused({"colour": "blue"}, "an unknown top-level key", r"colour")
+    refused({"job.engine": "gpu"}, "an unknown engine", r"engine")
+    refused({"coordinator.concurrencyPolicy": "Sometimes"}, "an unknown concurrencyPolicy", r"concurrencyPolicy")
+    refused({"queue.url": "http://nats:4222"}, "a queue URL that is not nats://", r"url")
+    refused({"worker.terminationGracePeriodSeconds": 30, "worker.graceSeconds": 30},
+            "terminationGracePeriodSeconds not above --grace-s", r"terminationGracePeriodSeconds")
+    refused({"job.inputs": []}, "a run without inputs", r"job.inputs")
+    refused({"queue.url": ""}, "no queue and no bundled NATS", r"queue.url")
+
+    def defaults_accepted():
+        helm.Chart.load(str(CHART)).validate_schema(base)
+    check("schema: accepts the defaults scenario", defaults_accepted)
+
+
+def repository_checks() -> None:
+    def copies_in_step():
+        for a, b in (("deploy/prometheus/rules.yaml", "helm/quire/files/rules.yaml"),
+                     ("deploy/grafana/quire.json", "helm/quire/files/quire.json")):
+            assert (ROOT / a).read_bytes() == (ROOT / b).read_bytes(), f"{b} differs from {a}: copy it again"
+    check("chart files match deploy/", copies_in_step)
+
+    def metrics_exist():
+        known = metric_names()
+        dash = json.loads((ROOT / "deploy/grafana/quire.json").read_text())
+        assert "__inputs" not in dash, "the dashboard must use a datasource variable, not __inputs"
+        vars_ = {v["name"]: v for v in dash["templating"]["list"]}
+        assert vars_["datasource"]["type"] == "datasource" and vars_["datasource"]["query"] == "prometheus"
+        exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+        for p in dash["panels"]:
+            assert p["datasource"]["uid"] == "${datasource}", p["title"]
+        rules = yaml.safe_load((ROOT / "deploy/prometheus/rules.yaml").read_text())
+        exprs += [r["expr"] for g in rules["groups"] for r in g["rules"]]
+        used = {m for e in exprs for m in re.findall(r"\bquire_[a-z_]+", e)}
+        assert used and used <= known, f"metrics quire does not export: {sorted(used - known)}"
+        titles = " ".join(p["title"].lower() for p in dash["panels"])
+        for want in ("pages per second", "tasks by outcome", "queue depth", "dead letters", "stage latency",
+                     "batch size", "tokens per second", "seconds per page", "model load time"):
+            assert want in titles, f"dashboard has no panel for {want}"
+    check("dashboard and rules use metrics quire exports", metrics_exist)
+
+
+def main() -> int:
+    assert SCENARIOS, "no ci/*-values.yaml"
+    names = {p.stem for p in SCENARIOS}
+    for want in ("defaults-values", "gpu-keda-irsa-values", "bundled-nats-values",
+                 "external-nats-tls-values", "existing-secrets-values"):
+        assert want in names, f"scenario {want} missing"
+    for p in SCENARIOS:
+        scenario_checks(p)
+    schema_checks()
+    repository_checks()
+    if failures:
+        print(f"chart checks: {len(failures)} of {len(failures) + passed} FAILED", file=sys.stderr)
+        return 1
+    print(f"chart checks: all {passed} passed ({len(SCENARIOS)} scenarios)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
