@@ -571,6 +571,7 @@ fn a_full_disk_stops_the_run_with_a_clear_error_and_a_rerun_completes() {
 
 fn is_root() -> bool {
     Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
 
 /// DocTags as SmolDocling writes it, for every page the test model is given.
 const DOCTAGS_PAGE: &str = "<doctag><page_header><loc_20><loc_10><loc_480><loc_20>ACME Corp</page_header>\
