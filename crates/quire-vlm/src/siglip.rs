@@ -1,6 +1,7 @@
 //! `model.vision_model` of both families: a SigLIP-style encoder reading images of any
 //! size, with NaViT position bucketing and a key mask over padded patches. The families
-//! differ only in which patches of a zero-padded image count as real (see [`PatchRule`]).
+//! differ only in which patches of a zero-padded image count as real
+//! (see [`crate::frames::PatchRule`]).
 
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
