@@ -15,9 +15,11 @@ even to import on the CPU; `--no-deps` leaves `import torch` failing on libcubla
 
     ~/.cache/quire-tools/venv-ref/bin/python tests/gen_idefics2.py          # checkpoints
     ~/.cache/quire-tools/venv-ref/bin/python tests/gen_idefics2.py pdf      # scanned PDF pages
+    ~/.cache/quire-tools/venv-ref/bin/python tests/gen_idefics2.py lowp     # bf16/f16 drift
 
 Output: tests/fixtures/idefics2/<checkpoint>/ (a loadable HF folder) with reference.json and
-reference.safetensors (pixel values, pixel masks, first-step logits), and pdf_pages/. The
+reference.safetensors (pixel values, pixel masks, first-step logits), pdf_pages/ and
+lowp_reference.json (transformers' own bf16/f16 logit drift). The
 input images are tests/fixtures/idefics3/images/ (shared, not rewritten here). The Rust
 parity tests in crates/quire-vlm/tests/parity.rs and tests/pipeline.rs read these.
 """
@@ -311,6 +313,32 @@ def pdf_reference():
     json.dump(out, open(os.path.join(PDF_DIR, "reference.json"), "w"), indent=1)
 
 
+def lowp_reference(images):
+    """How far transformers' own first-step logits move when a checkpoint runs in bf16 or
+    f16 instead of f32 (max |low - f32| per case): lowp_reference.json, the yardstick of
+    quire's low-precision test."""
+    out = dict(transformers_version=transformers.__version__, torch_version=torch.__version__, checkpoints={})
+    for name in CHECKPOINTS:
+        d = os.path.join(ROOT, name)
+        processor = AutoProcessor.from_pretrained(d)
+        ref = AutoModelForImageTextToText.from_pretrained(d, dtype=torch.float32).eval()
+        res = {}
+        for label, dtype in [("bf16", torch.bfloat16), ("f16", torch.float16)]:
+            model = AutoModelForImageTextToText.from_pretrained(d, dtype=dtype).eval()
+            res[label] = {}
+            for i, img in enumerate(sorted(images)):
+                text = g3.render(processor, PROMPTS[i % len(PROMPTS)])
+                enc = processor(text=[text], images=[[images[img]]], return_tensors="pt")
+                with torch.no_grad():
+                    want = ref(**enc).logits[0, -1].float()
+                    got = model(**dict(enc, pixel_values=enc["pixel_values"].to(dtype))).logits[0, -1].float()
+                res[label][img.replace(".png", "")] = dict(
+                    max_abs_diff=float((got - want).abs().max()), max_abs_logit=float(want.abs().max()))
+        out["checkpoints"][name] = res
+        print("lowp", name, {k: max(c["max_abs_diff"] for c in v.values()) for k, v in res.items()})
+    json.dump(out, open(os.path.join(ROOT, "lowp_reference.json"), "w"), indent=1)
+
+
 def main():
     torch.set_num_threads(2)
     images = load_images()
@@ -318,7 +346,10 @@ def main():
     only = sys.argv[1:]
     if "pdf" in only:
         pdf_reference()
-        only = [o for o in only if o != "pdf"]
+    if "lowp" in only:
+        lowp_reference(images)
+    if {"pdf", "lowp"} & set(only):
+        only = [o for o in only if o not in ("pdf", "lowp")]
         if not only:
             return
     for name, spec in CHECKPOINTS.items():

@@ -519,3 +519,47 @@ fn idefics2_batch_of_mixed_sizes_equals_one_by_one() {
         assert_eq!(out[1].token_ids, u32s(&cases(&fx.meta)[1]["new_tokens"]));
     }
 }
+
+/// bf16 and f16 on the device under test: the Idefics2 checkpoints load and run in the low
+/// dtype, first-step logits stay within twice the drift transformers itself shows in that
+/// dtype on the same case (`lowp_reference.json`, from `gen_idefics2.py lowp`) without
+/// equalling f32's, and a batch decodes like its rows alone.
+#[test]
+fn idefics2_bf16_and_f16_stay_as_close_to_f32_as_transformers() {
+    use candle_core::DType;
+    let only = test_dtype();
+    let lowp: Value =
+        serde_json::from_str(&std::fs::read_to_string(idefics2_dir().join("lowp_reference.json")).unwrap()).unwrap();
+    let mut failures = Vec::new();
+    for name in IDEFICS2 {
+        let dir = idefics2_dir().join(name);
+        let meta: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+        let tensors = candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap();
+        for (label, dtype) in [("bf16", DType::BF16), ("f16", DType::F16)] {
+            if only != DType::F32 && only != dtype {
+                continue;
+            }
+            let mut vlm = Vlm::load(&dir, &LoadOptions { device: device(), dtype }).unwrap();
+            for case in cases(&meta) {
+                let key = case["image"].as_str().unwrap().trim_end_matches(".png");
+                let got = vlm.as_idefics2().unwrap().prefill_logits(&[request(case, 1)]).unwrap().remove(0);
+                let want: Vec<f32> = tensors[&format!("{key}.logits")].to_vec1().unwrap();
+                let d = max_abs_diff(&got, &want);
+                let hf_d = lowp["checkpoints"][*name][label][key]["max_abs_diff"].as_f64().unwrap() as f32;
+                eprintln!("idefics2 {name}/{key} {label} on {}: max |diff| {d:.5} (transformers {hf_d:.5})", device_label());
+                if !(got.iter().all(|x| x.is_finite()) && d <= 2.0 * hf_d && d > 1e-5) {
+                    failures.push(format!("{name}/{key} {label}: logits differ by {d} (transformers: {hf_d})"));
+                }
+            }
+            let reqs: Vec<Request> = cases(&meta).iter().map(|c| request(c, 8)).collect();
+            let batched = vlm.generate(&reqs).unwrap();
+            for (g, r) in batched.iter().zip(&reqs) {
+                let alone = vlm.generate(std::slice::from_ref(r)).unwrap().remove(0);
+                if alone.token_ids != g.token_ids || g.tokens_out == 0 {
+                    failures.push(format!("{name} {label}: batched {:?} vs alone {:?}", g.token_ids, alone.token_ids));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{} failure(s):\n{}", failures.len(), failures.join("\n"));
+}
