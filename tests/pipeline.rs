@@ -726,3 +726,85 @@ fn quire_doctags_converts_files_and_stdin_and_refuses_unreadable_files() {
     assert!(o.stdout.is_empty());
     assert!(String::from_utf8_lossy(&o.stderr).contains("cannot read /nonexistent/page.dt"));
 }
+
+/// The tiny random-weight Idefics2 checkpoints written by `tests/gen_idefics2.py` and what
+/// `transformers` generated with them (input images shared with Idefics3).
+fn idefics2(name: &str) -> (PathBuf, Value) {
+    let dir = fixtures().join("idefics2").join(name);
+    let reference = serde_json::from_slice(&std::fs::read(dir.join("reference.json")).unwrap()).unwrap();
+    (dir, reference)
+}
+
+#[test]
+fn idefics2_checkpoints_give_the_reference_greedy_text_through_quire_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    for ckpt in ["split_gqa", "nosplit_window_old", "split_deep_sharded"] {
+        let (model, reference) = idefics2(ckpt);
+        let max_new = reference["max_new_tokens"].as_u64().unwrap();
+        for case in reference["cases"].as_array().unwrap() {
+            let image = case["image"].as_str().unwrap();
+            if image.contains("rgba") {
+                continue; // compositing onto white is covered by the model's own parity tests
+            }
+            let input = fixtures().join("idefics3/images").join(image);
+            let out = tmp.path().join(format!("{ckpt}-{image}"));
+            let o = quire(&[
+                "run", input.to_str().unwrap(), "--out", out.to_str().unwrap(), "--job", "vlm", "--engine", "vlm",
+                "--task", "caption", "--model", model.to_str().unwrap(), "--prompt", case["prompt"].as_str().unwrap(),
+                "--max-new-tokens", &max_new.to_string(),
+            ]);
+            assert_eq!(code(&o), 0);
+            let recs = records(&out, "vlm");
+            let r = &recs[&(image.to_string(), 1)];
+            assert_eq!(r["engine"], "vlm");
+            assert!(r["error"].is_null(), "{r}");
+            assert_eq!(r["text"], case["text"], "{ckpt} {image}: greedy text differs from transformers");
+            let new_tokens = case["new_tokens"].as_array().unwrap().len() as u64;
+            assert_eq!(r["tokens_out"].as_u64(), Some(new_tokens));
+            assert_eq!(r["tokens_in"].as_u64().unwrap() as usize, case["input_ids"].as_array().unwrap().len());
+            assert_eq!(r["finish_reason"], if new_tokens == max_new { "length" } else { "stop" });
+        }
+    }
+}
+
+#[test]
+fn idefics2_checkpoints_give_the_reference_greedy_text_on_scanned_pdf_pages() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = fixtures().join("idefics2/pdf_pages");
+    let reference: Value = serde_json::from_slice(&std::fs::read(dir.join("reference.json")).unwrap()).unwrap();
+    let max_new = reference["max_new_tokens"].as_u64().unwrap();
+    let pdf = quire_render::PdfRenderer::start(1).expect("pdfium");
+    for case in reference["cases"].as_array().unwrap() {
+        let ckpt = case["checkpoint"].as_str().unwrap();
+        let (model, _) = idefics2(ckpt);
+        let document = case["document"].as_str().unwrap();
+        let n = case["page"].as_u64().unwrap() as u32;
+        // The reference's pixels are quire's rendering of the page at the processor's long side.
+        let opts = quire_render::RenderOptions {
+            size: quire_render::RenderSize::LongSide(case["long_side"].as_u64().unwrap() as u32),
+            want_image: true,
+            want_text: false,
+            limits: quire_render::Limits::default(),
+        };
+        let page = pdf.render(&doc(document), n..=n, &opts).unwrap().remove(0).unwrap();
+        let png = dir.join(case["png"].as_str().unwrap());
+        let want = quire_render::decode_image(&png, 1..=1, &quire_render::Limits::default()).unwrap().remove(0).unwrap();
+        assert_eq!(page.image.expect("pixels").as_raw(), want.image.unwrap().as_raw(), "{ckpt}: rendering differs");
+        let out = tmp.path().join(format!("{ckpt}-{document}"));
+        let o = quire(&[
+            "run", doc(document).to_str().unwrap(), "--out", out.to_str().unwrap(), "--job", "pdf", "--engine", "vlm",
+            "--model", model.to_str().unwrap(), "--prompt", reference["prompt"].as_str().unwrap(),
+            "--max-new-tokens", &max_new.to_string(),
+        ]);
+        assert_eq!(code(&o), 0);
+        let recs = records(&out, "pdf");
+        let r = &recs[&(document.to_string(), n as u64)];
+        assert_eq!(r["engine"], "vlm");
+        assert_eq!((r["width"].as_u64(), r["height"].as_u64()), (case["width"].as_u64(), case["height"].as_u64()), "{ckpt}: render size");
+        assert_eq!(r["text"], case["text"], "{ckpt} {document}: greedy text differs from transformers");
+        let new_tokens = case["new_tokens"].as_array().unwrap().len() as u64;
+        assert_eq!(r["tokens_out"].as_u64(), Some(new_tokens));
+        assert_eq!(r["tokens_in"].as_u64().unwrap() as usize, case["input_ids"].as_array().unwrap().len());
+        assert_eq!(r["finish_reason"], if new_tokens == max_new { "length" } else { "stop" });
+    }
+}

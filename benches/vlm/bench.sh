@@ -1,16 +1,25 @@
 #!/usr/bin/env bash
-# Benchmark quire-vlm against transformers on a random-weight SmolVLM-256M-sized checkpoint.
+# Benchmark quire-vlm against transformers on a random-weight SmolVLM-256M-sized checkpoint,
+# or with FAMILY=idefics2 on one with Idefics2-8B's widths and cut depths (make_ckpt_idefics2.py).
 # CPU, f32, same thread count for both. Not a test: prints figures and ratios.
 #   THREADS=2 NEW=64 PY=/root/venv-ref/bin/python PROFILE=release benches/vlm/bench.sh
+#   FAMILY=idefics2 THREADS=2 NEW=16 PY=~/.cache/quire-tools/venv-ref/bin/python benches/vlm/bench.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-/root/venv-ref/bin/python}
 THREADS=${THREADS:-$(nproc)}
 NEW=${NEW:-64}
 PROFILE=${PROFILE:-release}
-WORK=${WORK:-/tmp/quire-vlm-bench}
-mkdir -p "$WORK"
-[ -f "$WORK/ckpt/config.json" ] || "$PY" benches/vlm/make_ckpt.py "$WORK/ckpt"
+FAMILY=${FAMILY:-idefics3}
+if [ "$FAMILY" = idefics2 ]; then
+  WORK=${WORK:-/tmp/quire-vlm-bench-idefics2}
+  mkdir -p "$WORK"
+  [ -f "$WORK/ckpt/config.json" ] || "$PY" benches/vlm/make_ckpt_idefics2.py "$WORK/ckpt"
+else
+  WORK=${WORK:-/tmp/quire-vlm-bench}
+  mkdir -p "$WORK"
+  [ -f "$WORK/ckpt/config.json" ] || "$PY" benches/vlm/make_ckpt.py "$WORK/ckpt"
+fi
 "$PY" - "$WORK/page.png" <<'PYEOF'
 import sys, numpy as np
 from PIL import Image

@@ -95,7 +95,11 @@ fn main() -> anyhow::Result<()> {
     let warm_s = t.elapsed().as_secs_f64();
     // Image preprocessing alone (CPU; part of prefill_s and seconds below).
     let t = Instant::now();
-    vlm.as_idefics3().context("not an Idefics3 model")?.prepare_all(&reqs(1))?;
+    if let Some(m) = vlm.as_idefics3() {
+        m.prepare_all(&reqs(1))?;
+    } else {
+        vlm.as_idefics2().context("neither an Idefics3 nor an Idefics2 model")?.prepare_all(&reqs(1))?;
+    }
     let prepare_s = t.elapsed().as_secs_f64();
     let t = Instant::now();
     vlm.generate(&reqs(1))?;

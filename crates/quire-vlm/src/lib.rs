@@ -2,20 +2,29 @@
 //!
 //! Loads a local Hugging Face checkpoint folder ([`Vlm::load`]) and turns (image, prompt)
 //! requests into text with batched greedy decoding ([`Vlm::generate`]). The family is picked
-//! from `config.json` (`model_type` / `architectures`); today that is Idefics3 (SmolVLM,
-//! SmolDocling, Granite-Docling, Idefics3-8B). A new family is a module next to
-//! [`idefics3`] plus one arm in [`Vlm::load`] and in the `Model` enum.
+//! from `config.json` (`model_type` / `architectures`): Idefics3 (SmolVLM, SmolDocling,
+//! Granite-Docling, Idefics3-8B) or Idefics2 (Idefics2-8B and its -base and -chatty
+//! variants). The families share the SigLIP encoder ([`siglip`]), the Llama/Mistral decoder
+//! ([`text_model`]) and the generation loop ([`engine`]); each family module holds only its
+//! processor, patch rule and connector. A new family is a module next to [`idefics3`] plus
+//! one arm in [`Vlm::load`] and in the `Model` enum.
 //!
 //! Model locations: [`resolve_model_dir`] takes a local folder or a hub id; `s3://` prefixes
 //! are downloaded by the caller.
 
 pub mod checkpoint;
+pub mod config;
+pub mod engine;
+pub mod frames;
 pub mod generation;
+pub mod idefics2;
 pub mod idefics3;
 pub mod kernels;
 pub mod par;
 pub mod pil;
 pub mod prompt;
+pub mod siglip;
+pub mod text_model;
 
 use std::path::Path;
 
@@ -88,12 +97,14 @@ pub fn tune_allocator() {
 pub enum Family {
     /// Idefics3 architecture; the string is e.g. "SmolVLM", "SmolDocling", "Granite-Docling", "Idefics3".
     Idefics3(String),
+    /// Idefics2 architecture (Idefics2-8B, -base, -chatty); the string is "Idefics2".
+    Idefics2(String),
 }
 
 impl Family {
     pub fn variant(&self) -> &str {
         match self {
-            Family::Idefics3(v) => v,
+            Family::Idefics3(v) | Family::Idefics2(v) => v,
         }
     }
 }
@@ -136,6 +147,7 @@ pub struct Generation {
 
 enum Model {
     Idefics3(Box<idefics3::Idefics3>),
+    Idefics2(Box<idefics2::Idefics2>),
 }
 
 /// A loaded vision-language model.
@@ -173,10 +185,11 @@ impl Vlm {
                 Ok(Vlm { model: Model::Idefics3(Box::new(m)), family: Family::Idefics3(idefics3_variant(&name)), name })
             }
             ("idefics2", _) | (_, "Idefics2ForConditionalGeneration") => {
-                bail!("{}: Idefics2 checkpoints are not supported yet", dir.display())
+                let m = idefics2::Idefics2::load(&ck, &opts.device, opts.dtype)?;
+                Ok(Vlm { model: Model::Idefics2(Box::new(m)), family: Family::Idefics2("Idefics2".into()), name })
             }
             _ => bail!(
-                "{}: unsupported model (model_type {model_type:?}, architecture {arch:?}); quire-vlm runs Idefics3-family checkpoints",
+                "{}: unsupported model (model_type {model_type:?}, architecture {arch:?}); quire-vlm runs Idefics3- and Idefics2-family checkpoints",
                 dir.display()
             ),
         }
@@ -203,6 +216,7 @@ impl Vlm {
     pub fn generation_config(&self) -> &GenerationConfig {
         match &self.model {
             Model::Idefics3(m) => m.generation_config(),
+            Model::Idefics2(m) => m.generation_config(),
         }
     }
 
@@ -210,6 +224,7 @@ impl Vlm {
     pub fn generate(&mut self, reqs: &[Request]) -> Result<Vec<Generation>> {
         match &mut self.model {
             Model::Idefics3(m) => m.generate(reqs),
+            Model::Idefics2(m) => m.generate(reqs),
         }
     }
 
@@ -217,6 +232,15 @@ impl Vlm {
     pub fn as_idefics3(&mut self) -> Option<&mut idefics3::Idefics3> {
         match &mut self.model {
             Model::Idefics3(m) => Some(m),
+            Model::Idefics2(_) => None,
+        }
+    }
+
+    /// The Idefics2 model, for processor-level access (frames, input ids, pixel values).
+    pub fn as_idefics2(&mut self) -> Option<&mut idefics2::Idefics2> {
+        match &mut self.model {
+            Model::Idefics2(m) => Some(m),
+            Model::Idefics3(_) => None,
         }
     }
 }

@@ -358,3 +358,208 @@ fn bf16_and_f16_stay_as_close_to_f32_as_transformers() {
     }
     assert!(failures.is_empty(), "{} failure(s):\n{}", failures.len(), failures.join("\n"));
 }
+
+// ---------------------------------------------------------------------------------------
+// Idefics2: the tiny random-weight checkpoints written by `tests/gen_idefics2.py`
+// (fixtures under `tests/fixtures/idefics2/`, input images shared with Idefics3). Same
+// tolerances as above: prompts, token ids, frame sizes and greedy tokens identical, pixel
+// values within 1e-6, f32 first-step logits within 1e-4 on the CPU.
+
+const IDEFICS2: &[&str] = &["split_gqa", "nosplit_window_old", "split_deep_sharded"];
+
+fn idefics2_dir() -> PathBuf {
+    match std::env::var_os("QUIRE_FIXTURES") {
+        Some(d) => PathBuf::from(d).join("../idefics2"),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/idefics2"),
+    }
+}
+
+fn load2(name: &str) -> Fixture {
+    let dir = idefics2_dir().join(name);
+    let vlm = Vlm::load(&dir, &f32_options()).unwrap_or_else(|e| panic!("loading {name}: {e:#}"));
+    let meta: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+    let tensors = candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap();
+    Fixture { vlm, meta, tensors }
+}
+
+#[test]
+fn idefics2_checkpoints_load_as_their_own_family() {
+    for name in IDEFICS2 {
+        let mut fx = load2(name);
+        assert_eq!(fx.vlm.family(), quire_vlm::Family::Idefics2("Idefics2".into()), "{name}");
+        assert!(fx.vlm.as_idefics3().is_none());
+        let m = fx.vlm.as_idefics2().unwrap();
+        assert_eq!(m.image_seq_len, fx.meta["image_seq_len"].as_u64().unwrap() as usize, "{name}");
+        assert_eq!(m.image_processor.do_image_splitting, fx.meta["do_image_splitting"].as_bool().unwrap(), "{name}");
+        assert_eq!(m.config.text.sliding_window, fx.meta["sliding_window"].as_u64().map(|w| w as usize), "{name}");
+        assert_eq!(m.config.perceiver.hidden_size, m.config.text.hidden_size);
+    }
+}
+
+#[test]
+fn idefics2_processor_matches_reference() {
+    for name in IDEFICS2 {
+        let mut fx = load2(name);
+        let m = fx.vlm.as_idefics2().unwrap();
+        for case in cases(&fx.meta) {
+            let key = case["image"].as_str().unwrap().trim_end_matches(".png");
+            let prompt = case["prompt"].as_str().unwrap();
+            assert_eq!(m.render_prompt(prompt).unwrap(), case["rendered_prompt"].as_str().unwrap(), "{name}/{key}");
+            let p = m.prepare(&image(case), prompt).unwrap();
+            assert_eq!(p.input_ids, u32s(&case["input_ids"]), "{name}/{key} input ids");
+            // Frames: the reference pads them to the largest with a pixel mask; quire keeps
+            // each at its own size and pads when batching.
+            let want = &fx.tensors[&format!("{key}.pixel_values")];
+            let mask = &fx.tensors[&format!("{key}.pixel_attention_mask")];
+            let (n, _, mh, mw) = want.dims4().unwrap();
+            assert_eq!(p.frames.len(), n, "{name}/{key} frame count");
+            for (i, f) in p.frames.iter().enumerate() {
+                let size = &case["frames"][i];
+                assert_eq!((f.height as u64, f.width as u64), (size[0].as_u64().unwrap(), size[1].as_u64().unwrap()), "{name}/{key} frame {i} size");
+                let m_i: Vec<Vec<i64>> = mask.get(i).unwrap().to_vec2().unwrap();
+                for (y, row) in m_i.iter().enumerate() {
+                    for (x, &v) in row.iter().enumerate() {
+                        assert_eq!(v == 1, y < f.height && x < f.width, "{name}/{key} frame {i}: pixel mask at ({y}, {x})");
+                    }
+                }
+                let w: Vec<f32> = want
+                    .get(i)
+                    .unwrap()
+                    .narrow(1, 0, f.height)
+                    .unwrap()
+                    .narrow(2, 0, f.width)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let d = max_abs_diff(&f.data, &w);
+                assert!(d <= 1e-6, "{name}/{key} frame {i}: pixel values differ by {d}");
+                assert!(f.height <= mh && f.width <= mw);
+            }
+        }
+    }
+}
+
+#[test]
+fn idefics2_first_step_logits_match() {
+    if skip_unless_f32("idefics2_first_step_logits_match") {
+        return;
+    }
+    for name in IDEFICS2 {
+        let mut fx = load2(name);
+        let m = fx.vlm.as_idefics2().unwrap();
+        for case in cases(&fx.meta) {
+            let key = case["image"].as_str().unwrap().trim_end_matches(".png");
+            let got = m.prefill_logits(&[request(case, 1)]).unwrap().remove(0);
+            let want: Vec<f32> = fx.tensors[&format!("{key}.logits")].to_vec1().unwrap();
+            let d = max_abs_diff(&got, &want);
+            eprintln!("idefics2 {name}/{key} f32 on {}: max |logit diff| {d:.2e}", device_label());
+            assert!(d <= f32_logit_tolerance(), "{name}/{key} logits differ by {d}");
+            // Where the checkpoint has a sliding window, the reference's logits move by more
+            // than the tolerance without it: matching them means the window is applied.
+            if let Some(change) = case["logits_change_without_sliding_window"].as_f64() {
+                assert!(change > 100.0 * f32_logit_tolerance() as f64, "{name}/{key}: the window does not matter here");
+            }
+        }
+    }
+}
+
+#[test]
+fn idefics2_greedy_tokens_match_unbatched() {
+    if skip_unless_f32("idefics2_greedy_tokens_match_unbatched") {
+        return;
+    }
+    let mut finishes = std::collections::BTreeSet::new();
+    for name in IDEFICS2 {
+        let mut fx = load2(name);
+        let max_new = fx.meta["max_new_tokens"].as_u64().unwrap() as usize;
+        for case in cases(&fx.meta) {
+            let g = fx.vlm.generate(&[request(case, max_new)]).unwrap().remove(0);
+            let want = u32s(&case["new_tokens"]);
+            assert_eq!(g.token_ids, want, "{name}/{}", case["image"]);
+            assert_eq!(g.text, case["text"].as_str().unwrap(), "{name}/{} text", case["image"]);
+            assert_eq!(g.tokens_in, case["input_ids"].as_array().unwrap().len());
+            let expect = if want.len() < max_new { FinishReason::Stop } else { FinishReason::Length };
+            assert_eq!(g.finish_reason, expect, "{name}/{}", case["image"]);
+            finishes.insert(format!("{expect:?}"));
+        }
+    }
+    assert_eq!(finishes.len(), 2, "the references cover both a stop and a length finish");
+}
+
+#[test]
+fn idefics2_batch_of_mixed_sizes_equals_one_by_one() {
+    if skip_unless_f32("idefics2_batch_of_mixed_sizes_equals_one_by_one") {
+        return;
+    }
+    for name in IDEFICS2 {
+        let mut fx = load2(name);
+        let max_new = fx.meta["max_new_tokens"].as_u64().unwrap() as usize;
+        // frames of different sizes and prompts of different lengths in one batch
+        let sizes: std::collections::BTreeSet<String> = cases(&fx.meta).iter().map(|c| c["frames"].to_string()).collect();
+        assert!(sizes.len() >= 3, "{name}: the images give frames of several sizes");
+        let reqs: Vec<Request> = cases(&fx.meta).iter().map(|c| request(c, max_new)).collect();
+        let out = fx.vlm.generate(&reqs).unwrap();
+        for (g, case) in out.iter().zip(cases(&fx.meta)) {
+            assert_eq!(g.token_ids, u32s(&case["new_tokens"]), "{name}/{} batched", case["image"]);
+        }
+        let logits = fx.vlm.as_idefics2().unwrap().prefill_logits(&reqs).unwrap();
+        for (got, case) in logits.iter().zip(cases(&fx.meta)) {
+            let key = case["image"].as_str().unwrap().trim_end_matches(".png");
+            let want: Vec<f32> = fx.tensors[&format!("{key}.logits")].to_vec1().unwrap();
+            let d = max_abs_diff(got, &want);
+            assert!(d <= f32_logit_tolerance(), "{name}/{key} batched logits differ by {d}");
+        }
+        let mut reqs = reqs;
+        reqs[0].max_new_tokens = Some(3);
+        let out = fx.vlm.generate(&reqs).unwrap();
+        let first = u32s(&cases(&fx.meta)[0]["new_tokens"]);
+        assert_eq!(out[0].token_ids, first[..first.len().min(3)].to_vec());
+        assert_eq!(out[1].token_ids, u32s(&cases(&fx.meta)[1]["new_tokens"]));
+    }
+}
+
+/// bf16 and f16 on the device under test: the Idefics2 checkpoints load and run in the low
+/// dtype, first-step logits stay within twice the drift transformers itself shows in that
+/// dtype on the same case (`lowp_reference.json`, from `gen_idefics2.py lowp`) without
+/// equalling f32's, and a batch decodes like its rows alone.
+#[test]
+fn idefics2_bf16_and_f16_stay_as_close_to_f32_as_transformers() {
+    use candle_core::DType;
+    let only = test_dtype();
+    let lowp: Value =
+        serde_json::from_str(&std::fs::read_to_string(idefics2_dir().join("lowp_reference.json")).unwrap()).unwrap();
+    let mut failures = Vec::new();
+    for name in IDEFICS2 {
+        let dir = idefics2_dir().join(name);
+        let meta: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+        let tensors = candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap();
+        for (label, dtype) in [("bf16", DType::BF16), ("f16", DType::F16)] {
+            if only != DType::F32 && only != dtype {
+                continue;
+            }
+            let mut vlm = Vlm::load(&dir, &LoadOptions { device: device(), dtype }).unwrap();
+            for case in cases(&meta) {
+                let key = case["image"].as_str().unwrap().trim_end_matches(".png");
+                let got = vlm.as_idefics2().unwrap().prefill_logits(&[request(case, 1)]).unwrap().remove(0);
+                let want: Vec<f32> = tensors[&format!("{key}.logits")].to_vec1().unwrap();
+                let d = max_abs_diff(&got, &want);
+                let hf_d = lowp["checkpoints"][*name][label][key]["max_abs_diff"].as_f64().unwrap() as f32;
+                eprintln!("idefics2 {name}/{key} {label} on {}: max |diff| {d:.5} (transformers {hf_d:.5})", device_label());
+                if !(got.iter().all(|x| x.is_finite()) && d <= 2.0 * hf_d && d > 1e-5) {
+                    failures.push(format!("{name}/{key} {label}: logits differ by {d} (transformers: {hf_d})"));
+                }
+            }
+            let reqs: Vec<Request> = cases(&meta).iter().map(|c| request(c, 8)).collect();
+            let batched = vlm.generate(&reqs).unwrap();
+            for (g, r) in batched.iter().zip(&reqs) {
+                let alone = vlm.generate(std::slice::from_ref(r)).unwrap().remove(0);
+                if alone.token_ids != g.token_ids || g.tokens_out == 0 {
+                    failures.push(format!("{name} {label}: batched {:?} vs alone {:?}", g.token_ids, alone.token_ids));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{} failure(s):\n{}", failures.len(), failures.join("\n"));
+}

@@ -11,6 +11,8 @@ use anyhow::{bail, Result};
 use image::{DynamicImage, RgbImage};
 use serde_json::Value;
 
+pub use crate::frames::Tile;
+use crate::frames::Normalize;
 use crate::pil::{self, Resample};
 
 /// Longest edge the reference clamps any resized image to.
@@ -40,7 +42,7 @@ pub enum Size {
     Exact { height: usize, width: usize },
 }
 
-fn triple(v: Option<&Value>, default: [f32; 3]) -> [f32; 3] {
+pub(crate) fn triple(v: Option<&Value>, default: [f32; 3]) -> [f32; 3] {
     match v {
         Some(Value::Array(a)) if a.len() == 3 => {
             let f = |i: usize| a[i].as_f64().map(|x| x as f32).unwrap_or(default[i]);
@@ -97,14 +99,6 @@ pub struct ProcessedImage {
     pub cols: usize,
     /// Tiles as (height, width, CHW f32 values).
     pub tiles: Vec<Tile>,
-}
-
-#[derive(Clone, Debug)]
-pub struct Tile {
-    pub height: usize,
-    pub width: usize,
-    /// Channel-first values, 3 × height × width.
-    pub data: Vec<f32>,
 }
 
 fn rescale_longest(height: usize, width: usize, max_len: usize) -> (usize, usize) {
@@ -204,27 +198,19 @@ impl ImageProcessorConfig {
         } else {
             frames.push(resize_to(&img, tile, tile, f));
         }
-        let tiles = frames.iter().map(|fr| self.to_tile(fr)).collect();
+        let norm = self.normalize();
+        let tiles = frames.iter().map(|fr| norm.tile(fr)).collect();
         Ok(ProcessedImage { rows, cols, tiles })
     }
 
-    /// Rescale (in f64, stored as f32 like numpy) and normalize (in f32).
-    fn to_tile(&self, img: &RgbImage) -> Tile {
-        let (w, h) = (img.width() as usize, img.height() as usize);
-        let mut data = vec![0f32; 3 * h * w];
-        let raw = img.as_raw();
-        for c in 0..3 {
-            let (m, s) = (self.image_mean[c], self.image_std[c]);
-            for i in 0..h * w {
-                let px = raw[i * 3 + c];
-                let mut v = if self.do_rescale { (px as f64 * self.rescale_factor) as f32 } else { px as f32 };
-                if self.do_normalize {
-                    v = (v - m) / s;
-                }
-                data[c * h * w + i] = v;
-            }
+    fn normalize(&self) -> Normalize {
+        Normalize {
+            do_rescale: self.do_rescale,
+            rescale_factor: self.rescale_factor,
+            do_normalize: self.do_normalize,
+            image_mean: self.image_mean,
+            image_std: self.image_std,
         }
-        Tile { height: h, width: w, data }
     }
 }
 

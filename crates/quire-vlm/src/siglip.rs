@@ -1,10 +1,12 @@
-//! `model.vision_model` (SigLIP-style encoder with NaViT position bucketing) and
-//! `model.connector` (pixel shuffle + `modality_projection`).
+//! `model.vision_model` of both families: a SigLIP-style encoder reading images of any
+//! size, with NaViT position bucketing and a key mask over padded patches. The families
+//! differ only in which patches of a zero-padded image count as real
+//! (see [`crate::frames::PatchRule`]).
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{layer_norm, linear, linear_no_bias, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
 
-use super::config::VisionConfig;
+use crate::config::VisionConfig;
 
 /// Position ids of one tile's patches: fractional patch coordinates bucketed into the
 /// `num_patches_per_side` grid (the current reference formulation, in f32).
@@ -404,41 +406,4 @@ fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f
     }
     let o = if outs.len() == 1 { outs.pop().expect("one chunk") } else { Tensor::cat(&outs, 0)? };
     o.reshape((n, heads, seq, hd))
-}
-
-/// `model.connector`: pixel shuffle by `scale_factor`, then `modality_projection.proj`.
-pub struct Connector {
-    /// On CPU f32 split over the pool by output features (few rows per tile, wide input).
-    proj: crate::par::ParLinear,
-    scale_factor: usize,
-}
-
-impl Connector {
-    pub fn new(vision_hidden: usize, text_hidden: usize, scale_factor: usize, vb: VarBuilder) -> Result<Self> {
-        let proj = crate::par::ParLinear::new(linear_no_bias(
-            vision_hidden * scale_factor * scale_factor,
-            text_hidden,
-            vb.pp("modality_projection.proj"),
-        )?)?;
-        Ok(Connector { proj, scale_factor })
-    }
-
-    /// Reproduces the reference's sequence of views and permutes exactly.
-    fn pixel_shuffle(&self, x: &Tensor) -> Result<Tensor> {
-        let s = self.scale_factor;
-        let (b, seq, d) = x.dims3()?;
-        let side = (seq as f64).sqrt() as usize;
-        if side * side != seq || side % s != 0 {
-            candle_core::bail!("pixel shuffle needs a square patch grid divisible by {s}, got {seq} patches");
-        }
-        let x = x.reshape((b, side, side / s, d * s))?;
-        let x = x.transpose(1, 2)?.contiguous()?;
-        let x = x.reshape((b, side / s, side / s, d * s * s))?;
-        let x = x.transpose(1, 2)?.contiguous()?;
-        x.reshape((b, seq / (s * s), d * s * s))
-    }
-
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.proj.forward(&self.pixel_shuffle(x)?)
-    }
 }

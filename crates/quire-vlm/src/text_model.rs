@@ -1,12 +1,14 @@
-//! `model.text_model`: the Llama decoder (RMSNorm, RoPE, grouped-query attention, SiLU MLP)
-//! with a per-row KV cache so left-padded batches decode like separate runs.
+//! `model.text_model` of both families: the Llama (Idefics3) or Mistral (Idefics2) decoder
+//! (RMSNorm, RoPE, grouped-query attention, SiLU MLP) with a per-row KV cache so left-padded
+//! batches decode like separate runs. Mistral's sliding window lives in the attention masks
+//! the caller passes ([`crate::engine`]).
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{linear_b, linear_no_bias, rms_norm, Embedding, Linear, RmsNorm, VarBuilder};
 
 use crate::par::ParLinear;
 
-use super::config::{Rope, TextConfig};
+use crate::config::{Rope, TextConfig};
 
 /// Inverse RoPE frequencies, computed in f32 like the reference.
 pub fn inv_freq(cfg: &TextConfig) -> Vec<f32> {

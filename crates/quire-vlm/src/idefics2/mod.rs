@@ -1,0 +1,155 @@
+//! The Idefics2 family (Idefics2-8B, -8B-base, -8B-chatty): processor, weights and batched
+//! greedy generation.
+//!
+//! Weight names follow the checkpoint: `model.vision_model.*`, `model.connector.*`
+//! (`modality_projection`, `perceiver_resampler`), `model.text_model.*` (Mistral),
+//! `lm_head.weight`. What is Idefics2's own: the processor (quarter crops, edge-bounded
+//! resize, frames of their own sizes), the all-pixels patch rule and the perceiver
+//! connector; the encoder, decoder and generation loop are shared with Idefics3
+//! ([`crate::siglip`], [`crate::engine`]).
+
+pub mod config;
+pub mod connector;
+pub mod processor;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+
+use crate::checkpoint::Checkpoint;
+use crate::engine::{load_weights, pick_prefix, Decoder};
+use crate::frames::{pad_frames, PatchRule, Tile};
+use crate::generation::GenerationConfig;
+use crate::siglip::VisionModel;
+use crate::{Generation, Request};
+use config::Idefics2Config;
+use connector::Connector;
+use processor::ImageProcessorConfig;
+
+/// Frames sent through the vision encoder at once (bounds activation memory).
+const VISION_CHUNK: usize = 16;
+
+/// A request after processing: prompt token ids and the image's frames.
+#[derive(Clone, Debug)]
+pub struct Prepared {
+    pub prompt: String,
+    pub input_ids: Vec<u32>,
+    /// One frame, or four quarters and the whole image with splitting.
+    pub frames: Vec<Tile>,
+}
+
+pub struct Idefics2 {
+    pub config: Idefics2Config,
+    pub image_processor: ImageProcessorConfig,
+    pub image_seq_len: usize,
+    vision: VisionModel,
+    connector: Connector,
+    decoder: Decoder,
+}
+
+impl Idefics2 {
+    pub fn load(ck: &Checkpoint, device: &Device, dtype: DType) -> Result<Idefics2> {
+        let config = Idefics2Config::from_json(&ck.config)?;
+        let image_processor = ImageProcessorConfig::from_json(&ck.image_processor)?;
+        let image_seq_len = ck
+            .processor
+            .get("image_seq_len")
+            .and_then(|v| v.as_u64())
+            .map(|x| x as usize)
+            .unwrap_or(config.perceiver.n_latents);
+        if image_seq_len != config.perceiver.n_latents {
+            bail!(
+                "{}: the processor's image_seq_len ({image_seq_len}) differs from perceiver_config.resampler_n_latents ({})",
+                ck.dir.display(),
+                config.perceiver.n_latents
+            );
+        }
+        let (dtype, vb) = load_weights(ck, device, dtype)?;
+        let text_vb = pick_prefix(&vb, "embed_tokens.weight", &["model.text_model", "text_model", "model.language_model"])?;
+        let vision_vb = pick_prefix(&vb, "embeddings.patch_embedding.weight", &["model.vision_model", "vision_model"])?;
+        let conn_vb = pick_prefix(&vb, "modality_projection.gate_proj.weight", &["model.connector", "connector"])?;
+        let vision = VisionModel::new(&config.vision, vision_vb).context("loading model.vision_model")?;
+        let connector =
+            Connector::new(config.vision.hidden_size, config.text.intermediate_size, &config.perceiver, conn_vb)
+                .context("loading model.connector")?;
+        let decoder = Decoder::load(ck, &config.text, &vb, text_vb, config.image_token_id, dtype)
+            .context("loading model.text_model")?;
+        Ok(Idefics2 { config, image_processor, image_seq_len, vision, connector, decoder })
+    }
+
+    /// The chat-templated prompt for one user turn with the image first, then `text`.
+    pub fn render_prompt(&self, text: &str) -> Result<String> {
+        self.decoder.render_prompt(text, |t| format!("User:<image>{t}<end_of_utterance>\nAssistant:"))
+    }
+
+    /// Processor output for one request: frames, expanded prompt and token ids.
+    pub fn prepare(&self, image: &image::DynamicImage, text: &str) -> Result<Prepared> {
+        let frames = self.image_processor.process(image)?;
+        let templ = self.render_prompt(text)?;
+        let n_images = templ.matches(processor::IMAGE_TOKEN).count();
+        if n_images != 1 {
+            bail!("the prompt has {n_images} <image> tokens for one image");
+        }
+        let prompt = processor::expand_prompt(&templ, self.image_seq_len, frames.len());
+        let input_ids = self.decoder.tokenizer.encode(&prompt)?;
+        Ok(Prepared { prompt, input_ids, frames })
+    }
+
+    /// [`Self::prepare`] for every request, spread over the CPU cores.
+    pub fn prepare_all(&self, reqs: &[Request]) -> Result<Vec<Prepared>> {
+        crate::engine::par_map(reqs, |r| self.prepare(&r.image, &r.prompt))
+    }
+
+    /// The checkpoint's generation settings as applied by [`Self::generate`].
+    pub fn generation_config(&self) -> &GenerationConfig {
+        self.decoder.generation_config()
+    }
+
+    /// Image features (frames × image_seq_len rows, text hidden) for each prepared request.
+    /// Frames are padded to the largest of each chunk with the patch mask; padded patches
+    /// are masked in the encoder and the resampler, so a frame gives what it gives alone.
+    fn image_features(&self, preps: &[Prepared]) -> Result<Vec<Tensor>> {
+        let frames: Vec<&Tile> = preps.iter().flat_map(|p| p.frames.iter()).collect();
+        let p = self.config.vision.patch_size;
+        let mut feats = Vec::new();
+        for chunk in frames.chunks(VISION_CHUNK) {
+            let size = chunk.iter().fold((0, 0), |(h, w), t| (h.max(t.height), w.max(t.width)));
+            let (px, valid) = pad_frames(chunk, p, PatchRule::AllPixels, size, &self.decoder.device, self.decoder.dtype)?;
+            if let Some(t) = chunk.iter().find(|t| t.height < p || t.width < p) {
+                bail!("a {}x{} frame is smaller than one {p}x{p} patch", t.width, t.height);
+            }
+            let h = self.vision.forward(&px, &valid)?;
+            feats.push(self.connector.forward(&h, &valid, size.1 / p)?);
+        }
+        let all = Tensor::cat(&feats, 0)?; // (frames, latents, hidden)
+        let (_, seq, hid) = all.dims3()?;
+        let mut out = Vec::with_capacity(preps.len());
+        let mut start = 0;
+        for p in preps {
+            let n = p.frames.len();
+            out.push(all.narrow(0, start, n)?.reshape((n * seq, hid))?);
+            start += n;
+        }
+        Ok(out)
+    }
+
+    /// First-step logits (f32, vocab) for each request; used by the parity tests.
+    pub fn prefill_logits(&mut self, reqs: &[Request]) -> Result<Vec<Vec<f32>>> {
+        let preps = self.prepare_all(reqs)?;
+        let feats = self.image_features(&preps)?;
+        let ids: Vec<Vec<u32>> = preps.into_iter().map(|p| p.input_ids).collect();
+        self.decoder.prefill_logits(&ids, &feats)
+    }
+
+    /// Batched greedy decoding with the checkpoint's generation config; each row yields
+    /// exactly the tokens of a run on its own.
+    pub fn generate(&mut self, reqs: &[Request]) -> Result<Vec<Generation>> {
+        if reqs.is_empty() {
+            return Ok(vec![]);
+        }
+        let preps = self.prepare_all(reqs)?;
+        let feats = self.image_features(&preps)?;
+        let ids: Vec<Vec<u32>> = preps.into_iter().map(|p| p.input_ids).collect();
+        let max_new: Vec<Option<usize>> = reqs.iter().map(|r| r.max_new_tokens).collect();
+        self.decoder.generate(&ids, &feats, &max_new)
+    }
+}

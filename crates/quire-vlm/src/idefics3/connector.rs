@@ -1,0 +1,41 @@
+//! `model.connector` of Idefics3: pixel shuffle, then `modality_projection.proj`.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{linear_no_bias, VarBuilder};
+
+/// `model.connector`: pixel shuffle by `scale_factor`, then `modality_projection.proj`.
+pub struct Connector {
+    /// On CPU f32 split over the pool by output features (few rows per tile, wide input).
+    proj: crate::par::ParLinear,
+    scale_factor: usize,
+}
+
+impl Connector {
+    pub fn new(vision_hidden: usize, text_hidden: usize, scale_factor: usize, vb: VarBuilder) -> Result<Self> {
+        let proj = crate::par::ParLinear::new(linear_no_bias(
+            vision_hidden * scale_factor * scale_factor,
+            text_hidden,
+            vb.pp("modality_projection.proj"),
+        )?)?;
+        Ok(Connector { proj, scale_factor })
+    }
+
+    /// Reproduces the reference's sequence of views and permutes exactly.
+    fn pixel_shuffle(&self, x: &Tensor) -> Result<Tensor> {
+        let s = self.scale_factor;
+        let (b, seq, d) = x.dims3()?;
+        let side = (seq as f64).sqrt() as usize;
+        if side * side != seq || side % s != 0 {
+            candle_core::bail!("pixel shuffle needs a square patch grid divisible by {s}, got {seq} patches");
+        }
+        let x = x.reshape((b, side, side / s, d * s))?;
+        let x = x.transpose(1, 2)?.contiguous()?;
+        let x = x.reshape((b, side / s, side / s, d * s * s))?;
+        let x = x.transpose(1, 2)?.contiguous()?;
+        x.reshape((b, seq / (s * s), d * s * s))
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.proj.forward(&self.pixel_shuffle(x)?)
+    }
+}
