@@ -808,3 +808,209 @@ fn idefics2_checkpoints_give_the_reference_greedy_text_on_scanned_pdf_pages() {
         assert_eq!(r["finish_reason"], if new_tokens == max_new { "length" } else { "stop" });
     }
 }
+
+/// A PDF of `pages` pages of `w` × `h` points, each showing one line of text (one shared
+/// content stream), written object by object with a correct cross-reference table.
+fn make_pdf(pages: usize, w: f32, h: f32) -> Vec<u8> {
+    let mut objs: Vec<String> = vec![
+        "<< /Type /Catalog /Pages 2 0 R >>".into(),
+        format!(
+            "<< /Type /Pages /Count {pages} /Kids [{}] >>",
+            (0..pages).map(|i| format!("{} 0 R", i + 5)).collect::<Vec<_>>().join(" ")
+        ),
+        "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>".into(),
+    ];
+    let content = "BT /F1 12 Tf 72 72 Td (A page of many, all alike.) Tj ET";
+    objs.push(format!("<< /Length {} >>\nstream\n{content}\nendstream", content.len()));
+    for _ in 0..pages {
+        objs.push(format!(
+            "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 {w} {h}] /Resources << /Font << /F1 3 0 R >> >> /Contents 4 0 R >>"
+        ));
+    }
+    let mut out = b"%PDF-1.4\n".to_vec();
+    let mut offsets = Vec::new();
+    for (i, o) in objs.iter().enumerate() {
+        offsets.push(out.len());
+        out.extend(format!("{} 0 obj\n{o}\nendobj\n", i + 1).bytes());
+    }
+    let xref = out.len();
+    out.extend(format!("xref\n0 {}\n0000000000 65535 f \n", objs.len() + 1).bytes());
+    for off in offsets {
+        out.extend(format!("{off:010} 00000 n \n").bytes());
+    }
+    out.extend(format!("trailer\n<< /Size {} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n", objs.len() + 1).bytes());
+    out
+}
+
+/// A little-endian TIFF of `frames` 1×1 grey frames (one IFD each).
+fn make_tiff(frames: u32) -> Vec<u8> {
+    let mut out = b"II*\0".to_vec();
+    out.extend(8u32.to_le_bytes());
+    let entries: u16 = 9;
+    let ifd_len = 2 + entries as u32 * 12 + 4;
+    for f in 0..frames {
+        let at = out.len() as u32;
+        let pixel_at = at + ifd_len;
+        let next = if f + 1 < frames { pixel_at + 2 } else { 0 };
+        out.extend(entries.to_le_bytes());
+        for (tag, kind, value) in [
+            (256u16, 3u16, 1u32), // width
+            (257, 3, 1),          // height
+            (258, 3, 8),          // bits per sample
+            (259, 3, 1),          // no compression
+            (262, 3, 1),          // black is zero
+            (273, 4, pixel_at),   // strip offset
+            (277, 3, 1),          // samples per pixel
+            (278, 3, 1),          // rows per strip
+            (279, 4, 1),          // strip byte count
+        ] {
+            out.extend(tag.to_le_bytes());
+            out.extend(kind.to_le_bytes());
+            out.extend(1u32.to_le_bytes());
+            out.extend(value.to_le_bytes());
+        }
+        out.extend(next.to_le_bytes());
+        out.extend([0x80, 0]); // the pixel, and a pad byte to keep IFDs word-aligned
+    }
+    out
+}
+
+/// Peak resident memory of `quire ARGS` (and the render processes it waited for), in MiB.
+fn quire_peak_rss_mib(args: &[&str]) -> (Output, u64) {
+    let out = Command::new("/usr/bin/time").arg("-f").arg("peak-rss-kib=%M").arg(env!("CARGO_BIN_EXE_quire")).args(args).output().expect("/usr/bin/time");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let kib: u64 = err.lines().rev().find_map(|l| l.strip_prefix("peak-rss-kib=")).and_then(|v| v.trim().parse().ok()).unwrap_or_else(|| panic!("no peak RSS in:\n{err}"));
+    eprintln!("quire {}\n--- stderr ---\n{err}", args.join(" "));
+    (out, kib / 1024)
+}
+
+#[test]
+fn hostile_files_each_get_one_clear_error_record_with_memory_bounded() {
+    use std::os::unix::ffi::OsStrExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("in");
+    std::fs::create_dir(&input).unwrap();
+    let put = |name: &str, bytes: &[u8]| std::fs::write(input.join(name), bytes).unwrap();
+    let born = std::fs::read(doc("born_digital.pdf")).unwrap();
+    for pct in [10, 50, 90] {
+        put(&format!("cut{pct}.pdf"), &born[..born.len() * pct / 100]);
+    }
+    let mixed = std::fs::read(doc("mixed.pdf")).unwrap();
+    put("cut_mixed.pdf", &mixed[..mixed.len() / 2]);
+    put("zero.pdf", b"");
+    let mut noise = Vec::with_capacity(64 << 10);
+    let mut x: u32 = 0x9e37_79b9;
+    for _ in 0..(64 << 10) {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        noise.push(x as u8);
+    }
+    put("noise.pdf", &noise);
+    put("huge_page.pdf", &make_pdf(1, 14400.0, 14400.0)); // 200 × 200 inches
+    put("pages2500.pdf", &make_pdf(2500, 612.0, 792.0));
+    put("frames2500.tif", &make_tiff(2500));
+    // Headers that promise billions of pixels: refused before any decoding.
+    let mut jpeg = std::fs::read(doc("photo.jpg")).unwrap();
+    let sof = jpeg.windows(2).position(|w| w[0] == 0xFF && (0xC0..=0xC2).contains(&w[1])).unwrap();
+    jpeg[sof + 5..sof + 9].copy_from_slice(&[0xFF, 0xFF, 0xFF, 0xFF]);
+    put("bomb.jpg", &jpeg);
+    let mut webp = std::fs::read(doc("image.webp")).unwrap();
+    assert_eq!(&webp[12..16], b"VP8 ");
+    webp[26..30].copy_from_slice(&[0xFF, 0x3F, 0xFF, 0x3F]);
+    put("bomb.webp", &webp);
+    std::fs::copy(doc("bomb.png"), input.join("bomb.png")).unwrap();
+    let photo = std::fs::read(doc("photo.jpg")).unwrap();
+    put("cut.jpg", &photo[..photo.len() / 2]);
+    let png = std::fs::read(doc("image.png")).unwrap();
+    put("cut.png", &png[..png.len() / 2]);
+    // Names: not UTF-8, and as long as a file name may be.
+    std::fs::write(input.join(std::ffi::OsStr::from_bytes(b"scan-\xff\xfe.png")), &png).unwrap();
+    let long = format!("{}.png", "l".repeat(251));
+    std::fs::write(input.join(&long), &png).unwrap();
+    std::fs::copy(doc("born_digital.pdf"), input.join("fine.pdf")).unwrap();
+
+    let out = tmp.path().join("out");
+    let (o, peak) = quire_peak_rss_mib(&[
+        "run", input.to_str().unwrap(), "--out", out.to_str().unwrap(), "--engine", "text-layer", "--job", "hostile", "--render-dpi", "300",
+    ]);
+    eprintln!("peak RSS over the hostile files: {peak} MiB");
+    assert_eq!(code(&o), 3, "bad files fail alone; the job finishes");
+    assert!(peak < 1024, "peak RSS {peak} MiB: a bomb was decoded or a huge page rendered");
+    let recs = records(&out, "hostile");
+    let kinds = |name: &str| -> Vec<String> {
+        let v: Vec<String> = recs
+            .iter()
+            .filter(|((n, _), _)| n == name)
+            .map(|(_, r)| r["error"]["kind"].as_str().unwrap_or("ok").to_string())
+            .collect();
+        assert!(!v.is_empty(), "no record for {name}");
+        v
+    };
+    for name in ["cut10.pdf", "cut50.pdf", "cut90.pdf", "cut_mixed.pdf"] {
+        let k = kinds(name);
+        assert!(k.iter().all(|k| ["ok", "truncated", "corrupt"].contains(&k.as_str())), "{name}: {k:?}");
+    }
+    assert_eq!(kinds("cut10.pdf"), vec!["truncated"], "a PDF cut to its first tenth cannot be opened");
+    assert_eq!(kinds("zero.pdf"), vec!["empty"]);
+    assert_eq!(kinds("noise.pdf"), vec!["unsupported"]);
+    assert_eq!(kinds("huge_page.pdf"), vec!["too_many_pixels"], "200 inches at 300 dpi is 3.6 gigapixels");
+    assert_eq!(kinds("pages2500.pdf"), vec!["too_many_pages"]);
+    assert_eq!(kinds("frames2500.tif"), vec!["too_many_pages"]);
+    for name in ["bomb.jpg", "bomb.webp", "bomb.png"] {
+        assert_eq!(kinds(name), vec!["too_many_pixels"], "{name}");
+    }
+    // A JPEG without its end marker is cut short, model or not.
+    assert_eq!(kinds("cut.jpg"), vec!["truncated"]);
+    assert_eq!(kinds("fine.pdf"), vec!["ok"; 3]);
+    assert_eq!(kinds(&long), vec!["needs_model"], "a long name is processed like any other");
+    assert!(!recs.keys().any(|(n, _)| n.starts_with("scan-")), "a name that is not UTF-8 cannot be a record's source");
+    let log = String::from_utf8_lossy(&o.stderr);
+    assert!(log.contains("not valid UTF-8; rename the file"), "the name is reported instead:\n{log}");
+    let md: Vec<_> = walk(&out.join("hostile/markdown")).into_iter().filter(|p| p.to_string_lossy().contains("lll")).collect();
+    assert_eq!(md.len(), 1, "the long name gets its Markdown under a shortened name: {md:?}");
+    for r in recs.values() {
+        if let Some(msg) = r["error"]["message"].as_str() {
+            assert!(msg.len() > 10, "terse message: {r}");
+        }
+    }
+    for f in walk(&out) {
+        assert!(f.starts_with(&out), "{f:?} outside --out");
+    }
+    // With a (tiny) model the images are decoded: cut ones fail alone, bombs stay refused.
+    let images = tmp.path().join("images");
+    std::fs::create_dir(&images).unwrap();
+    for name in ["cut.jpg", "cut.png", "bomb.jpg", "bomb.webp", "bomb.png"] {
+        std::fs::rename(input.join(name), images.join(name)).unwrap();
+    }
+    std::fs::copy(doc("image.png"), images.join("fine.png")).unwrap();
+    let (model, _) = idefics3("nosplit_sf4_tied_old");
+    let (o, peak) = quire_peak_rss_mib(&[
+        "run", images.to_str().unwrap(), "--out", out.to_str().unwrap(), "--model", model.to_str().unwrap(), "--job", "images",
+        "--max-new-tokens", "2", "--task", "caption",
+    ]);
+    eprintln!("peak RSS decoding the hostile images with a model: {peak} MiB");
+    assert_eq!(code(&o), 3);
+    let recs = records(&out, "images");
+    let kind = |name: &str| recs[&(name.to_string(), 1)]["error"]["kind"].as_str().unwrap_or("ok").to_string();
+    for name in ["cut.jpg", "cut.png"] {
+        assert!(["truncated", "corrupt"].contains(&kind(name).as_str()), "{name}: {}", kind(name));
+    }
+    for name in ["bomb.jpg", "bomb.webp", "bomb.png"] {
+        assert_eq!(kind(name), "too_many_pixels", "{name}");
+    }
+    assert_eq!(kind("fine.png"), "ok");
+    assert_eq!(recs.len(), 6);
+    assert!(peak < 1024, "peak RSS {peak} MiB");
+
+    // The same limits, raised, let the big but honest documents through.
+    let (o, peak) = quire_peak_rss_mib(&[
+        "run", input.join("pages2500.pdf").to_str().unwrap(), "--out", out.to_str().unwrap(), "--engine", "text-layer", "--job", "many",
+        "--max-pages", "3000", "--pages-per-task", "500",
+    ]);
+    eprintln!("peak RSS over a 2500-page PDF: {peak} MiB");
+    assert_eq!(code(&o), 0);
+    let recs = records(&out, "many");
+    assert_eq!(recs.len(), 2500);
+    assert!(recs.values().all(|r| r["text"].as_str().unwrap().contains("all alike")));
+}

@@ -19,7 +19,37 @@ pub fn manifest_key(job: &str) -> String {
 
 /// `JOB/markdown/<rel>.md`, `rel` being the source path below its input root.
 pub fn markdown_key(job: &str, rel: &str) -> String {
-    format!("{}markdown/{}.md", job_prefix(job), safe_relative_path(rel))
+    format!("{}markdown/{}", job_prefix(job), with_suffix(rel, ".md"))
+}
+
+/// The longest file name most file systems take, in bytes.
+const NAME_MAX: usize = 255;
+
+/// [`safe_relative_path`] of `rel` with `suffix` appended to its last component, every
+/// component fitting [`NAME_MAX`] bytes: a name too long keeps its start and ends in `~`
+/// and 16 hex digits of its SHA-256, so two long names that start alike stay apart.
+pub fn with_suffix(rel: &str, suffix: &str) -> String {
+    let safe = safe_relative_path(rel);
+    let mut parts: Vec<String> = safe.split('/').map(str::to_string).collect();
+    let n = parts.len();
+    for (i, p) in parts.iter_mut().enumerate() {
+        let tail = if i + 1 == n { suffix } else { "" };
+        *p = fit_name(p, tail);
+    }
+    parts.join("/")
+}
+
+fn fit_name(name: &str, suffix: &str) -> String {
+    if name.len() + suffix.len() <= NAME_MAX {
+        return format!("{name}{suffix}");
+    }
+    use sha2::Digest;
+    let digest = hex::encode(&sha2::Sha256::digest(name.as_bytes())[..8]);
+    let mut keep = NAME_MAX.saturating_sub(suffix.len() + 1 + digest.len());
+    while !name.is_char_boundary(keep) {
+        keep -= 1;
+    }
+    format!("{}~{digest}{suffix}", &name[..keep])
 }
 
 /// One path component with nothing that could climb out or hide.
@@ -64,5 +94,20 @@ mod tests {
         assert_eq!(job_prefix(".."), "_../");
         assert_eq!(markdown_key("j", "../x.pdf"), "j/markdown/__/x.pdf.md");
         assert_eq!(results_key("j", "abc"), "j/results/abc.jsonl");
+    }
+
+    #[test]
+    fn overlong_names_are_shortened_and_stay_apart() {
+        let a = format!("{}a.png", "é".repeat(126));
+        let b = format!("{}b.png", "é".repeat(126));
+        let (ka, kb) = (markdown_key("j", &format!("in/{a}")), markdown_key("j", &format!("in/{b}")));
+        assert_ne!(ka, kb);
+        for k in [&ka, &kb] {
+            let last = k.rsplit('/').next().unwrap();
+            assert!(last.len() <= NAME_MAX && last.ends_with(".md"), "{last} ({} bytes)", last.len());
+            assert!(k.starts_with("j/markdown/in/éé"), "{k}");
+        }
+        assert_eq!(markdown_key("j", "in/short.png"), "j/markdown/in/short.png.md");
+        assert_eq!(with_suffix(&"d".repeat(300), "").len(), NAME_MAX);
     }
 }

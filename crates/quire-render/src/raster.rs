@@ -134,6 +134,13 @@ fn decode_single(path: &Path, kind: InputKind, limits: &Limits) -> Result<Page, 
     if let Some(e) = too_many_pixels(path, None, w.into(), h.into(), limits) {
         return Err(e);
     }
+    if kind == InputKind::Jpeg && !jpeg_has_end(path) {
+        // The decoder would fill the missing part with grey and call it a picture.
+        return Err(RenderError::new(
+            ErrorKind::Truncated,
+            format!("{}: the JPEG ends before its end-of-image marker (the file is cut short)", path.display()),
+        ));
+    }
     let orientation = dec.orientation().ok();
     let mut img = DynamicImage::from_decoder(dec).map_err(|e| image_error(path, e))?;
     if let Some(o) = orientation {
@@ -148,6 +155,20 @@ fn decode_single(path: &Path, kind: InputKind, limits: &Limits) -> Result<Page, 
         text: None,
         render_ms: t0.elapsed().as_secs_f64() * 1e3,
     })
+}
+
+/// Whether a JPEG file has its end-of-image marker (FF D9) in its last 64 KiB: a cut-off
+/// file lacks it, while padding or trailing data after a complete image keep it in view.
+fn jpeg_has_end(path: &Path) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = File::open(path) else { return true };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let tail = len.min(64 << 10);
+    let mut buf = Vec::with_capacity(tail as usize);
+    if f.seek(SeekFrom::Start(len - tail)).is_err() || f.read_to_end(&mut buf).is_err() {
+        return true;
+    }
+    buf.windows(2).any(|w| w == [0xFF, 0xD9])
 }
 
 /// RGB with any alpha composited over white (dropping alpha would turn transparent pixels,

@@ -47,6 +47,12 @@ pub fn list_local(input: &str, tx: mpsc::Sender<Listed>) {
     let walk = walkdir::WalkDir::new(root).follow_links(true).sort_by_file_name();
     for entry in walk {
         let msg = match entry {
+            // Records name their source as UTF-8 text: a name that is not cannot be named
+            // (nor opened again from its record), so it is reported instead.
+            Ok(e) if e.file_type().is_file() && e.path().to_str().is_none() => Listed::Warning(ListWarning {
+                path: e.path().to_string_lossy().into_owned(),
+                message: "the file name is not valid UTF-8; rename the file to process it".into(),
+            }),
             Ok(e) if e.file_type().is_file() => {
                 let rel_path = e.path().strip_prefix(root).unwrap_or(e.path());
                 let rel = rel_path.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/");
