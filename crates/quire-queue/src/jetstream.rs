@@ -1084,6 +1084,7 @@ mod tests {
             unit_count: 4,
             check_stored: false,
             submission: None,
+            members: Vec::new(),
         }
     }
 
