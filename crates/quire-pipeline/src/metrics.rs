@@ -177,7 +177,7 @@ impl TaskObserver for Metrics {
         if end == TaskEnd::Retried {
             self.errors.with_label_values(&["task_retry"]).inc();
         }
-        let kind = if task.unit == UnitKind::Image {
+        let kind = if matches!(task.unit, UnitKind::Image | UnitKind::Images | UnitKind::Archive) {
             "image"
         } else {
             "page"
