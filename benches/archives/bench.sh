@@ -12,6 +12,7 @@
 #
 #   benches/archives/bench.sh [REPS]                # default 3
 #   N=2000 BIG_GB=1 PROFILE=dev benches/archives/bench.sh 2
+#   RSS_ONLY=1 benches/archives/bench.sh          # only the peak-RSS part
 #
 # Data goes to BENCH_DIR (default /tmp/quire-archives-bench, ~2.5 GB at the defaults).
 set -euo pipefail
@@ -36,9 +37,11 @@ fi
 echo "shard: $(du -h "$WORK/n$N/shard.tar" | cut -f1), $N images; loose: $(ls "$WORK/n$N/loose" | wc -l) files"
 
 # seconds and peak RSS (KiB) of one command
-measure() { /usr/bin/time -f "%e %M" -o "$WORK/time.txt" "$@" >/dev/null 2>"$WORK/last.log" || true; cat "$WORK/time.txt"; }
+# (the last line: GNU time puts "Command exited with non-zero status N" before it)
+measure() { /usr/bin/time -f "%e %M" -o "$WORK/time.txt" "$@" >/dev/null 2>"$WORK/last.log" || true; tail -1 "$WORK/time.txt"; }
 
 tar_rates=(); loose_rates=()
+[ -n "${RSS_ONLY:-}" ] && reps=0
 for r in $(seq "$reps"); do
   for what in tar loose; do
     input="$WORK/n$N/shard.tar"; [ "$what" = loose ] && input="$WORK/n$N/loose"
@@ -51,7 +54,7 @@ for r in $(seq "$reps"); do
     if [ "$what" = tar ]; then tar_rates+=("$rate"); else loose_rates+=("$rate"); fi
   done
 done
-python3 - "${tar_rates[*]}" "${loose_rates[*]}" <<'PY'
+[ "$reps" -gt 0 ] && python3 - "${tar_rates[*]}" "${loose_rates[*]}" <<'PY'
 import statistics, sys
 t = [float(x) for x in sys.argv[1].split()]; l = [float(x) for x in sys.argv[2].split()]
 print(f"images/s  tar: median {statistics.median(t):.1f} (min {min(t):.1f}, max {max(t):.1f})"
@@ -83,6 +86,13 @@ with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as t:
 print(f"{path}: {i} images")
 PY
   fi
-  read -r secs rss < <(measure "$QUIRE" run "$big" --out "$WORK/out" --job "big" --force --quiet --engine text-layer)
-  echo "text-layer read of $(du -h "$big" | cut -f1) shard: $secs s, peak RSS $((rss / 1024)) MiB"
+  # 64 samples a task, one task at a time: what a task holds is the same for both sizes. glibc's
+  # per-thread arenas keep freed buffers of the decoding threads (bounded by the arena count,
+  # not the shard): MALLOC_ARENA_MAX=1 shows what quire itself holds.
+  for arenas in default 1; do
+    env=(); [ "$arenas" = 1 ] && env=(MALLOC_ARENA_MAX=1)
+    read -r secs rss < <(measure env "${env[@]}" "$QUIRE" run "$big" --out "$WORK/out" --job "big" --force --quiet \
+      --engine text-layer --images-per-task 64 --workers 1)
+    echo "text-layer read of $(du -h "$big" | cut -f1) shard (malloc arenas: $arenas): $secs s, peak RSS $((rss / 1024)) MiB"
+  done
 done
