@@ -858,6 +858,7 @@ fn forged_task_messages_are_dead_lettered_and_secrets_stay_out_of_every_output()
                 unit_count: 0,
                 check_stored: false,
                 submission: None,
+                members: Vec::new(),
             }
         };
         let evil_out = format!("s3://{bucket}/evil");
@@ -926,4 +927,110 @@ fn forged_task_messages_are_dead_lettered_and_secrets_stay_out_of_every_output()
             assert!(!text.contains(secret), "a secret appears in {what}");
         }
     }
+}
+
+/// (source file name, member, page) → (text, tokens_in, error kind) of every record.
+fn rows(records: impl IntoIterator<Item = Value>) -> BTreeMap<(String, String, u64), (Value, Value, Value)> {
+    let mut map = BTreeMap::new();
+    for v in records {
+        let name = v["source"].as_str().unwrap().rsplit('/').next().unwrap().to_string();
+        let member = v["member"].as_str().unwrap_or("").to_string();
+        let key = (name, member, v["page"].as_u64().unwrap());
+        let row = (v["text"].clone(), v["tokens_in"].clone(), v["error"]["kind"].clone());
+        assert!(map.insert(key.clone(), row).is_none(), "duplicate record {key:?}");
+    }
+    map
+}
+
+#[test]
+fn archives_and_image_groups_through_workers_give_the_rows_of_quire_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bucket = format!("quire-wds-{}", std::process::id());
+    let (_nats, nats_url) = start_nats(tmp.path());
+    let (_garage, endpoint) = start_garage(tmp.path(), &bucket);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let store = rt.block_on(async {
+        let t0 = Instant::now();
+        loop {
+            match S3Store::new(s3_options(&endpoint, &bucket, "")).await {
+                Ok(s) => break s,
+                Err(e) if t0.elapsed() > Duration::from_secs(30) => panic!("garage not ready: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    });
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+    let model = fixtures.join("idefics3/split_sf2_gqa");
+    let model = model.to_str().unwrap();
+    // The same inputs on disk (for quire run) and in the bucket.
+    let local = tmp.path().join("local");
+    std::fs::create_dir_all(local.join("wds")).unwrap();
+    std::fs::create_dir_all(local.join("loose")).unwrap();
+    let mut files: Vec<(PathBuf, String)> = (0..4)
+        .map(|i| (fixtures.join(format!("archives/shard-{i:06}.tar")), format!("wds/shard-{i:06}.tar")))
+        .collect();
+    files.push((fixtures.join("archives/pictures.zip"), "wds/pictures.zip".into()));
+    for name in ["photo.jpg", "gray.png", "multipage.tif"] {
+        files.push((fixtures.join("docs").join(name), format!("loose/{name}")));
+    }
+    rt.block_on(async {
+        for (from, to) in &files {
+            std::fs::copy(from, local.join(to)).unwrap();
+            store.put(&format!("in/{to}"), std::fs::read(from).unwrap()).await.unwrap();
+        }
+    });
+    let _workers: Vec<Proc> = (0..2)
+        .map(|i| {
+            let args = ["worker", "--nats", &nats_url, "--workers", "2", "--grace-s", "5", "--model", model];
+            Proc::spawn(&format!("wds-worker{i}"), &mut quire_cmd(&endpoint, &args), tmp.path())
+        })
+        .collect();
+    let shards = format!("s3://{bucket}/in/wds/shard-{{000000..000003}}.tar");
+    let zip = format!("s3://{bucket}/in/wds/pictures.zip");
+    let loose = format!("s3://{bucket}/in/loose");
+    let out = format!("s3://{bucket}/out");
+    let settings = ["--task", "caption", "--model", model, "--max-new-tokens", "3", "--images-per-task", "2"];
+    let mut args = vec!["coordinator", "--nats", &nats_url, "--input", &shards, "--input", &zip, "--input", &loose, "--out", &out, "--job", "wds"];
+    args.extend(settings);
+    args.extend(["--wait", "--poll-ms", "600000"]);
+    let o = run_quire(&endpoint, &args, Duration::from_secs(240));
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    let submitted: Value = serde_json::from_slice(&o.stdout).unwrap();
+    // Four shards and the zip as whole objects (nothing downloaded), the three loose images
+    // in two groups.
+    assert_eq!((submitted["documents"].as_u64(), submitted["published"].as_u64()), (Some(8), Some(7)), "{submitted}");
+    let (dist, splits, manifest) = rt.block_on(async {
+        let mut recs = Vec::new();
+        for k in store.list("out/wds/results/").await.unwrap() {
+            let body = store.get(&k).await.unwrap().unwrap();
+            recs.extend(String::from_utf8(body).unwrap().lines().map(|l| serde_json::from_str::<Value>(l).unwrap()));
+        }
+        assert!(store.exists("out/wds/markdown/loose/photo.jpg.md").await.unwrap());
+        assert!(store.exists("out/wds/markdown/shard-000003.tar.md").await.unwrap());
+        let m: Value = serde_json::from_slice(&store.get("out/wds/manifest.json").await.unwrap().unwrap()).unwrap();
+        (recs, store.list("out/wds/splits/").await.unwrap(), m)
+    });
+    assert_eq!(splits.len(), 5, "each archive split by a worker into sample ranges: {splits:?}");
+    for r in dist.iter().filter(|r| r["member"].is_string()) {
+        assert!(r["source"].as_str().unwrap().starts_with(&format!("s3://{bucket}/in/wds/")), "{r}");
+    }
+    assert_eq!(manifest["counts"]["records"].as_u64(), Some(dist.len() as u64));
+    // quire run on the same files: the same rows.
+    let local_out = tmp.path().join("run-out");
+    let shards_local = format!("{}/shard-{{000000..000003}}.tar", local.join("wds").display());
+    let (zip_local, loose_local) = (local.join("wds/pictures.zip"), local.join("loose"));
+    let mut args = vec![
+        "run", &shards_local, zip_local.to_str().unwrap(), loose_local.to_str().unwrap(), "--out", local_out.to_str().unwrap(), "--job", "wds",
+    ];
+    args.extend(settings);
+    let o = run_quire(&endpoint, &args, Duration::from_secs(240));
+    assert_eq!(o.status.code(), Some(0));
+    let mut local_recs = Vec::new();
+    for e in std::fs::read_dir(local_out.join("wds/results")).unwrap() {
+        let text = std::fs::read_to_string(e.unwrap().path()).unwrap();
+        local_recs.extend(text.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()));
+    }
+    let (d, l) = (rows(dist), rows(local_recs));
+    assert_eq!(d.len(), 19 + 3 + 1 + 1 + 3, "every image member and every loose frame has one record");
+    assert_eq!(d, l);
 }

@@ -1014,3 +1014,207 @@ fn hostile_files_each_get_one_clear_error_record_with_memory_bounded() {
     assert_eq!(recs.len(), 2500);
     assert!(recs.values().all(|r| r["text"].as_str().unwrap().contains("all alike")));
 }
+
+fn archive(name: &str) -> PathBuf {
+    fixtures().join("archives").join(name)
+}
+
+/// Every record of a job in stored order: results files by name, lines in order.
+fn record_list(out: &Path, job: &str) -> Vec<Value> {
+    let dir = out.join(job).join("results");
+    let mut files: Vec<_> = std::fs::read_dir(&dir).expect("results folder").map(|e| e.unwrap().path()).collect();
+    files.sort();
+    files
+        .iter()
+        .flat_map(|f| std::fs::read_to_string(f).unwrap().lines().map(|l| serde_json::from_str::<Value>(l).unwrap()).collect::<Vec<_>>())
+        .collect()
+}
+
+/// The keys img2dataset gave the committed shards (tests/gen_archives.py): shard 1 lost
+/// sample 2's download, so it has no image.
+fn shard_keys(shard: u32) -> Vec<String> {
+    (0..5).filter(|&i| !(shard == 1 && i == 2)).map(|i| format!("{shard:05}{i:04}")).collect()
+}
+
+#[test]
+fn archives_and_brace_patterns_give_one_record_per_image_member() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, _) = idefics3("split_sf2_gqa");
+    let out = tmp.path().join("out");
+    let pattern = format!("{}/shard-{{000000..000003}}.tar", fixtures().join("archives").display());
+    let (gz, zip) = (archive("gz-000000.tar.gz"), archive("pictures.zip"));
+    let args = [
+        "run", &pattern, gz.to_str().unwrap(), zip.to_str().unwrap(), "--out", out.to_str().unwrap(), "--job", "wds",
+        "--task", "caption", "--model", model.to_str().unwrap(), "--max-new-tokens", "3", "--images-per-task", "2",
+    ];
+    let o = quire(&args);
+    assert_eq!(code(&o), 0);
+    let recs = record_list(&out, "wds");
+    for shard in 0..4u32 {
+        let src = archive(&format!("shard-{shard:06}.tar"));
+        let mine: Vec<&Value> = recs.iter().filter(|r| r["source"] == src.to_str().unwrap()).collect();
+        let mut keys: Vec<String> = mine.iter().map(|r| r["key"].as_str().unwrap().to_string()).collect();
+        keys.sort();
+        assert_eq!(keys, shard_keys(shard), "one record per image member of shard {shard}");
+        for r in &mine {
+            assert_eq!(r["member"], format!("{}.jpg", r["key"].as_str().unwrap()));
+            assert_eq!((r["page"].as_u64(), r["page_count"].as_u64()), (Some(1), Some(1)));
+            assert!(r["error"].is_null(), "{r}");
+            assert_eq!((r["engine"].as_str(), r["task"].as_str()), (Some("vlm"), Some("caption")));
+            assert_eq!((r["width"].as_u64(), r["height"].as_u64()), (Some(48), Some(32)));
+            assert!(r["tokens_out"].as_u64().unwrap() >= 1);
+        }
+    }
+    let gz_keys: Vec<_> = recs.iter().filter(|r| r["source"] == gz.to_str().unwrap()).map(|r| r["key"].as_str().unwrap()).collect();
+    assert_eq!(gz_keys.len(), 3);
+    let zip_members: Vec<_> = recs.iter().filter(|r| r["source"] == zip.to_str().unwrap()).map(|r| (r["key"].as_str().unwrap(), r["member"].as_str().unwrap())).collect();
+    let mut sorted = zip_members.clone();
+    sorted.sort();
+    assert_eq!(sorted, vec![("pics/000", "pics/000.png"), ("pics/001", "pics/001.png"), ("pics/002", "pics/002.png")]);
+    // Sample ranges of 2: 5 samples make 3 tasks, 3 make 2 (4 shards, the gz, the zip).
+    let files = std::fs::read_dir(out.join("wds/results")).unwrap().count();
+    assert_eq!(files, 4 * 3 + 2 + 2);
+    for f in std::fs::read_dir(out.join("wds/results")).unwrap() {
+        let keys: Vec<String> = std::fs::read_to_string(f.unwrap().path()).unwrap().lines().map(|l| serde_json::from_str::<Value>(l).unwrap()["key"].as_str().unwrap().to_string()).collect();
+        let mut sorted = keys.clone();
+        sorted.sort();
+        assert_eq!(keys, sorted, "records of a task are in archive order");
+    }
+    let md = std::fs::read_to_string(out.join("wds/markdown/shard-000002.tar.md")).unwrap();
+    assert!(md.find("<!-- member 000020000.jpg -->").unwrap() < md.find("<!-- member 000020004.jpg -->").unwrap(), "{md}");
+    let m = manifest(&out, "wds");
+    assert_eq!(m["counts"]["pages_ok"].as_u64(), Some(19 + 3 + 3));
+    assert_eq!(m["counts"]["documents"].as_u64(), Some(6));
+    // A rerun finds every task done.
+    let again = quire(&args);
+    assert_eq!(code(&again), 0);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("0 done now, 16 already done"), "{}", String::from_utf8_lossy(&again.stderr));
+
+    // The same images as loose files get the same captions: the archive's bytes are the files'.
+    let loose = tmp.path().join("loose");
+    std::fs::create_dir(&loose).unwrap();
+    let x = Command::new("tar").args(["xf", archive("shard-000000.tar").to_str().unwrap(), "-C", loose.to_str().unwrap()]).status().unwrap();
+    assert!(x.success());
+    let out2 = tmp.path().join("out2");
+    let o = quire(&[
+        "run", loose.to_str().unwrap(), "--out", out2.to_str().unwrap(), "--job", "loose", "--task", "caption",
+        "--model", model.to_str().unwrap(), "--max-new-tokens", "3", "--images-per-task", "2",
+    ]);
+    assert_eq!(code(&o), 3, "the .txt and .json files are no images: unsupported");
+    let loose_recs = records(&out2, "loose");
+    for r in recs.iter().filter(|r| r["source"] == archive("shard-000000.tar").to_str().unwrap()) {
+        let file = &loose_recs[&(r["member"].as_str().unwrap().to_string(), 1)];
+        assert_eq!((&file["text"], &file["tokens_in"]), (&r["text"], &r["tokens_in"]), "{}", r["member"]);
+        assert!(file["key"].is_null() && file["member"].is_null());
+    }
+}
+
+#[test]
+fn loose_images_are_grouped_into_tasks_with_a_record_per_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("pics");
+    std::fs::create_dir_all(input.join("sub")).unwrap();
+    copy_into(&input, &["photo.jpg", "gray.png", "multipage.tif", "rgba.png", "born_digital.pdf"]);
+    std::fs::copy(doc("image.webp"), input.join("sub/image.webp")).unwrap();
+    std::fs::copy(doc("bomb.png"), input.join("sub/bomb.png")).unwrap();
+    let out = tmp.path().join("out");
+    let args = ["run", input.to_str().unwrap(), "--out", out.to_str().unwrap(), "--job", "g", "--engine", "text-layer", "--images-per-task", "2"];
+    let o = quire(&args);
+    assert_eq!(code(&o), 3);
+    let recs = records(&out, "g");
+    // Five readable images in groups of 2 = 3 tasks, the PDF's one task, the bomb's own one.
+    assert_eq!(std::fs::read_dir(out.join("g/results")).unwrap().count(), 5);
+    for name in ["photo.jpg", "gray.png", "rgba.png", "image.webp"] {
+        let r = &recs[&(name.to_string(), 1)];
+        assert_eq!(r["error"]["kind"], "needs_model", "{name}");
+        assert!(r["source"].as_str().unwrap().ends_with(name) && r["key"].is_null() && r["member"].is_null());
+        assert_eq!(r["page_count"], 1);
+    }
+    let tiff: Vec<_> = recs.iter().filter(|((n, _), _)| n == "multipage.tif").map(|((_, p), r)| (*p, r["page_count"].as_u64().unwrap())).collect();
+    assert_eq!(tiff, vec![(1, 3), (2, 3), (3, 3)], "each TIFF frame is still a record");
+    assert_eq!(recs[&("bomb.png".to_string(), 1)]["error"]["kind"], "too_many_pixels");
+    // Markdown per image file, as before.
+    for md in ["pics/photo.jpg.md", "pics/sub/image.webp.md", "pics/multipage.tif.md", "pics/born_digital.pdf.md"] {
+        assert!(out.join("g/markdown").join(md).exists(), "{md}");
+    }
+    assert_eq!(manifest(&out, "g")["counts"]["documents"].as_u64(), Some(7));
+    let again = quire(&args);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("0 done now, 5 already done"));
+    // A changed image is new work for its group only.
+    std::fs::copy(doc("image.png"), input.join("gray.png")).unwrap();
+    let changed = quire(&args);
+    assert!(String::from_utf8_lossy(&changed.stderr).contains("1 done now, 4 already done"), "{}", String::from_utf8_lossy(&changed.stderr));
+}
+
+#[test]
+fn bad_archives_get_error_records_and_the_job_goes_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, _) = idefics3("split_sf2_gqa");
+    let input = tmp.path().join("bad");
+    std::fs::create_dir(&input).unwrap();
+    for e in std::fs::read_dir(fixtures().join("archives/bad")).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, input.join(p.file_name().unwrap())).unwrap();
+    }
+    let out = tmp.path().join("out");
+    let o = quire(&[
+        "run", input.to_str().unwrap(), "--out", out.to_str().unwrap(), "--job", "bad", "--task", "caption", "--model",
+        model.to_str().unwrap(), "--max-new-tokens", "2",
+    ]);
+    assert_eq!(code(&o), 3);
+    let recs = record_list(&out, "bad");
+    let of = |name: &str| -> Vec<(Option<String>, String)> {
+        recs.iter()
+            .filter(|r| r["source"].as_str().unwrap().ends_with(name))
+            .map(|r| (r["member"].as_str().map(str::to_string), r["error"]["kind"].as_str().unwrap_or("ok").to_string()))
+            .collect()
+    };
+    let s = |m: &str, k: &str| (Some(m.to_string()), k.to_string());
+    assert_eq!(of("truncated.tar"), vec![s("000000000.jpg", "ok"), s("000000001.jpg", "ok"), (None, "truncated".into())]);
+    let tz = of("truncated.zip");
+    assert_eq!(&tz[..3], &[s("000.jpg", "ok"), s("001.jpg", "ok"), s("002.jpg", "ok")]);
+    assert_eq!(tz.last().unwrap(), &(None, "truncated".to_string()));
+    assert_eq!(of("names.tar"), vec![
+        s("000000000.jpg", "ok"),
+        s("../escape.jpg", "unsupported"),
+        s("/abs/000000002.jpg", "unsupported"),
+        s("caf\u{fffd}.jpg", "unsupported"),
+        s("link.jpg", "unsupported"),
+        s("000000005.tar", "unsupported"),
+        s("000000006.jpg", "ok"),
+    ]);
+    let dups = of("duplicates.tar");
+    assert_eq!(dups.last().unwrap(), &s("000000001.json", "corrupt"));
+    assert_eq!(dups.iter().filter(|d| d.1 == "ok").count(), 3);
+    assert_eq!(of("hostile.zip"), vec![
+        s("000.jpg", "ok"),
+        s("bomb.bmp", "too_large"),
+        s("secret.jpg", "encrypted"),
+        s("inner.zip", "unsupported"),
+        s("002.jpg", "ok"),
+    ]);
+    assert_eq!(of("noimages.tar"), vec![(None, "empty".to_string())]);
+    assert_eq!(of("empty.tar"), vec![(None, "empty".to_string())]);
+    for r in recs.iter().filter(|r| !r["error"].is_null()) {
+        assert!(r["error"]["message"].as_str().unwrap().len() > 10, "{r}");
+        assert_eq!(r["finish_reason"], "error");
+    }
+    let noimg = recs.iter().find(|r| r["source"].as_str().unwrap().ends_with("noimages.tar")).unwrap();
+    assert!(noimg["error"]["message"].as_str().unwrap().contains("3 samples without an image"), "{noimg}");
+    // Nothing was written outside --out (no member was unpacked anywhere).
+    assert!(walk(tmp.path()).iter().all(|p| p.starts_with(&out) || p.starts_with(&input)));
+    // The member-count limit is explicit: a tight one refuses a whole shard in one record.
+    let o = quire(&[
+        "run", archive("shard-000000.tar").to_str().unwrap(), "--out", out.to_str().unwrap(), "--job", "few",
+        "--engine", "text-layer", "--max-archive-members", "10",
+    ]);
+    assert_eq!(code(&o), 3);
+    let few = record_list(&out, "few");
+    assert_eq!(few.len(), 1);
+    assert_eq!(few[0]["error"]["kind"], "too_large");
+    assert!(few[0]["error"]["message"].as_str().unwrap().contains("--max-archive-members"));
+    // A brace pattern naming a missing shard is a usage error.
+    let o = quire(&["run", &format!("{}/shard-{{000000..000009}}.tar", fixtures().join("archives").display()), "--out", out.to_str().unwrap()]);
+    assert_eq!(code(&o), 2);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("shard-000004.tar"));
+}

@@ -35,6 +35,22 @@ pub fn task_id(fingerprint: &str, src: &SourceRef, first: u32, last: u32) -> Str
     hex::encode(&h.finalize()[..16])
 }
 
+/// Id of a group of loose images: the settings and every member's identity (path, size,
+/// mtime or ETag), in order.
+pub fn images_task_id(fingerprint: &str, members: &[SourceRef]) -> String {
+    let mut h = Sha256::new();
+    h.update(b"images\0");
+    h.update((fingerprint.len() as u64).to_le_bytes());
+    h.update(fingerprint.as_bytes());
+    for m in members {
+        for part in [&m.uri, &m.size.to_string(), &m.version] {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part.as_bytes());
+        }
+    }
+    hex::encode(&h.finalize()[..16])
+}
+
 /// Id of the task for a whole, unopened object (see `UnitKind::Document`):
 /// a range no page-range task can have.
 pub fn document_task_id(fingerprint: &str, src: &SourceRef) -> String {
@@ -66,5 +82,21 @@ mod tests {
         assert_eq!(fp, settings_fingerprint(&s3), "the job name does not change output");
         s3.out = Some("s3://bucket/elsewhere".into());
         assert_eq!(fp, settings_fingerprint(&s3), "the output location does not change ids");
+    }
+
+    #[test]
+    fn image_group_ids_follow_every_member() {
+        let fp = settings_fingerprint(&JobSettings::new("j"));
+        let m = |uri: &str, v: &str| SourceRef { uri: uri.into(), rel: uri.into(), size: 3, version: v.into() };
+        let g = images_task_id(&fp, &[m("a.png", "1"), m("b.png", "1")]);
+        assert_eq!(g, images_task_id(&fp, &[m("a.png", "1"), m("b.png", "1")]));
+        assert_ne!(g, images_task_id(&fp, &[m("a.png", "1"), m("b.png", "2")]), "a changed member is new work");
+        assert_ne!(g, images_task_id(&fp, &[m("a.png", "1")]));
+        assert_ne!(g, images_task_id(&fp, &[m("b.png", "1"), m("a.png", "1")]));
+        let mut s = JobSettings::new("j");
+        s.limits.max_archive_members = 5;
+        assert_ne!(fp, settings_fingerprint(&s), "a non-default member limit changes records");
+        let v = serde_json::to_value(JobSettings::new("j").limits).unwrap();
+        assert!(v.get("max_archive_members").is_none(), "default archive limits leave ids of earlier jobs alone: {v}");
     }
 }

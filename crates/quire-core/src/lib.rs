@@ -10,10 +10,11 @@ mod keys;
 mod record;
 mod settings;
 
-pub use ids::{document_task_id, settings_fingerprint, task_id};
+pub use ids::{document_task_id, images_task_id, settings_fingerprint, task_id};
 pub use keys::{job_prefix, markdown_key, manifest_key, results_key, safe_relative_path};
 pub use record::{
     DeadLetter, ErrorInfo, ErrorKind, Failure, FinishReason, Manifest, ManifestCounts, Record,
     Throughput, Timings,
 };
-pub use settings::{Engine, JobSettings, Limits, RenderSize, SourceRef, TaskKind, TaskSpec, UnitKind, DEFAULT_LONG_SIDE};
+pub use settings::{Engine, JobSettings, Limits, RenderSize, SourceRef, TaskKind, TaskSpec, UnitKind, DEFAULT_IMAGES_PER_TASK, DEFAULT_LONG_SIDE,
+    DEFAULT_MAX_ARCHIVE_MEMBERS, DEFAULT_MAX_ZIP_RATIO};

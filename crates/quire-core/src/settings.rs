@@ -61,6 +61,36 @@ pub struct Limits {
     pub max_file_bytes: u64,
     pub max_pages: u32,
     pub max_pixels: u64,
+    /// Most members (entries of any type) one tar or zip archive may hold; a larger archive
+    /// gets one `too_large` error record. Left out of the serialised settings (and so of task
+    /// ids) at its default, so jobs without archives keep their ids.
+    #[serde(default = "default_archive_members", skip_serializing_if = "is_default_archive_members")]
+    pub max_archive_members: u32,
+    /// Largest uncompressed/compressed size ratio of a zip member before it is inflated (zip
+    /// bombs); serialised like `max_archive_members`.
+    #[serde(default = "default_zip_ratio", skip_serializing_if = "is_default_zip_ratio")]
+    pub max_zip_ratio: u32,
+}
+
+/// Default of [`Limits::max_archive_members`]: img2dataset writes about 10,000 samples of three
+/// members per shard; a hundred times that still lists in well under a second.
+pub const DEFAULT_MAX_ARCHIVE_MEMBERS: u32 = 1_000_000;
+/// Default of [`Limits::max_zip_ratio`]: JPEG, PNG and WebP barely deflate (ratio ~1) and an
+/// uncompressed bitmap of a scan rarely passes 50:1, while deflate's own ceiling is ~1030:1,
+/// where a zip bomb sits.
+pub const DEFAULT_MAX_ZIP_RATIO: u32 = 200;
+
+fn default_archive_members() -> u32 {
+    DEFAULT_MAX_ARCHIVE_MEMBERS
+}
+fn is_default_archive_members(n: &u32) -> bool {
+    *n == DEFAULT_MAX_ARCHIVE_MEMBERS
+}
+fn default_zip_ratio() -> u32 {
+    DEFAULT_MAX_ZIP_RATIO
+}
+fn is_default_zip_ratio(n: &u32) -> bool {
+    *n == DEFAULT_MAX_ZIP_RATIO
 }
 
 impl Default for Limits {
@@ -69,6 +99,8 @@ impl Default for Limits {
             max_file_bytes: 512 << 20,
             max_pages: 2000,
             max_pixels: 50_000_000,
+            max_archive_members: DEFAULT_MAX_ARCHIVE_MEMBERS,
+            max_zip_ratio: DEFAULT_MAX_ZIP_RATIO,
         }
     }
 }
@@ -138,6 +170,10 @@ pub struct JobSettings {
     pub prompt: Option<String>,
     pub max_new_tokens: usize,
     pub pages_per_task: u32,
+    /// Loose images (and archive samples) per task. Like `pages_per_task` not in the settings
+    /// fingerprint: the members or the sample range a task covers are part of its id.
+    #[serde(default = "default_images_per_task")]
+    pub images_per_task: u32,
     pub render: RenderSize,
     pub limits: Limits,
     /// Minimum count of letters and digits for a text layer to count as usable.
@@ -147,6 +183,13 @@ pub struct JobSettings {
     /// the settings fingerprint: moving the output does not change task ids.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub out: Option<String>,
+}
+
+/// Default of [`JobSettings::images_per_task`].
+pub const DEFAULT_IMAGES_PER_TASK: u32 = 256;
+
+fn default_images_per_task() -> u32 {
+    DEFAULT_IMAGES_PER_TASK
 }
 
 impl JobSettings {
@@ -159,6 +202,7 @@ impl JobSettings {
             prompt: None,
             max_new_tokens: 1024,
             pages_per_task: 16,
+            images_per_task: DEFAULT_IMAGES_PER_TASK,
             render: RenderSize::LongSide(1536),
             limits: Limits::default(),
             text_min_chars: 32,
@@ -192,6 +236,14 @@ pub enum UnitKind {
     /// inputs). The worker that takes it opens it, processes it in one go
     /// when it fits one task, or publishes its page-range tasks.
     Document,
+    /// A member range of one tar or zip archive (`source`): `first..=last` are 1-based sample
+    /// indices within the archive, samples as WebDataset groups members (see
+    /// `quire_store::archive`).
+    Archive,
+    /// A group of loose image files, in listing order, named by [`TaskSpec::members`];
+    /// `first..=last` is `1..=members.len()` and `source` is the input root they were listed
+    /// from.
+    Images,
 }
 
 /// One unit of work: a page range of one document, or a frame range of one
@@ -219,6 +271,9 @@ pub struct TaskSpec {
     /// ones with the same ids instead of dropping them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub submission: Option<String>,
+    /// The image files of an [`UnitKind::Images`] task, in listing order (empty otherwise).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<SourceRef>,
 }
 
 impl TaskSpec {

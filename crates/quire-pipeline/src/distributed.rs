@@ -17,12 +17,12 @@
 //!   `QUIRE_DEAD` stream.
 
 use crate::finish::{finish_job, parse_jsonl, JobOutcome, PagesThisRun, PlannedTask};
-use crate::plan::Planner;
+use crate::plan::{ImageGroups, Planner};
 use crate::split::{document_task, split_key, splits_prefix, Split};
 use crate::process::TaskFailure;
 use crate::worker::{Fetch, Fetched, ResultStores, Vetting};
 use anyhow::Context as _;
-use quire_core::{job_prefix, results_key, DeadLetter, JobSettings, Manifest, SourceRef, TaskSpec};
+use quire_core::{job_prefix, results_key, DeadLetter, JobSettings, Manifest, SourceRef, TaskSpec, UnitKind};
 use quire_queue::jetstream::{JetStreamOptions, JetStreamQueue, TaskEvents};
 use quire_queue::progress::{JobMeta, JobProgress};
 use quire_queue::TaskEvent;
@@ -226,8 +226,10 @@ pub fn vet_task(task: &TaskSpec, meta: Option<&JobMeta>) -> Result<(), String> {
             meta.settings.out.as_deref().unwrap_or("")
         ));
     }
-    if !meta.inputs.iter().any(|i| lies_under(&task.source.uri, i)) {
-        return Err(format!("the task's input {:?} is not below any of its job's inputs {:?}", task.source.uri, meta.inputs));
+    for uri in std::iter::once(&task.source.uri).chain(task.members.iter().map(|m| &m.uri)) {
+        if !meta.inputs.iter().any(|i| lies_under(uri, i)) {
+            return Err(format!("the task's input {uri:?} is not below any of its job's inputs {:?}", meta.inputs));
+        }
     }
     Ok(())
 }
@@ -279,10 +281,29 @@ impl ResultStores for StoreCache {
 /// One planned document in `JOB/plan/NNNNNN.jsonl`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PlanLine {
-    /// The whole-document task's id.
+    /// The whole-document task's id (or the image group's).
     pub task_id: String,
     pub uri: String,
     pub rel: String,
+    /// [`UnitKind::Images`] for a group of loose images (`uri` and `rel` name the input root
+    /// they were listed from); absent for a whole document.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit: Option<UnitKind>,
+    /// Images in the group.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub units: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// Whether a listed object is taken for a loose image by its name (distributed planning
+/// opens nothing; the worker still decodes by the bytes, and a member that is no image gets
+/// an error record).
+pub fn looks_like_image(uri: &str) -> bool {
+    let name = uri.rsplit('/').next().unwrap_or(uri);
+    name.rsplit_once('.').is_some_and(|(_, ext)| quire_store::archive::is_image_ext(&ext.to_ascii_lowercase()))
 }
 
 /// `JOB/job.json`: what the coordinator submitted.
@@ -498,33 +519,48 @@ pub async fn submit(o: &CoordinatorOptions, queue: &JetStreamQueue, store: &dyn 
                 })
             }
         };
-        while let Some(item) = rx.recv().await {
-            let src = match item {
-                Listed::Object(src) => src,
-                Listed::Warning(w) => {
+        let mut groups = ImageGroups::new(planner.settings.images_per_task);
+        loop {
+            let item = rx.recv().await;
+            let tasks = match item {
+                None => {
+                    let Some(last) = groups.flush(&planner) else { break };
+                    vec![last]
+                }
+                Some(Listed::Warning(w)) => {
                     tracing::warn!("{}: {}", w.path, w.message);
                     sub.warnings.push(w);
                     continue;
                 }
-            };
-            sub.documents += 1;
-            let mut doc = document_task(&planner.settings, &planner.fingerprint, &src);
-            doc.check_stored = check_stored;
-            doc.submission = submission.clone();
-            plan.push(&PlanLine { task_id: doc.task_id.clone(), uri: src.uri.clone(), rel: src.rel.clone() }).await?;
-            if done.contains(&doc.task_id) {
-                sub.skipped += 1;
-                continue;
-            }
-            if split.contains(&doc.task_id) {
-                if let Some(sp) = read_split(store, &job, &doc.task_id).await? {
-                    if sp.parts.iter().all(|p| done.contains(&p.task_id)) {
-                        sub.skipped += 1;
-                        continue;
+                Some(Listed::Object(src)) => {
+                    sub.documents += 1;
+                    if looks_like_image(&src.uri) {
+                        groups.push(&planner, input, src).into_iter().collect()
+                    } else {
+                        vec![document_task(&planner.settings, &planner.fingerprint, &src)]
                     }
                 }
+            };
+            for mut doc in tasks {
+                doc.check_stored = check_stored;
+                doc.submission = submission.clone();
+                let (unit, units) = if doc.unit == UnitKind::Images { (Some(UnitKind::Images), doc.last) } else { (None, 0) };
+                plan.push(&PlanLine { task_id: doc.task_id.clone(), uri: doc.source.uri.clone(), rel: doc.source.rel.clone(), unit, units })
+                    .await?;
+                if done.contains(&doc.task_id) {
+                    sub.skipped += 1;
+                    continue;
+                }
+                if split.contains(&doc.task_id) {
+                    if let Some(sp) = read_split(store, &job, &doc.task_id).await? {
+                        if sp.parts.iter().all(|p| done.contains(&p.task_id)) {
+                            sub.skipped += 1;
+                            continue;
+                        }
+                    }
+                }
+                publisher.send(&doc).await?;
             }
-            publisher.send(&doc).await?;
         }
         lister.await?;
     }
@@ -598,9 +634,31 @@ impl Ledger {
                 Some(sp) => sp
                     .parts
                     .iter()
-                    .map(|p| PlannedTask { task_id: p.task_id.clone(), uri: d.uri.clone(), rel: d.rel.clone(), first: p.first, last: p.last })
+                    .map(|p| PlannedTask {
+                        task_id: p.task_id.clone(),
+                        uri: d.uri.clone(),
+                        rel: d.rel.clone(),
+                        first: p.first,
+                        last: p.last,
+                        unit: sp.unit.unwrap_or(UnitKind::Pdf),
+                    })
                     .collect(),
-                None => vec![PlannedTask { task_id: d.task_id.clone(), uri: d.uri.clone(), rel: d.rel.clone(), first: 1, last: 0 }],
+                None if d.unit == Some(UnitKind::Images) => vec![PlannedTask {
+                    task_id: d.task_id.clone(),
+                    uri: d.uri.clone(),
+                    rel: d.rel.clone(),
+                    first: 1,
+                    last: d.units,
+                    unit: UnitKind::Images,
+                }],
+                None => vec![PlannedTask {
+                    task_id: d.task_id.clone(),
+                    uri: d.uri.clone(),
+                    rel: d.rel.clone(),
+                    first: 1,
+                    last: 0,
+                    unit: UnitKind::Document,
+                }],
             };
             (d, tasks)
         })
@@ -959,6 +1017,7 @@ mod tests {
             unit_count: 0,
             check_stored: false,
             submission: None,
+            members: Vec::new(),
         }
     }
 
@@ -981,9 +1040,9 @@ mod tests {
             duplicates: 0,
         };
         let id = |n: u32| format!("{n:032x}");
-        let doc = PlanLine { task_id: id(100), uri: "s3://b/in/a.pdf".into(), rel: "a.pdf".into() };
+        let doc = PlanLine { task_id: id(100), uri: "s3://b/in/a.pdf".into(), rel: "a.pdf".into(), unit: None, units: 0 };
         let parts = (1..=3).map(|p| crate::split::Part { task_id: id(p), first: p, last: p }).collect();
-        let split = Split { document_task_id: id(100), uri: doc.uri.clone(), unit_count: 3, parts };
+        let split = Split { document_task_id: id(100), uri: doc.uri.clone(), unit_count: 3, parts, unit: None };
         let ledger = Ledger { job, docs: vec![doc], splits: HashMap::from([(id(100), split)]) };
         let mut present = IdSet::default();
         present.insert(&id(1));
@@ -1023,6 +1082,12 @@ mod tests {
         assert!(e.contains("output") && e.contains("s3://evil/out"), "{e}");
         let e = vet_task(&task("j", "s3://b/private/key.pem", "s3://b/out"), Some(&m)).unwrap_err();
         assert!(e.contains("input") && e.contains("private/key.pem"), "{e}");
+        let mut group = task("j", "s3://b/in", "s3://b/out");
+        group.members = vec![SourceRef { uri: "s3://b/in/x.png".into(), rel: String::new(), size: 1, version: String::new() }];
+        assert_eq!(vet_task(&group, Some(&m)), Ok(()));
+        group.members.push(SourceRef { uri: "s3://b/other/y.png".into(), rel: String::new(), size: 1, version: String::new() });
+        let e = vet_task(&group, Some(&m)).unwrap_err();
+        assert!(e.contains("other/y.png"), "a group's every image is checked: {e}");
         let e = vet_task(&task("nobody", "s3://b/in/a.pdf", "s3://b/out"), None).unwrap_err();
         assert!(e.contains("not registered"), "{e}");
     }

@@ -2,7 +2,7 @@
 //! in-process queue and a local output folder.
 
 use crate::finish::{finish_job, JobOutcome, PlannedTask};
-use crate::plan::Planner;
+use crate::plan::{examine, Examined, ImageGroups, Planner};
 use crate::process::ProcessContext;
 use crate::progress::Progress;
 use crate::worker::{LocalFetch, OneStore, Worker};
@@ -114,32 +114,45 @@ pub async fn run_embedded(opts: RunOptions, progress: Arc<Progress>) -> anyhow::
         let (tx, mut rx) = mpsc::channel(256);
         let root = input.clone();
         let lister = tokio::task::spawn_blocking(move || list_local(&root, tx));
-        while let Some(item) = rx.recv().await {
+        // Loose images are grouped per input, in listing order.
+        let mut groups = ImageGroups::new(opts.settings.images_per_task);
+        loop {
             if guard.failure().is_some() {
                 break;
             }
-            let src = match item {
-                Listed::Object(src) => src,
-                Listed::Warning(w) => {
+            let item = rx.recv().await;
+            let tasks = match item {
+                None => {
+                    let Some(last) = groups.flush(&planner) else { break };
+                    vec![last]
+                }
+                Some(Listed::Warning(w)) => {
                     tracing::warn!("{}: {}", w.path, w.message);
                     warnings.push(w);
                     continue;
                 }
+                Some(Listed::Object(src)) => {
+                    Progress::add(&progress.objects_listed, 1);
+                    let pdf = opts.ctx.pdf.clone();
+                    let path = PathBuf::from(&src.uri);
+                    match tokio::task::spawn_blocking(move || examine(&path, &limits, &pdf)).await? {
+                        Examined::Object(Ok(p)) if p.kind.is_image() => groups.push(&planner, input, src).into_iter().collect(),
+                        Examined::Object(probe) => planner.plan(&src, &probe),
+                        Examined::Archive(scan) => planner.plan_archive(&src, &scan),
+                    }
+                }
             };
-            Progress::add(&progress.objects_listed, 1);
-            let pdf = opts.ctx.pdf.clone();
-            let path = PathBuf::from(&src.uri);
-            let probe = tokio::task::spawn_blocking(move || quire_render::probe(&path, &limits, &pdf)).await?;
-            for task in planner.plan(&src, &probe) {
+            for task in tasks {
                 let units = u64::from(task.units());
                 Progress::add(&progress.tasks_planned, 1);
                 Progress::add(&progress.pages_planned, units);
                 plan.push(PlannedTask {
                     task_id: task.task_id.clone(),
-                    uri: src.uri.clone(),
-                    rel: src.rel.clone(),
+                    uri: task.source.uri.clone(),
+                    rel: task.source.rel.clone(),
                     first: task.first,
                     last: task.last,
+                    unit: task.unit,
                 });
                 if !opts.force && store.exists(&results_key(&task.settings.job, &task.task_id)).await? {
                     skipped += 1;

@@ -21,6 +21,7 @@ pub struct PlannedTask {
     pub rel: String,
     pub first: u32,
     pub last: u32,
+    pub unit: quire_core::UnitKind,
 }
 
 /// How to tell the pages this run produced from those of earlier runs.
@@ -78,6 +79,52 @@ pub fn document_markdown(records: &[Record], first_missing: &[(u32, u32)]) -> St
     }
     out.push('\n');
     out
+}
+
+/// An archive's Markdown: each member's text after a `<!-- member NAME -->` marker, in
+/// archive order; refused members and samples not processed say so in a comment.
+pub fn archive_markdown(records: &[Record], missing: &[(u32, u32)]) -> String {
+    let mut parts: Vec<String> = records
+        .iter()
+        .map(|r| {
+            let what = match (&r.member, &r.key) {
+                (Some(m), _) => format!("member {}", m.replace("--", "- -")),
+                (None, _) => "archive".to_string(),
+            };
+            let body = match &r.error {
+                None => r.text.trim_end().to_string(),
+                Some(e) => format!("<!-- error {}: {} -->", e.kind.as_str(), e.message.replace("--", "- -")),
+            };
+            format!("<!-- {what} -->\n{body}")
+        })
+        .collect();
+    for (a, b) in missing {
+        parts.push(format!("<!-- samples {a}-{b}: not processed (gave up after repeated failures) -->"));
+    }
+    let mut out = parts.join("\n\n");
+    out.push('\n');
+    out
+}
+
+/// The Markdown files (path below `markdown/`, text) of one planned document's records: an
+/// archive gives one file, an image group one per image file, anything else one.
+fn markdown_files(first: &PlannedTask, records: &[Record], missing: &[(u32, u32)]) -> Vec<(String, String)> {
+    use quire_core::UnitKind;
+    if first.unit == UnitKind::Archive || records.iter().any(|r| r.member.is_some()) {
+        return vec![(first.rel.clone(), archive_markdown(records, missing))];
+    }
+    if first.unit == UnitKind::Images || records.iter().any(|r| r.source != first.uri) {
+        let mut out: Vec<(String, String)> = Vec::new();
+        let mut i = 0;
+        while i < records.len() {
+            let n = records[i..].iter().take_while(|r| r.source == records[i].source).count();
+            let rel = crate::plan::member_rel(&first.uri, &first.rel, &records[i].source);
+            out.push((rel, document_markdown(&records[i..i + n], &[])));
+            i += n;
+        }
+        return out;
+    }
+    vec![(first.rel.clone(), document_markdown(records, missing))]
 }
 
 pub fn parse_jsonl(bytes: &[u8]) -> anyhow::Result<Vec<Record>> {
@@ -138,7 +185,8 @@ pub async fn finish_job(store: &dyn BlobStore, o: JobOutcome<'_>) -> anyhow::Res
         };
         if new_doc {
             if let Some((first, records, missing)) = doc.take() {
-                counts.documents += 1;
+                let files = markdown_files(first, &records, &missing);
+                counts.documents += if first.unit == quire_core::UnitKind::Images { files.len() as u64 } else { 1 };
                 for r in &records {
                     counts.records += 1;
                     counts.tokens_in += r.tokens_in;
@@ -151,13 +199,14 @@ pub async fn finish_job(store: &dyn BlobStore, o: JobOutcome<'_>) -> anyhow::Res
                         }
                     }
                 }
-                let md = document_markdown(&records, &missing);
-                while writes.len() >= WRITE_AHEAD {
-                    if let Some(r) = writes.next().await {
-                        r?;
+                for (rel, md) in files {
+                    while writes.len() >= WRITE_AHEAD {
+                        if let Some(r) = writes.next().await {
+                            r?;
+                        }
                     }
+                    writes.push(put(store, markdown_key(job, &rel), md.into_bytes()));
                 }
-                writes.push(put(store, markdown_key(job, &first.rel), md.into_bytes()));
             }
         }
         let Some((t, got)) = next else { break };
@@ -276,7 +325,7 @@ mod tests {
         let settings = JobSettings::new("j");
         let plan: Vec<PlannedTask> = [("t1", 1, 2), ("t2", 3, 3)]
             .iter()
-            .map(|(id, a, b)| PlannedTask { task_id: id.to_string(), uri: "in/a.pdf".into(), rel: "a.pdf".into(), first: *a, last: *b })
+            .map(|(id, a, b)| PlannedTask { task_id: id.to_string(), uri: "in/a.pdf".into(), rel: "a.pdf".into(), first: *a, last: *b, unit: quire_core::UnitKind::Pdf })
             .collect();
         let t1 = crate::worker::to_jsonl(&[record("t1", 1), record("t1", 2)]);
         store.put(&results_key("j", "t1"), t1.clone()).await.unwrap();

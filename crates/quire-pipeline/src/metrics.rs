@@ -203,7 +203,7 @@ impl TaskObserver for Metrics {
                 self.tasks_given_up.inc();
             }
         }
-        let kind = if task.unit == UnitKind::Image {
+        let kind = if matches!(task.unit, UnitKind::Image | UnitKind::Images | UnitKind::Archive) {
             "image"
         } else {
             "page"

@@ -1,7 +1,122 @@
-//! Planning: an input object becomes tasks.
+//! Planning: an input object becomes tasks. A PDF or a TIFF becomes page (frame) range
+//! tasks, a tar or zip archive member-range tasks, and loose images are grouped
+//! `images_per_task` at a time.
 
-use quire_core::{settings_fingerprint, task_id, JobSettings, SourceRef, TaskSpec, UnitKind};
-use quire_render::{InputKind, Probe, RenderError};
+use quire_core::{images_task_id, settings_fingerprint, task_id, JobSettings, Limits, SourceRef, TaskSpec, UnitKind};
+use quire_render::{InputKind, PdfRenderer, Probe, RenderError};
+use quire_store::archive::{self, ArchiveError, ArchiveLimits, Scan};
+use std::path::Path;
+
+/// What opening an object for planning found out.
+pub enum Examined {
+    /// A PDF or an image (or why not).
+    Object(Result<Probe, RenderError>),
+    /// A tar or zip archive (by its first bytes), and its samples counted.
+    Archive(Result<Scan, ArchiveError>),
+}
+
+/// Opens the object at `path` as an archive when its bytes say so, else probes it as a PDF
+/// or image. Blocks.
+pub fn examine(path: &Path, limits: &Limits, pdf: &PdfRenderer) -> Examined {
+    if archive::sniff_archive_file(path).is_some() {
+        return Examined::Archive(archive::scan(path, &ArchiveLimits::from(limits)));
+    }
+    Examined::Object(quire_render::probe(path, limits, pdf))
+}
+
+/// Member-range tasks of an archive: `images_per_task` samples each, numbered as
+/// [`quire_store::archive`] counts them. An archive that cannot be read becomes one
+/// [`UnitKind::Unreadable`] task (its one error record); one without a single image or
+/// refused member becomes one task over all its samples, whose record says so.
+pub fn plan_archive_tasks(settings: &JobSettings, fingerprint: &str, src: &SourceRef, scan: &Result<Scan, ArchiveError>) -> Vec<TaskSpec> {
+    let make = |unit, first, last, count| TaskSpec {
+        task_id: if unit == UnitKind::Unreadable { task_id(fingerprint, src, 0, 0) } else { task_id(fingerprint, src, first, last) },
+        settings: settings.clone(),
+        source: src.clone(),
+        unit,
+        first,
+        last,
+        unit_count: count,
+        check_stored: false,
+        submission: None,
+        members: Vec::new(),
+    };
+    match scan {
+        Err(_) => vec![make(UnitKind::Unreadable, 1, 1, 0)],
+        Ok(s) if s.images == 0 && s.refused == 0 => vec![make(UnitKind::Archive, 1, s.units.max(1), s.units)],
+        Ok(s) => {
+            let per = settings.images_per_task.max(1);
+            (0..s.units.div_ceil(per))
+                .map(|i| make(UnitKind::Archive, i * per + 1, ((i + 1) * per).min(s.units), s.units))
+                .collect()
+        }
+    }
+}
+
+/// The task for a group of loose images listed below `root`.
+pub fn images_task(settings: &JobSettings, fingerprint: &str, root: &SourceRef, members: Vec<SourceRef>) -> TaskSpec {
+    let n = members.len() as u32;
+    TaskSpec {
+        task_id: images_task_id(fingerprint, &members),
+        settings: settings.clone(),
+        source: root.clone(),
+        unit: UnitKind::Images,
+        first: 1,
+        last: n,
+        unit_count: n,
+        check_stored: false,
+        submission: None,
+        members,
+    }
+}
+
+/// The input root (`input` as given) an image group's members were listed from: its `rel` is
+/// the members' common start, so that [`member_rel`] gives each member's own `rel` back.
+pub fn group_root(input: &str, member: &SourceRef) -> SourceRef {
+    let below = member.uri.strip_prefix(input).unwrap_or("").trim_start_matches('/');
+    let rel = member.rel.strip_suffix(below).unwrap_or(&member.rel).trim_end_matches('/');
+    let rel = if rel.is_empty() { member.rel.clone() } else { rel.to_string() };
+    SourceRef { uri: input.to_string(), rel, size: 0, version: String::new() }
+}
+
+/// The `rel` (path for Markdown) of the member `uri` of an image group listed below the
+/// root `root_uri` whose `rel` is `root_rel`.
+pub fn member_rel(root_uri: &str, root_rel: &str, uri: &str) -> String {
+    match uri.strip_prefix(root_uri).map(|b| b.trim_start_matches('/')) {
+        Some("") => root_rel.to_string(),
+        Some(below) => format!("{root_rel}/{below}"),
+        None => uri.trim_start_matches("s3://").to_string(),
+    }
+}
+
+/// Collects loose images into groups of `images_per_task`, in listing order.
+pub struct ImageGroups {
+    per: usize,
+    root: Option<SourceRef>,
+    members: Vec<SourceRef>,
+}
+
+impl ImageGroups {
+    pub fn new(images_per_task: u32) -> Self {
+        ImageGroups { per: images_per_task.max(1) as usize, root: None, members: Vec::new() }
+    }
+
+    /// Adds an image listed from `input`; returns a full group's task.
+    pub fn push(&mut self, planner: &Planner, input: &str, src: SourceRef) -> Option<TaskSpec> {
+        if self.root.is_none() {
+            self.root = Some(group_root(input, &src));
+        }
+        self.members.push(src);
+        (self.members.len() >= self.per).then(|| self.flush(planner)).flatten()
+    }
+
+    /// The last, partial group (call at the end of each input).
+    pub fn flush(&mut self, planner: &Planner) -> Option<TaskSpec> {
+        let root = self.root.take()?;
+        let members = std::mem::take(&mut self.members);
+        Some(images_task(&planner.settings, &planner.fingerprint, &root, members))
+    }
+}
 
 /// Splits one probed object into tasks of at most `pages_per_task` units.
 /// An object whose probe failed becomes a single task for its one error
@@ -20,6 +135,7 @@ pub fn plan_tasks(settings: &JobSettings, fingerprint: &str, src: &SourceRef, pr
         unit_count: count,
         check_stored: false,
         submission: None,
+        members: Vec::new(),
     };
     match probe {
         Err(_) => vec![make(UnitKind::Unreadable, 1, 1, 0)],
@@ -52,6 +168,10 @@ impl Planner {
     pub fn plan(&self, src: &SourceRef, probe: &Result<Probe, RenderError>) -> Vec<TaskSpec> {
         plan_tasks(&self.settings, &self.fingerprint, src, probe)
     }
+
+    pub fn plan_archive(&self, src: &SourceRef, scan: &Result<Scan, ArchiveError>) -> Vec<TaskSpec> {
+        plan_archive_tasks(&self.settings, &self.fingerprint, src, scan)
+    }
 }
 
 #[cfg(test)]
@@ -73,5 +193,44 @@ mod tests {
         assert_eq!(tasks, p.plan(&src, &probe), "planning is deterministic");
         let bad = p.plan(&src, &Err(RenderError::new(ErrorKind::Corrupt, "x")));
         assert_eq!((bad.len(), bad[0].unit), (1, UnitKind::Unreadable));
+    }
+
+    #[test]
+    fn archives_split_into_sample_ranges_and_images_into_groups() {
+        let mut s = JobSettings::new("j");
+        s.images_per_task = 4;
+        let p = Planner::new(s);
+        let src = SourceRef { uri: "in/shard.tar".into(), rel: "shard.tar".into(), size: 9, version: "v".into() };
+        let scan = Scan { units: 10, images: 9, without_image: 1, ..Default::default() };
+        let tasks = p.plan_archive(&src, &Ok(scan));
+        assert_eq!(tasks.iter().map(|t| (t.first, t.last, t.unit)).collect::<Vec<_>>(), vec![
+            (1, 4, UnitKind::Archive),
+            (5, 8, UnitKind::Archive),
+            (9, 10, UnitKind::Archive)
+        ]);
+        let none = p.plan_archive(&src, &Ok(Scan { units: 7, without_image: 7, ..Default::default() }));
+        assert_eq!(none.iter().map(|t| (t.first, t.last, t.unit_count)).collect::<Vec<_>>(), vec![(1, 7, 7)], "one record says: no images");
+        let bad = p.plan_archive(&src, &Err(ArchiveError { kind: quire_core::ErrorKind::TooLarge, message: "x".into() }));
+        assert_eq!((bad.len(), bad[0].unit), (1, UnitKind::Unreadable));
+
+        let m = |rel: &str| SourceRef { uri: format!("/data/pics/{rel}"), rel: format!("pics/{rel}"), size: 1, version: "1".into() };
+        let mut groups = ImageGroups::new(2);
+        let mut tasks: Vec<TaskSpec> = ["a.png", "sub/b.jpg", "c.png"].iter().filter_map(|r| groups.push(&p, "/data/pics/", m(r))).collect();
+        tasks.extend(groups.flush(&p));
+        assert_eq!(tasks.len(), 2);
+        assert_eq!((tasks[0].source.uri.as_str(), tasks[0].source.rel.as_str()), ("/data/pics/", "pics"));
+        assert_eq!((tasks[0].units(), tasks[1].units(), tasks[1].members[0].rel.as_str()), (2, 1, "pics/c.png"));
+        for t in &tasks {
+            for mem in &t.members {
+                assert_eq!(member_rel(&t.source.uri, &t.source.rel, &mem.uri), mem.rel);
+            }
+        }
+        let single = SourceRef { uri: "x/one.png".into(), rel: "one.png".into(), size: 1, version: "1".into() };
+        let root = group_root("x/one.png", &single);
+        assert_eq!(member_rel(&root.uri, &root.rel, &single.uri), "one.png");
+        let s3 = SourceRef { uri: "s3://b/p/q/r.jpg".into(), rel: "p/q/r.jpg".into(), size: 1, version: "e".into() };
+        let root = group_root("s3://b/p", &s3);
+        assert_eq!((root.rel.as_str(), member_rel(&root.uri, &root.rel, &s3.uri).as_str()), ("p", "p/q/r.jpg"));
+        assert_ne!(tasks[0].task_id, tasks[1].task_id);
     }
 }

@@ -9,9 +9,10 @@
 use crate::infer::{GenRequest, InferenceHandle};
 use crate::route::usable_text;
 use quire_core::{
-    Engine, ErrorInfo, ErrorKind, FinishReason, JobSettings, Record, TaskSpec, Timings, UnitKind,
+    Engine, ErrorInfo, ErrorKind, FinishReason, JobSettings, Record, SourceRef, TaskSpec, Timings, UnitKind,
 };
 use quire_render::{self as render, PdfRenderer, RenderError, RenderOptions};
+use quire_store::archive::{self, ArchiveLimits, Entry};
 use std::path::{Path, PathBuf};
 
 /// What the worker needs to process tasks.
@@ -54,6 +55,13 @@ struct Unit {
     text: Option<String>,
     image: Option<image::RgbImage>,
     outcome: Option<Outcome>,
+    /// Where the unit comes from when it is not the task's source (an image of a group).
+    source: Option<String>,
+    /// Pages (frames) of the unit's own file when it is not the task's document.
+    page_count: Option<u32>,
+    /// WebDataset key and member path of an archive member.
+    key: Option<String>,
+    member: Option<String>,
 }
 
 enum Outcome {
@@ -71,11 +79,39 @@ fn from_render(e: RenderError) -> Outcome {
 }
 
 fn unit_from_page(p: render::Page) -> Unit {
-    Unit { page: p.page, width: p.width, height: p.height, render_ms: p.render_ms, text: p.text, image: p.image, outcome: None }
+    Unit {
+        page: p.page,
+        width: p.width,
+        height: p.height,
+        render_ms: p.render_ms,
+        text: p.text,
+        image: p.image,
+        outcome: None,
+        source: None,
+        page_count: None,
+        key: None,
+        member: None,
+    }
+}
+
+fn unit_with(page: u32, outcome: Outcome) -> Unit {
+    Unit {
+        page,
+        width: 0,
+        height: 0,
+        render_ms: 0.0,
+        text: None,
+        image: None,
+        outcome: Some(outcome),
+        source: None,
+        page_count: None,
+        key: None,
+        member: None,
+    }
 }
 
 fn unit_failed(page: u32, e: RenderError) -> Unit {
-    Unit { page, width: 0, height: 0, render_ms: 0.0, text: None, image: None, outcome: Some(from_render(e)) }
+    unit_with(page, from_render(e))
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, TaskFailure> {
@@ -101,17 +137,30 @@ pub async fn process_task(task: &TaskSpec, path: &Path, ctx: &ProcessContext) ->
         UnitKind::Unreadable => {
             // The planner could not open the file; find out why again (it may
             // have been a passing fault) and record it.
+            let p = path.clone();
+            let archive_scan = blocking(move || {
+                archive::sniff_archive_file(&p).map(|_| archive::scan(&p, &ArchiveLimits::from(&limits)))
+            })
+            .await?;
             let pdf = ctx.pdf.clone();
             let p = path.clone();
-            let probe = blocking(move || render::probe(&p, &limits, &pdf)).await?;
+            let probe = match archive_scan {
+                Some(Err(e)) if e.kind == ErrorKind::Io => return Err(TaskFailure(format!("{}: {e}", task.source.uri))),
+                Some(Err(e)) => Err(e),
+                Some(Ok(scan)) => Ok(scan.units),
+                None => match blocking(move || render::probe(&p, &limits, &pdf)).await? {
+                    Ok(p) => Ok(p.unit_count),
+                    Err(e) if e.kind.is_transient() => return Err(TaskFailure(format!("{}: {e}", task.source.uri))),
+                    Err(e) => Err(quire_store::archive::ArchiveError { kind: error_kind(e.kind), message: e.message }),
+                },
+            };
             match probe {
-                Err(e) if e.kind.is_transient() => return Err(TaskFailure(format!("{}: {e}", task.source.uri))),
-                Err(e) => vec![unit_failed(1, e)],
-                Ok(p) => vec![unit_failed(
+                Err(e) => vec![unit_with(1, failed(e.kind, e.message))],
+                Ok(units) => vec![unit_failed(
                     1,
                     RenderError::new(
                         render::ErrorKind::Io,
-                        format!("the file could not be opened when planned but can now ({} units); rerun the job to process it", p.unit_count),
+                        format!("the file could not be opened when planned but can now ({units} units); rerun the job to process it"),
                     ),
                 )],
             }
@@ -127,6 +176,13 @@ pub async fn process_task(task: &TaskSpec, path: &Path, ctx: &ProcessContext) ->
                     .map(|(r, n)| r.map(unit_from_page).unwrap_or_else(|e| unit_failed(n, e)))
                     .collect(),
             }
+        }
+        UnitKind::Archive => return process_archive(task, &path, ctx).await,
+        UnitKind::Images => {
+            return Err(TaskFailure(format!(
+                "{}: an image group is processed with process_images (its members are fetched one by one)",
+                task.source.uri
+            )))
         }
         UnitKind::Document => {
             return Err(TaskFailure(format!(
@@ -158,7 +214,7 @@ async fn render_pdf(task: &TaskSpec, path: &Path, ctx: &ProcessContext) -> Resul
     let mut units: Vec<Unit>;
     if s.engine == Engine::Vlm {
         units = (task.first..=task.last)
-            .map(|page| Unit { page, width: 0, height: 0, render_ms: 0.0, text: None, image: None, outcome: None })
+            .map(|page| Unit { outcome: None, ..unit_with(page, Outcome::TextLayer(String::new())) })
             .collect();
     } else {
         let (pdf, p, r, o) = (ctx.pdf.clone(), path.to_path_buf(), range.clone(), base.clone());
@@ -277,9 +333,9 @@ fn to_record(task: &TaskSpec, s: &JobSettings, page_count: u32, u: Unit, ctx: &P
     let mut r = Record {
         job: s.job.clone(),
         task_id: task.task_id.clone(),
-        source: task.source.uri.clone(),
+        source: u.source.unwrap_or_else(|| task.source.uri.clone()),
         page: u.page,
-        page_count,
+        page_count: u.page_count.unwrap_or(page_count),
         task: s.task.as_str().to_string(),
         engine: Engine::TextLayer.as_str().to_string(),
         model: None,
@@ -292,12 +348,13 @@ fn to_record(task: &TaskSpec, s: &JobSettings, page_count: u32, u: Unit, ctx: &P
         height: u.height,
         timings_ms: Timings { render: round_ms(u.render_ms), infer: 0.0 },
         error: None,
-        key: None,
-        member: None,
+        key: u.key,
+        member: u.member,
         markdown: None,
         blocks: None,
     };
-    let vlm_engine = s.engine == Engine::Vlm || (task.unit == UnitKind::Image && s.engine != Engine::TextLayer);
+    let images = matches!(task.unit, UnitKind::Image | UnitKind::Images | UnitKind::Archive);
+    let vlm_engine = s.engine == Engine::Vlm || (images && s.engine != Engine::TextLayer);
     match u.outcome.unwrap_or_else(|| failed(ErrorKind::Internal, "page was not processed")) {
         Outcome::TextLayer(text) => r.text = text,
         Outcome::Vlm { text, tokens_in, tokens_out, finish, infer_ms, prompt } => {
@@ -326,6 +383,148 @@ fn to_record(task: &TaskSpec, s: &JobSettings, page_count: u32, u: Unit, ctx: &P
         }
     }
     r
+}
+
+/// Images are decoded and given to the model this many at a time: a task of hundreds of
+/// images holds a bounded number of decoded pictures, and decoding the next ones overlaps
+/// the model's work on these.
+const IMAGE_CHUNK: usize = 32;
+
+/// Runs the model on `units` and appends their records.
+async fn finish_units(task: &TaskSpec, units: &mut Vec<Unit>, page_count: u32, ctx: &ProcessContext, out: &mut Vec<Record>) {
+    if units.is_empty() {
+        return;
+    }
+    run_model(task, units, ctx).await;
+    out.extend(units.drain(..).map(|u| to_record(task, &task.settings, page_count, u, ctx)));
+}
+
+/// An archive task: the images of samples `first..=last`, read from the archive as a stream
+/// (decoded on a blocking thread while the model works), one record per image member or
+/// refused member, in archive order.
+async fn process_archive(task: &TaskSpec, path: &Path, ctx: &ProcessContext) -> Result<Vec<Record>, TaskFailure> {
+    let limits = task.settings.limits;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Unit>(IMAGE_CHUNK);
+    let (p, range) = (path.to_path_buf(), task.first..=task.last);
+    let reader = tokio::task::spawn_blocking(move || {
+        archive::walk(&p, &ArchiveLimits::from(&limits), Some(range), &mut |e| {
+            let mut u = match e {
+                Entry::Image { key, member, data, .. } => {
+                    let mut u = match render::decode_image_bytes(&member, &data, &limits) {
+                        Ok(page) => unit_from_page(page),
+                        Err(e) => unit_failed(1, e),
+                    };
+                    u.key = Some(key);
+                    u.member = Some(member);
+                    u
+                }
+                Entry::Refused { key, member, kind, message, .. } => {
+                    let mut u = unit_with(1, failed(kind, message));
+                    u.key = key;
+                    u.member = member;
+                    u
+                }
+            };
+            u.page_count = Some(1);
+            let _ = tx.blocking_send(u);
+        })
+    });
+    let mut records = Vec::new();
+    let mut chunk = Vec::new();
+    while let Some(u) = rx.recv().await {
+        chunk.push(u);
+        if chunk.len() >= IMAGE_CHUNK {
+            finish_units(task, &mut chunk, 1, ctx, &mut records).await;
+        }
+    }
+    finish_units(task, &mut chunk, 1, ctx, &mut records).await;
+    let scan = reader.await.map_err(|e| TaskFailure(format!("archive reader failed: {e}")))?;
+    match scan {
+        Err(e) if e.kind == ErrorKind::Io => return Err(TaskFailure(format!("{}: {e}", task.source.uri))),
+        Err(e) => {
+            let mut u = unit_with(1, failed(e.kind, e.message));
+            u.page_count = Some(0);
+            finish_units(task, &mut vec![u], 0, ctx, &mut records).await;
+        }
+        Ok(scan) => {
+            let whole = task.first == 1 && task.last >= task.unit_count;
+            if whole && records.is_empty() && scan.images == 0 && scan.refused == 0 {
+                let mut u = unit_with(
+                    1,
+                    failed(
+                        ErrorKind::Empty,
+                        format!("no images in the archive: {} samples without an image, {} members", scan.without_image, scan.members),
+                    ),
+                );
+                u.page_count = Some(0);
+                finish_units(task, &mut vec![u], 0, ctx, &mut records).await;
+            } else if scan.without_image > 0 {
+                tracing::info!(source = %task.source.uri, samples = scan.without_image, "samples without an image skipped");
+            }
+        }
+    }
+    Ok(records)
+}
+
+/// Decodes every frame of one loose image (one unit per frame; one error unit when the file
+/// cannot be read). Blocks.
+fn decode_loose(path: &Path, uri: &str, limits: &quire_core::Limits) -> Result<Vec<Unit>, RenderError> {
+    let decoded = render::frame_count(path).and_then(|n| Ok((n, render::decode_image(path, 1..=n, limits)?)));
+    let mut units = match decoded {
+        Err(e) if e.kind.is_transient() => return Err(e),
+        Err(e) => {
+            let mut u = unit_failed(1, e);
+            u.page_count = Some(0);
+            vec![u]
+        }
+        Ok((n, frames)) => frames
+            .into_iter()
+            .zip(1..)
+            .map(|(r, f)| {
+                let mut u = r.map(unit_from_page).unwrap_or_else(|e| unit_failed(f, e));
+                u.page_count = Some(n);
+                u
+            })
+            .collect(),
+    };
+    for u in &mut units {
+        u.source = Some(uri.to_string());
+    }
+    Ok(units)
+}
+
+/// One member of an image group, fetched and decoded.
+async fn load_member(m: &SourceRef, fetch: &dyn crate::worker::Fetch, limits: quire_core::Limits) -> Result<Vec<Unit>, TaskFailure> {
+    let f = fetch.fetch(m).await?;
+    let (path, uri) = (f.path.clone(), m.uri.clone());
+    let units = blocking(move || decode_loose(&path, &uri, &limits)).await?;
+    drop(f);
+    units.map_err(|e| TaskFailure(format!("{}: {e}", m.uri)))
+}
+
+/// An image-group task: each member fetched (a few at a time) and decoded, frames of a
+/// multi-frame TIFF one record each, records in member order.
+pub async fn process_images(task: &TaskSpec, fetch: &dyn crate::worker::Fetch, ctx: &ProcessContext) -> Result<Vec<Record>, TaskFailure> {
+    use futures_util::StreamExt;
+    const FETCH_AHEAD: usize = 8;
+    let limits = task.settings.limits;
+    let mut members = task.members.iter();
+    let mut pending = futures_util::stream::FuturesOrdered::new();
+    let mut records = Vec::new();
+    let mut chunk = Vec::new();
+    loop {
+        while pending.len() < FETCH_AHEAD {
+            let Some(m) = members.next() else { break };
+            pending.push_back(load_member(m, fetch, limits));
+        }
+        let Some(units) = pending.next().await else { break };
+        chunk.extend(units?);
+        if chunk.len() >= IMAGE_CHUNK {
+            finish_units(task, &mut chunk, 1, ctx, &mut records).await;
+        }
+    }
+    finish_units(task, &mut chunk, 1, ctx, &mut records).await;
+    Ok(records)
 }
 
 fn round_ms(ms: f64) -> f64 {

@@ -8,7 +8,7 @@
 //! queue drops a republished id, so a document split twice (a redelivery
 //! after a crash) does not create work twice.
 
-use crate::plan::plan_tasks;
+use crate::plan::{plan_archive_tasks, plan_tasks, Examined};
 use quire_core::{document_task_id, job_prefix, settings_fingerprint, JobSettings, SourceRef, TaskSpec, UnitKind};
 use serde::{Deserialize, Serialize};
 
@@ -24,6 +24,7 @@ pub fn document_task(settings: &JobSettings, fingerprint: &str, src: &SourceRef)
         unit_count: 0,
         check_stored: false,
         submission: None,
+        members: Vec::new(),
     }
 }
 
@@ -50,6 +51,10 @@ pub struct Split {
     pub uri: String,
     pub unit_count: u32,
     pub parts: Vec<Part>,
+    /// What the parts' units are: PDF pages or frames (absent in splits written before
+    /// archives were read), or archive samples.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit: Option<UnitKind>,
 }
 
 /// What to do with an opened document.
@@ -65,7 +70,22 @@ pub enum Opened {
 /// ranges) and decides between running it whole and splitting it.
 pub fn open_document(doc: &TaskSpec, probe: &Result<quire_render::Probe, quire_render::RenderError>) -> Opened {
     let fp = settings_fingerprint(&doc.settings);
-    let mut tasks = plan_tasks(&doc.settings, &fp, &doc.source, probe);
+    split_planned(doc, plan_tasks(&doc.settings, &fp, &doc.source, probe))
+}
+
+/// Like [`open_document`] for an object examined by [`crate::plan::examine`]: an archive
+/// is split into the member-range tasks `quire run` plans for it.
+pub fn open_examined(doc: &TaskSpec, examined: &Examined) -> Opened {
+    match examined {
+        Examined::Object(probe) => open_document(doc, probe),
+        Examined::Archive(scan) => {
+            let fp = settings_fingerprint(&doc.settings);
+            split_planned(doc, plan_archive_tasks(&doc.settings, &fp, &doc.source, scan))
+        }
+    }
+}
+
+fn split_planned(doc: &TaskSpec, mut tasks: Vec<TaskSpec>) -> Opened {
     for t in &mut tasks {
         t.submission = doc.submission.clone();
     }
@@ -85,6 +105,7 @@ pub fn open_document(doc: &TaskSpec, probe: &Result<quire_render::Probe, quire_r
         document_task_id: doc.task_id.clone(),
         uri: doc.source.uri.clone(),
         unit_count: tasks[0].unit_count,
+        unit: Some(tasks[0].unit),
         parts: tasks
             .iter()
             .map(|t| Part { task_id: t.task_id.clone(), first: t.first, last: t.last })

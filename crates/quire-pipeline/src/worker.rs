@@ -3,9 +3,9 @@
 //! nacked with a growing delay and end in the dead-letter path after
 //! `max_deliver` deliveries.
 
-use crate::process::{process_task, ProcessContext, TaskFailure};
+use crate::process::{process_images, process_task, ProcessContext, TaskFailure};
 use crate::progress::Progress;
-use crate::split::{open_document, split_key, Opened};
+use crate::split::{open_examined, split_key, Opened};
 use quire_core::{results_key, Record, SourceRef, TaskSpec, UnitKind};
 use quire_queue::{Lease, TaskEvent, TaskQueue};
 use quire_store::BlobStore;
@@ -252,7 +252,13 @@ impl Worker {
         let work = async {
             let t = Instant::now();
             let store = self.stores.store_for(&task).await?;
-            let input = self.fetch.fetch(&task.source).await?;
+            // An image group's source is the folder or prefix its members were listed from:
+            // the members are fetched one by one while the task runs.
+            let input = if task.unit == UnitKind::Images {
+                Fetched { path: PathBuf::new(), _keep: None }
+            } else {
+                self.fetch.fetch(&task.source).await?
+            };
             stage("fetch", t);
             let t = Instant::now();
             // A job planned without a model never uses this worker's model
@@ -267,10 +273,10 @@ impl Worker {
             let whole;
             let run = if task.unit == UnitKind::Document {
                 let (path, limits, pdf) = (input.path.clone(), task.settings.limits, ctx.pdf.clone());
-                let probe = tokio::task::spawn_blocking(move || quire_render::probe(&path, &limits, &pdf))
+                let examined = tokio::task::spawn_blocking(move || crate::plan::examine(&path, &limits, &pdf))
                     .await
                     .map_err(|e| TaskFailure(format!("opening the document: {e}")))?;
-                match open_document(&task, &probe) {
+                match open_examined(&task, &examined) {
                     Opened::Whole(t) => {
                         whole = t;
                         &whole
@@ -285,7 +291,11 @@ impl Worker {
             } else {
                 &task
             };
-            let records = process_task(run, &input.path, ctx).await?;
+            let records = if run.unit == UnitKind::Images {
+                process_images(run, self.fetch.as_ref(), ctx).await?
+            } else {
+                process_task(run, &input.path, ctx).await?
+            };
             crate::faults::records_made(records.len()).await;
             stage("process", t);
             drop(input);
@@ -525,6 +535,7 @@ mod tests {
             unit_count: 1,
             check_stored: false,
             submission: None,
+            members: Vec::new(),
         };
         queue.publish(&task).await.unwrap();
         let dir = tempfile::tempdir().unwrap();

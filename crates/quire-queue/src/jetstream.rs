@@ -1126,6 +1126,7 @@ mod tests {
             unit_count: 4,
             check_stored: false,
             submission: None,
+            members: Vec::new(),
         }
     }
 

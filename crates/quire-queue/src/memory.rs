@@ -239,6 +239,7 @@ mod tests {
             unit_count: 1,
             check_stored: false,
             submission: None,
+            members: Vec::new(),
         }
     }
 

@@ -30,7 +30,7 @@ use std::path::Path;
 pub use error::{ErrorKind, RenderError};
 pub use pdf::{find_pdfium, PageStream, PdfRenderer, PDFIUM_ENV};
 pub use procs::{run_worker_if_requested, WORKER_ENV};
-pub use raster::{decode_image, frame_count};
+pub use raster::{decode_image, decode_image_bytes, frame_count};
 
 /// The kind of an input, decided from its magic bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]

@@ -36,6 +36,61 @@ pub fn decode_image(
     }
 }
 
+/// Decodes an image held in memory (an archive member; `name` is used in messages) to RGB like
+/// [`decode_image`]: its kind from its bytes, pixels checked from the header before decoding,
+/// EXIF orientation applied. A TIFF gives its first frame.
+pub fn decode_image_bytes(name: &str, data: &[u8], limits: &Limits) -> Result<Page, RenderError> {
+    let path = Path::new(name);
+    if data.is_empty() {
+        return Err(RenderError::new(ErrorKind::Empty, format!("{name}: empty (0 bytes)")));
+    }
+    if data.len() as u64 > limits.max_file_bytes {
+        return Err(RenderError::new(
+            ErrorKind::TooLarge,
+            format!("{name}: {} bytes, more than the limit of {}", data.len(), limits.max_file_bytes),
+        ));
+    }
+    let kind = match crate::sniff(data) {
+        Some(k) if k.is_image() => k,
+        Some(_) => {
+            return Err(RenderError::new(
+                ErrorKind::Unsupported,
+                format!("{name}: a PDF named like an image; only images are read from archives and image groups"),
+            ))
+        }
+        None => {
+            return Err(RenderError::new(
+                ErrorKind::Unsupported,
+                format!("{name}: not a supported image (JPEG, PNG, WebP, TIFF, BMP, GIF) by its first bytes"),
+            ))
+        }
+    };
+    let t0 = Instant::now();
+    let mut r = ImageReader::with_format(std::io::Cursor::new(data), image_format(kind));
+    let mut l = image::Limits::default();
+    l.max_alloc = Some(limits.max_pixels.saturating_mul(8).saturating_add(64 << 20));
+    r.limits(l);
+    let mut dec = r.into_decoder().map_err(|e| image_error(path, e))?;
+    let (w, h) = dec.dimensions();
+    if let Some(e) = too_many_pixels(path, None, w.into(), h.into(), limits) {
+        return Err(e);
+    }
+    let orientation = dec.orientation().ok();
+    let mut img = DynamicImage::from_decoder(dec).map_err(|e| image_error(path, e))?;
+    if let Some(o) = orientation {
+        img.apply_orientation(o);
+    }
+    let rgb = to_rgb_on_white(img);
+    Ok(Page {
+        page: 1,
+        width: rgb.width(),
+        height: rgb.height(),
+        image: Some(rgb),
+        text: None,
+        render_ms: t0.elapsed().as_secs_f64() * 1e3,
+    })
+}
+
 /// Number of frames (pages) of a TIFF; 1 for any other image. Reads only the directories.
 pub fn frame_count(path: &Path) -> Result<u32, RenderError> {
     let (kind, _) = open_checked(

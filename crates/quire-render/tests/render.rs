@@ -471,6 +471,27 @@ fn images_decode_to_rgb() {
 }
 
 #[test]
+fn images_in_memory_decode_like_files() {
+    let l = Limits::default();
+    for name in ["photo.jpg", "exif_rotated.jpg", "rgba.png", "image.webp", "image.bmp", "multipage.tif", "png_named.jpg"] {
+        let bytes = std::fs::read(fixture(name)).unwrap();
+        let mem = decode_image_bytes(name, &bytes, &l).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let file = decode_image(&fixture(name), 1..=1, &l).unwrap().remove(0).unwrap();
+        assert_eq!((mem.page, mem.width, mem.height), (1, file.width, file.height), "{name}");
+        assert!(mem.image.unwrap() == file.image.unwrap(), "{name}: same pixels as from the file");
+    }
+    let pdf = std::fs::read(fixture("born_digital.pdf")).unwrap();
+    assert_eq!(kind_of(decode_image_bytes("x.jpg", &pdf, &l)), ErrorKind::Unsupported);
+    assert_eq!(kind_of(decode_image_bytes("x.jpg", b"hello", &l)), ErrorKind::Unsupported);
+    assert_eq!(kind_of(decode_image_bytes("x.jpg", b"", &l)), ErrorKind::Empty);
+    let bomb = std::fs::read(fixture("bomb.png")).unwrap();
+    assert_eq!(kind_of(decode_image_bytes("bomb.png", &bomb, &l)), ErrorKind::TooManyPixels);
+    let small = Limits { max_file_bytes: 100, ..Limits::default() };
+    let photo = std::fs::read(fixture("photo.jpg")).unwrap();
+    assert_eq!(kind_of(decode_image_bytes("photo.jpg", &photo, &small)), ErrorKind::TooLarge);
+}
+
+#[test]
 fn tiff_frames_are_pages() {
     let l = Limits::default();
     let tif = fixture("multipage.tif");

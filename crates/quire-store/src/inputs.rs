@@ -90,9 +90,75 @@ fn source_ref(uri: String, rel: String, meta: &std::fs::Metadata) -> SourceRef {
     SourceRef { uri, rel, size: meta.len(), version: format!("mtime:{mtime}") }
 }
 
+/// Most inputs one brace pattern may expand to.
+pub const MAX_BRACE_EXPANSION: usize = 10_000_000;
+
+/// Expands brace patterns as WebDataset writes shard names: `shard-{000000..000999}.tar`
+/// (a numeric range, zero-padded to the width of its bounds when they have leading zeros,
+/// ascending or descending) and `{train,val}` (a list); several braces multiply. A string
+/// without braces is returned as it is. `s3://` URIs expand the same way.
+pub fn expand_braces(pattern: &str) -> Result<Vec<String>, String> {
+    let Some(open) = pattern.find('{') else {
+        if pattern.contains('}') {
+            return Err(format!("{pattern:?}: '}}' without '{{'"));
+        }
+        return Ok(vec![pattern.to_string()]);
+    };
+    let close = pattern[open..].find('}').map(|i| open + i).ok_or_else(|| format!("{pattern:?}: '{{' without '}}'"))?;
+    let (head, body, tail) = (&pattern[..open], &pattern[open + 1..close], &pattern[close + 1..]);
+    if head.contains('}') || body.contains('{') {
+        return Err(format!("{pattern:?}: nested or unbalanced braces"));
+    }
+    let choices: Vec<String> = if let Some((a, b)) = body.split_once("..") {
+        let (x, y) = match (a.parse::<u64>(), b.parse::<u64>()) {
+            (Ok(x), Ok(y)) if !a.is_empty() && !b.is_empty() => (x, y),
+            _ => return Err(format!("{pattern:?}: {{{body}}} is not a range of whole numbers like {{000000..000999}}")),
+        };
+        let padded = (a.len() > 1 && a.starts_with('0')) || (b.len() > 1 && b.starts_with('0'));
+        let width = if padded { a.len().max(b.len()) } else { 0 };
+        let n = x.abs_diff(y) as usize + 1;
+        if n > MAX_BRACE_EXPANSION {
+            return Err(format!("{pattern:?}: {n} names, more than {MAX_BRACE_EXPANSION}"));
+        }
+        let step = |i: u64| if x <= y { x + i } else { x - i };
+        (0..n as u64).map(|i| format!("{:0width$}", step(i))).collect()
+    } else if body.contains(',') {
+        body.split(',').map(str::to_string).collect()
+    } else {
+        return Err(format!("{pattern:?}: {{{body}}} is neither a range {{a..b}} nor a list {{a,b}}"));
+    };
+    let rest = expand_braces(tail)?;
+    if choices.len().saturating_mul(rest.len()) > MAX_BRACE_EXPANSION {
+        return Err(format!("{pattern:?}: more than {MAX_BRACE_EXPANSION} names"));
+    }
+    let mut out = Vec::with_capacity(choices.len() * rest.len());
+    for c in &choices {
+        for r in &rest {
+            out.push(format!("{head}{c}{r}"));
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn brace_patterns_expand_like_webdataset_names() {
+        assert_eq!(expand_braces("a.tar").unwrap(), vec!["a.tar"]);
+        assert_eq!(
+            expand_braces("s3://b/laion/{000000..000002}.tar").unwrap(),
+            vec!["s3://b/laion/000000.tar", "s3://b/laion/000001.tar", "s3://b/laion/000002.tar"]
+        );
+        assert_eq!(expand_braces("x{8..11}").unwrap(), vec!["x8", "x9", "x10", "x11"]);
+        assert_eq!(expand_braces("x{2..0}").unwrap(), vec!["x2", "x1", "x0"]);
+        assert_eq!(expand_braces("{train,val}-{0..1}.tar").unwrap(), vec!["train-0.tar", "train-1.tar", "val-0.tar", "val-1.tar"]);
+        assert!(expand_braces("a{1..b}").is_err());
+        assert!(expand_braces("a{1..2").is_err());
+        assert!(expand_braces("a{x}").is_err());
+        assert!(expand_braces("a{0..99999999}").is_err(), "too many names");
+    }
 
     fn collect(input: &str) -> (Vec<SourceRef>, Vec<ListWarning>) {
         let (tx, mut rx) = mpsc::channel(4);

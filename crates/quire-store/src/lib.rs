@@ -6,9 +6,12 @@
 //! needs no conditional PUT. [`local::LocalStore`] keeps keys as files under
 //! a folder, written to a temporary file and renamed into place.
 //!
+//! [`archive`] reads tar and zip inputs member by member (WebDataset samples).
+//!
 //! [`inputs`] lists input objects lazily (a folder walk streams through a
 //! channel; millions of files never sit in memory).
 
+pub mod archive;
 pub mod inputs;
 pub mod local;
 #[cfg(feature = "s3")]

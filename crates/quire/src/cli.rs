@@ -115,6 +115,10 @@ pub struct JobOpts {
     /// Pages per task (a task is the unit of scheduling, retry and resume).
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
     pub pages_per_task: u32,
+    /// Loose images per task (consecutive images of a folder or prefix listing), and samples
+    /// per task of a tar or zip archive.
+    #[arg(long, default_value_t = quire_core::DEFAULT_IMAGES_PER_TASK, value_parser = clap::value_parser!(u32).range(1..))]
+    pub images_per_task: u32,
     /// Render PDF pages with this long side in pixels (default: what the model reads, 1536 without a model).
     #[arg(long, value_name = "PX", conflicts_with = "render_dpi")]
     pub render_long_side: Option<u32>,
@@ -133,6 +137,13 @@ pub struct JobOpts {
     /// Most pixels per image or rendered page (decompression bombs are refused before decoding).
     #[arg(long, default_value_t = 50_000_000)]
     pub max_pixels: u64,
+    /// Most members (of any kind) in one tar or zip archive; a larger one gets one error record.
+    #[arg(long, default_value_t = quire_core::DEFAULT_MAX_ARCHIVE_MEMBERS, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_archive_members: u32,
+    /// Largest uncompressed:compressed ratio of a zip member; a larger one is refused before it
+    /// is inflated (zip bombs). --max-file-mb applies to each member's uncompressed size.
+    #[arg(long, default_value_t = quire_core::DEFAULT_MAX_ZIP_RATIO, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_zip_ratio: u32,
     /// Deliveries of a failing task before it is given up on.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_deliver: u32,
@@ -157,7 +168,8 @@ pub struct ModelOpts {
 
 #[derive(Args)]
 pub struct RunArgs {
-    /// Files or folders (recursed) to process.
+    /// Files, folders (recursed), tar/zip archives, or brace patterns such as
+    /// shards/{000000..000099}.tar.
     #[arg(required = true, value_name = "INPUT")]
     pub inputs: Vec<String>,
     /// Output folder; results go to OUT/JOB/.
@@ -253,7 +265,7 @@ pub struct S3Opts {
 
 #[derive(Args)]
 pub struct CoordinatorArgs {
-    /// Input files, folders or s3://bucket/prefix (repeatable).
+    /// Input files, folders, archives or s3://bucket/prefix, brace patterns expanded (repeatable).
     #[arg(long = "input", required = true, value_name = "URI")]
     pub inputs: Vec<String>,
     /// Output folder (shared with the workers) or s3://bucket/prefix.

@@ -35,7 +35,14 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-pub fn coordinator(args: CoordinatorArgs) -> u8 {
+pub fn coordinator(mut args: CoordinatorArgs) -> u8 {
+    match crate::run::expand_inputs(&args.inputs) {
+        Ok(i) => args.inputs = i,
+        Err(m) => {
+            eprintln!("error: {m}");
+            return exit::USAGE;
+        }
+    }
     if let Err(m) = check_job_name(&args.opts.job) {
         eprintln!("error: {m}");
         return exit::USAGE;

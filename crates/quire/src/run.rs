@@ -56,6 +56,7 @@ pub fn settings(args: &JobOpts) -> JobSettings {
         .max_new_tokens
         .map_or(quire_pipeline::vlm::MODEL_DEFAULT_MAX_NEW_TOKENS, |n| n as usize);
     s.pages_per_task = args.pages_per_task;
+    s.images_per_task = args.images_per_task;
     s.render = match (args.render_long_side, args.render_dpi) {
         (_, Some(dpi)) => RenderSize::Dpi(dpi),
         (Some(px), None) => RenderSize::LongSide(px),
@@ -68,12 +69,24 @@ pub fn settings(args: &JobOpts) -> JobSettings {
         max_file_bytes: (args.max_file_mb.max(0.0) * 1024.0 * 1024.0) as u64,
         max_pages: args.max_pages,
         max_pixels: args.max_pixels,
+        max_archive_members: args.max_archive_members,
+        max_zip_ratio: args.max_zip_ratio,
     };
     s.text_min_chars = args.text_min_chars;
     s
 }
 
-fn run_inner(args: RunArgs) -> Result<u8, Failure> {
+/// Inputs with their brace patterns (`shard-{000000..000999}.tar`) expanded, in order.
+pub fn expand_inputs(inputs: &[String]) -> Result<Vec<String>, String> {
+    let mut out = Vec::new();
+    for i in inputs {
+        out.extend(quire_store::inputs::expand_braces(i).map_err(|e| format!("input {e}"))?);
+    }
+    Ok(out)
+}
+
+fn run_inner(mut args: RunArgs) -> Result<u8, Failure> {
+    args.inputs = expand_inputs(&args.inputs).map_err(Failure::Usage)?;
     for input in &args.inputs {
         if std::fs::metadata(input).is_err() {
             return Err(Failure::Usage(format!("input {input:?} does not exist or cannot be read")));

@@ -1,0 +1,742 @@
+//! Archive inputs: tar (plain or gzip) and zip files, read member by member and never
+//! unpacked to disk.
+//!
+//! Members become *samples* the way WebDataset groups them: a member's key is its path up to
+//! the first dot of its base name, its extension the rest (lower-cased), and consecutive
+//! members with the same key form one sample. A sample's image is its member with an image
+//! extension ([`IMAGE_EXTENSIONS`]); the decoder still checks the bytes. Samples without an
+//! image are counted and skipped, other members (`txt`, `json`, …) are left alone. In a zip
+//! (read through its central directory) every image member is a sample of its own.
+//!
+//! Samples are numbered from 1 in archive order; those numbers are the units of archive
+//! tasks. [`walk`] reads an archive once, from the start, and hands over the entries of the
+//! samples in a range: the bytes of their images, or why a sample or member is refused (a
+//! member name with `..`, an absolute path, a NUL or bytes that are not UTF-8; a key seen
+//! before in the shard; an archive inside the archive; an encrypted or oversized member; a
+//! zip member whose compression ratio is a bomb's, refused before it is inflated). A
+//! truncated archive gives what was read and one `truncated` entry numbered after the last
+//! complete sample.
+//!
+//! Memory: one member's bytes at a time (at most `max_member_bytes`), plus the set of keys
+//! seen (for duplicates); a plain tar skips unwanted members by seeking, a gzip'd one by
+//! inflating through them.
+
+use quire_core::{ErrorKind, Limits};
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::{BufReader, Read};
+use std::ops::RangeInclusive;
+use std::path::Path;
+
+/// Extensions (the last dot-separated part, lower-case) of the members taken as a sample's
+/// image.
+pub const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "webp", "tif", "tiff", "bmp", "gif"];
+
+/// Extensions of members that are archives themselves (not opened: `unsupported`).
+const ARCHIVE_EXTENSIONS: &[&str] = &["tar", "tgz", "gz", "zip", "tbz", "tbz2", "bz2", "xz", "zst", "7z", "rar"];
+
+/// How many first bytes [`sniff_archive`] wants (a tar's `ustar` magic is at offset 257).
+pub const ARCHIVE_SNIFF_LEN: usize = 512;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArchiveKind {
+    Tar,
+    /// gzip-compressed tar (`.tar.gz`, `.tgz`).
+    TarGz,
+    Zip,
+}
+
+impl ArchiveKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ArchiveKind::Tar => "tar",
+            ArchiveKind::TarGz => "tar.gz",
+            ArchiveKind::Zip => "zip",
+        }
+    }
+}
+
+/// The archive kind from the first bytes of a file, `None` for anything else.
+pub fn sniff_archive(head: &[u8]) -> Option<ArchiveKind> {
+    if head.starts_with(b"PK\x03\x04") || head.starts_with(b"PK\x05\x06") {
+        return Some(ArchiveKind::Zip);
+    }
+    if head.starts_with(b"\x1f\x8b") {
+        return Some(ArchiveKind::TarGz);
+    }
+    if head.len() >= 262 && &head[257..262] == b"ustar" {
+        return Some(ArchiveKind::Tar);
+    }
+    None
+}
+
+/// Reads the head of `path` and sniffs it; `None` when it is no archive or cannot be read.
+pub fn sniff_archive_file(path: &Path) -> Option<ArchiveKind> {
+    let mut head = Vec::with_capacity(ARCHIVE_SNIFF_LEN);
+    File::open(path).ok()?.take(ARCHIVE_SNIFF_LEN as u64).read_to_end(&mut head).ok()?;
+    sniff_archive(&head)
+}
+
+/// A problem with the archive as a whole: one error record for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArchiveError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl ArchiveError {
+    fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        ArchiveError { kind, message: message.into() }
+    }
+}
+
+impl std::fmt::Display for ArchiveError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.kind.as_str(), self.message)
+    }
+}
+
+/// What [`walk`] hands over for a sample in the asked range, in archive order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Entry {
+    /// The sample's image member and its bytes.
+    Image { unit: u32, key: String, member: String, data: Vec<u8> },
+    /// A sample, or one member of it, refused; becomes an error record. `key` and `member` are
+    /// `None` only for the `truncated` entry of a damaged archive.
+    Refused { unit: u32, key: Option<String>, member: Option<String>, kind: ErrorKind, message: String },
+}
+
+impl Entry {
+    pub fn unit(&self) -> u32 {
+        match self {
+            Entry::Image { unit, .. } | Entry::Refused { unit, .. } => *unit,
+        }
+    }
+}
+
+/// What one pass over an archive found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Scan {
+    /// Samples (units), including a final `truncated` one.
+    pub units: u32,
+    /// Samples with an image.
+    pub images: u32,
+    /// Samples without an image (and without a refused member): skipped.
+    pub without_image: u32,
+    /// Refused entries (members or samples), the `truncated` one included.
+    pub refused: u32,
+    /// Members of any kind, directories included.
+    pub members: u64,
+    /// The archive ends early or its directory is damaged.
+    pub truncated: bool,
+}
+
+/// The limits that apply inside archives.
+#[derive(Debug, Clone, Copy)]
+pub struct ArchiveLimits {
+    /// Largest uncompressed member (`--max-file-mb`).
+    pub max_member_bytes: u64,
+    pub max_members: u32,
+    pub max_zip_ratio: u32,
+}
+
+impl From<&Limits> for ArchiveLimits {
+    fn from(l: &Limits) -> Self {
+        ArchiveLimits { max_member_bytes: l.max_file_bytes, max_members: l.max_archive_members, max_zip_ratio: l.max_zip_ratio }
+    }
+}
+
+/// WebDataset key and extension of a member path: `dir/000123.seg.png` gives
+/// (`dir/000123`, `seg.png`). The extension is lower-cased.
+pub fn split_key(name: &str) -> (&str, String) {
+    let base_start = name.rfind('/').map(|i| i + 1).unwrap_or(0);
+    match name[base_start..].find('.') {
+        Some(dot) => (&name[..base_start + dot], name[base_start + dot + 1..].to_ascii_lowercase()),
+        None => (name, String::new()),
+    }
+}
+
+fn last_ext(ext: &str) -> &str {
+    ext.rsplit('.').next().unwrap_or("")
+}
+
+pub fn is_image_ext(ext: &str) -> bool {
+    IMAGE_EXTENSIONS.contains(&last_ext(ext))
+}
+
+fn is_archive_ext(ext: &str) -> bool {
+    ARCHIVE_EXTENSIONS.contains(&last_ext(ext))
+}
+
+/// Why a member name is refused, if it is: quire never writes members out, but their names
+/// travel on into datasets, where such a name could point outside a folder.
+fn bad_name(raw: &[u8]) -> Option<String> {
+    let Ok(name) = std::str::from_utf8(raw) else {
+        return Some("member name is not UTF-8".into());
+    };
+    if name.contains('\0') {
+        return Some("member name contains a NUL byte".into());
+    }
+    if name.starts_with('/') || name.starts_with('\\') || name.as_bytes().get(1) == Some(&b':') {
+        return Some("member name is an absolute path".into());
+    }
+    if name.split(['/', '\\']).any(|c| c == "..") {
+        return Some("member name contains '..'".into());
+    }
+    None
+}
+
+/// The sample being read: members with the same key, so far.
+struct Sample {
+    unit: u32,
+    key: String,
+    /// First member's name (named by a duplicate-key refusal).
+    first_member: String,
+    duplicate: bool,
+    has_image: bool,
+    /// Its image passed the checks (read or not: a scan reads no data).
+    image_ok: bool,
+    entries: Vec<Entry>,
+}
+
+/// Numbering, duplicate detection and counting shared by the tar and zip readers.
+struct Walker<'a> {
+    range: Option<RangeInclusive<u32>>,
+    on_entry: &'a mut dyn FnMut(Entry),
+    seen: HashSet<String>,
+    current: Option<Sample>,
+    scan: Scan,
+    /// Stop reading once the range is passed (a task needs nothing further; a scan does).
+    stop_after_range: bool,
+}
+
+impl Walker<'_> {
+    fn wants(&self, unit: u32) -> bool {
+        self.range.as_ref().is_some_and(|r| r.contains(&unit))
+    }
+
+    fn past_range(&self) -> bool {
+        self.stop_after_range && self.range.as_ref().is_some_and(|r| self.scan.units >= *r.end())
+    }
+
+    /// Ends the current sample and hands over its entries when in range.
+    fn finish_sample(&mut self) {
+        let Some(s) = self.current.take() else { return };
+        self.scan.units = s.unit;
+        let entries = if s.duplicate {
+            vec![Entry::Refused {
+                unit: s.unit,
+                key: Some(s.key.clone()),
+                member: Some(s.first_member.clone()),
+                kind: ErrorKind::Corrupt,
+                message: format!("duplicate key {:?}: an earlier sample of this shard has the same key", s.key),
+            }]
+        } else {
+            s.entries
+        };
+        if entries.is_empty() && !s.has_image {
+            self.scan.without_image += 1;
+        }
+        if s.image_ok && !s.duplicate {
+            self.scan.images += 1;
+        }
+        for e in entries {
+            if let Entry::Refused { .. } = e {
+                self.scan.refused += 1;
+            }
+            if self.wants(s.unit) {
+                (self.on_entry)(e);
+            }
+        }
+    }
+
+    /// The member `raw` name with extension `ext` opens a new sample or joins the current one;
+    /// returns its sample's unit. `group` is false for zip (every member its own sample).
+    fn member(&mut self, raw: &[u8], group: bool) -> u32 {
+        let name = String::from_utf8_lossy(raw).into_owned();
+        let (key, _) = split_key(&name);
+        let same = group && self.current.as_ref().is_some_and(|s| s.key == key);
+        if !same {
+            self.finish_sample();
+            let unit = self.scan.units + 1;
+            let duplicate = !self.seen.insert(key.to_string());
+            self.current = Some(Sample {
+                unit,
+                key: key.to_string(),
+                first_member: name,
+                duplicate,
+                has_image: false,
+                image_ok: false,
+                entries: Vec::new(),
+            });
+        }
+        self.current.as_ref().expect("a sample").unit
+    }
+
+    fn sample(&mut self) -> &mut Sample {
+        self.current.as_mut().expect("a sample")
+    }
+
+    fn refuse(&mut self, member: &str, kind: ErrorKind, message: String) {
+        let s = self.sample();
+        let (unit, key) = (s.unit, s.key.clone());
+        s.entries.push(Entry::Refused { unit, key: Some(key), member: Some(member.to_string()), kind, message });
+    }
+
+    /// Ends the walk after the archive broke off: the sample being read is lost, and one
+    /// `truncated` entry stands for it and the rest.
+    fn truncated(&mut self, message: String) {
+        self.current = None;
+        let unit = self.scan.units + 1;
+        self.scan.units = unit;
+        self.scan.truncated = true;
+        self.scan.refused += 1;
+        if self.wants(unit) {
+            (self.on_entry)(Entry::Refused { unit, key: None, member: None, kind: ErrorKind::Truncated, message });
+        }
+    }
+
+    fn count_member(&mut self, limits: &ArchiveLimits) -> Result<(), ArchiveError> {
+        self.scan.members += 1;
+        if self.scan.members > u64::from(limits.max_members) {
+            return Err(ArchiveError::new(
+                ErrorKind::TooLarge,
+                format!("more than {} members, the limit (--max-archive-members)", limits.max_members),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Reads the archive at `path` from the start. Entries of the samples in `range` go to
+/// `on_entry` in archive order (`None`: a scan that reads no member data). With a range, the
+/// walk stops after the range's last sample; the returned [`Scan`] then covers only what was
+/// read. An error is about the whole archive (unreadable, not an archive, too many members).
+pub fn walk(
+    path: &Path,
+    limits: &ArchiveLimits,
+    range: Option<RangeInclusive<u32>>,
+    on_entry: &mut dyn FnMut(Entry),
+) -> Result<Scan, ArchiveError> {
+    let meta = std::fs::metadata(path).map_err(|e| io_error(path, e))?;
+    if meta.len() == 0 {
+        return Err(ArchiveError::new(ErrorKind::Empty, "empty file (0 bytes)"));
+    }
+    let kind = sniff_archive_file(path)
+        .ok_or_else(|| ArchiveError::new(ErrorKind::Unsupported, "not a tar or zip archive by its first bytes"))?;
+    let stop_after_range = range.is_some();
+    let mut w = Walker { range, on_entry, seen: HashSet::new(), current: None, scan: Scan::default(), stop_after_range };
+    let file = File::open(path).map_err(|e| io_error(path, e))?;
+    match kind {
+        ArchiveKind::Tar => walk_tar(tar::Archive::new(file), meta.len(), limits, &mut w)?,
+        ArchiveKind::TarGz => {
+            let gz = flate2::read::MultiGzDecoder::new(BufReader::with_capacity(1 << 16, file));
+            walk_tar(tar::Archive::new(gz), 0, limits, &mut w)?
+        }
+        ArchiveKind::Zip => walk_zip(path, file, limits, &mut w)?,
+    }
+    Ok(w.scan)
+}
+
+/// Counts the samples of an archive (reading no member data where it can be skipped).
+pub fn scan(path: &Path, limits: &ArchiveLimits) -> Result<Scan, ArchiveError> {
+    walk(path, limits, None, &mut |_| {})
+}
+
+fn io_error(path: &Path, e: std::io::Error) -> ArchiveError {
+    ArchiveError::new(ErrorKind::Io, format!("{}: {e}", path.display()))
+}
+
+/// Reads up to `limit + 1` bytes: more than `limit` means the header lied about the size.
+fn read_member(r: &mut dyn Read, size: u64, limit: u64) -> std::io::Result<Vec<u8>> {
+    let mut data = Vec::with_capacity(size.min(limit).min(64 << 20) as usize);
+    r.take(limit.saturating_add(1)).read_to_end(&mut data)?;
+    Ok(data)
+}
+
+fn too_large(size: u64, limit: u64) -> String {
+    format!("{size} bytes uncompressed, more than the limit of {limit} (--max-file-mb)")
+}
+
+fn walk_tar<R: MaybeSeek>(
+    mut archive: tar::Archive<R>,
+    file_len: u64,
+    limits: &ArchiveLimits,
+    w: &mut Walker<'_>,
+) -> Result<(), ArchiveError> {
+    // Plain tar: unwanted member data is seeked over, so the end of the last member is checked
+    // against the file's length to catch a shard cut off inside a member's data.
+    let mut end_of_data = 0u64;
+    let entries = R::entries(&mut archive).map_err(|e| ArchiveError::new(ErrorKind::Corrupt, format!("not a tar archive: {e}")))?;
+    for entry in entries {
+        if w.past_range() {
+            return Ok(());
+        }
+        let mut e = match entry {
+            Ok(e) => e,
+            Err(err) => {
+                // A tar cannot tell whether the sample being read was complete: it is lost
+                // with the rest.
+                w.current = None;
+                w.truncated(format!("the archive breaks off or is damaged after sample {}: {err}", w.scan.units));
+                return Ok(());
+            }
+        };
+        w.count_member(limits)?;
+        let etype = e.header().entry_type();
+        if etype.is_dir() {
+            continue;
+        }
+        let raw = e.path_bytes().into_owned();
+        let size = e.size();
+        end_of_data = end_of_data.max(e.raw_file_position().saturating_add(size));
+        let unit = w.member(&raw, true);
+        let name = String::from_utf8_lossy(&raw).into_owned();
+        let (_, ext) = split_key(&name);
+        if let Some(why) = bad_name(&raw) {
+            w.refuse(&name, ErrorKind::Unsupported, why);
+            continue;
+        }
+        if !(etype.is_file() || etype == tar::EntryType::Continuous) {
+            if is_image_ext(&ext) || is_archive_ext(&ext) {
+                w.refuse(&name, ErrorKind::Unsupported, format!("a link or special file ({etype:?}), not a regular file"));
+            }
+            continue;
+        }
+        if is_archive_ext(&ext) {
+            w.refuse(&name, ErrorKind::Unsupported, "an archive inside the archive is not opened".into());
+            continue;
+        }
+        if !is_image_ext(&ext) {
+            continue;
+        }
+        if w.sample().has_image {
+            w.refuse(&name, ErrorKind::Unsupported, "a second image in the sample; only its first image is read".into());
+            continue;
+        }
+        w.sample().has_image = true;
+        if size > limits.max_member_bytes {
+            w.refuse(&name, ErrorKind::TooLarge, too_large(size, limits.max_member_bytes));
+            continue;
+        }
+        w.sample().image_ok = true;
+        if !w.wants(unit) || w.sample().duplicate {
+            continue;
+        }
+        match read_member(&mut e, size, limits.max_member_bytes) {
+            Ok(data) if data.len() as u64 == size => {
+                let key = w.sample().key.clone();
+                w.sample().entries.push(Entry::Image { unit, key, member: name, data });
+            }
+            Ok(data) => {
+                w.truncated(format!("the archive breaks off inside member {name:?} ({} of {size} bytes)", data.len()));
+                return Ok(());
+            }
+            Err(err) => {
+                w.truncated(format!("the archive breaks off inside member {name:?}: {err}"));
+                return Ok(());
+            }
+        }
+    }
+    if file_len > 0 && end_of_data > file_len {
+        w.current = None;
+        w.truncated(format!("the archive breaks off: its last member's data ends at byte {end_of_data}, the file has {file_len}"));
+        return Ok(());
+    }
+    w.finish_sample();
+    Ok(())
+}
+
+/// Plain tar files seek over unwanted member data; compressed streams read through it.
+pub trait MaybeSeek: Read + Sized {
+    fn entries(a: &mut tar::Archive<Self>) -> std::io::Result<tar::Entries<'_, Self>>;
+}
+
+impl MaybeSeek for File {
+    fn entries(a: &mut tar::Archive<Self>) -> std::io::Result<tar::Entries<'_, Self>> {
+        a.entries_with_seek()
+    }
+}
+
+impl<R: Read> MaybeSeek for flate2::read::MultiGzDecoder<R> {
+    fn entries(a: &mut tar::Archive<Self>) -> std::io::Result<tar::Entries<'_, Self>> {
+        a.entries()
+    }
+}
+
+/// What the zip readers know about a member before reading it.
+struct ZipMember {
+    raw: Vec<u8>,
+    is_dir: bool,
+    is_link: bool,
+    encrypted: bool,
+    size: u64,
+    csize: u64,
+}
+
+/// Classifies one zip member and, when its sample is wanted, reads it with `read`.
+fn zip_member(
+    m: ZipMember,
+    limits: &ArchiveLimits,
+    w: &mut Walker<'_>,
+    read: &mut dyn FnMut() -> std::io::Result<Vec<u8>>,
+) {
+    if m.is_dir {
+        return;
+    }
+    let name = String::from_utf8_lossy(&m.raw).into_owned();
+    let (_, ext) = split_key(&name);
+    let named_badly = bad_name(&m.raw);
+    if !(is_image_ext(&ext) || is_archive_ext(&ext) || named_badly.is_some()) {
+        return;
+    }
+    let unit = w.member(&m.raw, false);
+    if let Some(why) = named_badly {
+        return w.refuse(&name, ErrorKind::Unsupported, why);
+    }
+    if m.is_link {
+        return w.refuse(&name, ErrorKind::Unsupported, "a symbolic link, not a regular file".into());
+    }
+    if is_archive_ext(&ext) {
+        return w.refuse(&name, ErrorKind::Unsupported, "an archive inside the archive is not opened".into());
+    }
+    w.sample().has_image = true;
+    if m.encrypted {
+        return w.refuse(&name, ErrorKind::Encrypted, "the zip member is encrypted".into());
+    }
+    let (size, csize) = (m.size, m.csize);
+    if size > limits.max_member_bytes {
+        return w.refuse(&name, ErrorKind::TooLarge, too_large(size, limits.max_member_bytes));
+    }
+    if size > csize.max(1).saturating_mul(u64::from(limits.max_zip_ratio)) {
+        return w.refuse(
+            &name,
+            ErrorKind::TooLarge,
+            format!(
+                "compression ratio {}:1 ({size} bytes from {csize}) is more than the limit of {}:1 (a zip bomb?); not inflated",
+                size / csize.max(1),
+                limits.max_zip_ratio
+            ),
+        );
+    }
+    w.sample().image_ok = true;
+    if !w.wants(unit) || w.sample().duplicate {
+        return;
+    }
+    match read() {
+        Ok(data) if data.len() as u64 == size => {
+            let key = w.sample().key.clone();
+            w.sample().entries.push(Entry::Image { unit, key, member: name, data });
+        }
+        Ok(data) => w.refuse(&name, ErrorKind::Corrupt, format!("member holds {} bytes or more, its header says {size}", data.len())),
+        Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof => {
+            w.refuse(&name, ErrorKind::Truncated, format!("member data ends early: {err}"))
+        }
+        Err(err) => w.refuse(&name, ErrorKind::Corrupt, format!("cannot inflate: {err}")),
+    }
+}
+
+fn walk_zip(path: &Path, file: File, limits: &ArchiveLimits, w: &mut Walker<'_>) -> Result<(), ArchiveError> {
+    let mut zip = match zip::ZipArchive::new(BufReader::new(file)) {
+        Ok(z) => z,
+        Err(err) => return walk_zip_stream(path, err, limits, w),
+    };
+    if zip.len() as u64 > u64::from(limits.max_members) {
+        return Err(ArchiveError::new(
+            ErrorKind::TooLarge,
+            format!("{} members, more than the limit of {} (--max-archive-members)", zip.len(), limits.max_members),
+        ));
+    }
+    for i in 0..zip.len() {
+        if w.past_range() {
+            return Ok(());
+        }
+        w.scan.members += 1;
+        let m = match zip.by_index_raw(i) {
+            Ok(f) => ZipMember {
+                raw: f.name_raw().to_vec(),
+                is_dir: f.is_dir(),
+                is_link: f.is_symlink(),
+                encrypted: f.encrypted(),
+                size: f.size(),
+                csize: f.compressed_size(),
+            },
+            Err(err) => {
+                w.finish_sample();
+                w.truncated(format!("zip member {i} cannot be read: {err}"));
+                return Ok(());
+            }
+        };
+        let max = limits.max_member_bytes;
+        zip_member(m, limits, w, &mut || {
+            let mut f = zip.by_index(i).map_err(std::io::Error::other)?;
+            read_member(&mut f, 0, max)
+        });
+    }
+    w.finish_sample();
+    Ok(())
+}
+
+/// A zip whose central directory cannot be read (typically one cut off at the end): its
+/// members are read from their local headers in file order, then one `truncated` entry
+/// stands for whatever the damage hides.
+fn walk_zip_stream(path: &Path, cd_error: zip::result::ZipError, limits: &ArchiveLimits, w: &mut Walker<'_>) -> Result<(), ArchiveError> {
+    let mut r = BufReader::new(File::open(path).map_err(|e| io_error(path, e))?);
+    let max = limits.max_member_bytes;
+    let why = loop {
+        if w.past_range() {
+            return Ok(());
+        }
+        match zip::read::read_zipfile_from_stream(&mut r) {
+            Ok(Some(mut f)) => {
+                w.count_member(limits)?;
+                let m = ZipMember {
+                    raw: f.name_raw().to_vec(),
+                    is_dir: f.is_dir(),
+                    is_link: f.is_symlink(),
+                    encrypted: f.encrypted(),
+                    size: f.size(),
+                    csize: f.compressed_size(),
+                };
+                zip_member(m, limits, w, &mut || read_member(&mut f, 0, max));
+            }
+            Ok(None) => break "its central directory is damaged".to_string(),
+            Err(err) => break format!("it breaks off after sample {}: {err}", w.scan.units),
+        }
+    };
+    w.finish_sample();
+    w.truncated(format!("the zip cannot be read to its end ({why}; {cd_error})"));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn fixture(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/archives").join(name)
+    }
+
+    fn limits() -> ArchiveLimits {
+        ArchiveLimits::from(&Limits::default())
+    }
+
+    /// (unit, key, member, error kind or "image")
+    fn entries(name: &str, range: RangeInclusive<u32>, l: &ArchiveLimits) -> (Scan, Vec<(u32, Option<String>, Option<String>, &'static str)>) {
+        let mut out = Vec::new();
+        let scan = walk(&fixture(name), l, Some(range), &mut |e| {
+            out.push(match e {
+                Entry::Image { unit, key, member, data } => {
+                    assert!(!data.is_empty());
+                    (unit, Some(key), Some(member), "image")
+                }
+                Entry::Refused { unit, key, member, kind, .. } => (unit, key, member, kind.as_str()),
+            })
+        })
+        .unwrap();
+        (scan, out)
+    }
+
+    #[test]
+    fn sniffs_archives_by_their_bytes() {
+        assert_eq!(sniff_archive_file(&fixture("shard-000000.tar")), Some(ArchiveKind::Tar));
+        assert_eq!(sniff_archive_file(&fixture("gz-000000.tar.gz")), Some(ArchiveKind::TarGz));
+        assert_eq!(sniff_archive_file(&fixture("pictures.zip")), Some(ArchiveKind::Zip));
+        assert_eq!(sniff_archive_file(&fixture("bad/empty.tar")), None);
+        assert_eq!(sniff_archive(b"%PDF-1.7"), None);
+        assert_eq!(split_key("dir/000123.seg.PNG"), ("dir/000123", "seg.png".to_string()));
+        assert_eq!(split_key("a.b/c"), ("a.b/c", String::new()));
+        assert!(bad_name(b"a/../b.jpg").is_some() && bad_name(b"/x.jpg").is_some() && bad_name(b"a\0.jpg").is_some());
+        assert!(bad_name(b"\xff.jpg").is_some() && bad_name(b"ok/x..y.jpg").is_none());
+    }
+
+    #[test]
+    fn img2dataset_shards_give_one_image_per_sample_in_order() {
+        let s = scan(&fixture("shard-000000.tar"), &limits()).unwrap();
+        assert_eq!((s.units, s.images, s.without_image, s.refused, s.members, s.truncated), (5, 5, 0, 0, 15, false));
+        let (_, all) = entries("shard-000000.tar", 1..=5, &limits());
+        let keys: Vec<_> = all.iter().map(|e| (e.0, e.1.clone().unwrap(), e.2.clone().unwrap(), e.3)).collect();
+        assert_eq!(keys[0], (1, "000000000".into(), "000000000.jpg".into(), "image"));
+        assert_eq!(keys[4], (5, "000000004".into(), "000000004.jpg".into(), "image"));
+        // A range reads only its samples and stops after them.
+        let (_, mid) = entries("shard-000000.tar", 2..=3, &limits());
+        assert_eq!(mid.iter().map(|e| e.0).collect::<Vec<_>>(), vec![2, 3]);
+        // A sample whose download failed has no image: counted, no entry.
+        let (s, one) = entries("shard-000001.tar", 1..=5, &limits());
+        assert_eq!((s.units, s.images, s.without_image), (5, 4, 1));
+        assert_eq!(one.iter().map(|e| e.0).collect::<Vec<_>>(), vec![1, 2, 4, 5]);
+        let (s, gz) = entries("gz-000000.tar.gz", 1..=3, &limits());
+        assert_eq!((s.units, gz.len(), gz[2].1.as_deref()), (3, 3, Some("000070002")));
+        let (s, z) = entries("pictures.zip", 1..=9, &limits());
+        assert_eq!(s.units, 3, "the .txt member is left alone");
+        assert_eq!(z.iter().map(|e| e.2.clone().unwrap()).collect::<Vec<_>>(), vec!["pics/000.png", "pics/001.png", "pics/002.png"]);
+        assert_eq!(z[1].1.as_deref(), Some("pics/001"));
+    }
+
+    #[test]
+    fn truncated_archives_give_what_was_read_and_one_truncated_entry() {
+        let s = scan(&fixture("bad/truncated.tar"), &limits()).unwrap();
+        assert_eq!((s.units, s.images, s.truncated), (3, 2, true));
+        let (_, e) = entries("bad/truncated.tar", 1..=3, &limits());
+        assert_eq!(e.iter().map(|e| (e.0, e.3)).collect::<Vec<_>>(), vec![(1, "image"), (2, "image"), (3, "truncated")]);
+        let s = scan(&fixture("bad/truncated.zip"), &limits()).unwrap();
+        assert!(s.truncated && s.units >= 4, "{s:?}");
+        let (_, e) = entries("bad/truncated.zip", 1..=s.units, &limits());
+        assert_eq!(&e[..3].iter().map(|e| (e.0, e.3)).collect::<Vec<_>>(), &[(1, "image"), (2, "image"), (3, "image")]);
+        assert_eq!(e.last().unwrap().3, "truncated");
+        assert_eq!(e.last().unwrap().0, s.units);
+        let err = scan(&fixture("bad/empty.tar"), &limits()).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Empty);
+    }
+
+    #[test]
+    fn hostile_members_are_refused_one_by_one() {
+        let (s, e) = entries("bad/names.tar", 1..=99, &limits());
+        let got: Vec<_> = e.iter().map(|e| (e.0, e.2.clone().unwrap(), e.3)).collect();
+        assert_eq!(
+            got,
+            vec![
+                (1, "000000000.jpg".into(), "image"),
+                (2, "../escape.jpg".into(), "unsupported"),
+                (3, "/abs/000000002.jpg".into(), "unsupported"),
+                (4, "caf\u{fffd}.jpg".into(), "unsupported"),
+                (5, "link.jpg".into(), "unsupported"),
+                (6, "000000005.tar".into(), "unsupported"),
+                (7, "000000006.jpg".into(), "image"),
+            ]
+        );
+        assert_eq!((s.units, s.images, s.refused), (7, 2, 5));
+        let (s, e) = entries("bad/duplicates.tar", 1..=9, &limits());
+        assert_eq!(e.iter().map(|e| (e.0, e.1.clone().unwrap(), e.3)).collect::<Vec<_>>(), vec![
+            (1, "000000000".into(), "image"),
+            (2, "000000001".into(), "image"),
+            (3, "000000002".into(), "image"),
+            (4, "000000001".into(), "corrupt"),
+        ]);
+        assert_eq!(s.units, 4);
+        let (_, e) = entries("bad/hostile.zip", 1..=9, &limits());
+        assert_eq!(e.iter().map(|e| (e.2.clone().unwrap(), e.3)).collect::<Vec<_>>(), vec![
+            ("000.jpg".into(), "image"),
+            ("bomb.bmp".into(), "too_large"),
+            ("secret.jpg".into(), "encrypted"),
+            ("inner.zip".into(), "unsupported"),
+            ("002.jpg".into(), "image"),
+        ]);
+        let s = scan(&fixture("bad/noimages.tar"), &limits()).unwrap();
+        assert_eq!((s.units, s.images, s.without_image, s.refused), (3, 0, 3, 0));
+    }
+
+    #[test]
+    fn limits_apply_to_members() {
+        let small = ArchiveLimits { max_member_bytes: 500, ..limits() };
+        let (_, e) = entries("shard-000000.tar", 1..=5, &small);
+        assert!(e.iter().all(|e| e.3 == "too_large"), "{e:?}");
+        let few = ArchiveLimits { max_members: 14, ..limits() };
+        assert_eq!(scan(&fixture("shard-000000.tar"), &few).unwrap_err().kind, ErrorKind::TooLarge);
+        assert_eq!(scan(&fixture("pictures.zip"), &ArchiveLimits { max_members: 3, ..limits() }).unwrap_err().kind, ErrorKind::TooLarge);
+        let lax = ArchiveLimits { max_zip_ratio: 2000, ..limits() };
+        let (_, e) = entries("bad/hostile.zip", 2..=2, &lax);
+        assert_eq!(e[0].3, "image", "within the ratio limit the member is inflated (and judged by the decoder)");
+    }
+}
