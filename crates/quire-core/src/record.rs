@@ -160,6 +160,40 @@ pub struct Throughput {
     pub gpu_seconds: f64,
 }
 
+/// A caption dataset file of the job (`--dataset`), written at its finish from the records.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DatasetFile {
+    pub format: crate::DatasetFormat,
+    /// The file's key under `--out` (`JOB/parquet/...`, `JOB/webdataset/...`).
+    pub path: String,
+    /// The archive the file holds the captions of; `null` for a file of loose images.
+    pub source: Option<String>,
+    /// The task of loose images the file holds; `null` for an archive.
+    pub task_id: Option<String>,
+    /// Parquet rows or WebDataset samples.
+    pub rows: u64,
+    /// SHA-256 of what the file was made from (its tasks' ids and result files): a rerun
+    /// rewrites the file only when this changes (or the file is gone).
+    pub digest: String,
+    /// Whether this run wrote the file (`false`: unchanged since an earlier run wrote it).
+    pub written: bool,
+}
+
+/// Records of one input archive.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ArchiveCounts {
+    /// The archive's URI.
+    pub source: String,
+    /// Its path below the input root (the dataset files' name).
+    pub rel: String,
+    pub tasks: u64,
+    /// Tasks given up on (dead-lettered) or not finished: their samples have no records.
+    pub tasks_missing: u64,
+    pub records: u64,
+    pub ok: u64,
+    pub failed: u64,
+}
+
 /// `JOB/manifest.json`: how the job went.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -173,4 +207,10 @@ pub struct Manifest {
     pub failures: Vec<Failure>,
     pub dead_lettered: Vec<DeadLetter>,
     pub throughput: Throughput,
+    /// Caption dataset files (`--dataset`), in plan order.
+    #[serde(default)]
+    pub datasets: Vec<DatasetFile>,
+    /// Counts per input archive, in plan order.
+    #[serde(default)]
+    pub archives: Vec<ArchiveCounts>,
 }

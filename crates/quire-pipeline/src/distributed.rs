@@ -510,9 +510,25 @@ impl Ledger {
                 Some(sp) => sp
                     .parts
                     .iter()
-                    .map(|p| PlannedTask { task_id: p.task_id.clone(), uri: d.uri.clone(), rel: d.rel.clone(), first: p.first, last: p.last })
+                    .map(|p| PlannedTask {
+                        task_id: p.task_id.clone(),
+                        uri: d.uri.clone(),
+                        rel: d.rel.clone(),
+                        first: p.first,
+                        last: p.last,
+                        // A split does not say what its parts are; the finish tells archive
+                        // members by their records.
+                        unit: quire_core::UnitKind::Document,
+                    })
                     .collect(),
-                None => vec![PlannedTask { task_id: d.task_id.clone(), uri: d.uri.clone(), rel: d.rel.clone(), first: 1, last: 0 }],
+                None => vec![PlannedTask {
+                    task_id: d.task_id.clone(),
+                    uri: d.uri.clone(),
+                    rel: d.rel.clone(),
+                    first: 1,
+                    last: 0,
+                    unit: quire_core::UnitKind::Document,
+                }],
             };
             (d, tasks)
         })

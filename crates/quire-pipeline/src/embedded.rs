@@ -90,6 +90,7 @@ pub async fn run_embedded(opts: RunOptions, progress: Arc<Progress>) -> anyhow::
                     rel: src.rel.clone(),
                     first: task.first,
                     last: task.last,
+                    unit: task.unit,
                 });
                 if !opts.force && store.exists(&results_key(&task.settings.job, &task.task_id)).await? {
                     skipped += 1;

@@ -1,5 +1,6 @@
-//! Closing a job: per-document Markdown and `manifest.json`, built from the
-//! stored results of every planned task (this run's and earlier runs').
+//! Closing a job: per-document Markdown, caption datasets ([`crate::datasets`]) and
+//! `manifest.json`, built from the stored results of every planned task (this run's and
+//! earlier runs').
 //!
 //! Documents are handled one at a time in plan order, so memory holds one
 //! document's records, not the job's.
@@ -21,6 +22,7 @@ pub struct PlannedTask {
     pub rel: String,
     pub first: u32,
     pub last: u32,
+    pub unit: quire_core::UnitKind,
 }
 
 /// How to tell the pages this run produced from those of earlier runs.
@@ -106,7 +108,8 @@ async fn put(store: &dyn BlobStore, key: String, body: Vec<u8>) -> Result<(), qu
     store.put(&key, body).await
 }
 
-/// Writes the Markdown of every document and the manifest; returns the manifest.
+/// Writes the Markdown of every document, the caption datasets and the manifest; returns
+/// the manifest.
 pub async fn finish_job(store: &dyn BlobStore, o: JobOutcome<'_>) -> anyhow::Result<Manifest> {
     let job = &o.settings.job;
     let dead_by_id: HashMap<&str, &DeadLetter> = o.dead.iter().map(|d| (d.task_id.as_str(), d)).collect();
@@ -128,6 +131,7 @@ pub async fn finish_job(store: &dyn BlobStore, o: JobOutcome<'_>) -> anyhow::Res
         })
         .buffered(READ_AHEAD);
     let mut writes = futures_util::stream::FuturesUnordered::new();
+    let mut datasets = crate::datasets::DatasetSink::new(store, o.settings).await?;
     let mut doc: Option<(&PlannedTask, Vec<Record>, Vec<(u32, u32)>)> = None;
     loop {
         let next = reads.next().await;
@@ -150,13 +154,19 @@ pub async fn finish_job(store: &dyn BlobStore, o: JobOutcome<'_>) -> anyhow::Res
                         }
                     }
                 }
-                let md = document_markdown(&records, &missing);
-                while writes.len() >= WRITE_AHEAD {
-                    if let Some(r) = writes.next().await {
-                        r?;
-                    }
+                let out = datasets.document(&records)?;
+                let mut files = out.writes;
+                if out.markdown {
+                    files.push((markdown_key(job, &first.rel), document_markdown(&records, &missing).into_bytes()));
                 }
-                writes.push(put(store, markdown_key(job, &first.rel), md.into_bytes()));
+                for (key, body) in files {
+                    while writes.len() >= WRITE_AHEAD {
+                        if let Some(r) = writes.next().await {
+                            r?;
+                        }
+                    }
+                    writes.push(put(store, key, body));
+                }
             }
         }
         let Some((t, got)) = next else { break };
@@ -165,6 +175,7 @@ pub async fn finish_job(store: &dyn BlobStore, o: JobOutcome<'_>) -> anyhow::Res
             Some(bytes) => {
                 counts.tasks_done += 1;
                 let recs = parse_jsonl(&bytes)?;
+                datasets.task(t, records.len()..records.len() + recs.len(), Some(&bytes));
                 if let PagesThisRun::DoneBefore(before) = &o.pages_this_run {
                     if !before(&t.task_id) {
                         pages_new += recs.len() as u64;
@@ -173,6 +184,7 @@ pub async fn finish_job(store: &dyn BlobStore, o: JobOutcome<'_>) -> anyhow::Res
                 records.extend(recs);
             }
             None => {
+                datasets.task(t, records.len()..records.len(), None);
                 missing.push((t.first, t.last));
                 if let Some(d) = dead_by_id.get(t.task_id.as_str()) {
                     dead_lettered.push((*d).clone());
@@ -205,6 +217,8 @@ pub async fn finish_job(store: &dyn BlobStore, o: JobOutcome<'_>) -> anyhow::Res
             cpu_seconds: (process_cpu_seconds() * 100.0).round() / 100.0,
             gpu_seconds: o.gpu_seconds,
         },
+        datasets: datasets.files,
+        archives: datasets.archives,
     };
     store.put(&manifest_key(job), serde_json::to_vec_pretty(&manifest)?).await?;
     Ok(manifest)
@@ -273,7 +287,7 @@ mod tests {
         let settings = JobSettings::new("j");
         let plan: Vec<PlannedTask> = [("t1", 1, 2), ("t2", 3, 3)]
             .iter()
-            .map(|(id, a, b)| PlannedTask { task_id: id.to_string(), uri: "in/a.pdf".into(), rel: "a.pdf".into(), first: *a, last: *b })
+            .map(|(id, a, b)| PlannedTask { task_id: id.to_string(), uri: "in/a.pdf".into(), rel: "a.pdf".into(), first: *a, last: *b, unit: quire_core::UnitKind::Pdf })
             .collect();
         let t1 = crate::worker::to_jsonl(&[record("t1", 1), record("t1", 2)]);
         store.put(&results_key("j", "t1"), t1.clone()).await.unwrap();

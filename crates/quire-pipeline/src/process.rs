@@ -128,6 +128,9 @@ pub async fn process_task(task: &TaskSpec, path: &Path, ctx: &ProcessContext) ->
                     .collect(),
             }
         }
+        UnitKind::Archive | UnitKind::Images => {
+            return Err(TaskFailure(format!("{}: archive and image-group tasks are not processed by this quire build", task.source.uri)))
+        }
         UnitKind::Document => {
             return Err(TaskFailure(format!(
                 "{}: a whole-document task must be opened and split by the worker first",
