@@ -35,7 +35,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 pub fn coordinator(args: CoordinatorArgs) -> u8 {
-    if let Err(m) = check_job_name(&args.opts.job) {
+    if let Err(m) = check_job_name(&args.opts.job).and_then(|_| crate::run::check_datasets(&args.opts)) {
         eprintln!("error: {m}");
         return exit::USAGE;
     }
