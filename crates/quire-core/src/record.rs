@@ -214,3 +214,40 @@ pub struct Manifest {
     #[serde(default)]
     pub archives: Vec<ArchiveCounts>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_and_manifests_written_before_datasets_still_read() {
+        let mut s = serde_json::to_value(crate::JobSettings::new("j")).unwrap();
+        assert!(s.get("datasets").is_none(), "no datasets: the field is left out, as before");
+        s.as_object_mut().unwrap().remove("datasets");
+        let old: crate::JobSettings = serde_json::from_value(s.clone()).unwrap();
+        assert!(old.datasets.is_empty());
+        let m = Manifest {
+            job: "j".into(),
+            quire_version: "0.1.0".into(),
+            settings: old,
+            inputs: vec![],
+            started_at: String::new(),
+            finished_at: String::new(),
+            counts: ManifestCounts::default(),
+            failures: vec![],
+            dead_lettered: vec![],
+            throughput: Throughput::default(),
+            datasets: vec![],
+            archives: vec![],
+        };
+        let mut v = serde_json::to_value(&m).unwrap();
+        let o = v.as_object_mut().unwrap();
+        o.remove("datasets");
+        o.remove("archives");
+        assert_eq!(serde_json::from_value::<Manifest>(v).unwrap(), m);
+        let mut with = crate::JobSettings::new("j");
+        with.datasets = vec![crate::DatasetFormat::Parquet, crate::DatasetFormat::Webdataset];
+        let json = serde_json::to_string(&with).unwrap();
+        assert!(json.contains(r#""datasets":["parquet","webdataset"]"#), "{json}");
+    }
+}
