@@ -30,7 +30,17 @@ if [ -z "$python" ]; then
 fi
 rm -rf "$venv"
 mkdir -p "$(dirname "$venv")"
-"$python" -m venv "$venv" >&2
+if ! "$python" -m venv "$venv" >&2; then
+  # Debian splits venv (ensurepip) out of python3.
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    rm -rf "$venv"
+    apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >&2
+    "$python" -m venv "$venv" >&2
+  else
+    echo "setup-python-readers: python3 -m venv failed (Debian: apt-get install python3-venv)" >&2
+    exit 1
+  fi
+fi
 # shellcheck disable=SC2086
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check $want >&2
 "$venv/bin/python" -c 'import pyarrow.parquet, webdataset' >&2
