@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one test command: installs what the tests need when it is missing
-# (poppler-utils, libpdfium, nats-server, Garage) and runs every test, then
-# the deploy checks (scripts/test-deploy.sh).
+# (poppler-utils, libpdfium, nats-server, Garage, pyarrow + webdataset) and runs
+# every test, then the deploy checks (scripts/test-deploy.sh).
 #
 #   scripts/test.sh [extra cargo test args]
 #
@@ -23,6 +23,10 @@ fi
 
 tools="${QUIRE_TOOLS:-$HOME/.cache/quire-tools}"
 export QUIRE_PDFIUM="${QUIRE_PDFIUM:-$(scripts/setup-pdfium.sh "$tools/pdfium")}"
+# pyarrow and webdataset, pinned: the tests read the caption datasets back with them.
+if [ "${QUIRE_SKIP_PYTHON_READERS:-}" != 1 ]; then
+  export QUIRE_PYTHON="${QUIRE_PYTHON:-$(scripts/setup-python-readers.sh "$tools/py-readers")}"
+fi
 if [ -x scripts/install-services.sh ]; then
   eval "$(scripts/install-services.sh)"
 fi

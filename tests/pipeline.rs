@@ -1218,3 +1218,83 @@ fn bad_archives_get_error_records_and_the_job_goes_on() {
     assert_eq!(code(&o), 2);
     assert!(String::from_utf8_lossy(&o.stderr).contains("shard-000004.tar"));
 }
+
+/// The python with pyarrow and webdataset (`scripts/setup-python-readers.sh`): `QUIRE_PYTHON`,
+/// else the venv that script makes by default. Missing, the test fails unless
+/// `QUIRE_SKIP_PYTHON_READERS=1` says to leave the read-back out.
+fn python_readers() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("QUIRE_PYTHON") {
+        return Some(PathBuf::from(p));
+    }
+    let tools = std::env::var_os("QUIRE_TOOLS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/quire-tools"));
+    let default = tools.join("py-readers/bin/python");
+    if default.exists() {
+        return Some(default);
+    }
+    if std::env::var("QUIRE_SKIP_PYTHON_READERS").as_deref() == Ok("1") {
+        return None;
+    }
+    panic!("no python with pyarrow and webdataset: run scripts/setup-python-readers.sh and set QUIRE_PYTHON to the path it prints (or QUIRE_SKIP_PYTHON_READERS=1)");
+}
+
+#[test]
+fn captions_of_loose_images_go_to_parquet_and_pdfs_keep_their_markdown() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, _) = idefics3("split_sf2_gqa");
+    let input = tmp.path().join("in");
+    std::fs::create_dir(&input).unwrap();
+    copy_into(&input, &["photo.jpg", "image.png", "gray.png", "born_digital.pdf"]);
+    let out = tmp.path().join("out");
+    let run = |job: &str, extra: &[&str]| {
+        let mut args = vec![
+            "run", input.to_str().unwrap(), "--out", out.to_str().unwrap(), "--job", job, "--task", "caption", "--model",
+            model.to_str().unwrap(), "--max-new-tokens", "3",
+        ];
+        args.extend_from_slice(extra);
+        quire(&args)
+    };
+    assert_eq!(code(&run("cap", &[])), 0);
+    let parquet_dir = out.join("cap/parquet");
+    let files = walk(&parquet_dir);
+    let mut sources = Vec::new();
+    let python = python_readers();
+    for f in &files {
+        let name = f.file_name().unwrap().to_string_lossy().into_owned();
+        let task = name.strip_prefix("images-").and_then(|n| n.strip_suffix(".parquet")).expect("images-TASK_ID.parquet");
+        // The file holds exactly the task's records, in order.
+        let results = out.join("cap/results").join(format!("{task}.jsonl"));
+        for line in std::fs::read_to_string(&results).unwrap().lines() {
+            let v: Value = serde_json::from_str(line).unwrap();
+            sources.push(Path::new(v["source"].as_str().unwrap()).file_name().unwrap().to_string_lossy().into_owned());
+        }
+        if let Some(py) = &python {
+            let script = fixtures().join("../../crates/quire-dataset/tests/read_back.py");
+            let o = Command::new(py).arg(script).arg(&results).arg("--parquet").arg(f).output().unwrap();
+            assert!(o.status.success(), "{name}: {}", String::from_utf8_lossy(&o.stderr));
+        }
+    }
+    sources.sort();
+    assert_eq!(sources, ["gray.png", "image.png", "photo.jpg"], "every image in exactly one Parquet file");
+    let md: Vec<String> = walk(&out.join("cap/markdown")).iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+    assert_eq!(md, ["born_digital.pdf.md"], "Markdown for the PDF only");
+    let m = manifest(&out, "cap");
+    let listed: Vec<&Value> = m["datasets"].as_array().unwrap().iter().collect();
+    assert_eq!(listed.len(), files.len());
+    assert!(listed.iter().all(|f| f["format"] == "parquet" && f["written"] == true && out.join(f["path"].as_str().unwrap()).exists()));
+
+    // A rerun finds nothing new: the same files, not written again.
+    let before: Vec<Vec<u8>> = files.iter().map(|f| std::fs::read(f).unwrap()).collect();
+    assert_eq!(code(&run("cap", &[])), 0);
+    assert!(manifest(&out, "cap")["datasets"].as_array().unwrap().iter().all(|f| f["written"] == false));
+    assert_eq!(files.iter().map(|f| std::fs::read(f).unwrap()).collect::<Vec<_>>(), before);
+
+    // --dataset none: Markdown as for documents, no Parquet.
+    assert_eq!(code(&run("plain", &["--dataset", "none"])), 0);
+    assert!(!out.join("plain/parquet").exists());
+    assert_eq!(walk(&out.join("plain/markdown")).len(), 4);
+    let o = run("bad", &["--dataset", "none,parquet"]);
+    assert_eq!(code(&o), 2);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--dataset none"));
+}

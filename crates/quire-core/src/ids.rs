@@ -82,6 +82,8 @@ mod tests {
         assert_eq!(fp, settings_fingerprint(&s3), "the job name does not change output");
         s3.out = Some("s3://bucket/elsewhere".into());
         assert_eq!(fp, settings_fingerprint(&s3), "the output location does not change ids");
+        s3.datasets = vec![crate::DatasetFormat::Parquet, crate::DatasetFormat::Webdataset];
+        assert_eq!(fp, settings_fingerprint(&s3), "dataset outputs are derived from records: same ids");
     }
 
     #[test]

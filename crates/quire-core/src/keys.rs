@@ -52,6 +52,26 @@ fn fit_name(name: &str, suffix: &str) -> String {
     format!("{}~{digest}{suffix}", &name[..keep])
 }
 
+/// `JOB/parquet/<rel>.parquet`: the caption dataset of the archive at `rel`.
+pub fn parquet_key(job: &str, rel: &str) -> String {
+    format!("{}parquet/{}", job_prefix(job), with_suffix(rel, ".parquet"))
+}
+
+/// `JOB/parquet/images-TASK_ID.parquet`: the caption dataset of one task of loose images.
+pub fn images_parquet_key(job: &str, task_id: &str) -> String {
+    format!("{}parquet/images-{}.parquet", job_prefix(job), safe_component(task_id))
+}
+
+/// `JOB/webdataset/<rel>`: the caption shard of the archive at `rel`. A tar (`.tar`, and
+/// `.tar.gz`/`.tgz`, written gzip-compressed) keeps its name; any other archive (zip) gets
+/// `.tar` appended, since a caption shard is always a tar.
+pub fn webdataset_key(job: &str, rel: &str) -> String {
+    let safe = safe_relative_path(rel);
+    let lower = safe.to_ascii_lowercase();
+    let suffix = if [".tar", ".tar.gz", ".tgz"].iter().any(|e| lower.ends_with(e)) { "" } else { ".tar" };
+    format!("{}webdataset/{}", job_prefix(job), with_suffix(&safe, suffix))
+}
+
 /// One path component with nothing that could climb out or hide.
 fn safe_component(s: &str) -> String {
     let cleaned: String = s
@@ -94,6 +114,11 @@ mod tests {
         assert_eq!(job_prefix(".."), "_../");
         assert_eq!(markdown_key("j", "../x.pdf"), "j/markdown/__/x.pdf.md");
         assert_eq!(results_key("j", "abc"), "j/results/abc.jsonl");
+        assert_eq!(parquet_key("j", "../shards/s-000.tar"), "j/parquet/__/shards/s-000.tar.parquet");
+        assert_eq!(images_parquet_key("j", "../x"), "j/parquet/images-.._x.parquet");
+        assert_eq!(webdataset_key("j", "shards/s-000.tar"), "j/webdataset/shards/s-000.tar");
+        assert_eq!(webdataset_key("j", "s.TGZ"), "j/webdataset/s.TGZ");
+        assert_eq!(webdataset_key("j", "/abs/s.zip"), "j/webdataset/abs/s.zip.tar");
     }
 
     #[test]

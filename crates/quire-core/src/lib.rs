@@ -11,10 +11,15 @@ mod record;
 mod settings;
 
 pub use ids::{document_task_id, images_task_id, settings_fingerprint, task_id};
-pub use keys::{job_prefix, markdown_key, manifest_key, results_key, safe_relative_path};
+pub use keys::{
+    images_parquet_key, job_prefix, markdown_key, manifest_key, parquet_key, results_key, safe_relative_path,
+    webdataset_key, with_suffix,
+};
 pub use record::{
-    DeadLetter, ErrorInfo, ErrorKind, Failure, FinishReason, Manifest, ManifestCounts, Record,
+    ArchiveCounts, DatasetFile, DeadLetter, ErrorInfo, ErrorKind, Failure, FinishReason, Manifest, ManifestCounts, Record,
     Throughput, Timings,
 };
-pub use settings::{Engine, JobSettings, Limits, RenderSize, SourceRef, TaskKind, TaskSpec, UnitKind, DEFAULT_IMAGES_PER_TASK, DEFAULT_LONG_SIDE,
-    DEFAULT_MAX_ARCHIVE_MEMBERS, DEFAULT_MAX_ZIP_RATIO};
+pub use settings::{
+    DatasetFormat, Engine, JobSettings, Limits, RenderSize, SourceRef, TaskKind, TaskSpec, UnitKind, DEFAULT_IMAGES_PER_TASK,
+    DEFAULT_LONG_SIDE, DEFAULT_MAX_ARCHIVE_MEMBERS, DEFAULT_MAX_ZIP_RATIO,
+};

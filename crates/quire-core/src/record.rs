@@ -168,6 +168,40 @@ pub struct Throughput {
     pub gpu_seconds: f64,
 }
 
+/// A caption dataset file of the job (`--dataset`), written at its finish from the records.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DatasetFile {
+    pub format: crate::DatasetFormat,
+    /// The file's key under `--out` (`JOB/parquet/...`, `JOB/webdataset/...`).
+    pub path: String,
+    /// The archive the file holds the captions of; `null` for a file of loose images.
+    pub source: Option<String>,
+    /// The task of loose images the file holds; `null` for an archive.
+    pub task_id: Option<String>,
+    /// Parquet rows or WebDataset samples.
+    pub rows: u64,
+    /// SHA-256 of what the file was made from (its tasks' ids and result files): a rerun
+    /// rewrites the file only when this changes (or the file is gone).
+    pub digest: String,
+    /// Whether this run wrote the file (`false`: unchanged since an earlier run wrote it).
+    pub written: bool,
+}
+
+/// Records of one input archive.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ArchiveCounts {
+    /// The archive's URI.
+    pub source: String,
+    /// Its path below the input root (the dataset files' name).
+    pub rel: String,
+    pub tasks: u64,
+    /// Tasks given up on (dead-lettered) or not finished: their samples have no records.
+    pub tasks_missing: u64,
+    pub records: u64,
+    pub ok: u64,
+    pub failed: u64,
+}
+
 /// `JOB/manifest.json`: how the job went.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -181,4 +215,47 @@ pub struct Manifest {
     pub failures: Vec<Failure>,
     pub dead_lettered: Vec<DeadLetter>,
     pub throughput: Throughput,
+    /// Caption dataset files (`--dataset`), in plan order.
+    #[serde(default)]
+    pub datasets: Vec<DatasetFile>,
+    /// Counts per input archive, in plan order.
+    #[serde(default)]
+    pub archives: Vec<ArchiveCounts>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_and_manifests_written_before_datasets_still_read() {
+        let mut s = serde_json::to_value(crate::JobSettings::new("j")).unwrap();
+        assert!(s.get("datasets").is_none(), "no datasets: the field is left out, as before");
+        s.as_object_mut().unwrap().remove("datasets");
+        let old: crate::JobSettings = serde_json::from_value(s.clone()).unwrap();
+        assert!(old.datasets.is_empty());
+        let m = Manifest {
+            job: "j".into(),
+            quire_version: "0.1.0".into(),
+            settings: old,
+            inputs: vec![],
+            started_at: String::new(),
+            finished_at: String::new(),
+            counts: ManifestCounts::default(),
+            failures: vec![],
+            dead_lettered: vec![],
+            throughput: Throughput::default(),
+            datasets: vec![],
+            archives: vec![],
+        };
+        let mut v = serde_json::to_value(&m).unwrap();
+        let o = v.as_object_mut().unwrap();
+        o.remove("datasets");
+        o.remove("archives");
+        assert_eq!(serde_json::from_value::<Manifest>(v).unwrap(), m);
+        let mut with = crate::JobSettings::new("j");
+        with.datasets = vec![crate::DatasetFormat::Parquet, crate::DatasetFormat::Webdataset];
+        let json = serde_json::to_string(&with).unwrap();
+        assert!(json.contains(r#""datasets":["parquet","webdataset"]"#), "{json}");
+    }
 }

@@ -178,6 +178,11 @@ pub struct JobSettings {
     pub limits: Limits,
     /// Minimum count of letters and digits for a text layer to count as usable.
     pub text_min_chars: usize,
+    /// Caption datasets written at the job's finish (`--dataset`): Parquet per archive and per
+    /// task of loose images, WebDataset caption shards per archive. They are derived from the
+    /// records, so this is not part of the settings fingerprint. Empty: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub datasets: Vec<DatasetFormat>,
     /// Where results go (`s3://bucket/prefix` or a folder), carried in every
     /// task so a distributed worker knows where to store it. Not part of
     /// the settings fingerprint: moving the output does not change task ids.
@@ -206,7 +211,27 @@ impl JobSettings {
             render: RenderSize::LongSide(1536),
             limits: Limits::default(),
             text_min_chars: 32,
+            datasets: Vec::new(),
             out: None,
+        }
+    }
+}
+
+/// A caption dataset format written from the records at the job's finish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DatasetFormat {
+    /// `JOB/parquet/<archive path>.parquet` and `JOB/parquet/images-TASK_ID.parquet`.
+    Parquet,
+    /// `JOB/webdataset/<archive path>`: `KEY.txt` and `KEY.json` per sample.
+    Webdataset,
+}
+
+impl DatasetFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DatasetFormat::Parquet => "parquet",
+            DatasetFormat::Webdataset => "webdataset",
         }
     }
 }

@@ -1,5 +1,6 @@
-//! Closing a job: per-document Markdown and `manifest.json`, built from the
-//! stored results of every planned task (this run's and earlier runs').
+//! Closing a job: per-document Markdown, caption datasets ([`crate::datasets`]) and
+//! `manifest.json`, built from the stored results of every planned task (this run's and
+//! earlier runs').
 //!
 //! Documents are handled one at a time in plan order, so memory holds one
 //! document's records, not the job's.
@@ -154,7 +155,8 @@ async fn put(store: &dyn BlobStore, key: String, body: Vec<u8>) -> Result<(), qu
     store.put(&key, body).await
 }
 
-/// Writes the Markdown of every document and the manifest; returns the manifest.
+/// Writes the Markdown of every document, the caption datasets and the manifest; returns
+/// the manifest.
 pub async fn finish_job(store: &dyn BlobStore, o: JobOutcome<'_>) -> anyhow::Result<Manifest> {
     let job = &o.settings.job;
     let dead_by_id: HashMap<&str, &DeadLetter> = o.dead.iter().map(|d| (d.task_id.as_str(), d)).collect();
@@ -176,6 +178,7 @@ pub async fn finish_job(store: &dyn BlobStore, o: JobOutcome<'_>) -> anyhow::Res
         })
         .buffered(READ_AHEAD);
     let mut writes = futures_util::stream::FuturesUnordered::new();
+    let mut datasets = crate::datasets::DatasetSink::new(store, o.settings).await?;
     let mut doc: Option<(&PlannedTask, Vec<Record>, Vec<(u32, u32)>)> = None;
     loop {
         let next = reads.next().await;
@@ -185,8 +188,8 @@ pub async fn finish_job(store: &dyn BlobStore, o: JobOutcome<'_>) -> anyhow::Res
         };
         if new_doc {
             if let Some((first, records, missing)) = doc.take() {
-                let files = markdown_files(first, &records, &missing);
-                counts.documents += if first.unit == quire_core::UnitKind::Images { files.len() as u64 } else { 1 };
+                let md_files = markdown_files(first, &records, &missing);
+                counts.documents += if first.unit == quire_core::UnitKind::Images { md_files.len() as u64 } else { 1 };
                 for r in &records {
                     counts.records += 1;
                     counts.tokens_in += r.tokens_in;
@@ -199,13 +202,18 @@ pub async fn finish_job(store: &dyn BlobStore, o: JobOutcome<'_>) -> anyhow::Res
                         }
                     }
                 }
-                for (rel, md) in files {
+                let out = datasets.document(&records)?;
+                let mut files = out.writes;
+                if out.markdown {
+                    files.extend(md_files.into_iter().map(|(rel, md)| (markdown_key(job, &rel), md.into_bytes())));
+                }
+                for (key, body) in files {
                     while writes.len() >= WRITE_AHEAD {
                         if let Some(r) = writes.next().await {
                             r?;
                         }
                     }
-                    writes.push(put(store, markdown_key(job, &rel), md.into_bytes()));
+                    writes.push(put(store, key, body));
                 }
             }
         }
@@ -215,6 +223,7 @@ pub async fn finish_job(store: &dyn BlobStore, o: JobOutcome<'_>) -> anyhow::Res
             Some(bytes) => {
                 counts.tasks_done += 1;
                 let recs = parse_jsonl(&bytes)?;
+                datasets.task(t, records.len()..records.len() + recs.len(), Some(&bytes));
                 if let PagesThisRun::DoneBefore(before) = &o.pages_this_run {
                     if !before(&t.task_id) {
                         pages_new += recs.len() as u64;
@@ -223,6 +232,7 @@ pub async fn finish_job(store: &dyn BlobStore, o: JobOutcome<'_>) -> anyhow::Res
                 records.extend(recs);
             }
             None => {
+                datasets.task(t, records.len()..records.len(), None);
                 missing.push((t.first, t.last));
                 if let Some(d) = dead_by_id.get(t.task_id.as_str()) {
                     dead_lettered.push((*d).clone());
@@ -255,6 +265,8 @@ pub async fn finish_job(store: &dyn BlobStore, o: JobOutcome<'_>) -> anyhow::Res
             cpu_seconds: (process_cpu_seconds() * 100.0).round() / 100.0,
             gpu_seconds: o.gpu_seconds,
         },
+        datasets: datasets.files,
+        archives: datasets.archives,
     };
     store.put(&manifest_key(job), serde_json::to_vec_pretty(&manifest)?).await?;
     Ok(manifest)

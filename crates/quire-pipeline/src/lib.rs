@@ -8,11 +8,13 @@
 //! * [`split`]: whole-document tasks (distributed planning) opened and split by a worker;
 //! * [`worker`]: the loop that leases tasks, processes them, stores results and acks;
 //! * [`finish`]: per-document Markdown and `manifest.json` once every task is settled;
+//! * [`datasets`]: caption datasets (Parquet, WebDataset caption shards) at the finish;
 //! * [`vlm`]: the `quire-vlm` models behind the [`Generator`] trait;
 //! * [`embedded`]: all of it in one process for `quire run`.
 
 #[cfg(feature = "distributed")]
 pub mod distributed;
+pub mod datasets;
 pub mod doctags;
 pub mod embedded;
 pub mod faults;

@@ -64,7 +64,7 @@ Examples:
   quire run archive/ --out out --task caption --model HuggingFaceTB/SmolVLM-256M-Instruct --max-new-tokens 64
 
 Output: OUT/JOB/results/TASK_ID.jsonl (a record per page), OUT/JOB/markdown/<path>.md,
-OUT/JOB/manifest.json. Running the same command again skips finished tasks (--force redoes them).
+OUT/JOB/manifest.json; with --task caption OUT/JOB/parquet/*.parquet (see --dataset). Running the same command again skips finished tasks (--force redoes them).
 
 Exit codes: 0 all inputs processed; 2 usage or setup error; 3 finished, but some inputs or
 pages failed (see manifest.json); 1 internal error.";
@@ -80,6 +80,16 @@ pub enum EngineArg {
     Auto,
     Vlm,
     TextLayer,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DatasetArg {
+    /// JOB/parquet/<archive path>.parquet per archive, JOB/parquet/images-TASK_ID.parquet per task of loose images.
+    Parquet,
+    /// JOB/webdataset/<archive path>: a caption shard (KEY.txt, KEY.json) per archive.
+    Webdataset,
+    /// No dataset files (Markdown for every input).
+    None,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -147,6 +157,11 @@ pub struct JobOpts {
     /// Deliveries of a failing task before it is given up on.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_deliver: u32,
+    /// Caption datasets written from the records at the finish: comma list or repeated
+    /// (default: parquet with --task caption, none otherwise). Images whose records go into a
+    /// dataset get no Markdown.
+    #[arg(long = "dataset", value_enum, value_delimiter = ',', value_name = "parquet,webdataset|none")]
+    pub datasets: Vec<DatasetArg>,
 }
 
 /// How the model runs on this machine.

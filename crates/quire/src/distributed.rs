@@ -43,7 +43,7 @@ pub fn coordinator(mut args: CoordinatorArgs) -> u8 {
             return exit::USAGE;
         }
     }
-    if let Err(m) = check_job_name(&args.opts.job) {
+    if let Err(m) = check_job_name(&args.opts.job).and_then(|_| crate::run::check_datasets(&args.opts)) {
         eprintln!("error: {m}");
         return exit::USAGE;
     }

@@ -1,9 +1,9 @@
 //! `quire run`: the whole job in this process.
 
-use crate::cli::{EngineArg, JobOpts, RunArgs, TaskArg};
+use crate::cli::{DatasetArg, EngineArg, JobOpts, RunArgs, TaskArg};
 use crate::exit;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use quire_core::{Engine, JobSettings, Limits, RenderSize, TaskKind};
+use quire_core::{DatasetFormat, Engine, JobSettings, Limits, RenderSize, TaskKind};
 use quire_pipeline::process::ProcessContext;
 use quire_pipeline::{run_embedded, Progress, RunOptions};
 use quire_queue::QueueOptions;
@@ -73,7 +73,39 @@ pub fn settings(args: &JobOpts) -> JobSettings {
         max_zip_ratio: args.max_zip_ratio,
     };
     s.text_min_chars = args.text_min_chars;
+    s.datasets = dataset_formats(args);
     s
+}
+
+/// `--dataset`, in the order given, without repeats; `none` (checked by
+/// [`check_datasets`] to stand alone) gives none, no flag the task's default.
+pub fn dataset_formats(args: &JobOpts) -> Vec<DatasetFormat> {
+    if args.datasets.is_empty() {
+        return match args.task {
+            TaskArg::Caption => vec![DatasetFormat::Parquet],
+            TaskArg::Ocr => Vec::new(),
+        };
+    }
+    let mut out = Vec::new();
+    for d in &args.datasets {
+        let f = match d {
+            DatasetArg::Parquet => DatasetFormat::Parquet,
+            DatasetArg::Webdataset => DatasetFormat::Webdataset,
+            DatasetArg::None => continue,
+        };
+        if !out.contains(&f) {
+            out.push(f);
+        }
+    }
+    out
+}
+
+/// `--dataset none` cannot be combined with a format.
+pub fn check_datasets(args: &JobOpts) -> Result<(), String> {
+    if args.datasets.contains(&DatasetArg::None) && args.datasets.iter().any(|d| *d != DatasetArg::None) {
+        return Err("--dataset none cannot be combined with parquet or webdataset".into());
+    }
+    Ok(())
 }
 
 /// Inputs with their brace patterns (`shard-{000000..000999}.tar`) expanded, in order.
@@ -93,6 +125,7 @@ fn run_inner(mut args: RunArgs) -> Result<u8, Failure> {
         }
     }
     check_job_name(&args.opts.job).map_err(Failure::Usage)?;
+    check_datasets(&args.opts).map_err(Failure::Usage)?;
     let settings = settings(&args.opts);
     if settings.engine == Engine::Vlm && settings.model.is_none() {
         return Err(Failure::Usage("--engine vlm needs --model (a checkpoint folder, hub id or s3:// prefix)".into()));
