@@ -1005,8 +1005,11 @@ fn archives_and_image_groups_through_workers_give_the_rows_of_quire_run() {
             let body = store.get(&k).await.unwrap().unwrap();
             recs.extend(String::from_utf8(body).unwrap().lines().map(|l| serde_json::from_str::<Value>(l).unwrap()));
         }
-        assert!(store.exists("out/wds/markdown/loose/photo.jpg.md").await.unwrap());
-        assert!(store.exists("out/wds/markdown/shard-000003.tar.md").await.unwrap());
+        // Captions go to Parquet (the default for --task caption), not to Markdown files.
+        let parquet = store.list("out/wds/parquet/").await.unwrap();
+        assert!(parquet.iter().any(|k| k.ends_with("shard-000003.tar.parquet")), "{parquet:?}");
+        assert!(parquet.iter().any(|k| k.contains("/images-")), "{parquet:?}");
+        assert!(!store.exists("out/wds/markdown/loose/photo.jpg.md").await.unwrap());
         let m: Value = serde_json::from_slice(&store.get("out/wds/manifest.json").await.unwrap().unwrap()).unwrap();
         (recs, store.list("out/wds/splits/").await.unwrap(), m)
     });

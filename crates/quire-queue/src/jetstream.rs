@@ -183,8 +183,10 @@ struct Inner {
     rules: std::sync::Mutex<(Instant, QueueOptions)>,
 }
 
-/// How often a worker re-reads the delivery rules in force (once per pulled task at most).
-const RULES_MAX_AGE: Duration = Duration::from_secs(5);
+/// How old a reading of the delivery rules may be when a task is leased: none, since a
+/// coordinator sets its rules before it publishes, so a reading taken after a task arrived
+/// is never older than the task's rules (one consumer-info request per task).
+const RULES_MAX_AGE: Duration = Duration::ZERO;
 
 /// The JetStream task queue; cheap to clone.
 #[derive(Clone)]
@@ -778,7 +780,7 @@ impl JetStreamQueue {
     /// changed them). On a failed reading the last one stands.
     pub async fn rules(&self) -> QueueOptions {
         let (at, rules) = *self.inner.rules.lock().unwrap_or_else(|p| p.into_inner());
-        if at.elapsed() < RULES_MAX_AGE {
+        if at.elapsed() < RULES_MAX_AGE && !RULES_MAX_AGE.is_zero() {
             return rules;
         }
         match self.inner.consumer.get_info().await {

@@ -62,6 +62,33 @@ impl ChatTemplate {
 pub struct TextTokenizer {
     inner: tokenizers::Tokenizer,
     clean_up_spaces: bool,
+    /// For a DocTags model (its vocabulary has `<doctag>` and `<loc_0>`): the special tokens
+    /// that are not DocTags markup (end of turn, padding, image and chat tokens). Its output is
+    /// decoded with the DocTags tokens kept, as docling reads it, and only these dropped.
+    doctags_control: Option<std::collections::HashSet<u32>>,
+}
+
+/// Whether a special token of a DocTags model's vocabulary is a control token rather than
+/// DocTags markup: chat and end-of-text tokens (`<|im_end|>`), the turn end, the image
+/// placeholders and tile markers, and the tokenizer's own BOS/EOS/PAD/UNK.
+fn is_control_token(content: &str, roles: &[String]) -> bool {
+    let tile = content.strip_prefix("<row_").and_then(|r| r.strip_suffix('>')).is_some_and(|r| r.contains("_col_"));
+    content.contains('|')
+        || tile
+        || matches!(content, "<end_of_utterance>" | "<fake_token_around_image>" | "<image>" | "<global-img>")
+        || roles.iter().any(|r| r == content)
+}
+
+/// The role tokens (`bos_token`, `eos_token`, `pad_token`, `unk_token`) of `tokenizer_config.json`,
+/// given as a string or as `{"content": ...}`.
+fn role_tokens(tok_config: &Value) -> Vec<String> {
+    ["bos_token", "eos_token", "pad_token", "unk_token"]
+        .iter()
+        .filter_map(|k| {
+            let v = tok_config.get(*k)?;
+            v.as_str().or_else(|| v.get("content").and_then(Value::as_str)).map(str::to_string)
+        })
+        .collect()
 }
 
 impl TextTokenizer {
@@ -71,7 +98,17 @@ impl TextTokenizer {
             .map_err(|e| anyhow!("loading {}: {e}", path.display()))?;
         let clean_up_spaces =
             tok_config.get("clean_up_tokenization_spaces").and_then(Value::as_bool).unwrap_or(false);
-        Ok(TextTokenizer { inner, clean_up_spaces })
+        let doctags = inner.token_to_id("<doctag>").is_some() && inner.token_to_id("<loc_0>").is_some();
+        let doctags_control = doctags.then(|| {
+            let roles = role_tokens(tok_config);
+            inner
+                .get_added_tokens_decoder()
+                .into_iter()
+                .filter(|(_, t)| t.special && is_control_token(&t.content, &roles))
+                .map(|(id, _)| id)
+                .collect()
+        });
+        Ok(TextTokenizer { inner, clean_up_spaces, doctags_control })
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
@@ -83,9 +120,16 @@ impl TextTokenizer {
         self.inner.token_to_id(token)
     }
 
-    /// Decodes with special tokens skipped.
+    /// Decodes with special tokens skipped; a DocTags model keeps its DocTags tokens.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        let s = self.inner.decode(ids, true).map_err(|e| anyhow!("decoding: {e}"))?;
+        let s = match &self.doctags_control {
+            Some(control) => {
+                let kept: Vec<u32> = ids.iter().copied().filter(|id| !control.contains(id)).collect();
+                self.inner.decode(&kept, false)
+            }
+            None => self.inner.decode(ids, true),
+        }
+        .map_err(|e| anyhow!("decoding: {e}"))?;
         Ok(if self.clean_up_spaces { clean_up_tokenization(&s) } else { s })
     }
 }
@@ -102,4 +146,50 @@ fn clean_up_tokenization(s: &str) -> String {
         .replace(" 's", "'s")
         .replace(" 've", "'ve")
         .replace(" 're", "'re")
+}
+
+#[cfg(test)]
+mod doctags_decoding {
+    use super::*;
+    use tokenizers::models::wordlevel::WordLevel;
+    use tokenizers::AddedToken;
+
+    fn tokenizer(doctags: bool) -> (TextTokenizer, Vec<u32>) {
+        let vocab = [("[UNK]", 0u32), ("Intro", 1), ("text", 2)].iter().map(|(w, i)| (w.to_string(), *i)).collect();
+        let model = WordLevel::builder().vocab(vocab).unk_token("[UNK]".into()).build().unwrap();
+        let mut inner = tokenizers::Tokenizer::new(model);
+        inner.with_decoder(Some(tokenizers::decoders::byte_level::ByteLevel::default()));
+        let mut specials = vec!["<end_of_utterance>", "<|im_start|>", "<row_1_col_2>", "<text>", "</text>", "<loc_12>"];
+        if doctags {
+            specials.extend(["<doctag>", "</doctag>", "<loc_0>"]);
+        }
+        inner.add_special_tokens(&specials.iter().map(|t| AddedToken::from(t.to_string(), true)).collect::<Vec<_>>());
+        let tok_config = serde_json::json!({"eos_token": "<end_of_utterance>"});
+        let dir = tempfile::tempdir().unwrap();
+        inner.save(dir.path().join("tokenizer.json"), false).unwrap();
+        let t = TextTokenizer::load(dir.path(), &tok_config).unwrap();
+        let id = |s: &str| t.token_id(s).unwrap();
+        let mut ids = vec![];
+        if doctags {
+            ids.push(id("<doctag>"));
+        }
+        ids.extend([id("<text>"), id("<loc_12>"), id("Intro"), id("</text>")]);
+        if doctags {
+            ids.push(id("</doctag>"));
+        }
+        ids.extend([id("<|im_start|>"), id("<row_1_col_2>"), id("<end_of_utterance>")]);
+        (t, ids)
+    }
+
+    #[test]
+    fn a_doctags_model_keeps_its_markup_and_drops_only_control_tokens() {
+        let (t, ids) = tokenizer(true);
+        assert_eq!(t.decode(&ids).unwrap(), "<doctag><text><loc_12>Intro</text></doctag>");
+    }
+
+    #[test]
+    fn other_models_drop_every_special_token() {
+        let (t, ids) = tokenizer(false);
+        assert_eq!(t.decode(&ids).unwrap(), "Intro");
+    }
 }
