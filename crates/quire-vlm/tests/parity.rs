@@ -523,7 +523,7 @@ fn idefics2_batch_of_mixed_sizes_equals_one_by_one() {
 /// bf16 and f16 on the device under test: the Idefics2 checkpoints load and run in the low
 /// dtype, first-step logits stay within twice the drift transformers itself shows in that
 /// dtype on the same case (`lowp_reference.json`, from `gen_idefics2.py lowp`) without
-/// equalling f32's, and a batch decodes like its rows alone.
+/// equalling f32's, and (on the CPU) a batch decodes like its rows alone.
 #[test]
 fn idefics2_bf16_and_f16_stay_as_close_to_f32_as_transformers() {
     use candle_core::DType;
@@ -555,7 +555,11 @@ fn idefics2_bf16_and_f16_stay_as_close_to_f32_as_transformers() {
             let batched = vlm.generate(&reqs).unwrap();
             for (g, r) in batched.iter().zip(&reqs) {
                 let alone = vlm.generate(std::slice::from_ref(r)).unwrap().remove(0);
-                if alone.token_ids != g.token_ids || g.tokens_out == 0 {
+                // On CUDA, cuBLAS picks its kernels by the batch's shape, so a low-precision row
+                // rounds differently batched than alone and greedy text may part (seen on an H200
+                // in bf16); the CPU kernels sum each row the same way whatever the batch.
+                let must_match = device().is_cpu();
+                if (must_match && alone.token_ids != g.token_ids) || g.tokens_out == 0 {
                     failures.push(format!("{name} {label}: batched {:?} vs alone {:?}", g.token_ids, alone.token_ids));
                 }
             }
