@@ -797,7 +797,10 @@ fn kills_restarts_outages_and_a_poison_task_lose_and_duplicate_nothing() {
         recover.len(),
     );
     assert!(!recover.is_empty(), "the kills hit no running task: the drill proved nothing");
-    assert!(worst < 30.0, "a killed worker's task waited {worst:.1}s to be taken over");
+    // With a 2 s lease a killed worker's task is free 2 s after its last renewal; the rest
+    // is waiting for a free slot (6 slots, 2.5 s pages). A 30 s wait is the workers'
+    // default lease in force instead of the job's.
+    assert!(worst < 15.0, "a killed worker's task waited {worst:.1}s to be taken over");
     drop(garage);
     drop(nats);
 }

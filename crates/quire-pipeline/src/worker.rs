@@ -313,7 +313,9 @@ impl Worker {
         tokio::pin!(work);
         // Renewed every third of the lease in force, which the queue may know better than
         // this worker's settings (a coordinator may have changed it since the worker started).
-        let every = lease.lease_time().map(|t| (t / 3).max(Duration::from_millis(100))).unwrap_or(self.heartbeat);
+        // The lease may change while the task runs: the period follows it at every beat.
+        let period = |lease: &dyn Lease| lease.lease_time().map(|t| (t / 3).max(Duration::from_millis(100))).unwrap_or(self.heartbeat);
+        let mut every = period(lease.as_ref());
         let mut beat = tokio::time::interval(every);
         beat.tick().await;
         let mut abort = self.abort.clone();
@@ -333,6 +335,11 @@ impl Worker {
                 _ = beat.tick() => {
                     if let Err(e) = lease.heartbeat().await {
                         tracing::warn!(task = %task.task_id, "heartbeat failed: {e}");
+                    }
+                    if period(lease.as_ref()) != every {
+                        every = period(lease.as_ref());
+                        beat = tokio::time::interval(every);
+                        beat.tick().await;
                     }
                 }
             }

@@ -302,11 +302,12 @@ impl JetStreamQueue {
             ..Default::default()
         };
         let mut consumer = if opts.set_delivery_rules {
-            work.create_consumer(consumer_cfg).await
+            work.create_consumer(consumer_cfg)
+                .await
+                .map_err(|e| backend(&format!("creating consumer {}", opts.consumer), e))?
         } else {
-            work.get_or_create_consumer(&opts.consumer, consumer_cfg).await
-        }
-        .map_err(|e| backend(&format!("creating consumer {}", opts.consumer), e))?;
+            adopt_or_create_consumer(&work, consumer_cfg).await?
+        };
         // The rules in force are the consumer's, whoever set them.
         let info = consumer
             .info()
@@ -774,6 +775,28 @@ impl TaskQueue for JetStreamQueue {
     }
 }
 
+/// The worker consumer as it is, or created with `cfg` when there is none yet. Never an
+/// update: a coordinator may create it (with its rules) between a worker's look and the
+/// worker's creation, and a create-or-update there would put the worker's defaults over
+/// the coordinator's rules (seen in the fault drill: a 30 s lease where the job set 2 s,
+/// so a killed worker's task waited 30 s to be taken over).
+async fn adopt_or_create_consumer(
+    work: &jetstream::stream::Stream,
+    cfg: pull::Config,
+) -> Result<jetstream::consumer::PullConsumer, QueueError> {
+    let name = cfg.durable_name.clone().unwrap_or_default();
+    // A strict create changes nothing that exists: it succeeds on an identical consumer
+    // and fails on one with other rules, which is then taken as it is.
+    match work.create_consumer_strict(cfg).await {
+        Ok(c) => Ok(c),
+        Err(e) if e.kind() == jetstream::stream::ConsumerCreateStrictErrorKind::AlreadyExists => work
+            .get_consumer(&name)
+            .await
+            .map_err(|e| backend(&format!("reading consumer {name}"), e)),
+        Err(e) => Err(backend(&format!("creating consumer {name}"), e)),
+    }
+}
+
 impl JetStreamQueue {
     /// The delivery rules in force now: the consumer's, read again when the last reading is
     /// older than a few seconds (a coordinator that started after this worker may have
@@ -816,7 +839,7 @@ impl JetStreamQueue {
                 task,
                 delivery,
                 seq,
-                rules: self.rules().await,
+                rules: std::sync::Mutex::new(self.rules().await),
             }))),
             Err(e) => {
                 let (job, dead) = malformed_dead_letter(
@@ -880,11 +903,16 @@ struct JetStreamLease {
     task: TaskSpec,
     delivery: u32,
     seq: u64,
-    /// The delivery rules in force when the task was pulled.
-    rules: QueueOptions,
+    /// The delivery rules in force: read when the task was pulled and again at every
+    /// heartbeat (a coordinator may change them while the task runs).
+    rules: std::sync::Mutex<QueueOptions>,
 }
 
 impl JetStreamLease {
+    fn rules(&self) -> QueueOptions {
+        *self.rules.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Dead-letter first (so that a failure leaves the task leased and it
     /// comes back), then stop deliveries and remove the task.
     async fn give_up(&self, reason: &str) -> Result<(), QueueError> {
@@ -922,14 +950,17 @@ impl Lease for JetStreamLease {
     }
 
     fn lease_time(&self) -> Option<Duration> {
-        Some(self.rules.ack_wait)
+        Some(self.rules().ack_wait)
     }
 
     async fn heartbeat(&self) -> Result<(), QueueError> {
         self.msg
             .ack_with(AckKind::Progress)
             .await
-            .map_err(|e| backend("extending lease", e))
+            .map_err(|e| backend("extending lease", e))?;
+        let now = self.queue.rules().await;
+        *self.rules.lock().unwrap_or_else(|p| p.into_inner()) = now;
+        Ok(())
     }
 
     async fn ack(self: Box<Self>) -> Result<(), QueueError> {
@@ -940,7 +971,7 @@ impl Lease for JetStreamLease {
     }
 
     async fn nack(self: Box<Self>, delay: Duration, reason: &str) -> Result<(), QueueError> {
-        if self.delivery >= self.rules.max_deliver {
+        if self.delivery >= self.rules().max_deliver {
             return self.give_up(reason).await;
         }
         tracing::debug!(task = %self.task.task_id, delivery = self.delivery, "nack: {reason}");
@@ -1271,6 +1302,41 @@ mod tests {
         again.nack(Duration::ZERO, "second failure").await.unwrap();
         assert!(pull_within(&worker, Duration::from_millis(1500)).await.is_none());
         assert_eq!(worker.dead_letters("j").await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_running_lease_learns_a_shorter_lease_at_its_next_heartbeat() {
+        let server = NatsServer::start();
+        let mut w = opts(&server, 30_000, 3);
+        w.set_delivery_rules = false;
+        let worker = JetStreamQueue::connect(w).await.unwrap();
+        worker.publish(&task("j", "a")).await.unwrap();
+        let lease = pull_within(&worker, Duration::from_secs(10)).await.expect("a task");
+        assert_eq!(lease.lease_time(), Some(Duration::from_secs(30)));
+        // A coordinator shortens the lease while the task runs: renewing every 10 s
+        // would lose it.
+        let _coord = JetStreamQueue::connect(opts(&server, 2_000, 3)).await.unwrap();
+        lease.heartbeat().await.unwrap();
+        assert_eq!(lease.lease_time(), Some(Duration::from_secs(2)));
+    }
+
+    #[tokio::test]
+    async fn a_worker_that_loses_the_race_to_create_the_consumer_keeps_the_coordinators_rules() {
+        // The race itself (worker looks, coordinator creates, worker creates) is too narrow to
+        // hit on purpose; its last step is what matters: the worker's create changes nothing.
+        let server = NatsServer::start();
+        let coord = JetStreamQueue::connect(opts(&server, 2_000, 8)).await.unwrap();
+        let w = opts(&server, 30_000, 3);
+        let cfg = pull::Config {
+            durable_name: Some(w.consumer.clone()),
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: w.queue.ack_wait,
+            max_deliver: w.queue.max_deliver as i64,
+            ..Default::default()
+        };
+        let mut c = adopt_or_create_consumer(&coord.inner.work, cfg).await.unwrap();
+        let info = c.info().await.unwrap();
+        assert_eq!((info.config.ack_wait, info.config.max_deliver), (Duration::from_secs(2), 8));
     }
 
     #[tokio::test]
