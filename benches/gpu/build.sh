@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Builds what benches/gpu/check.sh runs: the quire-vlm parity test binary and the bench
-# example, release, stripped, xz-compressed (check.sh unpacks them with python's lzma), into
+# Builds what benches/gpu/check.sh and engine.sh run: the quire-vlm parity test binary and the
+# bench and batching examples, release, stripped, xz-compressed (check.sh unpacks them with python's lzma), into
 # DEST (default: .gpu of this checkout; keep it out of git, e.g. `/.gpu/` in .git/info/exclude).
 #
 #   CUDA=1 (default): --features cuda. Needs a CUDA 13.0 toolkit in CUDA_ROOT (bin/nvcc, lib/
@@ -29,10 +29,10 @@ for l in sys.stdin:
     m = json.loads(l)
     if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "parity" and m.get("executable"):
         print(m["executable"])')
-cargo build -p quire-vlm --release "${feat[@]}" -j "$JOBS" --example bench
+cargo build -p quire-vlm --release "${feat[@]}" -j "$JOBS" --example bench --example batching
 mkdir -p "$DEST"
-rm -f "$DEST/parity" "$DEST/parity.xz" "$DEST/bench" "$DEST/bench.xz"
-for pair in "parity:$parity" "bench:$TGT/release/examples/bench"; do
+rm -f "$DEST"/parity* "$DEST"/bench* "$DEST"/batching*
+for pair in "parity:$parity" "bench:$TGT/release/examples/bench" "batching:$TGT/release/examples/batching"; do
   name=${pair%%:*} src=${pair#*:}
   strip -o "$DEST/$name" "$src"
   xz -9 -T1 -f "$DEST/$name"

@@ -20,6 +20,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
+. benches/gpu/lib.sh
 T0=$(date +%s)
 OUT=${OUT:-/tmp/quire-gpu-check}
 BIN_DIR=${BIN_DIR:-$ROOT/.gpu}
@@ -52,49 +53,7 @@ say "1. machine"
 } 2>&1
 
 say "2. binaries and CUDA libraries"
-for f in "$BIN_DIR"/*; do
-  [ -f "$f" ] || continue
-  case "$f" in
-    *.xz) "$PY" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$f" "$WORK/bin/$(basename "$f" .xz)" ;;
-    *) cp "$f" "$WORK/bin/" ;;
-  esac
-done
-chmod +x "$WORK/bin"/* 2>/dev/null || true
-ls -la "$WORK/bin"
-for b in parity bench; do
-  [ -x "$WORK/bin/$b" ] || echo "MISSING: $BIN_DIR has no $b binary"
-done
-RUNENV=(env)
-if [ "$DEVICE" = cuda ]; then
-  # Each library the binaries link, wherever torch's pip packages (or a system toolkit) put it.
-  libdirs=""
-  for lib in libcublas.so.13 libcublasLt.so.13 libcudart.so.13 libcurand.so.10 libnvrtc.so.13; do
-    p=$("$PY" - "$lib" <<'PYEOF' 2>/dev/null || true
-import glob, os, sys, site
-roots = site.getsitepackages() + [site.getusersitepackages()]
-for r in roots:
-    for p in glob.glob(os.path.join(r, "nvidia", "**", sys.argv[1] + "*"), recursive=True):
-        print(p); sys.exit()
-PYEOF
-)
-    [ -n "$p" ] || p=$(timeout 60 find / -xdev -name "$lib*" -not -path '/proc/*' 2>/dev/null | head -1 || true)
-    if [ -n "$p" ]; then
-      echo "$lib: $p"
-      d=$(dirname "$p"); case ":$libdirs:" in *":$d:"*) ;; *) libdirs="$libdirs:$d" ;; esac
-    else
-      echo "$lib: NOT FOUND"
-    fi
-  done
-  LIBCUDA=${LIBCUDA:-$(ldconfig -p 2>/dev/null | awk '/libcuda.so.1 /{print $NF; exit}' || true)}
-  [ -n "$LIBCUDA" ] || LIBCUDA=$(timeout 60 find / -xdev -name 'libcuda.so.1' -not -path '/proc/*' 2>/dev/null | head -1 || true)
-  echo "libcuda: ${LIBCUDA:-NOT FOUND}"
-  RUNENV=(env "LD_LIBRARY_PATH=${libdirs#:}:$(dirname "${LIBCUDA:-/x/x}")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" "LD_PRELOAD=$LIBCUDA")
-  for b in parity bench; do
-    [ -x "$WORK/bin/$b" ] && { "${RUNENV[@]}" ldd "$WORK/bin/$b" | grep -E 'not found|cublas|curand|nvrtc|cudart|libcuda' || true; }
-  done
-  nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader,nounits -lms 500 >"$WORK/smi.csv" 2>/dev/null &
-  SMI_PID=$!
-fi
+unpack_and_find_libs
 
 say "3. parity tests on $DEVICE (f32 token-exact, bf16/f16 bounded)"
 rc=0

@@ -38,7 +38,38 @@ pub trait Generator: Send {
     fn emits_doctags(&self) -> bool {
         false
     }
+    /// The model's continuous-batching engine, when it has one: the inference thread then
+    /// feeds it requests as they come and answers each as it finishes, instead of running
+    /// static batches through [`Generator::generate`].
+    fn stepper(&mut self) -> Option<&mut dyn Stepper> {
+        None
+    }
 }
+
+/// A continuous-batching engine: requests join and leave between decode steps.
+pub trait Stepper {
+    fn submit(&mut self, id: u64, req: GenRequest);
+    /// Admits what fits, runs one decode step and returns the requests that finished.
+    fn step(&mut self) -> Vec<(u64, Result<GenOutput, String>)>;
+    /// Requests submitted and not yet answered.
+    fn outstanding(&mut self) -> usize;
+    /// The engine's state after a step, for metrics.
+    fn stats(&mut self) -> EngineStats;
+}
+
+/// What a continuous-batching engine holds after a step.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct EngineStats {
+    /// Sequences decoding (each with its KV slot).
+    pub in_flight: usize,
+    /// Requests waiting for room.
+    pub waiting: usize,
+    pub kv_used_bytes: u64,
+    pub kv_budget_bytes: u64,
+}
+
+/// Told the engine's state after every continuous-batching step.
+pub type EngineObserver = Box<dyn Fn(EngineStats) + Send>;
 
 struct Job {
     req: GenRequest,
@@ -77,15 +108,33 @@ impl InferenceHandle {
         Self::start_observed(model, opts, None)
     }
 
-    /// Like [`InferenceHandle::start`], calling `observe` with each batch's size.
+    /// Like [`InferenceHandle::start`], calling `observe` with each batch's size (the
+    /// sequences of each decode step under continuous batching) and `engine` with the
+    /// engine's state after each continuous-batching step.
     pub fn start_observed(model: Box<dyn Generator>, opts: BatchOptions, observe: Option<BatchObserver>) -> Self {
+        Self::start_with(model, opts, observe, None)
+    }
+
+    pub fn start_with(
+        mut model: Box<dyn Generator>,
+        opts: BatchOptions,
+        observe: Option<BatchObserver>,
+        engine: Option<EngineObserver>,
+    ) -> Self {
         let model_name = model.model_name();
         let prompts = [model.default_prompt(TaskKind::Ocr), model.default_prompt(TaskKind::Caption)];
         let doctags = model.emits_doctags();
+        let continuous = model.stepper().is_some();
         let (tx, rx) = std_mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("quire-infer".into())
-            .spawn(move || serve(model, rx, opts, observe))
+            .spawn(move || {
+                if continuous {
+                    serve_continuous(model, rx, observe, engine)
+                } else {
+                    serve(model, rx, opts, observe)
+                }
+            })
             .expect("spawn the inference thread");
         InferenceHandle { tx, model_name, prompts, doctags }
     }
@@ -154,6 +203,55 @@ fn serve(mut model: Box<dyn Generator>, rx: std_mpsc::Receiver<Job>, opts: Batch
     }
 }
 
+/// The inference thread under continuous batching: takes requests as they come (waiting
+/// only when nothing is in flight), steps the engine, and answers each request as soon as
+/// it finishes, with the milliseconds from its arrival to its answer.
+fn serve_continuous(
+    mut model: Box<dyn Generator>,
+    rx: std_mpsc::Receiver<Job>,
+    observe: Option<BatchObserver>,
+    engine: Option<EngineObserver>,
+) {
+    let mut waiting: std::collections::HashMap<u64, (oneshot::Sender<Result<(GenOutput, f64), String>>, Instant)> =
+        std::collections::HashMap::new();
+    let mut next_id = 0u64;
+    let stepper = model.stepper().expect("checked by the caller");
+    loop {
+        let mut take = |job: Job, stepper: &mut dyn Stepper| {
+            waiting.insert(next_id, (job.reply, Instant::now()));
+            stepper.submit(next_id, job.req);
+            next_id += 1;
+        };
+        if stepper.outstanding() == 0 {
+            match rx.recv() {
+                Ok(job) => take(job, stepper),
+                Err(_) => break,
+            }
+        }
+        while let Ok(job) = rx.try_recv() {
+            take(job, stepper);
+        }
+        let done = stepper.step();
+        let stats = stepper.stats();
+        if let Some(o) = &observe {
+            // The sequences this step decoded: those still in flight and those it finished.
+            let n = stats.in_flight + done.len();
+            if n > 0 {
+                o(n);
+            }
+        }
+        if let Some(e) = &engine {
+            e(stats);
+        }
+        for (id, result) in done {
+            if let Some((reply, since)) = waiting.remove(&id) {
+                let ms = since.elapsed().as_secs_f64() * 1e3;
+                let _ = reply.send(result.map(|out| (out, ms)));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,5 +304,92 @@ mod tests {
         assert!(sizes.iter().all(|&s| s <= 4), "{sizes:?}");
         assert!(sizes.len() <= 4, "requests arriving together are batched: {sizes:?}");
         assert_eq!(*seen.lock().unwrap(), sizes, "the observer sees every batch");
+    }
+
+    /// Sequences of `n` steps each (n from the prompt), three in flight at most.
+    struct Steps {
+        live: Vec<(u64, usize, String)>,
+        queue: std::collections::VecDeque<(u64, GenRequest)>,
+    }
+
+    impl Generator for Steps {
+        fn model_name(&self) -> String {
+            "steps".into()
+        }
+        fn default_prompt(&self, _: TaskKind) -> String {
+            "p".into()
+        }
+        fn generate(&mut self, _: &[GenRequest]) -> anyhow::Result<Vec<GenOutput>> {
+            anyhow::bail!("static batches are not used when the model has a stepper")
+        }
+        fn stepper(&mut self) -> Option<&mut dyn Stepper> {
+            Some(self)
+        }
+    }
+
+    impl Stepper for Steps {
+        fn submit(&mut self, id: u64, req: GenRequest) {
+            self.queue.push_back((id, req));
+        }
+        fn step(&mut self) -> Vec<(u64, Result<GenOutput, String>)> {
+            while self.live.len() < 3 {
+                let Some((id, req)) = self.queue.pop_front() else { break };
+                let n: usize = req.prompt.split(' ').nth(1).unwrap().parse().unwrap();
+                self.live.push((id, n, req.prompt));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+            let mut out = Vec::new();
+            self.live.retain_mut(|(id, n, p)| {
+                *n -= 1;
+                if *n == 0 {
+                    out.push((*id, Ok(GenOutput { text: p.clone(), tokens_in: 1, tokens_out: 1, finish: FinishReason::Stop })));
+                }
+                *n > 0
+            });
+            out
+        }
+        fn outstanding(&mut self) -> usize {
+            self.live.len() + self.queue.len()
+        }
+        fn stats(&mut self) -> EngineStats {
+            EngineStats { in_flight: self.live.len(), waiting: self.queue.len(), ..EngineStats::default() }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn under_continuous_batching_a_short_request_does_not_wait_for_a_long_one() {
+        let stats = Arc::new(Mutex::new(Vec::new()));
+        let s2 = stats.clone();
+        let h = InferenceHandle::start_with(
+            Box::new(Steps { live: Vec::new(), queue: Default::default() }),
+            BatchOptions::default(),
+            None,
+            Some(Box::new(move |s| s2.lock().unwrap().push(s))),
+        );
+        let ask = |prompt: String| {
+            let h = h.clone();
+            tokio::spawn(async move {
+                let req = GenRequest { image: image::RgbImage::new(1, 1), prompt, max_new_tokens: 1 };
+                let t = Instant::now();
+                let text = h.submit(req).await.unwrap().0.text;
+                (text, t.elapsed())
+            })
+        };
+        let long = ask("long 200".into());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Joins while the long one decodes, and leaves long before it.
+        let short = ask("short 2".into());
+        let many: Vec<_> = (0..6).map(|i| ask(format!("n {}", 3 + i))).collect();
+        let (text, short_took) = short.await.unwrap();
+        assert_eq!(text, "short 2");
+        for (i, m) in many.into_iter().enumerate() {
+            assert_eq!(m.await.unwrap().0, format!("n {}", 3 + i));
+        }
+        let (text, long_took) = long.await.unwrap();
+        assert_eq!(text, "long 200");
+        assert!(short_took * 5 < long_took, "short {short_took:?}, long {long_took:?}");
+        let stats = stats.lock().unwrap();
+        assert!(stats.iter().all(|s| s.in_flight <= 3));
+        assert!(stats.iter().any(|s| s.in_flight == 3 && s.waiting > 0), "requests waited for a free slot");
     }
 }

@@ -28,6 +28,11 @@ pub struct Metrics {
     pub infer_seconds: Histogram,
     /// Requests per model forward batch (pages and images that shared one `generate`).
     pub batch_size: Histogram,
+    /// Continuous batching: sequences decoding, requests waiting for room, KV cache.
+    pub sequences_in_flight: IntGauge,
+    pub sequences_waiting: IntGauge,
+    pub kv_cache_used_bytes: IntGauge,
+    pub kv_cache_budget_bytes: IntGauge,
     /// Error records and task failures by kind.
     pub errors: IntCounterVec,
     pub in_flight: IntGauge,
@@ -85,10 +90,18 @@ impl Metrics {
         )
         .unwrap();
         let batch_size = Histogram::with_opts(
-            HistogramOpts::new("batch_size", "Pages and images per model batch")
-                .buckets(vec![1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 64.0]),
+            HistogramOpts::new("batch_size", "Pages and images per model batch (per decode step under continuous batching)")
+                .buckets(vec![1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 64.0, 128.0, 256.0, 512.0]),
         )
         .unwrap();
+        let sequences_in_flight =
+            IntGauge::new("sequences_in_flight", "Sequences decoding in the continuous-batching engine").unwrap();
+        let sequences_waiting =
+            IntGauge::new("sequences_waiting", "Pages and images waiting for room in the engine").unwrap();
+        let kv_cache_used_bytes =
+            IntGauge::new("kv_cache_used_bytes", "KV-cache bytes reserved by the sequences in flight").unwrap();
+        let kv_cache_budget_bytes =
+            IntGauge::new("kv_cache_budget_bytes", "KV-cache budget of the engine in bytes").unwrap();
         let errors = IntCounterVec::new(
             Opts::new("errors_total", "Error records and task failures by kind"),
             &["kind"],
@@ -117,6 +130,10 @@ impl Metrics {
             Box::new(render_seconds.clone()),
             Box::new(infer_seconds.clone()),
             Box::new(batch_size.clone()),
+            Box::new(sequences_in_flight.clone()),
+            Box::new(sequences_waiting.clone()),
+            Box::new(kv_cache_used_bytes.clone()),
+            Box::new(kv_cache_budget_bytes.clone()),
             Box::new(errors.clone()),
             Box::new(in_flight.clone()),
             Box::new(queue_pending.clone()),
@@ -136,6 +153,10 @@ impl Metrics {
             render_seconds,
             infer_seconds,
             batch_size,
+            sequences_in_flight,
+            sequences_waiting,
+            kv_cache_used_bytes,
+            kv_cache_budget_bytes,
             errors,
             in_flight,
             queue_pending,

@@ -109,6 +109,41 @@ pub struct Decoder {
     sliding_window: Option<usize>,
     pub device: Device,
     pub dtype: DType,
+    /// Continuous batching: the sequences in flight and the KV-cache budget.
+    /// Sequence i is in cache slot i.
+    live: Vec<Live>,
+    kv_budget: KvBudget,
+    /// Positions reserved in the KV cache by the sequences in flight (prompt + new tokens each).
+    reserved: usize,
+}
+
+/// What continuous batching may hold at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvBudget {
+    /// Bytes of key/value cache for all sequences in flight together.
+    pub bytes: u64,
+    /// Sequences in flight at most, whatever the bytes allow.
+    pub max_sequences: usize,
+}
+
+/// A sequence in flight: its prompt and what it generated so far.
+struct Live {
+    id: u64,
+    prompt_len: usize,
+    /// Prompt followed by the generated tokens.
+    seq: Vec<u32>,
+    budget: usize,
+    reserved: usize,
+}
+
+/// Whether a prompt can join the sequences in flight now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Admission {
+    Now,
+    /// After some sequence in flight finishes.
+    Later,
+    /// Never: it needs more KV cache than the whole budget (the message says how much).
+    Never(String),
 }
 
 impl Decoder {
@@ -153,6 +188,9 @@ impl Decoder {
             sliding_window: cfg.sliding_window,
             device: vb.device().clone(),
             dtype,
+            live: Vec::new(),
+            kv_budget: KvBudget { bytes: 1 << 30, max_sequences: 8 },
+            reserved: 0,
         })
     }
 
@@ -320,6 +358,200 @@ impl Decoder {
                 })
             })
             .collect()
+    }
+}
+
+/// Continuous batching: sequences join (prefill into a free KV slot) and leave (EOS or
+/// length) one at a time while the others keep decoding; one decode step runs every
+/// sequence in flight at once. Each sequence yields exactly what it yields alone.
+impl Decoder {
+    pub fn set_kv_budget(&mut self, budget: KvBudget) {
+        self.kv_budget = budget;
+    }
+
+    pub fn kv_budget(&self) -> KvBudget {
+        self.kv_budget
+    }
+
+    /// Bytes of KV cache reserved by the sequences in flight.
+    pub fn kv_reserved_bytes(&self) -> u64 {
+        (self.reserved * self.text.kv_bytes_per_position()) as u64
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.live.len()
+    }
+
+    /// New tokens a prompt of `prompt_len` tokens may generate (the generation config's rule).
+    pub fn budget_for(&self, prompt_len: usize, max_new: Option<usize>) -> usize {
+        self.generation.budget(max_new, prompt_len)
+    }
+
+    /// Cache positions per slot for a sequence needing `need` (rounded up, so that pages
+    /// of similar lengths share one slot size).
+    fn slot_positions(need: usize) -> usize {
+        need.div_ceil(256) * 256
+    }
+
+    /// Slots the budget holds at `positions` per slot.
+    fn slots_for(&self, positions: usize) -> usize {
+        let per = (positions * self.text.kv_bytes_per_position()) as u64;
+        ((self.kv_budget.bytes / per.max(1)) as usize).min(self.kv_budget.max_sequences.max(1))
+    }
+
+    /// Whether a prompt of `prompt_len` tokens with `max_new` can be admitted now.
+    pub fn admission(&self, prompt_len: usize, max_new: Option<usize>) -> Admission {
+        let need = prompt_len + self.budget_for(prompt_len, max_new);
+        let per = self.text.kv_bytes_per_position() as u64;
+        if need as u64 * per > self.kv_budget.bytes {
+            return Admission::Never(format!(
+                "this page needs {:.1} MiB of KV cache ({need} positions: {prompt_len} in, up to {} new) \
+                 and the whole KV-cache budget is {:.1} MiB: raise --kv-cache-mb or lower --max-new-tokens",
+                (need as u64 * per) as f64 / 1048576.0,
+                need - prompt_len,
+                self.kv_budget.bytes as f64 / 1048576.0
+            ));
+        }
+        let (_, positions) = self.text.slot_shape();
+        let most = (self.kv_budget.bytes / per.max(1)) as usize;
+        let positions = if need > positions { Self::slot_positions(need).min(most).max(need) } else { positions };
+        if self.live.len() < self.slots_for(positions) {
+            Admission::Now
+        } else {
+            Admission::Later
+        }
+    }
+
+    /// Prefills prompt `ids` (whose `<image>` tokens take `feats`) into the next free cache
+    /// slot and picks its first token. Returns the generation when it is already over (EOS
+    /// first, or a budget of 0 or 1), else `None`: the sequence is in flight under `id`.
+    /// The caller checks [`Self::admission`] first; this does not.
+    pub fn admit(&mut self, id: u64, ids: &[u32], feats: &Tensor, max_new: Option<usize>) -> Result<Option<Generation>> {
+        let budget = self.budget_for(ids.len(), max_new);
+        if budget == 0 {
+            return Ok(Some(self.finished(ids.len(), Vec::new(), FinishReason::Length)?));
+        }
+        let l = ids.len();
+        let need = l + budget;
+        let slot = self.live.len();
+        let (slots, positions) = self.text.slot_shape();
+        if need > positions || slot >= slots {
+            // A longer slot size when this sequence needs one (rounded up, within the budget).
+            let most = (self.kv_budget.bytes / self.text.kv_bytes_per_position().max(1) as u64) as usize;
+            let positions = if need > positions { Self::slot_positions(need).min(most).max(need) } else { positions };
+            let n = self.slots_for(positions).max(slot + 1);
+            let keep_positions = self.live.iter().map(|s| s.seq.len()).max().unwrap_or(0);
+            self.text.resize_slots(n, positions, slot, keep_positions)?;
+        }
+        let embeds = self.merged_embeddings(ids, feats)?.unsqueeze(0)?;
+        let positions = vec![(0..l as i64).collect::<Vec<_>>()];
+        let mut m = Vec::with_capacity(l * l);
+        for i in 0..l {
+            m.extend((0..l).map(|j| if self.visible(i, j, 0) { 0f32 } else { f32::MIN }));
+        }
+        let mask = Tensor::from_vec(m, (1, 1, l, l), &self.device)?;
+        let logits = self.text.prefill_slot(slot, &embeds, &positions, Some(&mask))?;
+        let mut live = Live { id, prompt_len: l, seq: ids.to_vec(), budget, reserved: need };
+        let mut row = logits.to_vec2::<f32>()?.swap_remove(0);
+        match self.pick(&mut live, &mut row) {
+            Some(reason) => {
+                let new = live.seq.split_off(l);
+                Ok(Some(self.finished(l, new, reason)?))
+            }
+            None => {
+                self.reserved += live.reserved;
+                self.live.push(live);
+                Ok(None)
+            }
+        }
+    }
+
+    /// One decode step of every sequence in flight; returns those that finished (the
+    /// others move up so that the sequences in flight keep the first slots). On an error
+    /// every sequence in flight is dropped ([`Self::abort_all`] lists them).
+    pub fn step(&mut self) -> Result<Vec<(u64, Generation)>> {
+        if self.live.is_empty() {
+            return Ok(Vec::new());
+        }
+        let b = self.live.len();
+        let next: Vec<u32> = self.live.iter().map(|s| *s.seq.last().expect("a prompt is never empty")).collect();
+        // The newest token is fed at position len - 1; the cache holds len - 1 keys before it.
+        let lens: Vec<usize> = self.live.iter().map(|s| s.seq.len() - 1).collect();
+        let positions: Vec<Vec<i64>> = lens.iter().map(|&l| vec![l as i64]).collect();
+        let (kvh, d) = self.text.kv_heads_and_dim();
+        let index: Vec<u32> = lens.iter().flat_map(|&l| std::iter::repeat_n(l as u32, kvh * d)).collect();
+        let index = Tensor::from_vec(index, (b, kvh, 1, d), &self.device)?;
+        let mask = if self.text.cpu_f32() {
+            None
+        } else {
+            let keys = lens.iter().max().map_or(0, |l| l + 1);
+            let mut m = Vec::with_capacity(b * keys);
+            for &l in &lens {
+                m.extend((0..keys).map(|j| if self.visible(l, j, 0) { 0f32 } else { f32::MIN }));
+            }
+            Some(Tensor::from_vec(m, (b, 1, 1, keys), &self.device)?)
+        };
+        let st = crate::text_model::SlotStep { lens: &lens, index: &index, mask: mask.as_ref(), window: self.sliding_window };
+        let tokens = Tensor::from_vec(next, (b, 1), &self.device)?;
+        let embeds = self.text.embed(&tokens)?;
+        let logits = self.text.forward_slots(&embeds, &positions, &st)?;
+        let rows: Vec<Vec<f32>> = logits.to_vec2()?;
+        let mut done = Vec::new();
+        for (i, mut row) in rows.into_iter().enumerate() {
+            let mut live = std::mem::replace(&mut self.live[i], Live { id: 0, prompt_len: 0, seq: Vec::new(), budget: 0, reserved: 0 });
+            if let Some(reason) = self.pick(&mut live, &mut row) {
+                done.push((i, reason));
+            }
+            self.live[i] = live;
+        }
+        let mut out = Vec::with_capacity(done.len());
+        // From the last row up: the last sequence moves into the leaving one's slot.
+        for &(i, reason) in done.iter().rev() {
+            let last = self.live.len() - 1;
+            if i != last {
+                let len = self.live[last].seq.len() - 1;
+                self.text.move_slot(last, i, len)?;
+            }
+            let mut live = self.live.swap_remove(i);
+            self.reserved -= live.reserved;
+            let new = live.seq.split_off(live.prompt_len);
+            out.push((live.id, self.finished(live.prompt_len, new, reason)?));
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    /// Drops every sequence in flight and returns their ids (after a failed step).
+    pub fn abort_all(&mut self) -> Vec<u64> {
+        self.reserved = 0;
+        std::mem::take(&mut self.live).into_iter().map(|s| s.id).collect()
+    }
+
+    /// Greedy choice of the next token of `live` from its `row` of logits (the generation
+    /// config's processors first); the finish reason when it ends the sequence.
+    fn pick(&self, live: &mut Live, row: &mut [f32]) -> Option<FinishReason> {
+        if self.generation.processes_scores() {
+            self.generation.process(&live.seq, live.prompt_len, live.budget, row);
+        }
+        let tok = argmax(row);
+        live.seq.push(tok);
+        if self.generation.eos_token_ids.contains(&tok) {
+            Some(FinishReason::Stop)
+        } else if live.seq.len() - live.prompt_len >= live.budget {
+            Some(FinishReason::Length)
+        } else {
+            None
+        }
+    }
+
+    fn finished(&self, prompt_len: usize, new: Vec<u32>, reason: FinishReason) -> Result<Generation> {
+        Ok(Generation {
+            text: self.tokenizer.decode(&new)?,
+            tokens_in: prompt_len,
+            tokens_out: new.len(),
+            token_ids: new,
+            finish_reason: reason,
+        })
     }
 }
 

@@ -12,6 +12,7 @@
 //! Model locations: [`resolve_model_dir`] takes a local folder or a hub id; `s3://` prefixes
 //! are downloaded by the caller.
 
+pub mod batcher;
 pub mod checkpoint;
 pub mod config;
 pub mod engine;
@@ -30,6 +31,18 @@ use std::path::Path;
 
 use anyhow::{bail, Result};
 pub use candle_core::{DType, Device};
+
+/// Bytes of memory free on a GPU `device` now (None on the CPU or when unknown).
+pub fn device_free_memory(device: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        use candle_core::cuda_backend::cudarc::driver::result::mem_get_info;
+        d.cuda_stream().context().bind_to_thread().ok()?;
+        return mem_get_info().ok().map(|(free, _)| free as u64);
+    }
+    let _ = device;
+    None
+}
 
 pub use checkpoint::{resolve_model_dir, Checkpoint};
 pub use generation::{GenerationConfig, DEFAULT_MAX_NEW_TOKENS};
@@ -229,6 +242,23 @@ impl Vlm {
     }
 
     /// The Idefics3 model, for processor-level access (tile grid, input ids, pixel values).
+    /// Prompt token ids and image features of each request (vision encoder over all of
+    /// them at once), for [`engine::Decoder::admit`].
+    pub fn encode(&self, reqs: &[Request]) -> Result<Vec<(Vec<u32>, candle_core::Tensor)>> {
+        match &self.model {
+            Model::Idefics3(m) => m.encode(reqs),
+            Model::Idefics2(m) => m.encode(reqs),
+        }
+    }
+
+    /// The text decoder, which holds the sequences of continuous batching.
+    pub fn decoder_mut(&mut self) -> &mut engine::Decoder {
+        match &mut self.model {
+            Model::Idefics3(m) => m.decoder_mut(),
+            Model::Idefics2(m) => m.decoder_mut(),
+        }
+    }
+
     pub fn as_idefics3(&mut self) -> Option<&mut idefics3::Idefics3> {
         match &mut self.model {
             Model::Idefics3(m) => Some(m),

@@ -92,6 +92,9 @@ struct Attention {
     kv_heads: usize,
     head_dim: usize,
     cache: Option<KvCache>,
+    /// Continuous batching's cache: key and value buffers of shape (slots, kv_heads,
+    /// positions, head_dim), the sequence in flight number i in slot i.
+    shared: Option<(Tensor, Tensor)>,
 }
 
 impl Attention {
@@ -109,6 +112,7 @@ impl Attention {
             kv_heads: kv,
             head_dim: d,
             cache: None,
+            shared: None,
         })
     }
 
@@ -195,6 +199,115 @@ impl Attention {
         });
         drop((kg, vg));
         Tensor::from_vec(out, (b, 1, h * d), &Device::Cpu)
+    }
+}
+
+/// One decode step of continuous batching, as every layer sees it: the sequences in flight
+/// are rows 0..b, each in the cache slot of its row.
+pub struct SlotStep<'a> {
+    /// Keys cached per row before this step (the new key goes there).
+    pub lens: &'a [usize],
+    /// (b, kv_heads, 1, head_dim) u32, row i filled with `lens[i]`: where scatter writes.
+    pub index: &'a Tensor,
+    /// Off the CPU f32 path: (b, 1, 1, keys) additive f32 mask over the longest row.
+    pub mask: Option<&'a Tensor>,
+    /// Mistral's sliding window.
+    pub window: Option<usize>,
+}
+
+impl Attention {
+    /// One new position for each sequence in flight (`x` (b, 1, hidden), row i in slot i).
+    /// The projections run once for all rows; the new keys and values are written in place
+    /// into the shared cache, and attention reads each row's own keys there, so a row gives
+    /// what its sequence gives alone.
+    fn forward_slots(&mut self, x: &Tensor, cos: &Tensor, sin: &Tensor, st: &SlotStep) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        if t != 1 || b != st.lens.len() {
+            candle_core::bail!("forward_slots: one new position per sequence in flight expected");
+        }
+        let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
+        let qkv = self.qkv_proj.forward(x)?;
+        let q = qkv.narrow(2, 0, h * d)?.reshape((b, 1, h, d))?.transpose(1, 2)?.contiguous()?;
+        let k = qkv.narrow(2, h * d, kvh * d)?.reshape((b, 1, kvh, d))?.transpose(1, 2)?.contiguous()?;
+        let v = qkv.narrow(2, (h + kvh) * d, kvh * d)?.reshape((b, 1, kvh, d))?.transpose(1, 2)?.contiguous()?;
+        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
+        let (ck, cv) = self.shared.as_ref().ok_or_else(|| candle_core::Error::Msg("no continuous-batching cache".into()))?;
+        let cap = ck.dim(2)?;
+        if st.lens.iter().any(|&l| l >= cap) {
+            candle_core::bail!("a sequence outgrew the {cap} positions of its cache slot");
+        }
+        ck.narrow(0, 0, b)?.scatter_set(st.index, &k, 2)?;
+        cv.narrow(0, 0, b)?.scatter_set(st.index, &v, 2)?;
+        let out = if q.device().is_cpu() && q.dtype() == DType::F32 {
+            self.slot_attention_cpu(&q, st.lens, st.window)?
+        } else {
+            let keys = st.lens.iter().max().map_or(0, |l| l + 1);
+            let n_rep = h / kvh;
+            let kc = ck.narrow(0, 0, b)?.narrow(2, 0, keys)?;
+            let vc = cv.narrow(0, 0, b)?.narrow(2, 0, keys)?;
+            let qg = q.reshape((b, kvh, n_rep, d))?;
+            let scale = 1.0 / (d as f64).sqrt();
+            let scores = (qg.matmul(&kc.t()?)? * scale)?.to_dtype(DType::F32)?;
+            let scores = match st.mask {
+                Some(m) => scores.broadcast_add(m)?,
+                None => scores,
+            };
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(vc.dtype())?;
+            probs.matmul(&vc)?.reshape((b, 1, h * d))?
+        };
+        self.o_proj.forward(&out)
+    }
+
+    /// [`Self::forward_slots`]'s attention on the CPU in f32, straight on the cache buffers:
+    /// row i reads keys 0..=lens[i] of slot i (the last `window` of them with a window).
+    fn slot_attention_cpu(&self, q: &Tensor, lens: &[usize], window: Option<usize>) -> Result<Tensor> {
+        let (b, h, _, d) = q.dims4()?;
+        let kvh = self.kv_heads;
+        let n_rep = h / kvh;
+        let scale = (1.0 / (d as f64).sqrt()) as f32;
+        let q = q.flatten_all()?.to_vec1::<f32>()?;
+        let (ck, cv) = self.shared.as_ref().expect("checked by forward_slots");
+        let cap = ck.dim(2)?;
+        let (kg, kl) = ck.storage_and_layout();
+        let (vg, vl) = cv.storage_and_layout();
+        let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(ks)), candle_core::Storage::Cpu(candle_core::CpuStorage::F32(vs))) = (&*kg, &*vg) else {
+            candle_core::bail!("slot attention: f32 CPU cache expected");
+        };
+        let (Some((k0, _)), Some((v0, _))) = (kl.contiguous_offsets(), vl.contiguous_offsets()) else {
+            candle_core::bail!("slot attention: contiguous cache expected");
+        };
+        let (ks, vs) = (&ks[k0..], &vs[v0..]);
+        let mut out = vec![0f32; b * h * d];
+        let op = OutPtr(out.as_mut_ptr());
+        crate::par::par_for(b * h, &|task| {
+            let (bi, hh) = (task / h, task % h);
+            let len = lens[bi] + 1;
+            let start = window.map_or(0, |w| len.saturating_sub(w));
+            let base = (bi * kvh + hh / n_rep) * cap * d;
+            let qv = &q[task * d..(task + 1) * d];
+            let mut scores: Vec<f32> =
+                (start..len).map(|j| crate::kernels::dot(qv, &ks[base + j * d..base + (j + 1) * d])).collect();
+            crate::kernels::softmax_row(&mut scores, scale, None);
+            // SAFETY: each task writes its own head's d outputs; `out` outlives par_for.
+            let o = unsafe { std::slice::from_raw_parts_mut(op.get().add(task * d), d) };
+            for (j, &p) in scores.iter().enumerate() {
+                let r = base + (start + j) * d;
+                o.iter_mut().zip(&vs[r..r + d]).for_each(|(o, &v)| *o += p * v);
+            }
+        });
+        drop((kg, vg));
+        Tensor::from_vec(out, (b, 1, h * d), &Device::Cpu)
+    }
+}
+
+/// `t` in a contiguous buffer of its own (`contiguous` alone returns a view of a tensor that
+/// is contiguous already, e.g. a narrowed cache slot with one KV head).
+fn owned_copy(t: &Tensor) -> Result<Tensor> {
+    if t.is_contiguous() {
+        t.copy()
+    } else {
+        t.contiguous()
     }
 }
 
@@ -305,6 +418,101 @@ impl TextModel {
         for l in &mut self.layers {
             l.self_attn.cache = None;
         }
+    }
+
+    /// (slots, positions) of the continuous-batching cache (0, 0 before the first use).
+    pub fn slot_shape(&self) -> (usize, usize) {
+        match &self.layers[0].self_attn.shared {
+            Some((k, _)) => (k.dim(0).unwrap_or(0), k.dim(2).unwrap_or(0)),
+            None => (0, 0),
+        }
+    }
+
+    /// Gives the continuous-batching cache `slots` slots of `positions` positions each,
+    /// keeping what the first `keep` slots hold (their first `keep_positions` positions).
+    pub fn resize_slots(&mut self, slots: usize, positions: usize, keep: usize, keep_positions: usize) -> Result<()> {
+        for l in &mut self.layers {
+            let a = &mut l.self_attn;
+            let shape = (slots, a.kv_heads, positions, a.head_dim);
+            let (nk, nv) = (Tensor::zeros(shape, self.dtype, &self.device)?, Tensor::zeros(shape, self.dtype, &self.device)?);
+            if let Some((ok, ov)) = a.shared.take() {
+                if keep > 0 && keep_positions > 0 {
+                    let ok = ok.narrow(0, 0, keep)?.narrow(2, 0, keep_positions)?.contiguous()?;
+                    let ov = ov.narrow(0, 0, keep)?.narrow(2, 0, keep_positions)?.contiguous()?;
+                    nk.narrow(0, 0, keep)?.slice_set(&ok, 2, 0)?;
+                    nv.narrow(0, 0, keep)?.slice_set(&ov, 2, 0)?;
+                }
+            }
+            a.shared = Some((nk, nv));
+        }
+        Ok(())
+    }
+
+    /// Prefill of one sequence (`embeds` (1, seq, hidden)) into cache slot `slot`; returns the
+    /// last position's logits (1, vocab). The same computation as a batch of one in
+    /// [`Self::forward_last`], whose keys and values are then copied into the slot.
+    pub fn prefill_slot(&mut self, slot: usize, embeds: &Tensor, positions: &[Vec<i64>], mask: Option<&Tensor>) -> Result<Tensor> {
+        let l = embeds.dim(1)?;
+        self.clear_cache();
+        let saved = std::mem::replace(&mut self.cache_capacity, l);
+        let out = self.forward_last(embeds, positions, mask);
+        self.cache_capacity = saved;
+        let out = out?;
+        for layer in &mut self.layers {
+            let a = &mut layer.self_attn;
+            let c = a.cache.take().expect("filled by forward_last");
+            let (ck, cv) = a.shared.as_ref().ok_or_else(|| candle_core::Error::Msg("no continuous-batching cache".into()))?;
+            ck.narrow(0, slot, 1)?.slice_set(&c.k.narrow(2, 0, c.len)?.contiguous()?, 2, 0)?;
+            cv.narrow(0, slot, 1)?.slice_set(&c.v.narrow(2, 0, c.len)?.contiguous()?, 2, 0)?;
+        }
+        Ok(out)
+    }
+
+    /// Copies the first `len` positions of slot `from` into slot `to` (keeping the sequences
+    /// in flight in the first slots when one leaves).
+    pub fn move_slot(&mut self, from: usize, to: usize, len: usize) -> Result<()> {
+        for layer in &mut self.layers {
+            if let Some((ck, cv)) = &layer.self_attn.shared {
+                let k = owned_copy(&ck.narrow(0, from, 1)?.narrow(2, 0, len)?)?;
+                let v = owned_copy(&cv.narrow(0, from, 1)?.narrow(2, 0, len)?)?;
+                ck.narrow(0, to, 1)?.slice_set(&k, 2, 0)?;
+                cv.narrow(0, to, 1)?.slice_set(&v, 2, 0)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One decode step of the sequences in flight (row i of `embeds` (b, 1, hidden) is the
+    /// newest token of the sequence in slot i, at position `positions[i]`); logits (b, vocab) as f32.
+    pub fn forward_slots(&mut self, embeds: &Tensor, positions: &[Vec<i64>], st: &SlotStep) -> Result<Tensor> {
+        let (cos, sin) = self.rope_tables(positions)?;
+        let mut h = embeds.clone();
+        for l in &mut self.layers {
+            let r = h.clone();
+            let x = l.input_layernorm.forward(&h)?;
+            let x = l.self_attn.forward_slots(&x, &cos, &sin, st)?;
+            let h2 = (r + x)?;
+            let x = l.post_attention_layernorm.forward(&h2)?;
+            h = (&h2 + l.mlp.forward(&x)?)?;
+        }
+        let h = self.norm.forward(&h)?;
+        self.lm_head.forward(&h)?.squeeze(1)?.to_dtype(DType::F32)
+    }
+
+    /// Whether decode attention runs on the CPU f32 kernel (no mask needed).
+    pub fn cpu_f32(&self) -> bool {
+        self.device.is_cpu() && self.dtype == DType::F32
+    }
+
+    pub fn kv_heads_and_dim(&self) -> (usize, usize) {
+        let a = &self.layers[0].self_attn;
+        (a.kv_heads, a.head_dim)
+    }
+
+    /// Bytes of key/value cache one position takes in this model.
+    pub fn kv_bytes_per_position(&self) -> usize {
+        let a = &self.layers[0].self_attn;
+        self.layers.len() * 2 * a.kv_heads * a.head_dim * self.dtype.size_in_bytes()
     }
 
     /// cos/sin tables of shape (batch, seq, head_dim/2) for per-row position ids.

@@ -567,3 +567,104 @@ fn idefics2_bf16_and_f16_stay_as_close_to_f32_as_transformers() {
     }
     assert!(failures.is_empty(), "{} failure(s):\n{}", failures.len(), failures.join("\n"));
 }
+
+/// Continuous batching: requests join as others leave, with at most two in flight and one
+/// admitted per step, so pages are admitted at different steps next to sequences of other
+/// prompt lengths, tile counts and output lengths (one stops early at a budget of 3). Each
+/// must give exactly its transformers tokens, as alone.
+#[test]
+fn continuous_batching_gives_each_page_its_own_tokens() {
+    if skip_unless_f32("continuous_batching_gives_each_page_its_own_tokens") {
+        return;
+    }
+    use quire_vlm::batcher::{Batcher, BatcherOptions};
+    use quire_vlm::engine::KvBudget;
+    let all: Vec<(PathBuf, &str)> = CHECKPOINTS
+        .iter()
+        .map(|n| (fixtures(), *n))
+        .chain(IDEFICS2.iter().map(|n| (idefics2_dir(), *n)))
+        .collect();
+    for (dir, name) in all {
+        let fx = if dir == fixtures() { load(name) } else { load2(name) };
+        let max_new = fx.meta["max_new_tokens"].as_u64().unwrap() as usize;
+        let opts = BatcherOptions { kv: KvBudget { bytes: 1 << 30, max_sequences: 2 }, prefill_per_step: 1 };
+        let mut b = Batcher::new(fx.vlm, opts);
+        let mut want = Vec::new();
+        for (round, limit) in [max_new, 3, max_new].into_iter().enumerate() {
+            for (i, case) in cases(&fx.meta).iter().enumerate() {
+                let tokens = u32s(&case["new_tokens"]);
+                want.push(tokens[..tokens.len().min(limit)].to_vec());
+                b.submit((round * 100 + i) as u64, request(case, limit));
+            }
+        }
+        let ids: Vec<u64> = (0..3).flat_map(|r| (0..cases(&fx.meta).len()).map(move |i| (r * 100 + i) as u64)).collect();
+        let mut got = std::collections::HashMap::new();
+        let (mut steps, mut most) = (0, 0);
+        while b.outstanding() > 0 {
+            for (id, g) in b.step() {
+                got.insert(id, g.unwrap_or_else(|e| panic!("{name}: request {id}: {e}")).token_ids);
+            }
+            most = most.max(b.in_flight());
+            steps += 1;
+            assert!(steps < 10_000, "{name}: the batcher made no progress");
+        }
+        assert_eq!(most, 2, "{name}: two sequences in flight at most, and two at some point");
+        for (id, w) in ids.iter().zip(&want) {
+            assert_eq!(&got[id], w, "{name}: request {id}");
+        }
+        assert_eq!(b.kv_usage().0, 0, "{name}: every slot given back");
+    }
+}
+
+/// A KV-cache budget too small for one page fails that page with a clear message; the
+/// batcher stays usable.
+#[test]
+fn a_kv_budget_too_small_for_one_page_is_a_clear_error() {
+    use quire_vlm::batcher::{Batcher, BatcherOptions};
+    use quire_vlm::engine::KvBudget;
+    let fx = load("split_sf2_gqa");
+    let case = &cases(&fx.meta)[0];
+    let opts = BatcherOptions { kv: KvBudget { bytes: 4096, max_sequences: 4 }, prefill_per_step: 4 };
+    let mut b = Batcher::new(fx.vlm, opts);
+    b.submit(7, request(case, 4));
+    let out = b.step();
+    assert_eq!(out.len(), 1);
+    let err = out[0].1.as_ref().unwrap_err();
+    assert!(err.contains("KV cache") && err.contains("--kv-cache-mb"), "{err}");
+    assert_eq!(b.outstanding(), 0);
+}
+
+/// The masked decode attention of continuous batching (what runs on a GPU, and on the CPU
+/// in f16): in f16 on the CPU, sequences admitted at different steps give the tokens each
+/// gives alone in the same dtype.
+#[test]
+fn continuous_batching_in_f16_gives_the_tokens_of_each_page_alone() {
+    if !device().is_cpu() {
+        eprintln!("continuous_batching_in_f16_gives_the_tokens_of_each_page_alone: CPU only (a GPU batch may round differently)");
+        return;
+    }
+    use quire_vlm::batcher::{Batcher, BatcherOptions};
+    use quire_vlm::engine::KvBudget;
+    for (dir, name) in [(fixtures(), "split_sf2_gqa"), (idefics2_dir(), "nosplit_window_old")] {
+        let opts = LoadOptions { device: Device::Cpu, dtype: candle_core::DType::F16 };
+        let mut vlm = Vlm::load(&dir.join(name), &opts).unwrap();
+        let meta: Value = serde_json::from_str(&std::fs::read_to_string(dir.join(name).join("reference.json")).unwrap()).unwrap();
+        let max_new = meta["max_new_tokens"].as_u64().unwrap() as usize;
+        let reqs: Vec<Request> =
+            cases(&meta).iter().enumerate().map(|(i, c)| request(c, if i % 2 == 0 { max_new } else { 4 })).collect();
+        let alone: Vec<Vec<u32>> = reqs.iter().map(|r| vlm.generate(std::slice::from_ref(r)).unwrap().remove(0).token_ids).collect();
+        let mut b = Batcher::new(vlm, BatcherOptions { kv: KvBudget { bytes: 1 << 30, max_sequences: 3 }, prefill_per_step: 1 });
+        for (i, r) in reqs.into_iter().enumerate() {
+            b.submit(i as u64, r);
+        }
+        let mut got = std::collections::HashMap::new();
+        while b.outstanding() > 0 {
+            for (id, g) in b.step() {
+                got.insert(id as usize, g.unwrap().token_ids);
+            }
+        }
+        for (i, want) in alone.iter().enumerate() {
+            assert_eq!(&got[&i], want, "{name}: request {i}");
+        }
+    }
+}

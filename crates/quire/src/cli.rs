@@ -170,15 +170,33 @@ pub struct ModelOpts {
     /// Tasks worked on at the same time.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
     pub workers: u32,
-    /// Pages per model forward pass (pages from different tasks are batched together).
+    /// Pages per model forward pass under `--batching static` (pages from different tasks
+    /// are batched together).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
     pub batch_size: u32,
+    /// `continuous`: pages join and leave the running batch between decode steps, as many
+    /// as the KV-cache budget holds; `static`: batches of `--batch-size` run to the end.
+    #[arg(long, value_enum, default_value = "continuous")]
+    pub batching: BatchingArg,
+    /// KV-cache budget in MiB for all sequences in flight (default: 70% of the GPU memory
+    /// free after loading the model; on the CPU a quarter of the available memory, at most 8 GiB).
+    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..))]
+    pub kv_cache_mb: Option<u64>,
+    /// Sequences in flight at most under continuous batching (default: 512 on a GPU, 16 on the CPU).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_sequences: Option<u32>,
     /// Device for the model.
     #[arg(long, default_value = "cpu", value_name = "cpu|cuda[:N]")]
     pub device: String,
     /// Model weights' dtype.
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: DtypeArg,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BatchingArg {
+    Continuous,
+    Static,
 }
 
 #[derive(Args)]

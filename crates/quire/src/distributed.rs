@@ -178,7 +178,14 @@ fn worker_inner(args: WorkerArgs) -> anyhow::Result<u8> {
             };
             let m2 = metrics.clone();
             let observe: quire_pipeline::infer::BatchObserver = Box::new(move |n| m2.batch_size.observe(n as f64));
-            match crate::model::load(m, &local, &args.model_opts, Some(observe)) {
+            let m3 = metrics.clone();
+            let engine: quire_pipeline::infer::EngineObserver = Box::new(move |s| {
+                m3.sequences_in_flight.set(s.in_flight as i64);
+                m3.sequences_waiting.set(s.waiting as i64);
+                m3.kv_cache_used_bytes.set(s.kv_used_bytes as i64);
+                m3.kv_cache_budget_bytes.set(s.kv_budget_bytes as i64);
+            });
+            match crate::model::load(m, &local, &args.model_opts, Some(observe), Some(engine)) {
                 Ok((handle, long_side)) => {
                     metrics.model_load_seconds.set(t0.elapsed().as_secs_f64());
                     Some((handle, long_side))

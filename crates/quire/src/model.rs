@@ -1,8 +1,8 @@
 //! Resolving and loading `--model`.
 
-use crate::cli::{DtypeArg, ModelOpts};
-use quire_pipeline::infer::{BatchObserver, BatchOptions};
-use quire_pipeline::vlm::VlmGenerator;
+use crate::cli::{BatchingArg, DtypeArg, ModelOpts};
+use quire_pipeline::infer::{BatchObserver, BatchOptions, EngineObserver};
+use quire_pipeline::vlm::{EngineOptions, VlmGenerator};
 use quire_pipeline::InferenceHandle;
 use std::time::Instant;
 
@@ -15,6 +15,7 @@ pub fn load(
     local: &str,
     args: &ModelOpts,
     observe: Option<BatchObserver>,
+    engine_observe: Option<EngineObserver>,
 ) -> anyhow::Result<(InferenceHandle, Option<u32>)> {
     let dtype = match args.dtype {
         DtypeArg::F32 => "f32",
@@ -23,9 +24,14 @@ pub fn load(
     };
     let t0 = Instant::now();
     let dir = quire_vlm::resolve_model_dir(local)?;
-    let model = VlmGenerator::load(spec, &dir, &args.device, dtype)?;
+    let engine = EngineOptions {
+        static_batches: args.batching == BatchingArg::Static,
+        kv_cache_mb: args.kv_cache_mb,
+        max_sequences: args.max_sequences.map(|n| n as usize),
+    };
+    let model = VlmGenerator::load(spec, &dir, &args.device, dtype, engine)?;
     let long_side = model.input_long_side();
     tracing::info!("loaded model {spec} in {:.1}s", t0.elapsed().as_secs_f64());
     let opts = BatchOptions { max_batch: args.batch_size as usize, ..BatchOptions::default() };
-    Ok((InferenceHandle::start_observed(Box::new(model), opts, observe), long_side))
+    Ok((InferenceHandle::start_with(Box::new(model), opts, observe, engine_observe), long_side))
 }

@@ -134,7 +134,7 @@ fn run_inner(mut args: RunArgs) -> Result<u8, Failure> {
     let (model, model_long_side) = match settings.model.clone() {
         None => (None, None),
         Some(m) => {
-            let (handle, long_side) = crate::model::load(&m, &m, &args.model_opts, None).map_err(|e| Failure::Usage(format!("{e:#}")))?;
+            let (handle, long_side) = crate::model::load(&m, &m, &args.model_opts, None, None).map_err(|e| Failure::Usage(format!("{e:#}")))?;
             (Some(handle), long_side)
         }
     };

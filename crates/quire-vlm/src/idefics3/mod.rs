@@ -127,6 +127,18 @@ impl Idefics3 {
         Ok(out)
     }
 
+    /// Prompt token ids and image features of each request, the images of all of them
+    /// through the vision encoder together: what [`Decoder::admit`] takes.
+    pub fn encode(&self, reqs: &[Request]) -> Result<Vec<(Vec<u32>, Tensor)>> {
+        let preps = self.prepare_all(reqs)?;
+        let feats = self.image_features(&preps)?;
+        Ok(preps.into_iter().map(|p| p.input_ids).zip(feats).collect())
+    }
+
+    pub fn decoder_mut(&mut self) -> &mut Decoder {
+        &mut self.decoder
+    }
+
     /// First-step logits (f32, vocab) for each request; used by the parity tests.
     pub fn prefill_logits(&mut self, reqs: &[Request]) -> Result<Vec<Vec<f32>>> {
         let preps = self.prepare_all(reqs)?;

@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# Continuous batching against static batches on a GPU machine, and transformers `generate` in
+# the same run: one prepared script for one device call (binaries from benches/gpu/build.sh).
+#
+#   1. machine, binaries, CUDA libraries (lib.sh)
+#   2. continuous-batching parity on the device: the f32 continuous tests (token-exact against
+#      transformers' references) and the low-precision test
+#   3. checkpoint: make_ckpt.py --page --min-new MAXNEW (SmolVLM-256M dimensions, 13 tiles,
+#      884 tokens in; the EOS id is never produced, so every request decodes its length)
+#   4. quire `batching`: REQUESTS pages with lengths cycling through NEW, static batches of BATCH
+#      then continuous batching with up to SEQS in flight, same process, GPU busy sampled
+#   5. transformers `generate` at batch HF_BATCH on pages of MAXNEW tokens (hf_bench.py)
+#   6. summary: pages/s, new tokens/s, GPU busy fraction and peak memory per phase
+#
+# Env: OUT (/tmp/quire-gpu-engine), BIN_DIR (.gpu), DEVICE (cuda; cpu to try it here), DTYPE
+# (bf16), NEW (128,512,256,384), MAXNEW (512), REQUESTS (192), BATCH (64), SEQS (192),
+# HF_BATCH (64), TOTAL_S (330), PY (python3).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$PWD
+. benches/gpu/lib.sh
+T0=$(date +%s)
+OUT=${OUT:-/tmp/quire-gpu-engine}
+BIN_DIR=${BIN_DIR:-$ROOT/.gpu}
+DEVICE=${DEVICE:-cuda}
+DTYPE=${DTYPE:-bf16}
+NEW=${NEW:-128,512,256,384}
+MAXNEW=${MAXNEW:-512}
+REQUESTS=${REQUESTS:-192}
+BATCH=${BATCH:-64}
+SEQS=${SEQS:-192}
+HF_BATCH=${HF_BATCH:-64}
+TOTAL_S=${TOTAL_S:-330}
+PY=${PY:-python3}
+SMALL=${SMALL:-0}
+WORK=${WORK:-$(mktemp -d /tmp/quire-gpu.XXXXXX)}
+BINARIES="parity batching"
+mkdir -p "$OUT" "$WORK/bin"
+exec > >(tee -a "$OUT/engine.log") 2>&1
+say() { echo "== [$(($(date +%s) - T0))s] $*"; }
+left() { echo $((T0 + TOTAL_S - $(date +%s) - 15)); }
+cap() { local l; l=$(left); echo $(($1 < l ? $1 : l)); }
+
+say "1. machine and binaries"
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true; nproc; git -C "$ROOT" log --oneline -1 2>/dev/null || true; } 2>&1
+unpack_and_find_libs
+: >"$WORK/phases.txt"
+
+say "2. continuous-batching parity on $DEVICE"
+rc=0
+QUIRE_TEST_DEVICE=$DEVICE QUIRE_FIXTURES="$ROOT/tests/fixtures/idefics3" RUST_BACKTRACE=1 \
+  "${RUNENV[@]}" timeout "$(cap 60)" "$WORK/bin/parity" continuous --test-threads=1 >"$OUT/parity.log" 2>&1 || rc=$?
+grep -E '^test |test result' "$OUT/parity.log" || true
+grep -E -A4 'panicked' "$OUT/parity.log" | head -20 || true
+say "parity exit $rc"
+
+say "3. checkpoint"
+CK="$WORK/ckpt"
+page=(--page)
+[ "$SMALL" = 1 ] && page=()
+timeout "$(cap 90)" "$PY" benches/vlm/make_ckpt.py "$CK" "${page[@]}" --min-new "$MAXNEW" >"$OUT/ckpt.log" 2>&1 || say "checkpoint failed: $(tail -2 "$OUT/ckpt.log")"
+
+if [ -f "$CK/page.png" ]; then
+  for mode in static continuous; do
+    n=$([ $mode = static ] && echo "$BATCH" || echo "$SEQS")
+    say "4. quire $mode (up to $n at once), $REQUESTS pages, lengths $NEW"
+    s=$(date +%s); rc=0
+    "${RUNENV[@]}" timeout "$(cap $(( $(left) / 2 )))" "$WORK/bin/batching" "$CK" "$CK/page.png" --device "$DEVICE" --dtype "$DTYPE" \
+      --new "$NEW" --requests "$REQUESTS" --batch "$n" --rounds 1 --modes "$mode" >>"$OUT/quire.jsonl" 2>>"$OUT/quire.err" || rc=$?
+    echo "$mode all $s $(date +%s)" >>"$WORK/phases.txt"
+    [ $rc = 0 ] || { say "quire $mode exit $rc$([ $rc = 124 ] && echo ' (timed out)')"; tail -3 "$OUT/quire.err"; }
+    grep '"round"' "$OUT/quire.jsonl" | tail -1 || true
+  done
+  say "5. transformers generate, batch $HF_BATCH, $MAXNEW new tokens"
+  s=$(date +%s); rc=0
+  lim=$(cap 100000)
+  timeout "$lim" "$PY" benches/gpu/hf_bench.py "$CK" "$CK/page.png" "$MAXNEW" --device "$DEVICE" --dtype "$DTYPE" \
+    --batches "$HF_BATCH" --budget-s $((lim - 10)) $([ "$DEVICE" = cpu ] && echo --threads "$(nproc)") \
+    >>"$OUT/hf.jsonl" 2>"$OUT/hf.err" || rc=$?
+  echo "hf all $s $(date +%s)" >>"$WORK/phases.txt"
+  cat "$OUT/hf.jsonl"
+  [ $rc = 0 ] || { say "transformers exit $rc"; grep -v Warning "$OUT/hf.err" | tail -5; }
+fi
+[ -n "${SMI_PID:-}" ] && kill "$SMI_PID" 2>/dev/null || true
+
+say "6. summary"
+"$PY" - "$WORK/phases.txt" "$WORK/smi.csv" <<'PYEOF' 2>&1 | tee "$OUT/summary.txt" || true
+import datetime, os, sys
+smi = []
+if os.path.exists(sys.argv[2]):
+    for line in open(sys.argv[2]):
+        try:
+            ts, util, mem = [x.strip() for x in line.split(",")]
+            smi.append((datetime.datetime.strptime(ts, "%Y/%m/%d %H:%M:%S.%f").timestamp(), float(util), float(mem)))
+        except ValueError:
+            pass
+for line in open(sys.argv[1]):
+    name, _, s, e = line.split()
+    xs = [x for x in smi if int(s) <= x[0] <= int(e)]
+    if xs:
+        print(f"{name:10} GPU busy {sum(x[1] for x in xs) / len(xs):3.0f}% (nvidia-smi utilization, mean of {len(xs)} samples), peak memory {max(x[2] for x in xs) / 1024:5.1f} GiB")
+PYEOF
+cat "$OUT/quire.jsonl" 2>/dev/null || true
+say "done in $(($(date +%s) - T0)) s; logs in $OUT"

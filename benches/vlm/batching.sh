@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Continuous batching against static batches and against one page at a time, on the CPU,
+# same process, same model, modes taking turns in every round. Not a test: prints figures.
+# The checkpoint has SmolVLM-256M's dimensions and random weights (make_ckpt.py; its EOS
+# is never produced, so each request decodes exactly its --new length).
+#   THREADS=2 ROUNDS=3 PY=~/.cache/quire-tools/venv-ref/bin/python benches/vlm/batching.sh
+# Workload: REQUESTS one-tile images (two different ones) with output lengths cycling
+# through NEW; static batches and the continuous engine hold BATCH at most.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PY=${PY:-$HOME/.cache/quire-tools/venv-ref/bin/python}
+THREADS=${THREADS:-$(nproc)}
+PROFILE=${PROFILE:-release}
+NEW=${NEW:-8,64,24,96,16,48}
+REQUESTS=${REQUESTS:-24}
+BATCH=${BATCH:-8}
+ROUNDS=${ROUNDS:-3}
+WORK=${WORK:-/tmp/quire-vlm-bench}
+mkdir -p "$WORK"
+[ -f "$WORK/ckpt/config.json" ] || "$PY" benches/vlm/make_ckpt.py "$WORK/ckpt"
+"$PY" - "$WORK/a.png" "$WORK/b.png" <<'PYEOF'
+import sys, numpy as np
+from PIL import Image
+rng = np.random.RandomState(0)
+Image.fromarray((rng.rand(480, 360, 3) * 255).astype(np.uint8)).save(sys.argv[1])
+Image.fromarray((rng.rand(300, 520, 3) * 255).astype(np.uint8)).save(sys.argv[2])
+PYEOF
+export RAYON_NUM_THREADS=$THREADS
+cargo build -q -p quire-vlm --example batching --profile "$PROFILE"
+BIN=${CARGO_TARGET_DIR:-target}/$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")/examples/batching
+echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc --all) CPUs (figures are noisy on a shared machine)"
+"$BIN" "$WORK/ckpt" "$WORK/a.png" "$WORK/b.png" --new "$NEW" --requests "$REQUESTS" --batch "$BATCH" --rounds "$ROUNDS"
+echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"

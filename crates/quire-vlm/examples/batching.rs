@@ -1,0 +1,164 @@
+//! Benchmark helper for `benches/vlm/batching.sh` and `benches/gpu/check.sh`: one workload
+//! of images with different output lengths, run one request at a time, in static batches
+//! and with continuous batching, in the same process and on the same loaded model, for
+//! several rounds (the modes take turns in every round, so drift on a shared machine hits
+//! them alike).
+//!
+//! usage: batching CHECKPOINT_DIR IMAGE... [--device cpu|cuda] [--dtype f32|bf16|f16]
+//!        [--new 8,64,24,...] [--requests N] [--batch N] [--rounds N] [--modes one,static,continuous]
+//!
+//! Request i takes image i mod #images and `--new` value i mod #values as its length (the
+//! checkpoint must never stop early, e.g. an EOS id the model never produces; `tokens_out`
+//! shows what was generated). Static batches take `--batch` requests in order; continuous
+//! batching keeps at most `--batch` sequences in flight. Prints one JSON line per round and
+//! mode (seconds, pages/s, new tokens/s), then one summary line with each mode's median
+//! pages/s and the ratios of the medians.
+
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use candle_core::Device;
+use quire_vlm::batcher::{Batcher, BatcherOptions};
+use quire_vlm::engine::KvBudget;
+use quire_vlm::{LoadOptions, Request, Vlm};
+
+struct Args {
+    dir: String,
+    images: Vec<String>,
+    device: String,
+    dtype: String,
+    new: Vec<usize>,
+    requests: usize,
+    batch: usize,
+    rounds: usize,
+    modes: Vec<String>,
+}
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut pos = Vec::new();
+    let mut a = Args {
+        dir: String::new(),
+        images: Vec::new(),
+        device: "cpu".into(),
+        dtype: "f32".into(),
+        new: vec![8, 64, 24, 96, 16, 48],
+        requests: 12,
+        batch: 8,
+        rounds: 3,
+        modes: vec!["one".into(), "static".into(), "continuous".into()],
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut val = || it.next().with_context(|| format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--device" => a.device = val()?,
+            "--dtype" => a.dtype = val()?,
+            "--new" => a.new = val()?.split(',').map(str::parse).collect::<Result<_, _>>()?,
+            "--requests" => a.requests = val()?.parse()?,
+            "--batch" => a.batch = val()?.parse()?,
+            "--rounds" => a.rounds = val()?.parse()?,
+            "--modes" => a.modes = val()?.split(',').map(String::from).collect(),
+            _ if arg.starts_with("--") => bail!("unknown option {arg}"),
+            _ => pos.push(arg),
+        }
+    }
+    if pos.len() < 2 || a.new.is_empty() || a.batch == 0 {
+        bail!("usage: batching CHECKPOINT_DIR IMAGE... [--new 8,64,...] [--requests N] [--batch N] [--rounds N]");
+    }
+    a.dir = pos.remove(0);
+    a.images = pos;
+    Ok(a)
+}
+
+/// Runs `reqs` in `mode`; returns (seconds, new tokens) and the model back.
+fn run(vlm: Vlm, mode: &str, reqs: &[Request], batch: usize) -> anyhow::Result<(f64, usize, Vlm)> {
+    let t = Instant::now();
+    let (tokens, vlm) = match mode {
+        "one" | "static" => {
+            let mut vlm = vlm;
+            let n = if mode == "one" { 1 } else { batch };
+            let mut tokens = 0;
+            for chunk in reqs.chunks(n) {
+                tokens += vlm.generate(chunk)?.iter().map(|g| g.tokens_out).sum::<usize>();
+            }
+            (tokens, vlm)
+        }
+        "continuous" => {
+            let kv = KvBudget { bytes: 64 << 30, max_sequences: batch };
+            let mut b = Batcher::new(vlm, BatcherOptions { kv, prefill_per_step: batch });
+            for (i, r) in reqs.iter().enumerate() {
+                b.submit(i as u64, r.clone());
+            }
+            let mut tokens = 0;
+            while b.outstanding() > 0 {
+                for (id, g) in b.step() {
+                    tokens += g.map_err(|e| anyhow::anyhow!("request {id}: {e}"))?.tokens_out;
+                }
+            }
+            (tokens, b.into_inner())
+        }
+        m => bail!("unknown mode {m:?}"),
+    };
+    Ok((t.elapsed().as_secs_f64(), tokens, vlm))
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn main() -> anyhow::Result<()> {
+    let a = parse_args()?;
+    let device = match a.device.as_str() {
+        "cpu" => Device::Cpu,
+        "cuda" => LoadOptions::cuda(0)?,
+        d => bail!("unknown device {d:?}; use cpu or cuda"),
+    };
+    let opts = LoadOptions { device, dtype: LoadOptions::parse_dtype(&a.dtype)? };
+    let mut vlm = Vlm::load(std::path::Path::new(&a.dir), &opts)?;
+    let images: Vec<image::DynamicImage> = a.images.iter().map(image::open).collect::<Result<_, _>>()?;
+    let reqs: Vec<Request> = (0..a.requests)
+        .map(|i| Request {
+            image: images[i % images.len()].clone(),
+            prompt: "Convert this page to docling.".into(),
+            max_new_tokens: Some(a.new[i % a.new.len()]),
+        })
+        .collect();
+    // Warm-up: every mode once on two short requests.
+    let warm: Vec<Request> = reqs.iter().take(2).map(|r| Request { max_new_tokens: Some(2), ..r.clone() }).collect();
+    for m in &a.modes {
+        vlm = run(vlm, m, &warm, a.batch)?.2;
+    }
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); a.modes.len()];
+    for round in 0..a.rounds {
+        for (k, m) in a.modes.iter().enumerate() {
+            let (s, tokens, back) = run(vlm, m, &reqs, a.batch)?;
+            vlm = back;
+            rates[k].push(reqs.len() as f64 / s);
+            println!(
+                "{{\"round\":{round},\"mode\":\"{m}\",\"batch\":{},\"requests\":{},\"seconds\":{s:.3},\"pages_per_s\":{:.4},\"new_tokens\":{tokens},\"new_tokens_per_s\":{:.1}}}",
+                a.batch,
+                reqs.len(),
+                reqs.len() as f64 / s,
+                tokens as f64 / s
+            );
+        }
+    }
+    let meds: Vec<f64> = rates.iter_mut().map(|r| median(r)).collect();
+    let spread: Vec<String> = rates
+        .iter()
+        .zip(&a.modes)
+        .map(|(r, m)| format!("\"{m}\":[{:.4},{:.4}]", r.first().unwrap(), r.last().unwrap()))
+        .collect();
+    let med: Vec<String> = meds.iter().zip(&a.modes).map(|(v, m)| format!("\"{m}\":{v:.4}")).collect();
+    let base = meds[0];
+    let ratio: Vec<String> = meds.iter().zip(&a.modes).map(|(v, m)| format!("\"{m}\":{:.2}", v / base)).collect();
+    println!(
+        "{{\"summary\":true,\"median_pages_per_s\":{{{}}},\"min_max\":{{{}}},\"ratio_to_{}\":{{{}}}}}",
+        med.join(","),
+        spread.join(","),
+        a.modes[0],
+        ratio.join(",")
+    );
+    Ok(())
+}
