@@ -870,6 +870,12 @@ fn forged_task_messages_are_dead_lettered_and_secrets_stay_out_of_every_output()
             forged("legit", &format!("s3://{bucket}/private/secret.pdf"), &out, 'b'),
             forged("legit", &format!("{input}/../private/secret.pdf"), &out, 'c'),
             forged("ghost", &format!("{input}/born_digital.pdf"), &out, 'd'),
+            // Legit in every place but its page range: four billion pages, one record each.
+            quire_core::TaskSpec {
+                unit: quire_core::UnitKind::Pdf,
+                last: u32::MAX,
+                ..forged("legit", &format!("{input}/born_digital.pdf"), &out, 'e')
+            },
         ] {
             q.publish(&t).await.unwrap();
         }
@@ -877,18 +883,19 @@ fn forged_task_messages_are_dead_lettered_and_secrets_stay_out_of_every_output()
         loop {
             let mut dead = q.dead_letters("legit").await.unwrap();
             dead.extend(q.dead_letters("ghost").await.unwrap());
-            if dead.len() >= 4 || t0.elapsed() > Duration::from_secs(30) {
+            if dead.len() >= 5 || t0.elapsed() > Duration::from_secs(30) {
                 break (dead, q);
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     });
     let reasons: BTreeMap<String, String> = dead.iter().map(|d| (d.task_id[..1].to_string(), d.reason.clone())).collect();
-    assert_eq!(reasons.len(), 4, "every forged task is dead-lettered: {dead:?}\n{}", worker.log());
+    assert_eq!(reasons.len(), 5, "every forged task is dead-lettered: {dead:?}\n{}", worker.log());
     assert!(reasons["a"].contains("output") && reasons["a"].contains("evil"), "{reasons:?}");
     assert!(reasons["b"].contains("input") && reasons["b"].contains("private/secret.pdf"), "{reasons:?}");
     assert!(reasons["c"].contains("input"), "{reasons:?}");
     assert!(reasons["d"].contains("not registered"), "{reasons:?}");
+    assert!(reasons["e"].contains("goes past the 2000 units"), "{reasons:?}");
     rt.block_on(async {
         assert!(store.list("evil/").await.unwrap().is_empty(), "nothing is written where a forged task points");
         let results = store.list("out/legit/results/").await.unwrap();
@@ -909,9 +916,9 @@ fn forged_task_messages_are_dead_lettered_and_secrets_stay_out_of_every_output()
 
     // No secret anywhere: logs at trace level, stdout, /metrics, every object of the job.
     let wlog = worker.log();
-    assert!(wlog.contains("TRACE") && wlog.matches("refusing the task for good").count() == 4, "{wlog}");
+    assert!(wlog.contains("TRACE") && wlog.matches("refusing the task for good").count() == 5, "{wlog}");
     let metrics = http_get(metrics_port, "/metrics");
-    assert!(metrics.contains(r#"quire_tasks_total{outcome="rejected"} 4"#), "{metrics}");
+    assert!(metrics.contains(r#"quire_tasks_total{outcome="rejected"} 5"#), "{metrics}");
     let mut texts = vec![
         ("worker log".to_string(), worker.log()),
         ("coordinator stderr".into(), String::from_utf8_lossy(&legit.stderr).into_owned()),

@@ -288,6 +288,18 @@ fn usage_errors_exit_2_with_a_clear_message() {
         .args(["run", doc("born_digital.pdf").to_str().unwrap(), "--out", tmp.path().to_str().unwrap()]).env("QUIRE_PDFIUM", "/nonexistent/libpdfium.so").output().unwrap();
     assert_eq!(code(&o), 2);
     assert!(String::from_utf8_lossy(&o.stderr).contains("setup-pdfium"), "{}", String::from_utf8_lossy(&o.stderr));
+    // A resolution or price that is no number of the kind (inf used to render 1x1 pages or
+    // publish tasks no worker could read).
+    for (flag, value, says) in [("--render-dpi", "inf", "between 1 and 2400"), ("--render-dpi", "0", "between 1 and 2400"), ("--price-per-hour=-1", "", "not a price")] {
+        let pdf = doc("born_digital.pdf");
+        let mut args = vec!["run", pdf.to_str().unwrap(), "--out", tmp.path().to_str().unwrap(), flag];
+        if !value.is_empty() {
+            args.push(value);
+        }
+        let o = quire(&args);
+        assert_eq!(code(&o), 2, "{flag} {value}");
+        assert!(String::from_utf8_lossy(&o.stderr).contains(says), "{}", String::from_utf8_lossy(&o.stderr));
+    }
 }
 
 #[test]
@@ -350,11 +362,22 @@ fn vlm_engine_reproduces_the_reference_greedy_text_through_quire_run() {
             let o = quire(&[
                 "run", input.to_str().unwrap(), "--out", out.to_str().unwrap(), "--job", "vlm", "--engine", "vlm",
                 "--model", model.to_str().unwrap(), "--prompt", case["prompt"].as_str().unwrap(), "--max-new-tokens", &max_new,
+                "--price-per-hour", "3.6",
             ]);
             assert_eq!(code(&o), 0);
             let recs = records(&out, "vlm");
             let r = &recs[&(image.to_string(), 1)];
             assert_eq!(r["engine"], "vlm");
+            // The page's share of the model's time, and its cost in the manifest: at 3.6 an
+            // hour, dollars per 1,000 pages equal device seconds per page.
+            let device_ms = r["timings_ms"]["device"].as_f64().unwrap();
+            assert!(device_ms > 0.0 && device_ms <= r["timings_ms"]["infer"].as_f64().unwrap() + 1.0, "{r}");
+            let m: Value = serde_json::from_slice(&std::fs::read(out.join("vlm/manifest.json")).unwrap()).unwrap();
+            let t = &m["throughput"];
+            assert!((t["gpu_seconds"].as_f64().unwrap() - device_ms / 1e3).abs() < 2e-3, "{t}");
+            assert_eq!(t["device_seconds_per_page"], t["gpu_seconds"], "one page: {t}");
+            assert_eq!(t["usd_per_1000_pages"], t["device_seconds_per_page"], "{t}");
+            assert_eq!(t["price_per_hour"], 3.6);
             assert_eq!(r["model"], model.to_str().unwrap());
             assert_eq!(r["text"], case["text"], "{ckpt} {image}: greedy text differs from transformers");
             assert_eq!(r["tokens_out"].as_u64().unwrap() as usize, case["new_tokens"].as_array().unwrap().len());
@@ -605,6 +628,7 @@ impl quire_pipeline::Generator for FixedDocTags {
                 tokens_in: 10,
                 tokens_out: 60,
                 finish: quire_core::FinishReason::Stop,
+                device_ms: 5.0,
             })
             .collect())
     }
@@ -634,6 +658,7 @@ fn run_fixed_doctags(inputs: &Path, out: &Path, job: &str, tokenizer: &str) {
             model: Some(model),
             model_long_side: Some(512),
         },
+        price_per_hour: Some(2.5),
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
     let summary = rt.block_on(quire_pipeline::run_embedded(opts, Default::default())).unwrap();
@@ -674,6 +699,16 @@ fn doctags_models_get_markdown_and_layout_blocks_in_records_and_markdown_files()
     let born = &recs[&("born_digital.pdf".to_string(), 1)];
     assert_eq!(born["engine"], "text-layer");
     assert!(born["markdown"].is_null() && born["blocks"].is_null());
+    // Each model page took 5 ms of the (fixed) model's time; the text layer none. At 2.5 an
+    // hour: 0.005 s × 2.5 / 3.6 = 0.00347 dollars per 1,000 pages.
+    let vlm_pages = recs.values().filter(|r| r["engine"] == "vlm").count() as f64;
+    assert_eq!(born["timings_ms"]["device"], 0.0);
+    let m: Value = serde_json::from_slice(&std::fs::read(out.join("dt/manifest.json")).unwrap()).unwrap();
+    let t = &m["throughput"];
+    assert_eq!(t["gpu_seconds"].as_f64(), Some((vlm_pages * 5.0).round() / 1e3), "{t}");
+    assert_eq!(t["device_seconds_per_page"].as_f64(), Some(0.005), "{t}");
+    assert_eq!(t["new_tokens_per_device_second"].as_f64(), Some(12000.0), "60 tokens in 5 ms: {t}");
+    assert_eq!(t["usd_per_1000_pages"].as_f64(), Some(0.003), "{t}");
     let md = std::fs::read_to_string(out.join("dt/markdown/in/scanned.pdf.md")).unwrap();
     assert!(md.contains(&format!("<!-- page 1 -->\n{DOCTAGS_MARKDOWN}\n")), "{md}");
     assert!(!md.contains("<loc_") && !md.contains("<doctag>") && !md.contains("ACME Corp"), "{md}");

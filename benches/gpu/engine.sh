@@ -14,7 +14,7 @@
 #
 # Env: OUT (/tmp/quire-gpu-engine), BIN_DIR (.gpu), DEVICE (cuda; cpu to try it here), DTYPE
 # (bf16), NEW (128,512,256,384), MAXNEW (512), REQUESTS (192), BATCH (64), SEQS (192),
-# HF_BATCH (64), TOTAL_S (330), PY (python3).
+# HF_BATCH (64), HF (1; 0 skips transformers), TOTAL_S (330), PY (python3).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -30,6 +30,7 @@ REQUESTS=${REQUESTS:-192}
 BATCH=${BATCH:-64}
 SEQS=${SEQS:-192}
 HF_BATCH=${HF_BATCH:-64}
+HF=${HF:-1}
 TOTAL_S=${TOTAL_S:-330}
 PY=${PY:-python3}
 SMALL=${SMALL:-0}
@@ -71,6 +72,9 @@ if [ -f "$CK/page.png" ]; then
     [ $rc = 0 ] || { say "quire $mode exit $rc$([ $rc = 124 ] && echo ' (timed out)')"; tail -3 "$OUT/quire.err"; }
     grep '"round"' "$OUT/quire.jsonl" | tail -1 || true
   done
+  [ "$HF" = 1 ] || say "5. transformers skipped (HF=0)"
+fi
+if [ -f "$CK/page.png" ] && [ "$HF" = 1 ]; then
   say "5. transformers generate, batch $HF_BATCH, $MAXNEW new tokens"
   s=$(date +%s); rc=0
   lim=$(cap 100000)

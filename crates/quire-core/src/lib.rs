@@ -21,5 +21,5 @@ pub use record::{
 };
 pub use settings::{
     DatasetFormat, Engine, JobSettings, Limits, RenderSize, SourceRef, TaskKind, TaskSpec, UnitKind, DEFAULT_IMAGES_PER_TASK,
-    DEFAULT_LONG_SIDE, DEFAULT_MAX_ARCHIVE_MEMBERS, DEFAULT_MAX_ZIP_RATIO,
+    DEFAULT_LONG_SIDE, DEFAULT_MAX_ARCHIVE_MEMBERS, DEFAULT_MAX_ZIP_RATIO, MAX_RENDER_DPI,
 };

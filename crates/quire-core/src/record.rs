@@ -76,7 +76,12 @@ pub enum FinishReason {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Timings {
     pub render: f64,
+    /// From the page's arrival at the model to its answer (waiting for room included).
     pub infer: f64,
+    /// The page's share of the model's busy time: its image encoding and prefill, plus each
+    /// decode step it took part in divided by the sequences of that step (0 for the text layer).
+    #[serde(default)]
+    pub device: f64,
 }
 
 /// One page of a PDF, or one image (frame), as written to `results/TASK_ID.jsonl`.
@@ -165,7 +170,21 @@ pub struct Throughput {
     pub pages_per_second: f64,
     /// CPU seconds used by the process (user + system).
     pub cpu_seconds: f64,
+    /// Seconds the model was busy for the job's pages (the sum of their `timings_ms.device`),
+    /// on whatever device it ran: the GPU time a run costs.
     pub gpu_seconds: f64,
+    /// `gpu_seconds` per page and image that went to the model (0 when none did).
+    #[serde(default)]
+    pub device_seconds_per_page: f64,
+    /// Generated tokens per `gpu_seconds`.
+    #[serde(default)]
+    pub new_tokens_per_device_second: f64,
+    /// `--price-per-hour` (or `QUIRE_PRICE_PER_HOUR`) of the device, when given.
+    #[serde(default)]
+    pub price_per_hour: Option<f64>,
+    /// Dollars per 1,000 model pages at that price: device seconds per page × price / 3.6.
+    #[serde(default)]
+    pub usd_per_1000_pages: Option<f64>,
 }
 
 /// A caption dataset file of the job (`--dataset`), written at its finish from the records.

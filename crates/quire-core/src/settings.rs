@@ -112,8 +112,9 @@ pub enum RenderSize {
     /// The longer side of the rendered page is exactly this many pixels; the other side keeps
     /// the page's aspect ratio (rounded, at least 1).
     LongSide(u32),
-    /// Dots per inch (72 = one pixel per PDF point).
-    Dpi(f32),
+    /// Dots per inch (72 = one pixel per PDF point). A number too large for an f32 (which
+    /// would become infinite, and be written back as `null`) does not decode.
+    Dpi(#[serde(deserialize_with = "finite_f32")] f32),
     /// The long side the job's model reads images at (its processor's
     /// resize target), so pages are not resampled twice; resolved by the
     /// process that holds the model ([`RenderSize::resolve`]).
@@ -301,12 +302,98 @@ pub struct TaskSpec {
     pub members: Vec<SourceRef>,
 }
 
+fn finite_f32<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f32, D::Error> {
+    let v = <f64 as serde::Deserialize>::deserialize(d)?;
+    let f = v as f32;
+    if f.is_finite() {
+        Ok(f)
+    } else {
+        Err(serde::de::Error::custom(format!("{v} is not a finite f32")))
+    }
+}
+
+/// The highest resolution a job may render PDF pages at (`--render-dpi`).
+pub const MAX_RENDER_DPI: f32 = 2400.0;
+
 impl TaskSpec {
     /// Pages or frames the task covers (0 for a document not yet opened).
     pub fn units(&self) -> u32 {
         if self.unit == UnitKind::Document {
             return 0;
         }
-        self.last + 1 - self.first
+        self.last.saturating_sub(self.first).saturating_add(1)
+    }
+
+    /// Checks what a worker must not take on trust from a task message: a render size that
+    /// is a size, and a unit range that starts at 1 or later, does not run backwards and is
+    /// no longer than the job's limits allow (a range of four billion pages would have a
+    /// worker build four billion records).
+    pub fn check(&self) -> Result<(), String> {
+        match self.settings.render {
+            RenderSize::Dpi(d) if !(d.is_finite() && (1.0..=MAX_RENDER_DPI).contains(&d)) => {
+                return Err(format!("render dpi {d} is not between 1 and {MAX_RENDER_DPI}"));
+            }
+            RenderSize::LongSide(0) => return Err("render long side 0".into()),
+            _ => {}
+        }
+        let most = match self.unit {
+            UnitKind::Document => return Ok(()),
+            UnitKind::Pdf | UnitKind::Image | UnitKind::Unreadable => self.settings.limits.max_pages.max(1),
+            UnitKind::Archive => self.settings.limits.max_archive_members.max(1),
+            UnitKind::Images => u32::try_from(self.members.len()).unwrap_or(u32::MAX),
+        };
+        if self.first == 0 || self.first > self.last {
+            return Err(format!("unit range {}-{} is not a range of 1-based units", self.first, self.last));
+        }
+        if self.last > most {
+            return Err(format!("unit range {}-{} goes past the {most} units this task may have", self.first, self.last));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seed(name: &str) -> Vec<u8> {
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/seeds/task_messages").join(name);
+        std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    }
+
+    /// Task messages the fuzzing turned up (fuzz/seeds/task_messages/).
+    #[test]
+    fn task_messages_a_worker_must_not_trust_are_refused() {
+        // A DPI past f32's range used to decode as infinity and re-encode as null.
+        let err = serde_json::from_slice::<TaskSpec>(&seed("dpi-overflow.json")).unwrap_err();
+        assert!(err.to_string().contains("not a finite f32"), "{err}");
+        // Four billion pages would be four billion records built up front.
+        let huge: TaskSpec = serde_json::from_slice(&seed("huge-range.json")).unwrap();
+        assert_eq!(huge.units(), u32::MAX);
+        let err = huge.check().unwrap_err();
+        assert!(err.contains("goes past the 2000 units"), "{err}");
+        let mut ok = huge.clone();
+        ok.last = 16;
+        assert_eq!(ok.check(), Ok(()));
+        for (first, last) in [(0, 3), (5, 4)] {
+            let t = TaskSpec { first, last, ..ok.clone() };
+            assert!(t.check().unwrap_err().contains("not a range"), "{first}-{last}");
+        }
+        let t = TaskSpec { first: 0, last: u32::MAX, ..ok.clone() };
+        assert_eq!(t.units(), u32::MAX, "no overflow");
+        for dpi in [0.0, -3.0, f32::NAN, 5000.0] {
+            let mut t = ok.clone();
+            t.settings.render = RenderSize::Dpi(dpi);
+            assert!(t.check().unwrap_err().contains("render dpi"), "{dpi}");
+        }
+        let mut t = ok.clone();
+        t.settings.render = RenderSize::Dpi(300.0);
+        assert_eq!(t.check(), Ok(()));
+        // Archives are bounded by their member limit, image groups by their list.
+        let mut t = ok.clone();
+        t.unit = UnitKind::Images;
+        assert!(t.check().is_err(), "an image group of 16 with no members");
+        t.members = vec![t.source.clone(); 16];
+        assert_eq!(t.check(), Ok(()));
     }
 }

@@ -337,7 +337,7 @@ mod tests {
             finish_reason: if error.is_some() { FinishReason::Error } else { FinishReason::Stop },
             width: 64,
             height: 48,
-            timings_ms: Timings { render: 1.5, infer: 20.25 },
+            timings_ms: Timings { render: 1.5, infer: 20.25, device: 12.5 },
             error: error.map(|kind| ErrorInfo { kind, message: format!("{} is {}", member.unwrap_or(source), kind.as_str()) }),
             key: key.map(str::to_string),
             member: member.map(str::to_string),
@@ -369,7 +369,7 @@ mod tests {
                 tasks_skipped: 0,
                 started_at: SystemTime::now(),
                 pages_this_run: PagesThisRun::Counted(0),
-                gpu_seconds: 0.0,
+                price_per_hour: None,
                 known_records: None,
             },
         )

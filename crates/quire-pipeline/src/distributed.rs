@@ -216,6 +216,7 @@ pub fn lies_under(uri: &str, input: &str) -> bool {
 /// subjects could otherwise make workers read and write wherever their credentials reach.
 pub fn vet_task(task: &TaskSpec, meta: Option<&JobMeta>) -> Result<(), String> {
     let job = &task.settings.job;
+    task.check()?;
     let Some(meta) = meta else {
         return Err(format!("job {job:?} is not registered by a coordinator (no entry in the quire-jobs bucket)"));
     };
@@ -254,6 +255,9 @@ impl ResultStores for StoreCache {
     }
 
     async fn vet(&self, task: &TaskSpec) -> Vetting {
+        if let Err(why) = task.check() {
+            return Vetting::Reject(why);
+        }
         let Some(jobs) = &self.jobs else { return Vetting::Run };
         let job = &task.settings.job;
         let mut known = self.registered.lock().await;
@@ -462,6 +466,8 @@ pub struct CoordinatorOptions {
     pub access: S3Access,
     /// Publish tasks whose results already exist.
     pub force: bool,
+    /// `--price-per-hour`, for the cost in the manifest.
+    pub price_per_hour: Option<f64>,
 }
 
 #[derive(Debug, Default, Clone, Serialize)]
@@ -919,7 +925,7 @@ pub async fn wait_and_finish(
                 tasks_skipped: sub.skipped,
                 started_at,
                 pages_this_run: PagesThisRun::DoneBefore(&before),
-                gpu_seconds: 0.0,
+                price_per_hour: o.price_per_hour,
                 known_records: Some(&kept),
             },
         )

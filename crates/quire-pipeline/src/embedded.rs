@@ -28,6 +28,8 @@ pub struct RunOptions {
     pub force: bool,
     pub queue: QueueOptions,
     pub ctx: ProcessContext,
+    /// `--price-per-hour`, for the cost in the manifest.
+    pub price_per_hour: Option<f64>,
 }
 
 pub struct RunSummary {
@@ -188,7 +190,7 @@ pub async fn run_embedded(opts: RunOptions, progress: Arc<Progress>) -> anyhow::
             started_at,
             pages_this_run: crate::finish::PagesThisRun::Counted(pages_this_run),
             known_records: None,
-            gpu_seconds: 0.0,
+            price_per_hour: opts.price_per_hour,
         },
     )
     .await?;

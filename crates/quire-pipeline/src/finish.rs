@@ -41,10 +41,15 @@ pub struct JobOutcome<'a> {
     pub started_at: SystemTime,
     /// Pages with a record written by this run (for the rate).
     pub pages_this_run: PagesThisRun<'a>,
-    pub gpu_seconds: f64,
+    /// The device's price per hour (`--price-per-hour`), for the cost in the manifest.
+    pub price_per_hour: Option<f64>,
     /// Stored results already at hand (task id → JSON lines), read from
     /// the store only for the other tasks.
     pub known_records: Option<&'a HashMap<String, Vec<u8>>>,
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
 }
 
 /// Renders one document's records as Markdown: pages in order, each after a
@@ -160,6 +165,8 @@ async fn put(store: &dyn BlobStore, key: String, body: Vec<u8>) -> Result<(), qu
 pub async fn finish_job(store: &dyn BlobStore, o: JobOutcome<'_>) -> anyhow::Result<Manifest> {
     let job = &o.settings.job;
     let dead_by_id: HashMap<&str, &DeadLetter> = o.dead.iter().map(|d| (d.task_id.as_str(), d)).collect();
+    // The model's busy time over the pages it answered, for the cost figures.
+    let (mut device_ms, mut model_pages, mut model_tokens) = (0f64, 0u64, 0u64);
     let mut counts = ManifestCounts { tasks: o.plan.len() as u64, tasks_skipped: o.tasks_skipped, ..Default::default() };
     let mut failures = Vec::new();
     let mut dead_lettered = Vec::new();
@@ -194,6 +201,11 @@ pub async fn finish_job(store: &dyn BlobStore, o: JobOutcome<'_>) -> anyhow::Res
                     counts.records += 1;
                     counts.tokens_in += r.tokens_in;
                     counts.tokens_out += r.tokens_out;
+                    if r.engine == "vlm" && r.error.is_none() {
+                        device_ms += r.timings_ms.device;
+                        model_pages += 1;
+                        model_tokens += r.tokens_out;
+                    }
                     match &r.error {
                         None => counts.pages_ok += 1,
                         Some(e) => {
@@ -263,7 +275,14 @@ pub async fn finish_job(store: &dyn BlobStore, o: JobOutcome<'_>) -> anyhow::Res
             wall_seconds: (wall * 1000.0).round() / 1000.0,
             pages_per_second: if wall > 0.0 { ((pages_this_run as f64 / wall) * 100.0).round() / 100.0 } else { 0.0 },
             cpu_seconds: (process_cpu_seconds() * 100.0).round() / 100.0,
-            gpu_seconds: o.gpu_seconds,
+            gpu_seconds: round3(device_ms / 1e3),
+            device_seconds_per_page: if model_pages > 0 { round3(device_ms / 1e3 / model_pages as f64) } else { 0.0 },
+            new_tokens_per_device_second: if device_ms > 0.0 { round3(model_tokens as f64 / (device_ms / 1e3)) } else { 0.0 },
+            price_per_hour: o.price_per_hour,
+            usd_per_1000_pages: o
+                .price_per_hour
+                .filter(|_| model_pages > 0)
+                .map(|p| round3(device_ms / 1e3 / model_pages as f64 * p / 3.6)),
         },
         datasets: datasets.files,
         archives: datasets.archives,
@@ -356,7 +375,7 @@ mod tests {
                     tasks_skipped: 0,
                     started_at: SystemTime::now(),
                     pages_this_run: PagesThisRun::Counted(3),
-                    gpu_seconds: 0.0,
+                    price_per_hour: None,
                     known_records: k,
                 },
             )

@@ -23,6 +23,8 @@ pub struct GenOutput {
     pub tokens_in: u64,
     pub tokens_out: u64,
     pub finish: FinishReason,
+    /// The request's share of the model's busy time (see `quire_vlm::Generation::device_ms`).
+    pub device_ms: f64,
 }
 
 /// A vision-language model as the pipeline sees it.
@@ -272,7 +274,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(30));
             Ok(reqs
                 .iter()
-                .map(|r| GenOutput { text: r.prompt.clone(), tokens_in: 1, tokens_out: 1, finish: FinishReason::Stop })
+                .map(|r| GenOutput { text: r.prompt.clone(), tokens_in: 1, tokens_out: 1, finish: FinishReason::Stop, device_ms: 0.0 })
                 .collect())
         }
     }
@@ -342,7 +344,7 @@ mod tests {
             self.live.retain_mut(|(id, n, p)| {
                 *n -= 1;
                 if *n == 0 {
-                    out.push((*id, Ok(GenOutput { text: p.clone(), tokens_in: 1, tokens_out: 1, finish: FinishReason::Stop })));
+                    out.push((*id, Ok(GenOutput { text: p.clone(), tokens_in: 1, tokens_out: 1, finish: FinishReason::Stop, device_ms: 0.0 })));
                 }
                 *n > 0
             });

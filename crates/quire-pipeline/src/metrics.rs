@@ -3,7 +3,7 @@
 
 use crate::worker::{TaskEnd, TaskObserver};
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Counter, Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use quire_core::{Record, TaskSpec, UnitKind};
@@ -30,6 +30,8 @@ pub struct Metrics {
     pub batch_size: Histogram,
     /// Continuous batching: sequences decoding, requests waiting for room, KV cache.
     pub sequences_in_flight: IntGauge,
+    /// The model's busy time attributed to the pages (`timings_ms.device`), in seconds.
+    pub device_seconds: Counter,
     pub sequences_waiting: IntGauge,
     pub kv_cache_used_bytes: IntGauge,
     pub kv_cache_budget_bytes: IntGauge,
@@ -94,6 +96,7 @@ impl Metrics {
                 .buckets(vec![1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 64.0, 128.0, 256.0, 512.0]),
         )
         .unwrap();
+        let device_seconds = Counter::new("device_seconds_total", "The model's busy time for the pages, in seconds").unwrap();
         let sequences_in_flight =
             IntGauge::new("sequences_in_flight", "Sequences decoding in the continuous-batching engine").unwrap();
         let sequences_waiting =
@@ -131,6 +134,7 @@ impl Metrics {
             Box::new(infer_seconds.clone()),
             Box::new(batch_size.clone()),
             Box::new(sequences_in_flight.clone()),
+            Box::new(device_seconds.clone()),
             Box::new(sequences_waiting.clone()),
             Box::new(kv_cache_used_bytes.clone()),
             Box::new(kv_cache_budget_bytes.clone()),
@@ -154,6 +158,7 @@ impl Metrics {
             infer_seconds,
             batch_size,
             sequences_in_flight,
+            device_seconds,
             sequences_waiting,
             kv_cache_used_bytes,
             kv_cache_budget_bytes,
@@ -243,6 +248,7 @@ impl TaskObserver for Metrics {
             if r.timings_ms.infer > 0.0 {
                 self.infer_seconds.observe(r.timings_ms.infer / 1000.0);
             }
+            self.device_seconds.inc_by(r.timings_ms.device / 1000.0);
         }
     }
 

@@ -66,7 +66,7 @@ struct Unit {
 
 enum Outcome {
     TextLayer(String),
-    Vlm { text: String, tokens_in: u64, tokens_out: u64, finish: FinishReason, infer_ms: f64, prompt: String },
+    Vlm { text: String, tokens_in: u64, tokens_out: u64, finish: FinishReason, infer_ms: f64, device_ms: f64, prompt: String },
     Failed(ErrorInfo),
 }
 
@@ -319,6 +319,7 @@ async fn run_model(task: &TaskSpec, units: &mut [Unit], ctx: &ProcessContext) {
                 tokens_out: out.tokens_out,
                 finish: out.finish,
                 infer_ms: ms,
+                device_ms: out.device_ms,
                 prompt: prompt.clone(),
             },
             Ok(Err(msg)) => failed(ErrorKind::Model, msg),
@@ -346,7 +347,7 @@ fn to_record(task: &TaskSpec, s: &JobSettings, page_count: u32, u: Unit, ctx: &P
         finish_reason: FinishReason::Stop,
         width: u.width,
         height: u.height,
-        timings_ms: Timings { render: round_ms(u.render_ms), infer: 0.0 },
+        timings_ms: Timings { render: round_ms(u.render_ms), infer: 0.0, device: 0.0 },
         error: None,
         key: u.key,
         member: u.member,
@@ -357,7 +358,7 @@ fn to_record(task: &TaskSpec, s: &JobSettings, page_count: u32, u: Unit, ctx: &P
     let vlm_engine = s.engine == Engine::Vlm || (images && s.engine != Engine::TextLayer);
     match u.outcome.unwrap_or_else(|| failed(ErrorKind::Internal, "page was not processed")) {
         Outcome::TextLayer(text) => r.text = text,
-        Outcome::Vlm { text, tokens_in, tokens_out, finish, infer_ms, prompt } => {
+        Outcome::Vlm { text, tokens_in, tokens_out, finish, infer_ms, device_ms, prompt } => {
             r.engine = Engine::Vlm.as_str().into();
             r.model = model_name;
             r.prompt = Some(prompt);
@@ -372,6 +373,7 @@ fn to_record(task: &TaskSpec, s: &JobSettings, page_count: u32, u: Unit, ctx: &P
             r.tokens_out = tokens_out;
             r.finish_reason = finish;
             r.timings_ms.infer = round_ms(infer_ms);
+            r.timings_ms.device = round_ms(device_ms);
         }
         Outcome::Failed(e) => {
             if vlm_engine {

@@ -185,6 +185,7 @@ fn gen_output(g: quire_vlm::Generation) -> GenOutput {
             quire_vlm::FinishReason::Stop => FinishReason::Stop,
             quire_vlm::FinishReason::Length => FinishReason::Length,
         },
+        device_ms: g.device_ms,
     }
 }
 

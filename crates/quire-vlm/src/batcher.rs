@@ -6,7 +6,8 @@
 //! A step admits at most [`BatcherOptions::prefill_per_step`] requests, so a long queue of
 //! new pages never stalls the pages already decoding for more than a few prefills.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::time::Instant;
 
 use candle_core::Tensor;
 
@@ -33,6 +34,8 @@ pub struct Batcher {
     pending: VecDeque<(u64, Request)>,
     ready: VecDeque<Encoded>,
     opts: BatcherOptions,
+    /// Busy milliseconds spent on each unanswered request so far (see `Generation::device_ms`).
+    spent: HashMap<u64, f64>,
 }
 
 /// The outcome of one request: its generation, or why it failed (that request only).
@@ -41,7 +44,7 @@ pub type Outcome = (u64, Result<Generation, String>);
 impl Batcher {
     pub fn new(mut vlm: Vlm, opts: BatcherOptions) -> Batcher {
         vlm.decoder_mut().set_kv_budget(opts.kv);
-        Batcher { vlm, pending: VecDeque::new(), ready: VecDeque::new(), opts }
+        Batcher { vlm, pending: VecDeque::new(), ready: VecDeque::new(), opts, spent: HashMap::new() }
     }
 
     pub fn vlm(&self) -> &Vlm {
@@ -96,7 +99,10 @@ impl Batcher {
                 Admission::Now => {
                     let e = self.ready.pop_front().expect("not empty");
                     admitted += 1;
-                    match self.vlm.decoder_mut().admit(e.id, &e.ids, &e.feats, e.max_new) {
+                    let t = Instant::now();
+                    let r = self.vlm.decoder_mut().admit(e.id, &e.ids, &e.feats, e.max_new);
+                    *self.spent.entry(e.id).or_default() += t.elapsed().as_secs_f64() * 1e3;
+                    match r {
                         Ok(Some(g)) => out.push((e.id, Ok(g))),
                         Ok(None) => {}
                         Err(err) => out.push((e.id, Err(format!("{err:#}")))),
@@ -109,7 +115,14 @@ impl Batcher {
                 }
             }
         }
-        match self.vlm.decoder_mut().step() {
+        let ids = self.vlm.decoder_mut().live_ids();
+        let t = Instant::now();
+        let stepped = self.vlm.decoder_mut().step();
+        let share = t.elapsed().as_secs_f64() * 1e3 / ids.len().max(1) as f64;
+        for id in ids {
+            *self.spent.entry(id).or_default() += share;
+        }
+        match stepped {
             Ok(done) => out.extend(done.into_iter().map(|(id, g)| (id, Ok(g)))),
             Err(err) => {
                 let msg = format!("{err:#}");
@@ -118,13 +131,25 @@ impl Batcher {
                 }
             }
         }
+        for (id, r) in &mut out {
+            let ms = self.spent.remove(id).unwrap_or(0.0);
+            if let Ok(g) = r {
+                g.device_ms = ms;
+            }
+        }
         out
     }
 
     /// Encodes `batch` together; when that fails, one by one, so a bad image fails alone.
     fn encode(&mut self, batch: Vec<(u64, Request)>, out: &mut Vec<Outcome>) {
         let reqs: Vec<Request> = batch.iter().map(|(_, r)| r.clone()).collect();
-        match self.vlm.encode(&reqs) {
+        let t = Instant::now();
+        let encoded = self.vlm.encode(&reqs);
+        let share = t.elapsed().as_secs_f64() * 1e3 / batch.len().max(1) as f64;
+        for (id, _) in &batch {
+            *self.spent.entry(*id).or_default() += share;
+        }
+        match encoded {
             Ok(enc) => {
                 for ((id, r), (ids, feats)) in batch.into_iter().zip(enc) {
                     self.ready.push_back(Encoded { id, ids, feats, max_new: r.max_new_tokens });

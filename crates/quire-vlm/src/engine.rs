@@ -291,7 +291,6 @@ impl Decoder {
         let budgets: Vec<usize> =
             max_new.iter().zip(ids).map(|(&n, p)| self.generation.budget(n, p.len())).collect();
         let budget = budgets.iter().copied().max().unwrap_or(0);
-        let process = self.generation.processes_scores();
         // Each row's prompt followed by what it generated: what the logits processors look at.
         let mut seqs: Vec<Vec<u32>> = ids.to_vec();
         let mut done: Vec<Option<FinishReason>> =
@@ -301,18 +300,18 @@ impl Decoder {
             let mut logits = self.prefill(ids, feats)?;
             let mut step = 0;
             loop {
-                let mut rows: Vec<Vec<f32>> = logits.to_vec2()?;
+                let rows = self.greedy(&logits, |i, row| {
+                    if done[i].is_none() {
+                        self.generation.process(&seqs[i], ids[i].len(), budgets[i], row);
+                    }
+                })?;
                 let mut next = Vec::with_capacity(b);
-                for (i, row) in rows.iter_mut().enumerate() {
+                for (i, tok) in rows.into_iter().enumerate() {
                     if done[i].is_some() {
                         next.push(self.pad);
                         continue;
                     }
                     let prompt_len = ids[i].len();
-                    if process {
-                        self.generation.process(&seqs[i], prompt_len, budgets[i], row);
-                    }
-                    let tok = argmax(row);
                     seqs[i].push(tok);
                     if self.generation.eos_token_ids.contains(&tok) {
                         done[i] = Some(FinishReason::Stop);
@@ -355,6 +354,7 @@ impl Decoder {
                     tokens_out: new.len(),
                     token_ids: new,
                     finish_reason: d.unwrap_or(FinishReason::Length),
+                    device_ms: 0.0,
                 })
             })
             .collect()
@@ -380,6 +380,11 @@ impl Decoder {
 
     pub fn in_flight(&self) -> usize {
         self.live.len()
+    }
+
+    /// Ids of the sequences in flight, in slot order.
+    pub fn live_ids(&self) -> Vec<u64> {
+        self.live.iter().map(|s| s.id).collect()
     }
 
     /// New tokens a prompt of `prompt_len` tokens may generate (the generation config's rule).
@@ -452,8 +457,8 @@ impl Decoder {
         let mask = Tensor::from_vec(m, (1, 1, l, l), &self.device)?;
         let logits = self.text.prefill_slot(slot, &embeds, &positions, Some(&mask))?;
         let mut live = Live { id, prompt_len: l, seq: ids.to_vec(), budget, reserved: need };
-        let mut row = logits.to_vec2::<f32>()?.swap_remove(0);
-        match self.pick(&mut live, &mut row) {
+        let tok = self.greedy(&logits, |_, row| self.generation.process(&live.seq, l, budget, row))?[0];
+        match self.advance(&mut live, tok) {
             Some(reason) => {
                 let new = live.seq.split_off(l);
                 Ok(Some(self.finished(l, new, reason)?))
@@ -474,32 +479,41 @@ impl Decoder {
             return Ok(Vec::new());
         }
         let b = self.live.len();
-        let next: Vec<u32> = self.live.iter().map(|s| *s.seq.last().expect("a prompt is never empty")).collect();
         // The newest token is fed at position len - 1; the cache holds len - 1 keys before it.
         let lens: Vec<usize> = self.live.iter().map(|s| s.seq.len() - 1).collect();
-        let positions: Vec<Vec<i64>> = lens.iter().map(|&l| vec![l as i64]).collect();
+        // One upload per step (new tokens and cache lengths); the rest is derived on the device.
+        let mut host: Vec<u32> = self.live.iter().map(|s| *s.seq.last().expect("a prompt is never empty")).collect();
+        host.extend(lens.iter().map(|&l| l as u32));
+        let both = Tensor::from_vec(host, (2, b), &self.device)?;
+        let (tokens, lens_t) = (both.get(0)?, both.get(1)?);
         let (kvh, d) = self.text.kv_heads_and_dim();
-        let index: Vec<u32> = lens.iter().flat_map(|&l| std::iter::repeat_n(l as u32, kvh * d)).collect();
-        let index = Tensor::from_vec(index, (b, kvh, 1, d), &self.device)?;
+        let index = lens_t.reshape((b, 1, 1, 1))?.broadcast_as((b, kvh, 1, d))?.contiguous()?;
         let mask = if self.text.cpu_f32() {
             None
         } else {
             let keys = lens.iter().max().map_or(0, |l| l + 1);
-            let mut m = Vec::with_capacity(b * keys);
-            for &l in &lens {
-                m.extend((0..keys).map(|j| if self.visible(l, j, 0) { 0f32 } else { f32::MIN }));
+            let j = Tensor::arange(0u32, keys as u32, &self.device)?.reshape((1, keys))?;
+            let l = lens_t.reshape((b, 1))?;
+            let mut seen = j.broadcast_le(&l)?;
+            if let Some(w) = self.sliding_window {
+                // j > l - w, as j + w > l (no underflow)
+                seen = (seen.to_dtype(DType::U32)? * (j + w as f64)?.broadcast_gt(&l)?.to_dtype(DType::U32)?)?.ne(0u32)?;
             }
-            Some(Tensor::from_vec(m, (b, 1, 1, keys), &self.device)?)
+            let zeros = Tensor::zeros((b, keys), DType::F32, &self.device)?;
+            let masked = zeros.affine(0.0, f32::MIN as f64)?;
+            Some(seen.where_cond(&zeros, &masked)?.reshape((b, 1, 1, keys))?)
         };
         let st = crate::text_model::SlotStep { lens: &lens, index: &index, mask: mask.as_ref(), window: self.sliding_window };
-        let tokens = Tensor::from_vec(next, (b, 1), &self.device)?;
-        let embeds = self.text.embed(&tokens)?;
-        let logits = self.text.forward_slots(&embeds, &positions, &st)?;
-        let rows: Vec<Vec<f32>> = logits.to_vec2()?;
+        let embeds = self.text.embed(&tokens.reshape((b, 1))?)?;
+        let logits = self.text.forward_slots(&embeds, &lens_t, &st)?;
+        let toks = self.greedy(&logits, |i, row| {
+            let s = &self.live[i];
+            self.generation.process(&s.seq, s.prompt_len, s.budget, row)
+        })?;
         let mut done = Vec::new();
-        for (i, mut row) in rows.into_iter().enumerate() {
+        for (i, tok) in toks.into_iter().enumerate() {
             let mut live = std::mem::replace(&mut self.live[i], Live { id: 0, prompt_len: 0, seq: Vec::new(), budget: 0, reserved: 0 });
-            if let Some(reason) = self.pick(&mut live, &mut row) {
+            if let Some(reason) = self.advance(&mut live, tok) {
                 done.push((i, reason));
             }
             self.live[i] = live;
@@ -527,13 +541,8 @@ impl Decoder {
         std::mem::take(&mut self.live).into_iter().map(|s| s.id).collect()
     }
 
-    /// Greedy choice of the next token of `live` from its `row` of logits (the generation
-    /// config's processors first); the finish reason when it ends the sequence.
-    fn pick(&self, live: &mut Live, row: &mut [f32]) -> Option<FinishReason> {
-        if self.generation.processes_scores() {
-            self.generation.process(&live.seq, live.prompt_len, live.budget, row);
-        }
-        let tok = argmax(row);
+    /// Appends the chosen token `tok` to `live`; the finish reason when it ends the sequence.
+    fn advance(&self, live: &mut Live, tok: u32) -> Option<FinishReason> {
         live.seq.push(tok);
         if self.generation.eos_token_ids.contains(&tok) {
             Some(FinishReason::Stop)
@@ -544,6 +553,29 @@ impl Decoder {
         }
     }
 
+    /// The greedy next token of every row of `logits` (b, vocab). With processors in the
+    /// generation config, rows come to the host and `process(row index, row)` runs first;
+    /// without, on a GPU the argmax runs there and only the ids come back (a copy of the
+    /// whole logits per step would cost more than the step; an exact tie may then resolve
+    /// to another index than `torch.argmax`'s first).
+    fn greedy(&self, logits: &Tensor, mut process: impl FnMut(usize, &mut [f32])) -> Result<Vec<u32>> {
+        if !self.generation.processes_scores() && !self.device.is_cpu() {
+            return Ok(logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?);
+        }
+        let processes = self.generation.processes_scores();
+        let mut rows: Vec<Vec<f32>> = logits.to_vec2()?;
+        Ok(rows
+            .iter_mut()
+            .enumerate()
+            .map(|(i, row)| {
+                if processes {
+                    process(i, row);
+                }
+                argmax(row)
+            })
+            .collect())
+    }
+
     fn finished(&self, prompt_len: usize, new: Vec<u32>, reason: FinishReason) -> Result<Generation> {
         Ok(Generation {
             text: self.tokenizer.decode(&new)?,
@@ -551,6 +583,7 @@ impl Decoder {
             tokens_out: new.len(),
             token_ids: new,
             finish_reason: reason,
+            device_ms: 0.0,
         })
     }
 }

@@ -156,6 +156,10 @@ pub struct Generation {
     pub tokens_in: usize,
     pub tokens_out: usize,
     pub finish_reason: FinishReason,
+    /// This request's share of the model's busy time, in ms: its batch's time divided by
+    /// the batch's requests, or under continuous batching its encoding and prefill plus
+    /// each decode step's time divided by that step's sequences.
+    pub device_ms: f64,
 }
 
 enum Model {
@@ -235,10 +239,16 @@ impl Vlm {
 
     /// Batched greedy generation with the checkpoint's generation config; results are in request order.
     pub fn generate(&mut self, reqs: &[Request]) -> Result<Vec<Generation>> {
-        match &mut self.model {
-            Model::Idefics3(m) => m.generate(reqs),
-            Model::Idefics2(m) => m.generate(reqs),
+        let t = std::time::Instant::now();
+        let mut out = match &mut self.model {
+            Model::Idefics3(m) => m.generate(reqs)?,
+            Model::Idefics2(m) => m.generate(reqs)?,
+        };
+        let share = t.elapsed().as_secs_f64() * 1e3 / out.len().max(1) as f64;
+        for g in &mut out {
+            g.device_ms = share;
         }
+        Ok(out)
     }
 
     /// The Idefics3 model, for processor-level access (tile grid, input ids, pixel values).

@@ -360,6 +360,8 @@ pub struct TextModel {
     norm: RmsNorm,
     lm_head: ParLinear,
     inv_freq: Vec<f32>,
+    /// `inv_freq` on the device, (1, head_dim/2), made at the first use.
+    inv_freq_t: std::sync::OnceLock<Result<Tensor>>,
     /// KV cache length preallocated per layer on the next prefill.
     cache_capacity: usize,
     dtype: DType,
@@ -399,6 +401,7 @@ impl TextModel {
             norm,
             lm_head,
             inv_freq: inv_freq(cfg),
+            inv_freq_t: std::sync::OnceLock::new(),
             cache_capacity: 0,
             dtype: vb.dtype(),
             device: vb.device().clone(),
@@ -484,8 +487,8 @@ impl TextModel {
 
     /// One decode step of the sequences in flight (row i of `embeds` (b, 1, hidden) is the
     /// newest token of the sequence in slot i, at position `positions[i]`); logits (b, vocab) as f32.
-    pub fn forward_slots(&mut self, embeds: &Tensor, positions: &[Vec<i64>], st: &SlotStep) -> Result<Tensor> {
-        let (cos, sin) = self.rope_tables(positions)?;
+    pub fn forward_slots(&mut self, embeds: &Tensor, positions: &Tensor, st: &SlotStep) -> Result<Tensor> {
+        let (cos, sin) = self.rope_tables_on_device(positions)?;
         let mut h = embeds.clone();
         for l in &mut self.layers {
             let r = h.clone();
@@ -513,6 +516,20 @@ impl TextModel {
     pub fn kv_bytes_per_position(&self) -> usize {
         let a = &self.layers[0].self_attn;
         self.layers.len() * 2 * a.kv_heads * a.head_dim * self.dtype.size_in_bytes()
+    }
+
+    /// [`Self::rope_tables`] for one position per row, `positions` (b,) u32 on the device:
+    /// the angles are position × inverse frequency in f32 as on the host, computed where the
+    /// positions already are.
+    fn rope_tables_on_device(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
+        let b = positions.dim(0)?;
+        let half = self.inv_freq.len();
+        let inv = self.inv_freq_t.get_or_init(|| Tensor::from_slice(&self.inv_freq, (1, half), &self.device));
+        let inv = inv.as_ref().map_err(|e| candle_core::Error::Msg(format!("{e}")))?;
+        let angles = positions.to_dtype(DType::F32)?.reshape((b, 1))?.broadcast_mul(inv)?;
+        let cos = angles.cos()?.to_dtype(self.dtype)?.reshape((b, 1, half))?;
+        let sin = angles.sin()?.to_dtype(self.dtype)?.reshape((b, 1, half))?;
+        Ok((cos, sin))
     }
 
     /// cos/sin tables of shape (batch, seq, head_dim/2) for per-row position ids.

@@ -130,10 +130,10 @@ pub struct JobOpts {
     #[arg(long, default_value_t = quire_core::DEFAULT_IMAGES_PER_TASK, value_parser = clap::value_parser!(u32).range(1..))]
     pub images_per_task: u32,
     /// Render PDF pages with this long side in pixels (default: what the model reads, 1536 without a model).
-    #[arg(long, value_name = "PX", conflicts_with = "render_dpi")]
+    #[arg(long, value_name = "PX", conflicts_with = "render_dpi", value_parser = clap::value_parser!(u32).range(1..))]
     pub render_long_side: Option<u32>,
-    /// Render PDF pages at this resolution instead of a fixed long side.
-    #[arg(long, value_name = "DPI")]
+    /// Render PDF pages at this resolution (1 to 2400) instead of a fixed long side.
+    #[arg(long, value_name = "DPI", value_parser = parse_dpi)]
     pub render_dpi: Option<f32>,
     /// Letters and digits a page's text layer needs to be used instead of the model (engine auto).
     #[arg(long, default_value_t = 32)]
@@ -157,6 +157,10 @@ pub struct JobOpts {
     /// Deliveries of a failing task before it is given up on.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_deliver: u32,
+    /// The device's price per hour (any currency; the manifest calls it USD): the manifest
+    /// then gives the cost per 1,000 model pages from their device seconds.
+    #[arg(long, value_name = "PRICE", env = "QUIRE_PRICE_PER_HOUR", value_parser = parse_price)]
+    pub price_per_hour: Option<f64>,
     /// Caption datasets written from the records at the finish: comma list or repeated
     /// (default: parquet with --task caption, none otherwise). Images whose records go into a
     /// dataset get no Markdown.
@@ -191,6 +195,20 @@ pub struct ModelOpts {
     /// Model weights' dtype.
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: DtypeArg,
+}
+
+fn parse_dpi(s: &str) -> Result<f32, String> {
+    match s.parse::<f32>() {
+        Ok(d) if d.is_finite() && (1.0..=quire_core::MAX_RENDER_DPI).contains(&d) => Ok(d),
+        _ => Err(format!("{s:?} is not a resolution between 1 and {} dpi", quire_core::MAX_RENDER_DPI)),
+    }
+}
+
+fn parse_price(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(p) if p.is_finite() && p >= 0.0 => Ok(p),
+        _ => Err(format!("{s:?} is not a price (a number, 0 or more)")),
+    }
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

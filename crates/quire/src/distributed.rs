@@ -66,6 +66,7 @@ pub fn coordinator(mut args: CoordinatorArgs) -> u8 {
         settings: s,
         access: access(&args.services.s3),
         force: args.force,
+        price_per_hour: args.opts.price_per_hour,
     };
     let queue_opts = QueueOptions {
         ack_wait: Duration::from_secs(args.ack_wait_s),

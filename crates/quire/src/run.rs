@@ -146,6 +146,7 @@ fn run_inner(mut args: RunArgs) -> Result<u8, Failure> {
         force: args.force,
         queue: QueueOptions { ack_wait: Duration::from_secs(600), max_deliver: args.opts.max_deliver },
         ctx: ProcessContext { pdf, model, model_long_side },
+        price_per_hour: args.opts.price_per_hour,
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(anyhow::Error::from)?;
     let progress = Arc::new(Progress::default());
