@@ -354,9 +354,6 @@ fn vlm_engine_reproduces_the_reference_greedy_text_through_quire_run() {
         let max_new = reference["max_new_tokens"].as_u64().unwrap().to_string();
         for case in reference["cases"].as_array().unwrap() {
             let image = case["image"].as_str().unwrap();
-            if image.contains("rgba") {
-                continue; // compositing onto white is covered by the model's own parity tests
-            }
             let input = fixtures().join("idefics3/images").join(image);
             let out = tmp.path().join(format!("{ckpt}-{image}"));
             let o = quire(&[
@@ -778,9 +775,6 @@ fn idefics2_checkpoints_give_the_reference_greedy_text_through_quire_run() {
         let max_new = reference["max_new_tokens"].as_u64().unwrap();
         for case in reference["cases"].as_array().unwrap() {
             let image = case["image"].as_str().unwrap();
-            if image.contains("rgba") {
-                continue; // compositing onto white is covered by the model's own parity tests
-            }
             let input = fixtures().join("idefics3/images").join(image);
             let out = tmp.path().join(format!("{ckpt}-{image}"));
             let o = quire(&[

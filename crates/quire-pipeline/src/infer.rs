@@ -12,7 +12,11 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 pub struct GenRequest {
+    /// RGB pixels, transparency composited on white.
     pub image: image::RgbImage,
+    /// The same pixels with their alpha, when the source had an alpha channel: the model's
+    /// own processor then flattens it (Idefics2's drops the alpha, Idefics3's composites).
+    pub alpha: Option<image::RgbaImage>,
     pub prompt: String,
     pub max_new_tokens: usize,
 }
@@ -293,7 +297,7 @@ mod tests {
             .map(|i| {
                 let h = h.clone();
                 tokio::spawn(async move {
-                    let req = GenRequest { image: image::RgbImage::new(1, 1), prompt: format!("task {i}"), max_new_tokens: 1 };
+                    let req = GenRequest { image: image::RgbImage::new(1, 1), alpha: None, prompt: format!("task {i}"), max_new_tokens: 1 };
                     h.submit(req).await.unwrap().0.text
                 })
             })
@@ -371,7 +375,7 @@ mod tests {
         let ask = |prompt: String| {
             let h = h.clone();
             tokio::spawn(async move {
-                let req = GenRequest { image: image::RgbImage::new(1, 1), prompt, max_new_tokens: 1 };
+                let req = GenRequest { image: image::RgbImage::new(1, 1), alpha: None, prompt, max_new_tokens: 1 };
                 let t = Instant::now();
                 let text = h.submit(req).await.unwrap().0.text;
                 (text, t.elapsed())

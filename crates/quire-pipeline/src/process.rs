@@ -54,6 +54,8 @@ struct Unit {
     render_ms: f64,
     text: Option<String>,
     image: Option<image::RgbImage>,
+    /// The image with its alpha channel, when it has one (see `quire_render::Page::alpha`).
+    alpha: Option<image::RgbaImage>,
     outcome: Option<Outcome>,
     /// Where the unit comes from when it is not the task's source (an image of a group).
     source: Option<String>,
@@ -86,6 +88,7 @@ fn unit_from_page(p: render::Page) -> Unit {
         render_ms: p.render_ms,
         text: p.text,
         image: p.image,
+        alpha: p.alpha,
         outcome: None,
         source: None,
         page_count: None,
@@ -102,6 +105,7 @@ fn unit_with(page: u32, outcome: Outcome) -> Unit {
         render_ms: 0.0,
         text: None,
         image: None,
+        alpha: None,
         outcome: Some(outcome),
         source: None,
         page_count: None,
@@ -262,6 +266,7 @@ async fn render_pdf(task: &TaskSpec, path: &Path, ctx: &ProcessContext) -> Resul
                             u.height = p.height;
                             u.render_ms += p.render_ms;
                             u.image = p.image;
+                            u.alpha = p.alpha;
                         }
                         Err(e) => u.outcome = Some(from_render(e)),
                     }
@@ -307,7 +312,7 @@ async fn run_model(task: &TaskSpec, units: &mut [Unit], ctx: &ProcessContext) {
             units[i].outcome = Some(failed(ErrorKind::Internal, "page has no pixels to give the model"));
             continue;
         };
-        let req = GenRequest { image, prompt: prompt.clone(), max_new_tokens: s.max_new_tokens };
+        let req = GenRequest { image, alpha: units[i].alpha.take(), prompt: prompt.clone(), max_new_tokens: s.max_new_tokens };
         let model = model.clone();
         calls.push((i, tokio::spawn(async move { model.submit(req).await })));
     }

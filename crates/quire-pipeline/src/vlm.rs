@@ -170,7 +170,10 @@ const PREFILL_PER_STEP: usize = 8;
 
 fn vlm_request(r: &GenRequest) -> quire_vlm::Request {
     quire_vlm::Request {
-        image: image::DynamicImage::ImageRgb8(r.image.clone()),
+        image: match &r.alpha {
+            Some(a) => image::DynamicImage::ImageRgba8(a.clone()),
+            None => image::DynamicImage::ImageRgb8(r.image.clone()),
+        },
         prompt: r.prompt.clone(),
         max_new_tokens: (r.max_new_tokens != MODEL_DEFAULT_MAX_NEW_TOKENS).then_some(r.max_new_tokens),
     }

@@ -137,6 +137,10 @@ pub struct Page {
     pub page: u32,
     /// RGB pixels (white background under transparency), when asked for.
     pub image: Option<image::RgbImage>,
+    /// The pixels with their alpha, when the source image has an alpha channel: models
+    /// flatten transparency in their own ways (Idefics3's processor composites on white,
+    /// Idefics2's drops the alpha), so the model gets these instead of `image`.
+    pub alpha: Option<image::RgbaImage>,
     /// Pixel size of `image` (or the size it would have had, when no image was asked for).
     pub width: u32,
     pub height: u32,

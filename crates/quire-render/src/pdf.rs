@@ -497,6 +497,7 @@ fn render_page(
     Ok(Page {
         page: n,
         image,
+        alpha: None,
         width: w,
         height: h,
         text,

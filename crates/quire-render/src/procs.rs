@@ -445,6 +445,7 @@ fn serve(w: &mut Worker, spawner: &Spawner, job: Job) -> bool {
                         Msg::Page(Ok(Page {
                             page: h.page,
                             image,
+                            alpha: None,
                             width: h.width,
                             height: h.height,
                             text: h.text,

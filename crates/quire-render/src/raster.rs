@@ -80,12 +80,14 @@ pub fn decode_image_bytes(name: &str, data: &[u8], limits: &Limits) -> Result<Pa
     if let Some(o) = orientation {
         img.apply_orientation(o);
     }
+    let alpha = img.color().has_alpha().then(|| img.to_rgba8());
     let rgb = to_rgb_on_white(img);
     Ok(Page {
         page: 1,
         width: rgb.width(),
         height: rgb.height(),
         image: Some(rgb),
+        alpha,
         text: None,
         render_ms: t0.elapsed().as_secs_f64() * 1e3,
     })
@@ -201,12 +203,14 @@ fn decode_single(path: &Path, kind: InputKind, limits: &Limits) -> Result<Page, 
     if let Some(o) = orientation {
         img.apply_orientation(o);
     }
+    let alpha = img.color().has_alpha().then(|| img.to_rgba8());
     let rgb = to_rgb_on_white(img);
     Ok(Page {
         page: 1,
         width: rgb.width(),
         height: rgb.height(),
         image: Some(rgb),
+        alpha,
         text: None,
         render_ms: t0.elapsed().as_secs_f64() * 1e3,
     })
@@ -321,11 +325,12 @@ fn decode_tiff(
     let mut out = Vec::new();
     for f in frames {
         let t0 = Instant::now();
-        let r = decode_tiff_frame(&mut dec, path, f, limits).map(|rgb| Page {
+        let r = decode_tiff_frame(&mut dec, path, f, limits).map(|(rgb, alpha)| Page {
             page: f,
             width: rgb.width(),
             height: rgb.height(),
             image: Some(rgb),
+            alpha,
             text: None,
             render_ms: t0.elapsed().as_secs_f64() * 1e3,
         });
@@ -339,7 +344,7 @@ fn decode_tiff_frame<R: std::io::Read + Seek>(
     path: &Path,
     frame: u32,
     limits: &Limits,
-) -> Result<RgbImage, RenderError> {
+) -> Result<(RgbImage, Option<image::RgbaImage>), RenderError> {
     use tiff::decoder::DecodingResult as D;
     use tiff::ColorType as C;
     let terr = |e| tiff_error(path, Some(frame), e);
@@ -424,5 +429,6 @@ fn decode_tiff_frame<R: std::io::Read + Seek>(
         }
         _ => return Err(unsupported()),
     };
-    Ok(to_rgb_on_white(img))
+    let alpha = img.color().has_alpha().then(|| img.to_rgba8());
+    Ok((to_rgb_on_white(img), alpha))
 }
