@@ -739,22 +739,7 @@ fn kills_restarts_outages_and_a_poison_task_lose_and_duplicate_nothing() {
         q.dead_letters("drill").await.unwrap()
     });
     eprintln!("dead letters: {dead:#?}");
-    // Exactly one record per page of every document but the poison one.
-    let recs = stored_records(&rt, &store, "out/drill/results/");
-    for i in 0..copies {
-        let name = if i % 2 == 0 { "born_digital.pdf" } else { "mixed.pdf" };
-        let src = format!("{input}/{i:03}-{name}");
-        let pages: Vec<u64> = recs.keys().filter(|(s, _)| *s == src).map(|(_, p)| *p).collect();
-        assert_eq!(pages, vec![1, 2, 3], "{src}");
-    }
-    assert!(!recs.keys().any(|(s, _)| s.ends_with("poison.pdf")));
-    let m: Value = rt.block_on(async { serde_json::from_slice(&store.get("out/drill/manifest.json").await.unwrap().unwrap()).unwrap() });
-    assert_eq!(m["counts"]["records"].as_u64(), Some(recs.len() as u64), "{m}");
-    assert_eq!(m["counts"]["tasks_dead_lettered"].as_u64(), Some(1), "only the poison task is given up: {m}");
-    assert!(m["dead_lettered"][0]["source"].as_str().unwrap().ends_with("poison.pdf"), "{m}");
-
-    // Starts: (time, task, pid). A task runs twice only after its worker was killed (or once
-    // the broker restarted); heartbeats kept every slower-than-the-lease task on its worker.
+    // Starts: (time, task, pid), from the workers' fault hook.
     let starts: Vec<(u64, String, u32)> = std::fs::read_to_string(&starts)
         .unwrap()
         .lines()
@@ -763,8 +748,51 @@ fn kills_restarts_outages_and_a_poison_task_lose_and_duplicate_nothing() {
             (f.len() == 4).then(|| (f[3].parse().unwrap(), f[0].to_string(), f[2].parse().unwrap()))
         })
         .collect();
+    let m: Value = rt.block_on(async { serde_json::from_slice(&store.get("out/drill/manifest.json").await.unwrap().unwrap()).unwrap() });
+    let listed: Vec<&Value> = m["dead_lettered"].as_array().unwrap().iter().collect();
+    let poison = listed.iter().find(|d| d["source"].as_str().unwrap().ends_with("poison.pdf")).expect("the poison task is given up");
+    let poison = poison["task_id"].as_str().unwrap();
+    // Any other task given up must have used every delivery it had (8), each start ended by a
+    // kill, a poison crash or the broker's outage (checked with the other starts below): the
+    // issue allows that, and the manifest must list it. With 100 kills it happens now and then.
+    let unlucky: Vec<&str> = listed.iter().map(|d| d["task_id"].as_str().unwrap()).filter(|t| *t != poison).collect();
+    for t in &unlucky {
+        let n = starts.iter().filter(|s| s.1 == *t).count();
+        assert!(n >= 8, "task {t} was given up after {n} starts, fewer than --max-deliver 8:\n{dead:#?}");
+    }
+    // The same task may be in the dead letters twice (its max-deliveries advisory forwarded
+    // again by the coordinator that replaced a killed one); the manifest lists it once.
+    let distinct: std::collections::BTreeSet<&str> = dead.iter().map(|d| d.task_id.as_str()).collect();
+    if distinct.len() != dead.len() {
+        eprintln!("fault drill: {} dead letters for {} tasks", dead.len(), distinct.len());
+    }
+    assert_eq!(distinct.len(), listed.len(), "the manifest lists every task given up: {m}");
+    eprintln!("fault drill: given up besides the poison task (every delivery used): {unlucky:?}");
+    // Exactly one record per page of every document but the poison one; a task given up may
+    // still have written its page when its last worker finished after the give-up (its lease
+    // lost while the broker was down), never twice.
+    let recs = stored_records(&rt, &store, "out/drill/results/");
+    let unlucky_pages: Vec<(String, u64)> = listed
+        .iter()
+        .filter(|d| unlucky.contains(&d["task_id"].as_str().unwrap()))
+        .flat_map(|d| (d["first"].as_u64().unwrap()..=d["last"].as_u64().unwrap()).map(move |p| (d["source"].as_str().unwrap().to_string(), p)))
+        .collect();
+    for i in 0..copies {
+        let name = if i % 2 == 0 { "born_digital.pdf" } else { "mixed.pdf" };
+        let src = format!("{input}/{i:03}-{name}");
+        let pages: Vec<u64> = recs.keys().filter(|(s, _)| *s == src).map(|(_, p)| *p).collect();
+        let want: Vec<u64> = (1..=3).filter(|p| !unlucky_pages.contains(&(src.clone(), *p))).collect();
+        let maybe: Vec<u64> = (1..=3).collect();
+        assert!(pages == want || pages == maybe, "{src}: pages {pages:?}");
+    }
+    assert!(!recs.keys().any(|(s, _)| s.ends_with("poison.pdf")));
+    let late = recs.len() as u64 - m["counts"]["records"].as_u64().unwrap();
+    assert!(late as usize <= unlucky_pages.len(), "the manifest counts {} of {} records: {m}", m["counts"]["records"], recs.len());
+    assert_eq!(m["counts"]["tasks_dead_lettered"].as_u64(), Some(1 + unlucky.len() as u64), "{m}");
+
+    // A task runs twice only after its worker was killed (or once the broker restarted);
+    // heartbeats kept every slower-than-the-lease task on its worker.
     let ended: BTreeMap<u32, u64> = killed.iter().chain(&died).copied().collect();
-    let poison = m["dead_lettered"][0]["task_id"].as_str().unwrap();
     let mut by_task: BTreeMap<&str, Vec<(u64, u32)>> = BTreeMap::new();
     for (t, task, pid) in starts.iter().filter(|s| s.1 != poison) {
         by_task.entry(task).or_default().push((*t, *pid));
@@ -798,9 +826,10 @@ fn kills_restarts_outages_and_a_poison_task_lose_and_duplicate_nothing() {
     );
     assert!(!recover.is_empty(), "the kills hit no running task: the drill proved nothing");
     // With a 2 s lease a killed worker's task is free 2 s after its last renewal; the rest
-    // is waiting for a free slot (6 slots, 2.5 s pages). A 30 s wait is the workers'
-    // default lease in force instead of the job's.
-    assert!(worst < 15.0, "a killed worker's task waited {worst:.1}s to be taken over");
+    // is waiting for a free slot (6 slots, 2.5 s pages), and a redelivered task waits for its
+    // process's running tasks before it runs alone. A 30 s wait is the workers' default lease
+    // in force instead of the job's.
+    assert!(worst < 20.0, "a killed worker's task waited {worst:.1}s to be taken over");
     drop(garage);
     drop(nats);
 }

@@ -92,6 +92,7 @@ pub async fn run_embedded(opts: RunOptions, progress: Arc<Progress>) -> anyhow::
     let queue = MemoryQueue::new(opts.queue);
     let heartbeat = (opts.queue.ack_wait / 3).max(Duration::from_millis(10));
     let mut workers = Vec::new();
+    let gate = Arc::new(tokio::sync::RwLock::new(()));
     for _ in 0..opts.workers.max(1) {
         let w = Worker {
             queue: Arc::new(queue.clone()),
@@ -103,6 +104,7 @@ pub async fn run_embedded(opts: RunOptions, progress: Arc<Progress>) -> anyhow::
             admit: None,
             observer: None,
             abort: Some(stop_rx.clone()),
+            gate: gate.clone(),
         };
         workers.push(tokio::spawn(async move { w.run().await }));
     }

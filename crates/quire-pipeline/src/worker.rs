@@ -122,6 +122,15 @@ pub struct Worker {
     pub observer: Option<Arc<dyn TaskObserver>>,
     /// Set to `true` to abandon running tasks (they are nacked at once).
     pub abort: Option<watch::Receiver<bool>>,
+    /// Shared by the task slots of one process: a task delivered before runs alone (see
+    /// [`Worker::run`]). `Default::default()` for a slot of its own.
+    pub gate: Arc<tokio::sync::RwLock<()>>,
+}
+
+/// A slot's turn under [`Worker::gate`].
+enum Turn<'a> {
+    Shared(#[allow(dead_code)] tokio::sync::RwLockReadGuard<'a, ()>),
+    Alone(#[allow(dead_code)] tokio::sync::RwLockWriteGuard<'a, ()>),
 }
 
 /// Stored results up to this size also travel in the task's `Done` event,
@@ -195,9 +204,35 @@ impl Worker {
                 lease.nack(Duration::ZERO, "worker shut down before starting the task").await?;
                 break;
             }
+            // A task delivered before may be what killed its last worker, and a task that kills
+            // its process takes the tasks of the other slots down with it (seen in the fault
+            // drill: a page riding along with a poison document used up its deliveries with
+            // it). So it runs alone in this process: it waits for the running tasks to end,
+            // and nothing else starts here until it ends. Waiting renews the lease.
+            let _turn = if lease.delivery() > 1 {
+                Turn::Alone(self.renewing(lease.as_ref(), self.gate.write()).await)
+            } else {
+                Turn::Shared(self.renewing(lease.as_ref(), self.gate.read()).await)
+            };
             self.handle(lease).await;
         }
         Ok(())
+    }
+
+    /// Awaits `wait` while renewing `lease` as a running task's would be.
+    async fn renewing<F: std::future::Future>(&self, lease: &dyn Lease, wait: F) -> F::Output {
+        tokio::pin!(wait);
+        loop {
+            let every = lease.lease_time().map(|t| (t / 3).max(Duration::from_millis(100))).unwrap_or(self.heartbeat);
+            tokio::select! {
+                out = &mut wait => return out,
+                _ = tokio::time::sleep(every) => {
+                    if let Err(e) = lease.heartbeat().await {
+                        tracing::warn!(task = %lease.task().task_id, "heartbeat while waiting for a turn failed: {e}");
+                    }
+                }
+            }
+        }
     }
 
     async fn handle(&self, lease: Box<dyn Lease>) {
@@ -429,6 +464,7 @@ mod tests {
             admit: None,
             observer: None,
             abort: Some(abort),
+            gate: Default::default(),
         }
     }
 

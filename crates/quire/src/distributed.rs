@@ -241,6 +241,7 @@ fn worker_inner(args: WorkerArgs) -> anyhow::Result<u8> {
         let progress = Arc::new(Progress::default());
         let (abort_tx, abort_rx) = watch::channel(false);
         let mut loops = tokio::task::JoinSet::new();
+        let gate = Arc::new(tokio::sync::RwLock::new(()));
         for _ in 0..args.model_opts.workers.max(1) {
             let w = Worker {
                 queue: Arc::new(queue.clone()),
@@ -252,6 +253,7 @@ fn worker_inner(args: WorkerArgs) -> anyhow::Result<u8> {
                 admit: Some(admit.clone()),
                 observer: Some(metrics.clone() as Arc<dyn TaskObserver>),
                 abort: Some(abort_rx.clone()),
+                gate: gate.clone(),
             };
             loops.spawn(async move { w.run().await });
         }

@@ -438,6 +438,17 @@ def scenario_checks(path: Path) -> None:
             assert arg_after(c["args"], "--device") == "cpu"
     check(f"{name}: GPU limits only when asked", gpu_limits)
 
+    def engine_args():
+        c = worker_container(docs)
+        w = values.get("worker", {})
+        assert arg_after(c["args"], "--batching") == w.get("batching", "continuous"), c["args"]
+        for key, flag in (("kvCacheMb", "--kv-cache-mb"), ("maxSequences", "--max-sequences")):
+            if w.get(key, 0):
+                assert arg_after(c["args"], flag) == str(w[key]), (flag, c["args"])
+            else:
+                assert flag not in c["args"], f"{flag} without worker.{key}: the worker works it out"
+    check(f"{name}: batching flags follow the values", engine_args)
+
     keda = values.get("keda", {}).get("enabled", False)
 
     def scaling():
