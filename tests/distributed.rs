@@ -752,13 +752,15 @@ fn kills_restarts_outages_and_a_poison_task_lose_and_duplicate_nothing() {
     let listed: Vec<&Value> = m["dead_lettered"].as_array().unwrap().iter().collect();
     let poison = listed.iter().find(|d| d["source"].as_str().unwrap().ends_with("poison.pdf")).expect("the poison task is given up");
     let poison = poison["task_id"].as_str().unwrap();
-    // Any other task given up must have used every delivery it had (8), each start ended by a
-    // kill, a poison crash or the broker's outage (checked with the other starts below): the
-    // issue allows that, and the manifest must list it. With 100 kills it happens now and then.
+    // Any other task given up must have used every delivery it had (8): kills, poison crashes
+    // and the broker's outage each cost the tasks a worker held a delivery, started or still
+    // waiting for their turn (a second start while the first worker lived is checked below).
+    // The issue allows that, and the manifest must list it; with 100 kills it happens now and then.
     let unlucky: Vec<&str> = listed.iter().map(|d| d["task_id"].as_str().unwrap()).filter(|t| *t != poison).collect();
-    for t in &unlucky {
-        let n = starts.iter().filter(|s| s.1 == *t).count();
-        assert!(n >= 8, "task {t} was given up after {n} starts, fewer than --max-deliver 8:\n{dead:#?}");
+    for d in listed.iter().filter(|d| d["task_id"].as_str() != Some(poison)) {
+        let starts_of = starts.iter().filter(|s| Some(s.1.as_str()) == d["task_id"].as_str()).count();
+        assert!(d["deliveries"].as_u64() >= Some(8), "given up before its 8 deliveries: {d} ({starts_of} starts)");
+        eprintln!("fault drill: given up after all its deliveries ({starts_of} of them started): {d}");
     }
     // The same task may be in the dead letters twice (its max-deliveries advisory forwarded
     // again by the coordinator that replaced a killed one); the manifest lists it once.
