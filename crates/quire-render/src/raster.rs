@@ -80,17 +80,7 @@ pub fn decode_image_bytes(name: &str, data: &[u8], limits: &Limits) -> Result<Pa
     if let Some(o) = orientation {
         img.apply_orientation(o);
     }
-    let alpha = img.color().has_alpha().then(|| img.to_rgba8());
-    let rgb = to_rgb_on_white(img);
-    Ok(Page {
-        page: 1,
-        width: rgb.width(),
-        height: rgb.height(),
-        image: Some(rgb),
-        alpha,
-        text: None,
-        render_ms: t0.elapsed().as_secs_f64() * 1e3,
-    })
+    Ok(single_page(img, t0))
 }
 
 /// Number of frames (pages) of a TIFF; 1 for any other image. Reads only the directories.
@@ -203,17 +193,7 @@ fn decode_single(path: &Path, kind: InputKind, limits: &Limits) -> Result<Page, 
     if let Some(o) = orientation {
         img.apply_orientation(o);
     }
-    let alpha = img.color().has_alpha().then(|| img.to_rgba8());
-    let rgb = to_rgb_on_white(img);
-    Ok(Page {
-        page: 1,
-        width: rgb.width(),
-        height: rgb.height(),
-        image: Some(rgb),
-        alpha,
-        text: None,
-        render_ms: t0.elapsed().as_secs_f64() * 1e3,
-    })
+    Ok(single_page(img, t0))
 }
 
 /// Whether a JPEG file has its end-of-image marker (FF D9) in its last 64 KiB: a cut-off
@@ -228,6 +208,21 @@ fn jpeg_has_end(path: &Path) -> bool {
         return true;
     }
     buf.windows(2).any(|w| w == [0xFF, 0xD9])
+}
+
+/// A single-image page: RGB on white, plus the RGBA pixels when the image has alpha.
+fn single_page(img: DynamicImage, t0: Instant) -> Page {
+    let alpha = img.color().has_alpha().then(|| img.to_rgba8());
+    let rgb = to_rgb_on_white(img);
+    Page {
+        page: 1,
+        width: rgb.width(),
+        height: rgb.height(),
+        image: Some(rgb),
+        alpha,
+        text: None,
+        render_ms: t0.elapsed().as_secs_f64() * 1e3,
+    }
 }
 
 /// RGB with any alpha composited over white (dropping alpha would turn transparent pixels,

@@ -239,11 +239,13 @@ impl Vlm {
 
     /// Batched greedy generation with the checkpoint's generation config; results are in request order.
     pub fn generate(&mut self, reqs: &[Request]) -> Result<Vec<Generation>> {
+        if reqs.is_empty() {
+            return Ok(Vec::new());
+        }
         let t = std::time::Instant::now();
-        let mut out = match &mut self.model {
-            Model::Idefics3(m) => m.generate(reqs)?,
-            Model::Idefics2(m) => m.generate(reqs)?,
-        };
+        let (ids, feats): (Vec<_>, Vec<_>) = self.encode(reqs)?.into_iter().unzip();
+        let max_new: Vec<Option<usize>> = reqs.iter().map(|r| r.max_new_tokens).collect();
+        let mut out = self.decoder_mut().generate(&ids, &feats, &max_new)?;
         let share = t.elapsed().as_secs_f64() * 1e3 / out.len().max(1) as f64;
         for g in &mut out {
             g.device_ms = share;

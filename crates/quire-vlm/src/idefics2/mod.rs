@@ -20,7 +20,7 @@ use crate::engine::{load_weights, pick_prefix, Decoder};
 use crate::frames::{pad_frames, PatchRule, Tile};
 use crate::generation::GenerationConfig;
 use crate::siglip::VisionModel;
-use crate::{Generation, Request};
+use crate::Request;
 use config::Idefics2Config;
 use connector::Connector;
 use processor::ImageProcessorConfig;
@@ -99,7 +99,7 @@ impl Idefics2 {
         crate::engine::par_map(reqs, |r| self.prepare(&r.image, &r.prompt))
     }
 
-    /// The checkpoint's generation settings as applied by [`Self::generate`].
+    /// The checkpoint's generation settings as applied by [`crate::Vlm::generate`].
     pub fn generation_config(&self) -> &GenerationConfig {
         self.decoder.generation_config()
     }
@@ -146,22 +146,7 @@ impl Idefics2 {
 
     /// First-step logits (f32, vocab) for each request; used by the parity tests.
     pub fn prefill_logits(&mut self, reqs: &[Request]) -> Result<Vec<Vec<f32>>> {
-        let preps = self.prepare_all(reqs)?;
-        let feats = self.image_features(&preps)?;
-        let ids: Vec<Vec<u32>> = preps.into_iter().map(|p| p.input_ids).collect();
+        let (ids, feats): (Vec<_>, Vec<_>) = self.encode(reqs)?.into_iter().unzip();
         self.decoder.prefill_logits(&ids, &feats)
-    }
-
-    /// Batched greedy decoding with the checkpoint's generation config; each row yields
-    /// exactly the tokens of a run on its own.
-    pub fn generate(&mut self, reqs: &[Request]) -> Result<Vec<Generation>> {
-        if reqs.is_empty() {
-            return Ok(vec![]);
-        }
-        let preps = self.prepare_all(reqs)?;
-        let feats = self.image_features(&preps)?;
-        let ids: Vec<Vec<u32>> = preps.into_iter().map(|p| p.input_ids).collect();
-        let max_new: Vec<Option<usize>> = reqs.iter().map(|r| r.max_new_tokens).collect();
-        self.decoder.generate(&ids, &feats, &max_new)
     }
 }
