@@ -20,11 +20,24 @@
 //! Memory: one member's bytes at a time (at most `max_member_bytes`), plus the set of keys
 //! seen (for duplicates); a plain tar skips unwanted members by seeking, a gzip'd one by
 //! inflating through them.
+//!
+//! Sources: [`walk_reader`] reads any `Read + Seek` source (an `s3://` object read by ranged
+//! requests, say); [`walk`] and [`scan`] open a local file. A tar is read from its start up
+//! to the end of the range. A zip is read through its central directory: its members are
+//! classified from the names listed there, and only the members of the wanted samples are
+//! opened (their local header and data), so a task on a large zip reads the directory and
+//! its own members only. Sample numbers (the units of task ids and ranges) therefore depend
+//! on names alone, the same for a scan and a walk, a local file and a remote object. Two
+//! consequences for zip: a name is what the zip crate decodes (UTF-8 when the entry is
+//! flagged so, else CP437, which is a legitimate name), and a name flagged UTF-8 whose bytes
+//! are not UTF-8 (decoded with U+FFFD) is refused; and a scan's `images` counts the
+//! image-named members that pass the name checks, as a member's encryption, size,
+//! compression ratio and link flag are checked only when a task opens it.
 
 use quire_core::{ErrorKind, Limits};
 use std::collections::HashSet;
 use std::fs::File;
-use std::io::{BufReader, Read};
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::ops::RangeInclusive;
 use std::path::Path;
 
@@ -308,32 +321,59 @@ impl Walker<'_> {
     }
 }
 
-/// Reads the archive at `path` from the start. Entries of the samples in `range` go to
-/// `on_entry` in archive order (`None`: a scan that reads no member data). With a range, the
-/// walk stops after the range's last sample; the returned [`Scan`] then covers only what was
-/// read. An error is about the whole archive (unreadable, not an archive, too many members).
+/// Anything an archive can be read from: a file, or an object read by ranged requests.
+pub trait ReadSeek: Read + Seek + Send {}
+
+impl<T: Read + Seek + Send + ?Sized> ReadSeek for T {}
+
+/// Reads the archive at `path` from the start: [`walk_reader`] on the opened file.
 pub fn walk(
     path: &Path,
     limits: &ArchiveLimits,
     range: Option<RangeInclusive<u32>>,
     on_entry: &mut dyn FnMut(Entry),
 ) -> Result<Scan, ArchiveError> {
-    let meta = std::fs::metadata(path).map_err(|e| io_error(path, e))?;
-    if meta.len() == 0 {
+    let file = File::open(path).map_err(|e| io_error(path, e))?;
+    walk_reader(file, limits, range, on_entry).map_err(|e| match e.kind {
+        ErrorKind::Io => ArchiveError::new(ErrorKind::Io, format!("{}: {}", path.display(), e.message)),
+        _ => e,
+    })
+}
+
+/// Reads the archive in `src` from the start. Entries of the samples in `range` go to
+/// `on_entry` in archive order (`None`: a scan that reads no member data). With a range, the
+/// walk stops after the range's last sample; the returned [`Scan`] then covers only what was
+/// read. An error is about the whole archive (unreadable, not an archive, too many members).
+///
+/// A tar is read from its start up to the range's end (a plain one seeks over unwanted
+/// member data); a zip reads its central directory and then only the local headers and data
+/// of the wanted members.
+pub fn walk_reader<R: Read + Seek>(
+    mut src: R,
+    limits: &ArchiveLimits,
+    range: Option<RangeInclusive<u32>>,
+    on_entry: &mut dyn FnMut(Entry),
+) -> Result<Scan, ArchiveError> {
+    let io = |e: std::io::Error| ArchiveError::new(ErrorKind::Io, format!("reading the archive: {e}"));
+    let len = src.seek(SeekFrom::End(0)).map_err(io)?;
+    if len == 0 {
         return Err(ArchiveError::new(ErrorKind::Empty, "empty file (0 bytes)"));
     }
-    let kind = sniff_archive_file(path)
+    src.seek(SeekFrom::Start(0)).map_err(io)?;
+    let mut head = Vec::with_capacity(ARCHIVE_SNIFF_LEN);
+    (&mut src).take(ARCHIVE_SNIFF_LEN as u64).read_to_end(&mut head).map_err(io)?;
+    let kind = sniff_archive(&head)
         .ok_or_else(|| ArchiveError::new(ErrorKind::Unsupported, "not a tar or zip archive by its first bytes"))?;
+    src.seek(SeekFrom::Start(0)).map_err(io)?;
     let stop_after_range = range.is_some();
     let mut w = Walker { range, on_entry, seen: HashSet::new(), current: None, scan: Scan::default(), stop_after_range };
-    let file = File::open(path).map_err(|e| io_error(path, e))?;
     match kind {
-        ArchiveKind::Tar => walk_tar(tar::Archive::new(file), meta.len(), limits, &mut w)?,
+        ArchiveKind::Tar => walk_tar(tar::Archive::new(Seekable(src)), len, limits, &mut w)?,
         ArchiveKind::TarGz => {
-            let gz = flate2::read::MultiGzDecoder::new(BufReader::with_capacity(1 << 16, file));
+            let gz = flate2::read::MultiGzDecoder::new(BufReader::with_capacity(1 << 16, src));
             walk_tar(tar::Archive::new(gz), 0, limits, &mut w)?
         }
-        ArchiveKind::Zip => walk_zip(path, file, limits, &mut w)?,
+        ArchiveKind::Zip => walk_zip(src, limits, &mut w)?,
     }
     Ok(w.scan)
 }
@@ -341,6 +381,11 @@ pub fn walk(
 /// Counts the samples of an archive (reading no member data where it can be skipped).
 pub fn scan(path: &Path, limits: &ArchiveLimits) -> Result<Scan, ArchiveError> {
     walk(path, limits, None, &mut |_| {})
+}
+
+/// [`scan`] over any source.
+pub fn scan_reader<R: Read + Seek>(src: R, limits: &ArchiveLimits) -> Result<Scan, ArchiveError> {
+    walk_reader(src, limits, None, &mut |_| {})
 }
 
 fn io_error(path: &Path, e: std::io::Error) -> ArchiveError {
@@ -452,7 +497,22 @@ pub trait MaybeSeek: Read + Sized {
     fn entries(a: &mut tar::Archive<Self>) -> std::io::Result<tar::Entries<'_, Self>>;
 }
 
-impl MaybeSeek for File {
+/// A plain tar's source, read with seeks over unwanted member data.
+pub struct Seekable<R>(R);
+
+impl<R: Read> Read for Seekable<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl<R: Seek> Seek for Seekable<R> {
+    fn seek(&mut self, pos: SeekFrom) -> std::io::Result<u64> {
+        self.0.seek(pos)
+    }
+}
+
+impl<R: Read + Seek> MaybeSeek for Seekable<R> {
     fn entries(a: &mut tar::Archive<Self>) -> std::io::Result<tar::Entries<'_, Self>> {
         a.entries_with_seek()
     }
@@ -464,53 +524,78 @@ impl<R: Read> MaybeSeek for flate2::read::MultiGzDecoder<R> {
     }
 }
 
-/// What the zip readers know about a member before reading it.
+/// What opening a wanted zip member (its local header) tells before its data is read.
 struct ZipMember {
-    raw: Vec<u8>,
-    is_dir: bool,
     is_link: bool,
     encrypted: bool,
     size: u64,
     csize: u64,
 }
 
-/// Classifies one zip member and, when its sample is wanted, reads it with `read`.
-fn zip_member(
+/// Whether a zip member name is a directory's (the zip crate's rule).
+fn zip_dir_name(name: &str) -> bool {
+    name.ends_with('/') || name.ends_with('\\')
+}
+
+/// Why a zip member name is refused. The name is the zip crate's decoding of it (UTF-8
+/// when the entry says so, lossily; CP437 otherwise), so a name flagged UTF-8 that is not
+/// shows U+FFFD.
+fn bad_zip_name(name: &str) -> Option<String> {
+    if name.contains('\u{fffd}') {
+        return Some("member name is not valid UTF-8".into());
+    }
+    bad_name(name.as_bytes())
+}
+
+/// Classifies a zip member by its name alone (so a scan and every task number the samples
+/// alike without opening anything); returns its unit when its sample is wanted and the
+/// member is to be opened with [`zip_read`].
+fn zip_classify(name: &str, w: &mut Walker<'_>) -> Option<u32> {
+    if zip_dir_name(name) {
+        return None;
+    }
+    let (_, ext) = split_key(name);
+    let named_badly = bad_zip_name(name);
+    if !(is_image_ext(&ext) || is_archive_ext(&ext) || named_badly.is_some()) {
+        return None;
+    }
+    let unit = w.member(name.as_bytes(), false);
+    if let Some(why) = named_badly {
+        w.refuse(name, ErrorKind::Unsupported, why);
+        return None;
+    }
+    if is_archive_ext(&ext) {
+        w.refuse(name, ErrorKind::Unsupported, "an archive inside the archive is not opened".into());
+        return None;
+    }
+    let s = w.sample();
+    s.has_image = true;
+    s.image_ok = true;
+    (w.wants(unit) && !w.sample().duplicate).then_some(unit)
+}
+
+/// Checks an opened zip member (link, encryption, size, ratio) and reads it with `read`.
+fn zip_read(
+    unit: u32,
+    name: &str,
     m: ZipMember,
     limits: &ArchiveLimits,
     w: &mut Walker<'_>,
     read: &mut dyn FnMut() -> std::io::Result<Vec<u8>>,
 ) {
-    if m.is_dir {
-        return;
-    }
-    let name = String::from_utf8_lossy(&m.raw).into_owned();
-    let (_, ext) = split_key(&name);
-    let named_badly = bad_name(&m.raw);
-    if !(is_image_ext(&ext) || is_archive_ext(&ext) || named_badly.is_some()) {
-        return;
-    }
-    let unit = w.member(&m.raw, false);
-    if let Some(why) = named_badly {
-        return w.refuse(&name, ErrorKind::Unsupported, why);
-    }
     if m.is_link {
-        return w.refuse(&name, ErrorKind::Unsupported, "a symbolic link, not a regular file".into());
+        return w.refuse(name, ErrorKind::Unsupported, "a symbolic link, not a regular file".into());
     }
-    if is_archive_ext(&ext) {
-        return w.refuse(&name, ErrorKind::Unsupported, "an archive inside the archive is not opened".into());
-    }
-    w.sample().has_image = true;
     if m.encrypted {
-        return w.refuse(&name, ErrorKind::Encrypted, "the zip member is encrypted".into());
+        return w.refuse(name, ErrorKind::Encrypted, "the zip member is encrypted".into());
     }
     let (size, csize) = (m.size, m.csize);
     if size > limits.max_member_bytes {
-        return w.refuse(&name, ErrorKind::TooLarge, too_large(size, limits.max_member_bytes));
+        return w.refuse(name, ErrorKind::TooLarge, too_large(size, limits.max_member_bytes));
     }
     if size > csize.max(1).saturating_mul(u64::from(limits.max_zip_ratio)) {
         return w.refuse(
-            &name,
+            name,
             ErrorKind::TooLarge,
             format!(
                 "compression ratio {}:1 ({size} bytes from {csize}) is more than the limit of {}:1 (a zip bomb?); not inflated",
@@ -519,27 +604,28 @@ fn zip_member(
             ),
         );
     }
-    w.sample().image_ok = true;
-    if !w.wants(unit) || w.sample().duplicate {
-        return;
-    }
     match read() {
         Ok(data) if data.len() as u64 == size => {
             let key = w.sample().key.clone();
-            w.sample().entries.push(Entry::Image { unit, key, member: name, data });
+            w.sample().entries.push(Entry::Image { unit, key, member: name.to_string(), data });
         }
-        Ok(data) => w.refuse(&name, ErrorKind::Corrupt, format!("member holds {} bytes or more, its header says {size}", data.len())),
+        Ok(data) => w.refuse(name, ErrorKind::Corrupt, format!("member holds {} bytes or more, its header says {size}", data.len())),
         Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof => {
-            w.refuse(&name, ErrorKind::Truncated, format!("member data ends early: {err}"))
+            w.refuse(name, ErrorKind::Truncated, format!("member data ends early: {err}"))
         }
-        Err(err) => w.refuse(&name, ErrorKind::Corrupt, format!("cannot inflate: {err}")),
+        Err(err) => w.refuse(name, ErrorKind::Corrupt, format!("cannot inflate: {err}")),
     }
 }
 
-fn walk_zip(path: &Path, file: File, limits: &ArchiveLimits, w: &mut Walker<'_>) -> Result<(), ArchiveError> {
-    let mut zip = match zip::ZipArchive::new(BufReader::new(file)) {
+/// A zip read through its central directory: members are classified by the names listed
+/// there, and only the wanted ones are opened (a seek to their local header and data).
+fn walk_zip<R: Read + Seek>(mut src: R, limits: &ArchiveLimits, w: &mut Walker<'_>) -> Result<(), ArchiveError> {
+    let mut zip = match zip::ZipArchive::new(BufReader::new(&mut src)) {
         Ok(z) => z,
-        Err(err) => return walk_zip_stream(path, err, limits, w),
+        Err(err) => {
+            src.seek(SeekFrom::Start(0)).map_err(|e| ArchiveError::new(ErrorKind::Io, format!("reading the archive: {e}")))?;
+            return walk_zip_stream(src, err, limits, w);
+        }
     };
     if zip.len() as u64 > u64::from(limits.max_members) {
         return Err(ArchiveError::new(
@@ -547,28 +633,26 @@ fn walk_zip(path: &Path, file: File, limits: &ArchiveLimits, w: &mut Walker<'_>)
             format!("{} members, more than the limit of {} (--max-archive-members)", zip.len(), limits.max_members),
         ));
     }
+    let max = limits.max_member_bytes;
     for i in 0..zip.len() {
         if w.past_range() {
             return Ok(());
         }
         w.scan.members += 1;
+        let name = zip.name_for_index(i).unwrap_or_default().to_string();
+        let Some(unit) = zip_classify(&name, w) else { continue };
         let m = match zip.by_index_raw(i) {
-            Ok(f) => ZipMember {
-                raw: f.name_raw().to_vec(),
-                is_dir: f.is_dir(),
-                is_link: f.is_symlink(),
-                encrypted: f.encrypted(),
-                size: f.size(),
-                csize: f.compressed_size(),
-            },
+            Ok(f) => ZipMember { is_link: f.is_symlink(), encrypted: f.encrypted(), size: f.size(), csize: f.compressed_size() },
             Err(err) => {
-                w.finish_sample();
-                w.truncated(format!("zip member {i} cannot be read: {err}"));
-                return Ok(());
+                let kind = match &err {
+                    zip::result::ZipError::Io(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => ErrorKind::Truncated,
+                    _ => ErrorKind::Corrupt,
+                };
+                w.refuse(&name, kind, format!("the member's local header cannot be read: {err}"));
+                continue;
             }
         };
-        let max = limits.max_member_bytes;
-        zip_member(m, limits, w, &mut || {
+        zip_read(unit, &name, m, limits, w, &mut || {
             let mut f = zip.by_index(i).map_err(std::io::Error::other)?;
             read_member(&mut f, 0, max)
         });
@@ -580,8 +664,8 @@ fn walk_zip(path: &Path, file: File, limits: &ArchiveLimits, w: &mut Walker<'_>)
 /// A zip whose central directory cannot be read (typically one cut off at the end): its
 /// members are read from their local headers in file order, then one `truncated` entry
 /// stands for whatever the damage hides.
-fn walk_zip_stream(path: &Path, cd_error: zip::result::ZipError, limits: &ArchiveLimits, w: &mut Walker<'_>) -> Result<(), ArchiveError> {
-    let mut r = BufReader::new(File::open(path).map_err(|e| io_error(path, e))?);
+fn walk_zip_stream<R: Read>(src: R, cd_error: zip::result::ZipError, limits: &ArchiveLimits, w: &mut Walker<'_>) -> Result<(), ArchiveError> {
+    let mut r = BufReader::new(src);
     let max = limits.max_member_bytes;
     let why = loop {
         if w.past_range() {
@@ -590,15 +674,10 @@ fn walk_zip_stream(path: &Path, cd_error: zip::result::ZipError, limits: &Archiv
         match zip::read::read_zipfile_from_stream(&mut r) {
             Ok(Some(mut f)) => {
                 w.count_member(limits)?;
-                let m = ZipMember {
-                    raw: f.name_raw().to_vec(),
-                    is_dir: f.is_dir(),
-                    is_link: f.is_symlink(),
-                    encrypted: f.encrypted(),
-                    size: f.size(),
-                    csize: f.compressed_size(),
-                };
-                zip_member(m, limits, w, &mut || read_member(&mut f, 0, max));
+                let name = f.name().to_string();
+                let Some(unit) = zip_classify(&name, w) else { continue };
+                let m = ZipMember { is_link: f.is_symlink(), encrypted: f.encrypted(), size: f.size(), csize: f.compressed_size() };
+                zip_read(unit, &name, m, limits, w, &mut || read_member(&mut f, 0, max));
             }
             Ok(None) => break "its central directory is damaged".to_string(),
             Err(err) => break format!("it breaks off after sample {}: {err}", w.scan.units),
@@ -738,5 +817,120 @@ mod tests {
         let lax = ArchiveLimits { max_zip_ratio: 2000, ..limits() };
         let (_, e) = entries("bad/hostile.zip", 2..=2, &lax);
         assert_eq!(e[0].3, "image", "within the ratio limit the member is inflated (and judged by the decoder)");
+    }
+
+    /// A source that records every read (position, length).
+    struct Counting<R> {
+        inner: R,
+        reads: std::rc::Rc<std::cell::RefCell<Vec<(u64, usize)>>>,
+    }
+
+    impl<R: Read + Seek> Read for Counting<R> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let pos = self.inner.stream_position()?;
+            let n = self.inner.read(buf)?;
+            self.reads.borrow_mut().push((pos, n));
+            Ok(n)
+        }
+    }
+
+    impl<R: Seek> Seek for Counting<R> {
+        fn seek(&mut self, pos: SeekFrom) -> std::io::Result<u64> {
+            self.inner.seek(pos)
+        }
+    }
+
+    /// A zip of `n` stored members `s/NNN.jpg` of `size` bytes each (distinct bytes), and the
+    /// offset of each member's local header.
+    pub(crate) fn many_member_zip(n: usize, size: usize) -> (Vec<u8>, Vec<u64>) {
+        use std::io::Write;
+        let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+        let opts = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+        for i in 0..n {
+            w.start_file(format!("s/{i:03}.jpg"), opts).unwrap();
+            let data: Vec<u8> = (0..size).map(|j| (j * 7 + i * 13) as u8).collect();
+            w.write_all(&data).unwrap();
+            if i % 10 == 3 {
+                w.start_file(format!("s/{i:03}.txt"), opts).unwrap();
+                w.write_all(b"a caption").unwrap();
+            }
+        }
+        let bytes = w.finish().unwrap().into_inner();
+        let mut z = zip::ZipArchive::new(std::io::Cursor::new(&bytes)).unwrap();
+        let offsets = (0..z.len()).map(|i| z.by_index_raw(i).unwrap().header_start()).collect();
+        (bytes, offsets)
+    }
+
+    fn collect_reader<R: Read + Seek>(src: R, range: RangeInclusive<u32>) -> (Scan, Vec<Entry>) {
+        let mut out = Vec::new();
+        let scan = walk_reader(src, &limits(), Some(range), &mut |e| out.push(e)).unwrap();
+        (scan, out)
+    }
+
+    #[test]
+    fn a_zip_task_opens_only_its_own_members() {
+        let (bytes, offsets) = many_member_zip(40, 32 << 10);
+        let reads = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+        let src = Counting { inner: std::io::Cursor::new(bytes.clone()), reads: reads.clone() };
+        let (_, got) = collect_reader(src, 2..=3);
+        let members: Vec<_> = got
+            .iter()
+            .map(|e| match e {
+                Entry::Image { unit, member, data, .. } => (*unit, member.clone(), data.len()),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(members, vec![(2, "s/001.jpg".to_string(), 32 << 10), (3, "s/002.jpg".to_string(), 32 << 10)]);
+        // Nothing is read from the members between the wanted ones and the end of the file (the
+        // last few members may share the directory's reads).
+        let (from, to) = (offsets[4], offsets[offsets.len() - 4]);
+        let stray: Vec<_> = reads.borrow().iter().filter(|(p, n)| *p < to && p + *n as u64 > from).cloned().collect();
+        assert!(stray.is_empty(), "reads inside other members: {stray:?}");
+        let total: usize = reads.borrow().iter().map(|r| r.1).sum();
+        assert!(total < bytes.len() / 4, "read {total} of {} bytes", bytes.len());
+        // The same samples as a scan counts, and as a walk of everything gives.
+        let s = scan_reader(std::io::Cursor::new(bytes.clone()), &limits()).unwrap();
+        assert_eq!((s.units, s.images, s.members), (40, 40, 44));
+        let (_, all) = collect_reader(std::io::Cursor::new(bytes), 1..=40);
+        assert_eq!(&all[1..3], &got[..]);
+    }
+
+    #[test]
+    fn zip_names_are_decoded_by_their_flag() {
+        use std::io::Write;
+        let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+        let opts = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+        // ASCII names carry no UTF-8 flag; non-ASCII ones do.
+        for name in ["cafX.jpg", "caf\u{e9}.jpg", "ok.jpg"] {
+            w.start_file(name, opts).unwrap();
+            w.write_all(b"not really a jpeg").unwrap();
+        }
+        let mut bytes = w.finish().unwrap().into_inner();
+        let patch = |bytes: &mut Vec<u8>, from: &[u8], to: &[u8]| {
+            let mut n = 0;
+            let mut i = 0;
+            while let Some(at) = bytes[i..].windows(from.len()).position(|x| x == from) {
+                bytes[i + at..i + at + from.len()].copy_from_slice(to);
+                i += at + from.len();
+                n += 1;
+            }
+            assert_eq!(n, 2, "a name is in its local header and the central directory");
+        };
+        // 0x82 is é in CP437 (no flag: a legitimate name); a flagged name that is not UTF-8 is refused.
+        patch(&mut bytes, b"cafX", b"caf\x82");
+        patch(&mut bytes, "caf\u{e9}".as_bytes(), b"caf\xff\xfe");
+        let (s, got) = collect_reader(std::io::Cursor::new(bytes), 1..=3);
+        let got: Vec<_> = got
+            .iter()
+            .map(|e| match e {
+                Entry::Image { member, .. } => (member.clone(), "image"),
+                Entry::Refused { member, kind, .. } => (member.clone().unwrap(), kind.as_str()),
+            })
+            .collect();
+        assert_eq!(got[0], ("caf\u{e9}.jpg".to_string(), "image"));
+        assert_eq!(got[1].1, "unsupported", "{got:?}");
+        assert!(got[1].0.contains('\u{fffd}'));
+        assert_eq!(got[2], ("ok.jpg".to_string(), "image"));
+        assert_eq!((s.units, s.refused), (3, 1));
     }
 }
