@@ -94,7 +94,7 @@ impl VlmGenerator {
                 kv.bytes >> 20,
                 kv.max_sequences
             );
-            Engine::Continuous(Batcher::new(vlm, BatcherOptions { kv, prefill_per_step: PREFILL_PER_STEP }))
+            Engine::Continuous(Batcher::new(vlm, batcher_options(kv, &opts.device)))
         };
         let ck = quire_vlm::Checkpoint::open(dir)?;
         let long_side = ck.image_processor.pointer("/size/longest_edge").and_then(|v| v.as_u64()).map(|v| v as u32);
@@ -167,6 +167,24 @@ impl Generator for VlmGenerator {
 /// quickly (their images share one vision pass), few enough that the sequences already
 /// decoding wait for only a few prefills.
 const PREFILL_PER_STEP: usize = 8;
+
+/// Prompt positions prefilled per step at most (chunked prefill) on a GPU: about nine
+/// 13-tile pages, so one step's prefill stays in the tens of milliseconds.
+const GPU_PREFILL_TOKENS: usize = 8192;
+
+/// The same on the CPU, where a 13-tile page's prefill takes seconds: the sequences in
+/// flight take a decode step after every 512 prompt positions.
+const CPU_PREFILL_TOKENS: usize = 512;
+
+/// Continuous batching's settings for `device`: requests are prepared (resized, tiled,
+/// tokenized) on threads of their own ahead of the model, half the cores (at most 8) next
+/// to a GPU, one on the CPU, where the model itself keeps the cores busy.
+fn batcher_options(kv: KvBudget, device: &quire_vlm::Device) -> BatcherOptions {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (prefill_tokens, prep_threads) =
+        if device.is_cpu() { (CPU_PREFILL_TOKENS, 1) } else { (GPU_PREFILL_TOKENS, (cores / 2).clamp(1, 8)) };
+    BatcherOptions { kv, prefill_per_step: PREFILL_PER_STEP, prefill_tokens, prep_threads }
+}
 
 fn vlm_request(r: &GenRequest) -> quire_vlm::Request {
     quire_vlm::Request {

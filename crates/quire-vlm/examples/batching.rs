@@ -6,11 +6,14 @@
 //!
 //! usage: batching CHECKPOINT_DIR IMAGE... [--device cpu|cuda] [--dtype f32|bf16|f16]
 //!        [--new 8,64,24,...] [--requests N] [--batch N] [--rounds N] [--modes one,static,continuous]
+//!        [--prefill-tokens N] [--prep-threads N]
 //!
 //! Request i takes image i mod #images and `--new` value i mod #values as its length (the
 //! checkpoint must never stop early, e.g. an EOS id the model never produces; `tokens_out`
 //! shows what was generated). Static batches take `--batch` requests in order; continuous
-//! batching keeps at most `--batch` sequences in flight. Prints one JSON line per round and
+//! batching keeps at most `--batch` sequences in flight, prefills at most `--prefill-tokens`
+//! prompt positions per step (0: whole prompts) and prepares images on `--prep-threads`
+//! threads ahead of the model (0: when needed, on the stepping thread). Prints one JSON line per round and
 //! mode (seconds, pages/s, new tokens/s), then one summary line with each mode's median
 //! pages/s and the ratios of the medians.
 
@@ -32,6 +35,8 @@ struct Args {
     batch: usize,
     rounds: usize,
     modes: Vec<String>,
+    prefill_tokens: usize,
+    prep_threads: usize,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -46,6 +51,8 @@ fn parse_args() -> anyhow::Result<Args> {
         batch: 8,
         rounds: 3,
         modes: vec!["one".into(), "static".into(), "continuous".into()],
+        prefill_tokens: 0,
+        prep_threads: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -58,6 +65,8 @@ fn parse_args() -> anyhow::Result<Args> {
             "--batch" => a.batch = val()?.parse()?,
             "--rounds" => a.rounds = val()?.parse()?,
             "--modes" => a.modes = val()?.split(',').map(String::from).collect(),
+            "--prefill-tokens" => a.prefill_tokens = val()?.parse()?,
+            "--prep-threads" => a.prep_threads = val()?.parse()?,
             _ if arg.starts_with("--") => bail!("unknown option {arg}"),
             _ => pos.push(arg),
         }
@@ -71,7 +80,8 @@ fn parse_args() -> anyhow::Result<Args> {
 }
 
 /// Runs `reqs` in `mode`; returns (seconds, new tokens) and the model back.
-fn run(vlm: Vlm, mode: &str, reqs: &[Request], batch: usize) -> anyhow::Result<(f64, usize, Vlm)> {
+fn run(vlm: Vlm, mode: &str, reqs: &[Request], a: &Args) -> anyhow::Result<(f64, usize, Vlm)> {
+    let batch = a.batch;
     let t = Instant::now();
     let (tokens, vlm) = match mode {
         "one" | "static" => {
@@ -85,7 +95,8 @@ fn run(vlm: Vlm, mode: &str, reqs: &[Request], batch: usize) -> anyhow::Result<(
         }
         "continuous" => {
             let kv = KvBudget { bytes: 64 << 30, max_sequences: batch };
-            let mut b = Batcher::new(vlm, BatcherOptions { kv, prefill_per_step: batch });
+            let opts = BatcherOptions { kv, prefill_per_step: batch, prefill_tokens: a.prefill_tokens, prep_threads: a.prep_threads };
+            let mut b = Batcher::new(vlm, opts);
             for (i, r) in reqs.iter().enumerate() {
                 b.submit(i as u64, r.clone());
             }
@@ -127,12 +138,12 @@ fn main() -> anyhow::Result<()> {
     // Warm-up: every mode once on two short requests.
     let warm: Vec<Request> = reqs.iter().take(2).map(|r| Request { max_new_tokens: Some(2), ..r.clone() }).collect();
     for m in &a.modes {
-        vlm = run(vlm, m, &warm, a.batch)?.2;
+        vlm = run(vlm, m, &warm, &a)?.2;
     }
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); a.modes.len()];
     for round in 0..a.rounds {
         for (k, m) in a.modes.iter().enumerate() {
-            let (s, tokens, back) = run(vlm, m, &reqs, a.batch)?;
+            let (s, tokens, back) = run(vlm, m, &reqs, &a)?;
             vlm = back;
             rates[k].push(reqs.len() as f64 / s);
             println!(

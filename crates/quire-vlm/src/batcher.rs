@@ -1,24 +1,41 @@
-//! Continuous batching over a loaded [`Vlm`]: requests wait in a queue, join the
-//! sequences in flight as soon as the KV-cache budget has room (their images through the
-//! vision encoder together, then one prefill each) and leave as each one finishes, while
-//! every step decodes all sequences in flight at once.
+//! Continuous batching over a loaded [`Vlm`]: requests are prepared on the host ahead of the
+//! device (resize, tile, normalise, tokenize on threads of their own), wait until the
+//! KV-cache budget has room, go through the vision encoder together, are prefilled in chunks
+//! between decode steps, and leave as each one finishes, while every step decodes all
+//! sequences in flight at once.
 //!
-//! A step admits at most [`BatcherOptions::prefill_per_step`] requests, so a long queue of
-//! new pages never stalls the pages already decoding for more than a few prefills.
+//! Per step, at most [`BatcherOptions::prefill_per_step`] requests are admitted and at most
+//! [`BatcherOptions::prefill_tokens`] prompt positions are prefilled, so a long queue of new
+//! pages never stalls the pages already decoding for more than that much work.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Instant;
 
 use candle_core::Tensor;
 
 use crate::engine::{Admission, KvBudget};
-use crate::{Generation, Request, Vlm};
+use crate::{Generation, Prepared, Processor, Request, Vlm};
 
 #[derive(Clone, Copy, Debug)]
 pub struct BatcherOptions {
     pub kv: KvBudget,
-    /// Requests admitted (encoded and prefilled) per step at most.
+    /// Requests admitted (encoded and begun) per step at most.
     pub prefill_per_step: usize,
+    /// Prompt positions prefilled per step at most (chunked prefill); 0: no limit, each
+    /// prompt prefilled whole when admitted.
+    pub prefill_tokens: usize,
+    /// Threads preparing requests ahead of the device; 0: prepared on the stepping thread
+    /// when needed, over all cores.
+    pub prep_threads: usize,
+}
+
+impl BatcherOptions {
+    /// `kv` with the other settings at their defaults: 8 admissions and whole prefills per
+    /// step, preparation on the stepping thread.
+    pub fn new(kv: KvBudget) -> Self {
+        BatcherOptions { kv, prefill_per_step: 8, prefill_tokens: 0, prep_threads: 0 }
+    }
 }
 
 /// A request whose prompt and image features are ready, waiting for room.
@@ -29,9 +46,49 @@ struct Encoded {
     max_new: Option<usize>,
 }
 
+/// A prepared request, or why it could not be prepared.
+type PrepResult = (u64, Result<Prepared, String>, Option<usize>);
+
+/// Threads turning requests into [`Prepared`] inputs while the device works.
+struct PrepPool {
+    jobs: mpsc::Sender<(u64, u64, Request)>,
+    done: mpsc::Receiver<(u64, PrepResult)>,
+}
+
+impl PrepPool {
+    fn start(processor: Processor, threads: usize) -> PrepPool {
+        let (jobs, job_rx) = mpsc::channel::<(u64, u64, Request)>();
+        let (done_tx, done) = mpsc::channel();
+        let job_rx = Arc::new(Mutex::new(job_rx));
+        for i in 0..threads {
+            let (rx, tx, p) = (job_rx.clone(), done_tx.clone(), processor.clone());
+            let spawned = std::thread::Builder::new().name(format!("quire-prep-{i}")).spawn(move || loop {
+                let job = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                let Ok((order, id, req)) = job else { return };
+                let r = p.prepare(&req).map_err(|e| format!("{e:#}"));
+                if tx.send((order, (id, r, req.max_new_tokens))).is_err() {
+                    return;
+                }
+            });
+            if let Err(e) = spawned {
+                tracing::warn!("cannot start a preparation thread: {e}");
+            }
+        }
+        PrepPool { jobs, done }
+    }
+}
+
 pub struct Batcher {
     vlm: Vlm,
+    processor: Processor,
+    /// Submitted, not yet handed to preparation.
     pending: VecDeque<(u64, Request)>,
+    /// Prepared (or failed to), by submission order.
+    prepared: BTreeMap<u64, PrepResult>,
+    /// Handed to the preparation threads, not back yet.
+    preparing: usize,
+    pool: Option<PrepPool>,
+    next_order: u64,
     ready: VecDeque<Encoded>,
     opts: BatcherOptions,
     /// Busy milliseconds spent on each unanswered request so far (see `Generation::device_ms`).
@@ -44,7 +101,20 @@ pub type Outcome = (u64, Result<Generation, String>);
 impl Batcher {
     pub fn new(mut vlm: Vlm, opts: BatcherOptions) -> Batcher {
         vlm.decoder_mut().set_kv_budget(opts.kv);
-        Batcher { vlm, pending: VecDeque::new(), ready: VecDeque::new(), opts, spent: HashMap::new() }
+        let processor = vlm.processor();
+        let pool = (opts.prep_threads > 0).then(|| PrepPool::start(processor.clone(), opts.prep_threads));
+        Batcher {
+            vlm,
+            processor,
+            pending: VecDeque::new(),
+            prepared: BTreeMap::new(),
+            preparing: 0,
+            pool,
+            next_order: 0,
+            ready: VecDeque::new(),
+            opts,
+            spent: HashMap::new(),
+        }
     }
 
     pub fn vlm(&self) -> &Vlm {
@@ -59,15 +129,29 @@ impl Batcher {
 
     pub fn submit(&mut self, id: u64, req: Request) {
         self.pending.push_back((id, req));
+        self.feed_preparation();
     }
 
     /// Requests submitted and not yet answered.
     pub fn outstanding(&mut self) -> usize {
-        self.pending.len() + self.ready.len() + self.vlm.decoder_mut().in_flight()
+        let d = self.vlm.decoder_mut();
+        self.pending.len()
+            + self.preparing
+            + self.prepared.len()
+            + self.ready.len()
+            + d.in_flight()
+            + usize::from(d.filling().is_some())
     }
 
+    /// Sequences in flight (decoding), the one being prefilled not counted.
     pub fn in_flight(&mut self) -> usize {
         self.vlm.decoder_mut().in_flight()
+    }
+
+    /// Requests prepared by the preparation threads and not yet through the vision encoder.
+    pub fn prepared(&mut self) -> usize {
+        self.drain_prepared();
+        self.prepared.len()
     }
 
     /// (reserved, budget) bytes of KV cache.
@@ -76,20 +160,107 @@ impl Batcher {
         (d.kv_reserved_bytes(), d.kv_budget().bytes)
     }
 
-    /// Admits what fits, then runs one decode step; returns the requests that finished.
+    /// Requests prepared or being prepared at most before the device asks for them: enough
+    /// for the next admissions, few enough to bound the host memory their pixels take.
+    fn prepare_ahead(&self) -> usize {
+        (2 * self.opts.prefill_per_step.max(1)).max(self.opts.prep_threads)
+    }
+
+    /// Hands pending requests to the preparation threads, up to the look-ahead.
+    fn feed_preparation(&mut self) {
+        let Some(pool) = &self.pool else { return };
+        while self.preparing + self.prepared.len() < self.prepare_ahead() {
+            let Some((id, req)) = self.pending.pop_front() else { break };
+            if pool.jobs.send((self.next_order, id, req)).is_err() {
+                break;
+            }
+            self.next_order += 1;
+            self.preparing += 1;
+        }
+    }
+
+    /// Collects what the preparation threads finished; with `wait`, waits for one first.
+    /// Without threads, prepares up to the look-ahead here when nothing is prepared.
+    fn collect_prepared(&mut self, wait: bool) {
+        let Some(pool) = &self.pool else {
+            if self.prepared.is_empty() && !self.pending.is_empty() {
+                let n = self.prepare_ahead().min(self.pending.len());
+                let batch: Vec<(u64, Request)> = self.pending.drain(..n).collect();
+                let p = &self.processor;
+                let done: Vec<Result<Prepared, String>> =
+                    crate::engine::par_map(&batch, |(_, r)| Ok(p.prepare(r).map_err(|e| format!("{e:#}"))))
+                        .unwrap_or_else(|e| vec![Err(format!("{e:#}")); batch.len()]);
+                for ((id, req), r) in batch.into_iter().zip(done) {
+                    self.prepared.insert(self.next_order, (id, r, req.max_new_tokens));
+                    self.next_order += 1;
+                }
+            }
+            return;
+        };
+        if wait && self.preparing > 0 {
+            if let Ok((order, r)) = pool.done.recv() {
+                self.prepared.insert(order, r);
+                self.preparing -= 1;
+            }
+        }
+        self.drain_prepared();
+    }
+
+    /// Takes what the preparation threads finished, without waiting, and hands them more.
+    fn drain_prepared(&mut self) {
+        let Some(pool) = &self.pool else { return };
+        while let Ok((order, r)) = pool.done.try_recv() {
+            self.prepared.insert(order, r);
+            self.preparing -= 1;
+        }
+        self.feed_preparation();
+    }
+
+    /// Admits what fits, prefills up to the step's token budget, then runs one decode step;
+    /// returns the requests that finished.
     pub fn step(&mut self) -> Vec<Outcome> {
         let mut out = Vec::new();
-        let mut admitted = 0;
+        let idle = {
+            let d = self.vlm.decoder_mut();
+            d.in_flight() == 0 && d.filling().is_none()
+        };
+        self.collect_prepared(idle && self.ready.is_empty() && self.prepared.is_empty());
         let per_step = self.opts.prefill_per_step.max(1);
-        while admitted < per_step {
+        let mut tokens = if self.opts.prefill_tokens == 0 { usize::MAX } else { self.opts.prefill_tokens };
+        let mut admitted = 0;
+        loop {
+            if let Some((id, left)) = self.vlm.decoder_mut().filling() {
+                if tokens == 0 {
+                    break;
+                }
+                let n = left.min(tokens);
+                tokens -= n;
+                let t = Instant::now();
+                let r = self.vlm.decoder_mut().fill(n);
+                *self.spent.entry(id).or_default() += t.elapsed().as_secs_f64() * 1e3;
+                match r {
+                    Ok(Some((id, Some(g)))) => out.push((id, Ok(g))),
+                    Ok(_) => {}
+                    Err(err) => {
+                        self.vlm.decoder_mut().abort_filling();
+                        out.push((id, Err(format!("{err:#}"))));
+                    }
+                }
+                continue;
+            }
+            if admitted >= per_step || tokens == 0 {
+                break;
+            }
             if self.ready.is_empty() {
-                let room = self.opts.kv.max_sequences.saturating_sub(self.vlm.decoder_mut().in_flight());
-                let take = room.min(per_step - admitted).min(self.pending.len());
+                let d = self.vlm.decoder_mut();
+                let room = self.opts.kv.max_sequences.saturating_sub(d.in_flight());
+                let take = room.min(per_step - admitted).min(self.prepared.len());
                 if take == 0 {
                     break;
                 }
-                let batch: Vec<(u64, Request)> = self.pending.drain(..take).collect();
+                let batch: Vec<PrepResult> = (0..take).filter_map(|_| self.prepared.pop_first().map(|(_, r)| r)).collect();
                 self.encode(batch, &mut out);
+                self.feed_preparation();
                 if self.ready.is_empty() {
                     continue;
                 }
@@ -100,7 +271,7 @@ impl Batcher {
                     let e = self.ready.pop_front().expect("not empty");
                     admitted += 1;
                     let t = Instant::now();
-                    let r = self.vlm.decoder_mut().admit(e.id, &e.ids, &e.feats, e.max_new);
+                    let r = self.vlm.decoder_mut().begin(e.id, &e.ids, &e.feats, e.max_new);
                     *self.spent.entry(e.id).or_default() += t.elapsed().as_secs_f64() * 1e3;
                     match r {
                         Ok(Some(g)) => out.push((e.id, Ok(g))),
@@ -140,27 +311,38 @@ impl Batcher {
         out
     }
 
-    /// Encodes `batch` together; when that fails, one by one, so a bad image fails alone.
-    fn encode(&mut self, batch: Vec<(u64, Request)>, out: &mut Vec<Outcome>) {
-        let reqs: Vec<Request> = batch.iter().map(|(_, r)| r.clone()).collect();
+    /// Runs the vision encoder over `batch` together; when that fails, one by one, so a bad
+    /// image fails alone. Requests that could not be prepared fail here.
+    fn encode(&mut self, batch: Vec<PrepResult>, out: &mut Vec<Outcome>) {
+        let mut ok = Vec::with_capacity(batch.len());
+        for (id, r, max_new) in batch {
+            match r {
+                Ok(p) => ok.push((id, p, max_new)),
+                Err(e) => out.push((id, Err(e))),
+            }
+        }
+        if ok.is_empty() {
+            return;
+        }
+        let preps: Vec<&Prepared> = ok.iter().map(|(_, p, _)| p).collect();
         let t = Instant::now();
-        let encoded = self.vlm.encode(&reqs);
-        let share = t.elapsed().as_secs_f64() * 1e3 / batch.len().max(1) as f64;
-        for (id, _) in &batch {
+        let encoded = self.vlm.encode_prepared(&preps);
+        let share = t.elapsed().as_secs_f64() * 1e3 / ok.len() as f64;
+        for (id, ..) in &ok {
             *self.spent.entry(*id).or_default() += share;
         }
         match encoded {
             Ok(enc) => {
-                for ((id, r), (ids, feats)) in batch.into_iter().zip(enc) {
-                    self.ready.push_back(Encoded { id, ids, feats, max_new: r.max_new_tokens });
+                for ((id, _, max_new), (ids, feats)) in ok.into_iter().zip(enc) {
+                    self.ready.push_back(Encoded { id, ids, feats, max_new });
                 }
             }
-            Err(_) if batch.len() > 1 => {
-                for one in batch {
-                    self.encode(vec![one], out);
+            Err(_) if ok.len() > 1 => {
+                for (id, p, max_new) in ok {
+                    self.encode(vec![(id, Ok(p), max_new)], out);
                 }
             }
-            Err(err) => out.push((batch[0].0, Err(format!("{err:#}")))),
+            Err(err) => out.push((ok[0].0, Err(format!("{err:#}")))),
         }
     }
 }

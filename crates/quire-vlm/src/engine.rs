@@ -3,6 +3,8 @@
 //! generation. A family turns requests into prompt token ids plus image features (one row
 //! per `<image>` token) and hands them to [`Decoder::generate`].
 
+use std::sync::Arc;
+
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -97,10 +99,29 @@ pub fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> Result<R> + Sync
     })
 }
 
+/// Tokenizer and chat template: what turns a user's text into prompt token ids. Cheap to
+/// clone and shareable with the threads that prepare requests ahead of the device.
+#[derive(Clone)]
+pub struct PromptMaker {
+    pub tokenizer: Arc<TextTokenizer>,
+    pub template: Option<Arc<ChatTemplate>>,
+}
+
+impl PromptMaker {
+    /// The chat-templated prompt for one user turn with the image first, then `text`;
+    /// `fallback` formats it when the checkpoint has no template.
+    pub fn render(&self, text: &str, fallback: impl FnOnce(&str) -> String) -> Result<String> {
+        match &self.template {
+            Some(t) => t.render_user_image_turn(text),
+            None => Ok(fallback(text)),
+        }
+    }
+}
+
 /// The text side of a loaded checkpoint: tokenizer, chat template, decoder and generation settings.
 pub struct Decoder {
-    pub tokenizer: TextTokenizer,
-    pub template: Option<ChatTemplate>,
+    pub tokenizer: Arc<TextTokenizer>,
+    pub template: Option<Arc<ChatTemplate>>,
     text: TextModel,
     generation: GenerationConfig,
     pad: u32,
@@ -113,8 +134,25 @@ pub struct Decoder {
     /// Sequence i is in cache slot i.
     live: Vec<Live>,
     kv_budget: KvBudget,
-    /// Positions reserved in the KV cache by the sequences in flight (prompt + new tokens each).
+    /// Positions reserved in the KV cache by the sequences in flight (prompt + new tokens each)
+    /// and the one being prefilled.
     reserved: usize,
+    /// The prompt being prefilled chunk by chunk, if any.
+    filling: Option<Filling>,
+}
+
+/// A prompt whose prefill runs in chunks between decode steps; its keys and values so far
+/// sit in the text model's own cache until the last chunk moves them into a slot.
+struct Filling {
+    id: u64,
+    ids: Vec<u32>,
+    /// (1, prompt, hidden) input embeddings, image features merged.
+    embeds: Tensor,
+    /// Positions prefilled so far.
+    done: usize,
+    budget: usize,
+    /// Positions reserved: prompt + budget.
+    need: usize,
 }
 
 /// What continuous batching may hold at once.
@@ -157,9 +195,9 @@ impl Decoder {
         image_token_id: u32,
         dtype: DType,
     ) -> Result<Decoder> {
-        let tokenizer = TextTokenizer::load(&ck.dir, &ck.tokenizer_config)?;
+        let tokenizer = Arc::new(TextTokenizer::load(&ck.dir, &ck.tokenizer_config)?);
         let template = match &ck.chat_template {
-            Some(t) => Some(ChatTemplate::new(t, &ck.tokenizer_config)?),
+            Some(t) => Some(Arc::new(ChatTemplate::new(t, &ck.tokenizer_config)?)),
             None => None,
         };
         // Tied in config but stored anyway: the stored copy equals the embeddings.
@@ -191,6 +229,7 @@ impl Decoder {
             live: Vec::new(),
             kv_budget: KvBudget { bytes: 1 << 30, max_sequences: 8 },
             reserved: 0,
+            filling: None,
         })
     }
 
@@ -198,13 +237,9 @@ impl Decoder {
         &self.generation
     }
 
-    /// The chat-templated prompt for one user turn with the image first, then `text`;
-    /// `fallback` formats it when the checkpoint has no template.
-    pub fn render_prompt(&self, text: &str, fallback: impl FnOnce(&str) -> String) -> Result<String> {
-        match &self.template {
-            Some(t) => t.render_user_image_turn(text),
-            None => Ok(fallback(text)),
-        }
+    /// Tokenizer and chat template, for preparing requests on other threads.
+    pub fn prompt_maker(&self) -> PromptMaker {
+        PromptMaker { tokenizer: self.tokenizer.clone(), template: self.template.clone() }
     }
 
     /// Input embeddings of one request with image features scattered onto `<image>` positions.
@@ -420,7 +455,8 @@ impl Decoder {
         let (_, positions) = self.text.slot_shape();
         let most = (self.kv_budget.bytes / per.max(1)) as usize;
         let positions = if need > positions { Self::slot_positions(need).min(most).max(need) } else { positions };
-        if self.live.len() < self.slots_for(positions) {
+        let held = self.live.len() + usize::from(self.filling.is_some());
+        if held < self.slots_for(positions) {
             Admission::Now
         } else {
             Admission::Later
@@ -428,47 +464,118 @@ impl Decoder {
     }
 
     /// Prefills prompt `ids` (whose `<image>` tokens take `feats`) into the next free cache
-    /// slot and picks its first token. Returns the generation when it is already over (EOS
-    /// first, or a budget of 0 or 1), else `None`: the sequence is in flight under `id`.
-    /// The caller checks [`Self::admission`] first; this does not.
+    /// slot at once and picks its first token: [`Self::begin`] then [`Self::fill`] to the end.
+    /// Returns the generation when it is already over (EOS first, or a budget of 0 or 1),
+    /// else `None`: the sequence is in flight under `id`.
     pub fn admit(&mut self, id: u64, ids: &[u32], feats: &Tensor, max_new: Option<usize>) -> Result<Option<Generation>> {
+        if let Some(g) = self.begin(id, ids, feats, max_new)? {
+            return Ok(Some(g));
+        }
+        match self.fill(usize::MAX) {
+            Ok(Some((_, g))) => Ok(g),
+            Ok(None) => bail!("a prefill without a token limit did not finish"),
+            Err(e) => {
+                self.abort_filling();
+                Err(e)
+            }
+        }
+    }
+
+    /// Starts the prefill of prompt `ids` (whose `<image>` tokens take `feats`): its KV cache
+    /// is reserved now, and [`Self::fill`] runs it chunk by chunk between decode steps. One
+    /// prompt is filled at a time. Returns the generation when it is over before it starts
+    /// (a budget of 0). The caller checks [`Self::admission`] first; this does not.
+    pub fn begin(&mut self, id: u64, ids: &[u32], feats: &Tensor, max_new: Option<usize>) -> Result<Option<Generation>> {
+        if self.filling.is_some() {
+            bail!("a prefill is under way already");
+        }
         let budget = self.budget_for(ids.len(), max_new);
         if budget == 0 {
             return Ok(Some(self.finished(ids.len(), Vec::new(), FinishReason::Length)?));
         }
-        let l = ids.len();
-        let need = l + budget;
+        let embeds = self.merged_embeddings(ids, feats)?.unsqueeze(0)?;
+        let need = ids.len() + budget;
+        self.reserved += need;
+        self.filling = Some(Filling { id, ids: ids.to_vec(), embeds, done: 0, budget, need });
+        Ok(None)
+    }
+
+    /// The prompt being prefilled: its id and the positions still to fill.
+    pub fn filling(&self) -> Option<(u64, usize)> {
+        self.filling.as_ref().map(|f| (f.id, f.ids.len() - f.done))
+    }
+
+    /// Prefills up to `tokens` more positions of the prompt begun by [`Self::begin`]. When
+    /// that ends its prompt, the sequence moves into the next free slot with its first token
+    /// chosen: `Some((id, None))` when it is now in flight, `Some((id, Some(generation)))`
+    /// when it is already over (EOS first, or a budget of 1). `None`: more to fill. Chunks
+    /// attend to the keys of the chunks before them, so the result does not depend on their
+    /// size. After an error, call [`Self::abort_filling`].
+    pub fn fill(&mut self, tokens: usize) -> Result<Option<(u64, Option<Generation>)>> {
+        let Some(f) = self.filling.as_ref() else { return Ok(None) };
+        let (l, off) = (f.ids.len(), f.done);
+        let n = tokens.max(1).min(l - off);
+        let chunk = f.embeds.narrow(1, off, n)?;
+        let positions = vec![(off as i64..(off + n) as i64).collect::<Vec<_>>()];
+        let mut m = Vec::with_capacity(n * (off + n));
+        for i in off..off + n {
+            m.extend((0..off + n).map(|j| if self.visible(i, j, 0) { 0f32 } else { f32::MIN }));
+        }
+        let mask = Tensor::from_vec(m, (1, 1, n, off + n), &self.device)?;
+        if off == 0 {
+            self.text.clear_cache();
+        }
+        let logits = self.text.prefill_chunk(&chunk, &positions, Some(&mask), l)?;
+        let f = self.filling.as_mut().expect("checked above");
+        f.done += n;
+        if f.done < l {
+            return Ok(None);
+        }
+        let f = self.filling.take().expect("checked above");
         let slot = self.live.len();
         let (slots, positions) = self.text.slot_shape();
-        if need > positions || slot >= slots {
+        if f.need > positions || slot >= slots {
             // A longer slot size when this sequence needs one (rounded up, within the budget).
             let most = (self.kv_budget.bytes / self.text.kv_bytes_per_position().max(1) as u64) as usize;
-            let positions = if need > positions { Self::slot_positions(need).min(most).max(need) } else { positions };
+            let positions = if f.need > positions { Self::slot_positions(f.need).min(most).max(f.need) } else { positions };
             let n = self.slots_for(positions).max(slot + 1);
             let keep_positions = self.live.iter().map(|s| s.seq.len()).max().unwrap_or(0);
-            self.text.resize_slots(n, positions, slot, keep_positions)?;
+            if let Err(e) = self.text.resize_slots(n, positions, slot, keep_positions) {
+                self.reserved -= f.need;
+                return Err(e.into());
+            }
         }
-        let embeds = self.merged_embeddings(ids, feats)?.unsqueeze(0)?;
-        let positions = vec![(0..l as i64).collect::<Vec<_>>()];
-        let mut m = Vec::with_capacity(l * l);
-        for i in 0..l {
-            m.extend((0..l).map(|j| if self.visible(i, j, 0) { 0f32 } else { f32::MIN }));
+        if let Err(e) = self.text.commit_prefill(slot) {
+            self.reserved -= f.need;
+            return Err(e.into());
         }
-        let mask = Tensor::from_vec(m, (1, 1, l, l), &self.device)?;
-        let logits = self.text.prefill_slot(slot, &embeds, &positions, Some(&mask))?;
-        let mut live = Live { id, prompt_len: l, seq: ids.to_vec(), budget, reserved: need };
-        let tok = self.greedy(&logits, |_, row| self.generation.process(&live.seq, l, budget, row))?[0];
+        let mut live = Live { id: f.id, prompt_len: l, seq: f.ids, budget: f.budget, reserved: f.need };
+        let tok = match self.greedy(&logits, |_, row| self.generation.process(&live.seq, l, live.budget, row)) {
+            Ok(t) => t[0],
+            Err(e) => {
+                self.reserved -= f.need;
+                return Err(e);
+            }
+        };
         match self.advance(&mut live, tok) {
             Some(reason) => {
+                self.reserved -= live.reserved;
                 let new = live.seq.split_off(l);
-                Ok(Some(self.finished(l, new, reason)?))
+                Ok(Some((f.id, Some(self.finished(l, new, reason)?))))
             }
             None => {
-                self.reserved += live.reserved;
                 self.live.push(live);
-                Ok(None)
+                Ok(Some((f.id, None)))
             }
         }
+    }
+
+    /// Drops the prompt being prefilled (after an error) and returns its id.
+    pub fn abort_filling(&mut self) -> Option<u64> {
+        let f = self.filling.take()?;
+        self.reserved -= f.need;
+        self.text.clear_cache();
+        Some(f.id)
     }
 
     /// One decode step of every sequence in flight; returns those that finished (the
@@ -537,8 +644,9 @@ impl Decoder {
 
     /// Drops every sequence in flight and returns their ids (after a failed step).
     pub fn abort_all(&mut self) -> Vec<u64> {
+        let filling = self.abort_filling();
         self.reserved = 0;
-        std::mem::take(&mut self.live).into_iter().map(|s| s.id).collect()
+        std::mem::take(&mut self.live).into_iter().map(|s| s.id).chain(filling).collect()
     }
 
     /// Appends the chosen token `tok` to `live`; the finish reason when it ends the sequence.

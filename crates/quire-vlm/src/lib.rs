@@ -162,6 +162,48 @@ pub struct Generation {
     pub device_ms: f64,
 }
 
+/// A model's host-side processing (resize, tile, normalise, prompt, tokenize), apart from
+/// the model: cheap to clone and `Send`, so threads can prepare requests ahead of the device.
+#[derive(Clone)]
+pub enum Processor {
+    Idefics3(idefics3::Idefics3Processor),
+    Idefics2(idefics2::Idefics2Processor),
+}
+
+/// A request after host-side processing: the model's input but its image features.
+#[derive(Clone, Debug)]
+pub enum Prepared {
+    Idefics3(idefics3::Prepared),
+    Idefics2(idefics2::Prepared),
+}
+
+impl Processor {
+    pub fn prepare(&self, req: &Request) -> Result<Prepared> {
+        Ok(match self {
+            Processor::Idefics3(p) => Prepared::Idefics3(p.prepare(&req.image, &req.prompt)?),
+            Processor::Idefics2(p) => Prepared::Idefics2(p.prepare(&req.image, &req.prompt)?),
+        })
+    }
+}
+
+impl Prepared {
+    /// Prompt token ids, image tokens included.
+    pub fn input_ids(&self) -> &[u32] {
+        match self {
+            Prepared::Idefics3(p) => &p.input_ids,
+            Prepared::Idefics2(p) => &p.input_ids,
+        }
+    }
+
+    /// Bytes of pixel data it holds (tiles or frames, f32).
+    pub fn pixel_bytes(&self) -> usize {
+        match self {
+            Prepared::Idefics3(p) => p.image.tiles.iter().map(|t| t.data.len() * 4).sum(),
+            Prepared::Idefics2(p) => p.frames.iter().map(|t| t.data.len() * 4).sum(),
+        }
+    }
+}
+
 enum Model {
     Idefics3(Box<idefics3::Idefics3>),
     Idefics2(Box<idefics2::Idefics2>),
@@ -260,6 +302,35 @@ impl Vlm {
         match &self.model {
             Model::Idefics3(m) => m.encode(reqs),
             Model::Idefics2(m) => m.encode(reqs),
+        }
+    }
+
+    /// The host-side processing of this model, for other threads.
+    pub fn processor(&self) -> Processor {
+        match &self.model {
+            Model::Idefics3(m) => Processor::Idefics3(m.processor()),
+            Model::Idefics2(m) => Processor::Idefics2(m.processor()),
+        }
+    }
+
+    /// [`Self::encode`] of requests prepared already by this model's [`Processor`].
+    pub fn encode_prepared(&self, preps: &[&Prepared]) -> Result<Vec<(Vec<u32>, candle_core::Tensor)>> {
+        let other = || anyhow::anyhow!("a request prepared for another model family");
+        match &self.model {
+            Model::Idefics3(m) => {
+                let p = preps.iter().map(|p| match p {
+                    Prepared::Idefics3(p) => Ok(p),
+                    Prepared::Idefics2(_) => Err(other()),
+                });
+                m.encode_prepared(&p.collect::<Result<Vec<_>>>()?)
+            }
+            Model::Idefics2(m) => {
+                let p = preps.iter().map(|p| match p {
+                    Prepared::Idefics2(p) => Ok(p),
+                    Prepared::Idefics3(_) => Err(other()),
+                });
+                m.encode_prepared(&p.collect::<Result<Vec<_>>>()?)
+            }
         }
     }
 

@@ -451,24 +451,28 @@ impl TextModel {
         Ok(())
     }
 
-    /// Prefill of one sequence (`embeds` (1, seq, hidden)) into cache slot `slot`; returns the
-    /// last position's logits (1, vocab). The same computation as a batch of one in
-    /// [`Self::forward_last`], whose keys and values are then copied into the slot.
-    pub fn prefill_slot(&mut self, slot: usize, embeds: &Tensor, positions: &[Vec<i64>], mask: Option<&Tensor>) -> Result<Tensor> {
-        let l = embeds.dim(1)?;
-        self.clear_cache();
-        let saved = std::mem::replace(&mut self.cache_capacity, l);
+    /// One chunk of a sequence's prefill (`embeds` (1, chunk, hidden) at `positions`, `mask`
+    /// (1, 1, chunk, cached + chunk)) into this model's own cache, which holds the chunks
+    /// before it (call [`Self::clear_cache`] before the first; `capacity`: the whole prompt).
+    /// Returns the chunk's last logits (1, vocab); [`Self::commit_prefill`] then moves the
+    /// keys and values into a slot of the continuous-batching cache.
+    pub fn prefill_chunk(&mut self, embeds: &Tensor, positions: &[Vec<i64>], mask: Option<&Tensor>, capacity: usize) -> Result<Tensor> {
+        let saved = std::mem::replace(&mut self.cache_capacity, capacity);
         let out = self.forward_last(embeds, positions, mask);
         self.cache_capacity = saved;
-        let out = out?;
+        out
+    }
+
+    /// Moves the prefilled keys and values of this model's own cache into cache slot `slot`.
+    pub fn commit_prefill(&mut self, slot: usize) -> Result<()> {
         for layer in &mut self.layers {
             let a = &mut layer.self_attn;
-            let c = a.cache.take().expect("filled by forward_last");
+            let c = a.cache.take().ok_or_else(|| candle_core::Error::Msg("nothing prefilled".into()))?;
             let (ck, cv) = a.shared.as_ref().ok_or_else(|| candle_core::Error::Msg("no continuous-batching cache".into()))?;
             ck.narrow(0, slot, 1)?.slice_set(&c.k.narrow(2, 0, c.len)?.contiguous()?, 2, 0)?;
             cv.narrow(0, slot, 1)?.slice_set(&c.v.narrow(2, 0, c.len)?.contiguous()?, 2, 0)?;
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Copies the first `len` positions of slot `from` into slot `to` (keeping the sequences

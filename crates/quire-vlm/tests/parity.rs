@@ -584,10 +584,16 @@ fn continuous_batching_gives_each_page_its_own_tokens() {
         .map(|n| (fixtures(), *n))
         .chain(IDEFICS2.iter().map(|n| (idefics2_dir(), *n)))
         .collect();
-    for (dir, name) in all {
+    // Whole prefills with preparation on the stepping thread, then prefills in chunks of 7
+    // positions (prompts are 23 to 88 long: chunks end inside the image tokens and in the
+    // text) between decode steps, with images prepared on two threads ahead of the model.
+    let settings = [(0, 0), (7, 2)];
+    for ((dir, name), (prefill_tokens, prep_threads)) in all.into_iter().flat_map(|c| settings.map(|s| (c.clone(), s))) {
         let fx = if dir == fixtures() { load(name) } else { load2(name) };
+        let name = format!("{name} (prefill_tokens {prefill_tokens}, prep_threads {prep_threads})");
         let max_new = fx.meta["max_new_tokens"].as_u64().unwrap() as usize;
-        let opts = BatcherOptions { kv: KvBudget { bytes: 1 << 30, max_sequences: 2 }, prefill_per_step: 1 };
+        let kv = KvBudget { bytes: 1 << 30, max_sequences: 2 };
+        let opts = BatcherOptions { kv, prefill_per_step: 1, prefill_tokens, prep_threads };
         let mut b = Batcher::new(fx.vlm, opts);
         let mut want = Vec::new();
         for (round, limit) in [max_new, 3, max_new].into_iter().enumerate() {
@@ -616,6 +622,43 @@ fn continuous_batching_gives_each_page_its_own_tokens() {
     }
 }
 
+/// Preparation threads resize, tile and tokenize submitted requests before the model asks
+/// for them, never more than the look-ahead (two steps' admissions), and the answers are
+/// those of the model run alone.
+#[test]
+fn requests_are_prepared_ahead_of_the_model_within_a_bound() {
+    if skip_unless_f32("requests_are_prepared_ahead_of_the_model_within_a_bound") {
+        return;
+    }
+    use quire_vlm::batcher::{Batcher, BatcherOptions};
+    use quire_vlm::engine::KvBudget;
+    let fx = load("split_sf2_gqa");
+    let max_new = fx.meta["max_new_tokens"].as_u64().unwrap() as usize;
+    let kv = KvBudget { bytes: 1 << 30, max_sequences: 2 };
+    let mut b = Batcher::new(fx.vlm, BatcherOptions { kv, prefill_per_step: 2, prefill_tokens: 0, prep_threads: 3 });
+    let cases = cases(&fx.meta);
+    for i in 0..10 {
+        b.submit(i, request(&cases[i as usize % cases.len()], max_new));
+    }
+    // No step has run: only the threads can have prepared anything.
+    let t = std::time::Instant::now();
+    while b.prepared() < 4 && t.elapsed() < std::time::Duration::from_secs(60) {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(b.prepared(), 4, "prepared ahead before any step");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(b.prepared(), 4, "no more than the look-ahead");
+    let mut got = std::collections::HashMap::new();
+    while b.outstanding() > 0 {
+        for (id, g) in b.step() {
+            got.insert(id, g.unwrap().token_ids);
+        }
+    }
+    for i in 0..10u64 {
+        assert_eq!(got[&i], u32s(&cases[i as usize % cases.len()]["new_tokens"]), "request {i}");
+    }
+}
+
 /// A KV-cache budget too small for one page fails that page with a clear message; the
 /// batcher stays usable.
 #[test]
@@ -624,7 +667,7 @@ fn a_kv_budget_too_small_for_one_page_is_a_clear_error() {
     use quire_vlm::engine::KvBudget;
     let fx = load("split_sf2_gqa");
     let case = &cases(&fx.meta)[0];
-    let opts = BatcherOptions { kv: KvBudget { bytes: 4096, max_sequences: 4 }, prefill_per_step: 4 };
+    let opts = BatcherOptions { prefill_per_step: 4, ..BatcherOptions::new(KvBudget { bytes: 4096, max_sequences: 4 }) };
     let mut b = Batcher::new(fx.vlm, opts);
     b.submit(7, request(case, 4));
     let out = b.step();
@@ -653,7 +696,9 @@ fn continuous_batching_in_f16_gives_the_tokens_of_each_page_alone() {
         let reqs: Vec<Request> =
             cases(&meta).iter().enumerate().map(|(i, c)| request(c, if i % 2 == 0 { max_new } else { 4 })).collect();
         let alone: Vec<Vec<u32>> = reqs.iter().map(|r| vlm.generate(std::slice::from_ref(r)).unwrap().remove(0).token_ids).collect();
-        let mut b = Batcher::new(vlm, BatcherOptions { kv: KvBudget { bytes: 1 << 30, max_sequences: 3 }, prefill_per_step: 1 });
+        // Prefills in chunks of 5 positions, also through the masked path.
+        let kv = KvBudget { bytes: 1 << 30, max_sequences: 3 };
+        let mut b = Batcher::new(vlm, BatcherOptions { kv, prefill_per_step: 1, prefill_tokens: 5, prep_threads: 1 });
         for (i, r) in reqs.into_iter().enumerate() {
             b.submit(i as u64, r);
         }

@@ -16,7 +16,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
 use crate::checkpoint::Checkpoint;
-use crate::engine::{load_weights, pick_prefix, Decoder};
+use crate::engine::{load_weights, pick_prefix, Decoder, PromptMaker};
 use crate::frames::{pad_frames, PatchRule, Tile};
 use crate::generation::GenerationConfig;
 use crate::siglip::VisionModel;
@@ -37,10 +37,40 @@ pub struct Prepared {
     pub frames: Vec<Tile>,
 }
 
+/// Idefics2's host-side processing (frames, prompt expansion, tokenizing), detached from the
+/// model so that other threads can prepare requests while the device works.
+#[derive(Clone)]
+pub struct Idefics2Processor {
+    image: ImageProcessorConfig,
+    image_seq_len: usize,
+    prompts: PromptMaker,
+}
+
+impl Idefics2Processor {
+    /// The chat-templated prompt for one user turn with the image first, then `text`.
+    pub fn render_prompt(&self, text: &str) -> Result<String> {
+        self.prompts.render(text, |t| format!("User:<image>{t}<end_of_utterance>\nAssistant:"))
+    }
+
+    /// Processor output for one request: frames, expanded prompt and token ids.
+    pub fn prepare(&self, image: &image::DynamicImage, text: &str) -> Result<Prepared> {
+        let frames = self.image.process(image)?;
+        let templ = self.render_prompt(text)?;
+        let n_images = templ.matches(processor::IMAGE_TOKEN).count();
+        if n_images != 1 {
+            bail!("the prompt has {n_images} <image> tokens for one image");
+        }
+        let prompt = processor::expand_prompt(&templ, self.image_seq_len, frames.len());
+        let input_ids = self.prompts.tokenizer.encode(&prompt)?;
+        Ok(Prepared { prompt, input_ids, frames })
+    }
+}
+
 pub struct Idefics2 {
     pub config: Idefics2Config,
     pub image_processor: ImageProcessorConfig,
     pub image_seq_len: usize,
+    processor: Idefics2Processor,
     vision: VisionModel,
     connector: Connector,
     decoder: Decoder,
@@ -73,25 +103,24 @@ impl Idefics2 {
                 .context("loading model.connector")?;
         let decoder = Decoder::load(ck, &config.text, &vb, text_vb, config.image_token_id, dtype)
             .context("loading model.text_model")?;
-        Ok(Idefics2 { config, image_processor, image_seq_len, vision, connector, decoder })
+        let processor =
+            Idefics2Processor { image: image_processor.clone(), image_seq_len, prompts: decoder.prompt_maker() };
+        Ok(Idefics2 { config, image_processor, image_seq_len, processor, vision, connector, decoder })
+    }
+
+    /// The host-side processing, to run on other threads.
+    pub fn processor(&self) -> Idefics2Processor {
+        self.processor.clone()
     }
 
     /// The chat-templated prompt for one user turn with the image first, then `text`.
     pub fn render_prompt(&self, text: &str) -> Result<String> {
-        self.decoder.render_prompt(text, |t| format!("User:<image>{t}<end_of_utterance>\nAssistant:"))
+        self.processor.render_prompt(text)
     }
 
     /// Processor output for one request: frames, expanded prompt and token ids.
     pub fn prepare(&self, image: &image::DynamicImage, text: &str) -> Result<Prepared> {
-        let frames = self.image_processor.process(image)?;
-        let templ = self.render_prompt(text)?;
-        let n_images = templ.matches(processor::IMAGE_TOKEN).count();
-        if n_images != 1 {
-            bail!("the prompt has {n_images} <image> tokens for one image");
-        }
-        let prompt = processor::expand_prompt(&templ, self.image_seq_len, frames.len());
-        let input_ids = self.decoder.tokenizer.encode(&prompt)?;
-        Ok(Prepared { prompt, input_ids, frames })
+        self.processor.prepare(image, text)
     }
 
     /// [`Self::prepare`] for every request, spread over the CPU cores.
@@ -107,7 +136,7 @@ impl Idefics2 {
     /// Image features (frames × image_seq_len rows, text hidden) for each prepared request.
     /// Frames are padded to the largest of each chunk with the patch mask; padded patches
     /// are masked in the encoder and the resampler, so a frame gives what it gives alone.
-    fn image_features(&self, preps: &[Prepared]) -> Result<Vec<Tensor>> {
+    fn image_features(&self, preps: &[&Prepared]) -> Result<Vec<Tensor>> {
         let frames: Vec<&Tile> = preps.iter().flat_map(|p| p.frames.iter()).collect();
         let p = self.config.vision.patch_size;
         let mut feats = Vec::new();
@@ -136,8 +165,13 @@ impl Idefics2 {
     /// through the vision encoder together: what [`Decoder::admit`] takes.
     pub fn encode(&self, reqs: &[Request]) -> Result<Vec<(Vec<u32>, Tensor)>> {
         let preps = self.prepare_all(reqs)?;
-        let feats = self.image_features(&preps)?;
-        Ok(preps.into_iter().map(|p| p.input_ids).zip(feats).collect())
+        self.encode_prepared(&preps.iter().collect::<Vec<_>>())
+    }
+
+    /// [`Self::encode`] of requests prepared already (by [`Idefics2Processor::prepare`]).
+    pub fn encode_prepared(&self, preps: &[&Prepared]) -> Result<Vec<(Vec<u32>, Tensor)>> {
+        let feats = self.image_features(preps)?;
+        Ok(preps.iter().map(|p| p.input_ids.clone()).zip(feats).collect())
     }
 
     pub fn decoder_mut(&mut self) -> &mut Decoder {

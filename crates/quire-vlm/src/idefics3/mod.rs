@@ -15,7 +15,7 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 
 use crate::checkpoint::Checkpoint;
-use crate::engine::{load_weights, pick_prefix, Decoder};
+use crate::engine::{load_weights, pick_prefix, Decoder, PromptMaker};
 use crate::frames::{pad_frames, PatchRule};
 use crate::generation::GenerationConfig;
 use crate::prompt::TextTokenizer;
@@ -36,10 +36,36 @@ pub struct Prepared {
     pub image: ProcessedImage,
 }
 
+/// Idefics3's host-side processing (tiling, prompt expansion, tokenizing), detached from the
+/// model so that other threads can prepare requests while the device works.
+#[derive(Clone)]
+pub struct Idefics3Processor {
+    image: ImageProcessorConfig,
+    image_seq_len: usize,
+    prompts: PromptMaker,
+}
+
+impl Idefics3Processor {
+    /// The chat-templated prompt for one user turn with the image first, then `text`.
+    pub fn render_prompt(&self, text: &str) -> Result<String> {
+        self.prompts.render(text, |t| format!("<|im_start|>User:<image>{t}<end_of_utterance>\nAssistant:"))
+    }
+
+    /// Processor output for one request: tiles, expanded prompt and token ids.
+    pub fn prepare(&self, image: &image::DynamicImage, text: &str) -> Result<Prepared> {
+        let img = self.image.process(image)?;
+        let templ = self.render_prompt(text)?;
+        let prompt = processor::expand_prompt(&templ, &[(img.rows, img.cols)], self.image_seq_len)?;
+        let input_ids = self.prompts.tokenizer.encode(&prompt)?;
+        Ok(Prepared { prompt, input_ids, image: img })
+    }
+}
+
 pub struct Idefics3 {
     pub config: Idefics3Config,
     pub image_processor: ImageProcessorConfig,
     pub image_seq_len: usize,
+    processor: Idefics3Processor,
     vision: VisionModel,
     connector: Connector,
     decoder: Decoder,
@@ -69,21 +95,24 @@ impl Idefics3 {
             .context("loading model.connector")?;
         let decoder = Decoder::load(ck, &config.text, &vb, text_vb, config.image_token_id, dtype)
             .context("loading model.text_model")?;
-        Ok(Idefics3 { config, image_processor, image_seq_len, vision, connector, decoder })
+        let processor =
+            Idefics3Processor { image: image_processor.clone(), image_seq_len, prompts: decoder.prompt_maker() };
+        Ok(Idefics3 { config, image_processor, image_seq_len, processor, vision, connector, decoder })
+    }
+
+    /// The host-side processing, to run on other threads.
+    pub fn processor(&self) -> Idefics3Processor {
+        self.processor.clone()
     }
 
     /// The chat-templated prompt for one user turn with the image first, then `text`.
     pub fn render_prompt(&self, text: &str) -> Result<String> {
-        self.decoder.render_prompt(text, |t| format!("<|im_start|>User:<image>{t}<end_of_utterance>\nAssistant:"))
+        self.processor.render_prompt(text)
     }
 
     /// Processor output for one request: tiles, expanded prompt and token ids.
     pub fn prepare(&self, image: &image::DynamicImage, text: &str) -> Result<Prepared> {
-        let img = self.image_processor.process(image)?;
-        let templ = self.render_prompt(text)?;
-        let prompt = processor::expand_prompt(&templ, &[(img.rows, img.cols)], self.image_seq_len)?;
-        let input_ids = self.decoder.tokenizer.encode(&prompt)?;
-        Ok(Prepared { prompt, input_ids, image: img })
+        self.processor.prepare(image, text)
     }
 
     /// [`Self::prepare`] for every request, spread over the CPU cores (resizing and tiling
@@ -102,7 +131,7 @@ impl Idefics3 {
     }
 
     /// Image features (tiles × image_seq_len rows, text hidden) for each prepared request.
-    fn image_features(&self, preps: &[Prepared]) -> Result<Vec<Tensor>> {
+    fn image_features(&self, preps: &[&Prepared]) -> Result<Vec<Tensor>> {
         let tiles: Vec<&processor::Tile> = preps.iter().flat_map(|p| p.image.tiles.iter()).collect();
         let p = self.config.vision.patch_size;
         let mut feats = Vec::new();
@@ -131,8 +160,13 @@ impl Idefics3 {
     /// through the vision encoder together: what [`Decoder::admit`] takes.
     pub fn encode(&self, reqs: &[Request]) -> Result<Vec<(Vec<u32>, Tensor)>> {
         let preps = self.prepare_all(reqs)?;
-        let feats = self.image_features(&preps)?;
-        Ok(preps.into_iter().map(|p| p.input_ids).zip(feats).collect())
+        self.encode_prepared(&preps.iter().collect::<Vec<_>>())
+    }
+
+    /// [`Self::encode`] of requests prepared already (by [`Idefics3Processor::prepare`]).
+    pub fn encode_prepared(&self, preps: &[&Prepared]) -> Result<Vec<(Vec<u32>, Tensor)>> {
+        let feats = self.image_features(preps)?;
+        Ok(preps.iter().map(|p| p.input_ids.clone()).zip(feats).collect())
     }
 
     pub fn decoder_mut(&mut self) -> &mut Decoder {
