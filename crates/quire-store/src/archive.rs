@@ -689,7 +689,7 @@ fn walk_zip_stream<R: Read>(src: R, cd_error: zip::result::ZipError, limits: &Ar
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::path::PathBuf;
 

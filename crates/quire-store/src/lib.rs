@@ -6,7 +6,9 @@
 //! needs no conditional PUT. [`local::LocalStore`] keeps keys as files under
 //! a folder, written to a temporary file and renamed into place.
 //!
-//! [`archive`] reads tar and zip inputs member by member (WebDataset samples).
+//! [`archive`] reads tar and zip inputs member by member (WebDataset samples), from a
+//! local file or any `Read + Seek` source, such as [`s3::RangedReader`] (ranged GETs of one
+//! object, counted in a [`ReadStats`]).
 //!
 //! [`inputs`] lists input objects lazily (a folder walk streams through a
 //! channel; millions of files never sit in memory).
@@ -18,9 +20,11 @@ pub mod local;
 pub mod s3;
 
 use async_trait::async_trait;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// Worth retrying: the network, a throttled or restarting store.
     #[error("{0}")]
@@ -46,6 +50,38 @@ impl From<std::io::Error> for StoreError {
             }
             _ => StoreError::Transient(e.to_string()),
         }
+    }
+}
+
+/// What a reader of a remote object fetched: requests sent (retries included) and bytes
+/// received, and the first error it met. Readers behind `std::io::Read` can only hand an
+/// archive reader an `io::Error`, which it may take for a damaged archive; whoever made the
+/// reader checks [`ReadStats::failure`] after the walk, so a store fault fails the task
+/// (to be retried) instead of becoming a `truncated` record.
+#[derive(Debug, Default)]
+pub struct ReadStats {
+    pub requests: AtomicU64,
+    pub bytes: AtomicU64,
+    failure: Mutex<Option<StoreError>>,
+}
+
+impl ReadStats {
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Keeps `e` unless an earlier error was kept.
+    pub fn fail(&self, e: StoreError) {
+        self.failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+    }
+
+    /// The first error the reader met, if any.
+    pub fn failure(&self) -> Option<StoreError> {
+        self.failure.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 

@@ -7,6 +7,9 @@
 //! - [`list_s3`]: streams the objects below an `s3://` input prefix into the
 //!   same channel as the local listing, one `ListObjectsV2` page at a time.
 //! - [`fetch_to_file`]: streams one input object to a temporary file.
+//! - [`RangedReader`]: a blocking `Read + Seek` over one input object by ranged GETs
+//!   (an archive task reads its members without downloading the archive); [`read_range`]
+//!   is one such GET.
 //! - [`download_prefix`]: copies a prefix to a folder (model checkpoints).
 //!
 //! Credentials come from the standard AWS chain (environment, profile,
@@ -16,7 +19,7 @@
 //! [`StoreError::Permanent`] (missing bucket, denied, bad credentials).
 
 use crate::inputs::{ListWarning, Listed};
-use crate::{BlobStore, StoreError};
+use crate::{BlobStore, ReadStats, Retry, StoreError};
 use async_trait::async_trait;
 use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::config::{Credentials, Region};
@@ -24,7 +27,11 @@ use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::Client;
 use quire_core::SourceRef;
+use std::collections::VecDeque;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
@@ -488,6 +495,24 @@ async fn stream_to(
     Ok(n)
 }
 
+/// The `If-Match` value for the ETag a listing gave `src`, if it gave one.
+fn listed_etag(src: &SourceRef) -> Option<String> {
+    src.version
+        .strip_prefix("etag:")
+        .filter(|e| !e.is_empty())
+        .map(|e| format!("\"{e}\""))
+}
+
+fn changed(what: &str) -> StoreError {
+    StoreError::Permanent(format!(
+        "{what}: the object changed since it was listed; plan the job again"
+    ))
+}
+
+fn gone(what: &str) -> StoreError {
+    StoreError::Permanent(format!("{what}: the object no longer exists"))
+}
+
 /// Streams the input object to a temporary file in `dir` (deleted when the
 /// returned handle drops). The object must still have the listed ETag: a
 /// changed object would not match its task id, and is a permanent error.
@@ -498,21 +523,16 @@ pub async fn fetch_to_file(
 ) -> Result<tempfile::NamedTempFile, StoreError> {
     let (bucket, key) = parse_s3_uri(&src.uri)?;
     let what = format!("fetching {}", src.uri);
-    let mut req = client.get_object().bucket(&bucket).key(&key);
-    if let Some(etag) = src.version.strip_prefix("etag:").filter(|e| !e.is_empty()) {
-        req = req.if_match(format!("\"{etag}\""));
-    }
+    let req = client
+        .get_object()
+        .bucket(&bucket)
+        .key(&key)
+        .set_if_match(listed_etag(src));
     let mut resp = match req.send().await {
         Ok(r) => r,
-        Err(e) if is_status(&e, 412) => {
-            return Err(StoreError::Permanent(format!(
-                "{what}: the object changed since it was listed; plan the job again"
-            )))
-        }
+        Err(e) if is_status(&e, 412) => return Err(changed(&what)),
         Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => {
-            return Err(StoreError::Permanent(format!(
-                "{what}: the object no longer exists"
-            )))
+            return Err(gone(&what))
         }
         Err(e) => return Err(classify(&what, e)),
     };
@@ -527,6 +547,218 @@ pub async fn fetch_to_file(
     let mut file = tokio::fs::File::from_std(tmp.reopen()?);
     stream_to(&mut resp.body, &mut file, &what).await?;
     Ok(tmp)
+}
+
+/// Bytes `start..start + len` of the input object (fewer at its end; none from
+/// `start` at or past it), by one ranged GET with `If-Match` on the listed ETag
+/// like [`fetch_to_file`].
+pub async fn read_range(
+    client: &Client,
+    src: &SourceRef,
+    start: u64,
+    len: u64,
+) -> Result<Vec<u8>, StoreError> {
+    if len == 0 {
+        return Ok(Vec::new());
+    }
+    let (bucket, key) = parse_s3_uri(&src.uri)?;
+    let end = start + len - 1;
+    let what = format!("reading bytes {start}-{end} of {}", src.uri);
+    let req = client
+        .get_object()
+        .bucket(&bucket)
+        .key(&key)
+        .range(format!("bytes={start}-{end}"))
+        .set_if_match(listed_etag(src));
+    let resp = match req.send().await {
+        Ok(r) => r,
+        Err(e) if is_status(&e, 412) => return Err(changed(&what)),
+        // Not satisfiable: `start` is at or past the end (an empty object, say).
+        Err(e) if is_status(&e, 416) => return Ok(Vec::new()),
+        Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => {
+            return Err(gone(&what))
+        }
+        Err(e) => return Err(classify(&what, e)),
+    };
+    let body = resp
+        .body
+        .collect()
+        .await
+        .map_err(|e| StoreError::Transient(format!("{what}: {e}")))?;
+    let data = body.into_bytes().to_vec();
+    if data.len() as u64 > len {
+        // A service that ignored the range: keep what was asked for.
+        return Ok(data
+            .get(start as usize..)
+            .map(|d| d[..d.len().min(len as usize)].to_vec())
+            .unwrap_or_default());
+    }
+    Ok(data)
+}
+
+/// A blocking `Read + Seek` over one S3 object, read by ranged GETs of
+/// aligned blocks, for archive readers on blocking threads
+/// (`spawn_blocking`; each GET runs on the runtime through its handle).
+///
+/// - Every GET carries `If-Match` on the listed ETag: an object changed since
+///   it was listed is a permanent error.
+/// - Transient faults are retried through [`Retry`].
+/// - The last few blocks read are kept, so a zip's small header reads and a
+///   tar stream coalesce into few requests; memory is `blocks` ×
+///   `block_size`, whatever the object's size.
+/// - [`ReadStats`] counts requests and bytes, and keeps the first error (the
+///   archive reader sees only an `io::Error`; check it after the walk).
+pub struct RangedReader {
+    client: Client,
+    handle: tokio::runtime::Handle,
+    src: SourceRef,
+    size: u64,
+    pos: u64,
+    block_size: u64,
+    max_blocks: usize,
+    /// Most recently used first: (block index, bytes).
+    blocks: VecDeque<(u64, Vec<u8>)>,
+    retry: Retry,
+    stats: Arc<ReadStats>,
+}
+
+impl RangedReader {
+    /// Default block size: 1 MiB.
+    pub const BLOCK_SIZE: u64 = 1 << 20;
+    /// Default number of blocks kept.
+    pub const BLOCKS: usize = 4;
+
+    /// A reader of `src` (an `s3://` object as listed). Its size comes from
+    /// the listing, or from a HEAD when the listing says 0. Must be called in
+    /// a Tokio runtime, whose handle the reader keeps.
+    pub async fn open(client: Client, src: &SourceRef, retry: Retry) -> Result<Self, StoreError> {
+        let size = if src.size > 0 {
+            src.size
+        } else {
+            let (bucket, key) = parse_s3_uri(&src.uri)?;
+            let what = format!("checking {}", src.uri);
+            retry
+                .run(&what, || async {
+                    match client
+                        .head_object()
+                        .bucket(&bucket)
+                        .key(&key)
+                        .set_if_match(listed_etag(src))
+                        .send()
+                        .await
+                    {
+                        Ok(h) => Ok(h.content_length().unwrap_or(0).max(0) as u64),
+                        Err(e) if is_status(&e, 412) => Err(changed(&what)),
+                        Err(e) if is_status(&e, 404) => Err(gone(&what)),
+                        Err(e) => Err(classify(&what, e)),
+                    }
+                })
+                .await?
+        };
+        Ok(RangedReader {
+            client,
+            handle: tokio::runtime::Handle::current(),
+            src: src.clone(),
+            size,
+            pos: 0,
+            block_size: Self::BLOCK_SIZE,
+            max_blocks: Self::BLOCKS,
+            blocks: VecDeque::new(),
+            retry,
+            stats: Arc::default(),
+        })
+    }
+
+    /// Reads in blocks of `block_size` bytes, keeping the last `blocks`.
+    pub fn with_blocks(mut self, block_size: u64, blocks: usize) -> Self {
+        self.block_size = block_size.max(512);
+        self.max_blocks = blocks.max(1);
+        self.blocks.clear();
+        self
+    }
+
+    /// The object's size.
+    pub fn len(&self) -> u64 {
+        self.size
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.size == 0
+    }
+
+    /// The counters of this reader, shared (they outlive the reader).
+    pub fn stats(&self) -> Arc<ReadStats> {
+        self.stats.clone()
+    }
+
+    /// Block `idx`, from the kept ones or by a GET.
+    fn block(&mut self, idx: u64) -> std::io::Result<&[u8]> {
+        if let Some(i) = self.blocks.iter().position(|(b, _)| *b == idx) {
+            let b = self.blocks.remove(i).expect("found");
+            self.blocks.push_front(b);
+        } else {
+            let start = idx * self.block_size;
+            let len = self.block_size.min(self.size.saturating_sub(start));
+            let (client, src, stats) = (&self.client, &self.src, &self.stats);
+            let what = format!("reading {}", src.uri);
+            let got = self.handle.block_on(self.retry.run(&what, || async move {
+                stats.requests.fetch_add(1, Ordering::Relaxed);
+                let data = read_range(client, src, start, len).await?;
+                stats.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                if data.len() as u64 != len {
+                    return Err(StoreError::Transient(format!(
+                        "reading bytes {start}.. of {}: {} bytes came, {len} expected",
+                        src.uri,
+                        data.len()
+                    )));
+                }
+                Ok(data)
+            }));
+            let data = match got {
+                Ok(d) => d,
+                Err(e) => {
+                    self.stats.fail(e.clone());
+                    return Err(std::io::Error::other(e));
+                }
+            };
+            self.blocks.push_front((idx, data));
+            self.blocks.truncate(self.max_blocks);
+        }
+        Ok(&self.blocks[0].1)
+    }
+}
+
+impl Read for RangedReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.pos >= self.size || buf.is_empty() {
+            return Ok(0);
+        }
+        let (bs, pos) = (self.block_size, self.pos);
+        let idx = pos / bs;
+        let off = (pos - idx * bs) as usize;
+        let block = self.block(idx)?;
+        let n = buf.len().min(block.len().saturating_sub(off));
+        buf[..n].copy_from_slice(&block[off..off + n]);
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl Seek for RangedReader {
+    fn seek(&mut self, to: SeekFrom) -> std::io::Result<u64> {
+        let pos = match to {
+            SeekFrom::Start(n) => Some(n),
+            SeekFrom::End(d) => self.size.checked_add_signed(d),
+            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+        };
+        self.pos = pos.ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "seek before the start of the object",
+            )
+        })?;
+        Ok(self.pos)
+    }
 }
 
 /// Copies every object below `s3://bucket/prefix` to `local_dir`, keeping
@@ -1003,5 +1235,160 @@ mod tests {
             Err(StoreError::Permanent(_)) => {}
             other => panic!("expected a permanent error, got {:?}", other.err()),
         }
+    }
+
+    /// The entries of `range` of an archive read from `src`.
+    fn walk_all<R: Read + Seek>(
+        src: R,
+        range: std::ops::RangeInclusive<u32>,
+    ) -> (
+        crate::archive::Scan,
+        Vec<crate::archive::Entry>,
+    ) {
+        let limits = crate::archive::ArchiveLimits::from(&quire_core::Limits::default());
+        let mut out = Vec::new();
+        let scan = crate::archive::walk_reader(src, &limits, Some(range), &mut |e| out.push(e))
+            .unwrap();
+        (scan, out)
+    }
+
+    async fn listed(c: &Client, key: &str) -> SourceRef {
+        let (objs, warns) = collect(c, &format!("s3://{BUCKET}/{key}"), 1000).await;
+        assert!(warns.is_empty(), "{warns:?}");
+        objs.into_iter().next().unwrap()
+    }
+
+    /// Archives on S3 are read by ranged GETs: a zip task fetches its central
+    /// directory and its own members, a tar task the shard up to its range's
+    /// end; both give what the local file gives.
+    #[test]
+    fn ranged_reads_fetch_only_what_an_archive_task_needs() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let g = Garage::start();
+        let store = rt.block_on(g.store(""));
+        let c = store.client().clone();
+
+        // A zip of 40 images of 48 KiB (and a few captions), in 64 KiB blocks.
+        let (zip, _) = crate::archive::tests::many_member_zip(40, 48 << 10);
+        let dir = tempfile::tempdir().unwrap();
+        let local = dir.path().join("pictures.zip");
+        std::fs::write(&local, &zip).unwrap();
+        rt.block_on(store.put("in/pictures.zip", zip.clone())).unwrap();
+        let src = rt.block_on(listed(&c, "in/pictures.zip"));
+        assert_eq!(src.size, zip.len() as u64);
+        let open = |src: &SourceRef| {
+            rt.block_on(RangedReader::open(c.clone(), src, Retry::none()))
+                .unwrap()
+                .with_blocks(64 << 10, 4)
+        };
+        let reader = open(&src);
+        let stats = reader.stats();
+        let (_, remote) = walk_all(reader, 2..=3);
+        let (_, here) = walk_all(std::fs::File::open(&local).unwrap(), 2..=3);
+        assert_eq!(remote.len(), 2);
+        assert_eq!(remote, here, "the same entries as the local file");
+        eprintln!(
+            "zip task 2..=3 of 40: {} requests, {} of {} bytes",
+            stats.requests(),
+            stats.bytes(),
+            zip.len()
+        );
+        assert!(
+            stats.bytes() * 4 < zip.len() as u64,
+            "fetched {} of {} bytes",
+            stats.bytes(),
+            zip.len()
+        );
+        assert!(stats.failure().is_none());
+        // A scan reads the central directory only, and counts what the local scan counts.
+        let reader = open(&src);
+        let stats = reader.stats();
+        let limits = crate::archive::ArchiveLimits::from(&quire_core::Limits::default());
+        assert_eq!(
+            crate::archive::scan_reader(reader, &limits).unwrap(),
+            crate::archive::scan(&local, &limits).unwrap()
+        );
+        eprintln!(
+            "zip scan: {} requests, {} bytes",
+            stats.requests(),
+            stats.bytes()
+        );
+        assert!(stats.bytes() <= 2 * (64 << 10), "{}", stats.bytes());
+        // Without a listed size the reader asks with a HEAD.
+        let no_size = SourceRef {
+            size: 0,
+            ..src.clone()
+        };
+        assert_eq!(open(&no_size).len(), zip.len() as u64);
+
+        // A tar (and the same tar gzip'd): 30 samples of an image and a caption.
+        // Incompressible bytes (xorshift), so the gzip'd shard is as large as the plain one.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut noise = |len: usize| -> Vec<u8> {
+            (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect()
+        };
+        let mut b = tar::Builder::new(Vec::new());
+        for i in 0..30u32 {
+            for (ext, len) in [("jpg", 20_000usize), ("txt", 40)] {
+                let data = noise(len);
+                let mut h = tar::Header::new_gnu();
+                h.set_size(len as u64);
+                h.set_mode(0o644);
+                h.set_cksum();
+                b.append_data(&mut h, format!("{i:06}.{ext}"), &data[..])
+                    .unwrap();
+            }
+        }
+        let tar_bytes = b.into_inner().unwrap();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, &tar_bytes).unwrap();
+        let gz_bytes = gz.finish().unwrap();
+        for (name, bytes) in [("shard.tar", tar_bytes), ("shard.tar.gz", gz_bytes)] {
+            let local = dir.path().join(name);
+            std::fs::write(&local, &bytes).unwrap();
+            rt.block_on(store.put(&format!("in/{name}"), bytes.clone()))
+                .unwrap();
+            let src = rt.block_on(listed(&c, &format!("in/{name}")));
+            let reader = open(&src);
+            let stats = reader.stats();
+            let (_, remote) = walk_all(reader, 4..=6);
+            let (_, here) = walk_all(std::fs::File::open(&local).unwrap(), 4..=6);
+            assert_eq!(remote.len(), 3, "{name}");
+            assert_eq!(remote, here, "{name}: the same entries as the local file");
+            eprintln!(
+                "{name} task 4..=6 of 30: {} requests, {} of {} bytes",
+                stats.requests(),
+                stats.bytes(),
+                bytes.len()
+            );
+            assert!(stats.bytes() < bytes.len() as u64, "{name}: stops after its range");
+        }
+
+        // An object replaced after listing: a permanent error, kept in the stats.
+        let mut reader = open(&src);
+        rt.block_on(store.put("in/pictures.zip", b"other bytes".to_vec()))
+            .unwrap();
+        let mut buf = [0u8; 16];
+        let err = reader.read(&mut buf).unwrap_err();
+        assert!(err.to_string().contains("changed"), "{err}");
+        match reader.stats().failure() {
+            Some(StoreError::Permanent(m)) => assert!(m.contains("changed"), "{m}"),
+            other => panic!("expected a permanent error, got {other:?}"),
+        }
+        let reader = open(&src);
+        let stats = reader.stats();
+        let _ = crate::archive::scan_reader(reader, &limits);
+        assert!(matches!(stats.failure(), Some(StoreError::Permanent(_))));
     }
 }
