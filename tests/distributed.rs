@@ -1077,4 +1077,9 @@ fn archives_and_image_groups_through_workers_give_the_rows_of_quire_run() {
     let (d, l) = (rows(dist), rows(local_recs));
     assert_eq!(d.len(), 19 + 3 + 1 + 1 + 3, "every image member and every loose frame has one record");
     assert_eq!(d, l);
+    // The archives were read by ranged requests (opened and split, then each task), not
+    // downloaded.
+    let logs: String = _workers.iter().map(|w| w.log()).collect();
+    assert!(logs.contains("archive scanned by ranged reads"), "{logs}");
+    assert!(logs.contains("archive task read by ranged reads"), "{logs}");
 }

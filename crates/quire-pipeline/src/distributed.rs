@@ -20,7 +20,7 @@ use crate::finish::{finish_job, parse_jsonl, JobOutcome, PagesThisRun, PlannedTa
 use crate::plan::{ImageGroups, Planner};
 use crate::split::{document_task, split_key, splits_prefix, Split};
 use crate::process::TaskFailure;
-use crate::worker::{Fetch, Fetched, ResultStores, Vetting};
+use crate::worker::{Fetch, Fetched, RangedInput, ResultStores, Vetting};
 use anyhow::Context as _;
 use quire_core::{job_prefix, results_key, DeadLetter, JobSettings, Manifest, SourceRef, TaskSpec, UnitKind};
 use quire_queue::jetstream::{JetStreamOptions, JetStreamQueue, TaskEvents};
@@ -99,6 +99,11 @@ pub async fn open_store(uri: &str, access: &S3Access) -> anyhow::Result<Arc<dyn 
 /// fit `cache_bytes`, so the page-range tasks of one document that land on
 /// the same worker download it once; a file is deleted when it is evicted
 /// and no running task uses it any more.
+///
+/// Archives on S3 are not downloaded: [`Fetch::open_ranged`] reads them by
+/// ranged GETs ([`s3::RangedReader`]), so a zip task fetches the central
+/// directory and its own members, a tar task the shard up to its range's end
+/// (a download already in the cache is used instead).
 pub struct S3Fetch {
     pub client: aws_sdk_s3::Client,
     pub dir: PathBuf,
@@ -121,6 +126,15 @@ impl S3Fetch {
         let f = e.2.clone();
         c.push_front(e);
         Some(f)
+    }
+
+    fn cache_key(src: &SourceRef) -> String {
+        format!("{}\n{}", src.uri, src.version)
+    }
+
+    /// Whether `src` is to be read by ranged requests: an `s3://` object not downloaded already.
+    fn ranged(&self, src: &SourceRef) -> bool {
+        is_s3(&src.uri) && self.cached(&Self::cache_key(src)).is_none()
     }
 
     fn remember(&self, key: String, size: u64, f: Arc<tempfile::NamedTempFile>) {
@@ -147,7 +161,7 @@ impl Fetch for S3Fetch {
                 _keep: None,
             });
         }
-        let key = format!("{}\n{}", src.uri, src.version);
+        let key = Self::cache_key(src);
         let f = match self.cached(&key) {
             Some(f) => f,
             None => {
@@ -165,6 +179,27 @@ impl Fetch for S3Fetch {
             path: f.path().to_path_buf(),
             _keep: Some(Box::new(f)),
         })
+    }
+
+    async fn head(&self, src: &SourceRef, len: u64) -> Result<Option<Vec<u8>>, TaskFailure> {
+        if !self.ranged(src) {
+            return Ok(None);
+        }
+        self.retry
+            .run(&format!("reading the head of {}", src.uri), || s3::read_range(&self.client, src, 0, len))
+            .await
+            .map(Some)
+            .map_err(|e| TaskFailure(format!("reading the head of {}: {e}", src.uri)))
+    }
+
+    async fn open_ranged(&self, src: &SourceRef) -> Result<Option<RangedInput>, TaskFailure> {
+        if !self.ranged(src) {
+            return Ok(None);
+        }
+        let r = s3::RangedReader::open(self.client.clone(), src, self.retry)
+            .await
+            .map_err(|e| TaskFailure(format!("opening {}: {e}", src.uri)))?;
+        Ok(Some(RangedInput { size: r.len(), stats: r.stats(), reader: Box::new(r) }))
     }
 }
 

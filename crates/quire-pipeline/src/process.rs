@@ -181,7 +181,7 @@ pub async fn process_task(task: &TaskSpec, path: &Path, ctx: &ProcessContext) ->
                     .collect(),
             }
         }
-        UnitKind::Archive => return process_archive(task, &path, ctx).await,
+        UnitKind::Archive => return process_archive(task, ArchiveSource::File(path), ctx).await,
         UnitKind::Images => {
             return Err(TaskFailure(format!(
                 "{}: an image group is processed with process_images (its members are fetched one by one)",
@@ -406,15 +406,26 @@ async fn finish_units(task: &TaskSpec, units: &mut Vec<Unit>, page_count: u32, c
     out.extend(units.drain(..).map(|u| to_record(task, &task.settings, page_count, u, ctx)));
 }
 
+/// Where an archive task reads its archive from.
+pub enum ArchiveSource {
+    /// A local file (the input, or a download of it).
+    File(PathBuf),
+    /// Any random-access source, e.g. an `s3://` object read by ranged requests. Whoever
+    /// made it checks it for store faults afterwards (an archive reader takes a failed read
+    /// for a damaged archive).
+    Reader(Box<dyn archive::ReadSeek>),
+}
+
 /// An archive task: the images of samples `first..=last`, read from the archive as a stream
 /// (decoded on a blocking thread while the model works), one record per image member or
 /// refused member, in archive order.
-async fn process_archive(task: &TaskSpec, path: &Path, ctx: &ProcessContext) -> Result<Vec<Record>, TaskFailure> {
+pub async fn process_archive(task: &TaskSpec, src: ArchiveSource, ctx: &ProcessContext) -> Result<Vec<Record>, TaskFailure> {
     let limits = task.settings.limits;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Unit>(IMAGE_CHUNK);
-    let (p, range) = (path.to_path_buf(), task.first..=task.last);
+    let range = task.first..=task.last;
     let reader = tokio::task::spawn_blocking(move || {
-        archive::walk(&p, &ArchiveLimits::from(&limits), Some(range), &mut |e| {
+        let limits_a = ArchiveLimits::from(&limits);
+        let mut on_entry = |e: Entry| {
             let mut u = match e {
                 Entry::Image { key, member, data, .. } => {
                     let mut u = match render::decode_image_bytes(&member, &data, &limits) {
@@ -434,7 +445,11 @@ async fn process_archive(task: &TaskSpec, path: &Path, ctx: &ProcessContext) -> 
             };
             u.page_count = Some(1);
             let _ = tx.blocking_send(u);
-        })
+        };
+        match src {
+            ArchiveSource::File(p) => archive::walk(&p, &limits_a, Some(range), &mut on_entry),
+            ArchiveSource::Reader(r) => archive::walk_reader(r, &limits_a, Some(range), &mut on_entry),
+        }
     });
     let mut records = Vec::new();
     let mut chunk = Vec::new();

@@ -3,12 +3,14 @@
 //! nacked with a growing delay and end in the dead-letter path after
 //! `max_deliver` deliveries.
 
-use crate::process::{process_images, process_task, ProcessContext, TaskFailure};
+use crate::plan::Examined;
+use crate::process::{process_archive, process_images, process_task, ArchiveSource, ProcessContext, TaskFailure};
 use crate::progress::Progress;
 use crate::split::{open_examined, split_key, Opened};
 use quire_core::{results_key, Record, SourceRef, TaskSpec, UnitKind};
 use quire_queue::{Lease, TaskEvent, TaskQueue};
-use quire_store::BlobStore;
+use quire_store::archive::{self, ArchiveLimits, ReadSeek, ARCHIVE_SNIFF_LEN};
+use quire_store::{BlobStore, ReadStats};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,12 +22,112 @@ pub trait Fetch: Send + Sync {
     /// The local path of `src` (a download for remote objects), and what to
     /// keep alive while it is used.
     async fn fetch(&self, src: &SourceRef) -> Result<Fetched, TaskFailure>;
+
+    /// The first `len` bytes of `src` by a ranged read (to tell an archive from the rest),
+    /// `None` when this fetcher reads `src` from a local path (the default).
+    async fn head(&self, _src: &SourceRef, _len: u64) -> Result<Option<Vec<u8>>, TaskFailure> {
+        Ok(None)
+    }
+
+    /// `src` read by ranged requests instead of downloaded (for archives: a task reads only
+    /// what its range needs), `None` when this fetcher has no such reader for it (the
+    /// default: local paths are read where they are).
+    async fn open_ranged(&self, _src: &SourceRef) -> Result<Option<RangedInput>, TaskFailure> {
+        Ok(None)
+    }
 }
 
 /// A fetched input: its path, and the temporary file behind it if any.
 pub struct Fetched {
     pub path: PathBuf,
     pub _keep: Option<Box<dyn Send + Sync>>,
+}
+
+/// An input object read by ranged requests.
+pub struct RangedInput {
+    pub reader: Box<dyn ReadSeek>,
+    /// The object's size.
+    pub size: u64,
+    /// The reader's requests, bytes and first error (check it after reading: the archive
+    /// reader takes a failed read for a damaged archive).
+    pub stats: Arc<ReadStats>,
+}
+
+/// After a ranged read of `task`'s object: a store fault met while reading fails the task
+/// (tried again later); else what was fetched is logged.
+fn after_ranged_read(stats: &ReadStats, size: u64, task: &TaskSpec, what: &'static str) -> Result<(), TaskFailure> {
+    if let Some(e) = stats.failure() {
+        return Err(TaskFailure(format!("reading {}: {e}", task.source.uri)));
+    }
+    tracing::info!(
+        task = %task.task_id,
+        source = %task.source.uri,
+        requests = stats.requests(),
+        fetched_bytes = stats.bytes(),
+        object_bytes = size,
+        "{what} by ranged reads: {} requests, {} of {} bytes fetched",
+        stats.requests(),
+        stats.bytes(),
+        size
+    );
+    Ok(())
+}
+
+/// A task's input as the worker holds it.
+enum Input {
+    /// Nothing (an image group: its members are fetched one by one while it runs).
+    None,
+    /// A local file: the input itself or a download of it.
+    Local(Fetched),
+    /// An archive read by ranged requests, not downloaded.
+    Ranged(RangedInput),
+}
+
+/// Opens a task's input: an archive task's, or a whole-document task's whose first bytes
+/// say archive, by ranged reads when the fetcher offers them; any other a local file.
+async fn open_input(fetch: &dyn Fetch, task: &TaskSpec) -> Result<Input, TaskFailure> {
+    let src = &task.source;
+    let ranged = match task.unit {
+        UnitKind::Images => return Ok(Input::None),
+        UnitKind::Archive => fetch.open_ranged(src).await?,
+        UnitKind::Document => match fetch.head(src, ARCHIVE_SNIFF_LEN as u64).await? {
+            Some(head) if archive::sniff_archive(&head).is_some() => fetch.open_ranged(src).await?,
+            _ => None,
+        },
+        _ => None,
+    };
+    Ok(match ranged {
+        Some(r) => Input::Ranged(r),
+        None => Input::Local(fetch.fetch(src).await?),
+    })
+}
+
+/// What a whole-document task's object is: an archive read by ranged requests is scanned
+/// through them, a local file examined as `quire run` examines it.
+async fn examine_input(input: &mut Input, task: &TaskSpec, ctx: &ProcessContext) -> Result<Examined, TaskFailure> {
+    let limits = task.settings.limits;
+    match std::mem::replace(input, Input::None) {
+        Input::Ranged(mut r) => {
+            let (reader, scan) = tokio::task::spawn_blocking(move || {
+                let scan = archive::scan_reader(&mut r.reader, &ArchiveLimits::from(&limits));
+                (r, scan)
+            })
+            .await
+            .map_err(|e| TaskFailure(format!("opening the archive: {e}")))?;
+            r = reader;
+            after_ranged_read(&r.stats, r.size, task, "archive scanned")?;
+            *input = Input::Ranged(r);
+            Ok(Examined::Archive(scan))
+        }
+        Input::Local(f) => {
+            let (path, pdf) = (f.path.clone(), ctx.pdf.clone());
+            *input = Input::Local(f);
+            tokio::task::spawn_blocking(move || crate::plan::examine(&path, &limits, &pdf))
+                .await
+                .map_err(|e| TaskFailure(format!("opening the document: {e}")))
+        }
+        Input::None => Err(TaskFailure(format!("{}: a whole-document task without its input", task.source.uri))),
+    }
 }
 
 /// Local inputs are read where they are.
@@ -288,12 +390,9 @@ impl Worker {
             let t = Instant::now();
             let store = self.stores.store_for(&task).await?;
             // An image group's source is the folder or prefix its members were listed from:
-            // the members are fetched one by one while the task runs.
-            let input = if task.unit == UnitKind::Images {
-                Fetched { path: PathBuf::new(), _keep: None }
-            } else {
-                self.fetch.fetch(&task.source).await?
-            };
+            // the members are fetched one by one while the task runs. An archive on S3 is
+            // read by ranged requests, anything else is downloaded.
+            let mut input = open_input(self.fetch.as_ref(), &task).await?;
             stage("fetch", t);
             let t = Instant::now();
             // A job planned without a model never uses this worker's model
@@ -307,10 +406,7 @@ impl Worker {
             };
             let whole;
             let run = if task.unit == UnitKind::Document {
-                let (path, limits, pdf) = (input.path.clone(), task.settings.limits, ctx.pdf.clone());
-                let examined = tokio::task::spawn_blocking(move || crate::plan::examine(&path, &limits, &pdf))
-                    .await
-                    .map_err(|e| TaskFailure(format!("opening the document: {e}")))?;
+                let examined = examine_input(&mut input, &task, ctx).await?;
                 match open_examined(&task, &examined) {
                     Opened::Whole(t) => {
                         whole = t;
@@ -326,10 +422,26 @@ impl Worker {
             } else {
                 &task
             };
-            let records = if run.unit == UnitKind::Images {
-                process_images(run, self.fetch.as_ref(), ctx).await?
-            } else {
-                process_task(run, &input.path, ctx).await?
+            let records = match std::mem::replace(&mut input, Input::None) {
+                _ if run.unit == UnitKind::Images => process_images(run, self.fetch.as_ref(), ctx).await?,
+                Input::Ranged(RangedInput { reader, size, stats }) if run.unit == UnitKind::Archive => {
+                    let records = process_archive(run, ArchiveSource::Reader(reader), ctx).await?;
+                    after_ranged_read(&stats, size, run, "archive task read")?;
+                    records
+                }
+                Input::Local(f) => {
+                    let records = process_task(run, &f.path, ctx).await?;
+                    input = Input::Local(f);
+                    records
+                }
+                // An archive that could not be read when opened: its error record is made
+                // from a download, like any unreadable object's.
+                Input::Ranged(_) | Input::None => {
+                    let f = self.fetch.fetch(&task.source).await?;
+                    let records = process_task(run, &f.path, ctx).await?;
+                    input = Input::Local(f);
+                    records
+                }
             };
             crate::faults::records_made(records.len()).await;
             stage("process", t);
