@@ -10,11 +10,17 @@
 #   4. quire `batching`: REQUESTS pages with lengths cycling through NEW, static batches of BATCH
 #      then continuous batching with up to SEQS in flight, same process, GPU busy sampled
 #   5. transformers `generate` at batch HF_BATCH on pages of MAXNEW tokens (hf_bench.py)
-#   6. summary: pages/s, new tokens/s, GPU busy fraction and peak memory per phase
+#   6. captions (CAPTION=1): a checkpoint with one 512 px tile per image (make_ckpt.py without
+#      --page: 64 image tokens), CAP_REQUESTS images of CAP_NEW new tokens, quire continuous
+#      with up to CAP_SEQS in flight, then transformers at batch CAP_HF_BATCH: images/s
+#   7. summary: pages/s, new tokens/s, GPU busy fraction and peak memory per phase
 #
 # Env: OUT (/tmp/quire-gpu-engine), BIN_DIR (.gpu), DEVICE (cuda; cpu to try it here), DTYPE
 # (bf16), NEW (128,512,256,384), MAXNEW (512), REQUESTS (192), BATCH (64), SEQS (192),
-# HF_BATCH (64), HF (1; 0 skips transformers), TOTAL_S (330), PY (python3).
+# HF_BATCH (64), HF (1; 0 skips transformers), CAPTION (1), CAP_REQUESTS (1024), CAP_NEW (64),
+# CAP_SEQS (512), CAP_HF_BATCH (256), PREFILL_TOKENS (8192) and PREP_THREADS (8): the engine's
+# chunked prefill and preparation threads (the pipeline's GPU settings), TOTAL_S (330), PY
+# (python3).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -34,6 +40,13 @@ HF=${HF:-1}
 TOTAL_S=${TOTAL_S:-330}
 PY=${PY:-python3}
 SMALL=${SMALL:-0}
+CAPTION=${CAPTION:-1}
+CAP_REQUESTS=${CAP_REQUESTS:-1024}
+CAP_NEW=${CAP_NEW:-64}
+CAP_SEQS=${CAP_SEQS:-512}
+CAP_HF_BATCH=${CAP_HF_BATCH:-256}
+PREFILL_TOKENS=${PREFILL_TOKENS:-8192}
+PREP_THREADS=${PREP_THREADS:-8}
 WORK=${WORK:-$(mktemp -d /tmp/quire-gpu.XXXXXX)}
 BINARIES="parity batching"
 mkdir -p "$OUT" "$WORK/bin"
@@ -67,7 +80,8 @@ if [ -f "$CK/page.png" ]; then
     say "4. quire $mode (up to $n at once), $REQUESTS pages, lengths $NEW"
     s=$(date +%s); rc=0
     "${RUNENV[@]}" timeout "$(cap $(( $(left) / 2 )))" "$WORK/bin/batching" "$CK" "$CK/page.png" --device "$DEVICE" --dtype "$DTYPE" \
-      --new "$NEW" --requests "$REQUESTS" --batch "$n" --rounds 1 --modes "$mode" >>"$OUT/quire.jsonl" 2>>"$OUT/quire.err" || rc=$?
+      --new "$NEW" --requests "$REQUESTS" --batch "$n" --rounds 1 --modes "$mode" \
+      --prefill-tokens "$PREFILL_TOKENS" --prep-threads "$PREP_THREADS" >>"$OUT/quire.jsonl" 2>>"$OUT/quire.err" || rc=$?
     echo "$mode all $s $(date +%s)" >>"$WORK/phases.txt"
     [ $rc = 0 ] || { say "quire $mode exit $rc$([ $rc = 124 ] && echo ' (timed out)')"; tail -3 "$OUT/quire.err"; }
     grep '"round"' "$OUT/quire.jsonl" | tail -1 || true
@@ -85,9 +99,33 @@ if [ -f "$CK/page.png" ] && [ "$HF" = 1 ]; then
   cat "$OUT/hf.jsonl"
   [ $rc = 0 ] || { say "transformers exit $rc"; grep -v Warning "$OUT/hf.err" | tail -5; }
 fi
+if [ "$CAPTION" = 1 ]; then
+  say "6. captions: $CAP_REQUESTS one-tile images, $CAP_NEW new tokens"
+  CC="$WORK/ckpt-caption"
+  timeout "$(cap 90)" "$PY" benches/vlm/make_ckpt.py "$CC" --min-new "$CAP_NEW" >"$OUT/ckpt-caption.log" 2>&1 || say "caption checkpoint failed: $(tail -2 "$OUT/ckpt-caption.log")"
+  if [ -f "$CC/page.png" ]; then
+    s=$(date +%s); rc=0
+    "${RUNENV[@]}" timeout "$(cap $(( $(left) / 2 )))" "$WORK/bin/batching" "$CC" "$CC/page.png" --device "$DEVICE" --dtype "$DTYPE" \
+      --new "$CAP_NEW" --requests "$CAP_REQUESTS" --batch "$CAP_SEQS" --rounds 1 --modes continuous \
+      --prefill-tokens "$PREFILL_TOKENS" --prep-threads "$PREP_THREADS" >>"$OUT/caption.jsonl" 2>>"$OUT/caption.err" || rc=$?
+    echo "caption all $s $(date +%s)" >>"$WORK/phases.txt"
+    [ $rc = 0 ] || { say "quire captions exit $rc$([ $rc = 124 ] && echo ' (timed out)')"; tail -3 "$OUT/caption.err"; }
+    grep '"round"' "$OUT/caption.jsonl" | tail -1 || true
+    if [ "$HF" = 1 ]; then
+      s=$(date +%s); rc=0
+      lim=$(cap 100000)
+      timeout "$lim" "$PY" benches/gpu/hf_bench.py "$CC" "$CC/page.png" "$CAP_NEW" --device "$DEVICE" --dtype "$DTYPE" \
+        --batches "$CAP_HF_BATCH" --budget-s $((lim - 10)) $([ "$DEVICE" = cpu ] && echo --threads "$(nproc)") \
+        >>"$OUT/hf-caption.jsonl" 2>"$OUT/hf-caption.err" || rc=$?
+      echo "hf-caption all $s $(date +%s)" >>"$WORK/phases.txt"
+      cat "$OUT/hf-caption.jsonl"
+      [ $rc = 0 ] || { say "transformers captions exit $rc"; grep -v Warning "$OUT/hf-caption.err" | tail -5; }
+    fi
+  fi
+fi
 [ -n "${SMI_PID:-}" ] && kill "$SMI_PID" 2>/dev/null || true
 
-say "6. summary"
+say "7. summary"
 "$PY" - "$WORK/phases.txt" "$WORK/smi.csv" <<'PYEOF' 2>&1 | tee "$OUT/summary.txt" || true
 import datetime, os, sys
 smi = []
@@ -104,5 +142,5 @@ for line in open(sys.argv[1]):
     if xs:
         print(f"{name:10} GPU busy {sum(x[1] for x in xs) / len(xs):3.0f}% (nvidia-smi utilization, mean of {len(xs)} samples), peak memory {max(x[2] for x in xs) / 1024:5.1f} GiB")
 PYEOF
-cat "$OUT/quire.jsonl" 2>/dev/null || true
+cat "$OUT/quire.jsonl" "$OUT/caption.jsonl" 2>/dev/null || true
 say "done in $(($(date +%s) - T0)) s; logs in $OUT"

@@ -6,6 +6,10 @@
 #   THREADS=2 ROUNDS=3 PY=~/.cache/quire-tools/venv-ref/bin/python benches/vlm/batching.sh
 # Workload: REQUESTS one-tile images (two different ones) with output lengths cycling
 # through NEW; static batches and the continuous engine hold BATCH at most.
+# PAGES=1: SmolVLM's processor sizes (make_ckpt.py --page) and a mix of full pages and small
+# images: a 1536x2048 page (13 tiles, 884 tokens in) and the two small images (one tile
+# each) taking turns. PREFILL_TOKENS and PREP_THREADS set the continuous engine's chunked
+# prefill and preparation threads (default: the pipeline's CPU settings, 512 and 1).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-$HOME/.cache/quire-tools/venv-ref/bin/python}
@@ -15,9 +19,20 @@ NEW=${NEW:-8,64,24,96,16,48}
 REQUESTS=${REQUESTS:-24}
 BATCH=${BATCH:-8}
 ROUNDS=${ROUNDS:-3}
-WORK=${WORK:-/tmp/quire-vlm-bench}
-mkdir -p "$WORK"
-[ -f "$WORK/ckpt/config.json" ] || "$PY" benches/vlm/make_ckpt.py "$WORK/ckpt"
+PAGES=${PAGES:-0}
+PREFILL_TOKENS=${PREFILL_TOKENS:-512}
+PREP_THREADS=${PREP_THREADS:-1}
+if [ "$PAGES" = 1 ]; then
+  WORK=${WORK:-/tmp/quire-vlm-bench-pages}
+  mkdir -p "$WORK"
+  [ -f "$WORK/ckpt/config.json" ] || "$PY" benches/vlm/make_ckpt.py "$WORK/ckpt" --page
+  IMAGES=("$WORK/ckpt/page.png" "$WORK/a.png" "$WORK/b.png")
+else
+  WORK=${WORK:-/tmp/quire-vlm-bench}
+  mkdir -p "$WORK"
+  [ -f "$WORK/ckpt/config.json" ] || "$PY" benches/vlm/make_ckpt.py "$WORK/ckpt"
+  IMAGES=("$WORK/a.png" "$WORK/b.png")
+fi
 "$PY" - "$WORK/a.png" "$WORK/b.png" <<'PYEOF'
 import sys, numpy as np
 from PIL import Image
@@ -29,5 +44,6 @@ export RAYON_NUM_THREADS=$THREADS
 cargo build -q -p quire-vlm --example batching --profile "$PROFILE"
 BIN=${CARGO_TARGET_DIR:-target}/$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")/examples/batching
 echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc --all) CPUs (figures are noisy on a shared machine)"
-"$BIN" "$WORK/ckpt" "$WORK/a.png" "$WORK/b.png" --new "$NEW" --requests "$REQUESTS" --batch "$BATCH" --rounds "$ROUNDS"
+"$BIN" "$WORK/ckpt" "${IMAGES[@]}" --new "$NEW" --requests "$REQUESTS" --batch "$BATCH" --rounds "$ROUNDS" \
+  --prefill-tokens "$PREFILL_TOKENS" --prep-threads "$PREP_THREADS"
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -135,8 +135,9 @@ fn main() -> anyhow::Result<()> {
             max_new_tokens: Some(a.new[i % a.new.len()]),
         })
         .collect();
-    // Warm-up: every mode once on two short requests.
-    let warm: Vec<Request> = reqs.iter().take(2).map(|r| Request { max_new_tokens: Some(2), ..r.clone() }).collect();
+    // Warm-up: every mode once on the last two requests (small images in the PAGES=1 mix),
+    // two new tokens each.
+    let warm: Vec<Request> = reqs.iter().rev().take(2).map(|r| Request { max_new_tokens: Some(2), ..r.clone() }).collect();
     for m in &a.modes {
         vlm = run(vlm, m, &warm, &a)?.2;
     }

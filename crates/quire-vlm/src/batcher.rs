@@ -65,7 +65,10 @@ impl PrepPool {
             let spawned = std::thread::Builder::new().name(format!("quire-prep-{i}")).spawn(move || loop {
                 let job = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
                 let Ok((order, id, req)) = job else { return };
-                let r = p.prepare(&req).map_err(|e| format!("{e:#}"));
+                // A panic answers its request with an error instead of leaving it unanswered.
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| p.prepare(&req)))
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("preparing the image panicked")))
+                    .map_err(|e| format!("{e:#}"));
                 if tx.send((order, (id, r, req.max_new_tokens))).is_err() {
                     return;
                 }
