@@ -163,7 +163,7 @@ mod doctags_decoding {
         if doctags {
             specials.extend(["<doctag>", "</doctag>", "<loc_0>"]);
         }
-        inner.add_special_tokens(&specials.iter().map(|t| AddedToken::from(t.to_string(), true)).collect::<Vec<_>>());
+        inner.add_special_tokens(specials.iter().map(|t| AddedToken::from(t.to_string(), true)).collect::<Vec<_>>()).unwrap();
         let tok_config = serde_json::json!({"eos_token": "<end_of_utterance>"});
         let dir = tempfile::tempdir().unwrap();
         inner.save(dir.path().join("tokenizer.json"), false).unwrap();
