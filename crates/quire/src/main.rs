@@ -53,11 +53,33 @@ fn expand_job_name(cli: &mut cli::Cli) -> Result<(), String> {
     Ok(())
 }
 
+/// Fixes glibc's mmap threshold at 256 KiB. Archive members and decoded images (a MiB or so
+/// each) are then mapped and handed back to the system when freed. By default glibc raises the
+/// threshold after the first such buffer is freed; later ones then come from the heaps of the
+/// threads that decode them, which fragment, and a long archive run grows (measured: 153 MiB
+/// peak over a 0.2 GB shard, 203 MiB over a 2 GB one; 161 and 166 MiB with the fixed
+/// threshold). Loading a model on the CPU raises it again for the model's large buffers
+/// (`quire_vlm::tune_allocator`). A no-op on other C libraries.
+fn bound_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        extern "C" {
+            fn mallopt(param: i32, value: i32) -> i32;
+        }
+        const M_MMAP_THRESHOLD: i32 = -3;
+        // SAFETY: mallopt only adjusts an allocator tunable, before any heavy allocation.
+        unsafe {
+            mallopt(M_MMAP_THRESHOLD, 256 << 10);
+        }
+    }
+}
+
 fn main() -> std::process::ExitCode {
     // A render worker process started by `start_renderer` does only that.
     if let Some(code) = quire_render::run_worker_if_requested() {
         std::process::exit(code);
     }
+    bound_allocator();
     let mut cli = cli::Cli::parse();
     if let Err(m) = expand_job_name(&mut cli) {
         eprintln!("error: {m}");
