@@ -6,9 +6,10 @@
 #   THREADS=2 ROUNDS=3 PY=~/.cache/quire-tools/venv-ref/bin/python benches/vlm/batching.sh
 # Workload: REQUESTS one-tile images (two different ones) with output lengths cycling
 # through NEW; static batches and the continuous engine hold BATCH at most.
-# PAGES=1: SmolVLM's processor sizes (make_ckpt.py --page) and a mix of full pages and small
-# images: a 1536x2048 page (13 tiles, 884 tokens in) and the two small images (one tile
-# each) taking turns. PREFILL_TOKENS and PREP_THREADS set the continuous engine's chunked
+# PAGES=1: SmolVLM's processor sizes (make_ckpt.py --page): a 1536x2048 page and the two small
+# images taking turns. That processor scales every image to a longest edge of 2048 first, so
+# the small ones become 13 and 12+1 tiles as well: a mix of full-size pages that differ in
+# shape and output length. PREFILL_TOKENS and PREP_THREADS set the continuous engine's chunked
 # prefill and preparation threads (default: the pipeline's CPU settings, 512 and 1).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
