@@ -56,10 +56,12 @@ struct PrepPool {
 }
 
 impl PrepPool {
-    fn start(processor: Processor, threads: usize) -> PrepPool {
+    /// `None` when no thread could be started (the batcher then prepares on its own thread).
+    fn start(processor: Processor, threads: usize) -> Option<PrepPool> {
         let (jobs, job_rx) = mpsc::channel::<(u64, u64, Request)>();
         let (done_tx, done) = mpsc::channel();
         let job_rx = Arc::new(Mutex::new(job_rx));
+        let mut started = 0;
         for i in 0..threads {
             let (rx, tx, p) = (job_rx.clone(), done_tx.clone(), processor.clone());
             let spawned = std::thread::Builder::new().name(format!("quire-prep-{i}")).spawn(move || loop {
@@ -73,11 +75,12 @@ impl PrepPool {
                     return;
                 }
             });
-            if let Err(e) = spawned {
-                tracing::warn!("cannot start a preparation thread: {e}");
+            match spawned {
+                Ok(_) => started += 1,
+                Err(e) => tracing::warn!("cannot start a preparation thread: {e}"),
             }
         }
-        PrepPool { jobs, done }
+        (started > 0).then_some(PrepPool { jobs, done })
     }
 }
 
@@ -105,7 +108,7 @@ impl Batcher {
     pub fn new(mut vlm: Vlm, opts: BatcherOptions) -> Batcher {
         vlm.decoder_mut().set_kv_budget(opts.kv);
         let processor = vlm.processor();
-        let pool = (opts.prep_threads > 0).then(|| PrepPool::start(processor.clone(), opts.prep_threads));
+        let pool = if opts.prep_threads > 0 { PrepPool::start(processor.clone(), opts.prep_threads) } else { None };
         Batcher {
             vlm,
             processor,
