@@ -102,14 +102,7 @@ if [ -f "$CK/model.safetensors" ] && [ -f "$CK/page.png" ]; then
   done
 
   say "6. transformers bench"
-  s=$(date +%s); rc=0
-  lim=$(cap 100000)
-  timeout "$lim" "$PY" benches/gpu/hf_bench.py "$CK" "$CK/page.png" "$NEW" --device "$DEVICE" --dtype "$DTYPE" \
-    --batches "$(echo $BATCHES | tr ' ' ,)" --budget-s $((lim - 10)) $([ "$DEVICE" = cpu ] && echo --threads "$(nproc)") \
-    >>"$OUT/hf.jsonl" 2>"$OUT/hf.err" || rc=$?
-  echo "hf all $s $(date +%s)" >>"$WORK/phases.txt"
-  cat "$OUT/hf.jsonl"
-  [ $rc = 0 ] || { say "transformers exit $rc"; grep -v Warning "$OUT/hf.err" | tail -5; }
+  hf_phase hf "$CK" "$NEW" "$(echo $BATCHES | tr ' ' ,)"
 else
   say "5-6. benches skipped: no checkpoint"
 fi

@@ -74,53 +74,38 @@ page=(--page)
 [ "$SMALL" = 1 ] && page=()
 timeout "$(cap 90)" "$PY" benches/vlm/make_ckpt.py "$CK" "${page[@]}" --min-new "$MAXNEW" >"$OUT/ckpt.log" 2>&1 || say "checkpoint failed: $(tail -2 "$OUT/ckpt.log")"
 
+# quire's `batching` example: phase NAME on checkpoint CK, NEW lengths, REQUESTS requests, up to N at
+# once, MODE; JSON lines to $OUT/NAME.jsonl.
+quire_phase() {
+  local name=$1 ck=$2 new=$3 requests=$4 n=$5 mode=$6 s rc=0
+  s=$(date +%s)
+  "${RUNENV[@]}" timeout "$(cap $(( $(left) / 2 )))" "$WORK/bin/batching" "$ck" "$ck/page.png" --device "$DEVICE" --dtype "$DTYPE" \
+    --new "$new" --requests "$requests" --batch "$n" --rounds 1 --modes "$mode" \
+    --prefill-tokens "$PREFILL_TOKENS" --prep-threads "$PREP_THREADS" >>"$OUT/$name.jsonl" 2>>"$OUT/$name.err" || rc=$?
+  echo "$name-$mode all $s $(date +%s)" >>"$WORK/phases.txt"
+  [ $rc = 0 ] || { say "quire $name $mode exit $rc$([ $rc = 124 ] && echo ' (timed out)')"; tail -3 "$OUT/$name.err"; }
+  grep '"round"' "$OUT/$name.jsonl" | tail -1 || true
+}
+
 if [ -f "$CK/page.png" ]; then
   for mode in static continuous; do
     n=$([ $mode = static ] && echo "$BATCH" || echo "$SEQS")
     say "4. quire $mode (up to $n at once), $REQUESTS pages, lengths $NEW"
-    s=$(date +%s); rc=0
-    "${RUNENV[@]}" timeout "$(cap $(( $(left) / 2 )))" "$WORK/bin/batching" "$CK" "$CK/page.png" --device "$DEVICE" --dtype "$DTYPE" \
-      --new "$NEW" --requests "$REQUESTS" --batch "$n" --rounds 1 --modes "$mode" \
-      --prefill-tokens "$PREFILL_TOKENS" --prep-threads "$PREP_THREADS" >>"$OUT/quire.jsonl" 2>>"$OUT/quire.err" || rc=$?
-    echo "$mode all $s $(date +%s)" >>"$WORK/phases.txt"
-    [ $rc = 0 ] || { say "quire $mode exit $rc$([ $rc = 124 ] && echo ' (timed out)')"; tail -3 "$OUT/quire.err"; }
-    grep '"round"' "$OUT/quire.jsonl" | tail -1 || true
+    quire_phase quire "$CK" "$NEW" "$REQUESTS" "$n" "$mode"
   done
   [ "$HF" = 1 ] || say "5. transformers skipped (HF=0)"
 fi
 if [ -f "$CK/page.png" ] && [ "$HF" = 1 ]; then
   say "5. transformers generate, batch $HF_BATCH, $MAXNEW new tokens"
-  s=$(date +%s); rc=0
-  lim=$(cap 100000)
-  timeout "$lim" "$PY" benches/gpu/hf_bench.py "$CK" "$CK/page.png" "$MAXNEW" --device "$DEVICE" --dtype "$DTYPE" \
-    --batches "$HF_BATCH" --budget-s $((lim - 10)) $([ "$DEVICE" = cpu ] && echo --threads "$(nproc)") \
-    >>"$OUT/hf.jsonl" 2>"$OUT/hf.err" || rc=$?
-  echo "hf all $s $(date +%s)" >>"$WORK/phases.txt"
-  cat "$OUT/hf.jsonl"
-  [ $rc = 0 ] || { say "transformers exit $rc"; grep -v Warning "$OUT/hf.err" | tail -5; }
+  hf_phase hf "$CK" "$MAXNEW" "$HF_BATCH"
 fi
 if [ "$CAPTION" = 1 ]; then
   say "6. captions: $CAP_REQUESTS one-tile images, $CAP_NEW new tokens"
   CC="$WORK/ckpt-caption"
   timeout "$(cap 90)" "$PY" benches/vlm/make_ckpt.py "$CC" --min-new "$CAP_NEW" >"$OUT/ckpt-caption.log" 2>&1 || say "caption checkpoint failed: $(tail -2 "$OUT/ckpt-caption.log")"
   if [ -f "$CC/page.png" ]; then
-    s=$(date +%s); rc=0
-    "${RUNENV[@]}" timeout "$(cap $(( $(left) / 2 )))" "$WORK/bin/batching" "$CC" "$CC/page.png" --device "$DEVICE" --dtype "$DTYPE" \
-      --new "$CAP_NEW" --requests "$CAP_REQUESTS" --batch "$CAP_SEQS" --rounds 1 --modes continuous \
-      --prefill-tokens "$PREFILL_TOKENS" --prep-threads "$PREP_THREADS" >>"$OUT/caption.jsonl" 2>>"$OUT/caption.err" || rc=$?
-    echo "caption all $s $(date +%s)" >>"$WORK/phases.txt"
-    [ $rc = 0 ] || { say "quire captions exit $rc$([ $rc = 124 ] && echo ' (timed out)')"; tail -3 "$OUT/caption.err"; }
-    grep '"round"' "$OUT/caption.jsonl" | tail -1 || true
-    if [ "$HF" = 1 ]; then
-      s=$(date +%s); rc=0
-      lim=$(cap 100000)
-      timeout "$lim" "$PY" benches/gpu/hf_bench.py "$CC" "$CC/page.png" "$CAP_NEW" --device "$DEVICE" --dtype "$DTYPE" \
-        --batches "$CAP_HF_BATCH" --budget-s $((lim - 10)) $([ "$DEVICE" = cpu ] && echo --threads "$(nproc)") \
-        >>"$OUT/hf-caption.jsonl" 2>"$OUT/hf-caption.err" || rc=$?
-      echo "hf-caption all $s $(date +%s)" >>"$WORK/phases.txt"
-      cat "$OUT/hf-caption.jsonl"
-      [ $rc = 0 ] || { say "transformers captions exit $rc"; grep -v Warning "$OUT/hf-caption.err" | tail -5; }
-    fi
+    quire_phase caption "$CC" "$CAP_NEW" "$CAP_REQUESTS" "$CAP_SEQS" continuous
+    if [ "$HF" = 1 ]; then hf_phase hf-caption "$CC" "$CAP_NEW" "$CAP_HF_BATCH"; fi
   fi
 fi
 [ -n "${SMI_PID:-}" ] && kill "$SMI_PID" 2>/dev/null || true

@@ -47,3 +47,18 @@ PYEOF
   SMI_PID=$!
 fi
 }
+
+# transformers `generate` (hf_bench.py) on checkpoint $2's page.png, $3 new tokens, batch sizes $4
+# (comma-separated), within the time left: $OUT/$1.jsonl, and phase "$1" in $WORK/phases.txt for the
+# GPU-busy summary. Needs say and cap (defined by the calling script), PY, DEVICE, DTYPE.
+hf_phase() {
+  local name=$1 ck=$2 new=$3 batches=$4 s rc=0 lim
+  s=$(date +%s)
+  lim=$(cap 100000)
+  timeout "$lim" "$PY" benches/gpu/hf_bench.py "$ck" "$ck/page.png" "$new" --device "$DEVICE" --dtype "$DTYPE" \
+    --batches "$batches" --budget-s $((lim - 10)) $([ "$DEVICE" = cpu ] && echo --threads "$(nproc)") \
+    >>"$OUT/$name.jsonl" 2>"$OUT/$name.err" || rc=$?
+  echo "$name all $s $(date +%s)" >>"$WORK/phases.txt"
+  cat "$OUT/$name.jsonl"
+  [ $rc = 0 ] || { say "transformers ($name) exit $rc"; grep -v Warning "$OUT/$name.err" | tail -5; }
+}

@@ -213,9 +213,14 @@ fn jpeg_has_end(path: &Path) -> bool {
 /// A single-image page: RGB on white, plus the RGBA pixels when the image has alpha.
 fn single_page(img: DynamicImage, t0: Instant) -> Page {
     let alpha = img.color().has_alpha().then(|| img.to_rgba8());
-    let rgb = to_rgb_on_white(img);
+    image_page(1, to_rgb_on_white(img), alpha, t0)
+}
+
+/// Page `page` of decoded pixels (`alpha`: the RGBA pixels when the image has alpha), decoded
+/// since `t0`.
+fn image_page(page: u32, rgb: RgbImage, alpha: Option<image::RgbaImage>, t0: Instant) -> Page {
     Page {
-        page: 1,
+        page,
         width: rgb.width(),
         height: rgb.height(),
         image: Some(rgb),
@@ -320,15 +325,7 @@ fn decode_tiff(
     let mut out = Vec::new();
     for f in frames {
         let t0 = Instant::now();
-        let r = decode_tiff_frame(&mut dec, path, f, limits).map(|(rgb, alpha)| Page {
-            page: f,
-            width: rgb.width(),
-            height: rgb.height(),
-            image: Some(rgb),
-            alpha,
-            text: None,
-            render_ms: t0.elapsed().as_secs_f64() * 1e3,
-        });
+        let r = decode_tiff_frame(&mut dec, path, f, limits).map(|(rgb, alpha)| image_page(f, rgb, alpha, t0));
         out.push(r);
     }
     Ok(out)
