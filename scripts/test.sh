@@ -31,6 +31,9 @@ if [ -x scripts/install-services.sh ]; then
   eval "$(scripts/install-services.sh)"
 fi
 
+# A long-lived target folder (CI keeps one between runs) is pruned of stale
+# test binaries before the build, so that it cannot fill the disk.
+bash scripts/prune-target.sh "${CARGO_TARGET_DIR:-$root/target}"
 cargo test --workspace "$@"
 # Then deploy/ and helm/quire/: linters, chart checks, and the CPU image built
 # around the binary cargo test just built, run with buildah (QUIRE_DEPLOY_CHECKS=0 skips them).
