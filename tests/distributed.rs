@@ -1020,9 +1020,11 @@ fn archives_and_image_groups_through_workers_give_the_rows_of_quire_run() {
             store.put(&format!("in/{to}"), std::fs::read(from).unwrap()).await.unwrap();
         }
     });
+    let metrics_ports = [free_port(), free_port()];
     let _workers: Vec<Proc> = (0..2)
         .map(|i| {
-            let args = ["worker", "--nats", &nats_url, "--workers", "2", "--grace-s", "5", "--model", model];
+            let addr = format!("127.0.0.1:{}", metrics_ports[i]);
+            let args = ["worker", "--nats", &nats_url, "--workers", "2", "--grace-s", "5", "--model", model, "--metrics-addr", &addr];
             Proc::spawn(&format!("wds-worker{i}"), &mut quire_cmd(&endpoint, &args), tmp.path())
         })
         .collect();
@@ -1082,4 +1084,21 @@ fn archives_and_image_groups_through_workers_give_the_rows_of_quire_run() {
     let logs: String = _workers.iter().map(|w| w.log()).collect();
     assert!(logs.contains("archive scanned by ranged reads"), "{logs}");
     assert!(logs.contains("archive task read by ranged reads"), "{logs}");
+    // The workers' metrics say so too: the archives and the sniffed heads by ranged reads,
+    // the loose images (and nothing else) downloaded whole.
+    let counter = |name: &str, how: &str| -> u64 {
+        let line = format!("{name}{{how=\"{how}\"}} ");
+        metrics_ports
+            .iter()
+            .map(|&p| {
+                let m = http_get(p, "/metrics");
+                m.lines().find_map(|l| l.strip_prefix(line.as_str())).map_or(0, |v| v.trim().parse::<u64>().unwrap())
+            })
+            .sum()
+    };
+    let loose_bytes: u64 = files.iter().filter(|(_, to)| to.starts_with("loose/")).map(|(f, _)| std::fs::metadata(f).unwrap().len()).sum();
+    assert_eq!(counter("quire_input_fetched_bytes_total", "download"), loose_bytes);
+    assert_eq!(counter("quire_input_requests_total", "download"), 3);
+    assert!(counter("quire_input_fetched_bytes_total", "ranged") > 0);
+    assert!(counter("quire_input_requests_total", "ranged") >= 5 + 5, "each archive's head and scan at least");
 }

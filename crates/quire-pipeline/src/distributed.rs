@@ -156,12 +156,10 @@ impl S3Fetch {
 impl Fetch for S3Fetch {
     async fn fetch(&self, src: &SourceRef) -> Result<Fetched, TaskFailure> {
         if !is_s3(&src.uri) {
-            return Ok(Fetched {
-                path: PathBuf::from(&src.uri),
-                _keep: None,
-            });
+            return Ok(Fetched { path: PathBuf::from(&src.uri), _keep: None, downloaded: 0 });
         }
         let key = Self::cache_key(src);
+        let mut downloaded = 0;
         let f = match self.cached(&key) {
             Some(f) => f,
             None => {
@@ -170,15 +168,13 @@ impl Fetch for S3Fetch {
                     .run(&format!("fetching {}", src.uri), || s3::fetch_to_file(&self.client, src, &self.dir))
                     .await
                     .map_err(|e| TaskFailure(format!("fetching {}: {e}", src.uri)))?;
+                downloaded = f.as_file().metadata().map(|m| m.len()).unwrap_or(src.size);
                 let f = Arc::new(f);
                 self.remember(key, src.size, f.clone());
                 f
             }
         };
-        Ok(Fetched {
-            path: f.path().to_path_buf(),
-            _keep: Some(Box::new(f)),
-        })
+        Ok(Fetched { path: f.path().to_path_buf(), _keep: Some(Box::new(f)), downloaded })
     }
 
     async fn head(&self, src: &SourceRef, len: u64) -> Result<Option<Vec<u8>>, TaskFailure> {

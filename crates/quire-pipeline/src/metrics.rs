@@ -46,6 +46,10 @@ pub struct Metrics {
     /// Tasks that failed on their last allowed delivery (`max_deliver`), so
     /// that the queue dead-letters them.
     pub tasks_given_up: IntCounter,
+    /// Input taken from the store, by how: `download` (whole objects) or `ranged` (archives
+    /// read by ranged requests, and the first bytes read to tell an archive).
+    pub input_bytes: IntCounterVec,
+    pub input_requests: IntCounterVec,
     /// The queue's `max_deliver` in force (0 while unknown); see [`Metrics::set_max_deliver`].
     max_deliver: AtomicU32,
     jobs: Mutex<HashSet<String>>,
@@ -124,6 +128,16 @@ impl Metrics {
             "Tasks that failed on their last allowed delivery and go to the dead letters",
         )
         .unwrap();
+        let input_bytes = IntCounterVec::new(
+            Opts::new("input_fetched_bytes_total", "Bytes of input objects fetched from the store, by how: download or ranged"),
+            &["how"],
+        )
+        .unwrap();
+        let input_requests = IntCounterVec::new(
+            Opts::new("input_requests_total", "Requests for input objects (a download counts one), by how: download or ranged"),
+            &["how"],
+        )
+        .unwrap();
         for c in [
             Box::new(tasks.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(units.clone()),
@@ -144,6 +158,8 @@ impl Metrics {
             Box::new(model_load_seconds.clone()),
             Box::new(ready.clone()),
             Box::new(tasks_given_up.clone()),
+            Box::new(input_bytes.clone()),
+            Box::new(input_requests.clone()),
         ] {
             registry.register(c).expect("unique metric names");
         }
@@ -168,6 +184,8 @@ impl Metrics {
             model_load_seconds,
             ready,
             tasks_given_up,
+            input_bytes,
+            input_requests,
             max_deliver: AtomicU32::new(0),
             jobs: Mutex::new(HashSet::new()),
         }
@@ -256,6 +274,11 @@ impl TaskObserver for Metrics {
         self.stage_seconds
             .with_label_values(&[stage])
             .observe(seconds);
+    }
+
+    fn fetched(&self, how: &'static str, requests: u64, bytes: u64) {
+        self.input_requests.with_label_values(&[how]).inc_by(requests);
+        self.input_bytes.with_label_values(&[how]).inc_by(bytes);
     }
 }
 

@@ -41,6 +41,9 @@ pub trait Fetch: Send + Sync {
 pub struct Fetched {
     pub path: PathBuf,
     pub _keep: Option<Box<dyn Send + Sync>>,
+    /// Bytes this call downloaded from the store: 0 for a local path or a download
+    /// already cached.
+    pub downloaded: u64,
 }
 
 /// An input object read by ranged requests.
@@ -136,7 +139,67 @@ pub struct LocalFetch;
 #[async_trait::async_trait]
 impl Fetch for LocalFetch {
     async fn fetch(&self, src: &SourceRef) -> Result<Fetched, TaskFailure> {
-        Ok(Fetched { path: PathBuf::from(&src.uri), _keep: None })
+        Ok(Fetched { path: PathBuf::from(&src.uri), _keep: None, downloaded: 0 })
+    }
+}
+
+/// A task's view of the worker's [`Fetch`]: what it takes from the store is told to the
+/// observer (`TaskObserver::fetched`). Whole downloads when they happen; ranged reads of an
+/// object once its reader is dropped, the reader's whole count at once.
+struct Counted<'a> {
+    inner: &'a dyn Fetch,
+    observer: Option<Arc<dyn TaskObserver>>,
+}
+
+#[async_trait::async_trait]
+impl Fetch for Counted<'_> {
+    async fn fetch(&self, src: &SourceRef) -> Result<Fetched, TaskFailure> {
+        let f = self.inner.fetch(src).await?;
+        if let (Some(o), true) = (&self.observer, f.downloaded > 0) {
+            o.fetched("download", 1, f.downloaded);
+        }
+        Ok(f)
+    }
+
+    async fn head(&self, src: &SourceRef, len: u64) -> Result<Option<Vec<u8>>, TaskFailure> {
+        let head = self.inner.head(src, len).await?;
+        if let (Some(o), Some(h)) = (&self.observer, &head) {
+            o.fetched("ranged", 1, h.len() as u64);
+        }
+        Ok(head)
+    }
+
+    async fn open_ranged(&self, src: &SourceRef) -> Result<Option<RangedInput>, TaskFailure> {
+        let Some(mut r) = self.inner.open_ranged(src).await? else { return Ok(None) };
+        if let Some(o) = &self.observer {
+            r.reader = Box::new(ReportedReader { inner: r.reader, stats: r.stats.clone(), observer: o.clone() });
+        }
+        Ok(Some(r))
+    }
+}
+
+/// A ranged reader that tells its requests and bytes to the observer when dropped.
+struct ReportedReader {
+    inner: Box<dyn ReadSeek>,
+    stats: Arc<ReadStats>,
+    observer: Arc<dyn TaskObserver>,
+}
+
+impl std::io::Read for ReportedReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.inner.read(buf)
+    }
+}
+
+impl std::io::Seek for ReportedReader {
+    fn seek(&mut self, pos: std::io::SeekFrom) -> std::io::Result<u64> {
+        self.inner.seek(pos)
+    }
+}
+
+impl Drop for ReportedReader {
+    fn drop(&mut self) {
+        self.observer.fetched("ranged", self.stats.requests(), self.stats.bytes());
     }
 }
 
@@ -206,6 +269,9 @@ pub trait TaskObserver: Send + Sync {
     async fn ended(&self, _task: &TaskSpec, _end: TaskEnd, _records: &[Record], _elapsed: Duration, _delivery: u32) {}
     /// Seconds spent fetching, processing and storing one task.
     fn stage(&self, _stage: &'static str, _seconds: f64) {}
+    /// Input read from the store: `how` is `download` (whole objects) or `ranged` (ranged
+    /// reads of archives, and the first bytes read to tell an archive).
+    fn fetched(&self, _how: &'static str, _requests: u64, _bytes: u64) {}
 }
 
 /// Whether this worker can run a task (`Err` names why not: the task is
@@ -392,7 +458,8 @@ impl Worker {
             // An image group's source is the folder or prefix its members were listed from:
             // the members are fetched one by one while the task runs. An archive on S3 is
             // read by ranged requests, anything else is downloaded.
-            let mut input = open_input(self.fetch.as_ref(), &task).await?;
+            let fetch = Counted { inner: self.fetch.as_ref(), observer: self.observer.clone() };
+            let mut input = open_input(&fetch, &task).await?;
             stage("fetch", t);
             let t = Instant::now();
             // A job planned without a model never uses this worker's model
@@ -423,7 +490,7 @@ impl Worker {
                 &task
             };
             let records = match std::mem::replace(&mut input, Input::None) {
-                _ if run.unit == UnitKind::Images => process_images(run, self.fetch.as_ref(), ctx).await?,
+                _ if run.unit == UnitKind::Images => process_images(run, &fetch, ctx).await?,
                 Input::Ranged(RangedInput { reader, size, stats }) if run.unit == UnitKind::Archive => {
                     let records = process_archive(run, ArchiveSource::Reader(reader), ctx).await?;
                     after_ranged_read(&stats, size, run, "archive task read")?;
@@ -437,7 +504,7 @@ impl Worker {
                 // An archive that could not be read when opened: its error record is made
                 // from a download, like any unreadable object's.
                 Input::Ranged(_) | Input::None => {
-                    let f = self.fetch.fetch(&task.source).await?;
+                    let f = fetch.fetch(&task.source).await?;
                     let records = process_task(run, &f.path, ctx).await?;
                     input = Input::Local(f);
                     records
