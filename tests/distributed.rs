@@ -893,6 +893,7 @@ fn forged_task_messages_are_dead_lettered_and_secrets_stay_out_of_every_output()
                 check_stored: false,
                 submission: None,
                 members: Vec::new(),
+                resume: None,
             }
         };
         let evil_out = format!("s3://{bucket}/evil");

@@ -20,6 +20,6 @@ pub use record::{
     Throughput, Timings,
 };
 pub use settings::{
-    DatasetFormat, Engine, JobSettings, Limits, RenderSize, SourceRef, TaskKind, TaskSpec, UnitKind, DEFAULT_IMAGES_PER_TASK,
+    ArchiveResume, DatasetFormat, Engine, JobSettings, Limits, RenderSize, SourceRef, TaskKind, TaskSpec, UnitKind, DEFAULT_IMAGES_PER_TASK,
     DEFAULT_LONG_SIDE, DEFAULT_MAX_ARCHIVE_MEMBERS, DEFAULT_MAX_ZIP_RATIO, MAX_RENDER_DPI,
 };

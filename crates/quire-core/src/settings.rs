@@ -300,6 +300,23 @@ pub struct TaskSpec {
     /// The image files of an [`UnitKind::Images`] task, in listing order (empty otherwise).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub members: Vec<SourceRef>,
+    /// For an [`UnitKind::Archive`] task over a plain tar: where its first sample starts,
+    /// found by the scan that split the archive, so that the task reads its own samples
+    /// instead of the shard from its start. Not part of the task id: it is a fact about the
+    /// listed object (same size and version, same offsets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume: Option<ArchiveResume>,
+}
+
+/// Where an archive task starts reading (see [`TaskSpec::resume`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchiveResume {
+    /// Byte offset of the first header block of the task's first sample.
+    pub offset: u64,
+    /// Samples of the task's range whose key an earlier sample of the shard has: refused as
+    /// duplicates, which a walk starting at `offset` cannot tell by itself.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub duplicates: Vec<u32>,
 }
 
 fn finite_f32<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f32, D::Error> {
@@ -347,6 +364,17 @@ impl TaskSpec {
         }
         if self.last > most {
             return Err(format!("unit range {}-{} goes past the {most} units this task may have", self.first, self.last));
+        }
+        if let Some(r) = &self.resume {
+            if self.unit != UnitKind::Archive {
+                return Err("a resume point on a task that is not an archive range".into());
+            }
+            if r.offset >= self.source.size.max(1) || r.offset % 512 != 0 {
+                return Err(format!("resume offset {} is no tar block of the {}-byte object", r.offset, self.source.size));
+            }
+            if r.duplicates.iter().any(|u| !(self.first..=self.last).contains(u)) {
+                return Err("resume duplicates outside the task's range".into());
+            }
         }
         Ok(())
     }

@@ -1055,6 +1055,7 @@ mod tests {
             check_stored: false,
             submission: None,
             members: Vec::new(),
+            resume: None,
         }
     }
 

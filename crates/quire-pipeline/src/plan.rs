@@ -40,6 +40,7 @@ pub fn plan_archive_tasks(settings: &JobSettings, fingerprint: &str, src: &Sourc
         check_stored: false,
         submission: None,
         members: Vec::new(),
+        resume: None,
     };
     match scan {
         Err(_) => vec![make(UnitKind::Unreadable, 1, 1, 0)],
@@ -47,7 +48,11 @@ pub fn plan_archive_tasks(settings: &JobSettings, fingerprint: &str, src: &Sourc
         Ok(s) => {
             let per = settings.images_per_task.max(1);
             (0..s.units.div_ceil(per))
-                .map(|i| make(UnitKind::Archive, i * per + 1, ((i + 1) * per).min(s.units), s.units))
+                .map(|i| {
+                    let (first, last) = (i * per + 1, ((i + 1) * per).min(s.units));
+                    // A plain tar's later ranges start reading at their first sample.
+                    TaskSpec { resume: s.resume_at(first, last), ..make(UnitKind::Archive, first, last, s.units) }
+                })
                 .collect()
         }
     }
@@ -67,6 +72,7 @@ pub fn images_task(settings: &JobSettings, fingerprint: &str, root: &SourceRef, 
         check_stored: false,
         submission: None,
         members,
+        resume: None,
     }
 }
 
@@ -136,6 +142,7 @@ pub fn plan_tasks(settings: &JobSettings, fingerprint: &str, src: &SourceRef, pr
         check_stored: false,
         submission: None,
         members: Vec::new(),
+        resume: None,
     };
     match probe {
         Err(_) => vec![make(UnitKind::Unreadable, 1, 1, 0)],

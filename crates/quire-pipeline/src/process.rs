@@ -423,6 +423,7 @@ pub async fn process_archive(task: &TaskSpec, src: ArchiveSource, ctx: &ProcessC
     let limits = task.settings.limits;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Unit>(IMAGE_CHUNK);
     let range = task.first..=task.last;
+    let resume = task.resume.clone();
     let reader = tokio::task::spawn_blocking(move || {
         let limits_a = ArchiveLimits::from(&limits);
         let mut on_entry = |e: Entry| {
@@ -447,8 +448,8 @@ pub async fn process_archive(task: &TaskSpec, src: ArchiveSource, ctx: &ProcessC
             let _ = tx.blocking_send(u);
         };
         match src {
-            ArchiveSource::File(p) => archive::walk(&p, &limits_a, Some(range), &mut on_entry),
-            ArchiveSource::Reader(r) => archive::walk_reader(r, &limits_a, Some(range), &mut on_entry),
+            ArchiveSource::File(p) => archive::walk_from(&p, &limits_a, Some(range), resume.as_ref(), &mut on_entry),
+            ArchiveSource::Reader(r) => archive::walk_reader_from(r, &limits_a, Some(range), resume.as_ref(), &mut on_entry),
         }
     });
     let mut records = Vec::new();

@@ -25,6 +25,7 @@ pub fn document_task(settings: &JobSettings, fingerprint: &str, src: &SourceRef)
         check_stored: false,
         submission: None,
         members: Vec::new(),
+        resume: None,
     }
 }
 

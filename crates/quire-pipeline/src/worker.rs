@@ -758,6 +758,7 @@ mod tests {
             check_stored: false,
             submission: None,
             members: Vec::new(),
+            resume: None,
         };
         queue.publish(&task).await.unwrap();
         let dir = tempfile::tempdir().unwrap();

@@ -1160,6 +1160,7 @@ mod tests {
             check_stored: false,
             submission: None,
             members: Vec::new(),
+            resume: None,
         }
     }
 

@@ -240,6 +240,7 @@ mod tests {
             check_stored: false,
             submission: None,
             members: Vec::new(),
+            resume: None,
         }
     }
 

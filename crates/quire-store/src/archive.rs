@@ -34,7 +34,7 @@
 //! image-named members that pass the name checks, as a member's encryption, size,
 //! compression ratio and link flag are checked only when a task opens it.
 
-use quire_core::{ErrorKind, Limits};
+use quire_core::{ArchiveResume, ErrorKind, Limits};
 use std::collections::HashSet;
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
@@ -142,6 +142,26 @@ pub struct Scan {
     pub members: u64,
     /// The archive ends early or its directory is damaged.
     pub truncated: bool,
+    /// A plain tar read whole (a scan): the byte offset of each sample's first header block,
+    /// by unit (`sample_offsets[u - 1]`), where a task can start reading
+    /// ([`ArchiveResume`]). Empty for other archives and for walks over a range.
+    pub sample_offsets: Vec<u64>,
+    /// Units refused because an earlier sample of the archive has their key.
+    pub duplicates: Vec<u32>,
+}
+
+impl Scan {
+    /// Where a task whose range starts at `first` can start reading: `None` at the start of
+    /// the archive, or where the scan did not record sample offsets (compressed and zip
+    /// archives, a unit past the end).
+    pub fn resume_at(&self, first: u32, last: u32) -> Option<ArchiveResume> {
+        if first <= 1 {
+            return None;
+        }
+        let offset = *self.sample_offsets.get(first as usize - 1)?;
+        let duplicates = self.duplicates.iter().copied().filter(|u| (first..=last).contains(u)).collect();
+        Some(ArchiveResume { offset, duplicates })
+    }
 }
 
 /// The limits that apply inside archives.
@@ -221,6 +241,8 @@ struct Walker<'a> {
     scan: Scan,
     /// Stop reading once the range is passed (a task needs nothing further; a scan does).
     stop_after_range: bool,
+    /// Units known to be duplicates of keys before where this walk started.
+    known_duplicates: HashSet<u32>,
 }
 
 impl Walker<'_> {
@@ -253,6 +275,9 @@ impl Walker<'_> {
         if s.image_ok && !s.duplicate {
             self.scan.images += 1;
         }
+        if s.duplicate {
+            self.scan.duplicates.push(s.unit);
+        }
         for e in entries {
             if let Entry::Refused { .. } = e {
                 self.scan.refused += 1;
@@ -272,7 +297,7 @@ impl Walker<'_> {
         if !same {
             self.finish_sample();
             let unit = self.scan.units + 1;
-            let duplicate = !self.seen.insert(key.to_string());
+            let duplicate = !self.seen.insert(key.to_string()) || self.known_duplicates.contains(&unit);
             self.current = Some(Sample {
                 unit,
                 key: key.to_string(),
@@ -333,8 +358,19 @@ pub fn walk(
     range: Option<RangeInclusive<u32>>,
     on_entry: &mut dyn FnMut(Entry),
 ) -> Result<Scan, ArchiveError> {
+    walk_from(path, limits, range, None, on_entry)
+}
+
+/// [`walk`], starting at `resume` when given (see [`walk_reader_from`]).
+pub fn walk_from(
+    path: &Path,
+    limits: &ArchiveLimits,
+    range: Option<RangeInclusive<u32>>,
+    resume: Option<&ArchiveResume>,
+    on_entry: &mut dyn FnMut(Entry),
+) -> Result<Scan, ArchiveError> {
     let file = File::open(path).map_err(|e| io_error(path, e))?;
-    walk_reader(file, limits, range, on_entry).map_err(|e| match e.kind {
+    walk_reader_from(file, limits, range, resume, on_entry).map_err(|e| match e.kind {
         ErrorKind::Io => ArchiveError::new(ErrorKind::Io, format!("{}: {}", path.display(), e.message)),
         _ => e,
     })
@@ -349,9 +385,24 @@ pub fn walk(
 /// member data); a zip reads its central directory and then only the local headers and data
 /// of the wanted members.
 pub fn walk_reader<R: Read + Seek>(
+    src: R,
+    limits: &ArchiveLimits,
+    range: Option<RangeInclusive<u32>>,
+    on_entry: &mut dyn FnMut(Entry),
+) -> Result<Scan, ArchiveError> {
+    walk_reader_from(src, limits, range, None, on_entry)
+}
+
+/// [`walk_reader`] for a range that starts where a scan found its first sample (`resume`,
+/// from [`Scan::resume_at`]): a plain tar is read from that offset on, so a task reads its
+/// own samples and not the shard before them. When the bytes at the offset are no tar header
+/// (a resume point that does not fit this archive), the walk starts at the beginning as
+/// without one.
+pub fn walk_reader_from<R: Read + Seek>(
     mut src: R,
     limits: &ArchiveLimits,
     range: Option<RangeInclusive<u32>>,
+    resume: Option<&ArchiveResume>,
     on_entry: &mut dyn FnMut(Entry),
 ) -> Result<Scan, ArchiveError> {
     let io = |e: std::io::Error| ArchiveError::new(ErrorKind::Io, format!("reading the archive: {e}"));
@@ -359,19 +410,35 @@ pub fn walk_reader<R: Read + Seek>(
     if len == 0 {
         return Err(ArchiveError::new(ErrorKind::Empty, "empty file (0 bytes)"));
     }
+    let stop_after_range = range.is_some();
+    if let (Some(r), Some(first)) = (resume, range.as_ref().map(|r| *r.start())) {
+        if first > 1 && r.offset < len {
+            src.seek(SeekFrom::Start(r.offset)).map_err(io)?;
+            let mut head = Vec::with_capacity(ARCHIVE_SNIFF_LEN);
+            (&mut src).take(ARCHIVE_SNIFF_LEN as u64).read_to_end(&mut head).map_err(io)?;
+            if sniff_archive(&head) == Some(ArchiveKind::Tar) {
+                src.seek(SeekFrom::Start(r.offset)).map_err(io)?;
+                let scan = Scan { units: first - 1, ..Scan::default() };
+                let known_duplicates = r.duplicates.iter().copied().collect();
+                let mut w = Walker { range, on_entry, seen: HashSet::new(), current: None, scan, stop_after_range, known_duplicates };
+                walk_tar(tar::Archive::new(Seekable { inner: src, base: r.offset }), r.offset, len, limits, &mut w)?;
+                return Ok(w.scan);
+            }
+        }
+    }
     src.seek(SeekFrom::Start(0)).map_err(io)?;
     let mut head = Vec::with_capacity(ARCHIVE_SNIFF_LEN);
     (&mut src).take(ARCHIVE_SNIFF_LEN as u64).read_to_end(&mut head).map_err(io)?;
     let kind = sniff_archive(&head)
         .ok_or_else(|| ArchiveError::new(ErrorKind::Unsupported, "not a tar or zip archive by its first bytes"))?;
     src.seek(SeekFrom::Start(0)).map_err(io)?;
-    let stop_after_range = range.is_some();
-    let mut w = Walker { range, on_entry, seen: HashSet::new(), current: None, scan: Scan::default(), stop_after_range };
+    let known_duplicates = HashSet::new();
+    let mut w = Walker { range, on_entry, seen: HashSet::new(), current: None, scan: Scan::default(), stop_after_range, known_duplicates };
     match kind {
-        ArchiveKind::Tar => walk_tar(tar::Archive::new(Seekable(src)), len, limits, &mut w)?,
+        ArchiveKind::Tar => walk_tar(tar::Archive::new(Seekable { inner: src, base: 0 }), 0, len, limits, &mut w)?,
         ArchiveKind::TarGz => {
             let gz = flate2::read::MultiGzDecoder::new(BufReader::with_capacity(1 << 16, src));
-            walk_tar(tar::Archive::new(gz), 0, limits, &mut w)?
+            walk_tar(tar::Archive::new(gz), 0, 0, limits, &mut w)?
         }
         ArchiveKind::Zip => walk_zip(src, limits, &mut w)?,
     }
@@ -403,8 +470,11 @@ fn too_large(size: u64, limit: u64) -> String {
     format!("{size} bytes uncompressed, more than the limit of {limit} (--max-file-mb)")
 }
 
+/// Walks the tar entries of `archive`, whose reading starts at byte `base` of the file (a
+/// resume point, else 0); `file_len` is 0 for a compressed stream.
 fn walk_tar<R: MaybeSeek>(
     mut archive: tar::Archive<R>,
+    base: u64,
     file_len: u64,
     limits: &ArchiveLimits,
     w: &mut Walker<'_>,
@@ -412,6 +482,10 @@ fn walk_tar<R: MaybeSeek>(
     // Plain tar: unwanted member data is seeked over, so the end of the last member is checked
     // against the file's length to catch a shard cut off inside a member's data.
     let mut end_of_data = 0u64;
+    // Where the next entry's header blocks (long-name and pax headers included) begin: the
+    // end of the previous entry's data, rounded up to the 512-byte block.
+    let mut next_header = base;
+    let record_offsets = file_len > 0 && w.range.is_none();
     let entries = R::entries(&mut archive).map_err(|e| ArchiveError::new(ErrorKind::Corrupt, format!("not a tar archive: {e}")))?;
     for entry in entries {
         if w.past_range() {
@@ -427,6 +501,9 @@ fn walk_tar<R: MaybeSeek>(
                 return Ok(());
             }
         };
+        let header_at = next_header;
+        let stored = e.header().entry_size().unwrap_or_else(|_| e.size());
+        next_header = (base + e.raw_file_position()).saturating_add(stored).saturating_add(511) / 512 * 512;
         w.count_member(limits)?;
         let etype = e.header().entry_type();
         if etype.is_dir() {
@@ -434,8 +511,12 @@ fn walk_tar<R: MaybeSeek>(
         }
         let raw = e.path_bytes().into_owned();
         let size = e.size();
-        end_of_data = end_of_data.max(e.raw_file_position().saturating_add(size));
+        end_of_data = end_of_data.max((base + e.raw_file_position()).saturating_add(size));
+        let before = w.current.as_ref().map(|s| s.unit);
         let unit = w.member(&raw, true);
+        if record_offsets && before != Some(unit) {
+            w.scan.sample_offsets.push(header_at);
+        }
         let name = String::from_utf8_lossy(&raw).into_owned();
         let (_, ext) = split_key(&name);
         if let Some(why) = bad_name(&raw) {
@@ -497,18 +578,27 @@ pub trait MaybeSeek: Read + Sized {
     fn entries(a: &mut tar::Archive<Self>) -> std::io::Result<tar::Entries<'_, Self>>;
 }
 
-/// A plain tar's source, read with seeks over unwanted member data.
-pub struct Seekable<R>(R);
+/// A plain tar's source, read with seeks over unwanted member data. The tar reader starts
+/// at byte `base` of the file (a resume point) and sees positions counted from there.
+pub struct Seekable<R> {
+    inner: R,
+    base: u64,
+}
 
 impl<R: Read> Read for Seekable<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.0.read(buf)
+        self.inner.read(buf)
     }
 }
 
 impl<R: Seek> Seek for Seekable<R> {
     fn seek(&mut self, pos: SeekFrom) -> std::io::Result<u64> {
-        self.0.seek(pos)
+        let pos = match pos {
+            SeekFrom::Start(n) => SeekFrom::Start(self.base.saturating_add(n)),
+            other => other,
+        };
+        let at = self.inner.seek(pos)?;
+        at.checked_sub(self.base).ok_or_else(|| std::io::Error::other("seek before the resume point"))
     }
 }
 
@@ -899,6 +989,98 @@ pub(crate) mod tests {
         assert_eq!((s.units, s.images, s.members), (40, 40, 44));
         let (_, all) = collect_reader(std::io::Cursor::new(bytes), 1..=40);
         assert_eq!(&all[29..31], &got[..]);
+    }
+
+    /// A plain tar of 30 samples `s/NNN.jpg` (4 KiB each) in GNU format: a directory entry,
+    /// captions now and then, a member with a pax header, one with a GNU long name, and
+    /// sample 21 repeating sample 6's key. Its 30 samples end with the long-named one.
+    fn resumable_tar() -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        let add = |b: &mut tar::Builder<Vec<u8>>, name: &str, data: &[u8], kind: tar::EntryType| {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(kind);
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            b.append_data(&mut h, name, data).unwrap();
+        };
+        add(&mut b, "s/", b"", tar::EntryType::Directory);
+        for i in 0..29 {
+            let key = if i == 20 { 5 } else { i };
+            let data: Vec<u8> = (0..4096).map(|j| (j * 7 + i * 13) as u8).collect();
+            if i == 12 {
+                // A pax header of its own before the image.
+                let rec = b"15 comment=abc\n";
+                let mut h = tar::Header::new_ustar();
+                h.set_entry_type(tar::EntryType::XHeader);
+                h.set_size(rec.len() as u64);
+                b.append_data(&mut h, "PaxHeader/012.jpg", &rec[..]).unwrap();
+            }
+            add(&mut b, &format!("s/{key:03}.jpg"), &data, tar::EntryType::Regular);
+            if i % 4 == 1 {
+                add(&mut b, &format!("s/{key:03}.txt"), b"a caption", tar::EntryType::Regular);
+            }
+        }
+        let long = format!("s/{}.jpg", "n".repeat(150));
+        add(&mut b, &long, &[9u8; 4096], tar::EntryType::Regular);
+        b.into_inner().unwrap()
+    }
+
+    /// Every range of `per` samples read from its resume point gives what the same range read
+    /// from the start gives, and (`check_reads`) reads nothing before the resume point.
+    fn resumed_ranges_match(bytes: &[u8], per: u32, check_reads: bool) {
+        let s = scan_reader(std::io::Cursor::new(bytes), &limits()).unwrap();
+        for first in (1..=s.units).step_by(per as usize) {
+            let last = (first + per - 1).min(s.units);
+            let (_, want) = collect_reader(std::io::Cursor::new(bytes), first..=last);
+            let resume = s.resume_at(first, last);
+            let reads = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+            let src = Counting { inner: std::io::Cursor::new(bytes), reads: reads.clone() };
+            let mut got = Vec::new();
+            walk_reader_from(src, &limits(), Some(first..=last), resume.as_ref(), &mut |e| got.push(e)).unwrap();
+            assert_eq!(got, want, "samples {first}-{last} from {resume:?}");
+            if let (true, Some(r)) = (check_reads, &resume) {
+                let before: Vec<_> = reads.borrow().iter().filter(|(p, _)| *p < r.offset).cloned().collect();
+                assert!(before.is_empty(), "samples {first}-{last} read before offset {}: {before:?}", r.offset);
+            }
+        }
+    }
+
+    #[test]
+    fn a_tar_task_starts_reading_at_its_first_sample() {
+        let bytes = resumable_tar();
+        let s = scan_reader(std::io::Cursor::new(&bytes), &limits()).unwrap();
+        assert_eq!((s.units, s.images, s.duplicates.clone()), (30, 29, vec![21]));
+        assert_eq!(s.sample_offsets.len(), 30, "one offset per sample");
+        assert_eq!(s.sample_offsets[0], 512, "after the directory entry");
+        assert!(s.sample_offsets.iter().all(|o| o % 512 == 0) && s.sample_offsets.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(s.resume_at(1, 5), None, "the first range starts at the start");
+        assert_eq!(s.resume_at(19, 24).unwrap().duplicates, vec![21]);
+        for per in [1, 4, 7] {
+            resumed_ranges_match(&bytes, per, true);
+        }
+        // A late range reads about its own share of the shard, not everything before it.
+        let r = s.resume_at(28, 30).unwrap();
+        let reads = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+        let src = Counting { inner: std::io::Cursor::new(&bytes), reads: reads.clone() };
+        walk_reader_from(src, &limits(), Some(28..=30), Some(&r), &mut |_| {}).unwrap();
+        let total: usize = reads.borrow().iter().map(|r| r.1).sum();
+        assert!(total < bytes.len() / 5, "read {total} of {} bytes", bytes.len());
+        // A resume point that is no header (here: inside a member's data) is not trusted: the
+        // walk starts at the beginning and gives the same samples.
+        let wrong = quire_core::ArchiveResume { offset: s.sample_offsets[27] + 1024, duplicates: Vec::new() };
+        let mut got = Vec::new();
+        walk_reader_from(std::io::Cursor::new(&bytes), &limits(), Some(28..=30), Some(&wrong), &mut |e| got.push(e)).unwrap();
+        assert_eq!(got, collect_reader(std::io::Cursor::new(&bytes), 28..=30).1);
+        // The fixtures: img2dataset's layout, hostile names, duplicates, a shard cut off.
+        for name in ["shard-000001.tar", "bad/names.tar", "bad/duplicates.tar", "bad/truncated.tar"] {
+            let bytes = std::fs::read(fixture(name)).unwrap();
+            for per in [1, 2] {
+                resumed_ranges_match(&bytes, per, !name.contains("truncated"));
+            }
+        }
+        // Compressed tars and zips have no resume points.
+        assert!(scan(&fixture("gz-000000.tar.gz"), &limits()).unwrap().sample_offsets.is_empty());
+        assert!(scan(&fixture("pictures.zip"), &limits()).unwrap().sample_offsets.is_empty());
     }
 
     #[test]

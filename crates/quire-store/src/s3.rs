@@ -1374,6 +1374,20 @@ mod tests {
                 bytes.len()
             );
             assert!(stats.bytes() < bytes.len() as u64, "{name}: stops after its range");
+            // A late range from the resume point its scan found: a plain tar task fetches the
+            // blocks of its own samples only (a gzip'd one has no resume points).
+            let scan = crate::archive::scan_reader(open(&src), &limits).unwrap();
+            let resume = scan.resume_at(25, 26);
+            assert_eq!(resume.is_some(), name == "shard.tar", "{name}");
+            let reader = open(&src);
+            let stats = reader.stats();
+            let mut remote = Vec::new();
+            crate::archive::walk_reader_from(reader, &limits, Some(25..=26), resume.as_ref(), &mut |e| remote.push(e)).unwrap();
+            assert_eq!(remote, walk_all(std::fs::File::open(&local).unwrap(), 25..=26).1, "{name}");
+            eprintln!("{name} task 25..=26 of 30: {} requests, {} of {} bytes", stats.requests(), stats.bytes(), bytes.len());
+            if resume.is_some() {
+                assert!(stats.bytes() <= 2 * (64 << 10), "{name}: {} bytes for two samples", stats.bytes());
+            }
         }
 
         // An object replaced after listing: a permanent error, kept in the stats.
