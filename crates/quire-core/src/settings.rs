@@ -423,5 +423,19 @@ mod tests {
         assert!(t.check().is_err(), "an image group of 16 with no members");
         t.members = vec![t.source.clone(); 16];
         assert_eq!(t.check(), Ok(()));
+        // A tar range's resume point: a block of the object, duplicates within the range,
+        // and only on archive ranges.
+        let resumed: TaskSpec = serde_json::from_slice(&seed("task-archive-resume.json")).unwrap();
+        assert_eq!(resumed.resume, Some(ArchiveResume { offset: 2048, duplicates: vec![4] }));
+        assert_eq!(resumed.check(), Ok(()));
+        let with = |offset, duplicates: Vec<u32>| TaskSpec { resume: Some(ArchiveResume { offset, duplicates }), ..resumed.clone() };
+        for (t, why) in [
+            (with(2049, vec![]), "no tar block"),
+            (with(4608, vec![]), "no tar block"),
+            (with(2048, vec![2]), "outside the task's range"),
+            (TaskSpec { unit: UnitKind::Pdf, ..resumed.clone() }, "not an archive range"),
+        ] {
+            assert!(t.check().unwrap_err().contains(why), "{:?}", t.resume);
+        }
     }
 }
