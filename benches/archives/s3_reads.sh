@@ -7,8 +7,8 @@
 # nats-server, the shard in Garage on loopback (benches/dist/).
 # The shard is N 256x192 JPEGs in img2dataset's layout (tests/gen_archives.py --bench), as
 # a plain .tar and as a .tar.gz, each one job of --images-per-task PER (default 256) samples
-# a task. The worker's quire_input_fetched_bytes_total{how="ranged"} and
-# quire_input_requests_total give what the split (the scan) and the tasks fetched.
+# a task. The worker's quire_input_fetched_bytes_total and quire_input_requests_total (ranged
+# reads and whole downloads) give what the split (the scan) and the tasks fetched.
 #
 #   benches/archives/s3_reads.sh
 #   N=2000 PER=100 PROFILE=dev benches/archives/s3_reads.sh
@@ -38,12 +38,12 @@ counters() {
   python3 - "$1" <<'PY'
 import sys, urllib.request
 text = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics").read().decode()
-def get(name):
+def get(name, how):
     for l in text.splitlines():
-        if l.startswith(f'{name}{{how="ranged"}} '):
+        if l.startswith(f'{name}{{how="{how}"}} '):
             return int(float(l.split()[-1]))
     return 0
-print(get("quire_input_fetched_bytes_total"), get("quire_input_requests_total"))
+print(*(get(f"quire_input_{what}_total", how) for how in ("ranged", "download") for what in ("fetched_bytes", "requests")))
 PY
 }
 
@@ -63,13 +63,15 @@ run_build() {
       --max-new-tokens 1 --images-per-task "$PER" --wait >"$WORK/$label-$name.json" 2>"$WORK/$label-$name.log"
     t1=$(date +%s.%N)
     read -r -a after < <(counters "$port")
-    python3 - "$label" "$name" "$size" "${before[@]}" "${after[@]}" "$t0" "$t1" "$WORK/$label-$name.json" <<'PY'
+    python3 - "$label" "$name" "$size" "${before[@]}" "${after[@]}" "$t0" "$t1" <<'PY'
 import json, sys
-label, name, size, b0, r0, b1, r1, t0, t1, out = sys.argv[1:]
-size, fetched, requests = int(size), int(b1) - int(b0), int(r1) - int(r0)
-counts = json.load(open(out)).get("counts", {})
-print(f"{label:>9} {name:<13} {size / 1e6:8.1f} MB  fetched {fetched / 1e6:9.1f} MB = {fetched / size:5.2f} x the shard"
-      f" in {requests:6d} requests, {float(t1) - float(t0):6.1f} s, {counts.get('tasks')} tasks, {counts.get('records')} records")
+label, name, size = sys.argv[1:4]
+before, after = [int(x) for x in sys.argv[4:8]], [int(x) for x in sys.argv[8:12]]
+t0, t1 = float(sys.argv[12]), float(sys.argv[13])
+rb, rr, db, dr = (a - b for a, b in zip(after, before))
+size, fetched = int(size), rb + db
+print(f"{label:>9} {name:<13} {size / 1e6:6.1f} MB: fetched {fetched / 1e6:7.1f} MB = {fetched / size:5.2f} x the shard"
+      f" (ranged {rb / 1e6:.1f} MB in {rr} requests, downloads {db / 1e6:.1f} MB in {dr}), {t1 - t0:5.1f} s")
 PY
   done
   kill "$wpid" 2>/dev/null || true

@@ -188,6 +188,10 @@ impl Fetch for S3Fetch {
             .map_err(|e| TaskFailure(format!("reading the head of {}: {e}", src.uri)))
     }
 
+    fn keeps(&self, src: &SourceRef) -> bool {
+        is_s3(&src.uri) && src.size > 0 && src.size <= self.cache_bytes
+    }
+
     async fn open_ranged(&self, src: &SourceRef) -> Result<Option<RangedInput>, TaskFailure> {
         if !self.ranged(src) {
             return Ok(None);

@@ -35,6 +35,12 @@ pub trait Fetch: Send + Sync {
     async fn open_ranged(&self, _src: &SourceRef) -> Result<Option<RangedInput>, TaskFailure> {
         Ok(None)
     }
+
+    /// Whether a download of `src` is kept for this worker's later tasks, so that the tasks
+    /// of one object pay for one download (the default: nothing is downloaded).
+    fn keeps(&self, _src: &SourceRef) -> bool {
+        false
+    }
 }
 
 /// A fetched input: its path, and the temporary file behind it if any.
@@ -88,15 +94,24 @@ enum Input {
 
 /// Opens a task's input: an archive task's, or a whole-document task's whose first bytes
 /// say archive, by ranged reads when the fetcher offers them; any other a local file.
+///
+/// A gzip'd tar is the exception when the fetcher keeps downloads: it cannot be entered in
+/// the middle, so every range of it inflates the shard from its start. Downloaded once and
+/// kept, the split and the later ranges on this worker read the local copy; by ranged reads,
+/// the ranges of one shard would fetch it again and again (about half the shard per task).
 async fn open_input(fetch: &dyn Fetch, task: &TaskSpec) -> Result<Input, TaskFailure> {
     let src = &task.source;
-    let ranged = match task.unit {
+    let head = match task.unit {
         UnitKind::Images => return Ok(Input::None),
-        UnitKind::Archive => fetch.open_ranged(src).await?,
-        UnitKind::Document => match fetch.head(src, ARCHIVE_SNIFF_LEN as u64).await? {
-            Some(head) if archive::sniff_archive(&head).is_some() => fetch.open_ranged(src).await?,
-            _ => None,
-        },
+        // A range with a resume point is of a plain tar (the scan found it).
+        UnitKind::Archive if !fetch.keeps(src) || task.resume.is_some() => None,
+        UnitKind::Archive | UnitKind::Document => fetch.head(src, ARCHIVE_SNIFF_LEN as u64).await?,
+        _ => None,
+    };
+    let kind = head.as_deref().and_then(archive::sniff_archive);
+    let ranged = match (task.unit, kind) {
+        (UnitKind::Archive | UnitKind::Document, Some(archive::ArchiveKind::TarGz)) if fetch.keeps(src) => None,
+        (UnitKind::Archive, _) | (UnitKind::Document, Some(_)) => fetch.open_ranged(src).await?,
         _ => None,
     };
     Ok(match ranged {
@@ -167,6 +182,10 @@ impl Fetch for Counted<'_> {
             o.fetched("ranged", 1, h.len() as u64);
         }
         Ok(head)
+    }
+
+    fn keeps(&self, src: &SourceRef) -> bool {
+        self.inner.keeps(src)
     }
 
     async fn open_ranged(&self, src: &SourceRef) -> Result<Option<RangedInput>, TaskFailure> {
@@ -628,6 +647,64 @@ mod tests {
         async fn fetch(&self, _src: &SourceRef) -> Result<Fetched, TaskFailure> {
             let _ = self.0.send(()).await;
             std::future::pending().await
+        }
+    }
+
+    /// A fetcher over local fixture files that records what it was asked.
+    struct Recording {
+        keeps: bool,
+        calls: std::sync::Mutex<Vec<&'static str>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Fetch for Recording {
+        async fn fetch(&self, src: &SourceRef) -> Result<Fetched, TaskFailure> {
+            self.calls.lock().unwrap().push("download");
+            Ok(Fetched { path: PathBuf::from(&src.uri), _keep: None, downloaded: src.size })
+        }
+
+        async fn head(&self, src: &SourceRef, len: u64) -> Result<Option<Vec<u8>>, TaskFailure> {
+            self.calls.lock().unwrap().push("head");
+            let bytes = std::fs::read(&src.uri).unwrap();
+            Ok(Some(bytes[..(len as usize).min(bytes.len())].to_vec()))
+        }
+
+        async fn open_ranged(&self, src: &SourceRef) -> Result<Option<RangedInput>, TaskFailure> {
+            self.calls.lock().unwrap().push("ranged");
+            let bytes = std::fs::read(&src.uri).unwrap();
+            Ok(Some(RangedInput { size: bytes.len() as u64, reader: Box::new(std::io::Cursor::new(bytes)), stats: Arc::default() }))
+        }
+
+        fn keeps(&self, _src: &SourceRef) -> bool {
+            self.keeps
+        }
+    }
+
+    #[tokio::test]
+    async fn a_gzipped_tar_is_downloaded_to_be_kept_and_other_archives_are_read_by_ranges() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/archives");
+        let task = |name: &str, unit: UnitKind, resume: Option<quire_core::ArchiveResume>| {
+            let uri = dir.join(name).to_string_lossy().into_owned();
+            let size = std::fs::metadata(&uri).unwrap().len();
+            let src = SourceRef { uri, rel: name.into(), size, version: "1".into() };
+            TaskSpec { unit, first: 2, last: 3, resume, ..crate::split::document_task(&JobSettings::new("j"), "f", &src) }
+        };
+        let resume = Some(quire_core::ArchiveResume { offset: 1536, duplicates: Vec::new() });
+        for (keeps, name, unit, resume, want, local) in [
+            // Every range of a .tar.gz inflates it from its start: downloaded once, kept.
+            (true, "gz-000000.tar.gz", UnitKind::Archive, None, vec!["head", "download"], true),
+            (true, "gz-000000.tar.gz", UnitKind::Document, None, vec!["head", "download"], true),
+            // Not kept (too large for the cache): ranged reads, without asking for the head.
+            (false, "gz-000000.tar.gz", UnitKind::Archive, None, vec!["ranged"], false),
+            // Plain tars and zips are read by ranges; a resume point says plain tar already.
+            (true, "shard-000001.tar", UnitKind::Archive, None, vec!["head", "ranged"], false),
+            (true, "shard-000001.tar", UnitKind::Archive, resume, vec!["ranged"], false),
+            (true, "pictures.zip", UnitKind::Document, None, vec!["head", "ranged"], false),
+        ] {
+            let fetch = Recording { keeps, calls: Default::default() };
+            let input = open_input(&fetch, &task(name, unit, resume)).await.unwrap();
+            assert_eq!(*fetch.calls.lock().unwrap(), want, "{name} {unit:?} keeps {keeps}");
+            assert_eq!(matches!(input, Input::Local(_)), local, "{name} {unit:?}");
         }
     }
 
