@@ -33,7 +33,19 @@ fi
 
 # A long-lived target folder (CI keeps one between runs) is pruned of stale
 # test binaries before the build, so that it cannot fill the disk.
-bash scripts/prune-target.sh "${CARGO_TARGET_DIR:-$root/target}"
+target="${CARGO_TARGET_DIR:-$root/target}"
+bash scripts/prune-target.sh "$target"
+# Cargo names the build units of this workspace's crates by their path inside
+# the workspace, so two checkouts sharing a target folder (CI's clean clone and
+# a working copy) write the same files, and sources older than the other
+# checkout's build look fresh: the tests would run the other checkout's code.
+# When the last build here came from another checkout, our crates are cleaned.
+marker="$target/.quire-checkout"
+if [ -f "$marker" ] && [ "$(cat "$marker")" != "$root" ]; then
+  echo "scripts/test.sh: $target was last built from $(cat "$marker"); rebuilding this checkout's crates" >&2
+  cargo clean -q $(sed -n 's/^name = "\(quire[a-z-]*\)"$/-p \1/p' crates/*/Cargo.toml | sort -u)
+fi
+mkdir -p "$target" && printf '%s\n' "$root" >"$marker"
 cargo test --workspace "$@"
 # Then deploy/ and helm/quire/: linters, chart checks, and the CPU image built
 # around the binary cargo test just built, run with buildah (QUIRE_DEPLOY_CHECKS=0 skips them).
