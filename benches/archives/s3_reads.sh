@@ -73,6 +73,7 @@ size, fetched = int(size), rb + db
 print(f"{label:>9} {name:<13} {size / 1e6:6.1f} MB: fetched {fetched / 1e6:7.1f} MB = {fetched / size:5.2f} x the shard"
       f" (ranged {rb / 1e6:.1f} MB in {rr} requests, downloads {db / 1e6:.1f} MB in {dr}), {t1 - t0:5.1f} s")
 PY
+    echo "            $(grep -E 'tasks \(' "$WORK/$label-$name.log" | tail -1)"
   done
   kill "$wpid" 2>/dev/null || true
   wait "$wpid" 2>/dev/null || true
