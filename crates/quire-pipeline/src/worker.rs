@@ -101,16 +101,17 @@ enum Input {
 /// the ranges of one shard would fetch it again and again (about half the shard per task).
 async fn open_input(fetch: &dyn Fetch, task: &TaskSpec) -> Result<Input, TaskFailure> {
     let src = &task.source;
+    let keeps = fetch.keeps(src);
     let head = match task.unit {
         UnitKind::Images => return Ok(Input::None),
         // A range with a resume point is of a plain tar (the scan found it).
-        UnitKind::Archive if !fetch.keeps(src) || task.resume.is_some() => None,
+        UnitKind::Archive if !keeps || task.resume.is_some() => None,
         UnitKind::Archive | UnitKind::Document => fetch.head(src, ARCHIVE_SNIFF_LEN as u64).await?,
         _ => None,
     };
     let kind = head.as_deref().and_then(archive::sniff_archive);
     let ranged = match (task.unit, kind) {
-        (UnitKind::Archive | UnitKind::Document, Some(archive::ArchiveKind::TarGz)) if fetch.keeps(src) => None,
+        (UnitKind::Archive | UnitKind::Document, Some(archive::ArchiveKind::TarGz)) if keeps => None,
         (UnitKind::Archive, _) | (UnitKind::Document, Some(_)) => fetch.open_ranged(src).await?,
         _ => None,
     };

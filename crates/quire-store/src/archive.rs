@@ -245,7 +245,14 @@ struct Walker<'a> {
     known_duplicates: HashSet<u32>,
 }
 
-impl Walker<'_> {
+impl<'a> Walker<'a> {
+    /// A walk over `range` (`None`: a scan) that starts with `scan`'s counts, knowing the
+    /// units that repeat keys from before where it starts.
+    fn new(range: Option<RangeInclusive<u32>>, on_entry: &'a mut dyn FnMut(Entry), scan: Scan, known_duplicates: HashSet<u32>) -> Self {
+        let stop_after_range = range.is_some();
+        Walker { range, on_entry, seen: HashSet::new(), current: None, scan, stop_after_range, known_duplicates }
+    }
+
     fn wants(&self, unit: u32) -> bool {
         self.range.as_ref().is_some_and(|r| r.contains(&unit))
     }
@@ -410,30 +417,18 @@ pub fn walk_reader_from<R: Read + Seek>(
     if len == 0 {
         return Err(ArchiveError::new(ErrorKind::Empty, "empty file (0 bytes)"));
     }
-    let stop_after_range = range.is_some();
     if let (Some(r), Some(first)) = (resume, range.as_ref().map(|r| *r.start())) {
-        if first > 1 && r.offset < len {
-            src.seek(SeekFrom::Start(r.offset)).map_err(io)?;
-            let mut head = Vec::with_capacity(ARCHIVE_SNIFF_LEN);
-            (&mut src).take(ARCHIVE_SNIFF_LEN as u64).read_to_end(&mut head).map_err(io)?;
-            if sniff_archive(&head) == Some(ArchiveKind::Tar) {
-                src.seek(SeekFrom::Start(r.offset)).map_err(io)?;
-                let scan = Scan { units: first - 1, ..Scan::default() };
-                let known_duplicates = r.duplicates.iter().copied().collect();
-                let mut w = Walker { range, on_entry, seen: HashSet::new(), current: None, scan, stop_after_range, known_duplicates };
-                walk_tar(tar::Archive::new(Seekable { inner: src, base: r.offset }), r.offset, len, limits, &mut w)?;
-                return Ok(w.scan);
-            }
+        if first > 1 && r.offset < len && sniff_at(&mut src, r.offset).map_err(io)? == Some(ArchiveKind::Tar) {
+            let scan = Scan { units: first - 1, ..Scan::default() };
+            let mut w = Walker::new(range, on_entry, scan, r.duplicates.iter().copied().collect());
+            walk_tar(tar::Archive::new(Seekable { inner: src, base: r.offset }), r.offset, len, limits, &mut w)?;
+            return Ok(w.scan);
         }
     }
-    src.seek(SeekFrom::Start(0)).map_err(io)?;
-    let mut head = Vec::with_capacity(ARCHIVE_SNIFF_LEN);
-    (&mut src).take(ARCHIVE_SNIFF_LEN as u64).read_to_end(&mut head).map_err(io)?;
-    let kind = sniff_archive(&head)
+    let kind = sniff_at(&mut src, 0)
+        .map_err(io)?
         .ok_or_else(|| ArchiveError::new(ErrorKind::Unsupported, "not a tar or zip archive by its first bytes"))?;
-    src.seek(SeekFrom::Start(0)).map_err(io)?;
-    let known_duplicates = HashSet::new();
-    let mut w = Walker { range, on_entry, seen: HashSet::new(), current: None, scan: Scan::default(), stop_after_range, known_duplicates };
+    let mut w = Walker::new(range, on_entry, Scan::default(), HashSet::new());
     match kind {
         ArchiveKind::Tar => walk_tar(tar::Archive::new(Seekable { inner: src, base: 0 }), 0, len, limits, &mut w)?,
         ArchiveKind::TarGz => {
@@ -453,6 +448,16 @@ pub fn scan(path: &Path, limits: &ArchiveLimits) -> Result<Scan, ArchiveError> {
 /// [`scan`] over any source.
 pub fn scan_reader<R: Read + Seek>(src: R, limits: &ArchiveLimits) -> Result<Scan, ArchiveError> {
     walk_reader(src, limits, None, &mut |_| {})
+}
+
+/// The kind of archive whose first bytes (or, for a resume point, whose member header) sit
+/// at `at`; leaves `src` at `at`.
+fn sniff_at<R: Read + Seek>(src: &mut R, at: u64) -> std::io::Result<Option<ArchiveKind>> {
+    src.seek(SeekFrom::Start(at))?;
+    let mut head = Vec::with_capacity(ARCHIVE_SNIFF_LEN);
+    src.by_ref().take(ARCHIVE_SNIFF_LEN as u64).read_to_end(&mut head)?;
+    src.seek(SeekFrom::Start(at))?;
+    Ok(sniff_archive(&head))
 }
 
 fn io_error(path: &Path, e: std::io::Error) -> ArchiveError {
