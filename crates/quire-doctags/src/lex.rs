@@ -3,8 +3,8 @@
 //! A tag is `<`, an optional `/`, a name of ASCII letters, digits and `_`
 //! that starts with a letter or `_`, and `>`. Anything else that starts with
 //! `<` is text (`P < 0.05`, `x<y`). A tag cut off by the end of the input
-//! (`<loc_4`, `</tex`, a lone `<`) is dropped: it is a token the model did
-//! not finish, not text.
+//! (`<loc_4`, `</tex`, a lone `<`), with nothing but whitespace after it, is
+//! dropped: it is a token the model did not finish, not text.
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Tok<'a> {
@@ -39,7 +39,11 @@ pub(crate) fn lex<'a>(s: &'a str) -> Vec<Tok<'a>> {
             j += 1;
         }
         let starts_well = b.get(name_start).is_some_and(|&c| c.is_ascii_alphabetic() || c == b'_');
-        if j == b.len() && (j == name_start || starts_well) {
+        // Only whitespace after the name: the input ends inside this tag
+        // (saved answers often end with a newline after the cut).
+        let at_end = b[j..].iter().all(u8::is_ascii_whitespace);
+        let lone_comparison = j == name_start && i > 0 && b[i - 1].is_ascii_whitespace() && j < b.len();
+        if at_end && (starts_well || (j == name_start && !lone_comparison)) {
             // Cut off inside a tag: drop the unfinished tag.
             flush(&mut out, text_start, i);
             text_start = b.len();
@@ -81,5 +85,16 @@ mod tests {
         assert_eq!(lex("ab<"), vec![Text("ab")]);
         assert_eq!(lex("ab</"), vec![Text("ab")]);
         assert_eq!(lex("a <5"), vec![Text("a <5")]);
+    }
+
+    #[test]
+    fn a_tag_cut_off_before_a_final_newline_is_dropped_too() {
+        assert_eq!(lex("<text>ab<loc_4\n"), vec![Open("text"), Text("ab")]);
+        assert_eq!(lex("<text><loc_1><loc_\n"), vec![Open("text"), Open("loc_1")]);
+        assert_eq!(lex("<text><loc_1><\n"), vec![Open("text"), Open("loc_1")]);
+        assert_eq!(lex("ab</tex \r\n"), vec![Text("ab")]);
+        // A comparison sign at the end stays text.
+        assert_eq!(lex("if a < \n"), vec![Text("if a < \n")]);
+        assert_eq!(lex("x <5\n"), vec![Text("x <5\n")]);
     }
 }

@@ -18,8 +18,10 @@
 //! * an element left open when the next element starts (`<title>a<text>b`) ends there;
 //! * a closing tag without its opening tag is ignored;
 //! * an unknown tag is ignored, its text stays where it is; text outside any
-//!   element becomes a `text` block;
-//! * a tag cut off by the end of the input (`<loc_4`) is dropped;
+//!   element becomes a `text` block, except text before `<doctag>` (a chat
+//!   template's `Assistant:` in a saved raw answer), which is not the page's;
+//! * a tag cut off by the end of the input (`<loc_4`, maybe followed by a
+//!   newline) is dropped;
 //! * a table row with fewer cells than the longest row is padded with empty cells;
 //! * fewer than four locations give no bounding box (`null`).
 //!
@@ -74,7 +76,8 @@ pub struct Block {
     /// Tables: the cells' texts, row by row; pictures and charts: text the
     /// model put inside them besides the caption (usually none), then the
     /// texts of a chart's data cells; inline
-    /// groups: their parts' texts joined by spaces.
+    /// groups: their parts' texts joined by spaces; key-value regions: their
+    /// keys' and values' texts in the model's order, one a line.
     pub text: String,
     /// `[x0, y0, x1, y1]` in page pixels from the top-left corner: the first
     /// four `<loc_N>` of the element scaled from 0..500 to the page size;
@@ -103,6 +106,24 @@ pub struct Block {
     /// Inline groups: their parts in order (`text`, `formula`, `code`, …).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parts: Option<Vec<Part>>,
+    /// Key-value regions: their keys and values in the model's order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cells: Option<Vec<KeyValueCell>>,
+}
+
+/// One key or value of a key-value region (`<key_N>…</key_N>`,
+/// `<value_N>…</value_N>`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeyValueCell {
+    /// The `N` of the tag; null for text the model put in the region outside any cell.
+    pub id: Option<u32>,
+    /// A key; false for a value.
+    pub key: bool,
+    pub text: String,
+    /// The cell's first four locations in page pixels, as [`Block::bbox`].
+    pub bbox: Option<[f64; 4]>,
+    /// The ids of the cells this one points to (`<link_M>` in it): a key's values.
+    pub links: Vec<u32>,
 }
 
 /// One piece of an inline group.

@@ -3,7 +3,8 @@
 //! loaded from DocTags.
 
 use crate::tabulate::github_table;
-use crate::{Block, Kind, Table};
+use crate::{Block, KeyValueCell, Kind, Table};
+use std::collections::HashMap;
 
 /// Renders blocks as docling-core renders the document they come from:
 /// blocks joined by a blank line, page headers and footers left out, the
@@ -54,15 +55,20 @@ fn render(b: &Block) -> String {
         Kind::Picture | Kind::Chart => picture(b),
         Kind::Inline => inline(b),
         Kind::ListItem => list_line(b),
+        Kind::KeyValueRegion => match &b.cells {
+            Some(cells) => key_values(cells),
+            None => escape(&line_breaks(&b.text)),
+        },
         // Text-like: text, paragraph, caption, footnote, reference,
-        // handwritten text, SMILES, document index, key-value regions.
+        // handwritten text, SMILES, document index.
         _ => escape(&line_breaks(&b.text)),
     }
 }
 
 /// A picture or chart: the image placeholder, the class docling-core picks,
 /// the chart's data as a table. docling-core keeps no picture that has no
-/// location; then only text the model put inside it remains.
+/// location; then only the model's text in it remains (a chart's data
+/// still as a table). Text the model put inside besides the data follows.
 fn picture(b: &Block) -> String {
     let mut parts: Vec<String> = Vec::new();
     if b.bbox.is_some() {
@@ -70,12 +76,15 @@ fn picture(b: &Block) -> String {
         if let Some(class) = main_class(b.classes.as_deref().unwrap_or(&[])) {
             parts.push(humanize(class));
         }
-        if let Some(t) = &b.table {
-            parts.push(table(t));
-        }
     }
-    if b.kind == Kind::Picture && !b.text.is_empty() {
-        parts.push(escape(&line_breaks(&b.text)));
+    let mut text = b.text.as_str();
+    if let Some(t) = &b.table {
+        parts.push(table(t));
+        // The block's text ends with the data's cells (see `Block::text`).
+        text = text.strip_suffix(&crate::parse::table_text(t)).unwrap_or(text).trim_end();
+    }
+    if !text.is_empty() {
+        parts.push(escape(&line_breaks(text)));
     }
     parts.retain(|p| !p.is_empty());
     parts.join("\n\n")
@@ -119,6 +128,71 @@ fn inline(b: &Block) -> String {
         .collect::<Vec<_>>()
         .join(" ")
 }
+
+/// A key-value region as a list (docling-core writes only a placeholder
+/// comment; the text matters more): each cell that no other cell links to
+/// is an item, in the model's order, with the cells it links to nested
+/// under it, or on its line when it links to one cell that links nowhere
+/// further (`TO: Mrs. Smith`). Every cell is written once; nesting stops at
+/// [`KEY_VALUE_DEPTH`] levels (deeper cells stay at that level).
+fn key_values(cells: &[KeyValueCell]) -> String {
+    let mut by_id = HashMap::new();
+    for (i, c) in cells.iter().enumerate() {
+        if let Some(id) = c.id {
+            by_id.entry(id).or_insert(i);
+        }
+    }
+    let targets: Vec<Vec<usize>> = cells
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let mut t: Vec<usize> = Vec::new();
+            for j in c.links.iter().filter_map(|id| by_id.get(id).copied()) {
+                if j != i && !t.contains(&j) {
+                    t.push(j);
+                }
+            }
+            t
+        })
+        .collect();
+    let mut linked = vec![false; cells.len()];
+    for &j in targets.iter().flatten() {
+        linked[j] = true;
+    }
+    let mut placed = vec![false; cells.len()];
+    let mut lines = Vec::new();
+    // Roots first; then whatever only a cycle reaches.
+    for roots_only in [true, false] {
+        for root in 0..cells.len() {
+            if placed[root] || (roots_only && linked[root]) {
+                continue;
+            }
+            let mut stack = vec![(root, 0)];
+            while let Some((i, depth)) = stack.pop() {
+                if placed[i] {
+                    continue;
+                }
+                placed[i] = true;
+                let children: Vec<usize> = targets[i].iter().copied().filter(|&k| !placed[k]).collect();
+                let mut text = cells[i].text.replace('\n', " ");
+                match children[..] {
+                    [only] if targets[only].iter().all(|&k| placed[k]) => {
+                        placed[only] = true;
+                        text.push(' ');
+                        text.push_str(&cells[only].text.replace('\n', " "));
+                    }
+                    _ => stack.extend(children.iter().rev().map(|&k| (k, (depth + 1).min(KEY_VALUE_DEPTH)))),
+                }
+                lines.push(format!("{}- {}", " ".repeat(4 * depth), escape(&text)));
+            }
+        }
+    }
+    lines.join("\n")
+}
+
+/// How deep key-value lists nest (a model that links cells in a long chain
+/// would otherwise indent without end).
+const KEY_VALUE_DEPTH: usize = 3;
 
 /// The first row is the header (docling-core keeps no header flags from
 /// DocTags); spanning cells repeat in every slot; `|` becomes `&#124;`.

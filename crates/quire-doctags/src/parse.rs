@@ -2,7 +2,7 @@
 //! elements contain which, and that ends an element early rather than fail.
 
 use crate::lex::{lex, Tok};
-use crate::{Block, Cell, Kind, Part, Table, LOC_GRID};
+use crate::{Block, Cell, KeyValueCell, Kind, Part, Table, LOC_GRID};
 
 /// Leaf elements: text with locations, no child elements.
 fn leaf_kind(name: &str) -> Option<(Kind, Option<u32>)> {
@@ -52,6 +52,10 @@ fn is_otsl(name: &str) -> bool {
 
 fn loc(name: &str) -> Option<u32> {
     name.strip_prefix("loc_")?.parse::<u32>().ok()
+}
+
+fn link(name: &str) -> Option<u32> {
+    name.strip_prefix("link_")?.parse::<u32>().ok()
 }
 
 /// The picture classes docling-core reads, in the order it tries them
@@ -105,6 +109,8 @@ struct Parser<'a> {
     height: f64,
     blocks: Vec<Block>,
     lists: u32,
+    /// The index of the first block of an element still open at the end of the page.
+    cut: Option<usize>,
 }
 
 /// What a leaf element collected.
@@ -112,6 +118,8 @@ struct Parser<'a> {
 struct Leaf {
     text: String,
     locs: Vec<u32>,
+    /// Code: the caption docling's DocTags export writes at the end of the element.
+    caption: Option<Box<Leaf>>,
 }
 
 #[derive(Default)]
@@ -127,15 +135,37 @@ struct List {
 
 /// Reads one page of DocTags into blocks, scaling locations to a page of
 /// `width` × `height` pixels. `<page_break>` inside the text ends any open
-/// element and is otherwise ignored (see [`crate::split_pages`]).
+/// element and is otherwise ignored (see [`crate::split_pages`]). Text
+/// before the page's `<doctag>` (a chat template's `Assistant:` in a raw
+/// answer) is not part of the page.
 pub fn parse_page(doctags: &str, width: u32, height: u32) -> Vec<Block> {
-    let mut p = Parser { toks: lex(doctags), pos: 0, width: width as f64, height: height as f64, blocks: Vec::new(), lists: 0 };
+    parse_page_cut(doctags, width, height).0
+}
+
+/// [`parse_page`], and the index of the first block that came from an
+/// element the page ends inside (cut off by the token budget), if any.
+pub(crate) fn parse_page_cut(doctags: &str, width: u32, height: u32) -> (Vec<Block>, Option<usize>) {
+    let toks = lex(doctags);
+    let pos = toks.iter().position(|t| *t == Tok::Open("doctag")).map_or(0, |i| i + 1);
+    let mut p = Parser { toks, pos, width: width as f64, height: height as f64, blocks: Vec::new(), lists: 0, cut: None };
     p.top();
-    p.blocks
+    (p.blocks, p.cut)
 }
 
 fn block(kind: Kind, text: String, bbox: Option<[f64; 4]>) -> Block {
-    Block { kind, text, bbox, level: None, table: None, language: None, marker: None, list: None, classes: None, parts: None }
+    Block {
+        kind,
+        text,
+        bbox,
+        level: None,
+        table: None,
+        language: None,
+        marker: None,
+        list: None,
+        classes: None,
+        parts: None,
+        cells: None,
+    }
 }
 
 impl<'a> Parser<'a> {
@@ -158,7 +188,11 @@ impl<'a> Parser<'a> {
                 Tok::Open(name) if starts_element(name) && name != "page_break" => {
                     self.flush_stray(&mut stray);
                     self.pos += 1;
+                    let first = self.blocks.len();
                     self.element(name);
+                    if self.pos >= self.toks.len() && self.toks.last() != Some(&Tok::Close(name)) {
+                        self.cut = Some(first);
+                    }
                 }
                 Tok::Text(s) => {
                     stray.text.push_str(s);
@@ -197,9 +231,15 @@ impl<'a> Parser<'a> {
                 self.push_list(list);
                 return;
             }
-            let leaf = self.leaf(name, kind);
+            let mut leaf = self.leaf(name, kind);
+            let caption = leaf.caption.take();
             let b = self.leaf_block(kind, level, leaf);
             self.blocks.push(b);
+            if let Some(caption) = caption {
+                // After the code, where docling-core's Markdown puts a code caption.
+                let b = self.leaf_block(Kind::Caption, None, *caption);
+                self.blocks.push(b);
+            }
             return;
         }
         match name {
@@ -234,7 +274,8 @@ impl<'a> Parser<'a> {
 
     /// Text and locations up to `</name>`. Ends early, without consuming it,
     /// at a tag that starts another element or a table cell, or at the
-    /// closing tag of a container. In code every other tag is literal text.
+    /// closing tag of a container. In code every other tag is literal text,
+    /// except a `<caption>` that ends the element (see [`Self::code_caption_here`]).
     fn leaf(&mut self, name: &str, kind: Kind) -> Leaf {
         let mut leaf = Leaf::default();
         let code = kind == Kind::Code;
@@ -245,6 +286,18 @@ impl<'a> Parser<'a> {
                     break;
                 }
                 Tok::Text(s) => leaf.text.push_str(s),
+                Tok::Open("caption") if code && self.code_caption_here() => {
+                    self.pos += 1;
+                    leaf.caption = Some(Box::new(self.leaf("caption", Kind::Caption)));
+                    // The caption is the code element's last part.
+                    while matches!(self.peek(), Some(Tok::Text(s)) if s.trim().is_empty()) {
+                        self.pos += 1;
+                    }
+                    if self.peek() == Some(Tok::Close("code")) {
+                        self.pos += 1;
+                    }
+                    break;
+                }
                 Tok::Open(n) => {
                     if let Some(v) = loc(n) {
                         leaf.locs.push(v);
@@ -269,6 +322,21 @@ impl<'a> Parser<'a> {
             self.pos += 1;
         }
         leaf
+    }
+
+    /// Whether the `<caption>` at the current token is a code element's
+    /// caption: docling's DocTags export writes it last, so it is followed by
+    /// `</caption>` and then only whitespace up to `</code>` (or the end of
+    /// the page, or its cut-off end has no `</caption>`). A caption tag
+    /// anywhere else in code is the code's own text (HTML, say).
+    fn code_caption_here(&self) -> bool {
+        let rest = &self.toks[self.pos + 1..];
+        let end = rest.iter().position(|t| matches!(t, Tok::Close("code") | Tok::Open("page_break"))).unwrap_or(rest.len());
+        let inside = &rest[..end];
+        match inside.iter().position(|t| *t == Tok::Close("caption")) {
+            Some(close) => inside[close + 1..].iter().all(|t| matches!(t, Tok::Text(s) if s.trim().is_empty())),
+            None => end == rest.len(),
+        }
     }
 
     /// A list whose opening tag was just read; a nested list belongs to the
@@ -298,7 +366,7 @@ impl<'a> Parser<'a> {
                 }
                 Tok::Text(s) if !s.trim().is_empty() => {
                     // Text between items: an item the model did not tag.
-                    list.items.push(ListItem { leaf: Leaf { text: s.to_string(), locs: Vec::new() }, children: Vec::new() });
+                    list.items.push(ListItem { leaf: Leaf { text: s.to_string(), ..Leaf::default() }, children: Vec::new() });
                 }
                 Tok::Open(n) if starts_element(n) => break,
                 Tok::Close(n) if is_container(n) => break,
@@ -443,10 +511,14 @@ impl<'a> Parser<'a> {
                 Tok::Open(n) if leaf_kind(n).is_some() => {
                     self.pos += 1;
                     let kind = leaf_kind(n).map(|k| k.0).unwrap_or(Kind::Text);
-                    let leaf = self.leaf(n, kind);
+                    let mut leaf = self.leaf(n, kind);
                     locs.extend(leaf.locs.iter().copied());
+                    let caption = leaf.caption.take();
                     let b = self.leaf_block(kind, None, leaf);
                     parts.push(Part { kind, text: b.text });
+                    if let Some(caption) = caption {
+                        parts.push(Part { kind: Kind::Caption, text: caption.text.trim().to_string() });
+                    }
                     continue;
                 }
                 Tok::Open(n) if loc(n).is_some() => locs.push(loc(n).unwrap_or(0)),
@@ -463,37 +535,70 @@ impl<'a> Parser<'a> {
         self.blocks.push(b);
     }
 
-    /// A key-value region: its `<key_N>` / `<value_N>` texts in order.
+    /// A key-value region: its `<key_N>` / `<value_N>` cells in order, with
+    /// the `<link_M>`s in them; the block's text is their texts, one a line.
     fn key_value(&mut self) {
         let mut locs = Vec::new();
-        let mut pieces: Vec<String> = Vec::new();
+        let mut cells: Vec<(KeyValueCell, Vec<u32>)> = Vec::new();
         let mut in_cell = false;
+        let cell_id = |n: &str| -> Option<(bool, u32)> {
+            let (key, digits) = match n.strip_prefix("key_") {
+                Some(d) => (true, d),
+                None => (false, n.strip_prefix("value_")?),
+            };
+            Some((key, digits.parse().ok()?))
+        };
+        let new_cell = |id, key| (KeyValueCell { id, key, text: String::new(), bbox: None, links: Vec::new() }, Vec::new());
         while let Some(t) = self.peek() {
             match t {
                 Tok::Close("key_value_region") => {
                     self.pos += 1;
                     break;
                 }
-                Tok::Open(n) if n.starts_with("key_") || n.starts_with("value_") => {
-                    pieces.push(String::new());
+                Tok::Open(n) if cell_id(n).is_some() => {
+                    let (key, id) = cell_id(n).unwrap_or_default();
+                    cells.push(new_cell(Some(id), key));
                     in_cell = true;
                 }
-                Tok::Close(n) if n.starts_with("key_") || n.starts_with("value_") => in_cell = false,
-                // The region's own box comes before its first cell.
-                Tok::Open(n) if loc(n).is_some() && !in_cell && pieces.is_empty() => locs.push(loc(n).unwrap_or(0)),
-                Tok::Open(n) if loc(n).is_some() => {}
-                Tok::Text(s) => match pieces.last_mut() {
-                    Some(p) if in_cell => p.push_str(s),
-                    _ => pieces.push(s.to_string()),
+                Tok::Close(n) if cell_id(n).is_some() => in_cell = false,
+                Tok::Open(n) if loc(n).is_some() => match cells.last_mut() {
+                    Some((_, cell_locs)) if in_cell => cell_locs.push(loc(n).unwrap_or(0)),
+                    // The region's own box comes before its first cell.
+                    None => locs.push(loc(n).unwrap_or(0)),
+                    _ => {}
                 },
+                Tok::Open(n) if link(n).is_some() => {
+                    if let (Some((cell, _)), true) = (cells.last_mut(), in_cell) {
+                        cell.links.extend(link(n));
+                    }
+                }
+                Tok::Text(s) => {
+                    // Text outside the cells: a cell of its own, up to the next cell.
+                    if !in_cell && cells.last().is_none_or(|(c, _)| c.id.is_some()) {
+                        cells.push(new_cell(None, false));
+                    }
+                    if let Some((cell, _)) = cells.last_mut() {
+                        cell.text.push_str(s);
+                    }
+                }
                 Tok::Open(n) if starts_element(n) => break,
                 Tok::Close(n) if is_container(n) => break,
                 _ => {}
             }
             self.pos += 1;
         }
-        let text = pieces.iter().map(|p| p.trim()).filter(|p| !p.is_empty()).collect::<Vec<_>>().join(" ");
-        let b = block(Kind::KeyValueRegion, text, self.bbox(&locs));
+        let cells: Vec<KeyValueCell> = cells
+            .into_iter()
+            .map(|(mut cell, cell_locs)| {
+                cell.text = cell.text.trim().to_string();
+                cell.bbox = self.bbox(&cell_locs);
+                cell
+            })
+            .filter(|c| !c.text.is_empty())
+            .collect();
+        let text = cells.iter().map(|c| c.text.as_str()).collect::<Vec<_>>().join("\n");
+        let mut b = block(Kind::KeyValueRegion, text, self.bbox(&locs));
+        b.cells = Some(cells);
         self.blocks.push(b);
     }
 }
@@ -550,7 +655,7 @@ fn build_table(rows: &[Vec<(&str, String)>]) -> Table {
 }
 
 /// A table's cell texts, a line per row.
-fn table_text(t: &Table) -> String {
+pub(crate) fn table_text(t: &Table) -> String {
     let mut lines: Vec<String> = vec![String::new(); t.rows as usize];
     for c in &t.cells {
         if c.text.is_empty() {
