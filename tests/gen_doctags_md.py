@@ -21,6 +21,12 @@ A wider, uncommitted check: random well-formed pages with their references,
     QUIRE_DOCTAGS_CORPUS=/tmp/dt-random cargo test -p quire-doctags corpus
 
 (pages docling-core fails on are left out).
+
+References for DocTags pages kept elsewhere (never committed), as
+scripts/check-doctags-real.sh uses it: every *.dt or *.doctags in --input
+gets NAME.md (or NAME.error.txt) in --out,
+
+    python3 tests/gen_doctags_md.py --input DIR --out /tmp/dt-ref
 """
 import argparse
 import random
@@ -120,7 +126,15 @@ def main():
     ap.add_argument("--random", type=int, default=0, help="write this many random pages instead")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--input", type=Path, help="write references for the pages in this folder to --out instead")
     args = ap.parse_args()
+    if args.input:
+        args.out.mkdir(parents=True, exist_ok=True)
+        files = sorted(p for p in args.input.iterdir() if p.suffix in (".dt", ".doctags"))
+        for dt in files:
+            write_reference(dt, args.out / dt.stem)
+        print(f"references for {len(files)} files of {args.input} written to {args.out}")
+        return
     if args.random:
         rng = random.Random(args.seed)
         args.out.mkdir(parents=True, exist_ok=True)
@@ -138,15 +152,21 @@ def main():
         return
 
     for dt in sorted(CORPUS.glob("*.dt")):
-        pages = dt.read_text(encoding="utf-8").split("<page_break>")
-        md, err = dt.with_suffix(".md"), dt.with_suffix(".error.txt")
-        for p in (md, err):
-            p.unlink(missing_ok=True)
-        try:
-            md.write_text(reference(pages), encoding="utf-8")
-        except Exception as e:  # docling-core fails on some malformed pages
-            err.write_text(f"{type(e).__name__}: {e}\n", encoding="utf-8")
-            print(f"{dt.name}: {type(e).__name__}: {e}", file=sys.stderr)
+        write_reference(dt, dt.with_suffix(""))
+
+
+def write_reference(dt, stem):
+    """STEM.md with docling-core's Markdown for the pages of `dt`, or
+    STEM.error.txt with the exception where docling-core fails."""
+    pages = dt.read_text(encoding="utf-8").split("<page_break>")
+    md, err = stem.with_name(stem.name + ".md"), stem.with_name(stem.name + ".error.txt")
+    for p in (md, err):
+        p.unlink(missing_ok=True)
+    try:
+        md.write_text(reference(pages), encoding="utf-8")
+    except Exception as e:  # docling-core fails on some malformed pages
+        err.write_text(f"{type(e).__name__}: {e}\n", encoding="utf-8")
+        print(f"{dt.name}: {type(e).__name__}: {e}", file=sys.stderr)
 
 
 if __name__ == "__main__":

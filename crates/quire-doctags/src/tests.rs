@@ -1,9 +1,12 @@
 //! The corpus in tests/fixtures/doctags against docling-core's Markdown,
 //! blocks on chosen pages, and random token sequences; every word of the
-//! input kept.
+//! input kept. `real` runs the same checks on real pages kept outside the
+//! repository.
 
 use crate::*;
 use std::path::PathBuf;
+
+mod real;
 
 /// tests/fixtures/doctags, or the folder in `QUIRE_DOCTAGS_CORPUS` (pages and
 /// references written by `tests/gen_doctags_md.py --random`).
