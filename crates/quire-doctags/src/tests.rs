@@ -121,6 +121,7 @@ const DIFFERENCES: &[(&str, &str, &[&str])] = &[
     ("54-picture-inside-text", "docling-core ignores text inside a picture; quire keeps it after the image", &["Text the model put in the picture"]),
     ("59-code-caption", "docling-core glues a code element's caption to the end of the code, inside the fence, and strips tags from code; quire writes the caption as a paragraph after the code (where docling-core's Markdown puts code captions) and keeps the HTML as written", &["```\ndef area(r):\n    return 3.14159 * r * r\n```\n\nListing 2: circle\\_area helper\n\n```\n<table><caption>Prices</caption><tr><td>9</td></tr></table>\n```"]),
     ("60-key-value-links", "docling-core writes a placeholder comment for a key-value region; quire writes it as a list that follows the links from keys to values", &["- Ship to: Harbour Depot 7\n- Terms\n    - Net 30 from invoice date\n    - 2% early\n- Approved\n- stray note\n- ☑\n\nPage total follows."]),
+    ("61-chart-no-loc", "docling-core keeps no chart without a location, its data and text lost; quire writes the data as a table and the text after it", &["Sales by region:\n\n| Region   |   Units |\n|----------|---------|\n| North    |     120 |\n| South    |      95 |\n\nNorth and South"]),
 ];
 
 #[test]
