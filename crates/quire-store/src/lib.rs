@@ -175,6 +175,16 @@ impl<S: BlobStore> BlobStore for RetryingStore<S> {
         self.retry.run(&what, || self.inner.list(prefix)).await
     }
 
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let what = format!("deleting {}", self.inner.locate(key));
+        self.retry.run(&what, || self.inner.delete(key)).await
+    }
+
+    async fn rename(&self, from: &str, to: &str) -> Result<(), StoreError> {
+        let what = format!("moving {} to {}", self.inner.locate(from), self.inner.locate(to));
+        self.retry.run(&what, || self.inner.rename(from, to)).await
+    }
+
     fn locate(&self, key: &str) -> String {
         self.inner.locate(key)
     }
@@ -195,6 +205,18 @@ pub trait BlobStore: Send + Sync {
     async fn exists(&self, key: &str) -> Result<bool, StoreError>;
     /// Keys starting with `prefix`.
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError>;
+    /// Removes `key`; a key that is not there is no error.
+    async fn delete(&self, key: &str) -> Result<(), StoreError>;
+    /// Moves the object at `from` to `to`, replacing what `to` held; nothing when `from` is
+    /// absent. The default copies, then deletes (an object store has no rename): a crash in
+    /// between leaves both, and doing the move again finishes it.
+    async fn rename(&self, from: &str, to: &str) -> Result<(), StoreError> {
+        if let Some(bytes) = self.get(from).await? {
+            self.put(to, bytes).await?;
+            self.delete(from).await?;
+        }
+        Ok(())
+    }
     /// Where the key lives, for people (a path or an `s3://` URI).
     fn locate(&self, key: &str) -> String;
 }

@@ -100,6 +100,28 @@ impl BlobStore for LocalStore {
         .map_err(|e| StoreError::Transient(e.to_string()))?
     }
 
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        match tokio::fs::remove_file(self.path(key)?).await {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+
+    /// A file system rename: the file is at one of the two places at any time.
+    async fn rename(&self, from: &str, to: &str) -> Result<(), StoreError> {
+        let (from, to) = (self.path(from)?, self.path(to)?);
+        tokio::task::spawn_blocking(move || {
+            if !from.exists() {
+                return Ok(());
+            }
+            std::fs::create_dir_all(to.parent().expect("keys have a parent"))?;
+            std::fs::rename(&from, &to)
+        })
+        .await
+        .map_err(|e| StoreError::Transient(e.to_string()))??;
+        Ok(())
+    }
+
     fn locate(&self, key: &str) -> String {
         self.path(key).map(|p| p.display().to_string()).unwrap_or_else(|_| key.to_string())
     }

@@ -362,6 +362,18 @@ impl BlobStore for S3Store {
         Ok(out)
     }
 
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let full = self.key(key);
+        self.client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .send()
+            .await
+            .map_err(|e| classify(&format!("deleting s3://{}/{full}", self.bucket), e))?;
+        Ok(())
+    }
+
     fn locate(&self, key: &str) -> String {
         format!("s3://{}/{}", self.bucket, self.key(key))
     }
