@@ -95,11 +95,33 @@ pub fn member_rel(root_uri: &str, root_rel: &str, uri: &str) -> String {
     }
 }
 
-/// Collects loose images into groups of `images_per_task`, in listing order.
+/// Collects loose images into groups of about `images_per_task`, in listing order, with
+/// boundaries that depend on the images' own names only, so that a folder that grows, loses or
+/// replaces an image re-forms the group that holds it and no other.
+///
+/// A group ends after an image whose name ([`SourceRef::rel`]) hashes to a multiple of
+/// `images_per_task` ([`is_group_boundary`]): groups are `images_per_task` long on average,
+/// and adding or removing a name moves no boundary but its own. Adding a boundary name splits
+/// its group in two, removing one joins two; replacing an image changes its group's id only.
+/// A run of names without a boundary is cut every [`MAX_GROUP_FACTOR`] × `images_per_task`
+/// images, so no task grows without bound; a change inside such a run re-forms the groups
+/// from it to the run's next boundary (a run that long is rare: e⁻⁴ ≈ 2 % of groups).
 pub struct ImageGroups {
     per: usize,
     root: Option<SourceRef>,
     members: Vec<SourceRef>,
+}
+
+/// The longest group, in multiples of `images_per_task`.
+pub const MAX_GROUP_FACTOR: usize = 4;
+
+/// Whether a group of loose images ends after the image named `rel`, for groups of `per` on
+/// average: the first 8 bytes of the name's SHA-256 are a multiple of `per`.
+pub fn is_group_boundary(rel: &str, per: usize) -> bool {
+    use sha2::Digest;
+    let h = sha2::Sha256::digest(rel.as_bytes());
+    let n = u64::from_le_bytes(h[..8].try_into().expect("8 bytes"));
+    n % per.max(1) as u64 == 0
 }
 
 impl ImageGroups {
@@ -107,13 +129,14 @@ impl ImageGroups {
         ImageGroups { per: images_per_task.max(1) as usize, root: None, members: Vec::new() }
     }
 
-    /// Adds an image listed from `input`; returns a full group's task.
+    /// Adds an image listed from `input`; returns the task of the group it closes.
     pub fn push(&mut self, planner: &Planner, input: &str, src: SourceRef) -> Option<TaskSpec> {
         if self.root.is_none() {
             self.root = Some(group_root(input, &src));
         }
+        let ends = is_group_boundary(&src.rel, self.per);
         self.members.push(src);
-        (self.members.len() >= self.per).then(|| self.flush(planner)).flatten()
+        (ends || self.members.len() >= self.per.saturating_mul(MAX_GROUP_FACTOR)).then(|| self.flush(planner)).flatten()
     }
 
     /// The last, partial group (call at the end of each input).
@@ -222,11 +245,14 @@ mod tests {
 
         let m = |rel: &str| SourceRef { uri: format!("/data/pics/{rel}"), rel: format!("pics/{rel}"), size: 1, version: "1".into() };
         let mut groups = ImageGroups::new(2);
-        let mut tasks: Vec<TaskSpec> = ["a.png", "sub/b.jpg", "c.png"].iter().filter_map(|r| groups.push(&p, "/data/pics/", m(r))).collect();
+        // Names picked so that the first group ends after its second image.
+        let names = ["c.png", "sub/a.jpg", "e.png"];
+        assert_eq!(names.map(|n| is_group_boundary(&format!("pics/{n}"), 2)), [false, true, false]);
+        let mut tasks: Vec<TaskSpec> = names.iter().filter_map(|r| groups.push(&p, "/data/pics/", m(r))).collect();
         tasks.extend(groups.flush(&p));
         assert_eq!(tasks.len(), 2);
         assert_eq!((tasks[0].source.uri.as_str(), tasks[0].source.rel.as_str()), ("/data/pics/", "pics"));
-        assert_eq!((tasks[0].units(), tasks[1].units(), tasks[1].members[0].rel.as_str()), (2, 1, "pics/c.png"));
+        assert_eq!((tasks[0].units(), tasks[1].units(), tasks[1].members[0].rel.as_str()), (2, 1, "pics/e.png"));
         for t in &tasks {
             for mem in &t.members {
                 assert_eq!(member_rel(&t.source.uri, &t.source.rel, &mem.uri), mem.rel);
@@ -239,5 +265,53 @@ mod tests {
         let root = group_root("s3://b/p", &s3);
         assert_eq!((root.rel.as_str(), member_rel(&root.uri, &root.rel, &s3.uri).as_str()), ("p", "p/q/r.jpg"));
         assert_ne!(tasks[0].task_id, tasks[1].task_id);
+    }
+
+    /// The ids of the groups a sorted listing of `names` forms.
+    fn group_ids(p: &Planner, names: &[String], version: impl Fn(&str) -> String) -> Vec<(String, usize)> {
+        let mut groups = ImageGroups::new(p.settings.images_per_task);
+        let src = |n: &str| SourceRef { uri: format!("/in/{n}"), rel: format!("in/{n}"), size: 1, version: version(n) };
+        let mut sorted = names.to_vec();
+        sorted.sort();
+        let mut out: Vec<TaskSpec> = sorted.iter().filter_map(|n| groups.push(p, "/in", src(n))).collect();
+        out.extend(groups.flush(p));
+        out.into_iter().map(|t| (t.task_id, t.members.len())).collect()
+    }
+
+    #[test]
+    fn one_changed_image_re_forms_at_most_two_groups_wherever_it_sits() {
+        for per in [8u32, 64, 256] {
+            let mut s = JobSettings::new("j");
+            s.images_per_task = per;
+            let p = Planner::new(s);
+            let names: Vec<String> = (0..600).map(|i| format!("img-{i:04}.png")).collect();
+            let v1 = |_: &str| "1".to_string();
+            let before = group_ids(&p, &names, v1);
+            let sizes: Vec<usize> = before.iter().map(|g| g.1).collect();
+            assert_eq!(sizes.iter().sum::<usize>(), 600);
+            assert!(sizes.iter().all(|&n| n <= MAX_GROUP_FACTOR * per as usize), "{sizes:?}");
+            let mean = 600.0 / sizes.len() as f64;
+            assert!(mean > per as f64 / 4.0 && mean < per as f64 * 4.0, "groups of {mean} on average for {per}");
+            let new_work = |after: &[(String, usize)]| after.iter().filter(|g| !before.contains(g)).count();
+            let mut changes: Vec<(String, Vec<(String, usize)>)> = Vec::new();
+            for (i, at) in [("a-first.png", 0), ("img-0300a.png", 300), ("zz-last.png", 600)].into_iter().map(|(n, i)| (i, n)) {
+                let mut grown = names.clone();
+                grown.push(at.to_string());
+                changes.push((format!("add at {i}"), group_ids(&p, &grown, v1)));
+            }
+            for i in [0usize, 1, 299, 599] {
+                let mut fewer = names.clone();
+                fewer.remove(i);
+                changes.push((format!("remove {i}"), group_ids(&p, &fewer, v1)));
+                let changed = names[i].clone();
+                changes.push((format!("replace {i}"), group_ids(&p, &names, |n| if n == changed { "2".into() } else { "1".into() })));
+            }
+            for (what, after) in &changes {
+                let n = new_work(after);
+                assert!((1..=2).contains(&n), "{what} with groups of {per}: {n} groups to run again");
+                let kept = after.len() - n;
+                assert!(kept + 2 >= before.len(), "{what}: only {kept} of {} groups kept", before.len());
+            }
+        }
     }
 }
