@@ -5,7 +5,7 @@
 //! checked against). Both are installed by `.ci/run`.
 
 use serde_json::Value;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -649,6 +649,9 @@ fn run_fixed_doctags(inputs: &Path, out: &Path, job: &str, tokenizer: &str) {
         settings,
         workers: 1,
         force: false,
+        run: "r1".into(),
+        retry_failed: false,
+        prune: false,
         queue: quire_queue::QueueOptions::default(),
         ctx: quire_pipeline::process::ProcessContext {
             pdf: quire_render::PdfRenderer::start(1).expect("pdfium (QUIRE_PDFIUM)"),
@@ -1154,8 +1157,12 @@ fn loose_images_are_grouped_into_tasks_with_a_record_per_file() {
     let o = quire(&args);
     assert_eq!(code(&o), 3);
     let recs = records(&out, "g");
-    // Five readable images in groups of 2 = 3 tasks, the PDF's one task, the bomb's own one.
-    assert_eq!(std::fs::read_dir(out.join("g/results")).unwrap().count(), 5);
+    // Five readable images in groups that end after a name whose hash says so (about 2 each,
+    // the last group ends with the listing), the PDF's one task, the bomb's own one.
+    let images = ["pics/gray.png", "pics/multipage.tif", "pics/photo.jpg", "pics/rgba.png", "pics/sub/image.webp"];
+    let groups = images.iter().enumerate().filter(|(i, r)| *i == 4 || quire_pipeline::plan::is_group_boundary(r, 2)).count();
+    let tasks = groups + 2;
+    assert_eq!(std::fs::read_dir(out.join("g/results")).unwrap().count(), tasks);
     for name in ["photo.jpg", "gray.png", "rgba.png", "image.webp"] {
         let r = &recs[&(name.to_string(), 1)];
         assert_eq!(r["error"]["kind"], "needs_model", "{name}");
@@ -1171,11 +1178,12 @@ fn loose_images_are_grouped_into_tasks_with_a_record_per_file() {
     }
     assert_eq!(manifest(&out, "g")["counts"]["documents"].as_u64(), Some(7));
     let again = quire(&args);
-    assert!(String::from_utf8_lossy(&again.stderr).contains("0 done now, 5 already done"));
+    assert!(String::from_utf8_lossy(&again.stderr).contains(&format!("0 done now, {tasks} already done")));
     // A changed image is new work for its group only.
     std::fs::copy(doc("image.png"), input.join("gray.png")).unwrap();
     let changed = quire(&args);
-    assert!(String::from_utf8_lossy(&changed.stderr).contains("1 done now, 4 already done"), "{}", String::from_utf8_lossy(&changed.stderr));
+    let said = String::from_utf8_lossy(&changed.stderr);
+    assert!(said.contains(&format!("1 done now, {} already done", tasks - 1)), "{said}");
 }
 
 #[test]
@@ -1329,4 +1337,255 @@ fn captions_of_loose_images_go_to_parquet_and_pdfs_keep_their_markdown() {
     let o = run("bad", &["--dataset", "none,parquet"]);
     assert_eq!(code(&o), 2);
     assert!(String::from_utf8_lossy(&o.stderr).contains("--dataset none"));
+}
+
+// ---------------------------------------------------------------------------------------
+// Standing jobs: runs over a collection that grows, changes and shrinks.
+
+/// `OUT/JOB/runs/RUN/manifest.json`.
+fn run_manifest(out: &Path, job: &str, run: &str) -> Value {
+    let p = out.join(job).join("runs").join(run).join("manifest.json");
+    serde_json::from_slice(&std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap()
+}
+
+/// Files below `dir` by their path below it, with their bytes (none when `dir` is absent).
+fn files_below(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    if !dir.exists() {
+        return BTreeMap::new();
+    }
+    walk(dir).into_iter().map(|p| (p.strip_prefix(dir).unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap())).collect()
+}
+
+fn count(v: &Value, field: &str) -> u64 {
+    v["counts"][field].as_u64().unwrap_or_else(|| panic!("counts.{field} in {v}"))
+}
+
+/// Sets a file's modification time (what identifies a local file's version, with its size).
+fn set_mtime(p: &Path, t: std::time::SystemTime) {
+    std::fs::OpenOptions::new().write(true).open(p).unwrap().set_modified(t).unwrap();
+}
+
+/// The `source` column of every Parquet file given, read with pyarrow.
+fn parquet_sources(python: &Path, files: &[PathBuf]) -> Vec<String> {
+    if files.is_empty() {
+        return Vec::new();
+    }
+    let script = "import json, sys, pyarrow.parquet as pq\nprint(json.dumps([s for f in sys.argv[1:] for s in pq.read_table(f, columns=['source']).column('source').to_pylist()]))";
+    let o = Command::new(python).arg("-c").arg(script).args(files).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+#[test]
+fn a_standing_job_over_a_growing_folder_redoes_only_the_groups_that_changed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, _) = idefics3("split_sf2_gqa");
+    let input = tmp.path().join("imgs");
+    std::fs::create_dir(&input).unwrap();
+    let mut names: BTreeSet<String> = (0..600).map(|i| format!("img-{i:04}.png")).collect();
+    for n in &names {
+        std::fs::copy(doc("gray.png"), input.join(n)).unwrap();
+    }
+    let out = tmp.path().join("out");
+    let job = out.join("cap");
+    let night = |run: &str| {
+        let o = quire(&[
+            "run", input.to_str().unwrap(), "--out", out.to_str().unwrap(), "--job", "cap", "--run", run, "--task", "caption",
+            "--model", model.to_str().unwrap(), "--max-new-tokens", "1", "--images-per-task", "64", "-q",
+        ]);
+        assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
+        run_manifest(&out, "cap", run)
+    };
+    let python = python_readers();
+    // Results, Parquet files and the job manifest hold exactly one current record per image.
+    let check = |names: &BTreeSet<String>| {
+        let recs = records(&out, "cap");
+        let got: BTreeSet<String> = recs.keys().map(|(n, _)| n.clone()).collect();
+        assert_eq!(&got, names, "one record per current image, no other");
+        assert!(recs.values().all(|r| r["error"].is_null()));
+        let results: BTreeSet<String> = files_below(&job.join("results")).into_keys().map(|k| k.trim_end_matches(".jsonl").to_string()).collect();
+        let parquet: Vec<PathBuf> = walk(&job.join("parquet"));
+        let tasks: BTreeSet<String> = parquet
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().trim_start_matches("images-").trim_end_matches(".parquet").to_string())
+            .collect();
+        assert_eq!(tasks, results, "a Parquet file per current task, none stale");
+        if let Some(py) = &python {
+            let mut sources: Vec<String> = parquet_sources(py, &parquet).iter().map(|s| Path::new(s).file_name().unwrap().to_string_lossy().into_owned()).collect();
+            sources.sort();
+            assert_eq!(sources, names.iter().cloned().collect::<Vec<_>>(), "one Parquet row per current image");
+        }
+        let m = manifest(&out, "cap");
+        let objects = m["objects"].as_array().unwrap();
+        assert_eq!(objects.len(), names.len());
+        assert!(objects.iter().all(|o| o["status"] == "done" && o["kind"] == "image" && o["pages_ok"] == 1));
+        assert_eq!(count(&m, "records"), names.len() as u64);
+    };
+
+    let first = night("n01");
+    assert_eq!((count(&first, "objects_new"), count(&first, "objects_unchanged")), (600, 0));
+    let groups = count(&first, "tasks_done");
+    assert!((3..=40).contains(&groups), "600 images in groups of 64 on average: {groups} groups");
+    check(&names);
+
+    // One change at a time, each followed by a run of its own.
+    let t0 = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+    let steps: Vec<(&str, Box<dyn Fn(&mut BTreeSet<String>)>, [u64; 3])> = vec![
+        ("added first", Box::new(|n: &mut BTreeSet<String>| {
+            std::fs::copy(doc("rgba.png"), input.join("a-first.png")).unwrap();
+            n.insert("a-first.png".into());
+        }), [1, 0, 0]),
+        ("added in the middle", Box::new(|n: &mut BTreeSet<String>| {
+            std::fs::copy(doc("rgba.png"), input.join("img-0300a.png")).unwrap();
+            n.insert("img-0300a.png".into());
+        }), [1, 0, 0]),
+        ("added last", Box::new(|n: &mut BTreeSet<String>| {
+            std::fs::copy(doc("gray.png"), input.join("zz-last.png")).unwrap();
+            n.insert("zz-last.png".into());
+        }), [1, 0, 0]),
+        ("replaced", Box::new(|_: &mut BTreeSet<String>| {
+            std::fs::copy(doc("image.png"), input.join("img-0100.png")).unwrap();
+            set_mtime(&input.join("img-0100.png"), t0);
+        }), [0, 1, 0]),
+        ("removed", Box::new(|n: &mut BTreeSet<String>| {
+            std::fs::remove_file(input.join("img-0200.png")).unwrap();
+            n.remove("img-0200.png");
+        }), [0, 0, 1]),
+    ];
+    for (i, (what, change, [new, changed, removed])) in steps.iter().enumerate() {
+        let before = files_below(&job.join("parquet"));
+        change(&mut names);
+        let run = format!("n{:02}", i + 2);
+        let m = night(&run);
+        let done = count(&m, "tasks_done");
+        assert!((1..=2).contains(&done), "{what}: {done} tasks ran again");
+        assert_eq!(
+            [count(&m, "objects_new"), count(&m, "objects_changed"), count(&m, "objects_removed")],
+            [*new, *changed, *removed],
+            "{what}"
+        );
+        assert_eq!(count(&m, "objects_unchanged"), names.len() as u64 - new - changed, "{what}");
+        assert_eq!(count(&m, "objects"), names.len() as u64);
+        // The run manifest alone says what is new tonight.
+        let listed: Vec<&Value> = m["objects"].as_array().unwrap().iter().collect();
+        assert_eq!(listed.len() as u64, new + changed + removed, "{what}");
+        check(&names);
+        // Unchanged groups' Parquet files are the same bytes; replaced ones moved aside.
+        let after = files_below(&job.join("parquet"));
+        let kept = before.iter().filter(|(k, v)| after.get(*k) == Some(*v)).count();
+        assert!(kept + 2 >= before.len(), "{what}: {kept} of {} Parquet files kept", before.len());
+        assert!(before.keys().all(|k| after.contains_key(k) || job.join("superseded").join(&run).join("parquet").join(k).exists()), "{what}");
+        let moved = files_below(&job.join("superseded").join(&run));
+        assert_eq!(moved.len() as u64, count(&m, "files_superseded"), "{what}: {:?}", moved.keys());
+        assert!(moved.keys().any(|k| k.starts_with("results/")) && moved.keys().any(|k| k.starts_with("parquet/")), "{what}: {:?}", moved.keys());
+    }
+
+    // An unchanged image is not opened: same size and time, other bytes, still unchanged.
+    let p = input.join("img-0005.png");
+    let (len, mtime) = (std::fs::metadata(&p).unwrap().len(), std::fs::metadata(&p).unwrap().modified().unwrap());
+    std::fs::write(&p, vec![0u8; len as usize]).unwrap();
+    set_mtime(&p, mtime);
+    let quiet = night("n07");
+    assert_eq!((count(&quiet, "tasks_done"), count(&quiet, "objects_unchanged"), count(&quiet, "files_superseded")), (0, names.len() as u64, 0));
+    check(&names);
+    // A run started again under the same name continues it: the same findings, no work.
+    let again = night("n06");
+    assert_eq!((count(&again, "tasks_done"), count(&again, "objects_removed")), (0, 1), "the sixth run removed one image");
+
+    // `quire status` knows the job made by `quire run`, with its runs.
+    let st = quire(&["status", "cap", "--out", out.to_str().unwrap()]);
+    assert_eq!(code(&st), 0);
+    let text = String::from_utf8_lossy(&st.stdout);
+    assert!(text.contains("runs      7") && text.contains("n01") && text.contains("n07"), "{text}");
+    let js = quire(&["status", "cap", "--out", out.to_str().unwrap(), "--json"]);
+    let v: Value = serde_json::from_slice(&js.stdout).unwrap();
+    assert_eq!(v["objects"].as_u64(), Some(names.len() as u64));
+    assert_eq!(v["runs"].as_array().unwrap().len(), 7);
+}
+
+#[test]
+fn a_standing_job_redoes_a_replaced_pdf_and_a_new_shard_and_keeps_one_record_per_page() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, _) = idefics3("split_sf2_gqa");
+    let input = tmp.path().join("in");
+    std::fs::create_dir(&input).unwrap();
+    copy_into(&input, &["born_digital.pdf", "mixed.pdf"]);
+    std::fs::copy(archive("shard-000000.tar"), input.join("shard-000000.tar")).unwrap();
+    let out = tmp.path().join("out");
+    let night = |run: &str, extra: &[&str]| {
+        let mut args = vec![
+            "run", input.to_str().unwrap(), "--out", out.to_str().unwrap(), "--job", "docs", "--run", run, "--task", "caption",
+            "--model", model.to_str().unwrap(), "--max-new-tokens", "1", "--images-per-task", "2", "--dataset", "parquet,webdataset", "-q",
+        ];
+        args.extend_from_slice(extra);
+        let o = quire(&args);
+        assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
+        run_manifest(&out, "docs", run)
+    };
+    // Records by (source file, page or member): exactly one each.
+    let units = || {
+        let mut seen = BTreeSet::new();
+        for r in record_list(&out, "docs") {
+            let name = Path::new(r["source"].as_str().unwrap()).file_name().unwrap().to_string_lossy().into_owned();
+            let unit = r["member"].as_str().map(str::to_string).unwrap_or_else(|| r["page"].to_string());
+            assert!(seen.insert((name.clone(), unit.clone())), "two records for {name} {unit}");
+        }
+        seen
+    };
+    let first = night("d1", &[]);
+    assert_eq!(count(&first, "objects_new"), 3);
+    let pages_mixed = units().iter().filter(|(n, _)| n == "mixed.pdf").count();
+    let before = units();
+
+    // A new shard and a replaced PDF (another document under the same name).
+    std::fs::copy(archive("shard-000001.tar"), input.join("shard-000001.tar")).unwrap();
+    std::fs::copy(doc("scanned.pdf"), input.join("born_digital.pdf")).unwrap();
+    let second = night("d2", &[]);
+    assert_eq!([count(&second, "objects_new"), count(&second, "objects_changed"), count(&second, "objects_unchanged")], [1, 1, 2]);
+    let changed: Vec<(&str, &str)> =
+        second["objects"].as_array().unwrap().iter().map(|o| (o["rel"].as_str().unwrap(), o["change"].as_str().unwrap())).collect();
+    assert_eq!(changed, [("in/born_digital.pdf", "changed"), ("in/shard-000001.tar", "new")]);
+    // Only their tasks ran: the unchanged PDF and shard were skipped without a look.
+    let new_tasks: u64 = second["objects"].as_array().unwrap().iter().map(|o| o["tasks"].as_array().unwrap().len() as u64).sum();
+    assert_eq!(count(&second, "tasks_done"), new_tasks);
+    let after = units();
+    assert_eq!(after.iter().filter(|(n, _)| n == "mixed.pdf").count(), pages_mixed);
+    assert_eq!(after.iter().filter(|(n, _)| n == "shard-000001.tar").count(), shard_keys(1).len(), "a record per image member of the new shard");
+    assert_ne!(before.iter().filter(|(n, _)| n == "born_digital.pdf").count(), 0);
+    // The replaced PDF's old results moved aside; one record per page of the new one.
+    let moved = files_below(&out.join("docs/superseded/d2"));
+    assert!(!moved.is_empty() && moved.keys().all(|k| k.starts_with("results/")), "{:?}", moved.keys());
+    let md = std::fs::read_to_string(out.join("docs/markdown/in/born_digital.pdf.md")).unwrap();
+    assert_eq!(md.matches("<!-- page ").count(), after.iter().filter(|(n, _)| n == "born_digital.pdf").count());
+    // Dataset files for both shards, the first one not written again.
+    let m = manifest(&out, "docs");
+    let files: Vec<(&str, bool)> = m["datasets"].as_array().unwrap().iter().map(|f| (f["path"].as_str().unwrap(), f["written"].as_bool().unwrap())).collect();
+    assert_eq!(files, [
+        ("docs/parquet/in/shard-000000.tar.parquet", false),
+        ("docs/webdataset/in/shard-000000.tar", false),
+        ("docs/parquet/in/shard-000001.tar.parquet", true),
+        ("docs/webdataset/in/shard-000001.tar", true),
+    ]);
+
+    // A shard removed: its results and dataset files leave with it (deleted with --prune).
+    std::fs::remove_file(input.join("shard-000000.tar")).unwrap();
+    let third = night("d3", &["--prune"]);
+    assert_eq!(count(&third, "objects_removed"), 1);
+    assert!(count(&third, "files_superseded") >= 3, "results, Parquet and WebDataset of the shard");
+    assert!(!out.join("docs/superseded/d3").exists(), "--prune deletes");
+    assert!(!out.join("docs/parquet/in/shard-000000.tar.parquet").exists() && !out.join("docs/webdataset/in/shard-000000.tar").exists());
+    assert!(units().iter().all(|(n, _)| n != "shard-000000.tar"));
+    assert_eq!(manifest(&out, "docs")["objects"].as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn quire_run_refuses_s3_locations_instead_of_writing_a_folder_named_s3() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = quire(&["run", doc("born_digital.pdf").to_str().unwrap(), "--out", "s3://bucket/x", "--engine", "text-layer"]);
+    assert_eq!(code(&o), 2);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("quire coordinator"));
+    assert!(!Path::new("s3:").exists());
+    let o = quire(&["run", "s3://bucket/x", "--out", tmp.path().join("o").to_str().unwrap()]);
+    assert_eq!(code(&o), 2);
+    assert!(!tmp.path().join("o").exists());
 }

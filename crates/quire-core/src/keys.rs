@@ -17,6 +17,17 @@ pub fn manifest_key(job: &str) -> String {
     format!("{}manifest.json", job_prefix(job))
 }
 
+/// `JOB/runs/RUN/manifest.json`: what one run of the job saw and did.
+pub fn run_manifest_key(job: &str, run: &str) -> String {
+    format!("{}runs/{}/manifest.json", job_prefix(job), safe_component(run))
+}
+
+/// `JOB/superseded/RUN/`: where a run moves the results and derived files it replaced, below
+/// which they keep their path under `JOB/`.
+pub fn superseded_prefix(job: &str, run: &str) -> String {
+    format!("{}superseded/{}/", job_prefix(job), safe_component(run))
+}
+
 /// `JOB/markdown/<rel>.md`, `rel` being the source path below its input root.
 pub fn markdown_key(job: &str, rel: &str) -> String {
     format!("{}markdown/{}", job_prefix(job), with_suffix(rel, ".md"))

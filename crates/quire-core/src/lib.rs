@@ -12,12 +12,12 @@ mod settings;
 
 pub use ids::{document_task_id, images_task_id, settings_fingerprint, task_id};
 pub use keys::{
-    images_parquet_key, job_prefix, markdown_key, manifest_key, parquet_key, results_key, safe_relative_path,
-    webdataset_key, with_suffix,
+    images_parquet_key, job_prefix, markdown_key, manifest_key, parquet_key, results_key, run_manifest_key, safe_relative_path,
+    superseded_prefix, webdataset_key, with_suffix,
 };
 pub use record::{
-    ArchiveCounts, DatasetFile, DeadLetter, ErrorInfo, ErrorKind, Failure, FinishReason, Manifest, ManifestCounts, Record,
-    Throughput, Timings,
+    ArchiveCounts, DatasetFile, DeadLetter, ErrorInfo, ErrorKind, Failure, FinishReason, Manifest, ManifestCounts, ObjectChange,
+    ObjectEntry, ObjectStatus, ObjectTask, Record, RunEntry, Throughput, Timings,
 };
 pub use settings::{
     ArchiveResume, DatasetFormat, Engine, JobSettings, Limits, RenderSize, SourceRef, TaskKind, TaskSpec, UnitKind, DEFAULT_IMAGES_PER_TASK,

@@ -141,6 +141,101 @@ pub struct ManifestCounts {
     pub pages_failed: u64,
     pub tokens_in: u64,
     pub tokens_out: u64,
+    /// Input objects of the job as it stands (job manifest) or as this run listed them (run
+    /// manifest); the four below split them by what a run found: not seen before, another
+    /// size or version than before, as before, and gone from the inputs.
+    #[serde(default)]
+    pub objects: u64,
+    #[serde(default)]
+    pub objects_new: u64,
+    #[serde(default)]
+    pub objects_changed: u64,
+    #[serde(default)]
+    pub objects_unchanged: u64,
+    #[serde(default)]
+    pub objects_removed: u64,
+    /// Result, Markdown and dataset files the run moved under `JOB/superseded/RUN/` (or deleted
+    /// with `--prune`) because they no longer belong to a current input.
+    #[serde(default)]
+    pub files_superseded: u64,
+}
+
+/// What a run found an input object to be, against the job's state before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ObjectChange {
+    /// Not in the job before.
+    New,
+    /// In the job before with another size or version (ETag, mtime).
+    Changed,
+    /// In the job before with the same path, size and version.
+    Unchanged,
+    /// In the job before, not in this run's inputs.
+    Removed,
+}
+
+/// Where an object's work stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ObjectStatus {
+    /// Every task has results and every record is ok.
+    Done,
+    /// Every task has results and some records are errors (`--retry-failed` redoes them).
+    Failed,
+    /// Some task has no results (given up on, or the run stopped).
+    Incomplete,
+}
+
+/// A task of an object, enough to find and order its results without planning again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectTask {
+    pub task_id: String,
+    /// The task's source URI: the object's own, or the input root of a group of loose images.
+    pub uri: String,
+    pub rel: String,
+    pub first: u32,
+    pub last: u32,
+    pub unit: crate::UnitKind,
+    /// Error records in its results (for `--retry-failed`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub failed: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// One input object of a standing job: its identity, how it came into the job, its tasks and
+/// where its work stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectEntry {
+    pub uri: String,
+    pub rel: String,
+    pub size: u64,
+    /// S3 ETag or the local modification time in ns.
+    pub version: String,
+    /// `pdf`, `image`, `archive` or `unreadable`.
+    pub kind: String,
+    /// How this version of the object came into the job (`new` or `changed`), or, in a run
+    /// manifest, what the run found (`removed` too).
+    pub change: ObjectChange,
+    /// The run that first saw this version.
+    pub since_run: String,
+    pub status: ObjectStatus,
+    pub pages_ok: u64,
+    pub pages_failed: u64,
+    pub tasks: Vec<ObjectTask>,
+}
+
+/// A run in the job manifest's list of runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunEntry {
+    pub run: String,
+    pub started_at: String,
+    pub finished_at: String,
+    /// `JOB/runs/RUN/manifest.json`.
+    pub manifest: String,
+    pub counts: ManifestCounts,
 }
 
 /// A page or file that produced an error record.
@@ -240,6 +335,16 @@ pub struct Manifest {
     /// Counts per input archive, in plan order.
     #[serde(default)]
     pub archives: Vec<ArchiveCounts>,
+    /// The run this manifest was written by (`--run`); `null` in manifests of older versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<String>,
+    /// Job manifest: every current input object. Run manifest: the objects the run found new,
+    /// changed or removed (unchanged ones are only counted).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub objects: Vec<ObjectEntry>,
+    /// Job manifest: the job's runs, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub runs: Vec<RunEntry>,
 }
 
 #[cfg(test)]
@@ -266,6 +371,9 @@ mod tests {
             throughput: Throughput::default(),
             datasets: vec![],
             archives: vec![],
+            run: None,
+            objects: vec![],
+            runs: vec![],
         };
         let mut v = serde_json::to_value(&m).unwrap();
         let o = v.as_object_mut().unwrap();

@@ -302,6 +302,9 @@ mod tests {
         async fn list(&self, prefix: &str) -> Result<Vec<String>, quire_store::StoreError> {
             self.0.list(prefix).await
         }
+        async fn delete(&self, key: &str) -> Result<(), quire_store::StoreError> {
+            self.0.delete(key).await
+        }
         fn locate(&self, key: &str) -> String {
             self.0.locate(key)
         }
@@ -371,6 +374,7 @@ mod tests {
                 pages_this_run: PagesThisRun::Counted(0),
                 price_per_hour: None,
                 known_records: None,
+                fresh: None,
             },
         )
         .await

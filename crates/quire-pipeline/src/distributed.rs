@@ -777,6 +777,41 @@ pub struct JobStatus {
     /// from the queue alone, or are unknown.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub store_error: Option<String>,
+    /// Input objects of the job as its last finished run left it (from its manifest).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub objects: Option<u64>,
+    /// The job's finished runs, oldest first (from its manifest).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub runs: Vec<quire_core::RunEntry>,
+}
+
+impl JobStatus {
+    /// The status of a job known only by its manifest (one made by `quire run`, or a
+    /// distributed job whose plan is gone): everything settled as the manifest says.
+    pub fn from_manifest(m: &Manifest) -> JobStatus {
+        let c = &m.counts;
+        JobStatus {
+            job: m.job.clone(),
+            documents: c.documents,
+            tasks: c.tasks,
+            done: c.tasks_done,
+            dead_lettered: c.tasks_dead_lettered,
+            pending: c.tasks.saturating_sub(c.tasks_done + c.tasks_dead_lettered),
+            pages_ok: c.pages_ok,
+            pages_failed: c.pages_failed,
+            elapsed_seconds: m.throughput.wall_seconds,
+            pages_per_second: m.throughput.pages_per_second,
+            finished: true,
+            objects: (!m.objects.is_empty() || c.objects > 0).then_some(c.objects),
+            runs: m.runs.clone(),
+            ..Default::default()
+        }
+    }
+}
+
+/// The job manifest under `job`, if there is one that reads.
+async fn read_manifest(store: &dyn BlobStore, job: &str) -> anyhow::Result<Option<Manifest>> {
+    Ok(store.get(&quire_core::manifest_key(job)).await?.and_then(|b| serde_json::from_slice(&b).ok()))
 }
 
 async fn dead_ids(queue: Option<&JetStreamQueue>, job: &str) -> anyhow::Result<(IdSet, Vec<DeadLetter>)> {
@@ -799,7 +834,8 @@ pub async fn job_status(
     pages: bool,
 ) -> anyhow::Result<Option<JobStatus>> {
     let Some(mut ledger) = Ledger::load(store, job).await? else {
-        return Ok(None);
+        // No plan of a coordinator: a job of `quire run`, known by its manifest.
+        return Ok(read_manifest(store, job).await?.map(|m| JobStatus::from_manifest(&m)));
     };
     ledger.refresh_splits(store).await?;
     let present = results_present(store, job).await?;
@@ -833,6 +869,10 @@ pub async fn job_status(
     }
     st.queued = queued;
     st.finished = st.pending == 0;
+    if let Some(m) = read_manifest(store, job).await? {
+        st.runs = m.runs;
+        st.objects = (m.counts.objects > 0).then_some(m.counts.objects);
+    }
     st.elapsed_seconds = (unix_now() - ledger.job.submitted_at).max(0.0);
     if st.elapsed_seconds > 0.0 {
         st.pages_per_second = (st.pages_ok + st.pages_failed) as f64 / st.elapsed_seconds;
@@ -962,6 +1002,7 @@ pub async fn wait_and_finish(
                 pages_this_run: PagesThisRun::DoneBefore(&before),
                 price_per_hour: o.price_per_hour,
                 known_records: Some(&kept),
+                fresh: None,
             },
         )
         .await;

@@ -1,12 +1,14 @@
 //! `quire run`: list, plan, work and finish in one process, with the
 //! in-process queue and a local output folder.
 
-use crate::finish::{finish_job, JobOutcome, PlannedTask};
+use crate::finish::{finish_outputs, JobOutcome, PlannedTask};
+use crate::runs::{close_run, object_task, planned, CloseRun, JobState, RunBook};
 use crate::plan::{examine, Examined, ImageGroups, Planner};
 use crate::process::ProcessContext;
 use crate::progress::Progress;
 use crate::worker::{LocalFetch, OneStore, Worker};
-use quire_core::{results_key, JobSettings, Manifest};
+use quire_core::{results_key, JobSettings, Manifest, ObjectStatus, UnitKind};
+use std::collections::HashSet;
 use quire_queue::memory::MemoryQueue;
 use quire_queue::{QueueOptions, TaskQueue};
 use quire_store::inputs::{list_local, ListWarning, Listed};
@@ -26,6 +28,12 @@ pub struct RunOptions {
     pub workers: usize,
     /// Redo tasks whose results already exist.
     pub force: bool,
+    /// The run's name (`--run`): runs of the same name are one run.
+    pub run: String,
+    /// Redo the tasks whose results hold error records (`--retry-failed`).
+    pub retry_failed: bool,
+    /// Delete superseded files instead of moving them under `JOB/superseded/RUN/`.
+    pub prune: bool,
     pub queue: QueueOptions,
     pub ctx: ProcessContext,
     /// `--price-per-hour`, for the cost in the manifest.
@@ -33,7 +41,12 @@ pub struct RunOptions {
 }
 
 pub struct RunSummary {
+    /// The job as it stands.
     pub manifest: Manifest,
+    /// What this run found and did.
+    pub run: Manifest,
+    /// Where the run manifest was written.
+    pub run_manifest_path: String,
     pub warnings: Vec<ListWarning>,
     /// Where the manifest was written.
     pub manifest_path: String,
@@ -70,6 +83,14 @@ impl BlobStore for OutputGuard {
 
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
         self.inner.list(prefix).await
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.inner.delete(key).await
+    }
+
+    async fn rename(&self, from: &str, to: &str) -> Result<(), StoreError> {
+        self.inner.rename(from, to).await
     }
 
     fn locate(&self, key: &str) -> String {
@@ -111,14 +132,18 @@ pub async fn run_embedded(opts: RunOptions, progress: Arc<Progress>) -> anyhow::
 
     let planner = Planner::new(opts.settings.clone());
     let limits = opts.settings.limits;
+    let job = opts.settings.job.clone();
+    let state = JobState::load(store.as_ref(), &job, &opts.settings).await?;
+    let mut book = RunBook::default();
     let mut plan: Vec<PlannedTask> = Vec::new();
+    let mut published: HashSet<String> = HashSet::new();
     let mut warnings = Vec::new();
     let mut skipped = 0u64;
     for input in &opts.inputs {
         let (tx, mut rx) = mpsc::channel(256);
         let root = input.clone();
         let lister = tokio::task::spawn_blocking(move || list_local(&root, tx));
-        // Loose images are grouped per input, in listing order.
+        // Loose images are grouped per input, by name (see `ImageGroups`).
         let mut groups = ImageGroups::new(opts.settings.images_per_task);
         loop {
             if guard.failure().is_some() {
@@ -132,17 +157,52 @@ pub async fn run_embedded(opts: RunOptions, progress: Arc<Progress>) -> anyhow::
                 }
                 Some(Listed::Warning(w)) => {
                     tracing::warn!("{}: {}", w.path, w.message);
+                    book.unlisted(&w.path);
                     warnings.push(w);
                     continue;
                 }
                 Some(Listed::Object(src)) => {
                     Progress::add(&progress.objects_listed, 1);
-                    let pdf = opts.ctx.pdf.clone();
-                    let path = PathBuf::from(&src.uri);
-                    match tokio::task::spawn_blocking(move || examine(&path, &limits, &pdf)).await? {
-                        Examined::Object(Ok(p)) if p.kind.is_image() => groups.push(&planner, input, src).into_iter().collect(),
-                        Examined::Object(probe) => planner.plan(&src, &probe),
-                        Examined::Archive(scan) => planner.plan_archive(&src, &scan),
+                    let found = state.classify(&src, &opts.run);
+                    match state.unchanged(&src) {
+                        // Grouped by name: an unchanged image needs no look at its bytes.
+                        Some(p) if p.kind == "image" => {
+                            book.add(&state, &opts.run, &src, "image", found);
+                            groups.push(&planner, input, src).into_iter().collect()
+                        }
+                        // Finished before (and not to be retried): its tasks stand as they are.
+                        Some(p) if !opts.force && (p.status == ObjectStatus::Done || (p.status == ObjectStatus::Failed && !opts.retry_failed)) => {
+                            book.add(&state, &opts.run, &src, &p.kind, found);
+                            book.set_tasks(&src.uri, p.tasks.clone());
+                            for t in &p.tasks {
+                                let units = u64::from(t.last.saturating_sub(t.first) + 1);
+                                Progress::add(&progress.tasks_planned, 1);
+                                Progress::add(&progress.pages_planned, units);
+                                Progress::add(&progress.tasks_skipped, 1);
+                                Progress::add(&progress.pages_skipped, units);
+                                skipped += 1;
+                                plan.push(planned(t));
+                            }
+                            continue;
+                        }
+                        _ => {
+                            let pdf = opts.ctx.pdf.clone();
+                            let path = PathBuf::from(&src.uri);
+                            match tokio::task::spawn_blocking(move || examine(&path, &limits, &pdf)).await? {
+                                Examined::Object(Ok(p)) if p.kind.is_image() => {
+                                    book.add(&state, &opts.run, &src, "image", found);
+                                    groups.push(&planner, input, src).into_iter().collect()
+                                }
+                                Examined::Object(probe) => {
+                                    book.add(&state, &opts.run, &src, if probe.is_ok() { "pdf" } else { "unreadable" }, found);
+                                    planner.plan(&src, &probe)
+                                }
+                                Examined::Archive(scan) => {
+                                    book.add(&state, &opts.run, &src, if scan.is_ok() { "archive" } else { "unreadable" }, found);
+                                    planner.plan_archive(&src, &scan)
+                                }
+                            }
+                        }
                     }
                 }
             };
@@ -150,20 +210,31 @@ pub async fn run_embedded(opts: RunOptions, progress: Arc<Progress>) -> anyhow::
                 let units = u64::from(task.units());
                 Progress::add(&progress.tasks_planned, 1);
                 Progress::add(&progress.pages_planned, units);
-                plan.push(PlannedTask {
+                let p = PlannedTask {
                     task_id: task.task_id.clone(),
                     uri: task.source.uri.clone(),
                     rel: task.source.rel.clone(),
                     first: task.first,
                     last: task.last,
                     unit: task.unit,
-                });
-                if !opts.force && store.exists(&results_key(&task.settings.job, &task.task_id)).await? {
+                };
+                if task.unit == UnitKind::Images {
+                    for m in &task.members {
+                        book.set_tasks(&m.uri, vec![object_task(&p)]);
+                    }
+                } else {
+                    book.push_task(&task.source.uri, object_task(&p));
+                }
+                plan.push(p);
+                let done = state.done(&task.task_id);
+                let retry = opts.retry_failed && done.is_some_and(|failed| failed > 0);
+                if !opts.force && !retry && (done.is_some() || store.exists(&results_key(&job, &task.task_id)).await?) {
                     skipped += 1;
                     Progress::add(&progress.tasks_skipped, 1);
                     Progress::add(&progress.pages_skipped, units);
                     continue;
                 }
+                published.insert(task.task_id.clone());
                 queue.publish(&task).await?;
             }
         }
@@ -171,7 +242,16 @@ pub async fn run_embedded(opts: RunOptions, progress: Arc<Progress>) -> anyhow::
         drop(rx);
         lister.await?;
     }
+    plan.extend(book.carry_unlisted(&state));
     progress.planning_done.store(true, std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(
+        "planned in {:.3}s: {} objects listed, {} tasks, {} queued, {} already done",
+        started_at.elapsed().map(|d| d.as_secs_f64()).unwrap_or(0.0),
+        book.len(),
+        plan.len(),
+        published.len(),
+        skipped
+    );
     queue.close();
     for w in workers {
         w.await??;
@@ -181,7 +261,7 @@ pub async fn run_embedded(opts: RunOptions, progress: Arc<Progress>) -> anyhow::
     }
     let dead = queue.dead_letters();
     let pages_this_run = Progress::get(&progress.pages_ok) + Progress::get(&progress.pages_failed);
-    let manifest = finish_job(
+    let report = finish_outputs(
         store.as_ref(),
         JobOutcome {
             settings: &opts.settings,
@@ -193,9 +273,28 @@ pub async fn run_embedded(opts: RunOptions, progress: Arc<Progress>) -> anyhow::
             pages_this_run: crate::finish::PagesThisRun::Counted(pages_this_run),
             known_records: None,
             price_per_hour: opts.price_per_hour,
+            fresh: Some(&|id: &str| published.contains(id)),
         },
     )
     .await?;
-    let manifest_path = store.locate(&quire_core::manifest_key(&opts.settings.job));
-    Ok(RunSummary { manifest, warnings, manifest_path })
+    let closed = close_run(
+        store.as_ref(),
+        &state,
+        book,
+        report,
+        CloseRun {
+            run: &opts.run,
+            prune: opts.prune,
+            started_at,
+            plan: &plan,
+            published: &published,
+            tasks_skipped: skipped,
+            dead: &dead,
+            price_per_hour: opts.price_per_hour,
+        },
+    )
+    .await?;
+    let manifest_path = store.locate(&quire_core::manifest_key(&job));
+    let run_manifest_path = store.locate(&closed.run_manifest_key);
+    Ok(RunSummary { manifest: closed.job, run: closed.run, warnings, manifest_path, run_manifest_path })
 }

@@ -46,6 +46,10 @@ pub struct JobOutcome<'a> {
     /// Stored results already at hand (task id → JSON lines), read from
     /// the store only for the other tasks.
     pub known_records: Option<&'a HashMap<String, Vec<u8>>>,
+    /// Says which tasks this run worked on; the Markdown of a document none of whose
+    /// records came from such a task is compared with the stored file and written only when
+    /// it differs (a nightly run then rewrites only what changed). `None`: write every file.
+    pub fresh: Option<&'a (dyn Fn(&str) -> bool + Sync)>,
 }
 
 fn round3(x: f64) -> f64 {
@@ -156,14 +160,54 @@ pub fn process_cpu_seconds() -> f64 {
     tv(u.ru_utime) + tv(u.ru_stime)
 }
 
-async fn put(store: &dyn BlobStore, key: String, body: Vec<u8>) -> Result<(), quire_store::StoreError> {
+/// Writes `body` at `key`; with `compare`, not when the store holds those bytes already.
+async fn put(store: &dyn BlobStore, key: String, body: Vec<u8>, compare: bool) -> Result<(), quire_store::StoreError> {
+    if compare && store.get(&key).await?.is_some_and(|old| old == body) {
+        return Ok(());
+    }
     store.put(&key, body).await
 }
 
 /// Writes the Markdown of every document, the caption datasets and the manifest; returns
 /// the manifest.
 pub async fn finish_job(store: &dyn BlobStore, o: JobOutcome<'_>) -> anyhow::Result<Manifest> {
+    let report = finish_outputs(store, o).await?;
+    store.put(&manifest_key(&report.manifest.job), serde_json::to_vec_pretty(&report.manifest)?).await?;
+    Ok(report.manifest)
+}
+
+/// What one task's records hold, for a run's own counts and the objects' status.
+#[derive(Debug, Clone, Default)]
+pub struct TaskTally {
+    pub ok: u64,
+    pub failed: u64,
+    pub tokens_in: u64,
+    pub tokens_out: u64,
+    /// Model busy time over its pages answered by the model without error.
+    pub device_ms: f64,
+    pub model_pages: u64,
+    pub model_tokens: u64,
+}
+
+/// What [`finish_outputs`] wrote and found.
+pub struct FinishReport {
+    /// The job manifest (not yet written).
+    pub manifest: Manifest,
+    /// Every Markdown file of the current documents, written or not.
+    pub markdown_keys: std::collections::HashSet<String>,
+    /// Per task with results: its records' counts.
+    pub tasks: HashMap<String, TaskTally>,
+    /// Per source (`Record::source`: a file, or an archive): ok and failed records.
+    pub sources: HashMap<String, (u64, u64)>,
+}
+
+/// Writes the Markdown of every document and the caption datasets, and builds the manifest
+/// (which the caller writes).
+pub async fn finish_outputs(store: &dyn BlobStore, o: JobOutcome<'_>) -> anyhow::Result<FinishReport> {
     let job = &o.settings.job;
+    let mut markdown_keys = std::collections::HashSet::new();
+    let mut task_tallies: HashMap<String, TaskTally> = HashMap::new();
+    let mut sources: HashMap<String, (u64, u64)> = HashMap::new();
     let dead_by_id: HashMap<&str, &DeadLetter> = o.dead.iter().map(|d| (d.task_id.as_str(), d)).collect();
     // The model's busy time over the pages it answered, for the cost figures.
     let (mut device_ms, mut model_pages, mut model_tokens) = (0f64, 0u64, 0u64);
@@ -201,31 +245,49 @@ pub async fn finish_job(store: &dyn BlobStore, o: JobOutcome<'_>) -> anyhow::Res
                     counts.records += 1;
                     counts.tokens_in += r.tokens_in;
                     counts.tokens_out += r.tokens_out;
+                    let tally = task_tallies.entry(r.task_id.clone()).or_default();
+                    tally.tokens_in += r.tokens_in;
+                    tally.tokens_out += r.tokens_out;
                     if r.engine == "vlm" && r.error.is_none() {
                         device_ms += r.timings_ms.device;
                         model_pages += 1;
                         model_tokens += r.tokens_out;
+                        tally.device_ms += r.timings_ms.device;
+                        tally.model_pages += 1;
+                        tally.model_tokens += r.tokens_out;
                     }
+                    let per_source = sources.entry(r.source.clone()).or_default();
                     match &r.error {
-                        None => counts.pages_ok += 1,
+                        None => {
+                            counts.pages_ok += 1;
+                            tally.ok += 1;
+                            per_source.0 += 1;
+                        }
                         Some(e) => {
                             counts.pages_failed += 1;
+                            tally.failed += 1;
+                            per_source.1 += 1;
                             failures.push(Failure { source: r.source.clone(), page: r.page, kind: e.kind, message: e.message.clone() });
                         }
                     }
                 }
                 let out = datasets.document(&records)?;
-                let mut files = out.writes;
+                let mut files: Vec<(String, Vec<u8>, bool)> = out.writes.into_iter().map(|(k, b)| (k, b, false)).collect();
                 if out.markdown {
-                    files.extend(md_files.into_iter().map(|(rel, md)| (markdown_key(job, &rel), md.into_bytes())));
+                    let stale = o.fresh.is_some_and(|fresh| !records.iter().any(|r| fresh(&r.task_id)));
+                    for (rel, md) in md_files {
+                        let key = markdown_key(job, &rel);
+                        markdown_keys.insert(key.clone());
+                        files.push((key, md.into_bytes(), stale));
+                    }
                 }
-                for (key, body) in files {
+                for (key, body, compare) in files {
                     while writes.len() >= WRITE_AHEAD {
                         if let Some(r) = writes.next().await {
                             r?;
                         }
                     }
-                    writes.push(put(store, key, body));
+                    writes.push(put(store, key, body, compare));
                 }
             }
         }
@@ -234,6 +296,7 @@ pub async fn finish_job(store: &dyn BlobStore, o: JobOutcome<'_>) -> anyhow::Res
         match got? {
             Some(bytes) => {
                 counts.tasks_done += 1;
+                task_tallies.entry(t.task_id.clone()).or_default();
                 let recs = parse_jsonl(&bytes)?;
                 datasets.task(t, records.len()..records.len() + recs.len(), Some(&bytes));
                 if let PagesThisRun::DoneBefore(before) = &o.pages_this_run {
@@ -286,9 +349,11 @@ pub async fn finish_job(store: &dyn BlobStore, o: JobOutcome<'_>) -> anyhow::Res
         },
         datasets: datasets.files,
         archives: datasets.archives,
+        run: None,
+        objects: Vec::new(),
+        runs: Vec::new(),
     };
-    store.put(&manifest_key(job), serde_json::to_vec_pretty(&manifest)?).await?;
-    Ok(manifest)
+    Ok(FinishReport { manifest, markdown_keys, tasks: task_tallies, sources })
 }
 
 #[cfg(test)]
@@ -318,7 +383,11 @@ mod tests {
         async fn list(&self, prefix: &str) -> Result<Vec<String>, quire_store::StoreError> {
             self.0.list(prefix).await
         }
-        fn locate(&self, key: &str) -> String {
+        async fn delete(&self, key: &str) -> Result<(), quire_store::StoreError> {
+        self.0.delete(key).await
+    }
+
+    fn locate(&self, key: &str) -> String {
             self.0.locate(key)
         }
     }
@@ -377,6 +446,7 @@ mod tests {
                     pages_this_run: PagesThisRun::Counted(3),
                     price_per_hour: None,
                     known_records: k,
+                    fresh: None,
                 },
             )
             .await

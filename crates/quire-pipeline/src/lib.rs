@@ -10,6 +10,7 @@
 //! * [`finish`]: per-document Markdown and `manifest.json` once every task is settled;
 //! * [`datasets`]: caption datasets (Parquet, WebDataset caption shards) at the finish;
 //! * [`vlm`]: the `quire-vlm` models behind the [`Generator`] trait;
+//! * [`runs`]: standing jobs and their runs: what a run plans against, what it supersedes, its manifests;
 //! * [`embedded`]: all of it in one process for `quire run`.
 
 #[cfg(feature = "distributed")]
@@ -25,6 +26,7 @@ pub mod plan;
 pub mod process;
 pub mod progress;
 pub mod route;
+pub mod runs;
 pub mod split;
 pub mod vlm;
 pub mod worker;

@@ -233,6 +233,20 @@ pub struct RunArgs {
     /// Redo tasks whose results already exist.
     #[arg(long)]
     pub force: bool,
+    /// This run of the job: runs of the same name are one run (a retried nightly command
+    /// continues the night). `{date}` and `{time}` become the UTC date and time (see
+    /// --job-time). Its manifest is OUT/JOB/runs/RUN/manifest.json; the files it replaces
+    /// move to OUT/JOB/superseded/RUN/.
+    #[arg(long, value_name = "RUN", default_value = "{date}T{time}", env = "QUIRE_RUN")]
+    pub run: String,
+    /// Also redo the tasks of earlier runs whose pages failed (by default a failed page
+    /// stays failed until its input changes).
+    #[arg(long)]
+    pub retry_failed: bool,
+    /// Delete results and derived files that no current input owns any more, instead of
+    /// moving them under OUT/JOB/superseded/RUN/.
+    #[arg(long)]
+    pub prune: bool,
     /// No progress bar.
     #[arg(long, short)]
     pub quiet: bool,

@@ -368,7 +368,7 @@ pub fn status(args: StatusArgs) -> u8 {
     match result {
         Ok(None) => {
             eprintln!(
-                "error: no job {:?} {} (was it submitted with `quire coordinator`?)",
+                "error: no job {:?} {} (no plan of `quire coordinator` and no manifest.json of a finished run there)",
                 args.job,
                 args.out
                     .as_deref()
@@ -391,6 +391,9 @@ pub fn status(args: StatusArgs) -> u8 {
                 }
             } else {
                 println!("job {}", st.job);
+                if let Some(n) = st.objects {
+                    println!("  objects   {n} input objects as of the last finished run");
+                }
                 println!(
                     "  documents {} ({} not opened by a worker yet)",
                     st.documents, st.unopened
@@ -413,6 +416,17 @@ pub fn status(args: StatusArgs) -> u8 {
                     }
                     Some(e) => println!("  eta       {e:.0}s"),
                     None => println!("  eta       unknown"),
+                }
+                if !st.runs.is_empty() {
+                    println!("  runs      {} (the last 10, newest last):", st.runs.len());
+                    for r in st.runs.iter().rev().take(10).rev() {
+                        let c = &r.counts;
+                        println!(
+                            "    {:<20} {}  objects {} new, {} changed, {} unchanged, {} removed; tasks {} done, {} skipped, {} given up; pages {} ok, {} failed",
+                            r.run, r.finished_at, c.objects_new, c.objects_changed, c.objects_unchanged, c.objects_removed,
+                            c.tasks_done, c.tasks_skipped, c.tasks_dead_lettered, c.pages_ok, c.pages_failed
+                        );
+                    }
                 }
             }
             exit::OK

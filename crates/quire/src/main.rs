@@ -49,7 +49,11 @@ fn expand_job_name(cli: &mut cli::Cli) -> Result<(), String> {
         #[allow(unreachable_patterns)]
         _ => return Ok(()),
     };
-    *job = jobname::expand_job_name(job, jobname::job_clock(cli.job_time.as_deref())?)?;
+    let at = jobname::job_clock(cli.job_time.as_deref())?;
+    *job = jobname::expand_job_name(job, at)?;
+    if let cli::Command::Run(a) = &mut cli.command {
+        a.run = jobname::expand_job_name(&a.run, at).map_err(|e| e.replacen("--job", "--run", 1))?;
+    }
     Ok(())
 }
 

@@ -119,12 +119,14 @@ pub fn expand_inputs(inputs: &[String]) -> Result<Vec<String>, String> {
 
 fn run_inner(mut args: RunArgs) -> Result<u8, Failure> {
     args.inputs = expand_inputs(&args.inputs).map_err(Failure::Usage)?;
+    refuse_s3(&args)?;
     for input in &args.inputs {
         if std::fs::metadata(input).is_err() {
             return Err(Failure::Usage(format!("input {input:?} does not exist or cannot be read")));
         }
     }
     check_job_name(&args.opts.job).map_err(Failure::Usage)?;
+    check_name("--run", &args.run).map_err(Failure::Usage)?;
     check_datasets(&args.opts).map_err(Failure::Usage)?;
     let settings = settings(&args.opts);
     if settings.engine == Engine::Vlm && settings.model.is_none() {
@@ -144,6 +146,9 @@ fn run_inner(mut args: RunArgs) -> Result<u8, Failure> {
         settings,
         workers: args.model_opts.workers as usize,
         force: args.force,
+        run: args.run.clone(),
+        retry_failed: args.retry_failed,
+        prune: args.prune,
         queue: QueueOptions { ack_wait: Duration::from_secs(600), max_deliver: args.opts.max_deliver },
         ctx: ProcessContext { pdf, model, model_long_side },
         price_per_hour: args.opts.price_per_hour,
@@ -157,6 +162,21 @@ fn run_inner(mut args: RunArgs) -> Result<u8, Failure> {
     let summary = result?;
     let m = &summary.manifest;
     let c = &m.counts;
+    let r = &summary.run.counts;
+    eprintln!(
+        "run {}: {} objects ({} new, {} changed, {} unchanged, {} removed){}",
+        args.run,
+        r.objects,
+        r.objects_new,
+        r.objects_changed,
+        r.objects_unchanged,
+        r.objects_removed,
+        if r.files_superseded > 0 {
+            format!(", {} files {}", r.files_superseded, if args.prune { "deleted" } else { "moved to superseded/" })
+        } else {
+            String::new()
+        },
+    );
     let secs = t0.elapsed().as_secs_f64();
     let done_now = c.tasks_done.saturating_sub(c.tasks_skipped);
     eprintln!(
@@ -178,13 +198,33 @@ fn run_inner(mut args: RunArgs) -> Result<u8, Failure> {
         eprintln!("  … and {} more (see the manifest)", m.failures.len() - 10);
     }
     eprintln!("manifest: {}", summary.manifest_path);
+    eprintln!("run manifest: {}", summary.run_manifest_path);
     Ok(if c.pages_failed > 0 || c.tasks_dead_lettered > 0 { exit::SOME_FAILED } else { exit::OK })
 }
 
 /// A job name is a folder name and a subject token: no slashes.
 pub fn check_job_name(job: &str) -> Result<(), String> {
-    if job.trim().is_empty() || job.contains(['/', '\\']) || job == "." || job == ".." {
-        return Err(format!("--job {job:?}: give a plain name (no slashes)"));
+    check_name("--job", job)
+}
+
+/// A job or run name is a folder name: no slashes, not `.` or `..`.
+pub fn check_name(flag: &str, name: &str) -> Result<(), String> {
+    if name.trim().is_empty() || name.contains(['/', '\\']) || name == "." || name == ".." {
+        return Err(format!("{flag} {name:?}: give a plain name (no slashes)"));
+    }
+    Ok(())
+}
+
+/// `quire run` reads and writes local files only: an `s3://` input or output is refused
+/// with a usage error (it would otherwise name a local folder `s3:`).
+fn refuse_s3(args: &RunArgs) -> Result<(), Failure> {
+    let out = args.out.to_string_lossy();
+    let s3 = |s: &str| s.to_ascii_lowercase().starts_with("s3:/");
+    if let Some(uri) = args.inputs.iter().map(String::as_str).chain([out.as_ref()]).find(|s| s3(s)) {
+        return Err(Failure::Usage(format!(
+            "{uri}: quire run reads and writes local files and folders only; for s3:// inputs or outputs run \
+             `quire coordinator` with `quire worker` (see the README's distributed mode), or copy the objects to a folder first"
+        )));
     }
     Ok(())
 }
