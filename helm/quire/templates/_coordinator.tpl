@@ -42,13 +42,12 @@ spec:
       imagePullPolicy: {{ $.Values.image.pullPolicy }}
       args:
         - coordinator
-        {{- if not $j.inputs }}{{ fail "job.inputs needs at least one input (s3://bucket/prefix)" }}{{ end }}
         {{- range $j.inputs }}
         - --input
         - {{ . | quote }}
         {{- end }}
         - --out
-        - {{ required "job.out is required (s3://bucket/prefix)" $j.out | quote }}
+        - {{ $j.out | quote }}
         - --job
         - {{ .job | quote }}
         - --task

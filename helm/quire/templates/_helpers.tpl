@@ -52,13 +52,34 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end }}
 
+{{/*
+The queue's URL: the bundled NATS's Service (nats.enabled, the default) or
+queue.url. Both at once is refused: the bundled NATS would run unused.
+*/}}
 {{- define "quire.natsUrl" -}}
-{{- if .Values.queue.url }}
+{{- if and .Values.queue.url .Values.nats.enabled }}
+{{- fail "queue.url names an external NATS, and the bundled NATS is on (nats.enabled, the default): add --set nats.enabled=false, or leave queue.url empty to use the bundled NATS" }}
+{{- else if .Values.queue.url }}
 {{- .Values.queue.url }}
 {{- else if .Values.nats.enabled }}
 {{- printf "nats://%s.%s.svc:4222" (include "quire.natsFullname" .) .Release.Namespace }}
 {{- else }}
-{{- fail "queue.url is required unless nats.enabled (the bundled NATS) is true" }}
+{{- fail "queue.url is required with nats.enabled=false, e.g. --set queue.url=nats://nats.messaging.svc:4222 (or leave nats.enabled on for the bundled NATS)" }}
+{{- end }}
+{{- end }}
+
+{{/*
+Whether a run is configured: job.inputs and job.out both set ("true"), or
+neither (""; nothing is scheduled and NOTES says what to set). One without
+the other is refused.
+*/}}
+{{- define "quire.runConfigured" -}}
+{{- $j := .Values.job }}
+{{- if and $j.inputs $j.out }}true
+{{- else if $j.inputs }}
+{{- fail "job.out is required with job.inputs: where results go, e.g. --set job.out=s3://results/ocr" }}
+{{- else if $j.out }}
+{{- fail "job.inputs needs at least one input with job.out, e.g. --set 'job.inputs[0]=s3://scans/incoming/'" }}
 {{- end }}
 {{- end }}
 

@@ -103,6 +103,15 @@ def pod_specs(docs):
             yield d, d["spec"]["jobTemplate"]["spec"]["template"]["spec"]
 
 
+def bundled_nats(values) -> bool:
+    """Whether the values use the bundled NATS chart (on unless nats.enabled=false)."""
+    return values.get("nats", {}).get("enabled", True)
+
+
+def run_configured(values) -> bool:
+    return bool(values.get("job", {}).get("inputs"))
+
+
 def arg_after(args, flag):
     assert flag in args, f"{flag} missing from {args}"
     return args[args.index(flag) + 1]
@@ -368,6 +377,11 @@ def probes_on_metrics_port(docs) -> None:
 
 
 def cronjob_policy(docs, values) -> None:
+    if not run_configured(values):
+        assert not kinds(docs, "CronJob") and not kinds(docs, "Job"), "a run scheduled without job.inputs"
+        text = notes(values)
+        assert "Nothing is scheduled yet" in text and "job.inputs[0]=" in text and "job.out=" in text, text
+        return
     cj = one(docs, "CronJob", "-nightly")
     s = cj["spec"]
     coord = values.get("coordinator", {})
@@ -467,7 +481,7 @@ def scenario_checks(path: Path) -> None:
         assert m["stream"] == stream_name() and m["consumer"] == consumer_name(), m
         assert m["natsServerMonitoringEndpoint"].endswith(":8222"), m
         assert int(m["lagThreshold"]) >= 1
-        if values.get("nats", {}).get("enabled"):
+        if bundled_nats(values):
             host = m["natsServerMonitoringEndpoint"].split(".")[0]
             headless = [d for d in docs if d["kind"] == "Service" and d["spec"].get("clusterIP") == "None"]
             assert any(d["metadata"]["name"] == host and any(p["port"] == 8222 for p in d["spec"]["ports"])
@@ -477,7 +491,7 @@ def scenario_checks(path: Path) -> None:
     def nats_wiring():
         c = worker_container(docs)
         url = env_of(c)["QUIRE_NATS"]["value"]
-        if values.get("nats", {}).get("enabled"):
+        if bundled_nats(values):
             sts = [d for d in docs if d["kind"] == "StatefulSet" and d["_template"].startswith("quire/charts/nats/")]
             assert len(sts) == 1, "the bundled NATS StatefulSet is missing"
             cm = next(d for d in docs if d["kind"] == "ConfigMap" and d["_template"].startswith("quire/charts/nats/"))
@@ -598,7 +612,9 @@ def schema_checks() -> None:
     refused({"worker.terminationGracePeriodSeconds": 30, "worker.graceSeconds": 30},
             "terminationGracePeriodSeconds not above --grace-s", r"terminationGracePeriodSeconds")
     refused({"job.inputs": []}, "a run without inputs", r"job.inputs")
-    refused({"queue.url": ""}, "no queue and no bundled NATS", r"queue.url")
+    refused({"queue.url": ""}, "no queue and no bundled NATS", r"queue.url is required with nats.enabled=false")
+    refused({"nats.enabled": True}, "an external queue.url besides the bundled NATS", r"nats.enabled=false")
+    refused({"job.out": ""}, "inputs without job.out", r"job.out is required")
 
     def defaults_accepted():
         helm.Chart.load(str(CHART)).validate_schema(base)
@@ -635,7 +651,7 @@ def repository_checks() -> None:
 def main() -> int:
     assert SCENARIOS, "no ci/*-values.yaml"
     names = {p.stem for p in SCENARIOS}
-    for want in ("defaults-values", "gpu-keda-irsa-values", "bundled-nats-values",
+    for want in ("empty-values", "defaults-values", "gpu-keda-irsa-values", "bundled-nats-values",
                  "external-nats-tls-values", "existing-secrets-values"):
         assert want in names, f"scenario {want} missing"
     for p in SCENARIOS:
