@@ -56,6 +56,36 @@ app.kubernetes.io/component: {{ .component }}
 The queue's URL: the bundled NATS's Service (nats.enabled, the default) or
 queue.url. Both at once is refused: the bundled NATS would run unused.
 */}}
+{{/* "true" when quire uses the bundled NATS chart (nats.enabled, no queue.url). */}}
+{{- define "quire.bundledNats" -}}
+{{- if and .Values.nats.enabled (not .Values.queue.url) }}true{{ end }}
+{{- end }}
+
+{{/* The Secret with the bundled NATS's user and password (templates/nats-auth-secret.yaml). */}}
+{{- define "quire.bundledNatsSecret" -}}
+{{ include "quire.natsFullname" . }}-auth
+{{- end }}
+
+{{/*
+JetStream replicas for quire's streams: queue.streamReplicas, or 0 for the
+default (1; with the bundled NATS as a cluster, its size up to 3). More than
+the bundled cluster has is refused.
+*/}}
+{{- define "quire.streamReplicas" -}}
+{{- $want := int .Values.queue.streamReplicas }}
+{{- $servers := 1 }}
+{{- if and (include "quire.bundledNats" .) .Values.nats.config.cluster.enabled }}
+{{- $servers = int .Values.nats.config.cluster.replicas }}
+{{- end }}
+{{- if eq $want 0 }}
+{{- min $servers 3 }}
+{{- else if and (include "quire.bundledNats" .) (gt $want $servers) }}
+{{- fail (printf "queue.streamReplicas (%d) is more than the bundled NATS has servers (%d): raise nats.config.cluster.replicas (with nats.config.cluster.enabled) or lower queue.streamReplicas" $want $servers) }}
+{{- else }}
+{{- $want }}
+{{- end }}
+{{- end }}
+
 {{- define "quire.natsUrl" -}}
 {{- if and .Values.queue.url .Values.nats.enabled }}
 {{- fail "queue.url names an external NATS, and the bundled NATS is on (nats.enabled, the default): add --set nats.enabled=false, or leave queue.url empty to use the bundled NATS" }}
@@ -144,8 +174,18 @@ README documents. Secret values come only through secretKeyRef or mounted files.
 {{- define "quire.env" -}}
 - name: QUIRE_NATS
   value: {{ include "quire.natsUrl" . | quote }}
+- name: QUIRE_NATS_REPLICAS
+  value: {{ include "quire.streamReplicas" . | quote }}
 {{- $a := .Values.queue.auth }}
-{{- if eq $a.method "userPassword" }}
+{{- if include "quire.bundledNats" . }}
+{{- if ne $a.method "none" }}
+{{- fail (printf "queue.auth is for an external NATS (queue.url): the bundled NATS uses the user and password the chart generates into the Secret %s; leave queue.auth.method at none" (include "quire.bundledNatsSecret" .)) }}
+{{- end }}
+- name: QUIRE_NATS_USER
+  valueFrom: {secretKeyRef: {name: {{ include "quire.bundledNatsSecret" . }}, key: user}}
+- name: QUIRE_NATS_PASSWORD
+  valueFrom: {secretKeyRef: {name: {{ include "quire.bundledNatsSecret" . }}, key: password}}
+{{- else if eq $a.method "userPassword" }}
 - name: QUIRE_NATS_USER
   valueFrom: {secretKeyRef: {name: {{ include "quire.natsSecret" . }}, key: {{ $a.userKey }}}}
 - name: QUIRE_NATS_PASSWORD

@@ -376,6 +376,104 @@ def probes_on_metrics_port(docs) -> None:
     assert shm["emptyDir"]["medium"] == "Memory", shm
 
 
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                      "projected", "secret"}
+
+
+def all_pod_specs(docs):
+    """(owner, pod spec) of every workload rendered, the bundled NATS chart's included."""
+    for d in docs:
+        k = d["kind"]
+        if k in ("Deployment", "Job", "StatefulSet", "DaemonSet"):
+            yield d, d["spec"]["template"]["spec"]
+        elif k == "CronJob":
+            yield d, d["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+
+
+def restricted_pss(docs) -> None:
+    """Every Pod passes the restricted Pod Security Standard (what a namespace
+    labelled pod-security.kubernetes.io/enforce=restricted admits)."""
+    n = 0
+    for owner, spec in all_pod_specs(docs):
+        name = f"{owner['kind']}/{owner['metadata']['name']}"
+        psc = spec.get("securityContext", {})
+        for host in ("hostNetwork", "hostPID", "hostIPC"):
+            assert not spec.get(host), f"{name}: {host}"
+        for v in spec.get("volumes", []):
+            kind = set(v) - {"name"}
+            assert kind <= RESTRICTED_VOLUMES, f"{name}: volume {v['name']} of type {kind}"
+        for c in spec.get("containers", []) + spec.get("initContainers", []):
+            sc = c.get("securityContext", {})
+            where = f"{name}/{c['name']}"
+            assert sc.get("allowPrivilegeEscalation") is False, f"{where}: allowPrivilegeEscalation not false"
+            assert not sc.get("privileged"), f"{where}: privileged"
+            caps = sc.get("capabilities", {})
+            assert "ALL" in caps.get("drop", []), f"{where}: capabilities not dropped ({caps})"
+            assert set(caps.get("add", [])) <= {"NET_BIND_SERVICE"}, f"{where}: adds {caps['add']}"
+            non_root = sc.get("runAsNonRoot", psc.get("runAsNonRoot"))
+            assert non_root is True, f"{where}: runAsNonRoot not set"
+            assert sc.get("runAsUser", psc.get("runAsUser")) != 0, f"{where}: runs as uid 0"
+            seccomp = (sc.get("seccompProfile") or psc.get("seccompProfile") or {}).get("type")
+            assert seccomp in ("RuntimeDefault", "Localhost"), f"{where}: seccompProfile {seccomp}"
+            n += 1
+    assert n >= 1, "no container rendered"
+
+
+def labels_match(selector: dict, labels: dict) -> bool:
+    return selector.items() <= labels.items()
+
+
+def bundled_nats_locked(docs, values) -> None:
+    """The bundled NATS requires a login that only the chart's Secret holds,
+    and only quire's Pods (and the KEDA operator, on the monitoring port) reach it."""
+    if not bundled_nats(values):
+        assert not [d for d in quire_docs(docs) if d["metadata"]["name"].endswith("-nats-auth")]
+        return
+    secret = one(quire_docs(docs), "Secret", "-nats-auth")
+    data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    assert data["user"] and len(data["password"]) >= 32, "a short or empty generated password"
+    name = secret["metadata"]["name"]
+    sts = one(docs, "StatefulSet")
+    pod = sts["spec"]["template"]
+    nats_c = next(c for c in pod["spec"]["containers"] if c["name"] == "nats")
+    env = env_of(nats_c)
+    for k, key in (("QUIRE_NATS_USER", "user"), ("QUIRE_NATS_PASSWORD", "password")):
+        assert env[k]["valueFrom"]["secretKeyRef"] == {"name": name, "key": key}, env.get(k)
+    cm = next(d for d in docs if d["kind"] == "ConfigMap" and d["_template"].startswith("quire/charts/nats/"))
+    conf = cm["data"]["nats.conf"]
+    # NATS reads the variables from the container's environment (the Secret).
+    assert re.search(r'"authorization":\s*\{\s*"password":\s*\$QUIRE_NATS_PASSWORD,\s*"user":\s*\$QUIRE_NATS_USER\s*\}', conf), conf
+    for owner, spec in pod_specs(docs):
+        for c in spec["containers"]:
+            e = env_of(c)
+            for k, key in (("QUIRE_NATS_USER", "user"), ("QUIRE_NATS_PASSWORD", "password")):
+                assert e[k]["valueFrom"]["secretKeyRef"] == {"name": name, "key": key}, (owner["metadata"]["name"], e.get(k))
+    np_ = one(quire_docs(docs), "NetworkPolicy", "-nats")
+    spec = np_["spec"]
+    assert spec["policyTypes"] == ["Ingress"]
+    assert labels_match(spec["podSelector"]["matchLabels"], pod["metadata"]["labels"]), "policy misses the NATS Pods"
+    rules = spec["ingress"]
+    client = [r for r in rules if r.get("ports") == [{"port": 4222, "protocol": "TCP"}]]
+    monitor = [r for r in rules if r.get("ports") == [{"port": 8222, "protocol": "TCP"}]]
+    assert len(client) == 1 and len(monitor) == 1 and len(rules) == 3, rules
+    peers = [r for r in rules if "ports" not in r]
+    assert peers[0]["from"] == [{"podSelector": spec["podSelector"]}], "NATS servers must reach each other"
+    allowed = client[0]["from"]
+    quire_pods = [s for o, s in pod_specs(docs)]
+    for o, s in pod_specs(docs):
+        lab = (o["spec"]["template"] if o["kind"] != "CronJob" else o["spec"]["jobTemplate"]["spec"]["template"])["metadata"]["labels"]
+        assert any(labels_match(p["podSelector"]["matchLabels"], lab) for p in allowed if "podSelector" in p), o["metadata"]["name"]
+    assert all(set(p) == {"podSelector"} for p in allowed), f"the client port is open beyond this namespace: {allowed}"
+    assert quire_pods and allowed[0]["podSelector"]["matchLabels"].get("app.kubernetes.io/name") == "quire"
+    want = values.get("bundledNats", {}).get("networkPolicy", {}).get("monitorFrom")
+    keda = monitor[0]["from"]
+    if want is None:
+        assert keda == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "keda"}},
+                         "podSelector": {"matchLabels": {"app": "keda-operator"}}}], keda
+    else:
+        assert keda == want, keda
+
+
 def cronjob_policy(docs, values) -> None:
     if not run_configured(values):
         assert not kinds(docs, "CronJob") and not kinds(docs, "Job"), "a run scheduled without job.inputs"
@@ -431,6 +529,8 @@ def scenario_checks(path: Path) -> None:
     check(f"{name}: kubernetes-validate --strict {versions}", lambda: kube_validate(docs, versions))
     check(f"{name}: custom resource shapes", lambda: custom_shapes(docs))
     check(f"{name}: securityContext on every quire pod", lambda: security_everywhere(docs))
+    check(f"{name}: restricted Pod Security Standard on every Pod", lambda: restricted_pss(docs))
+    check(f"{name}: bundled NATS: login from a generated Secret, NetworkPolicy", lambda: bundled_nats_locked(docs, values))
     check(f"{name}: no secret value outside its Secret", lambda: no_secret_values(docs, values))
     check(f"{name}: probes on the metrics port, grace", lambda: probes_on_metrics_port(docs))
     check(f"{name}: CronJob policy and schedule", lambda: cronjob_policy(docs, values))
@@ -566,7 +666,7 @@ def scenario_checks(path: Path) -> None:
     def pdb_and_netpol():
         pdb = one(quire_docs(docs), "PodDisruptionBudget")
         assert pdb["spec"]["selector"]["matchLabels"] == worker(docs)["spec"]["selector"]["matchLabels"]
-        np_ = one(quire_docs(docs), "NetworkPolicy")
+        np_ = one(quire_docs(docs), "NetworkPolicy", f"{RELEASE}")
         assert np_["spec"]["policyTypes"] == ["Ingress"]
         (rule,) = np_["spec"]["ingress"]
         assert rule["ports"] == [{"port": "metrics", "protocol": "TCP"}], rule
@@ -615,6 +715,32 @@ def schema_checks() -> None:
     refused({"queue.url": ""}, "no queue and no bundled NATS", r"queue.url is required with nats.enabled=false")
     refused({"nats.enabled": True}, "an external queue.url besides the bundled NATS", r"nats.enabled=false")
     refused({"job.out": ""}, "inputs without job.out", r"job.out is required")
+    refused({"nats.enabled": True, "queue.url": "", "queue.auth.method": "token", "queue.auth.token": "t"},
+            "queue.auth with the bundled NATS", r"queue.auth is for an external NATS")
+    refused({"nats.enabled": True, "queue.url": "", "queue.streamReplicas": 3},
+            "more stream replicas than the bundled NATS has servers", r"queue.streamReplicas \(3\)")
+    refused({"queue.streamReplicas": 6}, "more than 5 stream replicas", r"streamReplicas")
+
+    def replicas():
+        def env_replicas(change):
+            values = json.loads(json.dumps(base))
+            for path, v in change.items():
+                cur = values
+                keys = path.split(".")
+                for k in keys[:-1]:
+                    cur = cur.setdefault(k, {})
+                cur[keys[-1]] = v
+            c = worker_container(render(values))
+            return env_of(c)["QUIRE_NATS_REPLICAS"]["value"]
+        assert env_replicas({}) == "1"
+        assert env_replicas({"queue.streamReplicas": 3}) == "3", "an external NATS cluster"
+        bundled = {"nats.enabled": True, "queue.url": ""}
+        assert env_replicas(bundled) == "1"
+        cluster = {**bundled, "nats.config.cluster.enabled": True}
+        assert env_replicas(cluster) == "3", "a bundled NATS cluster of 3 gets R3 streams"
+        assert env_replicas({**cluster, "nats.config.cluster.replicas": 5}) == "3"
+        assert env_replicas({**cluster, "nats.config.cluster.replicas": 5, "queue.streamReplicas": 5}) == "5"
+    check("values: JetStream stream replicas follow queue.streamReplicas and the bundled NATS cluster", replicas)
 
     def defaults_accepted():
         helm.Chart.load(str(CHART)).validate_schema(base)
