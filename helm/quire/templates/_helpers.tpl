@@ -199,6 +199,10 @@ README documents. Secret values come only through secretKeyRef or mounted files.
   value: /var/run/secrets/quire/nats/{{ .Values.queue.auth.credsKey }}
 {{- end }}
 {{- if .Values.queue.tls.enabled }}
+{{- if .Values.queue.tls.requireTls }}
+- name: QUIRE_NATS_REQUIRE_TLS
+  value: "true"
+{{- end }}
 - name: QUIRE_NATS_TLS_CA
   value: /var/run/secrets/quire/nats-tls/{{ .Values.queue.tls.caKey }}
 {{- if .Values.queue.tls.clientCert }}

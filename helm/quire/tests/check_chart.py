@@ -612,9 +612,14 @@ def scenario_checks(path: Path) -> None:
             mount = next(m for m in c["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
             vol = next(v for v in worker(docs)["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
             assert "secret" in vol, vol
-        if values.get("queue", {}).get("tls", {}).get("enabled"):
+        tls = values.get("queue", {}).get("tls", {})
+        if tls.get("enabled"):
             for k in ("QUIRE_NATS_TLS_CA", "QUIRE_NATS_TLS_CERT", "QUIRE_NATS_TLS_KEY"):
                 assert env[k]["value"].startswith("/var/run/secrets/quire/nats-tls/"), env[k]
+        if tls.get("enabled") and tls.get("requireTls", True):
+            assert env["QUIRE_NATS_REQUIRE_TLS"]["value"] == "true", "queue.tls.requireTls not passed on"
+        else:
+            assert "QUIRE_NATS_REQUIRE_TLS" not in env, env.get("QUIRE_NATS_REQUIRE_TLS")
     check(f"{name}: NATS connection and credentials", nats_wiring)
 
     def s3_and_identity():
