@@ -90,3 +90,26 @@ spec:
       emptyDir: {sizeLimit: 1Gi}
     {{- include "quire.secretVolumes" $ | nindent 4 }}
 {{- end }}
+
+{{/*
+When a coordinator Pod's failure ends the Job. Exit 2 (usage or setup: a
+retry fails the same way) and 3 (the run finished, but pages failed or tasks
+were given up: a retry changes nothing) end it at once; a Pod lost to node
+disruption (drain, preemption, eviction) does not count against backoffLimit;
+any other failure (1: internal error, OOM kill) is retried up to backoffLimit.
+*/}}
+{{- define "quire.coordinatorFailurePolicy" -}}
+podFailurePolicy:
+  rules:
+    - action: FailJob
+      onExitCodes:
+        containerName: coordinator
+        operator: In
+        values: [2, 3]
+      # Empty, as Kubernetes 1.27's API schema lists the field as required.
+      onPodConditions: []
+    - action: Ignore
+      onPodConditions:
+        - type: DisruptionTarget
+          status: "True"
+{{- end }}

@@ -491,6 +491,14 @@ def cronjob_policy(docs, values) -> None:
     assert js["ttlSecondsAfterFinished"] > 0 and js["activeDeadlineSeconds"] > 0, js
     pod = js["template"]["spec"]
     assert pod["restartPolicy"] == "Never", pod["restartPolicy"]
+    # Exit 2 and 3 end the Job at once (a retry cannot help); node disruption spends no retry.
+    rules = js["podFailurePolicy"]["rules"]
+    fail = [r for r in rules if r["action"] == "FailJob"]
+    assert len(fail) == 1 and fail[0]["onExitCodes"]["operator"] == "In", rules
+    assert sorted(fail[0]["onExitCodes"]["values"]) == [2, 3], rules
+    assert fail[0]["onExitCodes"]["containerName"] == pod["containers"][0]["name"], rules
+    assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]} in rules, rules
+    assert rules.index(fail[0]) == 0, "FailJob comes first: the first matching rule wins"
     args = pod["containers"][0]["args"]
     assert args[0] == "coordinator" and args[-1] == "--wait", args
     # The job name is passed as the pattern: quire expands {date} itself each night.
