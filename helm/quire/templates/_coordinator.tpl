@@ -1,12 +1,17 @@
 {{/*
-The coordinator's pod template, for the nightly CronJob and the ad-hoc Job:
-`quire coordinator ... --wait`, so the pod's exit code is the run's.
-Called with (dict "root" $ "job" NAME).
+The coordinator's pod template, for the nightly CronJob (and the Jobs made
+from it by hand): `quire coordinator ... --wait`, so the pod's exit code is
+the run's.
 */}}
 {{- define "quire.coordinatorPod" -}}
-{{- $ := .root }}
+{{- $ := . }}
 {{- $c := $.Values.coordinator }}
 {{- $j := $.Values.job }}
+{{- range $k, $v := dict "job.name" $j.name "job.run" $j.run }}
+{{- if contains "{time}" $v }}
+{{- fail (printf "%s (%s) must not hold {time}: a retried coordinator Pod would expand it anew and start another run; {date} keeps one run per day" $k $v) }}
+{{- end }}
+{{- end }}
 metadata:
   labels:
     {{- include "quire.selectorLabels" (dict "root" $ "component" "coordinator") | nindent 4 }}
@@ -49,7 +54,9 @@ spec:
         - --out
         - {{ $j.out | quote }}
         - --job
-        - {{ .job | quote }}
+        - {{ $j.name | quote }}
+        - --run
+        - {{ $j.run | quote }}
         - --task
         - {{ $j.task | quote }}
         - --engine

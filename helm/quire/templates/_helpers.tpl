@@ -16,6 +16,19 @@
 {{- end }}
 {{- end }}
 
+{{/*
+The CronJob's name: at most 52 characters, since its Jobs get an 11-character
+suffix and a Job's name must fit a 63-character label.
+*/}}
+{{- define "quire.cronJobName" -}}
+{{ include "quire.fullname" . | trunc 44 | trimSuffix "-" }}-nightly
+{{- end }}
+
+{{/* A name for a Job made by hand from the CronJob (the shell fills in the time). */}}
+{{- define "quire.manualJobName" -}}
+{{ include "quire.fullname" . | trunc 40 | trimSuffix "-" }}-manual-$(date +%s)
+{{- end }}
+
 {{- define "quire.labels" -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 app.kubernetes.io/name: {{ include "quire.name" . }}

@@ -501,9 +501,17 @@ def cronjob_policy(docs, values) -> None:
     assert rules.index(fail[0]) == 0, "FailJob comes first: the first matching rule wins"
     args = pod["containers"][0]["args"]
     assert args[0] == "coordinator" and args[-1] == "--wait", args
-    # The job name is passed as the pattern: quire expands {date} itself each night.
-    want = values.get("job", {}).get("name", "nightly-{date}")
-    assert arg_after(args, "--job") == want and "{date}" in want, args
+    # A standing job and a run per day: quire expands {date} when the coordinator starts, so a
+    # Job made by hand the same day joins that run; no {time}, so a retried Pod resumes it.
+    job = values.get("job", {})
+    assert arg_after(args, "--job") == job.get("name", "nightly"), args
+    run = arg_after(args, "--run")
+    assert run == job.get("run", "{date}") and "{time}" not in run + arg_after(args, "--job"), args
+    assert len(cj["metadata"]["name"]) <= 52, f"CronJob name {cj['metadata']['name']} over 52 characters"
+    assert "helm.sh/hook" not in json.dumps(docs), "hooks would run outside the schedule"
+    assert not kinds(docs, "Job"), "a Job inside the release: every helm upgrade would recreate it"
+    text = notes(values)
+    assert f"create job --from=cronjob/{cj['metadata']['name']} " in text, text
     for i in values["job"]["inputs"]:
         assert i in args, (i, args)
     assert arg_after(args, "--out") == values["job"]["out"]
@@ -685,13 +693,6 @@ def scenario_checks(path: Path) -> None:
         assert rule["ports"] == [{"port": "metrics", "protocol": "TCP"}], rule
     check(f"{name}: PodDisruptionBudget and NetworkPolicy", pdb_and_netpol)
 
-    if values.get("adhoc", {}).get("enabled"):
-        def adhoc():
-            job = one(docs, "Job", f"-adhoc-{values['adhoc']['runId']}")
-            args = job["spec"]["template"]["spec"]["containers"][0]["args"]
-            assert args[0] == "coordinator" and "--wait" in args
-            assert arg_after(args, "--job") == values["adhoc"].get("jobName", "adhoc-{date}-{time}")
-        check(f"{name}: ad-hoc Job", adhoc)
 
 
 def schema_checks() -> None:
@@ -728,6 +729,9 @@ def schema_checks() -> None:
     refused({"queue.url": ""}, "no queue and no bundled NATS", r"queue.url is required with nats.enabled=false")
     refused({"nats.enabled": True}, "an external queue.url besides the bundled NATS", r"nats.enabled=false")
     refused({"job.out": ""}, "inputs without job.out", r"job.out is required")
+    refused({"job.run": "{date}T{time}"}, "{time} in the run (a retry would start another)", r"job.run .* must not hold \{time\}")
+    refused({"job.name": "scans-{time}"}, "{time} in the job name", r"job.name .* must not hold \{time\}")
+    refused({"adhoc": {"enabled": True}}, "the removed ad-hoc Job's values", r"adhoc")
     refused({"nats.enabled": True, "queue.url": "", "queue.auth.method": "token", "queue.auth.token": "t"},
             "queue.auth with the bundled NATS", r"queue.auth is for an external NATS")
     refused({"nats.enabled": True, "queue.url": "", "queue.streamReplicas": 3},
