@@ -16,6 +16,11 @@
 {{- end }}
 {{- end }}
 
+{{/* The workers' Deployment (and ScaledObject, PodMonitor, PDB): at most 63 characters. */}}
+{{- define "quire.workerName" -}}
+{{ include "quire.fullname" . | trunc 56 | trimSuffix "-" }}-worker
+{{- end }}
+
 {{/*
 The CronJob's name: at most 52 characters, since its Jobs get an 11-character
 suffix and a Job's name must fit a 63-character label.

@@ -53,9 +53,9 @@ def check(name: str, fn) -> None:
         print(f"FAIL {name}: {detail}", file=sys.stderr)
 
 
-def render(values: dict) -> list[dict]:
+def render(values: dict, release: str = RELEASE) -> list[dict]:
     chart = helm.Chart.load(str(CHART))
-    out = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    out = chart.render(values, name=release, namespace=NAMESPACE, is_install=True)
     docs = []
     for path, text in sorted(out.items()):
         if path.endswith("NOTES.txt"):
@@ -68,10 +68,14 @@ def render(values: dict) -> list[dict]:
     return docs
 
 
-def notes(values: dict) -> str:
+def notes_for(values: dict, release: str) -> str:
     chart = helm.Chart.load(str(CHART))
-    out = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    out = chart.render(values, name=release, namespace=NAMESPACE, is_install=True)
     return next(t for p, t in out.items() if p.endswith("NOTES.txt"))
+
+
+def notes(values: dict) -> str:
+    return notes_for(values, RELEASE)
 
 
 def strip(d: dict) -> dict:
@@ -370,10 +374,51 @@ def probes_on_metrics_port(docs) -> None:
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}, c["livenessProbe"]
     spec = worker(docs)["spec"]["template"]["spec"]
     grace = int(arg_after(c["args"], "--grace-s"))
-    assert spec["terminationGracePeriodSeconds"] > grace, "terminationGracePeriodSeconds must exceed --grace-s"
+    # After --grace-s quire takes up to 10 s to hand unfinished tasks back.
+    assert spec["terminationGracePeriodSeconds"] > grace + 10, "terminationGracePeriodSeconds must exceed --grace-s + 10 s"
     mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
-    shm = next(v for v in spec["volumes"] if v["name"] == mounts["/dev/shm"])
-    assert shm["emptyDir"]["medium"] == "Memory", shm
+    assert "/dev/shm" not in mounts, "quire uses no shared memory: no /dev/shm volume"
+
+
+QUANTITY = re.compile(r"^([0-9.]+)([EPTGMK]i?|[kmu]?)$")
+UNITS = {"": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18, "m": 1e-3, "u": 1e-6,
+         "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+
+
+def quantity(q) -> float:
+    m = QUANTITY.match(str(q))
+    assert m, f"not a quantity: {q}"
+    return float(m.group(1)) * UNITS[m.group(2)]
+
+
+def ephemeral_storage(docs) -> None:
+    """Every disk emptyDir has a sizeLimit, and each quire container requests
+    ephemeral storage with a limit that covers them (so a full emptyDir is
+    refused by its sizeLimit, not the Pod evicted)."""
+    for owner, spec in pod_specs(docs):
+        disk = [v for v in spec.get("volumes", []) if "emptyDir" in v and v["emptyDir"].get("medium") != "Memory"]
+        for v in disk:
+            assert v["emptyDir"].get("sizeLimit"), f"{owner['metadata']['name']}: emptyDir {v['name']} without sizeLimit"
+        need = sum(quantity(v["emptyDir"]["sizeLimit"]) for v in disk)
+        for c in spec["containers"]:
+            res = c.get("resources", {})
+            req = res.get("requests", {}).get("ephemeral-storage")
+            lim = res.get("limits", {}).get("ephemeral-storage")
+            assert req and lim, f"{owner['metadata']['name']}/{c['name']}: ephemeral-storage request and limit missing ({res})"
+            assert quantity(lim) > need, f"{owner['metadata']['name']}: ephemeral-storage limit {lim} does not cover its emptyDirs"
+            assert quantity(req) <= quantity(lim)
+
+
+def rollout(docs, values) -> None:
+    s = worker(docs)["spec"]["strategy"]
+    want = values.get("worker", {}).get("strategy")
+    if want is None:
+        assert s == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}, s
+    else:
+        assert s["type"] == want["type"], s
+    gpu = int(values.get("worker", {}).get("gpu", 0))
+    if gpu and s["type"] == "RollingUpdate":
+        assert str(s["rollingUpdate"]["maxSurge"]) in ("0", "0%"), "a GPU rollout would need a spare GPU"
 
 
 RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
@@ -546,6 +591,9 @@ def scenario_checks(path: Path) -> None:
     check(f"{name}: custom resource shapes", lambda: custom_shapes(docs))
     check(f"{name}: securityContext on every quire pod", lambda: security_everywhere(docs))
     check(f"{name}: restricted Pod Security Standard on every Pod", lambda: restricted_pss(docs))
+    check(f"{name}: ephemeral-storage requests and limits cover the emptyDirs", lambda: ephemeral_storage(docs))
+    check(f"{name}: names within Kubernetes' limits", lambda: names_within_limits(docs))
+    check(f"{name}: worker rollout needs no spare GPU", lambda: rollout(docs, values))
     check(f"{name}: bundled NATS: login from a generated Secret, NetworkPolicy", lambda: bundled_nats_locked(docs, values))
     check(f"{name}: no secret value outside its Secret", lambda: no_secret_values(docs, values))
     check(f"{name}: probes on the metrics port, grace", lambda: probes_on_metrics_port(docs))
@@ -717,6 +765,11 @@ def schema_checks() -> None:
 
     refused({"worker.replicas": -1}, "negative replicas", r"replicas")
     refused({"worker.gpu": 1.5}, "a GPU count that is not an integer", r"gpu")
+    refused({"worker.gpu": 2}, "two GPUs per Pod (one model per device per process)", r"gpu")
+    refused({"worker.terminationGracePeriodSeconds": 40, "worker.graceSeconds": 30},
+            "terminationGracePeriodSeconds without room for handing tasks back", r"graceSeconds \(30\) \+ 10 s")
+    refused({"worker.strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 0}}},
+            "a rollout that cannot move", r"maxSurge and maxUnavailable")
     refused({"worker.gpu": "1"}, "a GPU count given as a string", r"gpu")
     refused({"worker.gpus": 1}, "an unknown key (worker.gpus)", r"gpus")
     refused({"colour": "blue"}, "an unknown top-level key", r"colour")
@@ -764,6 +817,67 @@ def schema_checks() -> None:
     check("schema: accepts the defaults scenario", defaults_accepted)
 
 
+# Helm's own limit for release names.
+LONG_RELEASE = "scanned-archive-ocr-production-eu-west-nightly-batch1"
+assert len(LONG_RELEASE) == 53
+NAME_LIMITS = {"CronJob": 52, "StatefulSet": 52, "Service": 63, "Job": 63, "Deployment": 63, "ScaledObject": 63}
+
+
+def names_within_limits(docs) -> None:
+    """Object names and label values Kubernetes (and the controllers that name
+    things after them) accept: 52 for a CronJob (its Jobs add 11 characters) and
+    a StatefulSet (its revision label adds 11), 63 for names that become DNS
+    labels or label values, 253 otherwise; label values at most 63."""
+    for d in docs:
+        n = d["metadata"]["name"]
+        lim = NAME_LIMITS.get(d["kind"], 253)
+        assert len(n) <= lim, f"{d['kind']} {n}: {len(n)} characters, more than {lim}"
+        assert re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", n), f"{d['kind']} {n}: not a DNS name"
+        label_sets = [d["metadata"].get("labels") or {}]
+        spec = d.get("spec") or {}
+        for path in (("template",), ("jobTemplate",), ("jobTemplate", "spec", "template")):
+            cur = spec
+            for k in path:
+                cur = (cur or {}).get(k) or {}
+            label_sets.append((cur.get("metadata") or {}).get("labels") or {})
+        for labels in label_sets:
+            for k, v in labels.items():
+                assert len(str(v)) <= 63, f"{d['kind']} {n}: label {k}={v} over 63 characters"
+
+
+def long_release_checks() -> None:
+    versions = supported_versions()
+    for scenario in ("defaults", "gpu-keda-irsa"):
+        def run(scenario=scenario):
+            values = yaml.safe_load((CHART / f"ci/{scenario}-values.yaml").read_text())
+            docs = render(values, release=LONG_RELEASE)
+            names_within_limits(docs)
+            kube_validate(docs, versions)
+            cj = [d["metadata"]["name"] for d in docs if d["kind"] == "CronJob"]
+            assert cj and cj[0] in notes_for(values, LONG_RELEASE), "NOTES names another CronJob"
+        check(f"{scenario}: a 53-character release name: names within Kubernetes' limits", run)
+
+    def bundled_refused():
+        try:
+            render({}, release=LONG_RELEASE)
+        except helm.HelmError as e:
+            assert "nats.fullnameOverride" in str(e) and "52" in str(e), str(e)
+            return
+        raise AssertionError("a bundled NATS whose StatefulSet name is too long was accepted")
+    check("bundled NATS with a 53-character release name: refused, naming nats.fullnameOverride", bundled_refused)
+
+    def bundled_override():
+        values = yaml.safe_load((CHART / "ci/bundled-nats-values.yaml").read_text())
+        values["nats"]["fullnameOverride"] = "ocr-nats"
+        docs = render(values, release=LONG_RELEASE)
+        names_within_limits(docs)
+        kube_validate(docs, versions)
+        so = one(docs, "ScaledObject")
+        host = so["spec"]["triggers"][0]["metadata"]["natsServerMonitoringEndpoint"].split(".")[0]
+        assert any(d["kind"] == "Service" and d["metadata"]["name"] == host for d in docs), host
+    check("bundled NATS with a 53-character release name and nats.fullnameOverride: names within limits", bundled_override)
+
+
 def repository_checks() -> None:
     def copies_in_step():
         for a, b in (("deploy/prometheus/rules.yaml", "helm/quire/files/rules.yaml"),
@@ -800,6 +914,7 @@ def main() -> int:
     for p in SCENARIOS:
         scenario_checks(p)
     schema_checks()
+    long_release_checks()
     repository_checks()
     if failures:
         print(f"chart checks: {len(failures)} of {len(failures) + passed} FAILED", file=sys.stderr)
