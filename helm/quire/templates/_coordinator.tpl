@@ -14,11 +14,13 @@ the run's.
 {{- end }}
 metadata:
   labels:
+    {{- include "quire.commonLabels" $ | nindent 4 }}
     {{- include "quire.selectorLabels" (dict "root" $ "component" "coordinator") | nindent 4 }}
-  {{- with $c.podAnnotations }}
   annotations:
+    {{- include "quire.checksumAnnotations" $ | nindent 4 }}
+    {{- with $c.podAnnotations }}
     {{- toYaml . | nindent 4 }}
-  {{- end }}
+    {{- end }}
 spec:
   restartPolicy: Never
   serviceAccountName: {{ include "quire.serviceAccountName" $ }}
@@ -79,6 +81,9 @@ spec:
         - --wait
       env:
         {{- include "quire.env" $ | nindent 8 }}
+        {{- with $.Values.extraEnv }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
         {{- with $c.extraEnv }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
@@ -90,12 +95,18 @@ spec:
         - {name: tmp, mountPath: /tmp}
         - {name: cache, mountPath: /cache}
         {{- include "quire.secretVolumeMounts" $ | nindent 8 }}
+        {{- with $.Values.extraVolumeMounts }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
   volumes:
     - name: tmp
       emptyDir: {sizeLimit: 4Gi}
     - name: cache
       emptyDir: {sizeLimit: 1Gi}
     {{- include "quire.secretVolumes" $ | nindent 4 }}
+    {{- with $.Values.extraVolumes }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
 {{- end }}
 
 {{/*

@@ -35,6 +35,7 @@ suffix and a Job's name must fit a 63-character label.
 {{- end }}
 
 {{- define "quire.labels" -}}
+{{- include "quire.commonLabels" . }}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 app.kubernetes.io/name: {{ include "quire.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
@@ -131,16 +132,48 @@ the other is refused.
 {{- end }}
 {{- end }}
 
+{{/*
+An image reference from (dict "root" $ "image" .Values.image "tag" DEFAULT_TAG):
+global.imageRegistry (or image.registry) before the repository, then
+@digest when image.digest is set (the tag is then left out), else :tag.
+*/}}
+{{- define "quire.imageRef" -}}
+{{- $img := .image }}
+{{- $registry := default $img.registry (dig "imageRegistry" "" (.root.Values.global | default dict)) }}
+{{- $repo := $img.repository }}
+{{- if $registry }}{{ $repo = printf "%s/%s" (trimSuffix "/" $registry) $repo }}{{ end }}
+{{- if $img.digest }}
+{{- printf "%s@%s" $repo $img.digest }}
+{{- else }}
+{{- printf "%s:%s" $repo (default .tag $img.tag) }}
+{{- end }}
+{{- end }}
+
 {{- define "quire.image" -}}
 {{- if gt (int .Values.worker.gpu) 0 -}}
-{{ .Values.cudaImage.repository }}:{{ default (printf "%s-cuda" .Chart.AppVersion) .Values.cudaImage.tag }}
+{{ include "quire.imageRef" (dict "root" . "image" .Values.cudaImage "tag" (printf "%s-cuda" .Chart.AppVersion)) }}
 {{- else -}}
-{{ .Values.image.repository }}:{{ default .Chart.AppVersion .Values.image.tag }}
+{{ include "quire.cpuImage" . }}
 {{- end }}
 {{- end }}
 
 {{- define "quire.cpuImage" -}}
-{{ .Values.image.repository }}:{{ default .Chart.AppVersion .Values.image.tag }}
+{{ include "quire.imageRef" (dict "root" . "image" .Values.image "tag" .Chart.AppVersion) }}
+{{- end }}
+
+{{/*
+Pod annotations that change when a Secret the chart makes changes, so that
+`helm upgrade` with new credentials rolls the Pods.
+*/}}
+{{- define "quire.checksumAnnotations" -}}
+checksum/secrets: {{ cat (include (print .Template.BasePath "/secrets.yaml") .) (include (print .Template.BasePath "/nats-auth-secret.yaml") .) | sha256sum }}
+{{- end }}
+
+{{/* Labels for every object and Pod: the chart's own and commonLabels. */}}
+{{- define "quire.commonLabels" -}}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
 {{- end }}
 
 {{/* Secret names: the user's, or the one this chart makes from values. */}}
@@ -162,27 +195,13 @@ the other is refused.
 {{- end }}
 {{- end }}
 
-{{/* Pod-level securityContext: every quire pod runs as uid 65532, never root. */}}
+{{/* securityContexts of every quire Pod and container (podSecurityContext, containerSecurityContext). */}}
 {{- define "quire.podSecurityContext" -}}
-runAsNonRoot: true
-runAsUser: 65532
-runAsGroup: 65532
-fsGroup: 65532
-seccompProfile:
-  type: RuntimeDefault
+{{- toYaml .Values.podSecurityContext }}
 {{- end }}
 
 {{- define "quire.containerSecurityContext" -}}
-runAsNonRoot: true
-runAsUser: 65532
-runAsGroup: 65532
-allowPrivilegeEscalation: false
-readOnlyRootFilesystem: true
-privileged: false
-capabilities:
-  drop: ["ALL"]
-seccompProfile:
-  type: RuntimeDefault
+{{- toYaml .Values.containerSecurityContext }}
 {{- end }}
 
 {{/*

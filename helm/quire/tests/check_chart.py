@@ -307,12 +307,14 @@ def custom_shapes(docs: list[dict]) -> None:
             jsonschema.validate(strip(d), shape)
 
 
-def security_everywhere(docs: list[dict]) -> None:
+def security_everywhere(docs: list[dict], values: dict) -> None:
     n = 0
+    # 65532 (the images' user) unless the values drop it (OpenShift assigns one).
+    uid = values.get("podSecurityContext", {}).get("runAsUser", 65532)
     for owner, spec in pod_specs(docs):
         name = f"{owner['kind']}/{owner['metadata']['name']}"
         psc = spec.get("securityContext", {})
-        assert psc.get("runAsNonRoot") is True and psc.get("runAsUser") == 65532, f"{name}: pod securityContext {psc}"
+        assert psc.get("runAsNonRoot") is True and psc.get("runAsUser") == uid, f"{name}: pod securityContext {psc}"
         assert psc.get("seccompProfile", {}).get("type") == "RuntimeDefault", f"{name}: seccomp {psc}"
         assert spec.get("automountServiceAccountToken") is False, f"{name}: service account token mounted"
         writable = {v["name"] for v in spec.get("volumes", []) if "emptyDir" in v or "persistentVolumeClaim" in v}
@@ -464,6 +466,39 @@ def restricted_pss(docs) -> None:
     assert n >= 1, "no container rendered"
 
 
+def pod_metadata(owner) -> dict:
+    if owner["kind"] == "CronJob":
+        return owner["spec"]["jobTemplate"]["spec"]["template"]["metadata"]
+    return owner["spec"]["template"]["metadata"]
+
+
+def conventions(docs, values) -> None:
+    """commonLabels, image registry/digest, extra env/volumes/mounts and the
+    checksum annotation, as the values ask."""
+    common = values.get("commonLabels", {})
+    for d in quire_docs(docs):
+        assert common.items() <= (d["metadata"].get("labels") or {}).items(), f"{d['kind']} {d['metadata']['name']}: commonLabels missing"
+        sel = ((d.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
+        assert not (common.keys() & sel.keys()), f"{d['kind']}: commonLabels in a selector (immutable)"
+    for owner, spec in pod_specs(docs):
+        meta = pod_metadata(owner)
+        assert common.items() <= meta["labels"].items(), f"{owner['metadata']['name']}: Pods without commonLabels"
+        assert re.fullmatch(r"[0-9a-f]{64}", meta["annotations"]["checksum/secrets"]), meta.get("annotations")
+        for c in spec["containers"]:
+            img = values.get("image", {})
+            reg = values.get("global", {}).get("imageRegistry") or img.get("registry")
+            if reg or img.get("digest"):
+                repo = f"{reg}/{img['repository']}" if reg else img["repository"]
+                assert c["image"] == (f"{repo}@{img['digest']}" if img.get("digest") else f"{repo}:{img.get('tag')}"), c["image"]
+            env = env_of(c)
+            for e in values.get("extraEnv", []):
+                assert env.get(e["name"]) == e, f"{owner['metadata']['name']}: extraEnv {e['name']} missing"
+            for m in values.get("extraVolumeMounts", []):
+                assert m in c.get("volumeMounts", []), f"{owner['metadata']['name']}: extraVolumeMounts {m} missing"
+        for v in values.get("extraVolumes", []):
+            assert v in spec.get("volumes", []), f"{owner['metadata']['name']}: extraVolumes {v} missing"
+
+
 def labels_match(selector: dict, labels: dict) -> bool:
     return selector.items() <= labels.items()
 
@@ -589,10 +624,11 @@ def scenario_checks(path: Path) -> None:
     versions = supported_versions()
     check(f"{name}: kubernetes-validate --strict {versions}", lambda: kube_validate(docs, versions))
     check(f"{name}: custom resource shapes", lambda: custom_shapes(docs))
-    check(f"{name}: securityContext on every quire pod", lambda: security_everywhere(docs))
+    check(f"{name}: securityContext on every quire pod", lambda: security_everywhere(docs, values))
     check(f"{name}: restricted Pod Security Standard on every Pod", lambda: restricted_pss(docs))
     check(f"{name}: ephemeral-storage requests and limits cover the emptyDirs", lambda: ephemeral_storage(docs))
     check(f"{name}: names within Kubernetes' limits", lambda: names_within_limits(docs))
+    check(f"{name}: commonLabels, image, extra env/volumes, checksum annotation", lambda: conventions(docs, values))
     check(f"{name}: worker rollout needs no spare GPU", lambda: rollout(docs, values))
     check(f"{name}: bundled NATS: login from a generated Secret, NetworkPolicy", lambda: bundled_nats_locked(docs, values))
     check(f"{name}: no secret value outside its Secret", lambda: no_secret_values(docs, values))
@@ -705,7 +741,8 @@ def scenario_checks(path: Path) -> None:
         for owner, spec in pod_specs(docs):
             assert spec["serviceAccountName"] == sa["metadata"]["name"]
         if values.get("s3", {}).get("existingSecret") or values.get("queue", {}).get("auth", {}).get("existingSecret"):
-            assert not [d for d in quire_docs(docs) if d["kind"] == "Secret"], "a Secret was made although existing ones were named"
+            made = [d for d in quire_docs(docs) if d["kind"] == "Secret" and not d["metadata"]["name"].endswith("-nats-auth")]
+            assert not made, "a Secret was made although existing ones were named"
     check(f"{name}: S3 credentials and workload identity", s3_and_identity)
 
     def monitoring():
@@ -812,6 +849,19 @@ def schema_checks() -> None:
         assert env_replicas({**cluster, "nats.config.cluster.replicas": 5, "queue.streamReplicas": 5}) == "5"
     check("values: JetStream stream replicas follow queue.streamReplicas and the bundled NATS cluster", replicas)
 
+    def secret_change_rolls_pods():
+        def checksums(values):
+            docs = render(values)
+            return {o["metadata"]["name"]: pod_metadata(o)["annotations"]["checksum/secrets"] for o, _ in pod_specs(docs)}
+        keys = json.loads(json.dumps(base))
+        keys["s3"] = {"accessKeyId": "AKIA-one", "secretAccessKey": "first"}
+        first = checksums(keys)
+        assert first == checksums(keys), "the checksum changes without a change"
+        keys["s3"]["secretAccessKey"] = "second"
+        second = checksums(keys)
+        assert first.keys() == second.keys() and all(first[k] != second[k] for k in first), (first, second)
+    check("a changed Secret value changes every quire Pod's checksum annotation (helm upgrade rolls them)", secret_change_rolls_pods)
+
     def defaults_accepted():
         helm.Chart.load(str(CHART)).validate_schema(base)
     check("schema: accepts the defaults scenario", defaults_accepted)
@@ -878,7 +928,32 @@ def long_release_checks() -> None:
     check("bundled NATS with a 53-character release name and nats.fullnameOverride: names within limits", bundled_override)
 
 
+ARTIFACTHUB_CATEGORIES = {"ai-machine-learning", "database", "integration-delivery", "monitoring-logging", "networking",
+                          "security", "storage", "streaming-messaging", "skip-prediction"}
+
+
+def chart_metadata() -> None:
+    """Chart.yaml carries what Artifact Hub shows, and it agrees with the workspace."""
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    a = chart["annotations"]
+    cargo = (ROOT / "Cargo.toml").read_text()
+    assert f'license = "{a["artifacthub.io/license"]}"' in cargo, "licence differs from the workspace's"
+    assert a["artifacthub.io/category"] in ARTIFACTHUB_CATEGORIES, a["artifacthub.io/category"]
+    for key in ("artifacthub.io/links", "artifacthub.io/recommendations", "artifacthub.io/changes"):
+        items = yaml.safe_load(a[key])
+        assert isinstance(items, list) and items, key
+        for i in items:
+            assert str(i.get("url", "https://")).startswith("https://"), i
+    for c in yaml.safe_load(a["artifacthub.io/changes"]):
+        assert c["kind"] in ("added", "changed", "deprecated", "removed", "fixed", "security") and c["description"], c
+    version = re.search(r'^version = "([^"]+)"', cargo, re.M).group(1)
+    assert chart["appVersion"] == version, f"appVersion {chart['appVersion']} is not quire's version {version}"
+    assert chart["keywords"] and chart["description"] and chart["kubeVersion"]
+
+
 def repository_checks() -> None:
+    check("Chart.yaml: Artifact Hub metadata", chart_metadata)
+
     def copies_in_step():
         for a, b in (("deploy/prometheus/rules.yaml", "helm/quire/files/rules.yaml"),
                      ("deploy/grafana/quire.json", "helm/quire/files/quire.json")):
@@ -908,7 +983,7 @@ def repository_checks() -> None:
 def main() -> int:
     assert SCENARIOS, "no ci/*-values.yaml"
     names = {p.stem for p in SCENARIOS}
-    for want in ("empty-values", "defaults-values", "gpu-keda-irsa-values", "bundled-nats-values",
+    for want in ("empty-values", "conventions-values", "defaults-values", "gpu-keda-irsa-values", "bundled-nats-values",
                  "external-nats-tls-values", "existing-secrets-values"):
         assert want in names, f"scenario {want} missing"
     for p in SCENARIOS:
