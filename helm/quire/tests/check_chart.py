@@ -762,6 +762,11 @@ def scenario_checks(path: Path) -> None:
             extra = values["prometheusRule"].get("additionalLabels", {})
             assert extra.items() <= pr[0]["metadata"]["labels"].items()
             want = yaml.safe_load((ROOT / "deploy/prometheus/rules.yaml").read_text())
+            base = values["prometheusRule"].get("runbookBaseUrl", "").rstrip("/")
+            for g in want["groups"]:
+                for r in g["rules"]:
+                    if base and "runbook_url" in r.get("annotations", {}):
+                        r["annotations"]["runbook_url"] = f"{base}/{r['annotations']['runbook_url']}"
             assert pr[0]["spec"] == want, "PrometheusRule differs from deploy/prometheus/rules.yaml"
         if cm:
             assert cm[0]["metadata"]["labels"].get("grafana_dashboard") == "1"
@@ -951,8 +956,31 @@ def chart_metadata() -> None:
     assert chart["keywords"] and chart["description"] and chart["kubeVersion"]
 
 
+def rules_conventions() -> None:
+    """Every alert links its runbook section and keeps the namespace label
+    through every aggregation and match."""
+    rules = yaml.safe_load((ROOT / "deploy/prometheus/rules.yaml").read_text())
+    book = (ROOT / "deploy/prometheus/runbook.md").read_text()
+    anchors = {h.strip().lower() for h in re.findall(r"^## (\S+)$", book, re.M)}
+    alerts = [r for g in rules["groups"] for r in g["rules"] if "alert" in r]
+    for r in alerts:
+        url = r["annotations"].get("runbook_url", "")
+        assert url == f"runbook.md#{r['alert'].lower()}", f"{r['alert']}: runbook_url {url!r}"
+        assert r["alert"].lower() in anchors, f"runbook.md has no section {r['alert']}"
+        for kw, labels in re.findall(r"\b(by|on)\s*\(([^)]*)\)", r["expr"]):
+            assert "namespace" in labels, f"{r['alert']}: `{kw} ({labels})` drops the namespace label"
+    assert len(anchors) == len(alerts), f"runbook sections without an alert: {anchors - {a['alert'].lower() for a in alerts}}"
+    names = {r["alert"] for r in alerts}
+    for want in ("QuireRunJobFailed", "QuireRunNearDeadline", "QuireRunWithoutWorkers", "QuireKedaScalerErrors"):
+        assert want in names, f"{want} missing"
+    tests = (ROOT / "deploy/prometheus/rules_test.yaml").read_text()
+    for n in names:
+        assert re.search(rf"alertname: {n}\n\s+exp_alerts:\n\s+- exp_labels", tests), f"no promtool test expects {n} to fire"
+
+
 def repository_checks() -> None:
     check("Chart.yaml: Artifact Hub metadata", chart_metadata)
+    check("alert rules: runbook_url and the namespace label on every alert, each tested", rules_conventions)
 
     def copies_in_step():
         for a, b in (("deploy/prometheus/rules.yaml", "helm/quire/files/rules.yaml"),
