@@ -592,6 +592,8 @@ def cronjob_policy(docs, values) -> None:
     assert not kinds(docs, "Job"), "a Job inside the release: every helm upgrade would recreate it"
     text = notes(values)
     assert f"create job --from=cronjob/{cj['metadata']['name']} " in text, text
+    # Workers scaled to zero have no Pod to exec into: NOTES must not send anyone there.
+    assert "exec deploy/" not in text, text
     for i in values["job"]["inputs"]:
         assert i in args, (i, args)
     assert arg_after(args, "--out") == values["job"]["out"]
@@ -978,7 +980,28 @@ def rules_conventions() -> None:
         assert re.search(rf"alertname: {n}\n\s+exp_alerts:\n\s+- exp_labels", tests), f"no promtool test expects {n} to fire"
 
 
+def readme_commands() -> None:
+    """The README's "Run on Kubernetes" commands survive a shell and match the chart."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Run on Kubernetes"):text.index("## Benchmarks")]
+    chart_readme = (CHART / "README.md").read_text()
+    for where, body in (("README.md", section), ("helm/quire/README.md", chart_readme)):
+        for m in re.finditer(r"--set[ =](\S+)", body):
+            arg = m.group(1)
+            if any(c in arg for c in "[]\\"):
+                assert arg.startswith("'") or arg.startswith('"'), f"{where}: unquoted --set {arg} (zsh globs [ ], bash drops \\)"
+        assert "exec deploy/" not in body, f"{where}: kubectl exec into workers that KEDA may have scaled to zero"
+    # The CronJob the README names is the one the chart makes for its release (quire in batch).
+    docs = render(yaml.safe_load((CHART / "ci/gpu-keda-irsa-values.yaml").read_text()))
+    cj = one(docs, "CronJob")["metadata"]["name"]
+    for name in re.findall(r"cronjob/([a-z0-9-]+)", section):
+        assert name == cj, f"README names cronjob/{name}; the chart makes {cj}"
+    assert "StorageClass" in section, "README: the bundled NATS needs a default StorageClass"
+    assert "job.ackWaitSeconds" in section, "README: a killed worker's tasks move on after the chart's lease"
+
+
 def repository_checks() -> None:
+    check("README: Run on Kubernetes commands quoted, the real CronJob name, no exec into workers", readme_commands)
     check("Chart.yaml: Artifact Hub metadata", chart_metadata)
     check("alert rules: runbook_url and the namespace label on every alert, each tested", rules_conventions)
 
