@@ -86,9 +86,10 @@ queue.url. Both at once is refused: the bundled NATS would run unused.
 {{- end }}
 
 {{/*
-JetStream replicas for quire's streams: queue.streamReplicas, or 0 for the
-default (1; with the bundled NATS as a cluster, its size up to 3). More than
-the bundled cluster has is refused.
+JetStream replicas for quire's streams: queue.streamReplicas, or for 0 with
+the bundled NATS 1 (its cluster's size up to 3 with nats.config.cluster),
+with an external NATS nothing (existing streams keep theirs, new ones get 1).
+More than the bundled cluster has is refused.
 */}}
 {{- define "quire.streamReplicas" -}}
 {{- $want := int .Values.queue.streamReplicas }}
@@ -96,8 +97,9 @@ the bundled cluster has is refused.
 {{- if and (include "quire.bundledNats" .) .Values.nats.config.cluster.enabled }}
 {{- $servers = int .Values.nats.config.cluster.replicas }}
 {{- end }}
-{{- if eq $want 0 }}
+{{- if and (eq $want 0) (include "quire.bundledNats" .) }}
 {{- min $servers 3 }}
+{{- else if eq $want 0 }}
 {{- else if and (include "quire.bundledNats" .) (gt $want $servers) }}
 {{- fail (printf "queue.streamReplicas (%d) is more than the bundled NATS has servers (%d): raise nats.config.cluster.replicas (with nats.config.cluster.enabled) or lower queue.streamReplicas" $want $servers) }}
 {{- else }}
@@ -211,8 +213,10 @@ README documents. Secret values come only through secretKeyRef or mounted files.
 {{- define "quire.env" -}}
 - name: QUIRE_NATS
   value: {{ include "quire.natsUrl" . | quote }}
+{{- with include "quire.streamReplicas" . }}
 - name: QUIRE_NATS_REPLICAS
-  value: {{ include "quire.streamReplicas" . | quote }}
+  value: {{ . | quote }}
+{{- end }}
 {{- $a := .Values.queue.auth }}
 {{- if include "quire.bundledNats" . }}
 {{- if ne $a.method "none" }}

@@ -845,8 +845,8 @@ def schema_checks() -> None:
                     cur = cur.setdefault(k, {})
                 cur[keys[-1]] = v
             c = worker_container(render(values))
-            return env_of(c)["QUIRE_NATS_REPLICAS"]["value"]
-        assert env_replicas({}) == "1"
+            return env_of(c).get("QUIRE_NATS_REPLICAS", {}).get("value")
+        assert env_replicas({}) is None, "an external NATS's streams keep their replicas unless asked"
         assert env_replicas({"queue.streamReplicas": 3}) == "3", "an external NATS cluster"
         bundled = {"nats.enabled": True, "queue.url": ""}
         assert env_replicas(bundled) == "1"
