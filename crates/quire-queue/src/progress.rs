@@ -244,5 +244,10 @@ mod tests {
         // Re-opening finds the same bucket.
         let p2 = JobProgress::open(&client, None).await.unwrap();
         assert_eq!(p2.counts("other").await.unwrap().done, 1);
+        // Replicas asked for reach the existing bucket: one server cannot hold 3.
+        let err = JobProgress::open(&client, Some(3)).await.err().expect("3 replicas on one server");
+        assert!(err.to_string().contains("replicas"), "{err}");
+        let p3 = JobProgress::open(&client, Some(1)).await.unwrap();
+        assert_eq!(p3.counts("other").await.unwrap().done, 1);
     }
 }
