@@ -57,8 +57,10 @@ spec:
         - {{ $j.out | quote }}
         - --job
         - {{ $j.name | quote }}
+        {{- with $j.run }}
         - --run
-        - {{ $j.run | quote }}
+        - {{ . | quote }}
+        {{- end }}
         - --task
         - {{ $j.task | quote }}
         - --engine

@@ -585,8 +585,13 @@ def cronjob_policy(docs, values) -> None:
     # Job made by hand the same day joins that run; no {time}, so a retried Pod resumes it.
     job = values.get("job", {})
     assert arg_after(args, "--job") == job.get("name", "nightly"), args
-    run = arg_after(args, "--run")
-    assert run == job.get("run", "{date}") and "{time}" not in run + arg_after(args, "--job"), args
+    if job.get("run", "{date}") == "":
+        assert "--run" not in args, args
+        run = ""
+    else:
+        run = arg_after(args, "--run")
+        assert run == job.get("run", "{date}"), args
+    assert "{time}" not in run + arg_after(args, "--job"), args
     assert len(cj["metadata"]["name"]) <= 52, f"CronJob name {cj['metadata']['name']} over 52 characters"
     assert "helm.sh/hook" not in json.dumps(docs), "hooks would run outside the schedule"
     assert not kinds(docs, "Job"), "a Job inside the release: every helm upgrade would recreate it"
@@ -828,6 +833,8 @@ def schema_checks() -> None:
     refused({"job.out": ""}, "inputs without job.out", r"job.out is required")
     refused({"job.run": "{date}T{time}"}, "{time} in the run (a retry would start another)", r"job.run .* must not hold \{time\}")
     refused({"job.name": "scans-{time}"}, "{time} in the job name", r"job.name .* must not hold \{time\}")
+    refused({"job.run": "", "job.name": "nightly-{date}-{time}"}, "{time} in the job name without runs",
+            r"job.name .* must not hold \{time\}")
     refused({"adhoc": {"enabled": True}}, "the removed ad-hoc Job's values", r"adhoc")
     refused({"nats.enabled": True, "queue.url": "", "queue.auth.method": "token", "queue.auth.token": "t"},
             "queue.auth with the bundled NATS", r"queue.auth is for an external NATS")
