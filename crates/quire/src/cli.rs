@@ -250,7 +250,8 @@ pub struct ServiceOpts {
     pub s3: S3Opts,
 }
 
-/// NATS authentication and TLS (secrets are best passed as environment variables).
+/// NATS authentication, TLS (secrets are best passed as environment variables) and
+/// the replicas of quire's streams.
 #[derive(Args, Clone, Default)]
 pub struct NatsAuthOpts {
     /// NATS user name (with --nats-password).
@@ -278,8 +279,13 @@ pub struct NatsAuthOpts {
     #[arg(long, value_name = "FILE", env = "QUIRE_NATS_TLS_KEY", requires = "nats_tls_cert")]
     pub nats_tls_key: Option<std::path::PathBuf>,
     /// Insist on TLS even for a nats:// URL.
-    #[arg(long)]
+    #[arg(long, env = "QUIRE_NATS_REQUIRE_TLS")]
     pub nats_require_tls: bool,
+    /// JetStream replicas of quire's streams, worker consumer and job bucket (1 to 5; more
+    /// than 1 needs a NATS cluster). Unset: existing ones keep theirs, new ones get 1. Give
+    /// every quire process that sets it the same value.
+    #[arg(long, value_name = "N", env = "QUIRE_NATS_REPLICAS", value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub nats_replicas: Option<u8>,
 }
 
 impl NatsAuthOpts {
@@ -293,6 +299,10 @@ impl NatsAuthOpts {
             tls_client_cert: self.nats_tls_cert.clone().zip(self.nats_tls_key.clone()),
             require_tls: self.nats_require_tls,
         }
+    }
+
+    pub fn replicas(&self) -> Option<usize> {
+        self.nats_replicas.map(usize::from)
     }
 }
 

@@ -76,14 +76,21 @@ pub fn coordinator(mut args: CoordinatorArgs) -> u8 {
     let result = runtime().and_then(|rt| {
         rt.block_on(async {
             let t0 = Instant::now();
-            let queue = connect_queue(&args.services.nats, args.services.nats_auth.auth(), queue_opts, true).await?;
+            let queue = connect_queue(
+                &args.services.nats,
+                args.services.nats_auth.auth(),
+                queue_opts,
+                true,
+                args.services.nats_auth.replicas(),
+            )
+            .await?;
             let store = open_store(&args.out, &o.access).await?;
             tracing::debug!("connected to the queue and the output in {:.3}s", t0.elapsed().as_secs_f64());
             // Followed from before the first publish, so no event is missed.
             let events = if args.wait { Some(queue.task_events(&o.settings.job).await?) } else { None };
             // Registered before the first publish: workers take a task only when its job is
             // registered and the task's input and output lie where the job's do.
-            let jobs = JobProgress::open(queue.client(), 1).await?;
+            let jobs = JobProgress::open(queue.client(), queue.options().replicas).await?;
             let mut meta = JobMeta { settings: o.settings.clone(), documents: 0, planning_done: false, inputs: o.inputs.clone() };
             jobs.put_meta(&o.settings.job, &meta).await?;
             let t0 = Instant::now();
@@ -219,7 +226,14 @@ fn worker_inner(args: WorkerArgs) -> anyhow::Result<u8> {
     };
     let grace = Duration::from_secs(args.grace_s);
     rt.block_on(async move {
-        let queue = connect_queue(&args.services.nats, args.services.nats_auth.auth(), queue_opts, false).await?;
+        let queue = connect_queue(
+            &args.services.nats,
+            args.services.nats_auth.auth(),
+            queue_opts,
+            false,
+            args.services.nats_auth.replicas(),
+        )
+        .await?;
         // The lease time in force is the consumer's (set by the coordinator).
         let ack_wait = queue.options().queue.ack_wait;
         metrics.set_max_deliver(queue.options().queue.max_deliver);
@@ -228,7 +242,7 @@ fn worker_inner(args: WorkerArgs) -> anyhow::Result<u8> {
         }
         metrics.ready.set(1);
         let mut stores = StoreCache::new(access.clone());
-        stores.jobs = Some(JobProgress::open(queue.client(), 1).await?);
+        stores.jobs = Some(JobProgress::open(queue.client(), queue.options().replicas).await?);
         let stores = Arc::new(stores);
         let mut fetch = S3Fetch::new(access.client().await, scratch_dir(), args.doc_cache_mb.saturating_mul(1 << 20));
         fetch.retry = access.retry;
@@ -326,6 +340,7 @@ pub fn status(args: StatusArgs) -> u8 {
                             max_deliver: 3,
                         },
                         false,
+                        args.nats_auth.replicas(),
                     )
                     .await?,
                 ),
@@ -334,7 +349,7 @@ pub fn status(args: StatusArgs) -> u8 {
             let out = match (&args.out, &queue) {
                 (Some(out), _) => out.clone(),
                 (None, Some(q)) => {
-                    let meta = JobProgress::open(q.client(), 1)
+                    let meta = JobProgress::open(q.client(), q.options().replicas)
                         .await?
                         .meta(&args.job)
                         .await?;
