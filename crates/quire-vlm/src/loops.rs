@@ -149,7 +149,7 @@ impl LoopDetector {
     /// once per new id). Returns the loop when the tail just became one, shortest period first.
     pub fn push(&mut self, generated: &[u32], wild: &Wildcards) -> Option<Found> {
         let n = generated.len();
-        let Some(&last) = generated.last() else { return None };
+        let &last = generated.last()?;
         let mut found = None;
         for (i, run) in self.runs.iter_mut().enumerate() {
             let p = i + 1;
@@ -212,7 +212,7 @@ mod tests {
         let o = opts(8, 64);
         let w = Wildcards::default();
         // 63 tokens of a period-1 run: one short of the minimum
-        let ids: Vec<u32> = std::iter::once(1).chain(std::iter::repeat(5).take(63)).chain([2, 3]).collect();
+        let ids: Vec<u32> = std::iter::once(1).chain(std::iter::repeat_n(5, 63)).chain([2, 3]).collect();
         assert_eq!(run(&ids, &o, &w), None);
         // period 9 > max_period 8, repeated far beyond the minimum
         let ids: Vec<u32> = (0..9u32).cycle().take(400).collect();
