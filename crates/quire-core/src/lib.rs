@@ -16,7 +16,7 @@ pub use keys::{
     webdataset_key, with_suffix,
 };
 pub use record::{
-    ArchiveCounts, DatasetFile, DeadLetter, ErrorInfo, ErrorKind, Failure, FinishReason, Manifest, ManifestCounts, Record,
+    ArchiveCounts, DatasetFile, DeadLetter, ErrorInfo, ErrorKind, Failure, FinishReason, LoopInfo, Manifest, ManifestCounts, Record,
     Throughput, Timings,
 };
 pub use settings::{

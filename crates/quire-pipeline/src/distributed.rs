@@ -818,7 +818,7 @@ pub async fn job_status(
                 if pages {
                     if let Some(bytes) = store.get(&results_key(job, &t.task_id)).await? {
                         for r in parse_jsonl(&bytes)? {
-                            if r.error.is_some() {
+                            if r.failed() {
                                 st.pages_failed += 1;
                             } else {
                                 st.pages_ok += 1;

@@ -195,6 +195,39 @@ pub struct ModelOpts {
     /// Model weights' dtype.
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: DtypeArg,
+    /// A page whose output loops (the newest tokens repeat a period of at most
+    /// --loop-max-period tokens over at least --loop-min-tokens): `stop` ends it at once, keeps
+    /// the text up to one period and marks its record (`finish_reason` and `error.kind`
+    /// `loop`); `retry` then decodes it once more with --loop-retry-penalty and keeps the
+    /// better result; `off` lets it run to --max-new-tokens.
+    #[arg(long, value_enum, default_value = "stop", env = "QUIRE_ON_LOOP")]
+    pub on_loop: OnLoopArg,
+    /// Longest repeated period, in tokens, that counts as a loop.
+    #[arg(long, value_name = "TOKENS", default_value_t = quire_vlm::loops::DEFAULT_LOOP_MAX_PERIOD as u32,
+          env = "QUIRE_LOOP_MAX_PERIOD", value_parser = clap::value_parser!(u32).range(1..))]
+    pub loop_max_period: u32,
+    /// Tokens the repetition must span before it counts as a loop (at least twice --loop-max-period).
+    #[arg(long, value_name = "TOKENS", default_value_t = quire_vlm::loops::DEFAULT_LOOP_MIN_TOKENS as u32,
+          env = "QUIRE_LOOP_MIN_TOKENS", value_parser = clap::value_parser!(u32).range(2..))]
+    pub loop_min_tokens: u32,
+    /// Repetition penalty of the second attempt under --on-loop retry (above 1).
+    #[arg(long, value_name = "PENALTY", default_value_t = quire_vlm::loops::DEFAULT_LOOP_RETRY_PENALTY,
+          env = "QUIRE_LOOP_RETRY_PENALTY", value_parser = parse_penalty)]
+    pub loop_retry_penalty: f64,
+}
+
+fn parse_penalty(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(p) if p.is_finite() && p > 1.0 => Ok(p),
+        _ => Err(format!("{s:?} is not a repetition penalty (a number above 1)")),
+    }
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnLoopArg {
+    Stop,
+    Retry,
+    Off,
 }
 
 fn parse_dpi(s: &str) -> Result<f32, String> {
