@@ -100,8 +100,12 @@ svc_cidr="${QUIRE_CLUSTER_SERVICE_CIDR:-10.96.0.0/24}"
 node=quire-node
 chain=QUIRE-CLUSTER
 cg=quire-cluster
+# One cluster at a time on a machine: the lock is held until this process
+# has exited, teardown included.
+exec 9>"${TMPDIR:-/tmp}/quire-cluster.lock"
+flock -n 9 || { echo "scripts/test-cluster.sh: another cluster test is running on this machine" >&2; exit 1; }
 if ip link show "$bridge" >/dev/null 2>&1; then
-  echo "scripts/test-cluster.sh: $bridge exists: another cluster test is running (or one was killed without cleanup: ip link del $bridge)" >&2
+  echo "scripts/test-cluster.sh: $bridge exists, left by a cluster test that was killed without cleanup: ip link del $bridge" >&2
   exit 1
 fi
 state="$(mktemp -d "${TMPDIR:-/tmp}/quire-cluster.XXXXXX")"

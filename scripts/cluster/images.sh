@@ -76,7 +76,7 @@ image_nats() {
 image_garage() {
   ctr="$(b from "$base")"
   b copy "$ctr" "$garage" /usr/local/bin/garage >/dev/null
-  b config --entrypoint '["/usr/local/bin/garage"]' --user 1000:1000 "$ctr"
+  b config --entrypoint '["/usr/local/bin/garage"]' --cmd '' --user 1000:1000 "$ctr"
   b commit -q "$ctr" "$1" >/dev/null
   b rm "$ctr" >/dev/null; ctr=""
 }
