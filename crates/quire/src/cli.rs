@@ -37,6 +37,9 @@ pub enum Command {
     Worker(WorkerArgs),
     /// How far a distributed job has come.
     Status(StatusArgs),
+    /// Check that NATS JetStream and the output store answer with the credentials given, as a
+    /// worker reaches them (exit 0; 2 with the reason when one does not), e.g. in `helm test`.
+    Check(CheckArgs),
     /// Convert DocTags (SmolDocling / Granite-Docling output) to Markdown, or to layout blocks with --json.
     #[command(after_help = DOCTAGS_EXAMPLES)]
     Doctags(DoctagsArgs),
@@ -355,6 +358,18 @@ pub struct S3Opts {
     /// backoff before an operation fails, in seconds; a task is not given up on meanwhile.
     #[arg(long, value_name = "SECONDS", default_value_t = 900, env = "QUIRE_STORE_RETRY_S")]
     pub store_retry_s: u64,
+}
+
+#[derive(Args)]
+pub struct CheckArgs {
+    /// Output folder or s3://bucket/prefix: the object `.quire-check` is written there and read back.
+    #[arg(long, value_name = "URI")]
+    pub out: String,
+    /// How long to wait for an answer from each service, in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 20)]
+    pub timeout_s: u64,
+    #[command(flatten)]
+    pub services: ServiceOpts,
 }
 
 #[derive(Args)]

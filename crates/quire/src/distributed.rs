@@ -1,7 +1,7 @@
-//! `quire coordinator`, `quire worker` and `quire status`: the distributed
-//! mode over NATS JetStream, with results in S3 or a shared folder.
+//! `quire coordinator`, `quire worker`, `quire status` and `quire check`: the
+//! distributed mode over NATS JetStream, with results in S3 or a shared folder.
 
-use crate::cli::{CoordinatorArgs, S3Opts, StatusArgs, WorkerArgs};
+use crate::cli::{CheckArgs, CoordinatorArgs, S3Opts, StatusArgs, WorkerArgs};
 use crate::exit;
 use crate::run::{check_job_name, settings};
 use anyhow::Context as _;
@@ -322,6 +322,53 @@ fn worker_inner(args: WorkerArgs) -> anyhow::Result<u8> {
             _ => Ok(exit::OK),
         }
     })
+}
+
+/// Where `quire check` writes its probe, below the output folder or prefix.
+const CHECK_KEY: &str = ".quire-check";
+
+/// `quire check`: NATS with JetStream (the job registry opens) and the output store (a small
+/// object is written and read back), each given `--timeout-s` to answer.
+pub fn check(args: CheckArgs) -> u8 {
+    let limit = Duration::from_secs(args.timeout_s.max(1));
+    let mut access = access(&args.services.s3);
+    access.retry.budget = access.retry.budget.min(limit);
+    let result = runtime().and_then(|rt| {
+        rt.block_on(async {
+            let nats = &args.services.nats;
+            let reach_queue = async {
+                let opts = QueueOptions { ack_wait: Duration::from_secs(300), max_deliver: 3 };
+                let queue = connect_queue(nats, args.services.nats_auth.auth(), opts, false).await?;
+                JobProgress::open(queue.client(), 1).await.context("opening the job registry on JetStream")?;
+                anyhow::Ok(())
+            };
+            tokio::time::timeout(limit, reach_queue)
+                .await
+                .map_err(|_| anyhow::anyhow!("NATS at {nats} did not answer within {}s", limit.as_secs()))??;
+            println!("queue ok: NATS JetStream at {nats}");
+            let reach_store = async {
+                let store = open_store(&args.out, &access).await?;
+                let probe = format!("quire check {:?}", SystemTime::now());
+                let at = store.locate(CHECK_KEY);
+                store.put(CHECK_KEY, probe.clone().into_bytes()).await.with_context(|| format!("writing {at}"))?;
+                let back = store.get(CHECK_KEY).await.with_context(|| format!("reading {at} back"))?;
+                anyhow::ensure!(back.as_deref() == Some(probe.as_bytes()), "{at} read back differs from what was written");
+                anyhow::Ok(at)
+            };
+            let at = tokio::time::timeout(limit + Duration::from_secs(5), reach_store)
+                .await
+                .map_err(|_| anyhow::anyhow!("the output store {} did not answer within {}s", args.out, limit.as_secs()))??;
+            println!("store ok: wrote and read back {at}");
+            anyhow::Ok(())
+        })
+    });
+    match result {
+        Ok(()) => exit::OK,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            exit::USAGE
+        }
+    }
 }
 
 pub fn status(args: StatusArgs) -> u8 {
