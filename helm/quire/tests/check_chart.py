@@ -585,12 +585,12 @@ def cronjob_policy(docs, values) -> None:
     # Job made by hand the same day joins that run; no {time}, so a retried Pod resumes it.
     job = values.get("job", {})
     assert arg_after(args, "--job") == job.get("name", "nightly"), args
-    if job.get("run", "{date}") == "":
+    if job.get("run", "") == "":
         assert "--run" not in args, args
         run = ""
     else:
         run = arg_after(args, "--run")
-        assert run == job.get("run", "{date}"), args
+        assert run == job.get("run"), args
     assert "{time}" not in run + arg_after(args, "--job"), args
     assert len(cj["metadata"]["name"]) <= 52, f"CronJob name {cj['metadata']['name']} over 52 characters"
     assert "helm.sh/hook" not in json.dumps(docs), "hooks would run outside the schedule"
