@@ -1112,3 +1112,39 @@ fn archives_and_image_groups_through_workers_give_the_rows_of_quire_run() {
     assert!(counter("quire_input_fetched_bytes_total", "ranged") > 0);
     assert!(counter("quire_input_requests_total", "ranged") >= 5 + 5, "each archive's head and scan at least");
 }
+
+/// `quire check`, which the chart's `helm test` runs: exit 0 when NATS JetStream answers and
+/// the output bucket takes a write it reads back; exit 2 naming what did not answer.
+#[test]
+fn check_says_whether_the_queue_and_the_output_bucket_answer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bucket = format!("quire-check-{}", std::process::id());
+    let (_nats, nats_url) = start_nats(tmp.path());
+    let (_garage, endpoint) = start_garage(tmp.path(), &bucket);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let store = s3_store(&rt, &endpoint, &bucket);
+    let out = format!("s3://{bucket}/results");
+    let check = |nats: &str, out: &str| {
+        run_quire(&endpoint, &["check", "--nats", nats, "--out", out, "--timeout-s", "5"], Duration::from_secs(60))
+    };
+
+    let ok = check(&nats_url, &out);
+    let stdout = String::from_utf8_lossy(&ok.stdout);
+    assert_eq!(ok.status.code(), Some(0), "{stdout}\n{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(stdout.contains("queue ok") && stdout.contains("store ok"), "{stdout}");
+    let probe = rt.block_on(store.get("results/.quire-check")).unwrap().expect("the probe object is stored");
+    assert!(probe.starts_with(b"quire check "), "{}", String::from_utf8_lossy(&probe));
+
+    // Nothing listens there: NATS is named, and the check ends within its time limit.
+    let t0 = Instant::now();
+    let down = check(&format!("nats://127.0.0.1:{}", free_port()), &out);
+    assert_eq!(down.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&down.stderr).contains("NATS"), "{}", String::from_utf8_lossy(&down.stderr));
+    assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", t0.elapsed());
+
+    // A bucket that does not exist: the output is named, NATS was fine.
+    let missing = check(&nats_url, "s3://no-such-bucket-here/results");
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&missing.stdout).contains("queue ok"));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no-such-bucket-here"), "{}", String::from_utf8_lossy(&missing.stderr));
+}

@@ -16,10 +16,12 @@ even to import on the CPU; `--no-deps` leaves `import torch` failing on libcubla
     ~/.cache/quire-tools/venv-ref/bin/python tests/gen_idefics2.py          # checkpoints
     ~/.cache/quire-tools/venv-ref/bin/python tests/gen_idefics2.py pdf      # scanned PDF pages
     ~/.cache/quire-tools/venv-ref/bin/python tests/gen_idefics2.py lowp     # bf16/f16 drift
+    ~/.cache/quire-tools/venv-ref/bin/python tests/gen_idefics2.py loops    # long outputs that loop
 
 Output: tests/fixtures/idefics2/<checkpoint>/ (a loadable HF folder) with reference.json and
 reference.safetensors (pixel values, pixel masks, first-step logits), pdf_pages/ and
-lowp_reference.json (transformers' own bf16/f16 logit drift). The
+lowp_reference.json (transformers' own bf16/f16 logit drift), and
+nosplit_window_old/loops_reference.json (see `loops_reference`). The
 input images are tests/fixtures/idefics3/images/ (shared, not rewritten here). The Rust
 parity tests in crates/quire-vlm/tests/parity.rs and tests/pipeline.rs read these.
 """
@@ -339,11 +341,95 @@ def lowp_reference(images):
     json.dump(out, open(os.path.join(ROOT, "lowp_reference.json"), "w"), indent=1)
 
 
+# Runaway generation. The 12-token sliding window of nosplit_window_old makes its greedy output
+# depend only on its latest tokens once the prompt is out of the window, so some pages settle
+# into a repeated period (as real models' runaway pages do) while others end with EOS.
+LOOP_CHECKPOINT = "nosplit_window_old"
+LOOP_PROMPTS = ["Describe this image in one sentence.", "Convert this page to docling."]
+LOOP_MAX_NEW = 480
+LOOP_MAX_PERIOD = 64
+LOOP_MIN_TOKENS = (128, 256)
+LOOP_RETRY_PENALTY = 1.1
+
+
+class LoopWatch:
+    """quire's loop rule (crates/quire-vlm/src/loops.rs), written again here: after each new
+    token, whether the generated ids end in a period of at most max_period tokens repeated
+    over at least min_tokens tokens (ids in `wild` equal to each other)."""
+
+    def __init__(self, wild, max_period, min_tokens):
+        self.wild, self.min_tokens, self.runs, self.ids = wild, min_tokens, [0] * max_period, []
+
+    def push(self, last):
+        ids, n, hit = self.ids, len(self.ids) + 1, None
+        ids.append(last)
+        for p in range(1, len(self.runs) + 1):
+            prev = ids[n - 1 - p] if n > p else None
+            same = prev is not None and (prev == last or (prev in self.wild and last in self.wild))
+            self.runs[p - 1] = self.runs[p - 1] + 1 if same else 0
+            if hit is None and self.runs[p - 1] > 0 and self.runs[p - 1] + p >= self.min_tokens:
+                hit = dict(found_at=n, period=p, start=n - self.runs[p - 1] - p, keep=n - self.runs[p - 1])
+        return hit
+
+
+def find_loop(new, eos, min_tokens, wild=frozenset()):
+    """Where quire's rule first holds in `new` (found_at, period, start, keep), or None."""
+    watch = LoopWatch(wild, LOOP_MAX_PERIOD, min_tokens)
+    for t in new:
+        if t in eos:
+            return None
+        hit = watch.push(t)
+        if hit:
+            return hit
+    return None
+
+
+def loops_reference(images):
+    """Greedy outputs of LOOP_MAX_NEW tokens on every (image, prompt) pair, where quire's rule
+    first holds in them for each of LOOP_MIN_TOKENS, and for those that loop the output of
+    generate(repetition_penalty=LOOP_RETRY_PENALTY), what `--on-loop retry` runs:
+    LOOP_CHECKPOINT/loops_reference.json. The checkpoint itself is not rewritten."""
+    d = os.path.join(ROOT, LOOP_CHECKPOINT)
+    processor = AutoProcessor.from_pretrained(d)
+    model = AutoModelForImageTextToText.from_pretrained(d, dtype=torch.float32).eval()
+    e = model.generation_config.eos_token_id
+    eos = set(e if isinstance(e, list) else [e])
+    cases = []
+    for name in sorted(images):
+        for prompt in LOOP_PROMPTS:
+            enc = processor(text=[g3.render(processor, prompt)], images=[[images[name]]], return_tensors="pt")
+            case = dict(image=name, prompt=prompt, input_ids=enc["input_ids"][0].tolist())
+            for label, penalty in [("", 1.0), ("retry_", LOOP_RETRY_PENALTY)]:
+                with torch.no_grad():
+                    gen = model.generate(**enc, max_new_tokens=LOOP_MAX_NEW, do_sample=False, output_scores=True,
+                                         return_dict_in_generate=True, repetition_penalty=penalty)
+                new = gen.sequences[0, enc["input_ids"].shape[1]:].tolist()
+                top2 = torch.stack([s[0] for s in gen.scores]).topk(2, dim=-1).values
+                margins = (top2[:, 0] - top2[:, 1]).tolist()
+                loops = {str(m): find_loop(new, eos, m) for m in LOOP_MIN_TOKENS}
+                # headroom of the greedy picks up to where quire stops at the larger limit
+                stop = loops[str(LOOP_MIN_TOKENS[-1])]
+                case.update({f"{label}new_tokens": new, f"{label}loops": loops,
+                             f"{label}min_top2_margin": float(min(margins[:stop["found_at"] if stop else len(new)]))})
+                if stop is None:
+                    break
+            cases.append(case)
+            print("loops", name, prompt[:10], len(case["new_tokens"]), case["loops"][str(LOOP_MIN_TOKENS[-1])],
+                  "retry" in "".join(case), "margin=%.4f" % case["min_top2_margin"], flush=True)
+    meta = dict(transformers_version=transformers.__version__, torch_version=torch.__version__,
+                max_new_tokens=LOOP_MAX_NEW, loop_max_period=LOOP_MAX_PERIOD, retry_penalty=LOOP_RETRY_PENALTY,
+                cases=cases)
+    json.dump(meta, open(os.path.join(d, "loops_reference.json"), "w"), indent=1)
+
+
 def main():
     torch.set_num_threads(2)
     images = load_images()
     tok = build_tokenizer()
     only = sys.argv[1:]
+    if only == ["loops"]:
+        loops_reference(images)
+        return
     if "pdf" in only:
         pdf_reference()
     if "lowp" in only:

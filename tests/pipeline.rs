@@ -626,6 +626,7 @@ impl quire_pipeline::Generator for FixedDocTags {
                 tokens_out: 60,
                 finish: quire_core::FinishReason::Stop,
                 device_ms: 5.0,
+                loop_info: None,
             })
             .collect())
     }

@@ -16,8 +16,8 @@ pub use keys::{
     superseded_prefix, webdataset_key, with_suffix,
 };
 pub use record::{
-    ArchiveCounts, DatasetFile, DeadLetter, ErrorInfo, ErrorKind, Failure, FinishReason, Manifest, ManifestCounts, ObjectChange,
-    ObjectEntry, ObjectStatus, ObjectTask, Record, RunEntry, Throughput, Timings,
+    ArchiveCounts, DatasetFile, DeadLetter, ErrorInfo, ErrorKind, Failure, FinishReason, LoopInfo, Manifest, ManifestCounts,
+    ObjectChange, ObjectEntry, ObjectStatus, ObjectTask, Record, RunEntry, Throughput, Timings,
 };
 pub use settings::{
     ArchiveResume, DatasetFormat, Engine, JobSettings, Limits, RenderSize, SourceRef, TaskKind, TaskSpec, UnitKind, DEFAULT_IMAGES_PER_TASK,

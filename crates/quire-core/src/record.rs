@@ -33,6 +33,10 @@ pub enum ErrorKind {
     Model,
     /// Anything else inside quire.
     Internal,
+    /// The model's output repeated itself until quire stopped it (`--on-loop`): the record
+    /// keeps the text up to one period of the repetition. A flag, not a failure: see
+    /// [`Record::failed`].
+    Loop,
 }
 
 impl ErrorKind {
@@ -51,6 +55,7 @@ impl ErrorKind {
             ErrorKind::NeedsModel => "needs_model",
             ErrorKind::Model => "model",
             ErrorKind::Internal => "internal",
+            ErrorKind::Loop => "loop",
         }
     }
 }
@@ -68,6 +73,8 @@ pub enum FinishReason {
     Stop,
     /// `max_new_tokens` was reached.
     Length,
+    /// The output repeated itself and was stopped (`--on-loop stop|retry`); `error` says so.
+    Loop,
     /// No text: see `error`.
     Error,
 }
@@ -126,6 +133,34 @@ pub struct Record {
     /// page pixels, level, table, …); `null` otherwise.
     #[serde(default)]
     pub blocks: Option<Vec<quire_doctags::Block>>,
+    /// Present when the model's output looped on this page (see `--on-loop`); absent otherwise.
+    #[serde(rename = "loop", default, skip_serializing_if = "Option::is_none")]
+    pub loop_info: Option<LoopInfo>,
+}
+
+/// How a page whose output looped was decoded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoopInfo {
+    /// Tokens in the repeated period.
+    pub period: u32,
+    /// New tokens each attempt generated (two under `--on-loop retry`: the first, then the
+    /// retry with `--loop-retry-penalty`).
+    pub attempts: Vec<u64>,
+    /// `max_new_tokens` budget the stopped attempts did not spend.
+    pub tokens_saved: u64,
+}
+
+impl Record {
+    /// Whether the page failed: an error other than a loop. A page that looped keeps its
+    /// text (marked by `error.kind == "loop"`); redoing it would loop again.
+    pub fn failed(&self) -> bool {
+        self.error.as_ref().is_some_and(|e| e.kind != ErrorKind::Loop)
+    }
+
+    /// Whether the page's output was stopped as a loop and kept marked.
+    pub fn looped(&self) -> bool {
+        self.error.as_ref().is_some_and(|e| e.kind == ErrorKind::Loop)
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -139,6 +174,10 @@ pub struct ManifestCounts {
     pub records: u64,
     pub pages_ok: u64,
     pub pages_failed: u64,
+    /// Pages whose output looped and was stopped: kept, marked `error.kind == "loop"`,
+    /// counted neither as ok nor as failed.
+    #[serde(default)]
+    pub pages_looped: u64,
     pub tokens_in: u64,
     pub tokens_out: u64,
     /// Input objects of the job as it stands (job manifest) or as this run listed them (run
@@ -384,5 +423,30 @@ mod tests {
         with.datasets = vec![crate::DatasetFormat::Parquet, crate::DatasetFormat::Webdataset];
         let json = serde_json::to_string(&with).unwrap();
         assert!(json.contains(r#""datasets":["parquet","webdataset"]"#), "{json}");
+    }
+
+    /// A looping page's record: `finish_reason` and `error.kind` are `loop`, the `loop` object
+    /// is written only when there was one, and manifests without `pages_looped` still read.
+    #[test]
+    fn loop_fields_serialise_as_documented_and_old_records_read() {
+        let line = r#"{"job":"j","task_id":"t","source":"a.png","page":1,"page_count":1,"task":"ocr","engine":"vlm",
+            "model":"m","prompt":"p","text":"row","tokens_in":9,"tokens_out":4,"finish_reason":"loop","width":1,"height":1,
+            "timings_ms":{"render":0.0,"infer":1.0},"error":{"kind":"loop","message":"repeated"},
+            "loop":{"period":4,"attempts":[260,300],"tokens_saved":7632}}"#;
+        let r: Record = serde_json::from_str(line).unwrap();
+        assert_eq!(r.finish_reason, FinishReason::Loop);
+        assert_eq!(r.loop_info, Some(LoopInfo { period: 4, attempts: vec![260, 300], tokens_saved: 7632 }));
+        assert!(r.looped() && !r.failed());
+        let back = serde_json::to_value(&r).unwrap();
+        assert_eq!(back["loop"]["attempts"], serde_json::json!([260, 300]));
+        assert_eq!(back["error"]["kind"], "loop");
+        let mut plain = r.clone();
+        plain.loop_info = None;
+        plain.error = Some(ErrorInfo { kind: ErrorKind::Model, message: "x".into() });
+        assert!(serde_json::to_value(&plain).unwrap().get("loop").is_none(), "absent when there was no loop");
+        assert!(plain.failed() && !plain.looped());
+        let mut counts = serde_json::to_value(ManifestCounts::default()).unwrap();
+        counts.as_object_mut().unwrap().remove("pages_looped");
+        assert_eq!(serde_json::from_value::<ManifestCounts>(counts).unwrap(), ManifestCounts::default());
     }
 }

@@ -17,7 +17,7 @@
 //! | `member` | string, null | `member` (path in the archive) |
 //! | `page` | int32 | `page` (frame of a multi-frame image, else 1) |
 //! | `caption` | string | `text` |
-//! | `status` | string | `ok`, or `error` when `error` is set |
+//! | `status` | string | `ok`; `loop` when the model's output looped and was stopped (`error.kind` `loop`, caption kept up to one repetition); `error` for any other `error` |
 //! | `error_kind` | string, null | `error.kind` |
 //! | `error_message` | string, null | `error.message` |
 //! | `model` | string, null | `model` |
@@ -26,7 +26,7 @@
 //! | `tokens_out` | int64 | `tokens_out` |
 //! | `width` | int32 | `width` |
 //! | `height` | int32 | `height` |
-//! | `finish_reason` | string | `finish_reason` (`stop`, `length`, `error`) |
+//! | `finish_reason` | string | `finish_reason` (`stop`, `length`, `loop`, `error`) |
 //! | `task_id` | string | `task_id` |
 //!
 //! Columns are zstd-compressed; the file's key-value metadata holds what the caller passes
@@ -85,6 +85,7 @@ fn finish_reason(f: FinishReason) -> &'static str {
     match f {
         FinishReason::Stop => "stop",
         FinishReason::Length => "length",
+        FinishReason::Loop => "loop",
         FinishReason::Error => "error",
     }
 }
@@ -111,7 +112,7 @@ fn batch(schema: &SchemaRef, records: &[&Record]) -> Result<RecordBatch, Dataset
         member.append_option(r.member.as_deref());
         page.append_value(clamp_i32(r.page));
         caption.append_value(&r.text);
-        status.append_value(if r.error.is_some() { "error" } else { "ok" });
+        status.append_value(if r.failed() { "error" } else if r.looped() { "loop" } else { "ok" });
         error_kind.append_option(r.error.as_ref().map(|e| e.kind.as_str()));
         error_message.append_option(r.error.as_ref().map(|e| e.message.as_str()));
         model.append_option(r.model.as_deref());
@@ -209,7 +210,7 @@ pub fn write_webdataset(records: &[&Record], gzip: bool) -> Result<(Vec<u8>, Sha
             counts.skipped += 1;
             continue;
         };
-        let caption: &str = if r.error.is_some() { "" } else { &r.text };
+        let caption: &str = if r.failed() { "" } else { &r.text };
         append(&mut tar, &format!("{key}.txt"), caption.as_bytes())?;
         append(&mut tar, &format!("{key}.json"), &serde_json::to_vec(r)?)?;
         counts.samples += 1;
@@ -254,6 +255,7 @@ mod tests {
             member: Some(format!("{i:09}.jpg")),
             markdown: None,
             blocks: None,
+            loop_info: None,
         }
     }
 

@@ -219,7 +219,7 @@ impl<'p> DatasetSink<'p> {
                     records: records.len() as u64,
                     ..Default::default()
                 };
-                c.failed = records.iter().filter(|r| r.error.is_some()).count() as u64;
+                c.failed = records.iter().filter(|r| r.failed()).count() as u64;
                 c.ok = c.records - c.failed;
                 self.archives.push(c);
                 let rows: Vec<&Record> = records.iter().collect();
@@ -346,6 +346,7 @@ mod tests {
             member: member.map(str::to_string),
             markdown: None,
             blocks: None,
+            loop_info: None,
         }
     }
 

@@ -854,7 +854,7 @@ pub async fn job_status(
                 if pages {
                     if let Some(bytes) = store.get(&results_key(job, &t.task_id)).await? {
                         for r in parse_jsonl(&bytes)? {
-                            if r.error.is_some() {
+                            if r.failed() {
                                 st.pages_failed += 1;
                             } else {
                                 st.pages_ok += 1;
@@ -1048,15 +1048,18 @@ pub const KEEP_RECORDS_MAX: usize = 512 << 20;
 
 /// Connects to the queue. With `set_rules` (the coordinator) the worker
 /// consumer gets `queue`'s delivery rules; otherwise (workers, status) an
-/// existing consumer's rules are kept and adopted.
+/// existing consumer's rules are kept and adopted. `replicas`: see
+/// [`JetStreamOptions::replicas`].
 pub async fn connect_queue(
     url: &str,
     auth: quire_queue::jetstream::NatsAuth,
     queue: QueueOptions,
     set_rules: bool,
+    replicas: Option<usize>,
 ) -> anyhow::Result<JetStreamQueue> {
     let mut o = JetStreamOptions::new(url);
     o.auth = auth;
+    o.replicas = replicas;
     o.queue = queue;
     o.set_delivery_rules = set_rules;
     JetStreamQueue::connect(o)

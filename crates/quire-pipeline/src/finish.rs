@@ -70,6 +70,11 @@ pub fn document_markdown(records: &[Record], first_missing: &[(u32, u32)]) -> St
         .map(|r| {
             let body = match &r.error {
                 None => r.markdown.as_deref().unwrap_or(&r.text).trim_end().to_string(),
+                Some(e) if e.kind == quire_core::ErrorKind::Loop => format!(
+                    "{}\n\n<!-- loop: {} -->",
+                    r.markdown.as_deref().unwrap_or(&r.text).trim_end(),
+                    e.message.replace("--", "- -")
+                ),
                 Some(e) => format!("<!-- error {}: {} -->", e.kind.as_str(), e.message.replace("--", "- -")),
             };
             (r.page, body)
@@ -181,6 +186,8 @@ pub async fn finish_job(store: &dyn BlobStore, o: JobOutcome<'_>) -> anyhow::Res
 pub struct TaskTally {
     pub ok: u64,
     pub failed: u64,
+    /// Pages whose generation looped and was stopped (kept, not failed).
+    pub looped: u64,
     pub tokens_in: u64,
     pub tokens_out: u64,
     /// Model busy time over its pages answered by the model without error.
@@ -261,6 +268,12 @@ pub async fn finish_outputs(store: &dyn BlobStore, o: JobOutcome<'_>) -> anyhow:
                         None => {
                             counts.pages_ok += 1;
                             tally.ok += 1;
+                            per_source.0 += 1;
+                        }
+                        // A looping page keeps its text, marked: not a failure to redo.
+                        Some(_) if r.looped() => {
+                            counts.pages_looped += 1;
+                            tally.looped += 1;
                             per_source.0 += 1;
                         }
                         Some(e) => {
@@ -415,6 +428,7 @@ mod tests {
             member: None,
             markdown: None,
             blocks: None,
+            loop_info: None,
         }
     }
 
@@ -458,5 +472,40 @@ mod tests {
         assert_eq!(outputs[0].0, outputs[1].0);
         assert_eq!(outputs[0].1, outputs[1].1);
         assert!(String::from_utf8_lossy(&outputs[1].1).contains("text of page 3"));
+    }
+
+    /// A page whose output looped is counted apart (neither ok nor failed, not a failure to
+    /// redo) and keeps its text in the Markdown, marked.
+    #[tokio::test]
+    async fn a_looping_page_is_counted_apart_and_keeps_its_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path());
+        let settings = JobSettings::new("j");
+        let plan = vec![PlannedTask { task_id: "t1".into(), uri: "in/a.pdf".into(), rel: "a.pdf".into(), first: 1, last: 3, unit: quire_core::UnitKind::Pdf }];
+        let mut looped = record("t1", 2);
+        looped.finish_reason = FinishReason::Loop;
+        looped.error = Some(quire_core::ErrorInfo { kind: quire_core::ErrorKind::Loop, message: "repeated".into() });
+        let mut failed = record("t1", 3);
+        failed.error = Some(quire_core::ErrorInfo { kind: quire_core::ErrorKind::Model, message: "no".into() });
+        let body = crate::worker::to_jsonl(&[record("t1", 1), looped.clone(), failed]);
+        store.put(&results_key("j", "t1"), body).await.unwrap();
+        let outcome = JobOutcome {
+            settings: &settings,
+            inputs: &[],
+            plan: &plan,
+            dead: &[],
+            tasks_skipped: 0,
+            started_at: SystemTime::now(),
+            pages_this_run: PagesThisRun::Counted(3),
+            price_per_hour: None,
+            known_records: None,
+            fresh: None,
+        };
+        let m = finish_job(&store, outcome).await.unwrap();
+        assert_eq!((m.counts.pages_ok, m.counts.pages_looped, m.counts.pages_failed), (1, 1, 1));
+        assert_eq!(m.failures.len(), 1, "the looping page is no failure: {:?}", m.failures);
+        assert!(looped.looped() && !looped.failed());
+        let md = String::from_utf8(store.get(&markdown_key("j", "a.pdf")).await.unwrap().unwrap()).unwrap();
+        assert!(md.contains("text of page 2\n\n<!-- loop: repeated -->"), "{md}");
     }
 }

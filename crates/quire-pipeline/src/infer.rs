@@ -29,6 +29,8 @@ pub struct GenOutput {
     pub finish: FinishReason,
     /// The request's share of the model's busy time (see `quire_vlm::Generation::device_ms`).
     pub device_ms: f64,
+    /// Set when the output looped (see `--on-loop`).
+    pub loop_info: Option<quire_core::LoopInfo>,
 }
 
 /// A vision-language model as the pipeline sees it.
@@ -278,7 +280,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(30));
             Ok(reqs
                 .iter()
-                .map(|r| GenOutput { text: r.prompt.clone(), tokens_in: 1, tokens_out: 1, finish: FinishReason::Stop, device_ms: 0.0 })
+                .map(|r| GenOutput { text: r.prompt.clone(), tokens_in: 1, tokens_out: 1, finish: FinishReason::Stop, device_ms: 0.0, loop_info: None })
                 .collect())
         }
     }
@@ -348,7 +350,7 @@ mod tests {
             self.live.retain_mut(|(id, n, p)| {
                 *n -= 1;
                 if *n == 0 {
-                    out.push((*id, Ok(GenOutput { text: p.clone(), tokens_in: 1, tokens_out: 1, finish: FinishReason::Stop, device_ms: 0.0 })));
+                    out.push((*id, Ok(GenOutput { text: p.clone(), tokens_in: 1, tokens_out: 1, finish: FinishReason::Stop, device_ms: 0.0, loop_info: None })));
                 }
                 *n > 0
             });

@@ -50,6 +50,10 @@ pub struct Metrics {
     /// read by ranged requests, and the first bytes read to tell an archive).
     pub input_bytes: IntCounterVec,
     pub input_requests: IntCounterVec,
+    /// Pages and images whose output looped and was stopped (`--on-loop`; a page whose retry
+    /// did not loop counts too), and the `max_new_tokens` budget those stops did not spend.
+    pub loops: IntCounter,
+    pub loop_tokens_saved: IntCounter,
     /// The queue's `max_deliver` in force (0 while unknown); see [`Metrics::set_max_deliver`].
     max_deliver: AtomicU32,
     jobs: Mutex<HashSet<String>>,
@@ -138,8 +142,16 @@ impl Metrics {
             &["how"],
         )
         .unwrap();
+        let loops = IntCounter::new("loops_total", "Pages and images whose output looped and was stopped").unwrap();
+        let loop_tokens_saved = IntCounter::new(
+            "loop_tokens_saved_total",
+            "Generation budget (max new tokens) not spent because looping outputs were stopped",
+        )
+        .unwrap();
         for c in [
             Box::new(tasks.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(loops.clone()),
+            Box::new(loop_tokens_saved.clone()),
             Box::new(units.clone()),
             Box::new(tokens_in.clone()),
             Box::new(tokens_out.clone()),
@@ -186,6 +198,8 @@ impl Metrics {
             tasks_given_up,
             input_bytes,
             input_requests,
+            loops,
+            loop_tokens_saved,
             max_deliver: AtomicU32::new(0),
             jobs: Mutex::new(HashSet::new()),
         }
@@ -253,8 +267,13 @@ impl TaskObserver for Metrics {
             "page"
         };
         for r in records {
+            if let Some(l) = &r.loop_info {
+                self.loops.inc();
+                self.loop_tokens_saved.inc_by(l.tokens_saved);
+            }
             match &r.error {
                 None => self.units.with_label_values(&[kind, "ok"]).inc(),
+                Some(_) if r.looped() => self.units.with_label_values(&[kind, "looped"]).inc(),
                 Some(e) => {
                     self.units.with_label_values(&[kind, "failed"]).inc();
                     self.errors.with_label_values(&[e.kind.as_str()]).inc();

@@ -68,7 +68,16 @@ struct Unit {
 
 enum Outcome {
     TextLayer(String),
-    Vlm { text: String, tokens_in: u64, tokens_out: u64, finish: FinishReason, infer_ms: f64, device_ms: f64, prompt: String },
+    Vlm {
+        text: String,
+        tokens_in: u64,
+        tokens_out: u64,
+        finish: FinishReason,
+        infer_ms: f64,
+        device_ms: f64,
+        prompt: String,
+        loop_info: Option<quire_core::LoopInfo>,
+    },
     Failed(ErrorInfo),
 }
 
@@ -326,6 +335,7 @@ async fn run_model(task: &TaskSpec, units: &mut [Unit], ctx: &ProcessContext) {
                 infer_ms: ms,
                 device_ms: out.device_ms,
                 prompt: prompt.clone(),
+                loop_info: out.loop_info,
             },
             Ok(Err(msg)) => failed(ErrorKind::Model, msg),
             Err(e) => failed(ErrorKind::Internal, e.to_string()),
@@ -358,12 +368,13 @@ fn to_record(task: &TaskSpec, s: &JobSettings, page_count: u32, u: Unit, ctx: &P
         member: u.member,
         markdown: None,
         blocks: None,
+        loop_info: None,
     };
     let images = matches!(task.unit, UnitKind::Image | UnitKind::Images | UnitKind::Archive);
     let vlm_engine = s.engine == Engine::Vlm || (images && s.engine != Engine::TextLayer);
     match u.outcome.unwrap_or_else(|| failed(ErrorKind::Internal, "page was not processed")) {
         Outcome::TextLayer(text) => r.text = text,
-        Outcome::Vlm { text, tokens_in, tokens_out, finish, infer_ms, device_ms, prompt } => {
+        Outcome::Vlm { text, tokens_in, tokens_out, finish, infer_ms, device_ms, prompt, loop_info } => {
             r.engine = Engine::Vlm.as_str().into();
             r.model = model_name;
             r.prompt = Some(prompt);
@@ -377,6 +388,10 @@ fn to_record(task: &TaskSpec, s: &JobSettings, page_count: u32, u: Unit, ctx: &P
             r.tokens_in = tokens_in;
             r.tokens_out = tokens_out;
             r.finish_reason = finish;
+            if finish == FinishReason::Loop {
+                r.error = Some(ErrorInfo { kind: ErrorKind::Loop, message: loop_message(loop_info.as_ref()) });
+            }
+            r.loop_info = loop_info;
             r.timings_ms.infer = round_ms(infer_ms);
             r.timings_ms.device = round_ms(device_ms);
         }
@@ -390,6 +405,21 @@ fn to_record(task: &TaskSpec, s: &JobSettings, page_count: u32, u: Unit, ctx: &P
         }
     }
     r
+}
+
+/// The `error.message` of a page whose output looped.
+fn loop_message(info: Option<&quire_core::LoopInfo>) -> String {
+    match info {
+        Some(l) => {
+            let attempts: Vec<String> = l.attempts.iter().map(u64::to_string).collect();
+            format!(
+                "the output repeated a {}-token period and was stopped after {} new tokens; the text keeps one period of the repetition",
+                l.period,
+                attempts.join(" + ")
+            )
+        }
+        None => "the output repeated itself and was stopped".to_string(),
+    }
 }
 
 /// Images are decoded and given to the model this many at a time: a task of hundreds of

@@ -331,9 +331,10 @@ pub async fn close_run(store: &dyn BlobStore, state: &JobState, book: RunBook, r
     for id in c.published {
         if let Some(t) = tasks.get(id) {
             run_counts.tasks_done += 1;
-            run_counts.records += t.ok + t.failed;
+            run_counts.records += t.ok + t.failed + t.looped;
             run_counts.pages_ok += t.ok;
             run_counts.pages_failed += t.failed;
+            run_counts.pages_looped += t.looped;
             run_counts.tokens_in += t.tokens_in;
             run_counts.tokens_out += t.tokens_out;
             device_ms += t.device_ms;

@@ -5,7 +5,7 @@ use anyhow::{bail, Context};
 use quire_core::{FinishReason, TaskKind};
 use quire_vlm::batcher::{Batcher, BatcherOptions};
 use quire_vlm::engine::KvBudget;
-use quire_vlm::{LoadOptions, Task, Vlm};
+use quire_vlm::{LoadOptions, LoopOptions, Task, Vlm};
 
 /// `max_new_tokens` of a job that leaves the length to the checkpoint's generation config
 /// (`max_new_tokens`, else `max_length`, else quire-vlm's default; see
@@ -40,6 +40,8 @@ pub struct EngineOptions {
     pub kv_cache_mb: Option<u64>,
     /// Sequences in flight at most.
     pub max_sequences: Option<usize>,
+    /// What decoding does with pages whose output loops (`--on-loop` and its limits).
+    pub loops: LoopOptions,
 }
 
 impl EngineOptions {
@@ -84,7 +86,8 @@ impl VlmGenerator {
     /// Loads the checkpoint at `dir` (already resolved to a local folder).
     pub fn load(spec: &str, dir: &std::path::Path, device: &str, dtype: &str, engine: EngineOptions) -> anyhow::Result<Self> {
         let opts = LoadOptions { device: parse_device(device)?, dtype: LoadOptions::parse_dtype(dtype)? };
-        let vlm = Vlm::load(dir, &opts).with_context(|| format!("loading model {spec}"))?;
+        let mut vlm = Vlm::load(dir, &opts).with_context(|| format!("loading model {spec}"))?;
+        vlm.set_loop_options(engine.loops)?;
         let engine = if engine.static_batches {
             Engine::Static(vlm)
         } else {
@@ -205,8 +208,14 @@ fn gen_output(g: quire_vlm::Generation) -> GenOutput {
         finish: match g.finish_reason {
             quire_vlm::FinishReason::Stop => FinishReason::Stop,
             quire_vlm::FinishReason::Length => FinishReason::Length,
+            quire_vlm::FinishReason::Loop => FinishReason::Loop,
         },
         device_ms: g.device_ms,
+        loop_info: g.loop_report.map(|l| quire_core::LoopInfo {
+            period: l.period as u32,
+            attempts: l.attempts.iter().map(|&n| n as u64).collect(),
+            tokens_saved: l.tokens_saved as u64,
+        }),
     }
 }
 

@@ -600,7 +600,7 @@ impl Worker {
             }
             Ok(Done::Records(records, unit)) => {
                 for r in &records {
-                    if r.error.is_some() {
+                    if r.failed() {
                         Progress::add(&p.pages_failed, 1);
                         tracing::debug!(source = %r.source, page = r.page, "error record: {:?}", r.error);
                     } else {

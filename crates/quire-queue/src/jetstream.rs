@@ -114,8 +114,12 @@ pub struct JetStreamOptions {
     pub events_prefix: String,
     /// Stream dedup window for task ids (see the module docs).
     pub duplicate_window: Duration,
-    /// Stream replicas (1 for a single server, 3 for a cluster).
-    pub replicas: usize,
+    /// Replicas of the streams and the worker consumer (and of the job bucket,
+    /// see [`crate::progress::JobProgress::open`]): `Some(n)` sets n (NATS
+    /// allows 1 to 5, more than 1 only on a cluster), `None` keeps what an
+    /// existing stream has and gives a new one 1, so a process started
+    /// without the setting (a `quire status` from a laptop) changes nothing.
+    pub replicas: Option<usize>,
     /// How long a single pull request waits on the server.
     pub poll: Duration,
     /// How long `pull` and the forwarder retry while the server is unreachable.
@@ -142,7 +146,7 @@ impl JetStreamOptions {
             advisory_stream: "QUIRE_ADVISORIES".into(),
             events_prefix: "quire.events".into(),
             duplicate_window: Duration::from_secs(2 * 3600),
-            replicas: 1,
+            replicas: None,
             poll: Duration::from_secs(5),
             retry_for: Duration::from_secs(120),
             set_delivery_rules: true,
@@ -165,6 +169,18 @@ pub fn subject_token(job: &str) -> String {
         out.push_str("=00");
     }
     out
+}
+
+/// The replicas a stream gets: `want`, or else what the stream has now (1
+/// when it does not exist yet).
+pub(crate) async fn stream_replicas(js: &jetstream::Context, name: &str, want: Option<usize>) -> usize {
+    match want {
+        Some(n) => n,
+        None => match js.get_stream(name).await {
+            Ok(s) => s.cached_info().config.num_replicas.max(1),
+            Err(_) => 1,
+        },
+    }
 }
 
 fn backend(what: &str, e: impl std::fmt::Display) -> QueueError {
@@ -245,13 +261,14 @@ impl JetStreamQueue {
         mut opts: JetStreamOptions,
     ) -> Result<Self, QueueError> {
         let js = jetstream::new(client.clone());
+        let work_replicas = stream_replicas(&js, &opts.stream, opts.replicas).await;
         let work_cfg = stream::Config {
             name: opts.stream.clone(),
             subjects: vec![format!("{}.>", opts.subject_prefix)],
             retention: RetentionPolicy::WorkQueue,
             storage: StorageType::File,
             duplicate_window: opts.duplicate_window,
-            num_replicas: opts.replicas,
+            num_replicas: work_replicas,
             allow_direct: true,
             description: Some("quire tasks, one subject per job".into()),
             ..Default::default()
@@ -265,7 +282,7 @@ impl JetStreamQueue {
             retention: RetentionPolicy::Limits,
             storage: StorageType::File,
             duplicate_window: opts.duplicate_window,
-            num_replicas: opts.replicas,
+            num_replicas: stream_replicas(&js, &opts.dead_stream, opts.replicas).await,
             allow_direct: true,
             description: Some("quire dead-lettered tasks, one subject per job".into()),
             ..Default::default()
@@ -278,7 +295,7 @@ impl JetStreamQueue {
             subjects: vec![advisory_subject(&opts)],
             retention: RetentionPolicy::WorkQueue,
             storage: StorageType::File,
-            num_replicas: opts.replicas,
+            num_replicas: stream_replicas(&js, &opts.advisory_stream, opts.replicas).await,
             description: Some("max-deliveries advisories of the quire worker consumer".into()),
             ..Default::default()
         };
@@ -298,7 +315,7 @@ impl JetStreamQueue {
             max_deliver: opts.queue.max_deliver as i64,
             deliver_policy: DeliverPolicy::All,
             max_ack_pending: -1,
-            num_replicas: opts.replicas,
+            num_replicas: work_replicas,
             ..Default::default()
         };
         let mut consumer = if opts.set_delivery_rules {
@@ -1246,6 +1263,23 @@ mod tests {
         let tok = NatsServer::start_with(&["--auth", "t0ken"]);
         let mut o = opts(&tok, 5000, 3);
         o.auth.token = Some("t0ken".into());
+        JetStreamQueue::connect(o).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn stream_replicas_are_asked_for_as_set() {
+        let server = NatsServer::start();
+        // A single server cannot hold 3 replicas: the setting reaches NATS and is refused there.
+        let mut o = opts(&server, 5000, 3);
+        o.replicas = Some(3);
+        let err = JetStreamQueue::connect(o.clone()).await.err().expect("3 replicas on one server");
+        assert!(err.to_string().contains(&format!("creating stream {}", o.stream)), "{err}");
+        o.replicas = Some(1);
+        let q = JetStreamQueue::connect(o.clone()).await.unwrap();
+        let mut work = q.inner.work.clone();
+        assert_eq!(work.info().await.unwrap().config.num_replicas, 1);
+        // Unset: the existing stream's replicas are kept.
+        o.replicas = None;
         JetStreamQueue::connect(o).await.unwrap();
     }
 

@@ -96,10 +96,19 @@ pub struct JobProgress {
 }
 
 impl JobProgress {
-    /// Opens the bucket, creating it when missing (`replicas` as for the
-    /// queue streams).
-    pub async fn open(client: &async_nats::Client, replicas: usize) -> Result<Self, QueueError> {
+    /// Opens the bucket, creating it when missing, with `replicas` as for
+    /// the queue streams ([`crate::jetstream::JetStreamOptions::replicas`]):
+    /// `Some(n)` also changes an existing bucket to n, `None` keeps its own.
+    pub async fn open(client: &async_nats::Client, replicas: Option<usize>) -> Result<Self, QueueError> {
         let js = jetstream::new(client.clone());
+        let stream = format!("KV_{BUCKET}");
+        if let (Some(n), Ok(mut s)) = (replicas, js.get_stream(&stream).await) {
+            let mut cfg = s.info().await.map_err(|e| backend("reading the quire-jobs bucket", e))?.config.clone();
+            if cfg.num_replicas != n {
+                cfg.num_replicas = n;
+                js.update_stream(cfg).await.map_err(|e| backend("changing the quire-jobs bucket's replicas", e))?;
+            }
+        }
         let kv = match js.get_key_value(BUCKET).await {
             Ok(kv) => kv,
             Err(_) => js
@@ -107,7 +116,7 @@ impl JobProgress {
                     bucket: BUCKET.into(),
                     description: "quire job settings and per-task outcomes".into(),
                     history: 1,
-                    num_replicas: replicas,
+                    num_replicas: crate::jetstream::stream_replicas(&js, &stream, replicas).await,
                     ..Default::default()
                 })
                 .await
@@ -206,7 +215,7 @@ mod tests {
     async fn records_meta_and_counts_task_states() {
         let server = NatsServer::start();
         let client = async_nats::connect(server.url()).await.unwrap();
-        let p = JobProgress::open(&client, 1).await.unwrap();
+        let p = JobProgress::open(&client, None).await.unwrap();
         assert_eq!(p.meta("my job").await.unwrap(), None);
         let meta = JobMeta {
             settings: JobSettings::new("my job"),
@@ -233,7 +242,12 @@ mod tests {
         );
         assert_eq!(c.settled(), 3);
         // Re-opening finds the same bucket.
-        let p2 = JobProgress::open(&client, 1).await.unwrap();
+        let p2 = JobProgress::open(&client, None).await.unwrap();
         assert_eq!(p2.counts("other").await.unwrap().done, 1);
+        // Replicas asked for reach the existing bucket: one server cannot hold 3.
+        let err = JobProgress::open(&client, Some(3)).await.err().expect("3 replicas on one server");
+        assert!(err.to_string().contains("replicas"), "{err}");
+        let p3 = JobProgress::open(&client, Some(1)).await.unwrap();
+        assert_eq!(p3.counts("other").await.unwrap().done, 1);
     }
 }

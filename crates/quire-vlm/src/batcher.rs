@@ -7,6 +7,10 @@
 //! Per step, at most [`BatcherOptions::prefill_per_step`] requests are admitted and at most
 //! [`BatcherOptions::prefill_tokens`] prompt positions are prefilled, so a long queue of new
 //! pages never stalls the pages already decoding for more than that much work.
+//!
+//! A sequence that loops (see [`crate::loops`]) leaves at once. Under [`OnLoop::Retry`] its
+//! prompt and image features, kept while it decodes, go back to the front of the queue with
+//! the retry's repetition penalty, and the page is answered after the second attempt.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{mpsc, Arc, Mutex};
@@ -15,7 +19,7 @@ use std::time::Instant;
 use candle_core::Tensor;
 
 use crate::engine::{Admission, KvBudget};
-use crate::{Generation, Prepared, Processor, Request, Vlm};
+use crate::{FinishReason, Generation, OnLoop, Prepared, Processor, Request, Vlm};
 
 #[derive(Clone, Copy, Debug)]
 pub struct BatcherOptions {
@@ -39,11 +43,14 @@ impl BatcherOptions {
 }
 
 /// A request whose prompt and image features are ready, waiting for room.
+#[derive(Clone)]
 struct Encoded {
     id: u64,
     ids: Vec<u32>,
     feats: Tensor,
     max_new: Option<usize>,
+    /// Repetition penalty of a retry after a loop.
+    penalty: Option<f64>,
 }
 
 /// A prepared request, or why it could not be prepared.
@@ -99,6 +106,10 @@ pub struct Batcher {
     opts: BatcherOptions,
     /// Busy milliseconds spent on each unanswered request so far (see `Generation::device_ms`).
     spent: HashMap<u64, f64>,
+    /// Under `--on-loop retry`: the inputs of the sequences in flight, for a second attempt.
+    retry_inputs: HashMap<u64, Encoded>,
+    /// First attempts that looped, waiting for their retry to finish.
+    first_attempts: HashMap<u64, Generation>,
 }
 
 /// The outcome of one request: its generation, or why it failed (that request only).
@@ -120,6 +131,8 @@ impl Batcher {
             ready: VecDeque::new(),
             opts,
             spent: HashMap::new(),
+            retry_inputs: HashMap::new(),
+            first_attempts: HashMap::new(),
         }
     }
 
@@ -276,8 +289,11 @@ impl Batcher {
                 Admission::Now => {
                     let e = self.ready.pop_front().expect("not empty");
                     admitted += 1;
+                    if e.penalty.is_none() && self.vlm.decoder_mut().loop_options().on_loop == OnLoop::Retry {
+                        self.retry_inputs.insert(e.id, e.clone());
+                    }
                     let t = Instant::now();
-                    let r = self.vlm.decoder_mut().begin(e.id, &e.ids, &e.feats, e.max_new);
+                    let r = self.vlm.decoder_mut().begin(e.id, &e.ids, &e.feats, e.max_new, e.penalty);
                     *self.spent.entry(e.id).or_default() += t.elapsed().as_secs_f64() * 1e3;
                     match r {
                         Ok(Some(g)) => out.push((e.id, Ok(g))),
@@ -308,6 +324,7 @@ impl Batcher {
                 }
             }
         }
+        let mut out = self.retry_loops(out);
         for (id, r) in &mut out {
             let ms = self.spent.remove(id).unwrap_or(0.0);
             if let Ok(g) = r {
@@ -315,6 +332,38 @@ impl Batcher {
             }
         }
         out
+    }
+
+    /// Under `--on-loop retry`: a first attempt that looped goes back to the front of the
+    /// queue with the retry's penalty instead of being answered; a retry is answered with the
+    /// better attempt (see [`Generation::after_retry`]). Returns what to answer now.
+    fn retry_loops(&mut self, out: Vec<Outcome>) -> Vec<Outcome> {
+        if self.retry_inputs.is_empty() && self.first_attempts.is_empty() {
+            return out;
+        }
+        let penalty = self.vlm.decoder_mut().loop_options().retry_penalty;
+        let mut answer = Vec::with_capacity(out.len());
+        for (id, r) in out {
+            let input = self.retry_inputs.remove(&id);
+            match r {
+                Ok(g) => {
+                    if let Some(first) = self.first_attempts.remove(&id) {
+                        answer.push((id, Ok(Generation::after_retry(first, g))));
+                    } else if let (Some(mut e), FinishReason::Loop) = (input, g.finish_reason) {
+                        e.penalty = Some(penalty);
+                        self.first_attempts.insert(id, g);
+                        self.ready.push_front(e);
+                    } else {
+                        answer.push((id, Ok(g)));
+                    }
+                }
+                Err(e) => {
+                    self.first_attempts.remove(&id);
+                    answer.push((id, Err(e)));
+                }
+            }
+        }
+        answer
     }
 
     /// Runs the vision encoder over `batch` together; when that fails, one by one, so a bad
@@ -340,7 +389,7 @@ impl Batcher {
         match encoded {
             Ok(enc) => {
                 for ((id, _, max_new), (ids, feats)) in ok.into_iter().zip(enc) {
-                    self.ready.push_back(Encoded { id, ids, feats, max_new });
+                    self.ready.push_back(Encoded { id, ids, feats, max_new, penalty: None });
                 }
             }
             Err(_) if ok.len() > 1 => {

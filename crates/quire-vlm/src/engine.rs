@@ -12,6 +12,7 @@ use candle_nn::VarBuilder;
 use crate::checkpoint::Checkpoint;
 use crate::config::TextConfig;
 use crate::generation::GenerationConfig;
+use crate::loops::{Found, LoopDetector, LoopOptions, LoopReport, Wildcards};
 use crate::prompt::{ChatTemplate, TextTokenizer};
 use crate::text_model::TextModel;
 use crate::{FinishReason, Generation};
@@ -139,6 +140,9 @@ pub struct Decoder {
     reserved: usize,
     /// The prompt being prefilled chunk by chunk, if any.
     filling: Option<Filling>,
+    /// Runaway generation: what to look for, and the ids that compare equal (`<loc_…>`).
+    loops: LoopOptions,
+    wildcards: Wildcards,
 }
 
 /// A prompt whose prefill runs in chunks between decode steps; its keys and values so far
@@ -153,6 +157,8 @@ struct Filling {
     budget: usize,
     /// Positions reserved: prompt + budget.
     need: usize,
+    /// The generation config with another repetition penalty (a retry after a loop).
+    generation: Option<Arc<GenerationConfig>>,
 }
 
 /// What continuous batching may hold at once.
@@ -172,6 +178,24 @@ struct Live {
     seq: Vec<u32>,
     budget: usize,
     reserved: usize,
+    /// Per-sequence generation config (a retry's repetition penalty); `None`: the checkpoint's.
+    generation: Option<Arc<GenerationConfig>>,
+    loops: Option<LoopDetector>,
+    /// The loop that ended it.
+    found: Option<Found>,
+}
+
+impl Live {
+    fn new(id: u64, seq: Vec<u32>, budget: usize, reserved: usize, generation: Option<Arc<GenerationConfig>>, loops: &LoopOptions) -> Live {
+        let prompt_len = seq.len();
+        let loops = loops.enabled().then(|| LoopDetector::new(loops));
+        Live { id, prompt_len, seq, budget, reserved, generation, loops, found: None }
+    }
+
+    /// Holds a slot's place while its sequence is taken out for a moment.
+    fn placeholder() -> Live {
+        Live { id: 0, prompt_len: 0, seq: Vec::new(), budget: 0, reserved: 0, generation: None, loops: None, found: None }
+    }
 }
 
 /// Whether a prompt can join the sequences in flight now.
@@ -196,6 +220,7 @@ impl Decoder {
         dtype: DType,
     ) -> Result<Decoder> {
         let tokenizer = Arc::new(TextTokenizer::load(&ck.dir, &ck.tokenizer_config)?);
+        let tokenizer_loc_ids = tokenizer.loc_token_ids();
         let template = match &ck.chat_template {
             Some(t) => Some(Arc::new(ChatTemplate::new(t, &ck.tokenizer_config)?)),
             None => None,
@@ -230,11 +255,34 @@ impl Decoder {
             kv_budget: KvBudget { bytes: 1 << 30, max_sequences: 8 },
             reserved: 0,
             filling: None,
+            loops: LoopOptions::default(),
+            wildcards: Wildcards::new(tokenizer_loc_ids),
         })
     }
 
     pub fn generation_config(&self) -> &GenerationConfig {
         &self.generation
+    }
+
+    /// Sets what the decoder does with sequences that loop (see [`crate::loops`]).
+    pub fn set_loop_options(&mut self, opts: LoopOptions) -> Result<()> {
+        opts.validate()?;
+        self.loops = opts;
+        Ok(())
+    }
+
+    pub fn loop_options(&self) -> LoopOptions {
+        self.loops
+    }
+
+    /// The ids that compare equal in loop detection (a DocTags model's `<loc_…>` tokens).
+    pub fn loop_wildcards(&self) -> &Wildcards {
+        &self.wildcards
+    }
+
+    /// The checkpoint's generation config with a retry's repetition penalty.
+    fn with_penalty(&self, penalty: Option<f64>) -> Option<Arc<GenerationConfig>> {
+        penalty.map(|p| Arc::new(GenerationConfig { repetition_penalty: p, ..self.generation.clone() }))
     }
 
     /// Tokenizer and chat template, for preparing requests on other threads.
@@ -317,6 +365,18 @@ impl Decoder {
     /// [`crate::generation`]) of prompts `ids` whose `<image>` tokens take `feats`; each row
     /// yields exactly the tokens of a run on its own. `max_new`: per-request length limits.
     pub fn generate(&mut self, ids: &[Vec<u32>], feats: &[Tensor], max_new: &[Option<usize>]) -> Result<Vec<Generation>> {
+        self.generate_with(ids, feats, max_new, None)
+    }
+
+    /// [`Self::generate`] with `penalty` in place of the generation config's repetition
+    /// penalty when given (the retry of pages that looped).
+    pub fn generate_with(
+        &mut self,
+        ids: &[Vec<u32>],
+        feats: &[Tensor],
+        max_new: &[Option<usize>],
+        penalty: Option<f64>,
+    ) -> Result<Vec<Generation>> {
         if ids.is_empty() {
             return Ok(vec![]);
         }
@@ -330,14 +390,19 @@ impl Decoder {
         let mut seqs: Vec<Vec<u32>> = ids.to_vec();
         let mut done: Vec<Option<FinishReason>> =
             budgets.iter().map(|&n| if n == 0 { Some(FinishReason::Length) } else { None }).collect();
+        let generation = self.with_penalty(penalty);
+        let mut detectors: Vec<Option<LoopDetector>> =
+            ids.iter().map(|_| self.loops.enabled().then(|| LoopDetector::new(&self.loops))).collect();
+        let mut found: Vec<Option<Found>> = vec![None; b];
         if budget > 0 {
             self.text.set_cache_capacity(max_len + budget);
             let mut logits = self.prefill(ids, feats)?;
             let mut step = 0;
+            let config = generation.as_deref().unwrap_or(&self.generation);
             loop {
-                let rows = self.greedy(&logits, |i, row| {
+                let rows = self.greedy(&logits, config.processes_scores(), |i, row| {
                     if done[i].is_none() {
-                        self.generation.process(&seqs[i], ids[i].len(), budgets[i], row);
+                        config.process(&seqs[i], ids[i].len(), budgets[i], row);
                     }
                 })?;
                 let mut next = Vec::with_capacity(b);
@@ -348,8 +413,12 @@ impl Decoder {
                     }
                     let prompt_len = ids[i].len();
                     seqs[i].push(tok);
+                    let looped = detectors[i].as_mut().and_then(|d| d.push(&seqs[i][prompt_len..], &self.wildcards));
                     if self.generation.eos_token_ids.contains(&tok) {
                         done[i] = Some(FinishReason::Stop);
+                    } else if looped.is_some() {
+                        found[i] = looped;
+                        done[i] = Some(FinishReason::Loop);
                     } else if seqs[i].len() - prompt_len >= budgets[i] {
                         done[i] = Some(FinishReason::Length);
                     }
@@ -381,16 +450,10 @@ impl Decoder {
         ids.iter()
             .zip(seqs)
             .zip(done)
-            .map(|((p, mut seq), d)| {
+            .zip(found.into_iter().zip(budgets))
+            .map(|(((p, mut seq), d), (f, budget))| {
                 let new = seq.split_off(p.len());
-                Ok(Generation {
-                    text: self.tokenizer.decode(&new)?,
-                    tokens_in: p.len(),
-                    tokens_out: new.len(),
-                    token_ids: new,
-                    finish_reason: d.unwrap_or(FinishReason::Length),
-                    device_ms: 0.0,
-                })
+                self.finished(p.len(), new, d.unwrap_or(FinishReason::Length), f, budget)
             })
             .collect()
     }
@@ -468,7 +531,7 @@ impl Decoder {
     /// Returns the generation when it is already over (EOS first, or a budget of 0 or 1),
     /// else `None`: the sequence is in flight under `id`.
     pub fn admit(&mut self, id: u64, ids: &[u32], feats: &Tensor, max_new: Option<usize>) -> Result<Option<Generation>> {
-        if let Some(g) = self.begin(id, ids, feats, max_new)? {
+        if let Some(g) = self.begin(id, ids, feats, max_new, None)? {
             return Ok(Some(g));
         }
         match self.fill(usize::MAX) {
@@ -484,19 +547,28 @@ impl Decoder {
     /// Starts the prefill of prompt `ids` (whose `<image>` tokens take `feats`): its KV cache
     /// is reserved now, and [`Self::fill`] runs it chunk by chunk between decode steps. One
     /// prompt is filled at a time. Returns the generation when it is over before it starts
-    /// (a budget of 0). The caller checks [`Self::admission`] first; this does not.
-    pub fn begin(&mut self, id: u64, ids: &[u32], feats: &Tensor, max_new: Option<usize>) -> Result<Option<Generation>> {
+    /// (a budget of 0). The caller checks [`Self::admission`] first; this does not. `penalty`
+    /// replaces the generation config's repetition penalty for this sequence (a retry).
+    pub fn begin(
+        &mut self,
+        id: u64,
+        ids: &[u32],
+        feats: &Tensor,
+        max_new: Option<usize>,
+        penalty: Option<f64>,
+    ) -> Result<Option<Generation>> {
         if self.filling.is_some() {
             bail!("a prefill is under way already");
         }
         let budget = self.budget_for(ids.len(), max_new);
         if budget == 0 {
-            return Ok(Some(self.finished(ids.len(), Vec::new(), FinishReason::Length)?));
+            return Ok(Some(self.finished(ids.len(), Vec::new(), FinishReason::Length, None, 0)?));
         }
         let embeds = self.merged_embeddings(ids, feats)?.unsqueeze(0)?;
         let need = ids.len() + budget;
         self.reserved += need;
-        self.filling = Some(Filling { id, ids: ids.to_vec(), embeds, done: 0, budget, need });
+        let generation = self.with_penalty(penalty);
+        self.filling = Some(Filling { id, ids: ids.to_vec(), embeds, done: 0, budget, need, generation });
         Ok(None)
     }
 
@@ -549,8 +621,9 @@ impl Decoder {
             self.reserved -= f.need;
             return Err(e.into());
         }
-        let mut live = Live { id: f.id, prompt_len: l, seq: f.ids, budget: f.budget, reserved: f.need };
-        let tok = match self.greedy(&logits, |_, row| self.generation.process(&live.seq, l, live.budget, row)) {
+        let mut live = Live::new(f.id, f.ids, f.budget, f.need, f.generation, &self.loops);
+        let config = live.generation.as_deref().unwrap_or(&self.generation);
+        let tok = match self.greedy(&logits, config.processes_scores(), |_, row| config.process(&live.seq, l, live.budget, row)) {
             Ok(t) => t[0],
             Err(e) => {
                 self.reserved -= f.need;
@@ -561,7 +634,7 @@ impl Decoder {
             Some(reason) => {
                 self.reserved -= live.reserved;
                 let new = live.seq.split_off(l);
-                Ok(Some((f.id, Some(self.finished(l, new, reason)?))))
+                Ok(Some((f.id, Some(self.finished(l, new, reason, live.found, live.budget)?))))
             }
             None => {
                 self.live.push(live);
@@ -613,13 +686,15 @@ impl Decoder {
         let st = crate::text_model::SlotStep { lens: &lens, index: &index, mask: mask.as_ref(), window: self.sliding_window };
         let embeds = self.text.embed(&tokens.reshape((b, 1))?)?;
         let logits = self.text.forward_slots(&embeds, &lens_t, &st)?;
-        let toks = self.greedy(&logits, |i, row| {
+        let processes = self.generation.processes_scores()
+            || self.live.iter().any(|s| s.generation.as_ref().is_some_and(|g| g.processes_scores()));
+        let toks = self.greedy(&logits, processes, |i, row| {
             let s = &self.live[i];
-            self.generation.process(&s.seq, s.prompt_len, s.budget, row)
+            s.generation.as_deref().unwrap_or(&self.generation).process(&s.seq, s.prompt_len, s.budget, row)
         })?;
         let mut done = Vec::new();
         for (i, tok) in toks.into_iter().enumerate() {
-            let mut live = std::mem::replace(&mut self.live[i], Live { id: 0, prompt_len: 0, seq: Vec::new(), budget: 0, reserved: 0 });
+            let mut live = std::mem::replace(&mut self.live[i], Live::placeholder());
             if let Some(reason) = self.advance(&mut live, tok) {
                 done.push((i, reason));
             }
@@ -636,7 +711,7 @@ impl Decoder {
             let mut live = self.live.swap_remove(i);
             self.reserved -= live.reserved;
             let new = live.seq.split_off(live.prompt_len);
-            out.push((live.id, self.finished(live.prompt_len, new, reason)?));
+            out.push((live.id, self.finished(live.prompt_len, new, reason, live.found, live.budget)?));
         }
         out.reverse();
         Ok(out)
@@ -649,11 +724,16 @@ impl Decoder {
         std::mem::take(&mut self.live).into_iter().map(|s| s.id).chain(filling).collect()
     }
 
-    /// Appends the chosen token `tok` to `live`; the finish reason when it ends the sequence.
+    /// Appends the chosen token `tok` to `live`; the finish reason when it ends the sequence
+    /// (an EOS id, a loop, or the budget reached, in that order).
     fn advance(&self, live: &mut Live, tok: u32) -> Option<FinishReason> {
         live.seq.push(tok);
+        let looped = live.loops.as_mut().and_then(|d| d.push(&live.seq[live.prompt_len..], &self.wildcards));
         if self.generation.eos_token_ids.contains(&tok) {
             Some(FinishReason::Stop)
+        } else if looped.is_some() {
+            live.found = looped;
+            Some(FinishReason::Loop)
         } else if live.seq.len() - live.prompt_len >= live.budget {
             Some(FinishReason::Length)
         } else {
@@ -662,15 +742,14 @@ impl Decoder {
     }
 
     /// The greedy next token of every row of `logits` (b, vocab). With processors in the
-    /// generation config, rows come to the host and `process(row index, row)` runs first;
+    /// generation config (`processes`), rows come to the host and `process(row index, row)` runs first;
     /// without, on a GPU the argmax runs there and only the ids come back (a copy of the
     /// whole logits per step would cost more than the step; an exact tie may then resolve
     /// to another index than `torch.argmax`'s first).
-    fn greedy(&self, logits: &Tensor, mut process: impl FnMut(usize, &mut [f32])) -> Result<Vec<u32>> {
-        if !self.generation.processes_scores() && !self.device.is_cpu() {
+    fn greedy(&self, logits: &Tensor, processes: bool, mut process: impl FnMut(usize, &mut [f32])) -> Result<Vec<u32>> {
+        if !processes && !self.device.is_cpu() {
             return Ok(logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?);
         }
-        let processes = self.generation.processes_scores();
         let mut rows: Vec<Vec<f32>> = logits.to_vec2()?;
         Ok(rows
             .iter_mut()
@@ -684,8 +763,16 @@ impl Decoder {
             .collect())
     }
 
-    fn finished(&self, prompt_len: usize, new: Vec<u32>, reason: FinishReason) -> Result<Generation> {
+    /// The generation of a sequence that ended: a loop's repeated tail is cut to one period,
+    /// and the loop reported with what the sequence generated of its `budget`.
+    fn finished(&self, prompt_len: usize, mut new: Vec<u32>, reason: FinishReason, found: Option<Found>, budget: usize) -> Result<Generation> {
+        let loop_report = found.map(|f| {
+            let generated = new.len();
+            new.truncate(f.keep);
+            LoopReport { period: f.period, attempts: vec![generated], tokens_saved: budget.saturating_sub(generated), looped: true }
+        });
         Ok(Generation {
+            loop_report,
             text: self.tokenizer.decode(&new)?,
             tokens_in: prompt_len,
             tokens_out: new.len(),

@@ -21,6 +21,7 @@ pub mod generation;
 pub mod idefics2;
 pub mod idefics3;
 pub mod kernels;
+pub mod loops;
 pub mod par;
 pub mod pil;
 pub mod prompt;
@@ -46,6 +47,7 @@ pub fn device_free_memory(device: &Device) -> Option<u64> {
 
 pub use checkpoint::{resolve_model_dir, Checkpoint};
 pub use generation::{GenerationConfig, DEFAULT_MAX_NEW_TOKENS};
+pub use loops::{LoopOptions, LoopReport, OnLoop};
 
 /// Where and in which precision to run the model.
 #[derive(Clone, Debug)]
@@ -145,6 +147,9 @@ pub enum FinishReason {
     Stop,
     /// The length limit was reached (`max_new_tokens` or the generation config's default).
     Length,
+    /// The newest tokens repeated one period past the loop limits (see [`loops`]); the
+    /// repeated tail is cut to one period.
+    Loop,
 }
 
 #[derive(Clone, Debug)]
@@ -160,6 +165,36 @@ pub struct Generation {
     /// the batch's requests, or under continuous batching its encoding and prefill plus
     /// each decode step's time divided by that step's sequences.
     pub device_ms: f64,
+    /// Set when a loop was found in this page's decoding (also when a retry then ended
+    /// without one).
+    pub loop_report: Option<LoopReport>,
+}
+
+impl Generation {
+    /// The page's result after a retry: `second` (decoded with a repetition penalty because
+    /// `first` looped) when it did not loop or kept fewer tokens, else `first`; the report
+    /// lists both attempts.
+    pub fn after_retry(first: Generation, second: Generation) -> Generation {
+        let first_report = first.loop_report.clone().unwrap_or_else(|| LoopReport {
+            period: 0,
+            attempts: vec![first.tokens_out],
+            tokens_saved: 0,
+            looped: false,
+        });
+        let second_attempt = second.loop_report.as_ref().map_or(second.tokens_out, |r| r.attempts[0]);
+        let second_saved = second.loop_report.as_ref().map_or(0, |r| r.tokens_saved);
+        let keep_second = second.finish_reason != FinishReason::Loop || second.tokens_out < first.tokens_out;
+        let mut kept = if keep_second { second } else { first };
+        let looped = kept.finish_reason == FinishReason::Loop;
+        let period = kept.loop_report.as_ref().map_or(first_report.period, |r| r.period);
+        kept.loop_report = Some(LoopReport {
+            period,
+            attempts: vec![first_report.attempts[0], second_attempt],
+            tokens_saved: first_report.tokens_saved + second_saved,
+            looped,
+        });
+        kept
+    }
 }
 
 /// A model's host-side processing (resize, tile, normalise, prompt, tokenize), apart from
@@ -271,6 +306,11 @@ impl Vlm {
         }
     }
 
+    /// Sets what decoding does with pages that loop (see [`loops`]); refuses settings that cannot work.
+    pub fn set_loop_options(&mut self, opts: LoopOptions) -> Result<()> {
+        self.decoder_mut().set_loop_options(opts)
+    }
+
     /// The checkpoint's generation settings (`generation_config.json`), as `generate` applies them.
     pub fn generation_config(&self) -> &GenerationConfig {
         match &self.model {
@@ -288,6 +328,18 @@ impl Vlm {
         let (ids, feats): (Vec<_>, Vec<_>) = self.encode(reqs)?.into_iter().unzip();
         let max_new: Vec<Option<usize>> = reqs.iter().map(|r| r.max_new_tokens).collect();
         let mut out = self.decoder_mut().generate(&ids, &feats, &max_new)?;
+        let loops = self.decoder_mut().loop_options();
+        let again: Vec<usize> = (0..out.len()).filter(|&i| out[i].finish_reason == FinishReason::Loop).collect();
+        if loops.on_loop == OnLoop::Retry && !again.is_empty() {
+            fn pick<T: Clone>(v: &[T], at: &[usize]) -> Vec<T> {
+                at.iter().map(|&i| v[i].clone()).collect()
+            }
+            let (ids2, feats2, max_new2) = (pick(&ids, &again), pick(&feats, &again), pick(&max_new, &again));
+            let second = self.decoder_mut().generate_with(&ids2, &feats2, &max_new2, Some(loops.retry_penalty))?;
+            for (&i, g) in again.iter().zip(second) {
+                out[i] = Generation::after_retry(out[i].clone(), g);
+            }
+        }
         let share = t.elapsed().as_secs_f64() * 1e3 / out.len().max(1) as f64;
         for g in &mut out {
             g.device_ms = share;
@@ -365,5 +417,40 @@ mod tests {
     #[test]
     fn vlm_is_send() {
         assert_send::<super::Vlm>();
+    }
+
+    fn generation(tokens: usize, looped: Option<(usize, usize)>) -> super::Generation {
+        super::Generation {
+            text: String::new(),
+            token_ids: vec![7; tokens],
+            tokens_in: 3,
+            tokens_out: tokens,
+            finish_reason: if looped.is_some() { super::FinishReason::Loop } else { super::FinishReason::Stop },
+            device_ms: 0.0,
+            loop_report: looped.map(|(generated, saved)| super::LoopReport {
+                period: 5,
+                attempts: vec![generated],
+                tokens_saved: saved,
+                looped: true,
+            }),
+        }
+    }
+
+    #[test]
+    fn a_retry_without_a_loop_wins_else_the_attempt_keeping_fewer_tokens() {
+        use super::{FinishReason, Generation};
+        // the retry did not loop: kept, whatever its length; both attempts reported
+        let g = Generation::after_retry(generation(40, Some((300, 700))), generation(90, None));
+        assert_eq!((g.tokens_out, g.finish_reason), (90, FinishReason::Stop));
+        let r = g.loop_report.unwrap();
+        assert_eq!((r.attempts, r.tokens_saved, r.looped, r.period), (vec![300, 90], 700, false, 5));
+        // both looped: the one keeping fewer tokens
+        let g = Generation::after_retry(generation(40, Some((300, 700))), generation(25, Some((280, 720))));
+        assert_eq!(g.tokens_out, 25);
+        assert_eq!(g.loop_report.unwrap().attempts, vec![300, 280]);
+        let g = Generation::after_retry(generation(40, Some((300, 700))), generation(60, Some((320, 680))));
+        assert_eq!((g.tokens_out, g.finish_reason), (40, FinishReason::Loop));
+        let r = g.loop_report.unwrap();
+        assert_eq!((r.attempts, r.tokens_saved, r.looped), (vec![300, 320], 1380, true));
     }
 }

@@ -120,6 +120,19 @@ impl TextTokenizer {
         self.inner.token_to_id(token)
     }
 
+    /// Ids of the DocTags location tokens (`<loc_0>`, `<loc_1>`, …) in the vocabulary, added
+    /// tokens included; empty for other models.
+    pub fn loc_token_ids(&self) -> Vec<u32> {
+        let is_loc = |t: &str| {
+            t.strip_prefix("<loc_")
+                .and_then(|r| r.strip_suffix('>'))
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        };
+        let mut ids: Vec<u32> = self.inner.get_vocab(true).into_iter().filter(|(t, _)| is_loc(t)).map(|(_, id)| id).collect();
+        ids.sort_unstable();
+        ids
+    }
+
     /// Decodes with special tokens skipped; a DocTags model keeps its DocTags tokens.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         let s = match &self.doctags_control {

@@ -713,3 +713,240 @@ fn continuous_batching_in_f16_gives_the_tokens_of_each_page_alone() {
         }
     }
 }
+
+// ---- Runaway generation ----------------------------------------------------------------------
+//
+// `idefics2/nosplit_window_old/loops_reference.json` (tests/gen_idefics2.py loops): with its
+// 12-token sliding window that checkpoint's greedy output settles into a repeated period on
+// some pages (as runaway pages of real models do) and ends with EOS on others. The reference
+// holds transformers' tokens up to `max_new_tokens` (480) on every (image, prompt) pair, where
+// quire's rule first holds in them, computed in the generator by a Python copy of the rule
+// (`loops["128"|"256"]`: found_at, period, start, keep), and for looping pages the tokens of
+// `generate(repetition_penalty=retry_penalty)`. DocTags location tokens: see the unit tests
+// of `quire_vlm::loops`.
+
+mod runaway {
+    use super::*;
+    use quire_vlm::batcher::{Batcher, BatcherOptions};
+    use quire_vlm::engine::KvBudget;
+    use quire_vlm::loops::{LoopOptions, OnLoop};
+    use quire_vlm::Generation;
+
+    fn fixture(opts: LoopOptions) -> (Vlm, Value) {
+        let dir = idefics2_dir().join("nosplit_window_old");
+        let mut vlm = Vlm::load(&dir, &f32_options()).unwrap_or_else(|e| panic!("loading nosplit_window_old: {e:#}"));
+        vlm.set_loop_options(opts).unwrap();
+        let meta: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("loops_reference.json")).unwrap()).unwrap();
+        (vlm, meta)
+    }
+
+    fn max_new(meta: &Value) -> usize {
+        meta["max_new_tokens"].as_u64().unwrap() as usize
+    }
+
+    /// The loop the generator found in a case under `min_tokens` (None: no loop).
+    fn hit(case: &Value, min_tokens: usize, prefix: &str) -> Option<(usize, usize, usize, usize)> {
+        let h = &case[format!("{prefix}loops")][min_tokens.to_string()];
+        (!h.is_null()).then(|| {
+            let g = |k: &str| h[k].as_u64().unwrap() as usize;
+            (g("found_at"), g("period"), g("start"), g("keep"))
+        })
+    }
+
+    fn with_min(min_tokens: usize) -> LoopOptions {
+        LoopOptions { min_tokens, ..LoopOptions::default() }
+    }
+
+    /// Every request through continuous batching (two in flight), answers by index.
+    fn continuous(vlm: Vlm, reqs: Vec<Request>) -> (Vec<Generation>, Vlm) {
+        let kv = KvBudget { bytes: 1 << 30, max_sequences: 2 };
+        let mut b = Batcher::new(vlm, BatcherOptions { kv, prefill_per_step: 1, prefill_tokens: 0, prep_threads: 0 });
+        let n = reqs.len();
+        for (i, r) in reqs.into_iter().enumerate() {
+            b.submit(i as u64, r);
+        }
+        let mut got: Vec<Option<Generation>> = vec![None; n];
+        let mut steps = 0;
+        while b.outstanding() > 0 {
+            for (id, g) in b.step() {
+                got[id as usize] = Some(g.unwrap_or_else(|e| panic!("request {id}: {e}")));
+            }
+            steps += 1;
+            assert!(steps < 20_000, "the batcher made no progress");
+        }
+        assert_eq!(b.kv_usage().0, 0, "every slot given back");
+        (got.into_iter().map(Option::unwrap).collect(), b.into_inner())
+    }
+
+    fn looping_cases(meta: &Value, min_tokens: usize) -> Vec<&Value> {
+        cases(meta).iter().filter(|c| hit(c, min_tokens, "").is_some()).collect()
+    }
+
+    /// transformers' own output shows the loop: it runs to the token limit repeating the
+    /// period from where the generator says it starts, after a prefix longer than the
+    /// longest period looked for; other pages end by themselves.
+    #[test]
+    fn the_fixture_loops_late_in_transformers_on_some_pages_only() {
+        let (_, meta) = fixture(LoopOptions::default());
+        let n = max_new(&meta);
+        let mut starts = Vec::new();
+        for case in cases(&meta) {
+            let ids = u32s(&case["new_tokens"]);
+            if let Some((_, period, start, _)) = hit(case, 256, "") {
+                assert_eq!(ids.len(), n, "a looping page runs to the limit in transformers");
+                assert!((start + period..n).all(|i| ids[i] == ids[i - period]), "{}: periodic to the end", case["image"]);
+                starts.push(start);
+            }
+        }
+        assert!(starts.len() >= 2, "looping pages: {starts:?}");
+        assert!(starts.iter().all(|&s| s > 64), "loops that start late: {starts:?}");
+        assert!(starts.len() < cases(&meta).len(), "a page that does not loop");
+    }
+
+    /// `stop` (the default): a looping page ends exactly `min_tokens` tokens after its loop
+    /// starts, with transformers' tokens up to the end of the first period; the others keep
+    /// every token. Static batches and continuous batching alike; for both limits the
+    /// generator computed.
+    #[test]
+    fn a_looping_page_stops_min_tokens_after_the_loop_starts_and_keeps_one_period() {
+        if skip_unless_f32("a_looping_page_stops_min_tokens_after_the_loop_starts_and_keeps_one_period") {
+            return;
+        }
+        for min_tokens in [256, 128] {
+            let (mut vlm, meta) = fixture(with_min(min_tokens));
+            let n = max_new(&meta);
+            let reqs: Vec<Request> = cases(&meta).iter().map(|c| request(c, n)).collect();
+            let alone: Vec<Generation> = reqs.iter().map(|r| vlm.generate(std::slice::from_ref(r)).unwrap().remove(0)).collect();
+            let batched = vlm.generate(&reqs).unwrap();
+            let (cont, _) = continuous(vlm, reqs);
+            for (i, case) in cases(&meta).iter().enumerate() {
+                let want = u32s(&case["new_tokens"]);
+                let label = format!("{} / {} (min_tokens {min_tokens})", case["image"], case["prompt"]);
+                for (how, g) in [("alone", &alone[i]), ("static batch", &batched[i]), ("continuous", &cont[i])] {
+                    match hit(case, min_tokens, "") {
+                        Some((found_at, period, start, keep)) => {
+                            assert_eq!(found_at - start, min_tokens, "{label}: the rule holds min_tokens after the start");
+                            assert_eq!(g.finish_reason, FinishReason::Loop, "{label} {how}");
+                            assert_eq!(g.token_ids, want[..keep].to_vec(), "{label} {how}: one period kept");
+                            assert_eq!(g.tokens_out, start + period);
+                            let r = g.loop_report.as_ref().expect("a loop report");
+                            assert_eq!((r.period, r.attempts.clone(), r.tokens_saved), (period, vec![found_at], n - found_at), "{label} {how}");
+                        }
+                        None => {
+                            assert_eq!(g.token_ids, want, "{label} {how}: untouched");
+                            assert!(g.loop_report.is_none());
+                            assert_ne!(g.finish_reason, FinishReason::Loop);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// `off`: every page runs to the limit exactly as in transformers.
+    #[test]
+    fn off_leaves_looping_pages_to_the_token_limit() {
+        if skip_unless_f32("off_leaves_looping_pages_to_the_token_limit") {
+            return;
+        }
+        let (mut vlm, meta) = fixture(LoopOptions { on_loop: OnLoop::Off, ..LoopOptions::default() });
+        let n = max_new(&meta);
+        let case = looping_cases(&meta, 256)[0];
+        let g = vlm.generate(&[request(case, n)]).unwrap().remove(0);
+        assert_eq!(g.token_ids, u32s(&case["new_tokens"]));
+        assert_eq!((g.finish_reason, g.loop_report.is_none()), (FinishReason::Length, true));
+    }
+
+    /// One looping and one normal page decode side by side: under continuous batching the
+    /// normal page joins a few steps before the loop is caught, so the looping sequence leaves
+    /// its slot while the normal one decodes (and the normal one's cache moves into it); and
+    /// in one static batch. The normal page's tokens are transformers' tokens, every one.
+    #[test]
+    fn a_loop_next_to_a_normal_page_leaves_the_normal_page_exact() {
+        if skip_unless_f32("a_loop_next_to_a_normal_page_leaves_the_normal_page_exact") {
+            return;
+        }
+        let (mut vlm, meta) = fixture(LoopOptions::default());
+        let n = max_new(&meta);
+        let looping = looping_cases(&meta, 256)[0];
+        let (found_at, ..) = hit(looping, 256, "").unwrap();
+        let normal = cases(&meta)
+            .iter()
+            .filter(|c| hit(c, 256, "").is_none())
+            .max_by_key(|c| c["new_tokens"].as_array().unwrap().len())
+            .expect("a normal page");
+        let want = u32s(&normal["new_tokens"]);
+        assert!(want.len() > 6 && want.len() < n, "the normal page ends by itself");
+        let batched = vlm.generate(&[request(looping, n), request(normal, n)]).unwrap();
+        assert_eq!(batched[0].finish_reason, FinishReason::Loop);
+        assert_eq!(batched[1].token_ids, want, "static batch: the normal page");
+
+        let kv = KvBudget { bytes: 1 << 30, max_sequences: 2 };
+        let mut b = Batcher::new(vlm, BatcherOptions { kv, prefill_per_step: 1, prefill_tokens: 0, prep_threads: 0 });
+        b.submit(0, request(looping, n));
+        let mut order = Vec::new();
+        let mut got = std::collections::HashMap::new();
+        let mut steps = 0;
+        while b.outstanding() > 0 {
+            if steps == found_at - 4 {
+                b.submit(1, request(normal, n));
+            }
+            for (id, g) in b.step() {
+                let g = g.unwrap();
+                if id == 0 {
+                    assert_eq!(b.in_flight(), 1, "the normal page is decoding when the loop leaves");
+                }
+                order.push(id);
+                got.insert(id, g);
+            }
+            steps += 1;
+            assert!(steps < 5_000);
+        }
+        assert_eq!(order, vec![0, 1], "the looping page left first");
+        assert_eq!(got[&0].finish_reason, FinishReason::Loop);
+        assert_eq!(got[&0].loop_report.as_ref().unwrap().attempts, vec![found_at]);
+        assert_eq!(got[&1].token_ids, want, "continuous: the normal page");
+    }
+
+    /// `retry`: a looping page is decoded once more with the retry penalty, token-exact against
+    /// transformers' `repetition_penalty` run, and the better attempt kept (one that does not
+    /// loop, else the shorter); the report gives both attempts' token counts.
+    #[test]
+    fn retry_decodes_a_looping_page_again_with_the_penalty_and_keeps_the_better() {
+        if skip_unless_f32("retry_decodes_a_looping_page_again_with_the_penalty_and_keeps_the_better") {
+            return;
+        }
+        let (_, meta) = fixture(LoopOptions::default());
+        let opts = LoopOptions {
+            on_loop: OnLoop::Retry,
+            retry_penalty: meta["retry_penalty"].as_f64().unwrap(),
+            ..LoopOptions::default()
+        };
+        let (mut vlm, _) = fixture(opts);
+        let n = max_new(&meta);
+        let reqs: Vec<Request> = cases(&meta).iter().map(|c| request(c, n)).collect();
+        let batched = vlm.generate(&reqs).unwrap();
+        let (cont, _) = continuous(vlm, reqs);
+        for (i, case) in cases(&meta).iter().enumerate() {
+            let label = format!("{} / {}", case["image"], case["prompt"]);
+            let Some((found_at, _, _, keep)) = hit(case, 256, "") else {
+                assert!(batched[i].loop_report.is_none() && cont[i].loop_report.is_none(), "{label}: no retry");
+                continue;
+            };
+            let first = u32s(&case["new_tokens"])[..keep].to_vec();
+            let retry = u32s(&case["retry_new_tokens"]);
+            let (want, attempt2, looped) = match hit(case, 256, "retry_") {
+                None => (retry.clone(), retry.len(), false),
+                Some((f2, _, _, k2)) if k2 < keep => (retry[..k2].to_vec(), f2, true),
+                Some((f2, ..)) => (first.clone(), f2, true),
+            };
+            for (how, g) in [("static batch", &batched[i]), ("continuous", &cont[i])] {
+                assert_eq!(g.token_ids, want, "{label} {how}");
+                assert_eq!(g.finish_reason == FinishReason::Loop, looped, "{label} {how}");
+                let r = g.loop_report.as_ref().expect("a loop report");
+                assert_eq!(r.attempts, vec![found_at, attempt2], "{label} {how}");
+                assert_eq!(r.looped, looped);
+            }
+        }
+    }
+}

@@ -37,6 +37,9 @@ pub enum Command {
     Worker(WorkerArgs),
     /// How far a distributed job has come.
     Status(StatusArgs),
+    /// Check that NATS JetStream and the output store answer with the credentials given, as a
+    /// worker reaches them (exit 0; 2 with the reason when one does not), e.g. in `helm test`.
+    Check(CheckArgs),
     /// Convert DocTags (SmolDocling / Granite-Docling output) to Markdown, or to layout blocks with --json.
     #[command(after_help = DOCTAGS_EXAMPLES)]
     Doctags(DoctagsArgs),
@@ -195,6 +198,39 @@ pub struct ModelOpts {
     /// Model weights' dtype.
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: DtypeArg,
+    /// A page whose output loops (the newest tokens repeat a period of at most
+    /// --loop-max-period tokens over at least --loop-min-tokens): `stop` ends it at once, keeps
+    /// the text up to one period and marks its record (`finish_reason` and `error.kind`
+    /// `loop`); `retry` then decodes it once more with --loop-retry-penalty and keeps the
+    /// better result; `off` lets it run to --max-new-tokens.
+    #[arg(long, value_enum, default_value = "stop", env = "QUIRE_ON_LOOP")]
+    pub on_loop: OnLoopArg,
+    /// Longest repeated period, in tokens, that counts as a loop.
+    #[arg(long, value_name = "TOKENS", default_value_t = quire_vlm::loops::DEFAULT_LOOP_MAX_PERIOD as u32,
+          env = "QUIRE_LOOP_MAX_PERIOD", value_parser = clap::value_parser!(u32).range(1..))]
+    pub loop_max_period: u32,
+    /// Tokens the repetition must span before it counts as a loop (at least twice --loop-max-period).
+    #[arg(long, value_name = "TOKENS", default_value_t = quire_vlm::loops::DEFAULT_LOOP_MIN_TOKENS as u32,
+          env = "QUIRE_LOOP_MIN_TOKENS", value_parser = clap::value_parser!(u32).range(2..))]
+    pub loop_min_tokens: u32,
+    /// Repetition penalty of the second attempt under --on-loop retry (above 1).
+    #[arg(long, value_name = "PENALTY", default_value_t = quire_vlm::loops::DEFAULT_LOOP_RETRY_PENALTY,
+          env = "QUIRE_LOOP_RETRY_PENALTY", value_parser = parse_penalty)]
+    pub loop_retry_penalty: f64,
+}
+
+fn parse_penalty(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(p) if p.is_finite() && p > 1.0 => Ok(p),
+        _ => Err(format!("{s:?} is not a repetition penalty (a number above 1)")),
+    }
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnLoopArg {
+    Stop,
+    Retry,
+    Off,
 }
 
 fn parse_dpi(s: &str) -> Result<f32, String> {
@@ -264,7 +300,8 @@ pub struct ServiceOpts {
     pub s3: S3Opts,
 }
 
-/// NATS authentication and TLS (secrets are best passed as environment variables).
+/// NATS authentication, TLS (secrets are best passed as environment variables) and
+/// the replicas of quire's streams.
 #[derive(Args, Clone, Default)]
 pub struct NatsAuthOpts {
     /// NATS user name (with --nats-password).
@@ -292,8 +329,13 @@ pub struct NatsAuthOpts {
     #[arg(long, value_name = "FILE", env = "QUIRE_NATS_TLS_KEY", requires = "nats_tls_cert")]
     pub nats_tls_key: Option<std::path::PathBuf>,
     /// Insist on TLS even for a nats:// URL.
-    #[arg(long)]
+    #[arg(long, env = "QUIRE_NATS_REQUIRE_TLS")]
     pub nats_require_tls: bool,
+    /// JetStream replicas of quire's streams, worker consumer and job bucket (1 to 5; more
+    /// than 1 needs a NATS cluster). Unset: existing ones keep theirs, new ones get 1. Give
+    /// every quire process that sets it the same value.
+    #[arg(long, value_name = "N", env = "QUIRE_NATS_REPLICAS", value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub nats_replicas: Option<u8>,
 }
 
 impl NatsAuthOpts {
@@ -307,6 +349,10 @@ impl NatsAuthOpts {
             tls_client_cert: self.nats_tls_cert.clone().zip(self.nats_tls_key.clone()),
             require_tls: self.nats_require_tls,
         }
+    }
+
+    pub fn replicas(&self) -> Option<usize> {
+        self.nats_replicas.map(usize::from)
     }
 }
 
@@ -326,6 +372,18 @@ pub struct S3Opts {
     /// backoff before an operation fails, in seconds; a task is not given up on meanwhile.
     #[arg(long, value_name = "SECONDS", default_value_t = 900, env = "QUIRE_STORE_RETRY_S")]
     pub store_retry_s: u64,
+}
+
+#[derive(Args)]
+pub struct CheckArgs {
+    /// Output folder or s3://bucket/prefix: the object `.quire-check` is written there and read back.
+    #[arg(long, value_name = "URI")]
+    pub out: String,
+    /// How long to wait for an answer from each service, in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 20)]
+    pub timeout_s: u64,
+    #[command(flatten)]
+    pub services: ServiceOpts,
 }
 
 #[derive(Args)]

@@ -1,7 +1,7 @@
-//! `quire coordinator`, `quire worker` and `quire status`: the distributed
-//! mode over NATS JetStream, with results in S3 or a shared folder.
+//! `quire coordinator`, `quire worker`, `quire status` and `quire check`: the
+//! distributed mode over NATS JetStream, with results in S3 or a shared folder.
 
-use crate::cli::{CoordinatorArgs, S3Opts, StatusArgs, WorkerArgs};
+use crate::cli::{CheckArgs, CoordinatorArgs, S3Opts, StatusArgs, WorkerArgs};
 use crate::exit;
 use crate::run::{check_job_name, settings};
 use anyhow::Context as _;
@@ -76,14 +76,21 @@ pub fn coordinator(mut args: CoordinatorArgs) -> u8 {
     let result = runtime().and_then(|rt| {
         rt.block_on(async {
             let t0 = Instant::now();
-            let queue = connect_queue(&args.services.nats, args.services.nats_auth.auth(), queue_opts, true).await?;
+            let queue = connect_queue(
+                &args.services.nats,
+                args.services.nats_auth.auth(),
+                queue_opts,
+                true,
+                args.services.nats_auth.replicas(),
+            )
+            .await?;
             let store = open_store(&args.out, &o.access).await?;
             tracing::debug!("connected to the queue and the output in {:.3}s", t0.elapsed().as_secs_f64());
             // Followed from before the first publish, so no event is missed.
             let events = if args.wait { Some(queue.task_events(&o.settings.job).await?) } else { None };
             // Registered before the first publish: workers take a task only when its job is
             // registered and the task's input and output lie where the job's do.
-            let jobs = JobProgress::open(queue.client(), 1).await?;
+            let jobs = JobProgress::open(queue.client(), queue.options().replicas).await?;
             let mut meta = JobMeta { settings: o.settings.clone(), documents: 0, planning_done: false, inputs: o.inputs.clone() };
             jobs.put_meta(&o.settings.job, &meta).await?;
             let t0 = Instant::now();
@@ -219,7 +226,14 @@ fn worker_inner(args: WorkerArgs) -> anyhow::Result<u8> {
     };
     let grace = Duration::from_secs(args.grace_s);
     rt.block_on(async move {
-        let queue = connect_queue(&args.services.nats, args.services.nats_auth.auth(), queue_opts, false).await?;
+        let queue = connect_queue(
+            &args.services.nats,
+            args.services.nats_auth.auth(),
+            queue_opts,
+            false,
+            args.services.nats_auth.replicas(),
+        )
+        .await?;
         // The lease time in force is the consumer's (set by the coordinator).
         let ack_wait = queue.options().queue.ack_wait;
         metrics.set_max_deliver(queue.options().queue.max_deliver);
@@ -228,7 +242,7 @@ fn worker_inner(args: WorkerArgs) -> anyhow::Result<u8> {
         }
         metrics.ready.set(1);
         let mut stores = StoreCache::new(access.clone());
-        stores.jobs = Some(JobProgress::open(queue.client(), 1).await?);
+        stores.jobs = Some(JobProgress::open(queue.client(), queue.options().replicas).await?);
         let stores = Arc::new(stores);
         let mut fetch = S3Fetch::new(access.client().await, scratch_dir(), args.doc_cache_mb.saturating_mul(1 << 20));
         fetch.retry = access.retry;
@@ -310,6 +324,53 @@ fn worker_inner(args: WorkerArgs) -> anyhow::Result<u8> {
     })
 }
 
+/// Where `quire check` writes its probe, below the output folder or prefix.
+const CHECK_KEY: &str = ".quire-check";
+
+/// `quire check`: NATS with JetStream (the job registry opens) and the output store (a small
+/// object is written and read back), each given `--timeout-s` to answer.
+pub fn check(args: CheckArgs) -> u8 {
+    let limit = Duration::from_secs(args.timeout_s.max(1));
+    let mut access = access(&args.services.s3);
+    access.retry.budget = access.retry.budget.min(limit);
+    let result = runtime().and_then(|rt| {
+        rt.block_on(async {
+            let nats = &args.services.nats;
+            let reach_queue = async {
+                let opts = QueueOptions { ack_wait: Duration::from_secs(300), max_deliver: 3 };
+                let queue = connect_queue(nats, args.services.nats_auth.auth(), opts, false).await?;
+                JobProgress::open(queue.client(), 1).await.context("opening the job registry on JetStream")?;
+                anyhow::Ok(())
+            };
+            tokio::time::timeout(limit, reach_queue)
+                .await
+                .map_err(|_| anyhow::anyhow!("NATS at {nats} did not answer within {}s", limit.as_secs()))??;
+            println!("queue ok: NATS JetStream at {nats}");
+            let reach_store = async {
+                let store = open_store(&args.out, &access).await?;
+                let probe = format!("quire check {:?}", SystemTime::now());
+                let at = store.locate(CHECK_KEY);
+                store.put(CHECK_KEY, probe.clone().into_bytes()).await.with_context(|| format!("writing {at}"))?;
+                let back = store.get(CHECK_KEY).await.with_context(|| format!("reading {at} back"))?;
+                anyhow::ensure!(back.as_deref() == Some(probe.as_bytes()), "{at} read back differs from what was written");
+                anyhow::Ok(at)
+            };
+            let at = tokio::time::timeout(limit + Duration::from_secs(5), reach_store)
+                .await
+                .map_err(|_| anyhow::anyhow!("the output store {} did not answer within {}s", args.out, limit.as_secs()))??;
+            println!("store ok: wrote and read back {at}");
+            anyhow::Ok(())
+        })
+    });
+    match result {
+        Ok(()) => exit::OK,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            exit::USAGE
+        }
+    }
+}
+
 pub fn status(args: StatusArgs) -> u8 {
     let mut access = access(&args.s3);
     // Status is a quick look: an unreachable store is reported, not waited out.
@@ -326,6 +387,7 @@ pub fn status(args: StatusArgs) -> u8 {
                             max_deliver: 3,
                         },
                         false,
+                        args.nats_auth.replicas(),
                     )
                     .await?,
                 ),
@@ -334,7 +396,7 @@ pub fn status(args: StatusArgs) -> u8 {
             let out = match (&args.out, &queue) {
                 (Some(out), _) => out.clone(),
                 (None, Some(q)) => {
-                    let meta = JobProgress::open(q.client(), 1)
+                    let meta = JobProgress::open(q.client(), q.options().replicas)
                         .await?
                         .meta(&args.job)
                         .await?;

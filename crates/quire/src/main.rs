@@ -108,6 +108,7 @@ fn main() -> std::process::ExitCode {
         cli::Command::Coordinator(args) => distributed::coordinator(args),
         cli::Command::Worker(args) => distributed::worker(args),
         cli::Command::Status(args) => distributed::status(args),
+        cli::Command::Check(args) => distributed::check(args),
         cli::Command::Doctags(args) => doctags::run(args),
     };
     std::process::ExitCode::from(code)

@@ -1,6 +1,6 @@
 //! Resolving and loading `--model`.
 
-use crate::cli::{BatchingArg, DtypeArg, ModelOpts};
+use crate::cli::{BatchingArg, DtypeArg, ModelOpts, OnLoopArg};
 use quire_pipeline::infer::{BatchObserver, BatchOptions, EngineObserver};
 use quire_pipeline::vlm::{EngineOptions, VlmGenerator};
 use quire_pipeline::InferenceHandle;
@@ -28,6 +28,16 @@ pub fn load(
         static_batches: args.batching == BatchingArg::Static,
         kv_cache_mb: args.kv_cache_mb,
         max_sequences: args.max_sequences.map(|n| n as usize),
+        loops: quire_vlm::LoopOptions {
+            on_loop: match args.on_loop {
+                OnLoopArg::Stop => quire_vlm::OnLoop::Stop,
+                OnLoopArg::Retry => quire_vlm::OnLoop::Retry,
+                OnLoopArg::Off => quire_vlm::OnLoop::Off,
+            },
+            max_period: args.loop_max_period as usize,
+            min_tokens: args.loop_min_tokens as usize,
+            retry_penalty: args.loop_retry_penalty,
+        },
     };
     let model = VlmGenerator::load(spec, &dir, &args.device, dtype, engine)?;
     let long_side = model.input_long_side();

@@ -1,19 +1,26 @@
 {{/*
-The coordinator's pod template, for the nightly CronJob and the ad-hoc Job:
-`quire coordinator ... --wait`, so the pod's exit code is the run's.
-Called with (dict "root" $ "job" NAME).
+The coordinator's pod template, for the nightly CronJob (and the Jobs made
+from it by hand): `quire coordinator ... --wait`, so the pod's exit code is
+the run's.
 */}}
 {{- define "quire.coordinatorPod" -}}
-{{- $ := .root }}
+{{- $ := . }}
 {{- $c := $.Values.coordinator }}
 {{- $j := $.Values.job }}
+{{- range $k, $v := dict "job.name" $j.name "job.run" $j.run }}
+{{- if contains "{time}" $v }}
+{{- fail (printf "%s (%s) must not hold {time}: a retried coordinator Pod would expand it anew and start another run; {date} keeps one run per day" $k $v) }}
+{{- end }}
+{{- end }}
 metadata:
   labels:
+    {{- include "quire.commonLabels" $ | nindent 4 }}
     {{- include "quire.selectorLabels" (dict "root" $ "component" "coordinator") | nindent 4 }}
-  {{- with $c.podAnnotations }}
   annotations:
+    {{- include "quire.checksumAnnotations" $ | nindent 4 }}
+    {{- with $c.podAnnotations }}
     {{- toYaml . | nindent 4 }}
-  {{- end }}
+    {{- end }}
 spec:
   restartPolicy: Never
   serviceAccountName: {{ include "quire.serviceAccountName" $ }}
@@ -42,15 +49,18 @@ spec:
       imagePullPolicy: {{ $.Values.image.pullPolicy }}
       args:
         - coordinator
-        {{- if not $j.inputs }}{{ fail "job.inputs needs at least one input (s3://bucket/prefix)" }}{{ end }}
         {{- range $j.inputs }}
         - --input
         - {{ . | quote }}
         {{- end }}
         - --out
-        - {{ required "job.out is required (s3://bucket/prefix)" $j.out | quote }}
+        - {{ $j.out | quote }}
         - --job
-        - {{ .job | quote }}
+        - {{ $j.name | quote }}
+        {{- with $j.run }}
+        - --run
+        - {{ . | quote }}
+        {{- end }}
         - --task
         - {{ $j.task | quote }}
         - --engine
@@ -73,6 +83,9 @@ spec:
         - --wait
       env:
         {{- include "quire.env" $ | nindent 8 }}
+        {{- with $.Values.extraEnv }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
         {{- with $c.extraEnv }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
@@ -84,10 +97,39 @@ spec:
         - {name: tmp, mountPath: /tmp}
         - {name: cache, mountPath: /cache}
         {{- include "quire.secretVolumeMounts" $ | nindent 8 }}
+        {{- with $.Values.extraVolumeMounts }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
   volumes:
     - name: tmp
       emptyDir: {sizeLimit: 4Gi}
     - name: cache
       emptyDir: {sizeLimit: 1Gi}
     {{- include "quire.secretVolumes" $ | nindent 4 }}
+    {{- with $.Values.extraVolumes }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+{{- end }}
+
+{{/*
+When a coordinator Pod's failure ends the Job. Exit 2 (usage or setup: a
+retry fails the same way) and 3 (the run finished, but pages failed or tasks
+were given up: a retry changes nothing) end it at once; a Pod lost to node
+disruption (drain, preemption, eviction) does not count against backoffLimit;
+any other failure (1: internal error, OOM kill) is retried up to backoffLimit.
+*/}}
+{{- define "quire.coordinatorFailurePolicy" -}}
+podFailurePolicy:
+  rules:
+    - action: FailJob
+      onExitCodes:
+        containerName: coordinator
+        operator: In
+        values: [2, 3]
+      # Empty, as Kubernetes 1.27's API schema lists the field as required.
+      onPodConditions: []
+    - action: Ignore
+      onPodConditions:
+        - type: DisruptionTarget
+          status: "True"
 {{- end }}

@@ -16,7 +16,26 @@
 {{- end }}
 {{- end }}
 
+{{/* The workers' Deployment (and ScaledObject, PodMonitor, PDB): at most 63 characters. */}}
+{{- define "quire.workerName" -}}
+{{ include "quire.fullname" . | trunc 56 | trimSuffix "-" }}-worker
+{{- end }}
+
+{{/*
+The CronJob's name: at most 52 characters, since its Jobs get an 11-character
+suffix and a Job's name must fit a 63-character label.
+*/}}
+{{- define "quire.cronJobName" -}}
+{{ include "quire.fullname" . | trunc 44 | trimSuffix "-" }}-nightly
+{{- end }}
+
+{{/* A name for a Job made by hand from the CronJob (the shell fills in the time). */}}
+{{- define "quire.manualJobName" -}}
+{{ include "quire.fullname" . | trunc 40 | trimSuffix "-" }}-manual-$(date +%s)
+{{- end }}
+
 {{- define "quire.labels" -}}
+{{- include "quire.commonLabels" . }}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 app.kubernetes.io/name: {{ include "quire.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
@@ -52,26 +71,111 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end }}
 
+{{/*
+The queue's URL: the bundled NATS's Service (nats.enabled, the default) or
+queue.url. Both at once is refused: the bundled NATS would run unused.
+*/}}
+{{/* "true" when quire uses the bundled NATS chart (nats.enabled, no queue.url). */}}
+{{- define "quire.bundledNats" -}}
+{{- if and .Values.nats.enabled (not .Values.queue.url) }}true{{ end }}
+{{- end }}
+
+{{/* The Secret with the bundled NATS's user and password (templates/nats-auth-secret.yaml). */}}
+{{- define "quire.bundledNatsSecret" -}}
+{{ include "quire.natsFullname" . }}-auth
+{{- end }}
+
+{{/*
+JetStream replicas for quire's streams: queue.streamReplicas, or for 0 with
+the bundled NATS 1 (its cluster's size up to 3 with nats.config.cluster),
+with an external NATS nothing (existing streams keep theirs, new ones get 1).
+More than the bundled cluster has is refused.
+*/}}
+{{- define "quire.streamReplicas" -}}
+{{- $want := int .Values.queue.streamReplicas }}
+{{- $servers := 1 }}
+{{- if and (include "quire.bundledNats" .) .Values.nats.config.cluster.enabled }}
+{{- $servers = int .Values.nats.config.cluster.replicas }}
+{{- end }}
+{{- if and (eq $want 0) (include "quire.bundledNats" .) }}
+{{- min $servers 3 }}
+{{- else if eq $want 0 }}
+{{- else if and (include "quire.bundledNats" .) (gt $want $servers) }}
+{{- fail (printf "queue.streamReplicas (%d) is more than the bundled NATS has servers (%d): raise nats.config.cluster.replicas (with nats.config.cluster.enabled) or lower queue.streamReplicas" $want $servers) }}
+{{- else }}
+{{- $want }}
+{{- end }}
+{{- end }}
+
 {{- define "quire.natsUrl" -}}
-{{- if .Values.queue.url }}
+{{- if and .Values.queue.url .Values.nats.enabled }}
+{{- fail "queue.url names an external NATS, and the bundled NATS is on (nats.enabled, the default): add --set nats.enabled=false, or leave queue.url empty to use the bundled NATS" }}
+{{- else if .Values.queue.url }}
 {{- .Values.queue.url }}
 {{- else if .Values.nats.enabled }}
 {{- printf "nats://%s.%s.svc:4222" (include "quire.natsFullname" .) .Release.Namespace }}
 {{- else }}
-{{- fail "queue.url is required unless nats.enabled (the bundled NATS) is true" }}
+{{- fail "queue.url is required with nats.enabled=false, e.g. --set queue.url=nats://nats.messaging.svc:4222 (or leave nats.enabled on for the bundled NATS)" }}
+{{- end }}
+{{- end }}
+
+{{/*
+Whether a run is configured: job.inputs and job.out both set ("true"), or
+neither (""; nothing is scheduled and NOTES says what to set). One without
+the other is refused.
+*/}}
+{{- define "quire.runConfigured" -}}
+{{- $j := .Values.job }}
+{{- if and $j.inputs $j.out }}true
+{{- else if $j.inputs }}
+{{- fail "job.out is required with job.inputs: where results go, e.g. --set job.out=s3://results/ocr" }}
+{{- else if $j.out }}
+{{- fail "job.inputs needs at least one input with job.out, e.g. --set 'job.inputs[0]=s3://scans/incoming/'" }}
+{{- end }}
+{{- end }}
+
+{{/*
+An image reference from (dict "root" $ "image" .Values.image "tag" DEFAULT_TAG):
+global.imageRegistry (or image.registry) before the repository, then
+@digest when image.digest is set (the tag is then left out), else :tag.
+*/}}
+{{- define "quire.imageRef" -}}
+{{- $img := .image }}
+{{- $registry := default $img.registry (dig "imageRegistry" "" (.root.Values.global | default dict)) }}
+{{- $repo := $img.repository }}
+{{- if $registry }}{{ $repo = printf "%s/%s" (trimSuffix "/" $registry) $repo }}{{ end }}
+{{- if $img.digest }}
+{{- printf "%s@%s" $repo $img.digest }}
+{{- else }}
+{{- printf "%s:%s" $repo (default .tag $img.tag) }}
 {{- end }}
 {{- end }}
 
 {{- define "quire.image" -}}
 {{- if gt (int .Values.worker.gpu) 0 -}}
-{{ .Values.cudaImage.repository }}:{{ default (printf "%s-cuda" .Chart.AppVersion) .Values.cudaImage.tag }}
+{{ include "quire.imageRef" (dict "root" . "image" .Values.cudaImage "tag" (printf "%s-cuda" .Chart.AppVersion)) }}
 {{- else -}}
-{{ .Values.image.repository }}:{{ default .Chart.AppVersion .Values.image.tag }}
+{{ include "quire.cpuImage" . }}
 {{- end }}
 {{- end }}
 
 {{- define "quire.cpuImage" -}}
-{{ .Values.image.repository }}:{{ default .Chart.AppVersion .Values.image.tag }}
+{{ include "quire.imageRef" (dict "root" . "image" .Values.image "tag" .Chart.AppVersion) }}
+{{- end }}
+
+{{/*
+Pod annotations that change when a Secret the chart makes changes, so that
+`helm upgrade` with new credentials rolls the Pods.
+*/}}
+{{- define "quire.checksumAnnotations" -}}
+checksum/secrets: {{ cat (include (print .Template.BasePath "/secrets.yaml") .) (include (print .Template.BasePath "/nats-auth-secret.yaml") .) | sha256sum }}
+{{- end }}
+
+{{/* Labels for every object and Pod: the chart's own and commonLabels. */}}
+{{- define "quire.commonLabels" -}}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
 {{- end }}
 
 {{/* Secret names: the user's, or the one this chart makes from values. */}}
@@ -93,27 +197,13 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end }}
 
-{{/* Pod-level securityContext: every quire pod runs as uid 65532, never root. */}}
+{{/* securityContexts of every quire Pod and container (podSecurityContext, containerSecurityContext). */}}
 {{- define "quire.podSecurityContext" -}}
-runAsNonRoot: true
-runAsUser: 65532
-runAsGroup: 65532
-fsGroup: 65532
-seccompProfile:
-  type: RuntimeDefault
+{{- toYaml .Values.podSecurityContext }}
 {{- end }}
 
 {{- define "quire.containerSecurityContext" -}}
-runAsNonRoot: true
-runAsUser: 65532
-runAsGroup: 65532
-allowPrivilegeEscalation: false
-readOnlyRootFilesystem: true
-privileged: false
-capabilities:
-  drop: ["ALL"]
-seccompProfile:
-  type: RuntimeDefault
+{{- toYaml .Values.containerSecurityContext }}
 {{- end }}
 
 {{/*
@@ -123,8 +213,20 @@ README documents. Secret values come only through secretKeyRef or mounted files.
 {{- define "quire.env" -}}
 - name: QUIRE_NATS
   value: {{ include "quire.natsUrl" . | quote }}
+{{- with include "quire.streamReplicas" . }}
+- name: QUIRE_NATS_REPLICAS
+  value: {{ . | quote }}
+{{- end }}
 {{- $a := .Values.queue.auth }}
-{{- if eq $a.method "userPassword" }}
+{{- if include "quire.bundledNats" . }}
+{{- if ne $a.method "none" }}
+{{- fail (printf "queue.auth is for an external NATS (queue.url): the bundled NATS uses the user and password the chart generates into the Secret %s; leave queue.auth.method at none" (include "quire.bundledNatsSecret" .)) }}
+{{- end }}
+- name: QUIRE_NATS_USER
+  valueFrom: {secretKeyRef: {name: {{ include "quire.bundledNatsSecret" . }}, key: user}}
+- name: QUIRE_NATS_PASSWORD
+  valueFrom: {secretKeyRef: {name: {{ include "quire.bundledNatsSecret" . }}, key: password}}
+{{- else if eq $a.method "userPassword" }}
 - name: QUIRE_NATS_USER
   valueFrom: {secretKeyRef: {name: {{ include "quire.natsSecret" . }}, key: {{ $a.userKey }}}}
 - name: QUIRE_NATS_PASSWORD
@@ -138,6 +240,10 @@ README documents. Secret values come only through secretKeyRef or mounted files.
   value: /var/run/secrets/quire/nats/{{ .Values.queue.auth.credsKey }}
 {{- end }}
 {{- if .Values.queue.tls.enabled }}
+{{- if .Values.queue.tls.requireTls }}
+- name: QUIRE_NATS_REQUIRE_TLS
+  value: "true"
+{{- end }}
 - name: QUIRE_NATS_TLS_CA
   value: /var/run/secrets/quire/nats-tls/{{ .Values.queue.tls.caKey }}
 {{- if .Values.queue.tls.clientCert }}

@@ -53,9 +53,9 @@ def check(name: str, fn) -> None:
         print(f"FAIL {name}: {detail}", file=sys.stderr)
 
 
-def render(values: dict) -> list[dict]:
+def render(values: dict, release: str = RELEASE) -> list[dict]:
     chart = helm.Chart.load(str(CHART))
-    out = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    out = chart.render(values, name=release, namespace=NAMESPACE, is_install=True)
     docs = []
     for path, text in sorted(out.items()):
         if path.endswith("NOTES.txt"):
@@ -68,10 +68,14 @@ def render(values: dict) -> list[dict]:
     return docs
 
 
-def notes(values: dict) -> str:
+def notes_for(values: dict, release: str) -> str:
     chart = helm.Chart.load(str(CHART))
-    out = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    out = chart.render(values, name=release, namespace=NAMESPACE, is_install=True)
     return next(t for p, t in out.items() if p.endswith("NOTES.txt"))
+
+
+def notes(values: dict) -> str:
+    return notes_for(values, RELEASE)
 
 
 def strip(d: dict) -> dict:
@@ -101,6 +105,15 @@ def pod_specs(docs):
             yield d, d["spec"]["template"]["spec"]
         elif k == "CronJob":
             yield d, d["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+
+
+def bundled_nats(values) -> bool:
+    """Whether the values use the bundled NATS chart (on unless nats.enabled=false)."""
+    return values.get("nats", {}).get("enabled", True)
+
+
+def run_configured(values) -> bool:
+    return bool(values.get("job", {}).get("inputs"))
 
 
 def arg_after(args, flag):
@@ -294,12 +307,14 @@ def custom_shapes(docs: list[dict]) -> None:
             jsonschema.validate(strip(d), shape)
 
 
-def security_everywhere(docs: list[dict]) -> None:
+def security_everywhere(docs: list[dict], values: dict) -> None:
     n = 0
+    # 65532 (the images' user) unless the values drop it (OpenShift assigns one).
+    uid = values.get("podSecurityContext", {}).get("runAsUser", 65532)
     for owner, spec in pod_specs(docs):
         name = f"{owner['kind']}/{owner['metadata']['name']}"
         psc = spec.get("securityContext", {})
-        assert psc.get("runAsNonRoot") is True and psc.get("runAsUser") == 65532, f"{name}: pod securityContext {psc}"
+        assert psc.get("runAsNonRoot") is True and psc.get("runAsUser") == uid, f"{name}: pod securityContext {psc}"
         assert psc.get("seccompProfile", {}).get("type") == "RuntimeDefault", f"{name}: seccomp {psc}"
         assert spec.get("automountServiceAccountToken") is False, f"{name}: service account token mounted"
         writable = {v["name"] for v in spec.get("volumes", []) if "emptyDir" in v or "persistentVolumeClaim" in v}
@@ -361,13 +376,190 @@ def probes_on_metrics_port(docs) -> None:
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}, c["livenessProbe"]
     spec = worker(docs)["spec"]["template"]["spec"]
     grace = int(arg_after(c["args"], "--grace-s"))
-    assert spec["terminationGracePeriodSeconds"] > grace, "terminationGracePeriodSeconds must exceed --grace-s"
+    # After --grace-s quire takes up to 10 s to hand unfinished tasks back.
+    assert spec["terminationGracePeriodSeconds"] > grace + 10, "terminationGracePeriodSeconds must exceed --grace-s + 10 s"
     mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
-    shm = next(v for v in spec["volumes"] if v["name"] == mounts["/dev/shm"])
-    assert shm["emptyDir"]["medium"] == "Memory", shm
+    assert "/dev/shm" not in mounts, "quire uses no shared memory: no /dev/shm volume"
+
+
+QUANTITY = re.compile(r"^([0-9.]+)([EPTGMK]i?|[kmu]?)$")
+UNITS = {"": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18, "m": 1e-3, "u": 1e-6,
+         "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+
+
+def quantity(q) -> float:
+    m = QUANTITY.match(str(q))
+    assert m, f"not a quantity: {q}"
+    return float(m.group(1)) * UNITS[m.group(2)]
+
+
+def ephemeral_storage(docs) -> None:
+    """Every disk emptyDir has a sizeLimit, and each quire container requests
+    ephemeral storage with a limit that covers them (so a full emptyDir is
+    refused by its sizeLimit, not the Pod evicted)."""
+    for owner, spec in pod_specs(docs):
+        disk = [v for v in spec.get("volumes", []) if "emptyDir" in v and v["emptyDir"].get("medium") != "Memory"]
+        for v in disk:
+            assert v["emptyDir"].get("sizeLimit"), f"{owner['metadata']['name']}: emptyDir {v['name']} without sizeLimit"
+        need = sum(quantity(v["emptyDir"]["sizeLimit"]) for v in disk)
+        for c in spec["containers"]:
+            res = c.get("resources", {})
+            req = res.get("requests", {}).get("ephemeral-storage")
+            lim = res.get("limits", {}).get("ephemeral-storage")
+            assert req and lim, f"{owner['metadata']['name']}/{c['name']}: ephemeral-storage request and limit missing ({res})"
+            assert quantity(lim) > need, f"{owner['metadata']['name']}: ephemeral-storage limit {lim} does not cover its emptyDirs"
+            assert quantity(req) <= quantity(lim)
+
+
+def rollout(docs, values) -> None:
+    s = worker(docs)["spec"]["strategy"]
+    want = values.get("worker", {}).get("strategy")
+    if want is None:
+        assert s == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}, s
+    else:
+        assert s["type"] == want["type"], s
+    gpu = int(values.get("worker", {}).get("gpu", 0))
+    if gpu and s["type"] == "RollingUpdate":
+        assert str(s["rollingUpdate"]["maxSurge"]) in ("0", "0%"), "a GPU rollout would need a spare GPU"
+
+
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                      "projected", "secret"}
+
+
+def all_pod_specs(docs):
+    """(owner, pod spec) of every workload rendered, the bundled NATS chart's included."""
+    for d in docs:
+        k = d["kind"]
+        if k in ("Deployment", "Job", "StatefulSet", "DaemonSet"):
+            yield d, d["spec"]["template"]["spec"]
+        elif k == "CronJob":
+            yield d, d["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+
+
+def restricted_pss(docs) -> None:
+    """Every Pod passes the restricted Pod Security Standard (what a namespace
+    labelled pod-security.kubernetes.io/enforce=restricted admits)."""
+    n = 0
+    for owner, spec in all_pod_specs(docs):
+        name = f"{owner['kind']}/{owner['metadata']['name']}"
+        psc = spec.get("securityContext", {})
+        for host in ("hostNetwork", "hostPID", "hostIPC"):
+            assert not spec.get(host), f"{name}: {host}"
+        for v in spec.get("volumes", []):
+            kind = set(v) - {"name"}
+            assert kind <= RESTRICTED_VOLUMES, f"{name}: volume {v['name']} of type {kind}"
+        for c in spec.get("containers", []) + spec.get("initContainers", []):
+            sc = c.get("securityContext", {})
+            where = f"{name}/{c['name']}"
+            assert sc.get("allowPrivilegeEscalation") is False, f"{where}: allowPrivilegeEscalation not false"
+            assert not sc.get("privileged"), f"{where}: privileged"
+            caps = sc.get("capabilities", {})
+            assert "ALL" in caps.get("drop", []), f"{where}: capabilities not dropped ({caps})"
+            assert set(caps.get("add", [])) <= {"NET_BIND_SERVICE"}, f"{where}: adds {caps['add']}"
+            non_root = sc.get("runAsNonRoot", psc.get("runAsNonRoot"))
+            assert non_root is True, f"{where}: runAsNonRoot not set"
+            assert sc.get("runAsUser", psc.get("runAsUser")) != 0, f"{where}: runs as uid 0"
+            seccomp = (sc.get("seccompProfile") or psc.get("seccompProfile") or {}).get("type")
+            assert seccomp in ("RuntimeDefault", "Localhost"), f"{where}: seccompProfile {seccomp}"
+            n += 1
+    assert n >= 1, "no container rendered"
+
+
+def pod_metadata(owner) -> dict:
+    if owner["kind"] == "CronJob":
+        return owner["spec"]["jobTemplate"]["spec"]["template"]["metadata"]
+    return owner["spec"]["template"]["metadata"]
+
+
+def conventions(docs, values) -> None:
+    """commonLabels, image registry/digest, extra env/volumes/mounts and the
+    checksum annotation, as the values ask."""
+    common = values.get("commonLabels", {})
+    for d in quire_docs(docs):
+        assert common.items() <= (d["metadata"].get("labels") or {}).items(), f"{d['kind']} {d['metadata']['name']}: commonLabels missing"
+        sel = ((d.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
+        assert not (common.keys() & sel.keys()), f"{d['kind']}: commonLabels in a selector (immutable)"
+    for owner, spec in pod_specs(docs):
+        meta = pod_metadata(owner)
+        assert common.items() <= meta["labels"].items(), f"{owner['metadata']['name']}: Pods without commonLabels"
+        assert re.fullmatch(r"[0-9a-f]{64}", meta["annotations"]["checksum/secrets"]), meta.get("annotations")
+        for c in spec["containers"]:
+            img = values.get("image", {})
+            reg = values.get("global", {}).get("imageRegistry") or img.get("registry")
+            if reg or img.get("digest"):
+                repo = f"{reg}/{img['repository']}" if reg else img["repository"]
+                assert c["image"] == (f"{repo}@{img['digest']}" if img.get("digest") else f"{repo}:{img.get('tag')}"), c["image"]
+            env = env_of(c)
+            for e in values.get("extraEnv", []):
+                assert env.get(e["name"]) == e, f"{owner['metadata']['name']}: extraEnv {e['name']} missing"
+            for m in values.get("extraVolumeMounts", []):
+                assert m in c.get("volumeMounts", []), f"{owner['metadata']['name']}: extraVolumeMounts {m} missing"
+        for v in values.get("extraVolumes", []):
+            assert v in spec.get("volumes", []), f"{owner['metadata']['name']}: extraVolumes {v} missing"
+
+
+def labels_match(selector: dict, labels: dict) -> bool:
+    return selector.items() <= labels.items()
+
+
+def bundled_nats_locked(docs, values) -> None:
+    """The bundled NATS requires a login that only the chart's Secret holds,
+    and only quire's Pods (and the KEDA operator, on the monitoring port) reach it."""
+    if not bundled_nats(values):
+        assert not [d for d in quire_docs(docs) if d["metadata"]["name"].endswith("-nats-auth")]
+        return
+    secret = one(quire_docs(docs), "Secret", "-nats-auth")
+    data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    assert data["user"] and len(data["password"]) >= 32, "a short or empty generated password"
+    name = secret["metadata"]["name"]
+    sts = one(docs, "StatefulSet")
+    pod = sts["spec"]["template"]
+    nats_c = next(c for c in pod["spec"]["containers"] if c["name"] == "nats")
+    env = env_of(nats_c)
+    for k, key in (("QUIRE_NATS_USER", "user"), ("QUIRE_NATS_PASSWORD", "password")):
+        assert env[k]["valueFrom"]["secretKeyRef"] == {"name": name, "key": key}, env.get(k)
+    cm = next(d for d in docs if d["kind"] == "ConfigMap" and d["_template"].startswith("quire/charts/nats/"))
+    conf = cm["data"]["nats.conf"]
+    # NATS reads the variables from the container's environment (the Secret).
+    assert re.search(r'"authorization":\s*\{\s*"password":\s*\$QUIRE_NATS_PASSWORD,\s*"user":\s*\$QUIRE_NATS_USER\s*\}', conf), conf
+    for owner, spec in pod_specs(docs):
+        for c in spec["containers"]:
+            e = env_of(c)
+            for k, key in (("QUIRE_NATS_USER", "user"), ("QUIRE_NATS_PASSWORD", "password")):
+                assert e[k]["valueFrom"]["secretKeyRef"] == {"name": name, "key": key}, (owner["metadata"]["name"], e.get(k))
+    np_ = one(quire_docs(docs), "NetworkPolicy", "-nats")
+    spec = np_["spec"]
+    assert spec["policyTypes"] == ["Ingress"]
+    assert labels_match(spec["podSelector"]["matchLabels"], pod["metadata"]["labels"]), "policy misses the NATS Pods"
+    rules = spec["ingress"]
+    client = [r for r in rules if r.get("ports") == [{"port": 4222, "protocol": "TCP"}]]
+    monitor = [r for r in rules if r.get("ports") == [{"port": 8222, "protocol": "TCP"}]]
+    assert len(client) == 1 and len(monitor) == 1 and len(rules) == 3, rules
+    peers = [r for r in rules if "ports" not in r]
+    assert peers[0]["from"] == [{"podSelector": spec["podSelector"]}], "NATS servers must reach each other"
+    allowed = client[0]["from"]
+    quire_pods = [s for o, s in pod_specs(docs)]
+    for o, s in pod_specs(docs):
+        lab = (o["spec"]["template"] if o["kind"] != "CronJob" else o["spec"]["jobTemplate"]["spec"]["template"])["metadata"]["labels"]
+        assert any(labels_match(p["podSelector"]["matchLabels"], lab) for p in allowed if "podSelector" in p), o["metadata"]["name"]
+    assert all(set(p) == {"podSelector"} for p in allowed), f"the client port is open beyond this namespace: {allowed}"
+    assert quire_pods and allowed[0]["podSelector"]["matchLabels"].get("app.kubernetes.io/name") == "quire"
+    want = values.get("bundledNats", {}).get("networkPolicy", {}).get("monitorFrom")
+    keda = monitor[0]["from"]
+    if want is None:
+        assert keda == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "keda"}},
+                         "podSelector": {"matchLabels": {"app": "keda-operator"}}}], keda
+    else:
+        assert keda == want, keda
 
 
 def cronjob_policy(docs, values) -> None:
+    if not run_configured(values):
+        assert not kinds(docs, "CronJob") and not kinds(docs, "Job"), "a run scheduled without job.inputs"
+        text = notes(values)
+        assert "Nothing is scheduled yet" in text and "job.inputs[0]=" in text and "job.out=" in text, text
+        return
     cj = one(docs, "CronJob", "-nightly")
     s = cj["spec"]
     coord = values.get("coordinator", {})
@@ -379,11 +571,34 @@ def cronjob_policy(docs, values) -> None:
     assert js["ttlSecondsAfterFinished"] > 0 and js["activeDeadlineSeconds"] > 0, js
     pod = js["template"]["spec"]
     assert pod["restartPolicy"] == "Never", pod["restartPolicy"]
+    # Exit 2 and 3 end the Job at once (a retry cannot help); node disruption spends no retry.
+    rules = js["podFailurePolicy"]["rules"]
+    fail = [r for r in rules if r["action"] == "FailJob"]
+    assert len(fail) == 1 and fail[0]["onExitCodes"]["operator"] == "In", rules
+    assert sorted(fail[0]["onExitCodes"]["values"]) == [2, 3], rules
+    assert fail[0]["onExitCodes"]["containerName"] == pod["containers"][0]["name"], rules
+    assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]} in rules, rules
+    assert rules.index(fail[0]) == 0, "FailJob comes first: the first matching rule wins"
     args = pod["containers"][0]["args"]
     assert args[0] == "coordinator" and args[-1] == "--wait", args
-    # The job name is passed as the pattern: quire expands {date} itself each night.
-    want = values.get("job", {}).get("name", "nightly-{date}")
-    assert arg_after(args, "--job") == want and "{date}" in want, args
+    # A standing job and a run per day: quire expands {date} when the coordinator starts, so a
+    # Job made by hand the same day joins that run; no {time}, so a retried Pod resumes it.
+    job = values.get("job", {})
+    assert arg_after(args, "--job") == job.get("name", "nightly"), args
+    if job.get("run", "") == "":
+        assert "--run" not in args, args
+        run = ""
+    else:
+        run = arg_after(args, "--run")
+        assert run == job.get("run"), args
+    assert "{time}" not in run + arg_after(args, "--job"), args
+    assert len(cj["metadata"]["name"]) <= 52, f"CronJob name {cj['metadata']['name']} over 52 characters"
+    assert "helm.sh/hook" not in json.dumps(docs), "hooks would run outside the schedule"
+    assert not kinds(docs, "Job"), "a Job inside the release: every helm upgrade would recreate it"
+    text = notes(values)
+    assert f"create job --from=cronjob/{cj['metadata']['name']} " in text, text
+    # Workers scaled to zero have no Pod to exec into: NOTES must not send anyone there.
+    assert "exec deploy/" not in text, text
     for i in values["job"]["inputs"]:
         assert i in args, (i, args)
     assert arg_after(args, "--out") == values["job"]["out"]
@@ -416,7 +631,13 @@ def scenario_checks(path: Path) -> None:
     versions = supported_versions()
     check(f"{name}: kubernetes-validate --strict {versions}", lambda: kube_validate(docs, versions))
     check(f"{name}: custom resource shapes", lambda: custom_shapes(docs))
-    check(f"{name}: securityContext on every quire pod", lambda: security_everywhere(docs))
+    check(f"{name}: securityContext on every quire pod", lambda: security_everywhere(docs, values))
+    check(f"{name}: restricted Pod Security Standard on every Pod", lambda: restricted_pss(docs))
+    check(f"{name}: ephemeral-storage requests and limits cover the emptyDirs", lambda: ephemeral_storage(docs))
+    check(f"{name}: names within Kubernetes' limits", lambda: names_within_limits(docs))
+    check(f"{name}: commonLabels, image, extra env/volumes, checksum annotation", lambda: conventions(docs, values))
+    check(f"{name}: worker rollout needs no spare GPU", lambda: rollout(docs, values))
+    check(f"{name}: bundled NATS: login from a generated Secret, NetworkPolicy", lambda: bundled_nats_locked(docs, values))
     check(f"{name}: no secret value outside its Secret", lambda: no_secret_values(docs, values))
     check(f"{name}: probes on the metrics port, grace", lambda: probes_on_metrics_port(docs))
     check(f"{name}: CronJob policy and schedule", lambda: cronjob_policy(docs, values))
@@ -467,7 +688,7 @@ def scenario_checks(path: Path) -> None:
         assert m["stream"] == stream_name() and m["consumer"] == consumer_name(), m
         assert m["natsServerMonitoringEndpoint"].endswith(":8222"), m
         assert int(m["lagThreshold"]) >= 1
-        if values.get("nats", {}).get("enabled"):
+        if bundled_nats(values):
             host = m["natsServerMonitoringEndpoint"].split(".")[0]
             headless = [d for d in docs if d["kind"] == "Service" and d["spec"].get("clusterIP") == "None"]
             assert any(d["metadata"]["name"] == host and any(p["port"] == 8222 for p in d["spec"]["ports"])
@@ -477,7 +698,7 @@ def scenario_checks(path: Path) -> None:
     def nats_wiring():
         c = worker_container(docs)
         url = env_of(c)["QUIRE_NATS"]["value"]
-        if values.get("nats", {}).get("enabled"):
+        if bundled_nats(values):
             sts = [d for d in docs if d["kind"] == "StatefulSet" and d["_template"].startswith("quire/charts/nats/")]
             assert len(sts) == 1, "the bundled NATS StatefulSet is missing"
             cm = next(d for d in docs if d["kind"] == "ConfigMap" and d["_template"].startswith("quire/charts/nats/"))
@@ -498,9 +719,14 @@ def scenario_checks(path: Path) -> None:
             mount = next(m for m in c["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
             vol = next(v for v in worker(docs)["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
             assert "secret" in vol, vol
-        if values.get("queue", {}).get("tls", {}).get("enabled"):
+        tls = values.get("queue", {}).get("tls", {})
+        if tls.get("enabled"):
             for k in ("QUIRE_NATS_TLS_CA", "QUIRE_NATS_TLS_CERT", "QUIRE_NATS_TLS_KEY"):
                 assert env[k]["value"].startswith("/var/run/secrets/quire/nats-tls/"), env[k]
+        if tls.get("enabled") and tls.get("requireTls", True):
+            assert env["QUIRE_NATS_REQUIRE_TLS"]["value"] == "true", "queue.tls.requireTls not passed on"
+        else:
+            assert "QUIRE_NATS_REQUIRE_TLS" not in env, env.get("QUIRE_NATS_REQUIRE_TLS")
     check(f"{name}: NATS connection and credentials", nats_wiring)
 
     def s3_and_identity():
@@ -522,7 +748,8 @@ def scenario_checks(path: Path) -> None:
         for owner, spec in pod_specs(docs):
             assert spec["serviceAccountName"] == sa["metadata"]["name"]
         if values.get("s3", {}).get("existingSecret") or values.get("queue", {}).get("auth", {}).get("existingSecret"):
-            assert not [d for d in quire_docs(docs) if d["kind"] == "Secret"], "a Secret was made although existing ones were named"
+            made = [d for d in quire_docs(docs) if d["kind"] == "Secret" and not d["metadata"]["name"].endswith("-nats-auth")]
+            assert not made, "a Secret was made although existing ones were named"
     check(f"{name}: S3 credentials and workload identity", s3_and_identity)
 
     def monitoring():
@@ -542,6 +769,11 @@ def scenario_checks(path: Path) -> None:
             extra = values["prometheusRule"].get("additionalLabels", {})
             assert extra.items() <= pr[0]["metadata"]["labels"].items()
             want = yaml.safe_load((ROOT / "deploy/prometheus/rules.yaml").read_text())
+            base = values["prometheusRule"].get("runbookBaseUrl", "").rstrip("/")
+            for g in want["groups"]:
+                for r in g["rules"]:
+                    if base and "runbook_url" in r.get("annotations", {}):
+                        r["annotations"]["runbook_url"] = f"{base}/{r['annotations']['runbook_url']}"
             assert pr[0]["spec"] == want, "PrometheusRule differs from deploy/prometheus/rules.yaml"
         if cm:
             assert cm[0]["metadata"]["labels"].get("grafana_dashboard") == "1"
@@ -552,19 +784,12 @@ def scenario_checks(path: Path) -> None:
     def pdb_and_netpol():
         pdb = one(quire_docs(docs), "PodDisruptionBudget")
         assert pdb["spec"]["selector"]["matchLabels"] == worker(docs)["spec"]["selector"]["matchLabels"]
-        np_ = one(quire_docs(docs), "NetworkPolicy")
+        np_ = one(quire_docs(docs), "NetworkPolicy", f"{RELEASE}")
         assert np_["spec"]["policyTypes"] == ["Ingress"]
         (rule,) = np_["spec"]["ingress"]
         assert rule["ports"] == [{"port": "metrics", "protocol": "TCP"}], rule
     check(f"{name}: PodDisruptionBudget and NetworkPolicy", pdb_and_netpol)
 
-    if values.get("adhoc", {}).get("enabled"):
-        def adhoc():
-            job = one(docs, "Job", f"-adhoc-{values['adhoc']['runId']}")
-            args = job["spec"]["template"]["spec"]["containers"][0]["args"]
-            assert args[0] == "coordinator" and "--wait" in args
-            assert arg_after(args, "--job") == values["adhoc"].get("jobName", "adhoc-{date}-{time}")
-        check(f"{name}: ad-hoc Job", adhoc)
 
 
 def schema_checks() -> None:
@@ -589,6 +814,11 @@ def schema_checks() -> None:
 
     refused({"worker.replicas": -1}, "negative replicas", r"replicas")
     refused({"worker.gpu": 1.5}, "a GPU count that is not an integer", r"gpu")
+    refused({"worker.gpu": 2}, "two GPUs per Pod (one model per device per process)", r"gpu")
+    refused({"worker.terminationGracePeriodSeconds": 40, "worker.graceSeconds": 30},
+            "terminationGracePeriodSeconds without room for handing tasks back", r"graceSeconds \(30\) \+ 10 s")
+    refused({"worker.strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 0}}},
+            "a rollout that cannot move", r"maxSurge and maxUnavailable")
     refused({"worker.gpu": "1"}, "a GPU count given as a string", r"gpu")
     refused({"worker.gpus": 1}, "an unknown key (worker.gpus)", r"gpus")
     refused({"colour": "blue"}, "an unknown top-level key", r"colour")
@@ -598,14 +828,190 @@ def schema_checks() -> None:
     refused({"worker.terminationGracePeriodSeconds": 30, "worker.graceSeconds": 30},
             "terminationGracePeriodSeconds not above --grace-s", r"terminationGracePeriodSeconds")
     refused({"job.inputs": []}, "a run without inputs", r"job.inputs")
-    refused({"queue.url": ""}, "no queue and no bundled NATS", r"queue.url")
+    refused({"queue.url": ""}, "no queue and no bundled NATS", r"queue.url is required with nats.enabled=false")
+    refused({"nats.enabled": True}, "an external queue.url besides the bundled NATS", r"nats.enabled=false")
+    refused({"job.out": ""}, "inputs without job.out", r"job.out is required")
+    refused({"job.run": "{date}T{time}"}, "{time} in the run (a retry would start another)", r"job.run .* must not hold \{time\}")
+    refused({"job.name": "scans-{time}"}, "{time} in the job name", r"job.name .* must not hold \{time\}")
+    refused({"job.run": "", "job.name": "nightly-{date}-{time}"}, "{time} in the job name without runs",
+            r"job.name .* must not hold \{time\}")
+    refused({"adhoc": {"enabled": True}}, "the removed ad-hoc Job's values", r"adhoc")
+    refused({"nats.enabled": True, "queue.url": "", "queue.auth.method": "token", "queue.auth.token": "t"},
+            "queue.auth with the bundled NATS", r"queue.auth is for an external NATS")
+    refused({"nats.enabled": True, "queue.url": "", "queue.streamReplicas": 3},
+            "more stream replicas than the bundled NATS has servers", r"queue.streamReplicas \(3\)")
+    refused({"queue.streamReplicas": 6}, "more than 5 stream replicas", r"streamReplicas")
+
+    def replicas():
+        def env_replicas(change):
+            values = json.loads(json.dumps(base))
+            for path, v in change.items():
+                cur = values
+                keys = path.split(".")
+                for k in keys[:-1]:
+                    cur = cur.setdefault(k, {})
+                cur[keys[-1]] = v
+            c = worker_container(render(values))
+            return env_of(c).get("QUIRE_NATS_REPLICAS", {}).get("value")
+        assert env_replicas({}) is None, "an external NATS's streams keep their replicas unless asked"
+        assert env_replicas({"queue.streamReplicas": 3}) == "3", "an external NATS cluster"
+        bundled = {"nats.enabled": True, "queue.url": ""}
+        assert env_replicas(bundled) == "1"
+        cluster = {**bundled, "nats.config.cluster.enabled": True}
+        assert env_replicas(cluster) == "3", "a bundled NATS cluster of 3 gets R3 streams"
+        assert env_replicas({**cluster, "nats.config.cluster.replicas": 5}) == "3"
+        assert env_replicas({**cluster, "nats.config.cluster.replicas": 5, "queue.streamReplicas": 5}) == "5"
+    check("values: JetStream stream replicas follow queue.streamReplicas and the bundled NATS cluster", replicas)
+
+    def secret_change_rolls_pods():
+        def checksums(values):
+            docs = render(values)
+            return {o["metadata"]["name"]: pod_metadata(o)["annotations"]["checksum/secrets"] for o, _ in pod_specs(docs)}
+        keys = json.loads(json.dumps(base))
+        keys["s3"] = {"accessKeyId": "AKIA-one", "secretAccessKey": "first"}
+        first = checksums(keys)
+        assert first == checksums(keys), "the checksum changes without a change"
+        keys["s3"]["secretAccessKey"] = "second"
+        second = checksums(keys)
+        assert first.keys() == second.keys() and all(first[k] != second[k] for k in first), (first, second)
+    check("a changed Secret value changes every quire Pod's checksum annotation (helm upgrade rolls them)", secret_change_rolls_pods)
 
     def defaults_accepted():
         helm.Chart.load(str(CHART)).validate_schema(base)
     check("schema: accepts the defaults scenario", defaults_accepted)
 
 
+# Helm's own limit for release names.
+LONG_RELEASE = "scanned-archive-ocr-production-eu-west-nightly-batch1"
+assert len(LONG_RELEASE) == 53
+NAME_LIMITS = {"CronJob": 52, "StatefulSet": 52, "Service": 63, "Job": 63, "Deployment": 63, "ScaledObject": 63}
+
+
+def names_within_limits(docs) -> None:
+    """Object names and label values Kubernetes (and the controllers that name
+    things after them) accept: 52 for a CronJob (its Jobs add 11 characters) and
+    a StatefulSet (its revision label adds 11), 63 for names that become DNS
+    labels or label values, 253 otherwise; label values at most 63."""
+    for d in docs:
+        n = d["metadata"]["name"]
+        lim = NAME_LIMITS.get(d["kind"], 253)
+        assert len(n) <= lim, f"{d['kind']} {n}: {len(n)} characters, more than {lim}"
+        assert re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", n), f"{d['kind']} {n}: not a DNS name"
+        label_sets = [d["metadata"].get("labels") or {}]
+        spec = d.get("spec") or {}
+        for path in (("template",), ("jobTemplate",), ("jobTemplate", "spec", "template")):
+            cur = spec
+            for k in path:
+                cur = (cur or {}).get(k) or {}
+            label_sets.append((cur.get("metadata") or {}).get("labels") or {})
+        for labels in label_sets:
+            for k, v in labels.items():
+                assert len(str(v)) <= 63, f"{d['kind']} {n}: label {k}={v} over 63 characters"
+
+
+def long_release_checks() -> None:
+    versions = supported_versions()
+    for scenario in ("defaults", "gpu-keda-irsa"):
+        def run(scenario=scenario):
+            values = yaml.safe_load((CHART / f"ci/{scenario}-values.yaml").read_text())
+            docs = render(values, release=LONG_RELEASE)
+            names_within_limits(docs)
+            kube_validate(docs, versions)
+            cj = [d["metadata"]["name"] for d in docs if d["kind"] == "CronJob"]
+            assert cj and cj[0] in notes_for(values, LONG_RELEASE), "NOTES names another CronJob"
+        check(f"{scenario}: a 53-character release name: names within Kubernetes' limits", run)
+
+    def bundled_refused():
+        try:
+            render({}, release=LONG_RELEASE)
+        except helm.HelmError as e:
+            assert "nats.fullnameOverride" in str(e) and "52" in str(e), str(e)
+            return
+        raise AssertionError("a bundled NATS whose StatefulSet name is too long was accepted")
+    check("bundled NATS with a 53-character release name: refused, naming nats.fullnameOverride", bundled_refused)
+
+    def bundled_override():
+        values = yaml.safe_load((CHART / "ci/bundled-nats-values.yaml").read_text())
+        values["nats"]["fullnameOverride"] = "ocr-nats"
+        docs = render(values, release=LONG_RELEASE)
+        names_within_limits(docs)
+        kube_validate(docs, versions)
+        so = one(docs, "ScaledObject")
+        host = so["spec"]["triggers"][0]["metadata"]["natsServerMonitoringEndpoint"].split(".")[0]
+        assert any(d["kind"] == "Service" and d["metadata"]["name"] == host for d in docs), host
+    check("bundled NATS with a 53-character release name and nats.fullnameOverride: names within limits", bundled_override)
+
+
+ARTIFACTHUB_CATEGORIES = {"ai-machine-learning", "database", "integration-delivery", "monitoring-logging", "networking",
+                          "security", "storage", "streaming-messaging", "skip-prediction"}
+
+
+def chart_metadata() -> None:
+    """Chart.yaml carries what Artifact Hub shows, and it agrees with the workspace."""
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    a = chart["annotations"]
+    cargo = (ROOT / "Cargo.toml").read_text()
+    assert f'license = "{a["artifacthub.io/license"]}"' in cargo, "licence differs from the workspace's"
+    assert a["artifacthub.io/category"] in ARTIFACTHUB_CATEGORIES, a["artifacthub.io/category"]
+    for key in ("artifacthub.io/links", "artifacthub.io/recommendations", "artifacthub.io/changes"):
+        items = yaml.safe_load(a[key])
+        assert isinstance(items, list) and items, key
+        for i in items:
+            assert str(i.get("url", "https://")).startswith("https://"), i
+    for c in yaml.safe_load(a["artifacthub.io/changes"]):
+        assert c["kind"] in ("added", "changed", "deprecated", "removed", "fixed", "security") and c["description"], c
+    version = re.search(r'^version = "([^"]+)"', cargo, re.M).group(1)
+    assert chart["appVersion"] == version, f"appVersion {chart['appVersion']} is not quire's version {version}"
+    assert chart["keywords"] and chart["description"] and chart["kubeVersion"]
+
+
+def rules_conventions() -> None:
+    """Every alert links its runbook section and keeps the namespace label
+    through every aggregation and match."""
+    rules = yaml.safe_load((ROOT / "deploy/prometheus/rules.yaml").read_text())
+    book = (ROOT / "deploy/prometheus/runbook.md").read_text()
+    anchors = {h.strip().lower() for h in re.findall(r"^## (\S+)$", book, re.M)}
+    alerts = [r for g in rules["groups"] for r in g["rules"] if "alert" in r]
+    for r in alerts:
+        url = r["annotations"].get("runbook_url", "")
+        assert url == f"runbook.md#{r['alert'].lower()}", f"{r['alert']}: runbook_url {url!r}"
+        assert r["alert"].lower() in anchors, f"runbook.md has no section {r['alert']}"
+        for kw, labels in re.findall(r"\b(by|on)\s*\(([^)]*)\)", r["expr"]):
+            assert "namespace" in labels, f"{r['alert']}: `{kw} ({labels})` drops the namespace label"
+    assert len(anchors) == len(alerts), f"runbook sections without an alert: {anchors - {a['alert'].lower() for a in alerts}}"
+    names = {r["alert"] for r in alerts}
+    for want in ("QuireRunJobFailed", "QuireRunNearDeadline", "QuireRunWithoutWorkers", "QuireKedaScalerErrors"):
+        assert want in names, f"{want} missing"
+    tests = (ROOT / "deploy/prometheus/rules_test.yaml").read_text()
+    for n in names:
+        assert re.search(rf"alertname: {n}\n\s+exp_alerts:\n\s+- exp_labels", tests), f"no promtool test expects {n} to fire"
+
+
+def readme_commands() -> None:
+    """The README's "Run on Kubernetes" commands survive a shell and match the chart."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Run on Kubernetes"):text.index("## Benchmarks")]
+    chart_readme = (CHART / "README.md").read_text()
+    for where, body in (("README.md", section), ("helm/quire/README.md", chart_readme)):
+        for m in re.finditer(r"--set[ =](\S+)", body):
+            arg = m.group(1)
+            if any(c in arg for c in "[]\\"):
+                assert arg.startswith("'") or arg.startswith('"'), f"{where}: unquoted --set {arg} (zsh globs [ ], bash drops \\)"
+        assert "exec deploy/" not in body, f"{where}: kubectl exec into workers that KEDA may have scaled to zero"
+    # The CronJob the README names is the one the chart makes for its release (quire in batch).
+    docs = render(yaml.safe_load((CHART / "ci/gpu-keda-irsa-values.yaml").read_text()))
+    cj = one(docs, "CronJob")["metadata"]["name"]
+    for name in re.findall(r"cronjob/([a-z0-9-]+)", section):
+        assert name == cj, f"README names cronjob/{name}; the chart makes {cj}"
+    assert "StorageClass" in section, "README: the bundled NATS needs a default StorageClass"
+    assert "job.ackWaitSeconds" in section, "README: a killed worker's tasks move on after the chart's lease"
+
+
 def repository_checks() -> None:
+    check("README: Run on Kubernetes commands quoted, the real CronJob name, no exec into workers", readme_commands)
+    check("Chart.yaml: Artifact Hub metadata", chart_metadata)
+    check("alert rules: runbook_url and the namespace label on every alert, each tested", rules_conventions)
+
     def copies_in_step():
         for a, b in (("deploy/prometheus/rules.yaml", "helm/quire/files/rules.yaml"),
                      ("deploy/grafana/quire.json", "helm/quire/files/quire.json")):
@@ -635,12 +1041,13 @@ def repository_checks() -> None:
 def main() -> int:
     assert SCENARIOS, "no ci/*-values.yaml"
     names = {p.stem for p in SCENARIOS}
-    for want in ("defaults-values", "gpu-keda-irsa-values", "bundled-nats-values",
+    for want in ("empty-values", "conventions-values", "defaults-values", "gpu-keda-irsa-values", "bundled-nats-values",
                  "external-nats-tls-values", "existing-secrets-values"):
         assert want in names, f"scenario {want} missing"
     for p in SCENARIOS:
         scenario_checks(p)
     schema_checks()
+    long_release_checks()
     repository_checks()
     if failures:
         print(f"chart checks: {len(failures)} of {len(failures) + passed} FAILED", file=sys.stderr)
