@@ -338,8 +338,8 @@ pub fn check(args: CheckArgs) -> u8 {
             let nats = &args.services.nats;
             let reach_queue = async {
                 let opts = QueueOptions { ack_wait: Duration::from_secs(300), max_deliver: 3 };
-                let queue = connect_queue(nats, args.services.nats_auth.auth(), opts, false).await?;
-                JobProgress::open(queue.client(), 1).await.context("opening the job registry on JetStream")?;
+                let queue = connect_queue(nats, args.services.nats_auth.auth(), opts, false, args.services.nats_auth.replicas()).await?;
+                JobProgress::open(queue.client(), queue.options().replicas).await.context("opening the job registry on JetStream")?;
                 anyhow::Ok(())
             };
             tokio::time::timeout(limit, reach_queue)
