@@ -1590,3 +1590,85 @@ fn quire_run_refuses_s3_locations_instead_of_writing_a_folder_named_s3() {
     assert_eq!(code(&o), 2);
     assert!(!tmp.path().join("o").exists());
 }
+
+/// A model that fails every page while `down` is set (a transient fault: a driver reset, an
+/// out-of-memory), and answers "caption" otherwise.
+struct Flaky {
+    down: bool,
+}
+
+impl quire_pipeline::Generator for Flaky {
+    fn model_name(&self) -> String {
+        "test/flaky".into()
+    }
+    fn default_prompt(&self, _: quire_core::TaskKind) -> String {
+        "Describe.".into()
+    }
+    fn generate(&mut self, reqs: &[quire_pipeline::GenRequest]) -> anyhow::Result<Vec<quire_pipeline::GenOutput>> {
+        anyhow::ensure!(!self.down, "the device is gone");
+        Ok(reqs
+            .iter()
+            .map(|_| quire_pipeline::GenOutput {
+                text: "caption".into(),
+                tokens_in: 10,
+                tokens_out: 1,
+                finish: quire_core::FinishReason::Stop,
+                device_ms: 1.0,
+                loop_info: None,
+            })
+            .collect())
+    }
+}
+
+#[test]
+fn retry_failed_redoes_the_pages_an_earlier_run_failed_and_nothing_else() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("imgs");
+    std::fs::create_dir(&input).unwrap();
+    for i in 0..40 {
+        std::fs::copy(doc("gray.png"), input.join(format!("img-{i:02}.png"))).unwrap();
+    }
+    let out = tmp.path().join("out");
+    let night = |run: &str, down: bool, retry_failed: bool| {
+        let mut settings = quire_core::JobSettings::new("flaky");
+        settings.task = quire_core::TaskKind::Caption;
+        settings.model = Some("test/flaky".into());
+        settings.images_per_task = 8;
+        let opts = quire_pipeline::RunOptions {
+            inputs: vec![input.to_string_lossy().into_owned()],
+            out: out.clone(),
+            settings,
+            workers: 1,
+            force: false,
+            run: run.into(),
+            retry_failed,
+            prune: false,
+            queue: quire_queue::QueueOptions::default(),
+            ctx: quire_pipeline::process::ProcessContext {
+                pdf: quire_render::PdfRenderer::start(1).expect("pdfium (QUIRE_PDFIUM)"),
+                model: Some(quire_pipeline::InferenceHandle::start(Box::new(Flaky { down }), Default::default())),
+                model_long_side: Some(512),
+            },
+            price_per_hour: None,
+        };
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(quire_pipeline::run_embedded(opts, Default::default())).unwrap()
+    };
+    // Night 1: the device is down, every page fails.
+    let first = night("n1", true, false);
+    assert_eq!((first.run.counts.pages_failed, first.run.counts.pages_ok), (40, 0));
+    let failed_tasks = first.run.counts.tasks_done;
+    assert!(first.manifest.objects.iter().all(|o| o.status == quire_core::ObjectStatus::Failed));
+    // Night 2, device back, no --retry-failed: the failed pages stay failed.
+    let second = night("n2", false, false);
+    assert_eq!((second.run.counts.tasks_done, second.run.counts.tasks_skipped), (0, failed_tasks));
+    assert_eq!(second.manifest.counts.pages_failed, 40);
+    // Night 3 with --retry-failed: exactly the failed tasks run again, and every page is ok.
+    let third = night("n3", false, true);
+    assert_eq!(third.run.counts.tasks_done, failed_tasks);
+    assert_eq!((third.manifest.counts.pages_ok, third.manifest.counts.pages_failed), (40, 0));
+    assert!(third.manifest.objects.iter().all(|o| o.status == quire_core::ObjectStatus::Done));
+    assert_eq!(records(&out, "flaky").len(), 40, "one record per image, the failed ones replaced");
+    // Night 4 with --retry-failed again: nothing left to redo.
+    assert_eq!(night("n4", false, true).run.counts.tasks_done, 0);
+}
