@@ -12,16 +12,19 @@
 #
 #   benches/incremental/bench.sh
 #   N=20000 NEW_PCT=1 REPEAT=3 PROFILE=dev benches/incremental/bench.sh
+#   QUIRE=target/release/quire N=10000 benches/incremental/bench.sh
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 N="${N:-100000}"
 NEW_PCT="${NEW_PCT:-1}"
 REPEAT="${REPEAT:-3}"
 PER="${PER:-256}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
-PROFILE="${PROFILE:-release}"
-cargo build -q --profile "$PROFILE" -p quire
-QUIRE="$CARGO_TARGET_DIR/$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")/quire"
+if [ -z "${QUIRE:-}" ]; then   # QUIRE=/path/to/quire uses that binary instead of building one
+  export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+  PROFILE="${PROFILE:-release}"
+  cargo build -q --profile "$PROFILE" -p quire
+  QUIRE="$CARGO_TARGET_DIR/$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")/quire"
+fi
 export QUIRE_PDFIUM="${QUIRE_PDFIUM:-$("$ROOT/scripts/setup-pdfium.sh" "$HOME/.cache/quire-tools/pdfium")}"
 command -v strace >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq strace >/dev/null; }
 WORK="$(mktemp -d /tmp/quire-incremental.XXXX)"
