@@ -22,6 +22,12 @@ pub fn run_manifest_key(job: &str, run: &str) -> String {
     format!("{}runs/{}/manifest.json", job_prefix(job), safe_component(run))
 }
 
+/// `JOB/runs/RUN/started.json`: present from a run's start until it is closed, so that the
+/// next run knows an earlier one ended before its manifests were written.
+pub fn run_started_key(job: &str, run: &str) -> String {
+    format!("{}runs/{}/started.json", job_prefix(job), safe_component(run))
+}
+
 /// `JOB/superseded/RUN/`: where a run moves the results and derived files it replaced, below
 /// which they keep their path under `JOB/`.
 pub fn superseded_prefix(job: &str, run: &str) -> String {

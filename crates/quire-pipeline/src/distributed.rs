@@ -16,13 +16,16 @@
 //! - `JOB/results/TASK_ID.jsonl` marks a task done; dead letters live in the
 //!   `QUIRE_DEAD` stream.
 
-use crate::finish::{finish_job, parse_jsonl, JobOutcome, PagesThisRun, PlannedTask};
+use crate::finish::{finish_outputs, parse_jsonl, JobOutcome, PagesThisRun, PlannedTask};
 use crate::plan::{ImageGroups, Planner};
+use crate::runs::{begin_run, close_run, object_task, unfinished_runs, CloseRun, JobState, RunBook, RunOutcome};
 use crate::split::{document_task, split_key, splits_prefix, Split};
 use crate::process::TaskFailure;
 use crate::worker::{Fetch, Fetched, RangedInput, ResultStores, Vetting};
 use anyhow::Context as _;
-use quire_core::{job_prefix, results_key, DeadLetter, JobSettings, Manifest, SourceRef, TaskSpec, UnitKind};
+use quire_core::{
+    job_prefix, results_key, DeadLetter, JobSettings, Manifest, ObjectStatus, ObjectTask, SourceRef, TaskSpec, UnitKind,
+};
 use quire_queue::jetstream::{JetStreamOptions, JetStreamQueue, TaskEvents};
 use quire_queue::progress::{JobMeta, JobProgress};
 use quire_queue::TaskEvent;
@@ -331,6 +334,10 @@ pub struct PlanLine {
     /// Images in the group.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub units: u32,
+    /// The document's tasks when the job manifest knew them (an unchanged object of an
+    /// earlier run): no split needs to be read for it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tasks: Vec<ObjectTask>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -353,6 +360,9 @@ pub struct JobFile {
     /// Unix seconds of the (latest) submission.
     pub submitted_at: f64,
     pub documents: u64,
+    /// The run (`--run`) of the latest submission.
+    #[serde(default)]
+    pub run: String,
     /// `JOB/plan/000000.jsonl` … in order; parts beyond are stale.
     pub plan_parts: u32,
     pub published: u64,
@@ -503,16 +513,27 @@ pub struct CoordinatorOptions {
     pub force: bool,
     /// `--price-per-hour`, for the cost in the manifest.
     pub price_per_hour: Option<f64>,
+    /// The run's name (`--run`): runs of the same name are one run.
+    pub run: String,
+    /// Redo the tasks of earlier runs whose results hold error records (`--retry-failed`).
+    pub retry_failed: bool,
+    /// Delete superseded files instead of moving them under `JOB/superseded/RUN/`.
+    pub prune: bool,
 }
 
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct Submitted {
+    pub run: String,
     pub documents: u64,
     pub published: u64,
     /// Documents whose results (or all of whose page-range results) exist.
     pub skipped: u64,
     /// Documents the queue already held (published within its dedup window).
     pub duplicates: u64,
+    /// Listed objects new to the job, changed since its last run, and unchanged.
+    pub objects_new: u64,
+    pub objects_changed: u64,
+    pub objects_unchanged: u64,
     #[serde(skip)]
     pub warnings: Vec<ListWarning>,
     /// Tasks with results before this submission.
@@ -520,31 +541,126 @@ pub struct Submitted {
     pub done_before: IdSet,
 }
 
+/// What the finish of a run needs from its planning: the job as the earlier runs left it,
+/// the objects this run listed, and the tasks it queued.
+pub struct RunPlan {
+    pub state: JobState,
+    pub book: RunBook,
+    /// Ids of the tasks this submission published (documents, image groups, and the tasks of
+    /// failed pages it retried): a document's page-range tasks are this run's work when its
+    /// document task is in here.
+    pub queued: HashSet<String>,
+}
+
 /// Tasks published at once before waiting for the server's acks.
 const PUBLISH_WINDOW: usize = 512;
 
-/// Lists the inputs and publishes one whole-document task per object that
-/// has no results yet, without opening any of them (workers do: see
-/// [`crate::split`]); writes the plan parts and `JOB/job.json`.
-///
-/// Memory stays flat in the corpus size except for the set of finished
-/// task ids (16 bytes each) needed to skip finished work.
-pub async fn submit(o: &CoordinatorOptions, queue: &JetStreamQueue, store: &dyn BlobStore) -> anyhow::Result<Submitted> {
-    let job = o.settings.job.clone();
-    let planner = Planner::new(o.settings.clone());
-    let s3_client = if o.inputs.iter().any(|i| is_s3(i)) { Some(o.access.client().await) } else { None };
-    let (done, split) = if o.force {
-        (IdSet::default(), IdSet::default())
+/// What an object is taken for by its name, until a worker opens it.
+fn kind_by_name(uri: &str) -> &'static str {
+    let name = uri.rsplit('/').next().unwrap_or(uri).to_ascii_lowercase();
+    if looks_like_image(uri) {
+        "image"
+    } else if name
+        .rsplit_once('.')
+        .is_some_and(|(_, ext)| quire_store::archive::is_archive_ext(ext))
+    {
+        "archive"
     } else {
-        (results_present(store, &job).await?, splits_present(store, &job).await?)
+        "pdf"
+    }
+}
+
+/// The task that redoes one failed task of an unchanged object (`--retry-failed`).
+fn retry_task(
+    settings: &JobSettings,
+    fingerprint: &str,
+    src: &SourceRef,
+    t: &ObjectTask,
+    unit_count: u32,
+    submission: &str,
+) -> TaskSpec {
+    let mut task = document_task(settings, fingerprint, src);
+    if t.unit != UnitKind::Document {
+        task.task_id = t.task_id.clone();
+        task.unit = t.unit;
+        task.first = t.first;
+        task.last = t.last;
+        task.unit_count = unit_count;
+    }
+    task.submission = Some(submission.to_string());
+    task
+}
+
+/// Lists the inputs and publishes the run's work without opening any object (workers do:
+/// see [`crate::split`]); writes the plan parts and `JOB/job.json`.
+///
+/// A run plans against the job manifest ([`JobState`]): an unchanged object whose tasks all
+/// have results is skipped without a look at the store; new and changed objects get one
+/// whole-document task each; loose images are grouped by name, and a group whose task has
+/// results is skipped. The store's results and splits are listed only when the manifest
+/// cannot say (no manifest, other settings, or an earlier run that never closed).
+///
+/// Memory grows with the job's objects (the manifest and this run's book of them) and the
+/// set of finished task ids (16 bytes each) when the store is listed.
+pub async fn submit(
+    o: &CoordinatorOptions,
+    queue: &JetStreamQueue,
+    store: &dyn BlobStore,
+) -> anyhow::Result<(Submitted, RunPlan)> {
+    let job = o.settings.job.clone();
+    let started_at = SystemTime::now();
+    let planner = Planner::new(o.settings.clone());
+    let s3_client = if o.inputs.iter().any(|i| is_s3(i)) {
+        Some(o.access.client().await)
+    } else {
+        None
+    };
+    let state = JobState::load(store, &job, &o.settings).await?;
+    let unfinished = unfinished_runs(store, &job).await?;
+    // The manifest knows every task of the closed runs; results from a run that never closed
+    // (or of a job with no usable manifest) are found in the store.
+    let look_in_store = !o.force && !(state.knows_objects() && unfinished.is_empty());
+    if !unfinished.is_empty() {
+        tracing::info!(
+            "{job}: run(s) {} did not close; looking for their results in the store",
+            unfinished.join(", ")
+        );
+    }
+    begin_run(store, &job, &o.run, started_at).await?;
+    let (done, split) = if look_in_store {
+        (
+            results_present(store, &job).await?,
+            splits_present(store, &job).await?,
+        )
+    } else {
+        (IdSet::default(), IdSet::default())
     };
     // Workers look for stored page-range results only where some may exist.
-    let check_stored = !o.force && !(done.is_empty() && split.is_empty());
-    // A forced submission redoes tasks the queue may have seen within its
-    // duplicate window: its own tag keeps them from being dropped.
-    let submission = o.force.then(|| format!("force-{:x}", SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos()));
-    let mut sub = Submitted::default();
-    let mut plan = PlanWriter { store, job: job.clone(), part: 0, buf: Vec::new(), lines: 0 };
+    let check_stored = !o.force && (!done.is_empty() || !split.is_empty());
+    // A forced submission (and a retry of failed tasks) redoes tasks the queue may have seen
+    // within its duplicate window: its own tag keeps them from being dropped.
+    let tag = format!(
+        "{:x}",
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos()
+    );
+    let submission = o.force.then(|| format!("force-{tag}"));
+    let retry_tag = format!("retry-{tag}");
+    let mut sub = Submitted {
+        run: o.run.clone(),
+        ..Default::default()
+    };
+    let mut book = RunBook::default();
+    let mut queued = HashSet::new();
+    let mut plan = PlanWriter {
+        store,
+        job: job.clone(),
+        part: 0,
+        buf: Vec::new(),
+        lines: 0,
+    };
     let mut publisher = queue.publisher(PUBLISH_WINDOW);
     for input in &o.inputs {
         let (tx, mut rx) = mpsc::channel(1024);
@@ -563,32 +679,134 @@ pub async fn submit(o: &CoordinatorOptions, queue: &JetStreamQueue, store: &dyn 
         let mut groups = ImageGroups::new(planner.settings.images_per_task);
         loop {
             let item = rx.recv().await;
-            let tasks = match item {
+            // (task, the tasks the job manifest knows for it, whether it is a retry)
+            let tasks: Vec<(TaskSpec, Vec<ObjectTask>, bool)> = match item {
                 None => {
-                    let Some(last) = groups.flush(&planner) else { break };
-                    vec![last]
+                    let Some(last) = groups.flush(&planner) else {
+                        break;
+                    };
+                    vec![(last, Vec::new(), false)]
                 }
                 Some(Listed::Warning(w)) => {
                     tracing::warn!("{}: {}", w.path, w.message);
+                    book.unlisted(&w.path);
                     sub.warnings.push(w);
                     continue;
                 }
                 Some(Listed::Object(src)) => {
                     sub.documents += 1;
+                    let found = state.classify(&src, &o.run);
                     if looks_like_image(&src.uri) {
-                        groups.push(&planner, input, src).into_iter().collect()
+                        book.add(&state, &o.run, &src, "image", found);
+                        groups
+                            .push(&planner, input, src)
+                            .into_iter()
+                            .map(|t| (t, Vec::new(), false))
+                            .collect()
                     } else {
-                        vec![document_task(&planner.settings, &planner.fingerprint, &src)]
+                        match state.unchanged(&src) {
+                            // Finished before: its tasks stand as they are (a retry redoes the failed ones).
+                            Some(p)
+                                if !o.force
+                                    && p.status != ObjectStatus::Incomplete
+                                    && p.kind != "image" =>
+                            {
+                                book.add(&state, &o.run, &src, &p.kind, found);
+                                book.set_tasks(&src.uri, p.tasks.clone());
+                                let doc =
+                                    document_task(&planner.settings, &planner.fingerprint, &src);
+                                if o.retry_failed && p.status == ObjectStatus::Failed {
+                                    let units = p.tasks.iter().map(|t| t.last).max().unwrap_or(0);
+                                    let mut out: Vec<_> = p
+                                        .tasks
+                                        .iter()
+                                        .filter(|t| t.failed > 0)
+                                        .map(|t| {
+                                            (
+                                                retry_task(
+                                                    &planner.settings,
+                                                    &planner.fingerprint,
+                                                    &src,
+                                                    t,
+                                                    units,
+                                                    &retry_tag,
+                                                ),
+                                                Vec::new(),
+                                                true,
+                                            )
+                                        })
+                                        .collect();
+                                    // The plan line carries every task; the retried ones are published after it.
+                                    out.insert(0, (doc, p.tasks.clone(), false));
+                                    out
+                                } else {
+                                    vec![(doc, p.tasks.clone(), false)]
+                                }
+                            }
+                            _ => {
+                                book.add(
+                                    &state,
+                                    &o.run,
+                                    &src,
+                                    state
+                                        .unchanged(&src)
+                                        .map_or(kind_by_name(&src.uri), |p| p.kind.as_str()),
+                                    found,
+                                );
+                                let mut doc =
+                                    document_task(&planner.settings, &planner.fingerprint, &src);
+                                // An unfinished object of an earlier run: some of its parts may have results.
+                                doc.check_stored = check_stored || state.unchanged(&src).is_some();
+                                vec![(doc, Vec::new(), false)]
+                            }
+                        }
                     }
                 }
             };
-            for mut doc in tasks {
-                doc.check_stored = check_stored;
+            for (mut doc, known, retry) in tasks {
+                if retry {
+                    queued.insert(doc.task_id.clone());
+                    publisher.send(&doc).await?;
+                    continue;
+                }
+                if doc.unit == UnitKind::Images {
+                    let p = PlannedTask {
+                        task_id: doc.task_id.clone(),
+                        uri: doc.source.uri.clone(),
+                        rel: doc.source.rel.clone(),
+                        first: doc.first,
+                        last: doc.last,
+                        unit: doc.unit,
+                    };
+                    for m in &doc.members {
+                        book.set_tasks(&m.uri, vec![object_task(&p)]);
+                    }
+                }
+                doc.check_stored = doc.check_stored || check_stored;
                 doc.submission = submission.clone();
-                let (unit, units) = if doc.unit == UnitKind::Images { (Some(UnitKind::Images), doc.last) } else { (None, 0) };
-                plan.push(&PlanLine { task_id: doc.task_id.clone(), uri: doc.source.uri.clone(), rel: doc.source.rel.clone(), unit, units })
-                    .await?;
-                if done.contains(&doc.task_id) {
+                let (unit, units) = if doc.unit == UnitKind::Images {
+                    (Some(UnitKind::Images), doc.last)
+                } else {
+                    (None, 0)
+                };
+                let finished = !known.is_empty();
+                plan.push(&PlanLine {
+                    task_id: doc.task_id.clone(),
+                    uri: doc.source.uri.clone(),
+                    rel: doc.source.rel.clone(),
+                    unit,
+                    units,
+                    tasks: known,
+                })
+                .await?;
+                // A group the job manifest knows done, unless its error records are retried.
+                let prior = if doc.unit == UnitKind::Images && !o.force {
+                    state.done(&doc.task_id)
+                } else {
+                    None
+                };
+                let retry_group = o.retry_failed && prior.is_some_and(|failed| failed > 0);
+                if !retry_group && (finished || prior.is_some() || done.contains(&doc.task_id)) {
                     sub.skipped += 1;
                     continue;
                 }
@@ -600,6 +818,11 @@ pub async fn submit(o: &CoordinatorOptions, queue: &JetStreamQueue, store: &dyn 
                         }
                     }
                 }
+                if retry_group {
+                    // Past the queue's duplicate window for the id.
+                    doc.submission = Some(retry_tag.clone());
+                }
+                queued.insert(doc.task_id.clone());
                 publisher.send(&doc).await?;
             }
         }
@@ -610,18 +833,29 @@ pub async fn submit(o: &CoordinatorOptions, queue: &JetStreamQueue, store: &dyn 
     sub.published = acks.new;
     sub.done_before = done;
     sub.duplicates = acks.duplicates;
+    (sub.objects_new, sub.objects_changed, sub.objects_unchanged) = book.counts();
     let jf = JobFile {
         settings: o.settings.clone(),
         inputs: o.inputs.clone(),
         submitted_at: unix_now(),
         documents: sub.documents,
+        run: o.run.clone(),
         plan_parts: plan.part,
         published: sub.published,
         skipped: sub.skipped,
         duplicates: sub.duplicates,
     };
-    store.put(&job_file_key(&job), serde_json::to_vec_pretty(&jf)?).await?;
-    Ok(sub)
+    store
+        .put(&job_file_key(&job), serde_json::to_vec_pretty(&jf)?)
+        .await?;
+    Ok((
+        sub,
+        RunPlan {
+            state,
+            book,
+            queued,
+        },
+    ))
 }
 
 /// Every task of a job as known now: a document not opened yet is one
@@ -657,7 +891,7 @@ impl Ledger {
         if present.len() == self.splits.len() {
             return Ok(());
         }
-        for d in &self.docs {
+        for d in self.docs.iter().filter(|d| d.tasks.is_empty()) {
             if present.contains(&d.task_id) && !self.splits.contains_key(&d.task_id) {
                 if let Some(sp) = read_split(store, &job, &d.task_id).await? {
                     self.splits.insert(d.task_id.clone(), sp);
@@ -671,6 +905,9 @@ impl Ledger {
     /// task as a [`PlannedTask`] (an unopened document has pages `1..=0`).
     pub fn tasks(&self) -> impl Iterator<Item = (&PlanLine, Vec<PlannedTask>)> {
         self.docs.iter().map(|d| {
+            if !d.tasks.is_empty() {
+                return (d, d.tasks.iter().map(crate::runs::planned).collect());
+            }
             let tasks = match self.splits.get(&d.task_id) {
                 Some(sp) => sp
                     .parts
@@ -898,15 +1135,17 @@ pub async fn job_status(
 /// worth it: the open tasks of the last look are followed through the
 /// events, and the store is looked at again as soon as none is left, or
 /// after `poll` in any case (events are best effort).
+#[allow(clippy::too_many_arguments)]
 pub async fn wait_and_finish(
     o: &CoordinatorOptions,
     queue: &JetStreamQueue,
     store: &dyn BlobStore,
     sub: &Submitted,
+    plan: RunPlan,
     started_at: SystemTime,
     poll: Duration,
     mut events: Option<TaskEvents>,
-) -> anyhow::Result<Manifest> {
+) -> anyhow::Result<RunOutcome> {
     let job = &o.settings.job;
     let mut ledger = Ledger::load(store, job).await?.context("job.json vanished from the output")?;
     let q = queue.clone();
@@ -985,35 +1224,89 @@ pub async fn wait_and_finish(
     tracing::debug!("{job}: every task settled after {looks} looks at the output");
     forwarder.abort();
     let planned: Vec<PlannedTask> = states.into_iter().map(|(t, _)| t).collect();
-    let before = |id: &str| sub.done_before.contains(id);
-    tracing::debug!("{job}: every task settled; writing Markdown and the manifest");
+    // This run's work: the tasks it queued, and the parts of the documents it queued.
+    let RunPlan {
+        state,
+        mut book,
+        queued,
+    } = plan;
+    let mut this_run: HashSet<String> = HashSet::new();
+    for (d, tasks) in ledger.tasks() {
+        let doc_queued = queued.contains(&d.task_id);
+        this_run.extend(
+            tasks
+                .iter()
+                .filter(|t| doc_queued || queued.contains(&t.task_id))
+                .map(|t| t.task_id.clone()),
+        );
+        if d.unit == Some(UnitKind::Images) || !d.tasks.is_empty() {
+            continue;
+        }
+        // A document opened by a worker this run: what it turned out to be, and its tasks.
+        match tasks.first().map(|t| t.unit) {
+            Some(UnitKind::Archive) => book.set_kind(&d.uri, "archive"),
+            Some(UnitKind::Pdf) => book.set_kind(&d.uri, "pdf"),
+            Some(UnitKind::Image) => book.set_kind(&d.uri, "image"),
+            Some(UnitKind::Unreadable) => book.set_kind(&d.uri, "unreadable"),
+            _ => {}
+        }
+        book.set_tasks(&d.uri, tasks.iter().map(object_task).collect());
+    }
+    let before = |id: &str| !this_run.contains(id);
+    let fresh = |id: &str| this_run.contains(id);
+    tracing::debug!("{job}: every task settled; writing Markdown and the manifests");
     let t0 = std::time::Instant::now();
     let mut outage = Outage::new(o.access.retry);
-    let manifest = loop {
-        let finished = finish_job(
-            store,
-            JobOutcome {
-                settings: &o.settings,
-                inputs: &o.inputs,
-                plan: &planned,
-                dead: &dead,
-                tasks_skipped: sub.skipped,
-                started_at,
-                pages_this_run: PagesThisRun::DoneBefore(&before),
-                price_per_hour: o.price_per_hour,
-                known_records: Some(&kept),
-                fresh: None,
-            },
-        )
+    let outcome = loop {
+        let finished = async {
+            let report = finish_outputs(
+                store,
+                JobOutcome {
+                    settings: &o.settings,
+                    inputs: &o.inputs,
+                    plan: &planned,
+                    dead: &dead,
+                    tasks_skipped: sub.skipped,
+                    started_at,
+                    pages_this_run: PagesThisRun::DoneBefore(&before),
+                    price_per_hour: o.price_per_hour,
+                    known_records: Some(&kept),
+                    fresh: Some(&fresh),
+                },
+            )
+            .await?;
+            close_run(
+                store,
+                &state,
+                book.clone(),
+                report,
+                CloseRun {
+                    run: &o.run,
+                    prune: o.prune,
+                    started_at,
+                    plan: &planned,
+                    published: &this_run,
+                    tasks_skipped: sub.skipped,
+                    dead: &dead,
+                    price_per_hour: o.price_per_hour,
+                },
+            )
+            .await
+        }
         .await;
-        // Every file of the finish is written whole under a fixed key, so doing it again is safe.
+        // Every file of the finish is written whole under a fixed key, and a superseded file
+        // is moved once, so doing it again is safe.
         match finished {
             Ok(m) => break m,
-            Err(e) => outage.wait(&format!("{job}: writing the Markdown and the manifest"), e).await?,
+            Err(e) => {
+                outage
+                    .wait(&format!("{job}: writing the Markdown and the manifests"), e)
+                    .await?
+            }
         }
     };
     tracing::debug!("{job}: finished in {:.3}s", t0.elapsed().as_secs_f64());
-    Ok(manifest)
+    Ok(outcome)
 }
 
 /// Backoff for a step that failed as a whole (the store retries single operations itself):

@@ -2,7 +2,7 @@
 //! in-process queue and a local output folder.
 
 use crate::finish::{finish_outputs, JobOutcome, PlannedTask};
-use crate::runs::{close_run, object_task, planned, CloseRun, JobState, RunBook};
+use crate::runs::{begin_run, close_run, object_task, planned, CloseRun, JobState, RunBook};
 use crate::plan::{examine, Examined, ImageGroups, Planner};
 use crate::process::ProcessContext;
 use crate::progress::Progress;
@@ -134,6 +134,7 @@ pub async fn run_embedded(opts: RunOptions, progress: Arc<Progress>) -> anyhow::
     let limits = opts.settings.limits;
     let job = opts.settings.job.clone();
     let state = JobState::load(store.as_ref(), &job, &opts.settings).await?;
+    begin_run(store.as_ref(), &job, &opts.run, started_at).await?;
     let mut book = RunBook::default();
     let mut plan: Vec<PlannedTask> = Vec::new();
     let mut published: HashSet<String> = HashSet::new();

@@ -13,7 +13,7 @@
 
 use crate::finish::{process_cpu_seconds, FinishReport, PlannedTask};
 use quire_core::{
-    job_prefix, manifest_key, results_key, run_manifest_key, settings_fingerprint, superseded_prefix, DeadLetter, Manifest,
+    job_prefix, manifest_key, results_key, run_manifest_key, run_started_key, settings_fingerprint, superseded_prefix, DeadLetter, Manifest,
     ObjectChange, ObjectEntry, ObjectStatus, ObjectTask, RunEntry, SourceRef, Throughput,
 };
 use quire_store::BlobStore;
@@ -72,6 +72,12 @@ impl JobState {
         self.previous.as_ref()
     }
 
+    /// Whether the job manifest lists its objects with this run's settings: then it knows
+    /// every finished task of the closed runs, and they need not be looked for in the store.
+    pub fn knows_objects(&self) -> bool {
+        self.same_settings && self.previous.as_ref().is_some_and(|m| !m.objects.is_empty())
+    }
+
     /// New, changed or unchanged, against the job before this run (`run`).
     pub fn classify(&self, src: &SourceRef, run: &str) -> Found {
         match self.objects.get(&src.uri) {
@@ -123,7 +129,7 @@ pub fn planned(t: &ObjectTask) -> PlannedTask {
 }
 
 /// The objects one run listed, in listing order.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct RunBook {
     /// As the job manifest will keep them: `change` is how the current version came in.
     entries: Vec<ObjectEntry>,
@@ -203,6 +209,24 @@ impl RunBook {
         self.entries.len()
     }
 
+    /// Booked objects counted as new, changed and unchanged.
+    pub fn counts(&self) -> (u64, u64, u64) {
+        let n = |c: ObjectChange| self.found.iter().filter(|f| **f == c).count() as u64;
+        (n(ObjectChange::New), n(ObjectChange::Changed), n(ObjectChange::Unchanged))
+    }
+
+    /// Sets what a booked object turned out to be once a worker opened it.
+    pub fn set_kind(&mut self, uri: &str, kind: &str) {
+        if let Some(&i) = self.index.get(uri) {
+            self.entries[i].kind = kind.to_string();
+        }
+    }
+
+    /// Whether a booked object's tasks are known.
+    pub fn has_tasks(&self, uri: &str) -> bool {
+        self.index.get(uri).is_some_and(|&i| !self.entries[i].tasks.is_empty())
+    }
+
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
@@ -238,6 +262,25 @@ fn round3(x: f64) -> f64 {
 
 /// The folders of a job whose files belong to inputs: results and what is derived from them.
 const OUTPUT_DIRS: [&str; 4] = ["results/", "markdown/", "parquet/", "webdataset/"];
+
+/// Marks the start of a run (see [`run_started_key`]); [`close_run`] removes the mark.
+pub async fn begin_run(store: &dyn BlobStore, job: &str, run: &str, started_at: SystemTime) -> anyhow::Result<()> {
+    let body = serde_json::json!({ "run": run, "started_at": humantime::format_rfc3339_seconds(started_at).to_string() });
+    store.put(&run_started_key(job, run), serde_json::to_vec(&body)?).await?;
+    Ok(())
+}
+
+/// Runs of `job` that started and were never closed (a coordinator or `quire run` that was
+/// killed): their finished tasks are in the store but not in the job manifest.
+pub async fn unfinished_runs(store: &dyn BlobStore, job: &str) -> anyhow::Result<Vec<String>> {
+    let prefix = format!("{}runs/", job_prefix(job));
+    Ok(store
+        .list(&prefix)
+        .await?
+        .into_iter()
+        .filter_map(|k| k.strip_prefix(&prefix)?.strip_suffix("/started.json").map(str::to_string))
+        .collect())
+}
 
 /// Moves (or with `prune` deletes) every file under the job's output folders that is not
 /// in `current`; returns how many.
@@ -399,5 +442,6 @@ pub async fn close_run(store: &dyn BlobStore, state: &JobState, book: RunBook, r
     job_manifest.objects = entries;
     job_manifest.runs = runs;
     store.put(&manifest_key(&job), serde_json::to_vec_pretty(&job_manifest)?).await?;
+    store.delete(&run_started_key(&job, c.run)).await?;
     Ok(RunOutcome { job: job_manifest, run: run_manifest, run_manifest_key: run_key })
 }

@@ -14,6 +14,8 @@ pub mod jetstream;
 pub mod memory;
 #[cfg(feature = "nats")]
 pub mod progress;
+#[cfg(feature = "nats")]
+pub mod runlease;
 
 use async_trait::async_trait;
 use quire_core::TaskSpec;

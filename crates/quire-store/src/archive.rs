@@ -197,7 +197,7 @@ pub fn is_image_ext(ext: &str) -> bool {
     IMAGE_EXTENSIONS.contains(&last_ext(ext))
 }
 
-fn is_archive_ext(ext: &str) -> bool {
+pub fn is_archive_ext(ext: &str) -> bool {
     ARCHIVE_EXTENSIONS.contains(&last_ext(ext))
 }
 

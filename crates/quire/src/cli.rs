@@ -269,6 +269,17 @@ pub struct RunArgs {
     /// Redo tasks whose results already exist.
     #[arg(long)]
     pub force: bool,
+    #[command(flatten)]
+    pub runs: RunOpts,
+    /// No progress bar.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// Which run of the standing job an invocation is, and what it redoes (`quire run` and
+/// `quire coordinator`).
+#[derive(Args, Clone)]
+pub struct RunOpts {
     /// This run of the job: runs of the same name are one run (a retried nightly command
     /// continues the night). `{date}` and `{time}` become the UTC date and time (see
     /// --job-time). Its manifest is OUT/JOB/runs/RUN/manifest.json; the files it replaces
@@ -283,9 +294,6 @@ pub struct RunArgs {
     /// moving them under OUT/JOB/superseded/RUN/.
     #[arg(long)]
     pub prune: bool,
-    /// No progress bar.
-    #[arg(long, short)]
-    pub quiet: bool,
 }
 
 /// Reaching NATS and S3.
@@ -397,6 +405,8 @@ pub struct CoordinatorArgs {
     #[command(flatten)]
     pub opts: JobOpts,
     #[command(flatten)]
+    pub runs: RunOpts,
+    #[command(flatten)]
     pub services: ServiceOpts,
     /// Wait for the job to finish, then write the Markdown and the manifest.
     #[arg(long)]
@@ -414,6 +424,12 @@ pub struct CoordinatorArgs {
     /// every open task has reported).
     #[arg(long, default_value_t = 5000)]
     pub poll_ms: u64,
+    /// How long a coordinator's hold on its job lives without renewal, in seconds (it renews
+    /// every third of it): a second coordinator of the same job waits while the first holds
+    /// it, and takes over this long after the first died. Set when the quire-runs bucket is
+    /// created; an existing bucket keeps its own.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..), env = "QUIRE_RUN_LEASE_S")]
+    pub run_lease_s: u64,
 }
 
 #[derive(Args)]

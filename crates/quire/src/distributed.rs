@@ -15,6 +15,7 @@ use quire_pipeline::process::ProcessContext;
 use quire_pipeline::worker::{Admit, TaskObserver, Worker};
 use quire_pipeline::Progress;
 use quire_queue::progress::{JobMeta, JobProgress};
+use quire_queue::runlease::{Holder, RunLeases};
 use quire_queue::QueueOptions;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -43,7 +44,10 @@ pub fn coordinator(mut args: CoordinatorArgs) -> u8 {
             return exit::USAGE;
         }
     }
-    if let Err(m) = check_job_name(&args.opts.job).and_then(|_| crate::run::check_datasets(&args.opts)) {
+    if let Err(m) = check_job_name(&args.opts.job)
+        .and_then(|_| crate::run::check_name("--run", &args.runs.run))
+        .and_then(|_| crate::run::check_datasets(&args.opts))
+    {
         eprintln!("error: {m}");
         return exit::USAGE;
     }
@@ -67,6 +71,9 @@ pub fn coordinator(mut args: CoordinatorArgs) -> u8 {
         access: access(&args.services.s3),
         force: args.force,
         price_per_hour: args.opts.price_per_hour,
+        run: args.runs.run.clone(),
+        retry_failed: args.runs.retry_failed,
+        prune: args.runs.prune,
     };
     let queue_opts = QueueOptions {
         ack_wait: Duration::from_secs(args.ack_wait_s),
@@ -86,6 +93,22 @@ pub fn coordinator(mut args: CoordinatorArgs) -> u8 {
             .await?;
             let store = open_store(&args.out, &o.access).await?;
             tracing::debug!("connected to the queue and the output in {:.3}s", t0.elapsed().as_secs_f64());
+            // One coordinator per job at a time: a second one (a retried Pod, a Job created
+            // by hand the same night) waits for the first, then joins its run.
+            let leases = RunLeases::open(queue.client(), args.services.nats_auth.replicas(), Duration::from_secs(args.run_lease_s)).await?;
+            let me = Holder::here(&o.settings.job, &o.run, humantime::format_rfc3339_seconds(SystemTime::now()).to_string());
+            let mut last_said = None::<Instant>;
+            let lease = leases
+                .acquire(&me, |h| {
+                    if last_said.is_none_or(|t| t.elapsed() >= Duration::from_secs(30)) {
+                        last_said = Some(Instant::now());
+                        match h {
+                            Some(h) => eprintln!("job {}: {h} is running; waiting for it to end", o.settings.job),
+                            None => eprintln!("job {}: another coordinator is running; waiting for it to end", o.settings.job),
+                        }
+                    }
+                })
+                .await?;
             // Followed from before the first publish, so no event is missed.
             let events = if args.wait { Some(queue.task_events(&o.settings.job).await?) } else { None };
             // Registered before the first publish: workers take a task only when its job is
@@ -94,7 +117,7 @@ pub fn coordinator(mut args: CoordinatorArgs) -> u8 {
             let mut meta = JobMeta { settings: o.settings.clone(), documents: 0, planning_done: false, inputs: o.inputs.clone() };
             jobs.put_meta(&o.settings.job, &meta).await?;
             let t0 = Instant::now();
-            let sub = submit(&o, &queue, store.as_ref()).await?;
+            let (sub, plan) = submit(&o, &queue, store.as_ref()).await?;
             tracing::debug!("listed and published in {:.3}s", t0.elapsed().as_secs_f64());
             // The job's settings (output location included) in the quire-jobs
             // KV bucket, so `quire status JOB --nats URL` finds the output.
@@ -102,19 +125,45 @@ pub fn coordinator(mut args: CoordinatorArgs) -> u8 {
             jobs.put_meta(&o.settings.job, &meta).await?;
             println!("{}", serde_json::to_string(&sub)?);
             eprintln!(
-                "job {}: {} documents: {} published, {} already done, {} already queued{}",
+                "job {} run {}: {} objects ({} new, {} changed, {} unchanged): {} tasks published, {} already done, {} already queued{}",
                 o.settings.job,
+                o.run,
                 sub.documents,
+                sub.objects_new,
+                sub.objects_changed,
+                sub.objects_unchanged,
                 sub.published,
                 sub.skipped,
                 sub.duplicates,
                 if sub.warnings.is_empty() { String::new() } else { format!(", {} listing warnings", sub.warnings.len()) },
             );
             if !args.wait {
+                lease.release().await?;
                 return Ok(exit::OK);
             }
-            let m = wait_and_finish(&o, &queue, store.as_ref(), &sub, started_at, Duration::from_millis(args.poll_ms), events)
-                .await?;
+            let closed =
+                wait_and_finish(&o, &queue, store.as_ref(), &sub, plan, started_at, Duration::from_millis(args.poll_ms), events)
+                    .await?;
+            if lease.lost() {
+                anyhow::bail!("the job's run lease was lost while this coordinator waited (its renewals failed); another coordinator may have run it too: check {}", store.locate(&closed.run_manifest_key));
+            }
+            lease.release().await?;
+            let r = &closed.run.counts;
+            eprintln!(
+                "run {}: {} objects ({} new, {} changed, {} unchanged, {} removed){}",
+                o.run,
+                r.objects,
+                r.objects_new,
+                r.objects_changed,
+                r.objects_unchanged,
+                r.objects_removed,
+                if r.files_superseded > 0 {
+                    format!(", {} files {}", r.files_superseded, if o.prune { "deleted" } else { "moved to superseded/" })
+                } else {
+                    String::new()
+                },
+            );
+            let m = &closed.job;
             let c = &m.counts;
             eprintln!(
                 "{} documents, {} tasks ({} done, {} given up), {} pages ok, {} failed, {:.1}s",
@@ -126,6 +175,7 @@ pub fn coordinator(mut args: CoordinatorArgs) -> u8 {
             for d in m.dead_lettered.iter().take(10) {
                 eprintln!("  given up: {} pages {}-{} after {} deliveries: {}", d.source, d.first, d.last, d.deliveries, d.reason);
             }
+            eprintln!("run manifest: {}", store.locate(&closed.run_manifest_key));
             eprintln!("manifest: {}", store.locate(&quire_core::manifest_key(&o.settings.job)));
             Ok(if c.pages_failed > 0 || c.tasks_dead_lettered > 0 { exit::SOME_FAILED } else { exit::OK })
         })

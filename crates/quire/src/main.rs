@@ -51,8 +51,14 @@ fn expand_job_name(cli: &mut cli::Cli) -> Result<(), String> {
     };
     let at = jobname::job_clock(cli.job_time.as_deref())?;
     *job = jobname::expand_job_name(job, at)?;
-    if let cli::Command::Run(a) = &mut cli.command {
-        a.run = jobname::expand_job_name(&a.run, at).map_err(|e| e.replacen("--job", "--run", 1))?;
+    let runs = match &mut cli.command {
+        cli::Command::Run(a) => Some(&mut a.runs),
+        cli::Command::Coordinator(a) => Some(&mut a.runs),
+        #[allow(unreachable_patterns)]
+        _ => None,
+    };
+    if let Some(r) = runs {
+        r.run = jobname::expand_job_name(&r.run, at).map_err(|e| e.replacen("--job", "--run", 1))?;
     }
     Ok(())
 }

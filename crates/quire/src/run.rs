@@ -126,7 +126,7 @@ fn run_inner(mut args: RunArgs) -> Result<u8, Failure> {
         }
     }
     check_job_name(&args.opts.job).map_err(Failure::Usage)?;
-    check_name("--run", &args.run).map_err(Failure::Usage)?;
+    check_name("--run", &args.runs.run).map_err(Failure::Usage)?;
     check_datasets(&args.opts).map_err(Failure::Usage)?;
     let settings = settings(&args.opts);
     if settings.engine == Engine::Vlm && settings.model.is_none() {
@@ -146,9 +146,9 @@ fn run_inner(mut args: RunArgs) -> Result<u8, Failure> {
         settings,
         workers: args.model_opts.workers as usize,
         force: args.force,
-        run: args.run.clone(),
-        retry_failed: args.retry_failed,
-        prune: args.prune,
+        run: args.runs.run.clone(),
+        retry_failed: args.runs.retry_failed,
+        prune: args.runs.prune,
         queue: QueueOptions { ack_wait: Duration::from_secs(600), max_deliver: args.opts.max_deliver },
         ctx: ProcessContext { pdf, model, model_long_side },
         price_per_hour: args.opts.price_per_hour,
@@ -165,14 +165,14 @@ fn run_inner(mut args: RunArgs) -> Result<u8, Failure> {
     let r = &summary.run.counts;
     eprintln!(
         "run {}: {} objects ({} new, {} changed, {} unchanged, {} removed){}",
-        args.run,
+        args.runs.run,
         r.objects,
         r.objects_new,
         r.objects_changed,
         r.objects_unchanged,
         r.objects_removed,
         if r.files_superseded > 0 {
-            format!(", {} files {}", r.files_superseded, if args.prune { "deleted" } else { "moved to superseded/" })
+            format!(", {} files {}", r.files_superseded, if args.runs.prune { "deleted" } else { "moved to superseded/" })
         } else {
             String::new()
         },
