@@ -1150,3 +1150,151 @@ fn check_says_whether_the_queue_and_the_output_bucket_answer() {
     assert!(String::from_utf8_lossy(&missing.stdout).contains("queue ok"));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("no-such-bucket-here"), "{}", String::from_utf8_lossy(&missing.stderr));
 }
+
+/// Task ids started (in `starts_log` order) and how often each was started, from the line
+/// `from` on.
+fn starts_since(log: &Path, from: usize) -> (usize, BTreeMap<String, u32>) {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let mut starts = BTreeMap::new();
+    for l in &lines[from.min(lines.len())..] {
+        *starts.entry(l.split(' ').next().unwrap().to_string()).or_insert(0) += 1;
+    }
+    (lines.len(), starts)
+}
+
+/// The task ids of the objects named in the job manifest (their document task, as it is
+/// written in the plan, is not in the manifest: the caller adds what it expects).
+fn manifest_tasks(m: &Value, names: &[&str]) -> BTreeSet<String> {
+    m["objects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|o| names.iter().any(|n| o["uri"].as_str().unwrap().ends_with(&format!("/{n}"))))
+        .flat_map(|o| o["tasks"].as_array().unwrap().iter().map(|t| t["task_id"].as_str().unwrap().to_string()))
+        .collect()
+}
+
+/// Three nights of one standing job over a growing prefix, with workers that stay up:
+/// night 1 does everything (one object's pages fail by an injected transient fault); night 2,
+/// after objects were added, replaced and removed, does only the new and changed ones while a
+/// second coordinator of the same run waits for the first and then finds nothing to do; night
+/// 3 with `--retry-failed`, the fault gone, redoes exactly the failed object's tasks. After
+/// every night the results hold one record per page of the current inputs and nothing else.
+#[test]
+fn nightly_runs_of_a_standing_job_do_only_the_new_work_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bucket = format!("quire-nights-{}", std::process::id());
+    let (_nats, nats_url) = start_nats(tmp.path());
+    let (_garage, endpoint) = start_garage(tmp.path(), &bucket);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let store = s3_store(&rt, &endpoint, &bucket);
+    let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/docs");
+    let put = |key: &str, fixture: &str| rt.block_on(store.put(key, std::fs::read(docs.join(fixture)).unwrap())).unwrap();
+    put("in/born_digital.pdf", "born_digital.pdf");
+    put("in/mixed.pdf", "mixed.pdf");
+    put("in/flaky.pdf", "born_digital.pdf");
+    put("in/gone.pdf", "mixed.pdf");
+    let flag = tmp.path().join("flaky-fails");
+    std::fs::write(&flag, b"").unwrap();
+    let starts = tmp.path().join("starts.log");
+    let faults = format!("page_ms=150,fail_source=flaky.pdf,fail_while={},starts_log={}", flag.display(), starts.display());
+    let _workers: Vec<Proc> = (0..2)
+        .map(|i| {
+            let mut c = quire_cmd(&endpoint, &["worker", "--nats", &nats_url, "--workers", "2", "--grace-s", "2"]);
+            c.env("QUIRE_TEST_FAULTS", &faults);
+            Proc::spawn(&format!("worker{i}"), &mut c, tmp.path())
+        })
+        .collect();
+    let (input, out) = (format!("s3://{bucket}/in"), format!("s3://{bucket}/out"));
+    let coordinator = |run: &str, extra: &[&str]| {
+        let mut a = vec![
+            "coordinator", "--nats", &nats_url, "--input", &input, "--out", &out, "--job", "nightly", "--engine", "text-layer",
+            "--pages-per-task", "2", "--wait", "--poll-ms", "1000", "--run", run,
+        ];
+        a.extend_from_slice(extra);
+        a.into_iter().map(String::from).collect::<Vec<String>>()
+    };
+    let manifest = |key: &str| -> Value { serde_json::from_slice(&rt.block_on(store.get(key)).unwrap().unwrap_or_else(|| panic!("{key} missing"))).unwrap() };
+    let current_pages = |names: &[&str]| -> BTreeSet<(String, u64)> {
+        let recs = stored_records(&rt, &store, "out/nightly/results/");
+        let keys: BTreeSet<(String, u64)> = recs.keys().cloned().collect();
+        let sources: BTreeSet<String> = keys.iter().map(|(s, _)| s.clone()).collect();
+        let want: BTreeSet<String> = names.iter().map(|n| format!("{input}/{n}")).collect();
+        assert_eq!(sources, want, "results hold exactly the current inputs");
+        for (src, _) in &keys {
+            let n = recs[&(src.clone(), 1)]["page_count"].as_u64().unwrap();
+            let pages: Vec<u64> = keys.iter().filter(|(s, _)| s == src).map(|(_, p)| *p).collect();
+            assert_eq!(pages, (1..=n).collect::<Vec<_>>(), "{src}: one record per page");
+        }
+        keys
+    };
+    let args_of = |v: &[String]| v.iter().map(String::as_str).collect::<Vec<&str>>().join(" ");
+    let run = |v: Vec<String>| run_quire(&endpoint, &v.iter().map(String::as_str).collect::<Vec<_>>(), Duration::from_secs(120));
+
+    // Night 1: every object is new; flaky.pdf's pages fail.
+    let o = run(coordinator("2026-12-01", &[]));
+    assert_eq!(o.status.code(), Some(3), "flaky.pdf failed");
+    let n1 = manifest("out/nightly/runs/2026-12-01/manifest.json");
+    let c = &n1["counts"];
+    assert_eq!((c["objects_new"].as_u64(), c["objects_unchanged"].as_u64(), c["objects_removed"].as_u64()), (Some(4), Some(0), Some(0)), "{c}");
+    assert!(c["pages_failed"].as_u64().unwrap() > 0, "{c}");
+    assert!(!rt.block_on(store.exists("out/nightly/runs/2026-12-01/started.json")).unwrap(), "a closed run leaves no start mark");
+    current_pages(&["born_digital.pdf", "flaky.pdf", "gone.pdf", "mixed.pdf"]);
+    let (night1_lines, _) = starts_since(&starts, 0);
+
+    // Night 2: one object added, one replaced, one removed. A second coordinator of the same
+    // run, started while the first works, waits for it and then has nothing to publish.
+    put("in/new.pdf", "born_digital.pdf");
+    put("in/mixed.pdf", "born_digital.pdf");
+    rt.block_on(store.delete("in/gone.pdf")).unwrap();
+    let night2 = coordinator("2026-12-02", &[]);
+    let mut first = Proc::spawn("coordinator-2a", &mut quire_cmd(&endpoint, &night2.iter().map(String::as_str).collect::<Vec<_>>()), tmp.path());
+    let t0 = Instant::now();
+    while starts_since(&starts, night1_lines).1.is_empty() {
+        assert!(t0.elapsed() < Duration::from_secs(60), "night 2 started no task:\n{}", first.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut second = Proc::spawn("coordinator-2b", &mut quire_cmd(&endpoint, &night2.iter().map(String::as_str).collect::<Vec<_>>()), tmp.path());
+    assert_eq!(first.wait_for(Duration::from_secs(120)), Some(3), "{}:\n{}", args_of(&night2), first.log());
+    assert_eq!(second.wait_for(Duration::from_secs(120)), Some(3), "the second coordinator:\n{}", second.log());
+    let second_log = second.log();
+    assert!(second_log.contains("is running; waiting for it to end"), "the second coordinator waited:\n{second_log}");
+    let joined: Value = serde_json::from_str(second_log.lines().find(|l| l.starts_with('{')).expect("its JSON summary")).unwrap();
+    assert_eq!(joined["published"].as_u64(), Some(0), "nothing left for the second coordinator: {joined}");
+    let n2 = manifest("out/nightly/runs/2026-12-02/manifest.json");
+    let c = &n2["counts"];
+    assert_eq!(
+        (c["objects_new"].as_u64(), c["objects_changed"].as_u64(), c["objects_unchanged"].as_u64(), c["objects_removed"].as_u64()),
+        (Some(1), Some(1), Some(2), Some(1)),
+        "the run (closed twice) counts as its first attempt did: {c}"
+    );
+    let job = manifest("out/nightly/manifest.json");
+    let (_, started2) = starts_since(&starts, night1_lines);
+    let mut expected = manifest_tasks(&job, &["new.pdf", "mixed.pdf"]);
+    // The whole-document tasks the workers split.
+    let plan_ids: BTreeSet<String> = started2.keys().filter(|id| !expected.contains(*id)).cloned().collect();
+    assert_eq!(plan_ids.len(), 2, "besides the new and changed objects' page tasks, only their two document tasks ran: {started2:?}");
+    expected.extend(plan_ids);
+    assert_eq!(started2.keys().cloned().collect::<BTreeSet<_>>(), expected, "night 2 ran the new and changed objects' tasks only");
+    assert!(started2.values().all(|n| *n == 1), "no task ran twice: {started2:?}");
+    assert_eq!(c["tasks_done"].as_u64(), Some(manifest_tasks(&job, &["new.pdf", "mixed.pdf"]).len() as u64), "{c}");
+    current_pages(&["born_digital.pdf", "flaky.pdf", "mixed.pdf", "new.pdf"]);
+    let moved = rt.block_on(store.list("out/nightly/superseded/2026-12-02/")).unwrap();
+    assert!(moved.iter().any(|k| k.ends_with("markdown/in/gone.pdf.md")), "{moved:?}");
+    assert!(moved.iter().filter(|k| k.contains("/results/")).count() >= 2, "the removed and the replaced object's results moved aside: {moved:?}");
+    let (night2_lines, _) = starts_since(&starts, 0);
+
+    // Night 3: the fault is gone; --retry-failed redoes flaky.pdf's tasks and nothing else.
+    std::fs::remove_file(&flag).unwrap();
+    let o = run(coordinator("2026-12-03", &["--retry-failed"]));
+    assert_eq!(o.status.code(), Some(0), "every page has text now");
+    let job = manifest("out/nightly/manifest.json");
+    let (_, started3) = starts_since(&starts, night2_lines);
+    assert_eq!(started3.keys().cloned().collect::<BTreeSet<_>>(), manifest_tasks(&job, &["flaky.pdf"]), "only the failed tasks ran again");
+    assert_eq!(job["counts"]["pages_failed"].as_u64(), Some(0), "{}", job["counts"]);
+    let n3 = manifest("out/nightly/runs/2026-12-03/manifest.json");
+    assert_eq!(n3["counts"]["objects_unchanged"].as_u64(), Some(4), "{}", n3["counts"]);
+    assert_eq!(job["runs"].as_array().unwrap().len(), 3);
+    current_pages(&["born_digital.pdf", "flaky.pdf", "mixed.pdf", "new.pdf"]);
+}

@@ -24,7 +24,7 @@ use crate::process::TaskFailure;
 use crate::worker::{Fetch, Fetched, RangedInput, ResultStores, Vetting};
 use anyhow::Context as _;
 use quire_core::{
-    job_prefix, results_key, DeadLetter, JobSettings, Manifest, ObjectStatus, ObjectTask, SourceRef, TaskSpec, UnitKind,
+    job_prefix, results_key, superseded_prefix, DeadLetter, JobSettings, Manifest, ObjectStatus, ObjectTask, SourceRef, TaskSpec, UnitKind,
 };
 use quire_queue::jetstream::{JetStreamOptions, JetStreamQueue, TaskEvents};
 use quire_queue::progress::{JobMeta, JobProgress};
@@ -715,29 +715,23 @@ pub async fn submit(
                                 book.set_tasks(&src.uri, p.tasks.clone());
                                 let doc =
                                     document_task(&planner.settings, &planner.fingerprint, &src);
-                                if o.retry_failed && p.status == ObjectStatus::Failed {
+                                if p.status == ObjectStatus::Failed {
+                                    // Its failed tasks run again with --retry-failed (their results moved
+                                    // aside first, so that the wait sees the new ones), and whenever their
+                                    // results are gone (a retry stopped between the two).
                                     let units = p.tasks.iter().map(|t| t.last).max().unwrap_or(0);
-                                    let mut out: Vec<_> = p
-                                        .tasks
-                                        .iter()
-                                        .filter(|t| t.failed > 0)
-                                        .map(|t| {
-                                            (
-                                                retry_task(
-                                                    &planner.settings,
-                                                    &planner.fingerprint,
-                                                    &src,
-                                                    t,
-                                                    units,
-                                                    &retry_tag,
-                                                ),
-                                                Vec::new(),
-                                                true,
-                                            )
-                                        })
-                                        .collect();
-                                    // The plan line carries every task; the retried ones are published after it.
-                                    out.insert(0, (doc, p.tasks.clone(), false));
+                                    let mut out = vec![(doc, p.tasks.clone(), false)];
+                                    for t in p.tasks.iter().filter(|t| t.failed > 0) {
+                                        let key = results_key(&job, &t.task_id);
+                                        let present = store.exists(&key).await?;
+                                        if o.retry_failed && present {
+                                            store.rename(&key, &format!("{}results/{}.jsonl", superseded_prefix(&job, &o.run), t.task_id)).await?;
+                                        }
+                                        if o.retry_failed || !present {
+                                            let task = retry_task(&planner.settings, &planner.fingerprint, &src, t, units, &retry_tag);
+                                            out.push((task, Vec::new(), true));
+                                        }
+                                    }
                                     out
                                 } else {
                                     vec![(doc, p.tasks.clone(), false)]
@@ -818,9 +812,14 @@ pub async fn submit(
                         }
                     }
                 }
-                if retry_group {
-                    // Past the queue's duplicate window for the id.
+if retry_group {
+                    // Past the queue's duplicate window for the id, and its earlier results moved
+                    // aside so that the wait sees the new ones.
                     doc.submission = Some(retry_tag.clone());
+                    let key = results_key(&job, &doc.task_id);
+                    if store.exists(&key).await? {
+                        store.rename(&key, &format!("{}results/{}.jsonl", superseded_prefix(&job, &o.run), doc.task_id)).await?;
+                    }
                 }
                 queued.insert(doc.task_id.clone());
                 publisher.send(&doc).await?;

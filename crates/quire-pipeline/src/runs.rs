@@ -333,11 +333,17 @@ pub async fn close_run(store: &dyn BlobStore, state: &JobState, book: RunBook, r
     // A run started again under the same name continues it: what its first attempt found
     // gone stays in its manifest.
     let run_key = run_manifest_key(&job, c.run);
+    // The work of the run's earlier attempts: the tasks of the objects they found new or changed.
+    let mut published: HashSet<String> = c.published.clone();
     if let Some(bytes) = store.get(&run_key).await? {
         if let Ok(earlier) = serde_json::from_slice::<Manifest>(&bytes) {
-            for o in earlier.objects.into_iter().filter(|o| o.change == ObjectChange::Removed) {
-                if !index.contains_key(&o.uri) && !removed.iter().any(|r| r.uri == o.uri) {
-                    removed.push(o);
+            for o in earlier.objects {
+                if o.change == ObjectChange::Removed {
+                    if !index.contains_key(&o.uri) && !removed.iter().any(|r| r.uri == o.uri) {
+                        removed.push(o);
+                    }
+                } else {
+                    published.extend(o.tasks.into_iter().map(|t| t.task_id));
                 }
             }
         }
@@ -371,7 +377,7 @@ pub async fn close_run(store: &dyn BlobStore, state: &JobState, book: RunBook, r
         }
     }
     let (mut device_ms, mut model_pages, mut model_tokens) = (0f64, 0u64, 0u64);
-    for id in c.published {
+    for id in &published {
         if let Some(t) = tasks.get(id) {
             run_counts.tasks_done += 1;
             run_counts.records += t.ok + t.failed + t.looped;
@@ -386,7 +392,7 @@ pub async fn close_run(store: &dyn BlobStore, state: &JobState, book: RunBook, r
         }
     }
     let worked: HashSet<&str> =
-        entries.iter().filter(|e| e.tasks.iter().any(|t| c.published.contains(&t.task_id))).map(|e| e.uri.as_str()).collect();
+        entries.iter().filter(|e| e.tasks.iter().any(|t| published.contains(&t.task_id))).map(|e| e.uri.as_str()).collect();
     run_counts.documents = worked.len() as u64;
     let wall = SystemTime::now().duration_since(c.started_at).map(|d| d.as_secs_f64()).unwrap_or(0.0);
     let run_pages = run_counts.pages_ok + run_counts.pages_failed;

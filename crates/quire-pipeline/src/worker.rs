@@ -509,7 +509,7 @@ impl Worker {
             } else {
                 &task
             };
-            let records = match std::mem::replace(&mut input, Input::None) {
+            let mut records = match std::mem::replace(&mut input, Input::None) {
                 _ if run.unit == UnitKind::Images => process_images(run, &fetch, ctx).await?,
                 Input::Ranged(RangedInput { reader, size, stats }) if run.unit == UnitKind::Archive => {
                     let records = process_archive(run, ArchiveSource::Reader(reader), ctx).await?;
@@ -530,7 +530,7 @@ impl Worker {
                     records
                 }
             };
-            crate::faults::records_made(records.len()).await;
+            crate::faults::records_made(&mut records).await;
             stage("process", t);
             drop(input);
             let t = Instant::now();
