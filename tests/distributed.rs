@@ -1298,3 +1298,104 @@ fn nightly_runs_of_a_standing_job_do_only_the_new_work_once() {
     assert_eq!(job["runs"].as_array().unwrap().len(), 3);
     current_pages(&["born_digital.pdf", "flaky.pdf", "mixed.pdf", "new.pdf"]);
 }
+
+/// `quire run` over `s3://` on Garage, with no broker: inputs listed and downloaded through the
+/// same store code as the workers', results and manifests written to the bucket, the same
+/// records as a run over a local copy; the next night's run of the standing job does only the
+/// new object.
+#[test]
+fn quire_run_reads_and_writes_s3_like_a_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bucket = format!("quire-run-s3-{}", std::process::id());
+    let (_garage, endpoint) = start_garage(tmp.path(), &bucket);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let store = s3_store(&rt, &endpoint, &bucket);
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+    let local = tmp.path().join("in");
+    std::fs::create_dir_all(local.join("shards")).unwrap();
+    for (name, from) in [
+        ("born_digital.pdf", "docs/born_digital.pdf"),
+        ("mixed.pdf", "docs/mixed.pdf"),
+        ("corrupt.pdf", "docs/corrupt.pdf"),
+        ("shards/shard-000000.tar", "archives/shard-000000.tar"),
+    ] {
+        let bytes = std::fs::read(fixtures.join(from)).unwrap();
+        std::fs::write(local.join(name), &bytes).unwrap();
+        rt.block_on(store.put(&format!("in/{name}"), bytes)).unwrap();
+    }
+    let cwd = tmp.path().join("cwd");
+    std::fs::create_dir_all(&cwd).unwrap();
+    let (input, out) = (format!("s3://{bucket}/in"), format!("s3://{bucket}/out"));
+    let run = |args: &[&str]| {
+        let mut c = quire_cmd(&endpoint, args);
+        c.current_dir(&cwd);
+        let o = c.output().unwrap();
+        eprintln!("quire {}\n{}", args.join(" "), String::from_utf8_lossy(&o.stderr));
+        o
+    };
+    let common = ["--engine", "text-layer", "--pages-per-task", "2", "--job", "s3run", "-q"];
+    let mut args = vec!["run", input.as_str(), "--out", out.as_str(), "--run", "n1"];
+    args.extend(common);
+    assert_eq!(run(&args).status.code(), Some(3), "corrupt.pdf fails");
+    let local_out = tmp.path().join("local-out");
+    let mut args = vec!["run", local.to_str().unwrap(), "--out", local_out.to_str().unwrap(), "--run", "n1"];
+    args.extend(common);
+    assert_eq!(run(&args).status.code(), Some(3));
+    assert_eq!(std::fs::read_dir(&cwd).unwrap().count(), 0, "nothing written locally (no folder named s3:)");
+
+    // The same records (by path below the input, page and member) as the local run's.
+    let by_rel = |recs: Vec<Value>, root: &str| -> BTreeMap<(String, u64, String), (Value, Value)> {
+        recs.into_iter()
+            .map(|r| {
+                let rel = r["source"].as_str().unwrap().strip_prefix(root).unwrap().to_string();
+                ((rel, r["page"].as_u64().unwrap(), r["member"].as_str().unwrap_or("").to_string()), (r["text"].clone(), r["error"]["kind"].clone()))
+            })
+            .collect()
+    };
+    let all_records = || -> Vec<Value> {
+        rt.block_on(async {
+            let mut out = Vec::new();
+            for k in store.list("out/s3run/results/").await.unwrap() {
+                for l in String::from_utf8(store.get(&k).await.unwrap().unwrap()).unwrap().lines() {
+                    out.push(serde_json::from_str::<Value>(l).unwrap());
+                }
+            }
+            out
+        })
+    };
+    let s3_recs = all_records();
+    let mut local_recs = Vec::new();
+    for e in std::fs::read_dir(local_out.join("s3run/results")).unwrap() {
+        for l in std::fs::read_to_string(e.unwrap().path()).unwrap().lines() {
+            local_recs.push(serde_json::from_str::<Value>(l).unwrap());
+        }
+    }
+    let n = (s3_recs.len(), local_recs.len());
+    let (s3_rows, local_rows) = (by_rel(s3_recs, &input), by_rel(local_recs, local.to_str().unwrap()));
+    assert_eq!(n, (s3_rows.len(), local_rows.len()), "one record per page or sample");
+    assert!(s3_rows.len() > 8, "{s3_rows:?}");
+    assert_eq!(s3_rows, local_rows);
+    let get = |key: &str| -> Value { serde_json::from_slice(&rt.block_on(store.get(key)).unwrap().unwrap_or_else(|| panic!("{key} missing"))).unwrap() };
+    assert!(rt.block_on(store.exists("out/s3run/markdown/in/born_digital.pdf.md")).unwrap());
+    assert_eq!(get("out/s3run/runs/n1/manifest.json")["counts"]["objects_new"].as_u64(), Some(4));
+
+    // Night 2: one new object; the others are neither downloaded nor redone.
+    rt.block_on(store.put("in/new.pdf", std::fs::read(fixtures.join("docs/born_digital.pdf")).unwrap())).unwrap();
+    let mut args = vec!["run", input.as_str(), "--out", out.as_str(), "--run", "n2"];
+    args.extend(common);
+    let o = run(&args);
+    assert_eq!(o.status.code(), Some(3), "corrupt.pdf still fails");
+    let n2 = get("out/s3run/runs/n2/manifest.json");
+    let c = &n2["counts"];
+    assert_eq!((c["objects_new"].as_u64(), c["objects_unchanged"].as_u64()), (Some(1), Some(4)), "{c}");
+    assert_eq!(c["tasks_done"].as_u64(), Some(2), "new.pdf's two page-range tasks only: {c}");
+    let job = get("out/s3run/manifest.json");
+    assert_eq!(job["objects"].as_array().unwrap().len(), 5);
+    let recs = by_rel(all_records(), &input);
+    assert_eq!(recs.len(), s3_rows.len() + 3, "new.pdf's three pages added, nothing else");
+    // `quire status` reads the job from the bucket.
+    let o = run(&["status", "s3run", "--out", out.as_str()]);
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    assert!(text.contains("n2"), "{text}");
+}

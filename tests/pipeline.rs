@@ -646,7 +646,9 @@ fn run_fixed_doctags(inputs: &Path, out: &Path, job: &str, tokenizer: &str) {
     settings.model = Some("test/fixed-doctags".into());
     let opts = quire_pipeline::RunOptions {
         inputs: vec![inputs.to_string_lossy().into_owned()],
-        out: out.to_path_buf(),
+        out: out.to_string_lossy().into_owned(),
+        access: Default::default(),
+        download_cache_bytes: 0,
         settings,
         workers: 1,
         force: false,
@@ -1580,13 +1582,13 @@ fn a_standing_job_redoes_a_replaced_pdf_and_a_new_shard_and_keeps_one_record_per
 }
 
 #[test]
-fn quire_run_refuses_s3_locations_instead_of_writing_a_folder_named_s3() {
+fn quire_run_refuses_misspelt_s3_locations_instead_of_writing_a_folder_named_s3() {
     let tmp = tempfile::tempdir().unwrap();
-    let o = quire(&["run", doc("born_digital.pdf").to_str().unwrap(), "--out", "s3://bucket/x", "--engine", "text-layer"]);
+    let o = quire(&["run", doc("born_digital.pdf").to_str().unwrap(), "--out", "s3:/bucket/x", "--engine", "text-layer"]);
     assert_eq!(code(&o), 2);
-    assert!(String::from_utf8_lossy(&o.stderr).contains("quire coordinator"));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("s3://bucket/prefix"), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(!Path::new("s3:").exists());
-    let o = quire(&["run", "s3://bucket/x", "--out", tmp.path().join("o").to_str().unwrap()]);
+    let o = quire(&["run", "S3://bucket/x", "--out", tmp.path().join("o").to_str().unwrap()]);
     assert_eq!(code(&o), 2);
     assert!(!tmp.path().join("o").exists());
 }
@@ -1636,7 +1638,9 @@ fn retry_failed_redoes_the_pages_an_earlier_run_failed_and_nothing_else() {
         settings.images_per_task = 8;
         let opts = quire_pipeline::RunOptions {
             inputs: vec![input.to_string_lossy().into_owned()],
-            out: out.clone(),
+            out: out.to_string_lossy().into_owned(),
+            access: Default::default(),
+            download_cache_bytes: 0,
             settings,
             workers: 1,
             force: false,

@@ -1,28 +1,35 @@
 //! `quire run`: list, plan, work and finish in one process, with the
-//! in-process queue and a local output folder.
+//! in-process queue. Inputs and the output are local folders or `s3://` prefixes, reached
+//! through the same store, listing and download code as the distributed mode's.
 
 use crate::finish::{finish_outputs, JobOutcome, PlannedTask};
 use crate::runs::{begin_run, close_run, object_task, planned, CloseRun, JobState, RunBook};
 use crate::plan::{examine, Examined, ImageGroups, Planner};
 use crate::process::ProcessContext;
 use crate::progress::Progress;
-use crate::worker::{LocalFetch, OneStore, Worker};
+use crate::distributed::{is_s3, open_store, scratch_dir, S3Fetch};
+use crate::worker::{Fetch, LocalFetch, OneStore, Worker};
 use quire_core::{results_key, JobSettings, Manifest, ObjectStatus, UnitKind};
 use std::collections::HashSet;
 use quire_queue::memory::MemoryQueue;
 use quire_queue::{QueueOptions, TaskQueue};
 use quire_store::inputs::{list_local, ListWarning, Listed};
-use quire_store::local::LocalStore;
+use quire_store::s3;
 use quire_store::{BlobStore, StoreError};
 use tokio::sync::watch;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc;
 
 pub struct RunOptions {
     pub inputs: Vec<String>,
-    pub out: PathBuf,
+    /// The output: a folder or `s3://bucket/prefix`.
+    pub out: String,
+    /// How `s3://` inputs and outputs are reached.
+    pub access: crate::distributed::S3Access,
+    /// Disk space for downloaded `s3://` inputs kept between planning (which opens new objects)
+    /// and work, in bytes.
+    pub download_cache_bytes: u64,
     pub settings: JobSettings,
     /// Tasks worked on at the same time.
     pub workers: usize,
@@ -52,11 +59,12 @@ pub struct RunSummary {
     pub manifest_path: String,
 }
 
-/// The output folder, stopping the run when it refuses a write for good (a full disk, a
-/// read-only file system, no permission): every other task would fail the same way, so the
-/// run ends at once with the reason instead of retrying and dead-lettering every task.
+/// The output, stopping the run when it refuses a write for good (a full disk, a read-only
+/// file system, no permission, a bucket that refuses the key): every other task would fail
+/// the same way, so the run ends at once with the reason instead of retrying and
+/// dead-lettering every task.
 struct OutputGuard {
-    inner: LocalStore,
+    inner: Arc<dyn BlobStore>,
     stop: watch::Sender<bool>,
     failure: std::sync::Mutex<Option<String>>,
 }
@@ -108,7 +116,17 @@ impl OutputGuard {
 pub async fn run_embedded(opts: RunOptions, progress: Arc<Progress>) -> anyhow::Result<RunSummary> {
     let started_at = SystemTime::now();
     let (stop_tx, stop_rx) = watch::channel(false);
-    let guard = Arc::new(OutputGuard { inner: LocalStore::new(&opts.out), stop: stop_tx, failure: Default::default() });
+    let inner = open_store(&opts.out, &opts.access).await?;
+    let guard = Arc::new(OutputGuard { inner, stop: stop_tx, failure: Default::default() });
+    let s3_client = if opts.inputs.iter().any(|i| is_s3(i)) { Some(opts.access.client().await) } else { None };
+    let fetch: Arc<dyn Fetch> = match &s3_client {
+        Some(c) => {
+            let mut f = S3Fetch::new(c.clone(), scratch_dir(), opts.download_cache_bytes);
+            f.retry = opts.access.retry;
+            Arc::new(f)
+        }
+        None => Arc::new(LocalFetch),
+    };
     let store: Arc<dyn BlobStore> = guard.clone();
     let queue = MemoryQueue::new(opts.queue);
     let heartbeat = (opts.queue.ack_wait / 3).max(Duration::from_millis(10));
@@ -118,7 +136,7 @@ pub async fn run_embedded(opts: RunOptions, progress: Arc<Progress>) -> anyhow::
         let w = Worker {
             queue: Arc::new(queue.clone()),
             stores: Arc::new(OneStore(store.clone())),
-            fetch: Arc::new(LocalFetch),
+            fetch: fetch.clone(),
             ctx: opts.ctx.clone(),
             progress: progress.clone(),
             heartbeat,
@@ -142,8 +160,18 @@ pub async fn run_embedded(opts: RunOptions, progress: Arc<Progress>) -> anyhow::
     let mut skipped = 0u64;
     for input in &opts.inputs {
         let (tx, mut rx) = mpsc::channel(256);
-        let root = input.clone();
-        let lister = tokio::task::spawn_blocking(move || list_local(&root, tx));
+        let lister = match &s3_client {
+            Some(c) if is_s3(input) => {
+                let (c, u) = (c.clone(), input.clone());
+                tokio::spawn(async move { s3::list_s3(&c, &u, 1000, tx).await })
+            }
+            _ => {
+                let root = input.clone();
+                tokio::spawn(async move {
+                    let _ = tokio::task::spawn_blocking(move || list_local(&root, tx)).await;
+                })
+            }
+        };
         // Loose images are grouped per input, by name (see `ImageGroups`).
         let mut groups = ImageGroups::new(opts.settings.images_per_task);
         loop {
@@ -188,8 +216,18 @@ pub async fn run_embedded(opts: RunOptions, progress: Arc<Progress>) -> anyhow::
                         }
                         _ => {
                             let pdf = opts.ctx.pdf.clone();
-                            let path = PathBuf::from(&src.uri);
-                            match tokio::task::spawn_blocking(move || examine(&path, &limits, &pdf)).await? {
+                            // An `s3://` object is downloaded to be opened; the download stays in
+                            // the fetcher's cache for the task's worker.
+                            let examined = match fetch.fetch(&src).await {
+                                Ok(f) => tokio::task::spawn_blocking(move || {
+                                    let e = examine(&f.path, &limits, &pdf);
+                                    drop(f);
+                                    e
+                                })
+                                .await?,
+                                Err(e) => Examined::Object(Err(quire_render::RenderError::new(quire_render::ErrorKind::Io, e.0))),
+                            };
+                            match examined {
                                 Examined::Object(Ok(p)) if p.kind.is_image() => {
                                     book.add(&state, &opts.run, &src, "image", found);
                                     groups.push(&planner, input, src).into_iter().collect()

@@ -156,6 +156,13 @@ where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
     let transient = match &e {
+        // No credentials to sign with (none configured, or the instance metadata service
+        // refuses): waiting does not bring them, and a user must hear it at once.
+        SdkError::DispatchFailure(_)
+            if DisplayErrorContext(&e).to_string().contains("error occurred while loading credentials") =>
+        {
+            false
+        }
         SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
             true
         }

@@ -259,11 +259,17 @@ pub struct RunArgs {
     /// shards/{000000..000099}.tar.
     #[arg(required = true, value_name = "INPUT")]
     pub inputs: Vec<String>,
-    /// Output folder; results go to OUT/JOB/.
-    #[arg(long, value_name = "DIR")]
-    pub out: PathBuf,
+    /// Output folder or s3://bucket/prefix; results go to OUT/JOB/.
+    #[arg(long, value_name = "DIR|s3://...")]
+    pub out: String,
     #[command(flatten)]
     pub opts: JobOpts,
+    #[command(flatten)]
+    pub s3: S3Opts,
+    /// Disk space (MiB, in the temp folder) for downloaded s3:// inputs, kept from planning
+    /// (which opens each new object) to the task that works on it; 0 keeps none.
+    #[arg(long, default_value_t = 2048, value_name = "MIB")]
+    pub doc_cache_mb: u64,
     #[command(flatten)]
     pub model_opts: ModelOpts,
     /// Redo tasks whose results already exist.

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::watch;
 
-fn access(s: &S3Opts) -> S3Access {
+pub(crate) fn access(s: &S3Opts) -> S3Access {
     S3Access {
         endpoint: s.s3_endpoint.clone(),
         region: s.s3_region.clone(),

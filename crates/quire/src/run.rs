@@ -4,6 +4,7 @@ use crate::cli::{DatasetArg, EngineArg, JobOpts, RunArgs, TaskArg};
 use crate::exit;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use quire_core::{DatasetFormat, Engine, JobSettings, Limits, RenderSize, TaskKind};
+use quire_pipeline::distributed::{fetch_model, is_s3};
 use quire_pipeline::process::ProcessContext;
 use quire_pipeline::{run_embedded, Progress, RunOptions};
 use quire_queue::QueueOptions;
@@ -119,8 +120,8 @@ pub fn expand_inputs(inputs: &[String]) -> Result<Vec<String>, String> {
 
 fn run_inner(mut args: RunArgs) -> Result<u8, Failure> {
     args.inputs = expand_inputs(&args.inputs).map_err(Failure::Usage)?;
-    refuse_s3(&args)?;
-    for input in &args.inputs {
+    check_s3_spelling(&args)?;
+    for input in args.inputs.iter().filter(|i| !is_s3(i)) {
         if std::fs::metadata(input).is_err() {
             return Err(Failure::Usage(format!("input {input:?} does not exist or cannot be read")));
         }
@@ -133,16 +134,27 @@ fn run_inner(mut args: RunArgs) -> Result<u8, Failure> {
         return Err(Failure::Usage("--engine vlm needs --model (a checkpoint folder, hub id or s3:// prefix)".into()));
     }
     let pdf = crate::start_renderer().map_err(|e| Failure::Usage(e.message))?;
+    let access = crate::distributed::access(&args.s3);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(anyhow::Error::from)?;
     let (model, model_long_side) = match settings.model.clone() {
         None => (None, None),
         Some(m) => {
-            let (handle, long_side) = crate::model::load(&m, &m, &args.model_opts, None, None).map_err(|e| Failure::Usage(format!("{e:#}")))?;
+            // An s3:// checkpoint is downloaded once into the model cache, as workers do.
+            let local = if is_s3(&m) {
+                let cache = std::env::var_os("HOME").map(std::path::PathBuf::from).unwrap_or_else(std::env::temp_dir).join(".cache/quire/models");
+                rt.block_on(fetch_model(&m, &access, &cache))?.to_string_lossy().into_owned()
+            } else {
+                m.clone()
+            };
+            let (handle, long_side) = crate::model::load(&m, &local, &args.model_opts, None, None).map_err(|e| Failure::Usage(format!("{e:#}")))?;
             (Some(handle), long_side)
         }
     };
     let opts = RunOptions {
         inputs: args.inputs.clone(),
         out: args.out.clone(),
+        access,
+        download_cache_bytes: args.doc_cache_mb.saturating_mul(1 << 20),
         settings,
         workers: args.model_opts.workers as usize,
         force: args.force,
@@ -153,7 +165,6 @@ fn run_inner(mut args: RunArgs) -> Result<u8, Failure> {
         ctx: ProcessContext { pdf, model, model_long_side },
         price_per_hour: args.opts.price_per_hour,
     };
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(anyhow::Error::from)?;
     let progress = Arc::new(Progress::default());
     let show = Shower::start(progress.clone(), args.quiet);
     let t0 = Instant::now();
@@ -215,16 +226,15 @@ pub fn check_name(flag: &str, name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// `quire run` reads and writes local files only: an `s3://` input or output is refused
-/// with a usage error (it would otherwise name a local folder `s3:`).
-fn refuse_s3(args: &RunArgs) -> Result<(), Failure> {
-    let out = args.out.to_string_lossy();
-    let s3 = |s: &str| s.to_ascii_lowercase().starts_with("s3:/");
-    if let Some(uri) = args.inputs.iter().map(String::as_str).chain([out.as_ref()]).find(|s| s3(s)) {
-        return Err(Failure::Usage(format!(
-            "{uri}: quire run reads and writes local files and folders only; for s3:// inputs or outputs run \
-             `quire coordinator` with `quire worker` (see the README's distributed mode), or copy the objects to a folder first"
-        )));
+/// `s3://bucket/prefix` is the only way to name S3: a near miss (`S3://`, `s3:/`, `s3:bucket`)
+/// is refused with a usage error instead of being taken for a local folder named `s3:`.
+fn check_s3_spelling(args: &RunArgs) -> Result<(), Failure> {
+    let near_miss = |s: &str| s.to_ascii_lowercase().starts_with("s3:") && !is_s3(s);
+    if let Some(uri) = args.inputs.iter().map(String::as_str).chain([args.out.as_str()]).find(|s| near_miss(s)) {
+        return Err(Failure::Usage(format!("{uri}: write S3 locations as s3://bucket/prefix")));
+    }
+    if args.out.starts_with("s3://") && args.out.trim_start_matches("s3://").split('/').next().is_none_or(str::is_empty) {
+        return Err(Failure::Usage(format!("--out {}: name a bucket (s3://bucket/prefix)", args.out)));
     }
     Ok(())
 }
