@@ -847,14 +847,18 @@ if retry_group {
     store
         .put(&job_file_key(&job), serde_json::to_vec_pretty(&jf)?)
         .await?;
-    Ok((
-        sub,
-        RunPlan {
-            state,
-            book,
-            queued,
-        },
-    ))
+    tracing::info!(
+        "planned in {:.3}s: {} objects listed ({} new, {} changed, {} unchanged), {} tasks published, {} already done{}",
+        started_at.elapsed().map(|d| d.as_secs_f64()).unwrap_or(0.0),
+        sub.documents,
+        sub.objects_new,
+        sub.objects_changed,
+        sub.objects_unchanged,
+        sub.published,
+        sub.skipped,
+        if look_in_store { "" } else { " (by the job manifest)" },
+    );
+    Ok((sub, RunPlan { state, book, queued }))
 }
 
 /// Every task of a job as known now: a document not opened yet is one
