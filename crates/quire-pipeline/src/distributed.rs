@@ -646,7 +646,11 @@ pub async fn submit(
             .unwrap_or_default()
             .as_nanos()
     );
-    let submission = o.force.then(|| format!("force-{tag}"));
+    // Every run tags its tasks with its name: two coordinators of one run publish the same
+    // messages (the second one's are dropped as duplicates), while a task an earlier run
+    // published under other settings, superseded since and published again within the
+    // queue's duplicate window, is not taken for one.
+    let submission = Some(if o.force { format!("force-{tag}") } else { format!("run-{}", o.run) });
     let retry_tag = format!("retry-{tag}");
     let mut sub = Submitted {
         run: o.run.clone(),
@@ -1416,13 +1420,14 @@ mod tests {
             inputs: vec![],
             submitted_at: 0.0,
             documents: 1,
+            run: "r".into(),
             plan_parts: 1,
             published: 1,
             skipped: 0,
             duplicates: 0,
         };
         let id = |n: u32| format!("{n:032x}");
-        let doc = PlanLine { task_id: id(100), uri: "s3://b/in/a.pdf".into(), rel: "a.pdf".into(), unit: None, units: 0 };
+        let doc = PlanLine { task_id: id(100), uri: "s3://b/in/a.pdf".into(), rel: "a.pdf".into(), unit: None, units: 0, tasks: Vec::new() };
         let parts = (1..=3).map(|p| crate::split::Part { task_id: id(p), first: p, last: p }).collect();
         let split = Split { document_task_id: id(100), uri: doc.uri.clone(), unit_count: 3, parts, unit: None };
         let ledger = Ledger { job, docs: vec![doc], splits: HashMap::from([(id(100), split)]) };

@@ -8,7 +8,7 @@ use prometheus::{
 };
 use quire_core::{Record, TaskSpec, UnitKind};
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -56,6 +56,11 @@ pub struct Metrics {
     pub loop_tokens_saved: IntCounter,
     /// The queue's `max_deliver` in force (0 while unknown); see [`Metrics::set_max_deliver`].
     max_deliver: AtomicU32,
+    /// Unix milliseconds of the last sign of progress (a task started or ended, a stage done,
+    /// input fetched, a model step): see [`Metrics::stalled`].
+    last_progress_ms: AtomicU64,
+    /// `/healthz` fails when tasks are running and nothing progressed for this long (0: never).
+    stall_after_ms: AtomicU64,
     jobs: Mutex<HashSet<String>>,
 }
 
@@ -201,6 +206,8 @@ impl Metrics {
             loops,
             loop_tokens_saved,
             max_deliver: AtomicU32::new(0),
+            last_progress_ms: AtomicU64::new(unix_ms()),
+            stall_after_ms: AtomicU64::new(0),
             jobs: Mutex::new(HashSet::new()),
         }
     }
@@ -227,9 +234,37 @@ impl Metrics {
     }
 }
 
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+impl Metrics {
+    /// A sign that the worker is getting on with its tasks (a model step, a stage done).
+    pub fn progressed(&self) {
+        self.last_progress_ms.store(unix_ms(), Ordering::Relaxed);
+    }
+
+    /// Makes `/healthz` fail once tasks have run this long without progress (zero: never), so
+    /// that a worker whose model or renderer hangs is restarted and its tasks go to others.
+    pub fn set_stall_after(&self, d: Duration) {
+        self.stall_after_ms.store(d.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Why the worker counts as stalled: tasks are running and nothing progressed within the
+    /// stall time. An idle worker is never stalled.
+    pub fn stalled(&self) -> Option<String> {
+        let after = self.stall_after_ms.load(Ordering::Relaxed);
+        let running = self.in_flight.get();
+        let quiet = unix_ms().saturating_sub(self.last_progress_ms.load(Ordering::Relaxed));
+        (after > 0 && running > 0 && quiet > after)
+            .then(|| format!("stalled: {running} tasks running and no progress for {}s", quiet / 1000))
+    }
+}
+
 #[async_trait::async_trait]
 impl TaskObserver for Metrics {
     async fn started(&self, task: &TaskSpec) {
+        self.progressed();
         self.in_flight.inc();
         self.jobs.lock().unwrap().insert(task.settings.job.clone());
     }
@@ -242,6 +277,7 @@ impl TaskObserver for Metrics {
         _elapsed: Duration,
         delivery: u32,
     ) {
+        self.progressed();
         let outcome = match end {
             TaskEnd::Stored => "stored",
             TaskEnd::Retried => "retried",
@@ -290,18 +326,20 @@ impl TaskObserver for Metrics {
     }
 
     fn stage(&self, stage: &'static str, seconds: f64) {
+        self.progressed();
         self.stage_seconds
             .with_label_values(&[stage])
             .observe(seconds);
     }
 
     fn fetched(&self, how: &'static str, requests: u64, bytes: u64) {
+        self.progressed();
         self.input_requests.with_label_values(&[how]).inc_by(requests);
         self.input_bytes.with_label_values(&[how]).inc_by(bytes);
     }
 }
 
-/// Serves `GET /metrics`, `/healthz` (always 200) and `/readyz` (200 when
+/// Serves `GET /metrics`, `/healthz` (200 unless [`Metrics::stalled`]) and `/readyz` (200 when
 /// `ready` is 1) on `addr` until the returned task is dropped or aborted.
 pub async fn serve(
     addr: &str,
@@ -339,7 +377,10 @@ pub async fn serve(
                 let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
                 let (status, ctype, body): (&str, &str, Vec<u8>) = match (method, path) {
                     ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", m.render()),
-                    ("GET", "/healthz") => ("200 OK", "text/plain", b"ok\n".to_vec()),
+                    ("GET", "/healthz") => match m.stalled() {
+                        None => ("200 OK", "text/plain", b"ok\n".to_vec()),
+                        Some(why) => ("503 Service Unavailable", "text/plain", format!("{why}\n").into_bytes()),
+                    },
                     ("GET", "/readyz") if m.ready.get() == 1 => {
                         ("200 OK", "text/plain", b"ready\n".to_vec())
                     }
@@ -387,6 +428,17 @@ mod tests {
         assert!(body.starts_with("HTTP/1.1 200"), "{body}");
         assert!(body.contains("quire_tokens_out_total 7"), "{body}");
         assert!(get("/healthz").await.starts_with("HTTP/1.1 200"));
+        // A running task with no progress for longer than the stall time fails the check; an
+        // idle worker never does, and progress brings it back.
+        m.set_stall_after(Duration::from_millis(50));
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        assert!(get("/healthz").await.starts_with("HTTP/1.1 200"), "idle is healthy");
+        m.in_flight.inc();
+        let stalled = get("/healthz").await;
+        assert!(stalled.starts_with("HTTP/1.1 503") && stalled.contains("1 tasks running"), "{stalled}");
+        m.progressed();
+        assert!(get("/healthz").await.starts_with("HTTP/1.1 200"));
+        m.in_flight.dec();
         assert!(get("/readyz").await.starts_with("HTTP/1.1 503"));
         m.ready.set(1);
         assert!(get("/readyz").await.starts_with("HTTP/1.1 200"));

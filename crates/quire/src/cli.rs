@@ -468,6 +468,11 @@ pub struct WorkerArgs {
     /// yet (otherwise the coordinator's value is in force and adopted).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_deliver: u32,
+    /// /healthz answers 503 once tasks have been running this long (seconds) with no sign of
+    /// progress (no model step, no stage of a task done), so that a liveness probe restarts a
+    /// worker whose model or renderer hangs; 0 never. An idle worker is always healthy.
+    #[arg(long, default_value_t = 900, value_name = "SECONDS", env = "QUIRE_STALL_S")]
+    pub stall_s: u64,
 }
 
 #[derive(Args)]

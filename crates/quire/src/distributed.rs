@@ -203,6 +203,7 @@ fn worker_inner(args: WorkerArgs) -> anyhow::Result<u8> {
     let rt = runtime()?;
     let access = access(&args.services.s3);
     let metrics = Arc::new(Metrics::new());
+    metrics.set_stall_after(Duration::from_secs(args.stall_s));
     let _server = match &args.metrics_addr {
         Some(addr) => Some(
             rt.block_on(metrics::serve(addr, metrics.clone()))
@@ -238,6 +239,7 @@ fn worker_inner(args: WorkerArgs) -> anyhow::Result<u8> {
             let observe: quire_pipeline::infer::BatchObserver = Box::new(move |n| m2.batch_size.observe(n as f64));
             let m3 = metrics.clone();
             let engine: quire_pipeline::infer::EngineObserver = Box::new(move |s| {
+                m3.progressed();
                 m3.sequences_in_flight.set(s.in_flight as i64);
                 m3.sequences_waiting.set(s.waiting as i64);
                 m3.kv_cache_used_bytes.set(s.kv_used_bytes as i64);
