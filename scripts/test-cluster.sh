@@ -60,7 +60,7 @@ t_start=$SECONDS
 step() { echo "cluster: $* ($((SECONDS - t_start)) s)" >&2; }
 
 # --- tools -----------------------------------------------------------------
-debs=(containerd runc containernetworking-plugins etcd-server iptables conntrack buildah gcc libc6-dev)
+debs=(containerd runc containernetworking-plugins etcd-server iptables conntrack buildah gcc libc6-dev poppler-utils)
 missing=()
 for p in "${debs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
