@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The chart on a real single-node Kubernetes, built here from package
 # registries, and the checks of what an operator does with it
-# (scripts/cluster/proofs.sh): helm install + helm test, a run triggered by
-# hand, a worker killed mid-run, helm upgrade to a new image, the CronJob firing
-# on its own schedule.
+# (scripts/cluster/proofs.sh): helm install + helm test; the chart's standing
+# job over three nights: one triggered by hand with workers killed mid-run and
+# a second Job joining it, one of another date that does only the new objects,
+# one fired by the CronJob on its own schedule after a helm upgrade to a new image.
 #
 #   scripts/test-cluster.sh            build what is missing, bring the cluster up, run the checks, tear down
 #   scripts/test-cluster.sh --build    only build and cache the binaries (Kubernetes, CoreDNS, Garage)
@@ -60,7 +61,7 @@ t_start=$SECONDS
 step() { echo "cluster: $* ($((SECONDS - t_start)) s)" >&2; }
 
 # --- tools -----------------------------------------------------------------
-debs=(containerd runc containernetworking-plugins etcd-server iptables conntrack buildah gcc libc6-dev)
+debs=(containerd runc containernetworking-plugins etcd-server iptables conntrack buildah gcc libc6-dev poppler-utils)
 missing=()
 for p in "${debs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

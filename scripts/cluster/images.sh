@@ -86,6 +86,8 @@ build pause localhost/quire-cluster/pause:3.10.1 "$(hash_of "$k8s_src/build/paus
 build nats "localhost/quire-cluster/nats:$("$nats" --version | awk '{print $NF}' | tr -d v)" "$(hash_of "$nats")"
 build garage localhost/quire-cluster/garage:local "$(hash_of "$garage")-$(b images --noheading --format '{{.ID}}' "$base")"
 
+# docker-archive refuses to write over an archive: the one of the last run goes first.
+rm -f "$out/quire.tar"
 b push -q localhost/quire:ci "docker-archive:$out/quire.tar:localhost/quire:ci" >/dev/null
 ctr="$(b from localhost/quire:ci)"
 b config --label io.quire.test-cluster.build=next "$ctr"

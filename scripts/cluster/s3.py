@@ -1,14 +1,20 @@
 """The test cluster's bucket, seen from the host (scripts/test-cluster.sh):
-uploads inputs and the model, and checks what a run left there.
+uploads inputs and the model, and checks what a standing job's runs left there.
 
     s3.py wait                          until a put to the bucket goes through (60 s at most)
     s3.py put LOCAL KEY                 a file, or a folder's files below KEY/
     s3.py rm PREFIX                     every object below PREFIX
-    s3.py jobs OUT_PREFIX               the jobs with a manifest below OUT_PREFIX, one a line
-    s3.py progress OUT_PREFIX           "JOB N" for each job without a manifest: N result files so far
-    s3.py check-run OUT_PREFIX JOB PAGES
-        JOB has its manifest, results and Markdown; its records hold every page
-        of every input exactly once (PAGES in all), none failed
+    s3.py results OUT_PREFIX JOB        how many result files JOB has so far
+    s3.py check-job OUT_PREFIX JOB PAGES
+        JOB's manifest, results and Markdown: its records hold every page of
+        every current input exactly once (PAGES in all), none failed, one
+        Markdown file per document, the manifest's counts agree
+    s3.py check-run OUT_PREFIX JOB RUN KEY=N... [--new-under PREFIX]
+        JOB/runs/RUN/manifest.json exists, is listed in the job manifest's runs,
+        and its counts have KEY=N for each given; with --new-under, the objects
+        the run found new are exactly the job's objects below PREFIX, and the
+        run's tasks_done is exactly their tasks (no other object's task ran)
+    s3.py finished OUT_PREFIX JOB RUN   the run's finished_at (RFC 3339) in the job manifest
 
 Reads S3_ENDPOINT, BUCKET, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.
 """
@@ -44,24 +50,35 @@ def fail(msg):
     sys.exit(1)
 
 
-def check_run(s3, bucket, out, job, pages):
+def get_json(s3, bucket, key):
+    try:
+        return json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+    except s3.exceptions.NoSuchKey:
+        fail(f"no s3://{bucket}/{key}")
+
+
+def records(s3, bucket, keys_):
+    for k in keys_:
+        for line in s3.get_object(Bucket=bucket, Key=k)["Body"].read().decode().splitlines():
+            if line.strip():
+                yield json.loads(line)
+
+
+def check_job(s3, bucket, out, job, pages):
     base = f"{out.rstrip('/')}/{job}/"
     found = list(keys(s3, bucket, base))
-    if base + "manifest.json" not in found:
-        fail(f"no manifest at s3://{bucket}/{base}manifest.json (found {found[:10]})")
-    manifest = json.loads(s3.get_object(Bucket=bucket, Key=base + "manifest.json")["Body"].read())
+    manifest = get_json(s3, bucket, base + "manifest.json")
     counts = manifest["counts"]
     results = [k for k in found if k.startswith(base + "results/") and k.endswith(".jsonl")]
     markdown = [k for k in found if k.startswith(base + "markdown/") and k.endswith(".md")]
     seen = Counter()
     failed = []
-    for k in results:
-        for line in s3.get_object(Bucket=bucket, Key=k)["Body"].read().decode().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                seen[(r["source"], r["page"])] += 1
-                if r.get("error"):
-                    failed.append((r["source"], r["page"], r["error"]))
+    engines = Counter()
+    for r in records(s3, bucket, results):
+        seen[(r["source"], r["page"])] += 1
+        engines[r["engine"]] += 1
+        if r.get("error"):
+            failed.append((r["source"], r["page"], r["error"]))
     dup = {p: n for p, n in seen.items() if n > 1}
     if dup:
         fail(f"{job}: pages recorded more than once: {dup}")
@@ -72,13 +89,36 @@ def check_run(s3, bucket, out, job, pages):
     docs = {s for s, _ in seen}
     if len(markdown) != len(docs):
         fail(f"{job}: {len(markdown)} Markdown files for {len(docs)} documents")
-    engines = Counter()
-    for k in results:
-        for line in s3.get_object(Bucket=bucket, Key=k)["Body"].read().decode().splitlines():
-            if line.strip():
-                engines[json.loads(line)["engine"]] += 1
+    if len(manifest.get("objects", [])) != len(docs):
+        fail(f"{job}: the manifest lists {len(manifest.get('objects', []))} objects, the records {len(docs)} documents")
     print(f"{job}: {pages} pages in {len(docs)} documents, each once ({dict(engines)}), "
-          f"{len(results)} result files, {len(markdown)} Markdown files, manifest {counts}")
+          f"{len(results)} result files, {len(markdown)} Markdown files")
+
+
+def check_run(s3, bucket, out, job, run, want, new_under):
+    base = f"{out.rstrip('/')}/{job}/"
+    m = get_json(s3, bucket, f"{base}runs/{run}/manifest.json")
+    jm = get_json(s3, bucket, base + "manifest.json")
+    if run not in [r["run"] for r in jm.get("runs", [])]:
+        fail(f"{job}: run {run} missing from the job manifest's runs {[r['run'] for r in jm.get('runs', [])]}")
+    counts = m["counts"]
+    wrong = {k: (counts.get(k), v) for k, v in want.items() if counts.get(k) != v}
+    if wrong:
+        fail(f"{job} run {run}: counts (found, expected) {wrong}; all counts {counts}")
+    if new_under:
+        prefix = f"s3://{bucket}/{new_under}"
+        new = sorted(o["uri"] for o in m.get("objects", []) if o["change"] == "new")
+        below = sorted(o["uri"] for o in jm["objects"] if o["uri"].startswith(prefix))
+        if new != below:
+            fail(f"{job} run {run}: objects found new {new[:5]}... ({len(new)}), objects below {prefix} {len(below)}")
+        tasks = sum(len(o["tasks"]) for o in jm["objects"] if o["uri"].startswith(prefix))
+        if counts["tasks_done"] != tasks:
+            fail(f"{job} run {run}: {counts['tasks_done']} tasks done, the new objects have {tasks}")
+        since = {o["since_run"] for o in jm["objects"] if o["uri"].startswith(prefix)}
+        if since != {run}:
+            fail(f"{job} run {run}: the new objects came in with runs {since}")
+    print(f"{job} run {run}: " + ", ".join(f"{k}={counts.get(k)}" for k in
+          ("objects", "objects_new", "objects_changed", "objects_unchanged", "objects_removed", "tasks", "tasks_done", "tasks_skipped", "pages_ok")))
 
 
 def main(argv):
@@ -104,26 +144,22 @@ def main(argv):
     elif cmd == "rm":
         for k in list(keys(s3, bucket, argv[2])):
             s3.delete_object(Bucket=bucket, Key=k)
-    elif cmd == "jobs":
-        out = argv[2].rstrip("/") + "/"
-        for k in keys(s3, bucket, out):
-            rest = k[len(out):]
-            if rest.count("/") == 1 and rest.endswith("/manifest.json"):
-                print(rest.split("/")[0])
-    elif cmd == "progress":
-        out = argv[2].rstrip("/") + "/"
-        done, results = set(), Counter()
-        for k in keys(s3, bucket, out):
-            parts = k[len(out):].split("/")
-            if parts[1:] == ["manifest.json"]:
-                done.add(parts[0])
-            elif len(parts) == 3 and parts[1] == "results" and parts[2].endswith(".jsonl"):
-                results[parts[0]] += 1
-        for job, n in sorted(results.items()):
-            if job not in done:
-                print(job, n)
+    elif cmd == "results":
+        base = f"{argv[2].rstrip('/')}/{argv[3]}/results/"
+        print(sum(1 for k in keys(s3, bucket, base) if k.endswith(".jsonl")))
+    elif cmd == "check-job":
+        check_job(s3, bucket, argv[2], argv[3], int(argv[4]))
     elif cmd == "check-run":
-        check_run(s3, bucket, argv[2], argv[3], int(argv[4]))
+        rest, new_under = argv[5:], None
+        if "--new-under" in rest:
+            i = rest.index("--new-under")
+            new_under = rest[i + 1]
+            rest = rest[:i] + rest[i + 2:]
+        want = {k: int(v) for k, v in (a.split("=", 1) for a in rest)}
+        check_run(s3, bucket, argv[2], argv[3], argv[4], want, new_under)
+    elif cmd == "finished":
+        jm = get_json(s3, bucket, f"{argv[2].rstrip('/')}/{argv[3]}/manifest.json")
+        print(next((r["finished_at"] for r in jm.get("runs", []) if r["run"] == argv[4]), ""))
     else:
         sys.exit(__doc__)
 

@@ -57,10 +57,8 @@ spec:
         - {{ $j.out | quote }}
         - --job
         - {{ $j.name | quote }}
-        {{- with $j.run }}
         - --run
-        - {{ . | quote }}
-        {{- end }}
+        - {{ required "job.run is required (e.g. \"{date}\": one run per UTC day; quire's own default holds {time})" $j.run | quote }}
         - --task
         - {{ $j.task | quote }}
         - --engine

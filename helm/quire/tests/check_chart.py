@@ -585,12 +585,9 @@ def cronjob_policy(docs, values) -> None:
     # Job made by hand the same day joins that run; no {time}, so a retried Pod resumes it.
     job = values.get("job", {})
     assert arg_after(args, "--job") == job.get("name", "nightly"), args
-    if job.get("run", "") == "":
-        assert "--run" not in args, args
-        run = ""
-    else:
-        run = arg_after(args, "--run")
-        assert run == job.get("run"), args
+    # Always a --run: without one quire names the run {date}T{time}, which a retried Pod expands anew.
+    run = arg_after(args, "--run")
+    assert run == job.get("run", "{date}"), args
     assert "{time}" not in run + arg_after(args, "--job"), args
     assert len(cj["metadata"]["name"]) <= 52, f"CronJob name {cj['metadata']['name']} over 52 characters"
     hooks = {d["metadata"].get("annotations", {}).get("helm.sh/hook") for d in docs if d} - {None}
@@ -834,8 +831,8 @@ def schema_checks() -> None:
     refused({"job.out": ""}, "inputs without job.out", r"job.out is required")
     refused({"job.run": "{date}T{time}"}, "{time} in the run (a retry would start another)", r"job.run .* must not hold \{time\}")
     refused({"job.name": "scans-{time}"}, "{time} in the job name", r"job.name .* must not hold \{time\}")
-    refused({"job.run": "", "job.name": "nightly-{date}-{time}"}, "{time} in the job name without runs",
-            r"job.name .* must not hold \{time\}")
+    refused({"job.run": ""}, "an empty run (quire's own default, {date}T{time}, would start a run per retry)",
+            r"job.run")
     refused({"adhoc": {"enabled": True}}, "the removed ad-hoc Job's values", r"adhoc")
     refused({"nats.enabled": True, "queue.url": "", "queue.auth.method": "token", "queue.auth.token": "t"},
             "queue.auth with the bundled NATS", r"queue.auth is for an external NATS")
@@ -876,6 +873,16 @@ def schema_checks() -> None:
         second = checksums(keys)
         assert first.keys() == second.keys() and all(first[k] != second[k] for k in first), (first, second)
     check("a changed Secret value changes every quire Pod's checksum annotation (helm upgrade rolls them)", secret_change_rolls_pods)
+
+    def chart_default_run():
+        # The chart's own values.yaml, only what to read and where to write set: a standing job
+        # with one run per UTC day, so a Job made by hand the same day joins the night's run.
+        docs = render({"job": {"inputs": ["s3://scans/incoming/"], "out": "s3://results/ocr"}})
+        args = one(docs, "CronJob", "-nightly")["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"]
+        assert arg_after(args, "--job") == "nightly" and arg_after(args, "--run") == "{date}", args
+        text = notes({"job": {"inputs": ["s3://scans/incoming/"], "out": "s3://results/ocr"}})
+        assert 'run "{date}"' in text, text
+    check("defaults: the CronJob runs the standing job `nightly` with --run '{date}'", chart_default_run)
 
     def defaults_accepted():
         helm.Chart.load(str(CHART)).validate_schema(base)
