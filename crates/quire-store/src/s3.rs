@@ -797,6 +797,17 @@ pub async fn download_prefix(
         format!("{prefix}/")
     };
     tokio::fs::create_dir_all(local_dir).await?;
+    // What was downloaded here before: path below the folder → (size, ETag). A file is used
+    // again only when its object still has the same size and ETag (a checkpoint replaced by
+    // one of the same size is downloaded again); files of objects gone from the prefix are
+    // deleted, so that a stale shard cannot be loaded beside the new ones.
+    let record = local_dir.join(MODEL_RECORD);
+    let before: std::collections::BTreeMap<String, (i64, String)> = tokio::fs::read(&record)
+        .await
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let mut now = std::collections::BTreeMap::new();
     let mut token: Option<String> = None;
     let mut downloaded = 0;
     let mut seen = 0;
@@ -820,8 +831,11 @@ pub async fn download_prefix(
                 StoreError::Permanent(format!("s3://{bucket}/{key}: unsafe path below {uri}"))
             })?;
             let size = o.size().unwrap_or(-1);
+            let etag = o.e_tag().unwrap_or("").to_string();
+            now.insert(below.to_string(), (size, etag.clone()));
             if let Ok(m) = tokio::fs::metadata(&dest).await {
-                if m.is_file() && m.len() as i64 == size {
+                let same = before.get(below).is_some_and(|(s, e)| *s == size && *e == etag && !e.is_empty());
+                if m.is_file() && m.len() as i64 == size && same {
                     continue;
                 }
             }
@@ -854,8 +868,18 @@ pub async fn download_prefix(
             "{uri}: no objects below this prefix"
         )));
     }
+    for gone in before.keys().filter(|k| !now.contains_key(*k)) {
+        if let Some(p) = safe_join(local_dir, gone) {
+            let _ = tokio::fs::remove_file(p).await;
+        }
+    }
+    let body = serde_json::to_vec_pretty(&now).map_err(|e| StoreError::Permanent(format!("recording the download: {e}")))?;
+    tokio::fs::write(&record, body).await?;
     Ok(downloaded)
 }
+
+/// The file in a model cache folder that says which object versions its files are.
+pub const MODEL_RECORD: &str = ".quire-model.json";
 
 /// `dir/rel` when `rel` is a plain relative path (no `..`, not absolute).
 fn safe_join(dir: &Path, rel: &str) -> Option<PathBuf> {
@@ -1199,8 +1223,17 @@ mod tests {
                 .await
                 .unwrap(),
             0,
-            "not cached"
+            "cached"
         );
+        // An object replaced by one of the same size has another ETag: downloaded again. An
+        // object gone from the prefix leaves the cache.
+        store.put("corpus/scans/sub/b.png", b"BODY OF CORPUS/SCANS/SUB/B.PNG".to_vec()).await.unwrap();
+        store.put("corpus/scans/extra.bin", b"x".to_vec()).await.unwrap();
+        assert_eq!(download_prefix(&c, &format!("s3://{BUCKET}/corpus/scans"), &cache).await.unwrap(), 2);
+        assert_eq!(std::fs::read(cache.join("sub/b.png")).unwrap(), b"BODY OF CORPUS/SCANS/SUB/B.PNG");
+        store.delete("corpus/scans/extra.bin").await.unwrap();
+        assert_eq!(download_prefix(&c, &format!("s3://{BUCKET}/corpus/scans"), &cache).await.unwrap(), 0);
+        assert!(!cache.join("extra.bin").exists(), "a file of an object gone from the prefix is removed");
         assert!(matches!(
             download_prefix(&c, &format!("s3://{BUCKET}/nothing"), &cache).await,
             Err(StoreError::Permanent(_))

@@ -1015,6 +1015,47 @@ def readme_commands() -> None:
     assert "job.ackWaitSeconds" in section, "README: a killed worker's tasks move on after the chart's lease"
 
 
+def model_cache_checks() -> None:
+    base = yaml.safe_load((CHART / "ci/defaults-values.yaml").read_text())
+
+    def with_cache(cache: dict) -> list[dict]:
+        values = json.loads(json.dumps(base))
+        values.setdefault("worker", {})["modelCache"] = cache
+        return render(values)
+
+    def cache_volume(docs):
+        vols = worker(docs)["spec"]["template"]["spec"]["volumes"]
+        return next(v for v in vols if v["name"] == "cache")
+
+    def default_is_an_empty_dir():
+        docs = render(base)
+        assert not kinds(docs, "PersistentVolumeClaim"), "no claim unless asked for"
+        assert "emptyDir" in cache_volume(docs)
+
+    def chart_made_claim():
+        docs = with_cache({"persistence": {"enabled": True, "storageClass": "fast-rwx", "size": "80Gi",
+                                           "accessModes": ["ReadWriteMany"]}})
+        (pvc,) = kinds(docs, "PersistentVolumeClaim")
+        spec = pvc["spec"]
+        assert spec["storageClassName"] == "fast-rwx" and spec["resources"]["requests"]["storage"] == "80Gi", spec
+        assert spec["accessModes"] == ["ReadWriteMany"], spec
+        assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep", "a claim outlives an uninstall"
+        assert cache_volume(docs)["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+        assert len(pvc["metadata"]["name"]) <= 63
+        # No storageClass: the cluster's default class (the field absent, not "").
+        docs = with_cache({"persistence": {"enabled": True}})
+        assert "storageClassName" not in kinds(docs, "PersistentVolumeClaim")[0]["spec"]
+
+    def existing_claim_wins():
+        docs = with_cache({"existingClaim": "models", "persistence": {"enabled": True}})
+        assert not kinds(docs, "PersistentVolumeClaim")
+        assert cache_volume(docs)["persistentVolumeClaim"]["claimName"] == "models"
+
+    check("model cache: an emptyDir by default", default_is_an_empty_dir)
+    check("model cache: a chart-made PVC with storageClass, size and access modes, kept on uninstall", chart_made_claim)
+    check("model cache: existingClaim wins over a chart-made PVC", existing_claim_wins)
+
+
 def repository_checks() -> None:
     check("README: Run on Kubernetes commands quoted, the real CronJob name, no exec into workers", readme_commands)
     check("Chart.yaml: Artifact Hub metadata", chart_metadata)
@@ -1055,6 +1096,7 @@ def main() -> int:
     for p in SCENARIOS:
         scenario_checks(p)
     schema_checks()
+    model_cache_checks()
     long_release_checks()
     repository_checks()
     if failures:
