@@ -1249,12 +1249,18 @@ fn nightly_runs_of_a_standing_job_do_only_the_new_work_once() {
     put("in/mixed.pdf", "born_digital.pdf");
     rt.block_on(store.delete("in/gone.pdf")).unwrap();
     let night2 = coordinator("2026-12-02", &[]);
-    let mut first = Proc::spawn("coordinator-2a", &mut quire_cmd(&endpoint, &night2.iter().map(String::as_str).collect::<Vec<_>>()), tmp.path());
+    let metrics_port = free_port();
+    let mut first_args = night2.clone();
+    first_args.extend(["--metrics-addr".to_string(), format!("127.0.0.1:{metrics_port}")]);
+    let mut first = Proc::spawn("coordinator-2a", &mut quire_cmd(&endpoint, &first_args.iter().map(String::as_str).collect::<Vec<_>>()), tmp.path());
     let t0 = Instant::now();
     while starts_since(&starts, night1_lines).1.is_empty() {
         assert!(t0.elapsed() < Duration::from_secs(60), "night 2 started no task:\n{}", first.log());
         std::thread::sleep(Duration::from_millis(50));
     }
+    // While it waits, the coordinator exports what the run found and where its tasks stand.
+    let exported = http_get(metrics_port, "/metrics");
+    assert!(exported.contains("quire_run_objects{change=\"new\"} 1") && exported.contains("quire_run_waiting 1"), "{exported}");
     let mut second = Proc::spawn("coordinator-2b", &mut quire_cmd(&endpoint, &night2.iter().map(String::as_str).collect::<Vec<_>>()), tmp.path());
     assert_eq!(first.wait_for(Duration::from_secs(120)), Some(3), "{}:\n{}", args_of(&night2), first.log());
     assert_eq!(second.wait_for(Duration::from_secs(120)), Some(3), "the second coordinator:\n{}", second.log());

@@ -519,6 +519,8 @@ pub struct CoordinatorOptions {
     pub retry_failed: bool,
     /// Delete superseded files instead of moving them under `JOB/superseded/RUN/`.
     pub prune: bool,
+    /// Where the run's state is exported while the coordinator waits (`--metrics-addr`).
+    pub run_metrics: Option<Arc<crate::metrics::RunMetrics>>,
 }
 
 #[derive(Debug, Default, Clone, Serialize)]
@@ -851,6 +853,11 @@ if retry_group {
     store
         .put(&job_file_key(&job), serde_json::to_vec_pretty(&jf)?)
         .await?;
+    if let Some(m) = &o.run_metrics {
+        m.objects.with_label_values(&["new"]).set(sub.objects_new as i64);
+        m.objects.with_label_values(&["changed"]).set(sub.objects_changed as i64);
+        m.objects.with_label_values(&["unchanged"]).set(sub.objects_unchanged as i64);
+    }
     tracing::info!(
         "planned in {:.3}s: {} objects listed ({} new, {} changed, {} unchanged), {} tasks published, {} already done{}",
         started_at.elapsed().map(|d| d.as_secs_f64()).unwrap_or(0.0),
@@ -1167,20 +1174,24 @@ pub async fn wait_and_finish(
         // A store or broker outage is waited out (the store retries its own operations;
         // this also covers the queue), for as long as the store's retry budget.
         let mut outage = Outage::new(o.access.retry);
-        let (present, dead_set, dead, queue_idle) = loop {
+        let (present, dead_set, dead, pending) = loop {
             let look = async {
                 ledger.refresh_splits(store).await?;
                 let present = results_present(store, job).await?;
                 let (dead_set, dead) = dead_ids(Some(queue), job).await?;
-                let idle = queue.pending(job).await? == 0;
-                anyhow::Ok((present, dead_set, dead, idle))
+                let pending = queue.pending(job).await?;
+                anyhow::Ok((present, dead_set, dead, pending))
             };
             match look.await {
                 Ok(v) => break v,
                 Err(e) => outage.wait(&format!("{job}: looking at the job's output and dead letters"), e).await?,
             }
         };
-        let states = ledger.states(&present, &dead_set, queue_idle);
+        let states = ledger.states(&present, &dead_set, pending == 0);
+        if let Some(m) = &o.run_metrics {
+            let n = |want: TaskState| states.iter().filter(|(_, s)| *s == want).count() as u64;
+            m.looked(n(TaskState::Open), n(TaskState::Done), n(TaskState::Dead), pending);
+        }
         let mut open: HashSet<String> =
             states.iter().filter(|(_, s)| *s == TaskState::Open).map(|(t, _)| t.task_id.clone()).collect();
         if open.is_empty() {

@@ -341,9 +341,101 @@ impl TaskObserver for Metrics {
 
 /// Serves `GET /metrics`, `/healthz` (200 unless [`Metrics::stalled`]) and `/readyz` (200 when
 /// `ready` is 1) on `addr` until the returned task is dropped or aborted.
+/// What the HTTP endpoint serves: the worker's [`Metrics`] or the coordinator's [`RunMetrics`].
+pub trait Exporter: Send + Sync + 'static {
+    /// The Prometheus text exposition.
+    fn render(&self) -> Vec<u8>;
+    /// Why `/healthz` fails, if it does.
+    fn stalled(&self) -> Option<String> {
+        None
+    }
+    /// Whether `/readyz` answers 200.
+    fn ready(&self) -> bool {
+        true
+    }
+}
+
+impl Exporter for Metrics {
+    fn render(&self) -> Vec<u8> {
+        Metrics::render(self)
+    }
+    fn stalled(&self) -> Option<String> {
+        Metrics::stalled(self)
+    }
+    fn ready(&self) -> bool {
+        self.ready.get() == 1
+    }
+}
+
+/// A waiting coordinator's view of its run, for alerts that see a stuck night (tasks queued
+/// and nobody working on them: GPU Pods unschedulable, an image that crash-loops, a scaler
+/// that cannot read the queue), which the workers' own metrics cannot show when no worker
+/// runs.
+pub struct RunMetrics {
+    registry: Registry,
+    /// Tasks of the run by state: `open` (queued, running or not yet published by a worker's
+    /// split), `done` (results stored), `dead` (given up on).
+    pub tasks: IntGaugeVec,
+    /// Objects the run listed, by what it found: `new`, `changed`, `unchanged`.
+    pub objects: IntGaugeVec,
+    /// Tasks of the job still in the work stream.
+    pub queue_pending: IntGauge,
+    /// Unix seconds: when the run started, and when its count of settled tasks last grew.
+    pub started: Gauge,
+    pub last_progress: Gauge,
+    /// 1 while the coordinator waits for its run (0 once it is closed).
+    pub waiting: IntGauge,
+    settled: AtomicU64,
+}
+
+impl Default for RunMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RunMetrics {
+    pub fn new() -> Self {
+        let registry = Registry::new_custom(Some("quire".into()), None).expect("registry");
+        let tasks = IntGaugeVec::new(Opts::new("run_tasks", "Tasks of the coordinator's run by state"), &["state"]).unwrap();
+        let objects = IntGaugeVec::new(Opts::new("run_objects", "Objects the run listed, by change"), &["change"]).unwrap();
+        let queue_pending = IntGauge::new("run_queue_pending", "Tasks of the run's job in the work stream").unwrap();
+        let started = Gauge::new("run_started_timestamp_seconds", "When the coordinator's run started").unwrap();
+        let last_progress =
+            Gauge::new("run_last_progress_timestamp_seconds", "When the run's count of settled tasks last grew").unwrap();
+        let waiting = IntGauge::new("run_waiting", "1 while the coordinator waits for its run to settle").unwrap();
+        for c in [Box::new(tasks.clone()) as Box<dyn prometheus::core::Collector>, Box::new(objects.clone()), Box::new(queue_pending.clone()), Box::new(started.clone()), Box::new(last_progress.clone()), Box::new(waiting.clone())] {
+            registry.register(c).expect("register");
+        }
+        let now = unix_ms() as f64 / 1e3;
+        started.set(now);
+        last_progress.set(now);
+        RunMetrics { registry, tasks, objects, queue_pending, started, last_progress, waiting, settled: AtomicU64::new(0) }
+    }
+
+    /// One look at the run: its tasks by state and the queue's depth.
+    pub fn looked(&self, open: u64, done: u64, dead: u64, pending: u64) {
+        self.tasks.with_label_values(&["open"]).set(open as i64);
+        self.tasks.with_label_values(&["done"]).set(done as i64);
+        self.tasks.with_label_values(&["dead"]).set(dead as i64);
+        self.queue_pending.set(pending as i64);
+        if self.settled.fetch_max(done + dead, Ordering::Relaxed) < done + dead {
+            self.last_progress.set(unix_ms() as f64 / 1e3);
+        }
+    }
+}
+
+impl Exporter for RunMetrics {
+    fn render(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("metrics encode");
+        out
+    }
+}
+
 pub async fn serve(
     addr: &str,
-    metrics: Arc<Metrics>,
+    metrics: Arc<dyn Exporter>,
 ) -> std::io::Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
@@ -381,7 +473,7 @@ pub async fn serve(
                         None => ("200 OK", "text/plain", b"ok\n".to_vec()),
                         Some(why) => ("503 Service Unavailable", "text/plain", format!("{why}\n").into_bytes()),
                     },
-                    ("GET", "/readyz") if m.ready.get() == 1 => {
+                    ("GET", "/readyz") if m.ready() => {
                         ("200 OK", "text/plain", b"ready\n".to_vec())
                     }
                     ("GET", "/readyz") => (
@@ -414,7 +506,7 @@ mod tests {
     async fn serves_metrics_health_and_readiness() {
         let m = Arc::new(Metrics::new());
         m.tokens_out.inc_by(7);
-        let (addr, _h) = serve("127.0.0.1:0", m.clone()).await.unwrap();
+        let (addr, _h) = serve("127.0.0.1:0", m.clone() as Arc<dyn Exporter>).await.unwrap();
         let get = |path: &'static str| async move {
             let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
             s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
@@ -443,6 +535,28 @@ mod tests {
         m.ready.set(1);
         assert!(get("/readyz").await.starts_with("HTTP/1.1 200"));
         assert!(get("/nope").await.starts_with("HTTP/1.1 404"));
+    }
+
+    #[tokio::test]
+    async fn the_run_s_progress_time_moves_only_when_more_tasks_settle() {
+        let m = Arc::new(RunMetrics::new());
+        m.last_progress.set(1.0);
+        m.looked(5, 0, 0, 5);
+        assert_eq!(m.last_progress.get(), 1.0, "nothing settled yet");
+        m.looked(3, 2, 0, 3);
+        let t = m.last_progress.get();
+        assert!(t > 1.0);
+        m.last_progress.set(2.0);
+        m.looked(3, 2, 0, 3);
+        assert_eq!(m.last_progress.get(), 2.0, "the same count again is no progress");
+        m.looked(2, 2, 1, 2);
+        assert!(m.last_progress.get() > 2.0, "a dead letter settles a task too");
+        let (addr, _h) = serve("127.0.0.1:0", m.clone() as Arc<dyn Exporter>).await.unwrap();
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        assert!(out.contains("quire_run_tasks{state=\"open\"} 2") && out.contains("quire_run_queue_pending 2"), "{out}");
     }
 
     #[tokio::test]

@@ -436,6 +436,11 @@ pub struct CoordinatorArgs {
     /// created; an existing bucket keeps its own.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..), env = "QUIRE_RUN_LEASE_S")]
     pub run_lease_s: u64,
+    /// Serve the run's state as Prometheus metrics (/metrics: quire_run_tasks{state},
+    /// quire_run_objects{change}, quire_run_queue_pending, quire_run_last_progress_timestamp_seconds,
+    /// quire_run_waiting) while the coordinator plans and waits.
+    #[arg(long, value_name = "HOST:PORT", env = "QUIRE_METRICS_ADDR")]
+    pub metrics_addr: Option<String>,
 }
 
 #[derive(Args)]

@@ -74,6 +74,7 @@ pub fn coordinator(mut args: CoordinatorArgs) -> u8 {
         run: args.runs.run.clone(),
         retry_failed: args.runs.retry_failed,
         prune: args.runs.prune,
+        run_metrics: args.metrics_addr.as_ref().map(|_| Arc::new(metrics::RunMetrics::new())),
     };
     let queue_opts = QueueOptions {
         ack_wait: Duration::from_secs(args.ack_wait_s),
@@ -93,6 +94,12 @@ pub fn coordinator(mut args: CoordinatorArgs) -> u8 {
             .await?;
             let store = open_store(&args.out, &o.access).await?;
             tracing::debug!("connected to the queue and the output in {:.3}s", t0.elapsed().as_secs_f64());
+            let _metrics_server = match (&args.metrics_addr, &o.run_metrics) {
+                (Some(addr), Some(m)) => Some(
+                    metrics::serve(addr, m.clone() as Arc<dyn metrics::Exporter>).await.with_context(|| format!("--metrics-addr {addr}"))?,
+                ),
+                _ => None,
+            };
             // One coordinator per job at a time: a second one (a retried Pod, a Job created
             // by hand the same night) waits for the first, then joins its run.
             let leases = RunLeases::open(queue.client(), args.services.nats_auth.replicas(), Duration::from_secs(args.run_lease_s)).await?;
@@ -141,9 +148,15 @@ pub fn coordinator(mut args: CoordinatorArgs) -> u8 {
                 lease.release().await?;
                 return Ok(exit::OK);
             }
+            if let Some(m) = &o.run_metrics {
+                m.waiting.set(1);
+            }
             let closed =
                 wait_and_finish(&o, &queue, store.as_ref(), &sub, plan, started_at, Duration::from_millis(args.poll_ms), events)
                     .await?;
+            if let Some(m) = &o.run_metrics {
+                m.waiting.set(0);
+            }
             if lease.lost() {
                 anyhow::bail!("the job's run lease was lost while this coordinator waited (its renewals failed); another coordinator may have run it too: check {}", store.locate(&closed.run_manifest_key));
             }
@@ -206,7 +219,7 @@ fn worker_inner(args: WorkerArgs) -> anyhow::Result<u8> {
     metrics.set_stall_after(Duration::from_secs(args.stall_s));
     let _server = match &args.metrics_addr {
         Some(addr) => Some(
-            rt.block_on(metrics::serve(addr, metrics.clone()))
+            rt.block_on(metrics::serve(addr, metrics.clone() as Arc<dyn metrics::Exporter>))
                 .with_context(|| format!("--metrics-addr {addr}"))?,
         ),
         None => None,

@@ -75,10 +75,16 @@ spec:
         - {{ $j.ackWaitSeconds | quote }}
         - --poll-ms
         - {{ $c.pollMs | quote }}
+        - --metrics-addr
+        - "0.0.0.0:{{ $c.metricsPort }}"
         {{- range $j.extraArgs }}
         - {{ . | quote }}
         {{- end }}
         - --wait
+      ports:
+        - name: metrics
+          containerPort: {{ $c.metricsPort }}
+          protocol: TCP
       env:
         {{- include "quire.env" $ | nindent 8 }}
         {{- with $.Values.extraEnv }}

@@ -1051,7 +1051,20 @@ def model_cache_checks() -> None:
         assert not kinds(docs, "PersistentVolumeClaim")
         assert cache_volume(docs)["persistentVolumeClaim"]["claimName"] == "models"
 
+    def coordinator_exports_its_run():
+        values = json.loads(json.dumps(base))
+        values["podMonitor"] = {"enabled": True}
+        docs = render(values)
+        pod = one(docs, "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+        c = pod["containers"][0]
+        port = next(p for p in c.get("ports", []) if p["name"] == "metrics")["containerPort"]
+        assert arg_after(c["args"], "--metrics-addr") == f"0.0.0.0:{port}", c["args"]
+        monitors = [m for m in kinds(docs, "PodMonitor")
+                    if m["spec"]["selector"]["matchLabels"].get("app.kubernetes.io/component") == "coordinator"]
+        assert len(monitors) == 1 and monitors[0]["spec"]["podMetricsEndpoints"][0]["port"] == "metrics", monitors
+
     check("model cache: an emptyDir by default", default_is_an_empty_dir)
+    check("coordinator: exports its run on a metrics port, scraped by its own PodMonitor", coordinator_exports_its_run)
     check("model cache: a chart-made PVC with storageClass, size and access modes, kept on uninstall", chart_made_claim)
     check("model cache: existingClaim wins over a chart-made PVC", existing_claim_wins)
 
