@@ -903,6 +903,7 @@ fn forged_task_messages_are_dead_lettered_and_secrets_stay_out_of_every_output()
                 submission: None,
                 members: Vec::new(),
                 resume: None,
+                reuse: Default::default(),
             }
         };
         let evil_out = format!("s3://{bucket}/evil");

@@ -306,6 +306,12 @@ pub struct TaskSpec {
     /// listed object (same size and version, same offsets).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resume: Option<ArchiveResume>,
+    /// For an [`UnitKind::Images`] task that re-forms a group of an earlier run: member URI →
+    /// the earlier group task whose stored records of that member (unchanged since) are taken
+    /// over instead of being made again. Not part of the task id: only members named in
+    /// `members`, and task ids of 32 hex digits, are honoured.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub reuse: std::collections::BTreeMap<String, String>,
 }
 
 /// Where an archive task starts reading (see [`TaskSpec::resume`]).

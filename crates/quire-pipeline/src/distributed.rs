@@ -764,6 +764,9 @@ pub async fn submit(
                 }
             };
             for (mut doc, known, retry) in tasks {
+                if !o.force {
+                    state.attach_reuse(&mut doc);
+                }
                 if retry {
                     queued.insert(doc.task_id.clone());
                     publisher.send(&doc).await?;
@@ -1415,6 +1418,7 @@ mod tests {
             submission: None,
             members: Vec::new(),
             resume: None,
+            reuse: Default::default(),
         }
     }
 

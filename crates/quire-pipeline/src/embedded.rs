@@ -245,7 +245,10 @@ pub async fn run_embedded(opts: RunOptions, progress: Arc<Progress>) -> anyhow::
                     }
                 }
             };
-            for task in tasks {
+            for mut task in tasks {
+                if !opts.force {
+                    state.attach_reuse(&mut task);
+                }
                 let units = u64::from(task.units());
                 Progress::add(&progress.tasks_planned, 1);
                 Progress::add(&progress.pages_planned, units);

@@ -41,6 +41,7 @@ pub fn plan_archive_tasks(settings: &JobSettings, fingerprint: &str, src: &Sourc
         submission: None,
         members: Vec::new(),
         resume: None,
+        reuse: Default::default(),
     };
     match scan {
         Err(_) => vec![make(UnitKind::Unreadable, 1, 1, 0)],
@@ -73,6 +74,7 @@ pub fn images_task(settings: &JobSettings, fingerprint: &str, root: &SourceRef, 
         submission: None,
         members,
         resume: None,
+        reuse: Default::default(),
     }
 }
 
@@ -166,6 +168,7 @@ pub fn plan_tasks(settings: &JobSettings, fingerprint: &str, src: &SourceRef, pr
         submission: None,
         members: Vec::new(),
         resume: None,
+        reuse: Default::default(),
     };
     match probe {
         Err(_) => vec![make(UnitKind::Unreadable, 1, 1, 0)],

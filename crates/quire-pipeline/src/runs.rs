@@ -14,7 +14,7 @@
 use crate::finish::{process_cpu_seconds, FinishReport, PlannedTask};
 use quire_core::{
     job_prefix, manifest_key, results_key, run_manifest_key, run_started_key, settings_fingerprint, superseded_prefix, DeadLetter, Manifest,
-    ObjectChange, ObjectEntry, ObjectStatus, ObjectTask, RunEntry, SourceRef, Throughput,
+    ObjectChange, ObjectEntry, ObjectStatus, ObjectTask, RunEntry, SourceRef, TaskSpec, Throughput,
 };
 use quire_store::BlobStore;
 use std::collections::{HashMap, HashSet};
@@ -98,6 +98,25 @@ impl JobState {
     pub fn unchanged(&self, src: &SourceRef) -> Option<&ObjectEntry> {
         let p = self.objects.get(&src.uri)?;
         (self.same_settings && p.size == src.size && p.version == src.version).then_some(p)
+    }
+
+    /// Names, for a group of loose images this run re-formed (a new task id), the earlier
+    /// group task of each member that is unchanged and was done without errors: the worker
+    /// takes those records over instead of captioning the images again, so one image added
+    /// to a folder costs one image, not a group of them.
+    pub fn attach_reuse(&self, task: &mut TaskSpec) {
+        if task.unit != quire_core::UnitKind::Images || !self.same_settings || self.done.contains_key(&task.task_id) {
+            return;
+        }
+        for m in &task.members {
+            let Some(p) = self.unchanged(m) else { continue };
+            if p.kind != "image" || p.status != ObjectStatus::Done {
+                continue;
+            }
+            if let Some(t) = p.tasks.first().filter(|t| t.task_id != task.task_id && t.failed == 0) {
+                task.reuse.insert(m.uri.clone(), t.task_id.clone());
+            }
+        }
     }
 
     /// Whether a task had results when the previous run finished, and how many of its records

@@ -26,6 +26,7 @@ pub fn document_task(settings: &JobSettings, fingerprint: &str, src: &SourceRef)
         submission: None,
         members: Vec::new(),
         resume: None,
+        reuse: Default::default(),
     }
 }
 

@@ -335,6 +335,51 @@ pub fn to_jsonl(records: &[Record]) -> Vec<u8> {
     out
 }
 
+/// Processes a group of loose images, taking over the records of members that an earlier
+/// group of the same job made and that are unchanged since ([`TaskSpec::reuse`]): only the
+/// other members are fetched and given to the model. A reused record gets this task's id; a
+/// member whose earlier records cannot be read (moved, pruned, unreadable) is made again.
+pub async fn process_images_reusing(store: &dyn BlobStore, task: &TaskSpec, fetch: &dyn Fetch, ctx: &ProcessContext) -> Result<Vec<Record>, TaskFailure> {
+    let members: std::collections::HashSet<&str> = task.members.iter().map(|m| m.uri.as_str()).collect();
+    let is_id = |id: &str| id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit());
+    let mut earlier: std::collections::BTreeSet<&str> = std::collections::BTreeSet::new();
+    for (uri, id) in &task.reuse {
+        if members.contains(uri.as_str()) && is_id(id) {
+            earlier.insert(id.as_str());
+        }
+    }
+    let mut taken: std::collections::HashMap<String, Vec<Record>> = std::collections::HashMap::new();
+    for id in earlier {
+        let key = results_key(&task.settings.job, id);
+        let Ok(Some(bytes)) = store.get(&key).await else { continue };
+        let Ok(records) = crate::finish::parse_jsonl(&bytes) else { continue };
+        for mut r in records {
+            if task.reuse.get(&r.source).is_some_and(|want| want == id) && !r.failed() {
+                r.task_id = task.task_id.clone();
+                taken.entry(r.source.clone()).or_default().push(r);
+            }
+        }
+    }
+    if taken.is_empty() {
+        return process_images(task, fetch, ctx).await;
+    }
+    let rest = TaskSpec { members: task.members.iter().filter(|m| !taken.contains_key(&m.uri)).cloned().collect(), ..task.clone() };
+    let mut made: std::collections::HashMap<String, Vec<Record>> = std::collections::HashMap::new();
+    if !rest.members.is_empty() {
+        for r in process_images(&rest, fetch, ctx).await? {
+            made.entry(r.source.clone()).or_default().push(r);
+        }
+    }
+    tracing::info!(task = %task.task_id, reused = taken.len(), made = rest.members.len(), "image group re-formed: records of unchanged images taken over");
+    let mut out = Vec::new();
+    for m in &task.members {
+        if let Some(rs) = taken.remove(&m.uri).or_else(|| made.remove(&m.uri)) {
+            out.extend(rs);
+        }
+    }
+    Ok(out)
+}
+
 /// Delay before the n-th redelivery: 1 s, 2 s, 4 s … capped at one minute.
 pub fn backoff(delivery: u32) -> Duration {
     Duration::from_secs(1u64 << delivery.saturating_sub(1).min(6)).min(Duration::from_secs(60))
@@ -510,7 +555,7 @@ impl Worker {
                 &task
             };
             let mut records = match std::mem::replace(&mut input, Input::None) {
-                _ if run.unit == UnitKind::Images => process_images(run, &fetch, ctx).await?,
+                _ if run.unit == UnitKind::Images => process_images_reusing(store.as_ref(), run, &fetch, ctx).await?,
                 Input::Ranged(RangedInput { reader, size, stats }) if run.unit == UnitKind::Archive => {
                     let records = process_archive(run, ArchiveSource::Reader(reader), ctx).await?;
                     after_ranged_read(&stats, size, run, "archive task read")?;
@@ -837,6 +882,7 @@ mod tests {
             submission: None,
             members: Vec::new(),
             resume: None,
+            reuse: Default::default(),
         };
         queue.publish(&task).await.unwrap();
         let dir = tempfile::tempdir().unwrap();

@@ -1178,6 +1178,7 @@ mod tests {
             submission: None,
             members: Vec::new(),
             resume: None,
+            reuse: Default::default(),
         }
     }
 

@@ -241,6 +241,7 @@ mod tests {
             submission: None,
             members: Vec::new(),
             resume: None,
+            reuse: Default::default(),
         }
     }
 
