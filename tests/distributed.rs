@@ -1400,6 +1400,44 @@ fn quire_run_reads_and_writes_s3_like_a_folder() {
     assert_eq!(job["objects"].as_array().unwrap().len(), 5);
     let recs = by_rel(all_records(), &input);
     assert_eq!(recs.len(), s3_rows.len() + 3, "new.pdf's three pages added, nothing else");
+    // Loose images, more of them than the process may open files: every download is closed
+    // once fetched (the cache keeps paths), so none fails for want of file handles.
+    let png = std::fs::read(fixtures.join("docs/gray.png")).unwrap();
+    rt.block_on(async {
+        for i in 0..300 {
+            store.put(&format!("imgs/img-{i:04}.png"), png.clone()).await.unwrap();
+        }
+    });
+    let imgs = format!("s3://{bucket}/imgs");
+    // The same environment as quire_cmd's, through a shell that lowers the limit first.
+    let mut c = Command::new("sh");
+    for (k, v) in quire_cmd(&endpoint, &[]).get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    c.current_dir(&cwd);
+    let quire = env!("CARGO_BIN_EXE_quire");
+    let script = format!(
+        "ulimit -n 160 && exec {quire} run {imgs} --out {out} --job imgs --task caption --engine text-layer --images-per-task 100 --store-retry-s 5 -q"
+    );
+    let mut child = c.arg("-c").arg(&script).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let t0 = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t0.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let o = child.wait_with_output().unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(120), "300 images took over two minutes: {}", String::from_utf8_lossy(&o.stderr));
+    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!stderr.contains("Too many open files"), "{stderr}");
+    let m = get("out/imgs/manifest.json");
+    assert_eq!(m["counts"]["records"].as_u64(), Some(300), "one record per image: {}", m["counts"]);
+    assert!(m["failures"].as_array().unwrap().iter().all(|f| f["kind"] == "needs_model"), "{}", m["failures"]);
+
     // `quire status` reads the job from the bucket.
     let o = run(&["status", "s3run", "--out", out.as_str()]);
     assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));

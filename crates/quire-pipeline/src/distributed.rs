@@ -113,8 +113,10 @@ pub struct S3Fetch {
     pub cache_bytes: u64,
     /// Transient download faults are retried this long before the task fails.
     pub retry: Retry,
-    /// Most recent first: (uri and version, size, file).
-    cache: std::sync::Mutex<std::collections::VecDeque<(String, u64, Arc<tempfile::NamedTempFile>)>>,
+    /// Most recent first: (uri and version, size, file). Paths, not open files: a worker
+    /// captioning loose images keeps thousands of small downloads, more than its open-file
+    /// limit (seen: "Too many open files" after ~1,000 images of a 100,000-image prefix).
+    cache: std::sync::Mutex<std::collections::VecDeque<(String, u64, Arc<tempfile::TempPath>)>>,
 }
 
 impl S3Fetch {
@@ -122,7 +124,7 @@ impl S3Fetch {
         S3Fetch { client, dir, cache_bytes, retry: Retry::default(), cache: Default::default() }
     }
 
-    fn cached(&self, key: &str) -> Option<Arc<tempfile::NamedTempFile>> {
+    fn cached(&self, key: &str) -> Option<Arc<tempfile::TempPath>> {
         let mut c = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         let i = c.iter().position(|(k, ..)| k == key)?;
         let e = c.remove(i)?;
@@ -140,7 +142,7 @@ impl S3Fetch {
         is_s3(&src.uri) && self.cached(&Self::cache_key(src)).is_none()
     }
 
-    fn remember(&self, key: String, size: u64, f: Arc<tempfile::NamedTempFile>) {
+    fn remember(&self, key: String, size: u64, f: Arc<tempfile::TempPath>) {
         if size > self.cache_bytes {
             return;
         }
@@ -152,6 +154,7 @@ impl S3Fetch {
             total += n;
             total <= self.cache_bytes
         });
+        c.truncate(MAX_CACHED_DOWNLOADS);
     }
 }
 
@@ -172,12 +175,13 @@ impl Fetch for S3Fetch {
                     .await
                     .map_err(|e| TaskFailure(format!("fetching {}: {e}", src.uri)))?;
                 downloaded = f.as_file().metadata().map(|m| m.len()).unwrap_or(src.size);
-                let f = Arc::new(f);
+                // Closed here; the path (deleted with its last holder) is what is kept.
+                let f = Arc::new(f.into_temp_path());
                 self.remember(key, src.size, f.clone());
                 f
             }
         };
-        Ok(Fetched { path: f.path().to_path_buf(), _keep: Some(Box::new(f)), downloaded })
+        Ok(Fetched { path: f.to_path_buf(), _keep: Some(Box::new(f)), downloaded })
     }
 
     async fn head(&self, src: &SourceRef, len: u64) -> Result<Option<Vec<u8>>, TaskFailure> {
@@ -205,6 +209,10 @@ impl Fetch for S3Fetch {
         Ok(Some(RangedInput { size: r.len(), stats: r.stats(), reader: Box::new(r) }))
     }
 }
+
+/// Downloads kept at most, whatever their bytes: tiny images would otherwise fill a
+/// folder with hundreds of thousands of files.
+const MAX_CACHED_DOWNLOADS: usize = 4096;
 
 /// Output stores by the `out` URI each task carries, opened once each.
 pub struct StoreCache {
