@@ -654,7 +654,7 @@ fn kills_restarts_outages_and_a_poison_task_lose_and_duplicate_nothing() {
     let (input, out) = (format!("s3://{bucket}/in"), format!("s3://{bucket}/out"));
     let coordinator_args = [
         "coordinator", "--nats", &nats_url, "--input", &input, "--out", &out, "--job", "drill", "--engine", "text-layer",
-        "--pages-per-task", "1", "--ack-wait-s", "2", "--max-deliver", "8", "--wait", "--poll-ms", "1000",
+        "--pages-per-task", "1", "--ack-wait-s", "2", "--max-deliver", "8", "--wait", "--poll-ms", "1000", "--run", "night", "--run-lease-s", "5",
     ];
     let mut coordinator = Proc::spawn("coordinator-0", &mut quire_cmd(&endpoint, &coordinator_args), tmp.path());
 

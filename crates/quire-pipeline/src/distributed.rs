@@ -612,11 +612,28 @@ fn retry_task(
 ///
 /// Memory grows with the job's objects (the manifest and this run's book of them) and the
 /// set of finished task ids (16 bytes each) when the store is listed.
-pub async fn submit(
-    o: &CoordinatorOptions,
-    queue: &JetStreamQueue,
-    store: &dyn BlobStore,
-) -> anyhow::Result<(Submitted, RunPlan)> {
+pub async fn submit(o: &CoordinatorOptions, queue: &JetStreamQueue, store: &dyn BlobStore) -> anyhow::Result<(Submitted, RunPlan)> {
+    // An input that could not be listed at all (the store is down, the prefix refused) is not
+    // an empty input: the submission is made again (its tasks are dropped by the queue as
+    // duplicates of this run's) until the store's retry budget is spent.
+    let mut outage = Outage::new(o.access.retry);
+    loop {
+        match submit_once(o, queue, store).await {
+            Err(e) if e.downcast_ref::<Unlisted>().is_some() => outage.wait(&format!("{}: listing the inputs", o.settings.job), e).await?,
+            other => return other,
+        }
+    }
+}
+
+/// An input of which nothing could be listed, with the reason.
+#[derive(Debug, thiserror::Error)]
+#[error("could not list {input}: {why}")]
+pub struct Unlisted {
+    pub input: String,
+    pub why: String,
+}
+
+async fn submit_once(o: &CoordinatorOptions, queue: &JetStreamQueue, store: &dyn BlobStore) -> anyhow::Result<(Submitted, RunPlan)> {
     let job = o.settings.job.clone();
     let started_at = SystemTime::now();
     let planner = Planner::new(o.settings.clone());
@@ -691,6 +708,7 @@ pub async fn submit(
             }
         };
         let mut groups = ImageGroups::new(planner.settings.images_per_task);
+        let (listed_before, warned_before) = (sub.documents, sub.warnings.len());
         loop {
             let item = rx.recv().await;
             // (task, the tasks the job manifest knows for it, whether it is a retry)
@@ -843,6 +861,17 @@ if retry_group {
             }
         }
         lister.await?;
+        if sub.documents == listed_before && sub.warnings.len() > warned_before {
+            let why = sub.warnings[warned_before..].iter().map(|w| format!("{}: {}", w.path, w.message)).collect::<Vec<_>>().join("; ");
+            return Err(Unlisted { input: input.clone(), why }.into());
+        }
+    }
+    // Objects of the job below a path whose listing failed: kept as they were.
+    for t in book.carry_unlisted(&state) {
+        let task = crate::runs::object_task(&t);
+        plan.push(&PlanLine { task_id: t.task_id.clone(), uri: t.uri.clone(), rel: t.rel.clone(), unit: None, units: 0, tasks: vec![task] })
+            .await?;
+        sub.skipped += 1;
     }
     plan.flush().await?;
     let acks = publisher.finish().await?;

@@ -174,6 +174,7 @@ pub async fn run_embedded(opts: RunOptions, progress: Arc<Progress>) -> anyhow::
         };
         // Loose images are grouped per input, by name (see `ImageGroups`).
         let mut groups = ImageGroups::new(opts.settings.images_per_task);
+        let (listed_before, warned_before) = (Progress::get(&progress.objects_listed), warnings.len());
         loop {
             if guard.failure().is_some() {
                 break;
@@ -283,6 +284,12 @@ pub async fn run_embedded(opts: RunOptions, progress: Arc<Progress>) -> anyhow::
         // A stopped run leaves the rest of the listing unread: let the lister end.
         drop(rx);
         lister.await?;
+        // Nothing listed and a listing error: the input is unreachable, not empty (a run that
+        // went on would count every object of it as removed).
+        if guard.failure().is_none() && Progress::get(&progress.objects_listed) == listed_before && warnings.len() > warned_before {
+            let why: Vec<String> = warnings[warned_before..].iter().map(|w: &ListWarning| format!("{}: {}", w.path, w.message)).collect();
+            anyhow::bail!("could not list {input}: {}", why.join("; "));
+        }
     }
     plan.extend(book.carry_unlisted(&state));
     progress.planning_done.store(true, std::sync::atomic::Ordering::Relaxed);

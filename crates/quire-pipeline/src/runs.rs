@@ -208,6 +208,8 @@ impl RunBook {
     /// returns their tasks for the plan (they are neither gone nor worked on).
     pub fn carry_unlisted(&mut self, state: &JobState) -> Vec<PlannedTask> {
         let mut tasks = Vec::new();
+        // Images of one group share its task: it is carried once.
+        let mut seen = HashSet::new();
         let mut carried: Vec<&ObjectEntry> = state
             .objects
             .values()
@@ -219,9 +221,15 @@ impl RunBook {
             self.index.insert(o.uri.clone(), self.entries.len());
             self.entries.push(o.clone());
             self.found.push(ObjectChange::Unchanged);
-            tasks.extend(o.tasks.iter().map(planned));
+            tasks.extend(o.tasks.iter().filter(|t| seen.insert(t.task_id.clone())).map(planned));
         }
         tasks
+    }
+
+    /// Whether some listing failed: the run then does not know every input, and supersedes
+    /// nothing (a file it did not see listed may still be current).
+    pub fn incomplete(&self) -> bool {
+        !self.unlisted.is_empty()
     }
 
     pub fn len(&self) -> usize {
@@ -328,7 +336,7 @@ pub async fn supersede(store: &dyn BlobStore, job: &str, run: &str, current: &Ha
 pub async fn close_run(store: &dyn BlobStore, state: &JobState, book: RunBook, report: FinishReport, c: CloseRun<'_>) -> anyhow::Result<RunOutcome> {
     let FinishReport { manifest: mut job_manifest, markdown_keys, tasks, sources } = report;
     let job = job_manifest.job.clone();
-    let RunBook { mut entries, found, index, .. } = book;
+    let RunBook { mut entries, found, index, unlisted } = book;
     for e in &mut entries {
         let (ok, failed) = sources.get(&e.uri).copied().unwrap_or_default();
         (e.pages_ok, e.pages_failed) = (ok, failed);
@@ -375,7 +383,12 @@ pub async fn close_run(store: &dyn BlobStore, state: &JobState, book: RunBook, r
     let mut current: HashSet<String> = c.plan.iter().map(|t| results_key(&job, &t.task_id)).collect();
     current.extend(markdown_keys);
     current.extend(job_manifest.datasets.iter().map(|d| d.path.clone()));
-    let files_superseded = supersede(store, &job, c.run, &current, c.prune).await?;
+    let files_superseded = if unlisted.is_empty() {
+        supersede(store, &job, c.run, &current, c.prune).await?
+    } else {
+        tracing::warn!("{job}: some inputs could not be listed ({}); nothing is superseded this run", unlisted.join(", "));
+        0
+    };
 
     // This run's own work: the tasks it queued.
     let mut run_counts = quire_core::ManifestCounts {
