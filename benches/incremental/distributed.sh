@@ -145,9 +145,9 @@ for r in $(seq 1 "$REPEAT"); do
 import os, boto3
 from botocore.config import Config
 s3 = boto3.client("s3", endpoint_url=os.environ["QUIRE_S3_ENDPOINT"], region_name="garage", config=Config(s3={"addressing_style": "path"}))
-for prefix in ("out/", "in/new/"):
+for prefix in ("out/", "in/"):
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket="bench", Prefix=prefix):
-        keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+        keys = [{"Key": o["Key"]} for o in page.get("Contents", []) if prefix == "out/" or "/new-" in o["Key"]]
         if keys:
             s3.delete_objects(Bucket="bench", Delete={"Objects": keys})
 PY
