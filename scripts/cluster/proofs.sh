@@ -621,6 +621,16 @@ YAML
   t_zero=$((SECONDS - t0 - t_done))
   health="$(kq get scaledobject "$so" -o jsonpath='{.status.health}')"
   step "5. KEDA took the workers back to 0 replicas, no worker Pod, ${t_zero} s after night 3 ended (cooldown 15 s); trigger health: $health"
+  # The alert QuireKedaScalerErrors reads a counter KEDA's operator must export for this
+  # ScaledObject (created at 0 by its first good read); no error was counted here.
+  local series ip errs
+  series="$(sed -n '/alert: QuireKedaScalerErrors/,/for:/s/.*(\(keda_[a-z_]*\){.*/\1/p' helm/quire/files/rules.yaml)"
+  ip="$(k -n keda get pods -l app=keda-operator -o jsonpath='{.items[0].status.podIP}')"
+  errs="$(curl -sf --max-time 5 "http://$ip:8080/metrics" | awk -v m="$series" -v so="scaledObject=\"$so\"" '
+    index($0, m "{") == 1 && index($0, so) {found = 1; sum += $NF} END {if (found) print sum}')"
+  [ -n "$errs" ] || { echo "cluster: KEDA's operator exports no $series for $so (the alert QuireKedaScalerErrors reads it)" >&2; return 1; }
+  [ "$errs" = 0 ] || { echo "cluster: KEDA's operator counted $errs scaler errors for $so" >&2; return 1; }
+  step "5. KEDA's operator exports $series for $so (what QuireKedaScalerErrors reads): 0 errors"
 }
 
 proofs() {
