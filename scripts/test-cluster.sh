@@ -4,7 +4,9 @@
 # (scripts/cluster/proofs.sh): helm install + helm test; the chart's standing
 # job over three nights: one triggered by hand with workers killed mid-run and
 # a second Job joining it, one of another date that does only the new objects,
-# one fired by the CronJob on its own schedule after a helm upgrade to a new image.
+# one fired by the CronJob on its own schedule after a helm upgrade to a new image;
+# then KEDA scaling the workers 0 -> N -> 0 around a fourth (skipped loudly
+# when --build has not cached KEDA: a plain run does not build it).
 #
 #   scripts/test-cluster.sh            build what is missing, bring the cluster up, run the checks, tear down
 #   scripts/test-cluster.sh --build    only build and cache the binaries (Kubernetes, CoreDNS, KEDA, Garage)
@@ -20,7 +22,9 @@
 # kube-controller-manager, kube-scheduler, kubelet and kube-proxy v1.34 (from
 # the Go module k8s.io/kubernetes, scripts/cluster/build-k8s.sh), containerd
 # and runc (Debian) with the CNI bridge plugin, CoreDNS (its Go module) on the
-# host answering for cluster.local. Pods live on a bridge this script makes
+# host answering for cluster.local; with KEDA, its operator and metrics adapter
+# v2.19 (the Go module github.com/kedacore/keda/v2, scripts/cluster/build-keda.sh)
+# in the namespace keda, behind the API server's aggregation layer. Pods live on a bridge this script makes
 # (quire-br0, 10.244.0.0/24); the API server, kubelet and CoreDNS listen on
 # its address, etcd on loopback. Nothing is routed off the machine: FORWARD
 # rules refuse what would leave the bridge (and drop what would enter it from
