@@ -337,8 +337,10 @@ pub fn to_jsonl(records: &[Record]) -> Vec<u8> {
 
 /// Processes a group of loose images, taking over the records of members that an earlier
 /// group of the same job made and that are unchanged since ([`TaskSpec::reuse`]): only the
-/// other members are fetched and given to the model. A reused record gets this task's id; a
-/// member whose earlier records cannot be read (moved, pruned, unreadable) is made again.
+/// other members are fetched and given to the model. A taken-over record keeps the `task_id`
+/// of the task that made it (so a run's counts, device time and cost are its own work only);
+/// the results file it now sits in names this task. A member whose earlier records cannot be
+/// read (moved, pruned, unreadable) is made again.
 pub async fn process_images_reusing(store: &dyn BlobStore, task: &TaskSpec, fetch: &dyn Fetch, ctx: &ProcessContext) -> Result<Vec<Record>, TaskFailure> {
     let members: std::collections::HashSet<&str> = task.members.iter().map(|m| m.uri.as_str()).collect();
     let is_id = |id: &str| id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit());
@@ -353,9 +355,8 @@ pub async fn process_images_reusing(store: &dyn BlobStore, task: &TaskSpec, fetc
         let key = results_key(&task.settings.job, id);
         let Ok(Some(bytes)) = store.get(&key).await else { continue };
         let Ok(records) = crate::finish::parse_jsonl(&bytes) else { continue };
-        for mut r in records {
+        for r in records {
             if task.reuse.get(&r.source).is_some_and(|want| want == id) && !r.failed() {
-                r.task_id = task.task_id.clone();
                 taken.entry(r.source.clone()).or_default().push(r);
             }
         }
