@@ -13,7 +13,12 @@
 #   benches/incremental/bench.sh
 #   N=20000 NEW_PCT=1 REPEAT=3 PROFILE=dev benches/incremental/bench.sh
 #   QUIRE=target/release/quire N=10000 benches/incremental/bench.sh
+#   MODE=distributed benches/incremental/bench.sh   the same over a Garage prefix with the
+#                                                   coordinator (benches/incremental/distributed.sh)
 set -euo pipefail
+if [ "${MODE:-folder}" = distributed ]; then
+  exec bash "$(dirname "$0")/distributed.sh" "$@"
+fi
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 N="${N:-100000}"
 NEW_PCT="${NEW_PCT:-1}"

@@ -174,5 +174,5 @@ PY
   echo "  night 1 planning: ${p1}s (coordinator wall ${w1}s), $q1 S3 requests: $ops1"
   echo "  night 2 planning: ${p2}s (coordinator wall ${w2}s), $q2 S3 requests: $ops2"
   echo "  night 2 / night 1: planning $(ratio "$p2" "$p1"), wall $(ratio "$w2" "$w1"), S3 requests $(ratio "$q2" "$q1"); night 2 / listing floor: requests $(ratio "$q2" "$list_req"), time $(ratio "$p2" "$list_s")"
-  grep -h "planned in" "$WORK/n2-$r.log" | sed 's/^.*planned/  night 2: planned/'
+  grep -h "^job .* run " "$WORK/n2-$r.log" | sed 's/^/  night 2: /'
 done

@@ -544,6 +544,11 @@ pub struct Submitted {
     pub objects_new: u64,
     pub objects_changed: u64,
     pub objects_unchanged: u64,
+    /// Seconds from the start of the submission to its last publish.
+    pub planning_seconds: f64,
+    /// Whether finished work was known from the job manifest alone (no listing of results).
+    #[serde(skip)]
+    pub by_manifest: bool,
     #[serde(skip)]
     pub warnings: Vec<ListWarning>,
     /// Tasks with results before this submission.
@@ -564,6 +569,21 @@ pub struct RunPlan {
 
 /// Tasks published at once before waiting for the server's acks.
 const PUBLISH_WINDOW: usize = 512;
+
+/// Lists `input` (an `s3://` prefix with `s3`, else a file or folder) into `tx`, streamed, in
+/// a task of its own: what `quire run` and the coordinator plan from.
+pub fn spawn_listing(input: &str, s3: Option<&aws_sdk_s3::Client>, tx: mpsc::Sender<Listed>) -> tokio::task::JoinHandle<()> {
+    let input = input.to_string();
+    match s3 {
+        Some(c) if is_s3(&input) => {
+            let c = c.clone();
+            tokio::spawn(async move { s3::list_s3(&c, &input, 1000, tx).await })
+        }
+        _ => tokio::spawn(async move {
+            let _ = tokio::task::spawn_blocking(move || list_local(&input, tx)).await;
+        }),
+    }
+}
 
 /// What an object is taken for by its name, until a worker opens it.
 fn kind_by_name(uri: &str) -> &'static str {
@@ -695,18 +715,7 @@ async fn submit_once(o: &CoordinatorOptions, queue: &JetStreamQueue, store: &dyn
     let mut publisher = queue.publisher(PUBLISH_WINDOW);
     for input in &o.inputs {
         let (tx, mut rx) = mpsc::channel(1024);
-        let lister = match &s3_client {
-            Some(c) if is_s3(input) => {
-                let (c, u) = (c.clone(), input.clone());
-                tokio::spawn(async move { s3::list_s3(&c, &u, 1000, tx).await })
-            }
-            _ => {
-                let root = input.clone();
-                tokio::spawn(async move {
-                    let _ = tokio::task::spawn_blocking(move || list_local(&root, tx)).await;
-                })
-            }
-        };
+        let lister = spawn_listing(input, s3_client.as_ref(), tx);
         let mut groups = ImageGroups::new(planner.settings.images_per_task);
         let (listed_before, warned_before) = (sub.documents, sub.warnings.len());
         loop {
@@ -898,17 +907,8 @@ if retry_group {
         m.objects.with_label_values(&["changed"]).set(sub.objects_changed as i64);
         m.objects.with_label_values(&["unchanged"]).set(sub.objects_unchanged as i64);
     }
-    tracing::info!(
-        "planned in {:.3}s: {} objects listed ({} new, {} changed, {} unchanged), {} tasks published, {} already done{}",
-        started_at.elapsed().map(|d| d.as_secs_f64()).unwrap_or(0.0),
-        sub.documents,
-        sub.objects_new,
-        sub.objects_changed,
-        sub.objects_unchanged,
-        sub.published,
-        sub.skipped,
-        if look_in_store { "" } else { " (by the job manifest)" },
-    );
+    sub.planning_seconds = started_at.elapsed().map(|d| d.as_secs_f64()).unwrap_or(0.0);
+    sub.by_manifest = !look_in_store;
     Ok((sub, RunPlan { state, book, queued }))
 }
 

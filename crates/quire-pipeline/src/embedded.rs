@@ -7,14 +7,13 @@ use crate::runs::{begin_run, close_run, object_task, planned, CloseRun, JobState
 use crate::plan::{examine, Examined, ImageGroups, Planner};
 use crate::process::ProcessContext;
 use crate::progress::Progress;
-use crate::distributed::{is_s3, open_store, scratch_dir, S3Fetch};
+use crate::distributed::{is_s3, open_store, scratch_dir, spawn_listing, S3Fetch};
 use crate::worker::{Fetch, LocalFetch, OneStore, Worker};
 use quire_core::{results_key, JobSettings, Manifest, ObjectStatus, UnitKind};
 use std::collections::HashSet;
 use quire_queue::memory::MemoryQueue;
 use quire_queue::{QueueOptions, TaskQueue};
-use quire_store::inputs::{list_local, ListWarning, Listed};
-use quire_store::s3;
+use quire_store::inputs::{ListWarning, Listed};
 use quire_store::{BlobStore, StoreError};
 use tokio::sync::watch;
 use std::sync::Arc;
@@ -160,18 +159,7 @@ pub async fn run_embedded(opts: RunOptions, progress: Arc<Progress>) -> anyhow::
     let mut skipped = 0u64;
     for input in &opts.inputs {
         let (tx, mut rx) = mpsc::channel(256);
-        let lister = match &s3_client {
-            Some(c) if is_s3(input) => {
-                let (c, u) = (c.clone(), input.clone());
-                tokio::spawn(async move { s3::list_s3(&c, &u, 1000, tx).await })
-            }
-            _ => {
-                let root = input.clone();
-                tokio::spawn(async move {
-                    let _ = tokio::task::spawn_blocking(move || list_local(&root, tx)).await;
-                })
-            }
-        };
+        let lister = spawn_listing(input, s3_client.as_ref(), tx);
         // Loose images are grouped per input, by name (see `ImageGroups`).
         let mut groups = ImageGroups::new(opts.settings.images_per_task);
         let (listed_before, warned_before) = (Progress::get(&progress.objects_listed), warnings.len());

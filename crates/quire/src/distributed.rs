@@ -132,7 +132,7 @@ pub fn coordinator(mut args: CoordinatorArgs) -> u8 {
             jobs.put_meta(&o.settings.job, &meta).await?;
             println!("{}", serde_json::to_string(&sub)?);
             eprintln!(
-                "job {} run {}: {} objects ({} new, {} changed, {} unchanged): {} tasks published, {} already done, {} already queued{}",
+                "job {} run {}: {} objects ({} new, {} changed, {} unchanged): {} tasks published, {} already done, {} already queued{}; planned in {:.3}s{}",
                 o.settings.job,
                 o.run,
                 sub.documents,
@@ -143,6 +143,8 @@ pub fn coordinator(mut args: CoordinatorArgs) -> u8 {
                 sub.skipped,
                 sub.duplicates,
                 if sub.warnings.is_empty() { String::new() } else { format!(", {} listing warnings", sub.warnings.len()) },
+                sub.planning_seconds,
+                if sub.by_manifest { " (finished work known from the job manifest)" } else { "" },
             );
             if !args.wait {
                 lease.release().await?;
@@ -161,21 +163,7 @@ pub fn coordinator(mut args: CoordinatorArgs) -> u8 {
                 anyhow::bail!("the job's run lease was lost while this coordinator waited (its renewals failed); another coordinator may have run it too: check {}", store.locate(&closed.run_manifest_key));
             }
             lease.release().await?;
-            let r = &closed.run.counts;
-            eprintln!(
-                "run {}: {} objects ({} new, {} changed, {} unchanged, {} removed){}",
-                o.run,
-                r.objects,
-                r.objects_new,
-                r.objects_changed,
-                r.objects_unchanged,
-                r.objects_removed,
-                if r.files_superseded > 0 {
-                    format!(", {} files {}", r.files_superseded, if o.prune { "deleted" } else { "moved to superseded/" })
-                } else {
-                    String::new()
-                },
-            );
+            eprintln!("{}", crate::run::run_line(&o.run, &closed.run.counts, o.prune));
             let m = &closed.job;
             let c = &m.counts;
             eprintln!(

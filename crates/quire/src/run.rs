@@ -173,21 +173,7 @@ fn run_inner(mut args: RunArgs) -> Result<u8, Failure> {
     let summary = result?;
     let m = &summary.manifest;
     let c = &m.counts;
-    let r = &summary.run.counts;
-    eprintln!(
-        "run {}: {} objects ({} new, {} changed, {} unchanged, {} removed){}",
-        args.runs.run,
-        r.objects,
-        r.objects_new,
-        r.objects_changed,
-        r.objects_unchanged,
-        r.objects_removed,
-        if r.files_superseded > 0 {
-            format!(", {} files {}", r.files_superseded, if args.runs.prune { "deleted" } else { "moved to superseded/" })
-        } else {
-            String::new()
-        },
-    );
+    eprintln!("{}", run_line(&args.runs.run, &summary.run.counts, args.runs.prune));
     let secs = t0.elapsed().as_secs_f64();
     let done_now = c.tasks_done.saturating_sub(c.tasks_skipped);
     eprintln!(
@@ -211,6 +197,18 @@ fn run_inner(mut args: RunArgs) -> Result<u8, Failure> {
     eprintln!("manifest: {}", summary.manifest_path);
     eprintln!("run manifest: {}", summary.run_manifest_path);
     Ok(if c.pages_failed > 0 || c.tasks_dead_lettered > 0 { exit::SOME_FAILED } else { exit::OK })
+}
+
+/// What a closed run found, for `quire run` and `quire coordinator --wait` alike.
+pub fn run_line(run: &str, r: &quire_core::ManifestCounts, prune: bool) -> String {
+    let superseded = match r.files_superseded {
+        0 => String::new(),
+        n => format!(", {n} files {}", if prune { "deleted" } else { "moved to superseded/" }),
+    };
+    format!(
+        "run {run}: {} objects ({} new, {} changed, {} unchanged, {} removed){superseded}",
+        r.objects, r.objects_new, r.objects_changed, r.objects_unchanged, r.objects_removed
+    )
 }
 
 /// A job name is a folder name and a subject token: no slashes.
