@@ -256,8 +256,13 @@ proof_night1() {
   # The crashed worker's tasks were renewed at most a third of the lease before it died.
   [ "$took" -ge $((lease / 2)) ] || { echo "cluster: night 1 ended $took s after a worker holding tasks crashed, before their lease (${lease} s) could run out" >&2; return 1; }
   wait_job night1-again 300
-  kq logs job/night1-again | grep -q "is running; waiting for it to end" ||
-    { echo "cluster: the second coordinator of night 1 did not wait for the first:" >&2; kq logs job/night1-again >&2; return 1; }
+  # Read whole, then matched: `kq logs | grep -q` fails under pipefail when grep stops
+  # reading at the first match while kubectl still writes (a coordinator that waited long
+  # says so more than once).
+  local again_log
+  again_log="$(kq logs job/night1-again)"
+  [[ "$again_log" == *"is running; waiting for it to end"* ]] ||
+    { echo "cluster: the second coordinator of night 1 did not wait for the first:" >&2; echo "$again_log" >&2; return 1; }
   [ "$(published night1-again)" = 0 ] || { echo "cluster: the second coordinator of night 1 queued $(published night1-again) tasks" >&2; return 1; }
   [ "$(published night1)" = "$objects" ] || { echo "cluster: night 1 queued $(published night1) tasks, not $objects" >&2; return 1; }
   s3_ check-job "$out_prefix" "$job" "$pages"
