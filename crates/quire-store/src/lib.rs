@@ -18,14 +18,14 @@
 //! This file holds the shared vocabulary ([`StoreError`], [`ReadStats`], [`BlobStore`]) and
 //! imports none of its modules except to re-export them.
 
-pub mod archive;
-pub mod inputs;
 pub mod local;
 #[cfg(feature = "s3")]
 pub mod s3;
 mod retry;
+mod source;
 
 pub use retry::{Retry, RetryingStore};
+pub use source::{archive, inputs};
 
 use async_trait::async_trait;
 use std::sync::atomic::{AtomicU64, Ordering};

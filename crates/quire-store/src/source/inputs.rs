@@ -1,6 +1,8 @@
 //! Listing input objects: files and folders on disk (S3 prefixes live with
 //! the S3 backend). Listing streams through a channel so that a corpus of
 //! millions of files is never held in memory at once.
+//!
+//! Imports: nothing of this crate (only `quire_core` and outside crates).
 
 use quire_core::SourceRef;
 use std::path::Path;

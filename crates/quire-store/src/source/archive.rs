@@ -33,6 +33,8 @@
 //! are not UTF-8 (decoded with U+FFFD) is refused; and a scan's `images` counts the
 //! image-named members that pass the name checks, as a member's encryption, size,
 //! compression ratio and link flag are checked only when a task opens it.
+//!
+//! Imports: nothing of this crate (only `quire_core` and outside crates).
 
 use quire_core::{ArchiveResume, ErrorKind, Limits};
 use std::collections::HashSet;
