@@ -799,7 +799,9 @@ pub(crate) mod tests {
     }
 
     /// (unit, key, member, error kind or "image")
-    fn entries(name: &str, range: RangeInclusive<u32>, l: &ArchiveLimits) -> (Scan, Vec<(u32, Option<String>, Option<String>, &'static str)>) {
+    type Row = (u32, Option<String>, Option<String>, &'static str);
+
+    fn entries(name: &str, range: RangeInclusive<u32>, l: &ArchiveLimits) -> (Scan, Vec<Row>) {
         let mut out = Vec::new();
         let scan = walk(&fixture(name), l, Some(range), &mut |e| {
             out.push(match e {
