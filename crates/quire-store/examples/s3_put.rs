@@ -4,6 +4,7 @@
 //!   s3_put s3://bucket/prefix --synthetic N    # N small objects prefix/dNN/objNNNNNNN.pdf
 //!
 //! Endpoint and credentials: QUIRE_S3_ENDPOINT (path-style) and the AWS environment.
+//! Imports: `quire_store::s3` only (of this crate).
 
 use quire_store::s3::{client, parse_s3_uri, S3Options};
 use std::sync::Arc;

@@ -1,4 +1,5 @@
-//! Results kept as files below a folder.
+//! Results kept as files below a folder: [`LocalStore`].
+//! Imports: the crate root ([`BlobStore`], [`StoreError`]) only.
 
 use crate::{BlobStore, StoreError};
 use async_trait::async_trait;
