@@ -21,6 +21,7 @@ pub mod generation;
 pub mod idefics2;
 pub mod idefics3;
 pub mod kernels;
+pub mod linear;
 pub mod loops;
 pub mod par;
 pub mod pil;

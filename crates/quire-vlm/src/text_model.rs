@@ -6,7 +6,7 @@
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{linear_b, linear_no_bias, rms_norm, Embedding, Linear, RmsNorm, VarBuilder};
 
-use crate::par::ParLinear;
+use crate::linear::ParLinear;
 
 use crate::config::{Rope, TextConfig};
 
