@@ -8,18 +8,20 @@
 //! (`config.json: text_config.rope_theta: invalid type: string "x", expected f64`), and keys
 //! quire does not use are ignored.
 
-use anyhow::{anyhow, bail, Result};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
+
+use crate::error::bail;
+use crate::{Error, Result};
 
 /// Deserializes `v` (a whole `config.json`) as `T`; the error names the key that failed.
 pub(crate) fn read<T: DeserializeOwned>(v: &Value) -> Result<T> {
     serde_path_to_error::deserialize(v).map_err(|e| {
         let path = e.path().to_string();
         match path.as_str() {
-            "" | "." => anyhow!("config.json: {}", e.inner()),
-            _ => anyhow!("config.json: {path}: {}", e.inner()),
+            "" | "." => Error::Config(format!("config.json: {}", e.inner())),
+            _ => Error::Config(format!("config.json: {path}: {}", e.inner())),
         }
     })
 }
@@ -140,7 +142,7 @@ impl VisionConfig {
             layer_norm_eps: v.layer_norm_eps.unwrap_or(1e-6),
         };
         if cfg.patch_size == 0 || cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
-            bail!("vision_config: hidden_size {} / heads {} / patch_size {} do not fit", cfg.hidden_size, cfg.num_attention_heads, cfg.patch_size);
+            bail!(Config, "vision_config: hidden_size {} / heads {} / patch_size {} do not fit", cfg.hidden_size, cfg.num_attention_heads, cfg.patch_size);
         }
         Ok(cfg)
     }
@@ -217,7 +219,7 @@ fn rope(t: &RawText) -> Result<Rope> {
             high_freq_factor: p.high_freq_factor.unwrap_or(4.0),
             original_max: p.original_max_position_embeddings.or(t.max_position_embeddings).unwrap_or(8192.0),
         },
-        other => bail!("rope type {other:?} is not supported by quire-vlm yet"),
+        other => bail!(Config, "rope type {other:?} is not supported by quire-vlm yet"),
     })
 }
 
@@ -229,13 +231,13 @@ impl TextConfig {
         let t = t.unwrap_or(&empty);
         if let Some(mt) = &t.model_type {
             if mt != d.model_type {
-                bail!("text model type {mt:?} is not supported here (only {})", d.model_type);
+                bail!(Config, "text model type {mt:?} is not supported here (only {})", d.model_type);
             }
         }
         let hidden_size = t.hidden_size.unwrap_or(4096);
         let heads = t.num_attention_heads.unwrap_or(32);
         if heads == 0 {
-            bail!("text_config: num_attention_heads is 0");
+            bail!(Config, "text_config: num_attention_heads is 0");
         }
         let sliding_window = match t.sliding_window {
             Field::Null => None,
@@ -258,7 +260,7 @@ impl TextConfig {
             sliding_window: sliding_window.filter(|&w| w > 0),
         };
         if cfg.num_key_value_heads == 0 || cfg.num_attention_heads % cfg.num_key_value_heads != 0 {
-            bail!("text_config: {} attention heads cannot be grouped over {} key/value heads", heads, cfg.num_key_value_heads);
+            bail!(Config, "text_config: {} attention heads cannot be grouped over {} key/value heads", heads, cfg.num_key_value_heads);
         }
         Ok(cfg)
     }
@@ -280,7 +282,7 @@ impl Common {
         let raw: RawCommon = read(v)?;
         let vision = match &raw.vision_config {
             Field::Absent => VisionConfig::new(&RawVision::default(), d.vision)?,
-            Field::Null => bail!("vision_config is not an object"),
+            Field::Null => bail!(Config, "vision_config is not an object"),
             Field::Set(vc) => VisionConfig::new(vc, d.vision)?,
         };
         let (t, eps) = match &raw.text_config {

@@ -6,12 +6,11 @@
 
 use std::any::Any;
 
-use anyhow::{anyhow, Result};
 use candle_core::Tensor;
 
 use crate::engine::Decoder;
 use crate::generation::GenerationConfig;
-use crate::{Prepared, Processor, Request};
+use crate::{Error, Prepared, Processor, Request, Result};
 
 /// A request after a family's processing: what every family's prepared input tells.
 pub trait PreparedInput: Clone + Send + Sync + 'static {
@@ -130,7 +129,7 @@ impl<M: FamilyModel> AnyFamily for M {
     fn encode_prepared(&self, preps: &[&Prepared]) -> Result<Vec<(Vec<u32>, Tensor)>> {
         let own = preps
             .iter()
-            .map(|p| PreparedOf::<M>::from_any(p).ok_or_else(|| anyhow!("a request prepared for another model family")))
+            .map(|p| PreparedOf::<M>::from_any(p).ok_or_else(|| Error::Invalid("a request prepared for another model family".into())))
             .collect::<Result<Vec<_>>>()?;
         FamilyModel::encode_prepared(self, &own)
     }

@@ -11,12 +11,13 @@
 //! in the [`Processor`] and [`Prepared`] enums.
 //!
 //! Model locations: [`resolve_model_dir`] takes a local folder or a hub id; `s3://` prefixes
-//! are downloaded by the caller.
+//! are downloaded by the caller. Failures are [`Error`]s, by where they happened.
 
 pub mod batcher;
 pub mod checkpoint;
 pub mod config;
 pub mod engine;
+mod error;
 pub mod family;
 pub mod frames;
 pub mod generation;
@@ -33,7 +34,8 @@ pub mod text_model;
 
 use std::path::Path;
 
-use anyhow::{bail, Result};
+use error::bail;
+pub use error::{Error, Result};
 pub use candle_core::{DType, Device};
 
 /// Bytes of memory free on a GPU `device` now (None on the CPU or when unknown).
@@ -74,7 +76,7 @@ impl LoadOptions {
             "f32" | "float32" => DType::F32,
             "bf16" | "bfloat16" => DType::BF16,
             "f16" | "float16" => DType::F16,
-            other => bail!("unknown dtype {other:?}; use f32, bf16 or f16"),
+            other => bail!(Invalid, "unknown dtype {other:?}; use f32, bf16 or f16"),
         })
     }
 
@@ -83,7 +85,7 @@ impl LoadOptions {
         if cfg!(feature = "cuda") {
             Ok(Device::new_cuda(ordinal)?)
         } else {
-            bail!("quire-vlm was built without the `cuda` feature; rebuild with --features cuda or use the CPU")
+            bail!(Invalid, "quire-vlm was built without the `cuda` feature; rebuild with --features cuda or use the CPU")
         }
     }
 }
@@ -286,6 +288,7 @@ impl Vlm {
                 Ok(Vlm { model: Box::new(m), family: Family::Idefics2("Idefics2".into()), name })
             }
             _ => bail!(
+                Checkpoint,
                 "{}: unsupported model (model_type {model_type:?}, architecture {arch:?}); quire-vlm runs Idefics3- and Idefics2-family checkpoints",
                 dir.display()
             ),

@@ -1,10 +1,11 @@
 //! `config.json` of an Idefics2 checkpoint: SigLIP vision config, Mistral text config and
 //! the perceiver resampler's `perceiver_config`, with `Idefics2Config`'s defaults.
 
-use anyhow::{bail, Result};
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::error::bail;
+use crate::Result;
 use crate::config::{Common, Defaults, TextConfig, TextDefaults, VisionConfig, VisionDefaults};
 
 /// `Idefics2Config`'s defaults for the shared keys.
@@ -85,13 +86,14 @@ impl Idefics2Config {
         };
         if perceiver.num_key_value_heads == 0 || perceiver.n_heads % perceiver.num_key_value_heads != 0 {
             bail!(
+                Config,
                 "perceiver_config: {} heads cannot be grouped over {} key/value heads",
                 perceiver.n_heads,
                 perceiver.num_key_value_heads
             );
         }
         if perceiver.hidden_act != "silu" {
-            bail!("perceiver_config.hidden_act {:?} is not supported (only silu)", perceiver.hidden_act);
+            bail!(Config, "perceiver_config.hidden_act {:?} is not supported (only silu)", perceiver.hidden_act);
         }
         Ok(Idefics2Config { vision, text, perceiver, image_token_id, tie_word_embeddings })
     }

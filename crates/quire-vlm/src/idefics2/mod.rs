@@ -12,14 +12,15 @@ pub mod config;
 pub mod connector;
 pub mod processor;
 
-use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
 use crate::checkpoint::Checkpoint;
+use crate::error::{bail, Context};
 use crate::engine::{load_weights, pick_prefix, Decoder, PromptMaker};
 use crate::family::{FamilyModel, FamilyProcessor, PreparedInput};
 use crate::frames::{pad_frames, PatchRule, Tile};
 use crate::siglip::VisionModel;
+use crate::Result;
 use config::Idefics2Config;
 use connector::Connector;
 use processor::ImageProcessorConfig;
@@ -79,7 +80,7 @@ impl FamilyProcessor for Idefics2Processor {
         let templ = self.render_prompt(text)?;
         let n_images = templ.matches(processor::IMAGE_TOKEN).count();
         if n_images != 1 {
-            bail!("the prompt has {n_images} <image> tokens for one image");
+            bail!(Processor, "the prompt has {n_images} <image> tokens for one image");
         }
         let prompt = processor::expand_prompt(&templ, self.image_seq_len, frames.len());
         let input_ids = self.prompts.tokenizer.encode(&prompt)?;
@@ -113,6 +114,7 @@ impl Idefics2 {
             .unwrap_or(config.perceiver.n_latents);
         if image_seq_len != config.perceiver.n_latents {
             bail!(
+                Checkpoint,
                 "{}: the processor's image_seq_len ({image_seq_len}) differs from perceiver_config.resampler_n_latents ({})",
                 ck.dir.display(),
                 config.perceiver.n_latents
@@ -160,7 +162,7 @@ impl FamilyModel for Idefics2 {
             let size = chunk.iter().fold((0, 0), |(h, w), t| (h.max(t.height), w.max(t.width)));
             let (px, valid) = pad_frames(chunk, p, PatchRule::AllPixels, size, &self.decoder.device, self.decoder.dtype)?;
             if let Some(t) = chunk.iter().find(|t| t.height < p || t.width < p) {
-                bail!("a {}x{} frame is smaller than one {p}x{p} patch", t.width, t.height);
+                bail!(Processor, "a {}x{} frame is smaller than one {p}x{p} patch", t.width, t.height);
             }
             let h = self.vision.forward(&px, &valid)?;
             feats.push(self.connector.forward(&h, &valid, size.1 / p)?);

@@ -1,11 +1,11 @@
 //! `config.json` of an Idefics3 checkpoint: a Llama text model and the pixel-shuffle
 //! connector's `scale_factor`; the shared parts are read by [`crate::config`].
 
-use anyhow::Result;
 use serde::Deserialize;
 use serde_json::Value;
 
 pub use crate::config::{Rope, TextConfig, VisionConfig};
+use crate::Result;
 use crate::config::{Common, Defaults, TextDefaults, VisionDefaults};
 
 /// `Idefics3Config`'s defaults for the shared keys.

@@ -11,15 +11,16 @@ pub mod config;
 pub mod connector;
 pub mod processor;
 
-use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 
 use crate::checkpoint::Checkpoint;
+use crate::error::Context;
 use crate::engine::{load_weights, pick_prefix, Decoder, PromptMaker};
 use crate::family::{FamilyModel, FamilyProcessor, PreparedInput};
 use crate::frames::{pad_frames, PatchRule};
 use crate::prompt::TextTokenizer;
 use crate::siglip::VisionModel;
+use crate::Result;
 use config::Idefics3Config;
 use connector::Connector;
 use processor::{ImageProcessorConfig, ProcessedImage};
