@@ -141,7 +141,7 @@ impl VisionConfig {
             hidden_act: v.hidden_act.clone().unwrap_or_else(|| "gelu_pytorch_tanh".into()),
             layer_norm_eps: v.layer_norm_eps.unwrap_or(1e-6),
         };
-        if cfg.patch_size == 0 || cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
+        if cfg.patch_size == 0 || cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
             bail!(Config, "vision_config: hidden_size {} / heads {} / patch_size {} do not fit", cfg.hidden_size, cfg.num_attention_heads, cfg.patch_size);
         }
         Ok(cfg)
@@ -259,7 +259,7 @@ impl TextConfig {
             hidden_act: t.hidden_act.clone().unwrap_or_else(|| "silu".into()),
             sliding_window: sliding_window.filter(|&w| w > 0),
         };
-        if cfg.num_key_value_heads == 0 || cfg.num_attention_heads % cfg.num_key_value_heads != 0 {
+        if cfg.num_key_value_heads == 0 || !cfg.num_attention_heads.is_multiple_of(cfg.num_key_value_heads) {
             bail!(Config, "text_config: {} attention heads cannot be grouped over {} key/value heads", heads, cfg.num_key_value_heads);
         }
         Ok(cfg)

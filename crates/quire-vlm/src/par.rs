@@ -107,7 +107,7 @@ fn worker(p: &'static Pool) {
                 // Keep polling without holding the core from threads that have work.
                 std::thread::yield_now();
             }
-            if spins % 64 == 0 && start.elapsed() > SPIN {
+            if spins.is_multiple_of(64) && start.elapsed() > SPIN {
                 let mut g = p.lock.lock().unwrap_or_else(|e| e.into_inner());
                 p.sleepers.fetch_add(1, SeqCst);
                 while p.seq.load(SeqCst) == seen {

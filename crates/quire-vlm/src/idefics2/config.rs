@@ -84,7 +84,7 @@ impl Idefics2Config {
             head_dim: p.resampler_head_dim.unwrap_or(96),
             num_key_value_heads: p.num_key_value_heads.unwrap_or(4),
         };
-        if perceiver.num_key_value_heads == 0 || perceiver.n_heads % perceiver.num_key_value_heads != 0 {
+        if perceiver.num_key_value_heads == 0 || !perceiver.n_heads.is_multiple_of(perceiver.num_key_value_heads) {
             bail!(
                 Config,
                 "perceiver_config: {} heads cannot be grouped over {} key/value heads",

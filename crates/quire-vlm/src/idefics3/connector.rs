@@ -25,7 +25,7 @@ impl Connector {
         let s = self.scale_factor;
         let (b, seq, d) = x.dims3()?;
         let side = (seq as f64).sqrt() as usize;
-        if side * side != seq || side % s != 0 {
+        if side * side != seq || !side.is_multiple_of(s) {
             candle_core::bail!("pixel shuffle needs a square patch grid divisible by {s}, got {seq} patches");
         }
         let x = x.reshape((b, side, side / s, d * s))?;
