@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use candle_core::Device;
-use quire_vlm::{LoadOptions, Request, Vlm};
+use quire_vlm::{FamilyModel, LoadOptions, Request, Vlm};
 
 fn peak_rss_mb() -> f64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();

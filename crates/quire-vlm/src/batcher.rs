@@ -76,7 +76,7 @@ impl PrepPool {
                 let Ok((order, id, req)) = job else { return };
                 // A panic answers its request with an error instead of leaving it unanswered.
                 let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| p.prepare(&req)))
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("preparing the image panicked")))
+                    .unwrap_or_else(|_| Err(crate::Error::Processor("preparing the image panicked".into())))
                     .map_err(|e| format!("{e:#}"));
                 if tx.send((order, (id, r, req.max_new_tokens))).is_err() {
                     return;

@@ -9,8 +9,10 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
 use serde_json::Value;
+
+use crate::error::bail;
+use crate::{Error, Result};
 
 /// Resolves a model spec to a local checkpoint folder.
 ///
@@ -29,16 +31,17 @@ pub fn resolve_model_dir(spec: &str) -> Result<PathBuf> {
     }
     if spec.starts_with("s3://") {
         bail!(
+            Checkpoint,
             "{spec}: s3:// model locations are resolved by the caller (the pipeline downloads the \
              prefix to a local cache folder); pass that local folder to quire-vlm"
         );
     }
     if p.exists() {
-        bail!("{spec} exists but is not a directory; pass the checkpoint folder");
+        bail!(Checkpoint, "{spec} exists but is not a directory; pass the checkpoint folder");
     }
     let id = spec.split_once('@').map_or(spec, |(i, _)| i);
     if spec.starts_with('/') || spec.starts_with('.') || id.matches('/').count() != 1 {
-        bail!("{spec}: no such model folder (and it does not look like a hub id `org/name`)");
+        bail!(Checkpoint, "{spec}: no such model folder (and it does not look like a hub id `org/name`)");
     }
     let (id, revision) = match spec.split_once('@') {
         Some((i, r)) => (i, r),
@@ -51,6 +54,7 @@ pub fn resolve_model_dir(spec: &str) -> Result<PathBuf> {
     }
     if hub_offline() {
         bail!(
+            Checkpoint,
             "{id} (revision {revision}) is not in the Hugging Face cache at {} and HF_HUB_OFFLINE is set, \
              so it cannot be downloaded; download it where the hub is reachable (with HF_TOKEN for gated \
              or private models), or pass a local checkpoint folder",
@@ -119,7 +123,7 @@ fn download_from_hub(id: &str, revision: &str, cache: &Path) -> Result<PathBuf> 
     if let Some(token) = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()) {
         builder = builder.with_token(Some(token));
     }
-    let api = builder.build().context("initialising the Hugging Face hub client")?;
+    let api = builder.build().map_err(|e| Error::Checkpoint(format!("initialising the Hugging Face hub client: {e}")))?;
     let repo = api.repo(Repo::with_revision(id.to_string(), RepoType::Model, revision.to_string()));
     let hint = || {
         format!(
@@ -129,16 +133,17 @@ fn download_from_hub(id: &str, revision: &str, cache: &Path) -> Result<PathBuf> 
             cache.display()
         )
     };
-    let config = repo.get("config.json").with_context(hint)?;
-    let dir = config.parent().context("hub cache path has no parent")?.to_path_buf();
-    let info = repo.info().with_context(hint)?;
+    let fetch_error = |e: hf_hub::api::sync::ApiError| Error::Checkpoint(format!("{}: {e}", hint()));
+    let config = repo.get("config.json").map_err(fetch_error)?;
+    let dir = config.parent().ok_or_else(|| Error::Checkpoint("hub cache path has no parent".into()))?.to_path_buf();
+    let info = repo.info().map_err(fetch_error)?;
     for s in info.siblings {
         let f = s.rfilename;
         let wanted = f.ends_with(".safetensors")
             || f.ends_with(".json") && !f.contains('/')
             || f == "chat_template.jinja";
         if wanted {
-            repo.get(&f).with_context(|| format!("{}: fetching {f}", hint()))?;
+            repo.get(&f).map_err(|e| Error::Checkpoint(format!("{}: fetching {f}: {e}", hint())))?;
         }
     }
     Ok(dir)
@@ -159,8 +164,8 @@ pub struct Checkpoint {
 }
 
 fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    let text = std::fs::read_to_string(path).map_err(|err| Error::Io { path: path.to_path_buf(), err })?;
+    serde_json::from_str(&text).map_err(|e| Error::Checkpoint(format!("parsing {}: {e}", path.display())))
 }
 
 fn read_json_opt(path: &Path) -> Result<Value> {
@@ -175,7 +180,7 @@ impl Checkpoint {
     pub fn open(dir: &Path) -> Result<Checkpoint> {
         let config_path = dir.join("config.json");
         if !config_path.exists() {
-            bail!("{} has no config.json; is it a Hugging Face checkpoint folder?", dir.display());
+            bail!(Checkpoint, "{} has no config.json; is it a Hugging Face checkpoint folder?", dir.display());
         }
         let config = read_json(&config_path)?;
         let generation_config = read_json_opt(&dir.join("generation_config.json"))?;
@@ -209,7 +214,7 @@ impl Checkpoint {
     fn find_chat_template(dir: &Path, processor: &Value, tok: &Value) -> Result<Option<String>> {
         let jinja = dir.join("chat_template.jinja");
         if jinja.exists() {
-            return Ok(Some(std::fs::read_to_string(&jinja)?));
+            return std::fs::read_to_string(&jinja).map(Some).map_err(|err| Error::Io { path: jinja, err });
         }
         let json = dir.join("chat_template.json");
         if json.exists() {
@@ -228,19 +233,20 @@ impl Checkpoint {
         let index = self.dir.join("model.safetensors.index.json");
         if index.exists() {
             let idx = read_json(&index)?;
-            let map = idx.get("weight_map").and_then(Value::as_object).context("index without weight_map")?;
+            let map = idx.get("weight_map").and_then(Value::as_object).ok_or_else(|| Error::Checkpoint(format!("{}: index without weight_map", index.display())))?;
             let mut files: Vec<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
             files.sort();
             files.dedup();
             return Ok(files.into_iter().map(|f| self.dir.join(f)).collect());
         }
-        let mut files: Vec<PathBuf> = std::fs::read_dir(&self.dir)?
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&self.dir)
+            .map_err(|err| Error::Io { path: self.dir.clone(), err })?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
             .collect();
         files.sort();
         if files.is_empty() {
-            bail!("{} has no *.safetensors weights", self.dir.display());
+            bail!(Checkpoint, "{} has no *.safetensors weights", self.dir.display());
         }
         Ok(files)
     }

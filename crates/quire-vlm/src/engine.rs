@@ -5,7 +5,8 @@
 
 use std::sync::Arc;
 
-use anyhow::{bail, Result};
+use crate::error::bail;
+use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
@@ -76,7 +77,7 @@ pub fn pick_prefix<'a>(vb: &VarBuilder<'a>, probe: &str, candidates: &[&str]) ->
             return Ok(vb.pp(*c));
         }
     }
-    bail!("no weight named {} (looked under {candidates:?})", probe)
+    bail!(Checkpoint, "no weight named {} (looked under {candidates:?})", probe)
 }
 
 /// `f` over `items`, spread over the CPU cores (resizing and tiling large pages is CPU work
@@ -94,7 +95,7 @@ pub fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> Result<R> + Sync
             .collect();
         let mut out = Vec::with_capacity(items.len());
         for h in handles {
-            out.extend(h.join().map_err(|_| anyhow::anyhow!("preparing an image panicked"))??);
+            out.extend(h.join().map_err(|_| Error::Processor("preparing an image panicked".into()))??);
         }
         Ok(out)
     })
@@ -298,7 +299,7 @@ impl Decoder {
         let n_img = ids.iter().filter(|&&t| t == self.image_token_id).count();
         let n_feat = feats.dim(0)?;
         if n_img != n_feat {
-            bail!("image features and image tokens do not match: {n_img} tokens, {n_feat} features");
+            bail!(Processor, "image features and image tokens do not match: {n_img} tokens, {n_feat} features");
         }
         let mut k = 0u32;
         let index: Vec<u32> = ids
@@ -536,7 +537,7 @@ impl Decoder {
         }
         match self.fill(usize::MAX) {
             Ok(Some((_, g))) => Ok(g),
-            Ok(None) => bail!("a prefill without a token limit did not finish"),
+            Ok(None) => bail!(Invalid, "a prefill without a token limit did not finish"),
             Err(e) => {
                 self.abort_filling();
                 Err(e)
@@ -558,7 +559,7 @@ impl Decoder {
         penalty: Option<f64>,
     ) -> Result<Option<Generation>> {
         if self.filling.is_some() {
-            bail!("a prefill is under way already");
+            bail!(Invalid, "a prefill is under way already");
         }
         let budget = self.budget_for(ids.len(), max_new);
         if budget == 0 {

@@ -230,7 +230,7 @@ mod tests {
         let c = cfg(json!({"repetition_penalty": 1.3}));
         let mut s = vec![2.6f32, -1.0, 0.5, 4.0];
         c.process(&[0, 1, 1, 0], 2, 10, &mut s);
-        assert_eq!(s, vec![2.6f32 / 1.3f32, -1.0 * 1.3f32, 0.5, 4.0]);
+        assert_eq!(s, vec![2.6f32 / 1.3f32, -1.3f32, 0.5, 4.0]);
     }
 
     #[test]

@@ -46,7 +46,8 @@ const P1: f32 = 1.398_199_9e-3;
 const P2: f32 = 8.333_452e-3;
 const P3: f32 = 4.166_579_6e-2;
 const P4: f32 = 1.666_666_5e-1;
-const P5: f32 = 5.000_000_1e-1;
+// Cephes writes 5.0000001e-1, which is 0.5 in f32.
+const P5: f32 = 0.5;
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
@@ -168,16 +169,16 @@ mod avx512 {
         }
         if i + 16 <= k {
             let x0 = _mm512_loadu_ps(x.add(i));
-            for r in 0..R {
-                a[r] = _mm512_fmadd_ps(_mm512_loadu_ps(w.add(r * k + i)), x0, a[r]);
+            for (r, a) in a.iter_mut().enumerate() {
+                *a = _mm512_fmadd_ps(_mm512_loadu_ps(w.add(r * k + i)), x0, *a);
             }
             i += 16;
         }
         if i < k {
             let m = tail_mask(k - i);
             let x0 = _mm512_maskz_loadu_ps(m, x.add(i));
-            for r in 0..R {
-                b[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w.add(r * k + i)), x0, b[r]);
+            for (r, b) in b.iter_mut().enumerate() {
+                *b = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w.add(r * k + i)), x0, *b);
             }
         }
         for r in 0..R {

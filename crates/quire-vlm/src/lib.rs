@@ -6,21 +6,29 @@
 //! Granite-Docling, Idefics3-8B) or Idefics2 (Idefics2-8B and its -base and -chatty
 //! variants). The families share the SigLIP encoder ([`siglip`]), the Llama/Mistral decoder
 //! ([`text_model`]) and the generation loop ([`engine`]); each family module holds only its
-//! processor, patch rule and connector. A new family is a module next to [`idefics3`] plus
-//! one arm in [`Vlm::load`] and in the `Model` enum.
+//! processor, patch rule and connector ([`family::FamilyModel`]). A new family is a module
+//! next to [`idefics3`] implementing [`family`]'s traits, plus one arm in [`Vlm::load`] and
+//! in the [`Processor`] and [`Prepared`] enums.
 //!
 //! Model locations: [`resolve_model_dir`] takes a local folder or a hub id; `s3://` prefixes
-//! are downloaded by the caller.
+//! are downloaded by the caller. Failures are [`Error`]s, by where they happened.
+
+// The CPU kernels and model layers take their shapes and buffers as plain arguments, as the
+// math they mirror does; bundling them into structs would only rename them.
+#![allow(clippy::too_many_arguments)]
 
 pub mod batcher;
 pub mod checkpoint;
 pub mod config;
 pub mod engine;
+mod error;
+pub mod family;
 pub mod frames;
 pub mod generation;
 pub mod idefics2;
 pub mod idefics3;
 pub mod kernels;
+pub mod linear;
 pub mod loops;
 pub mod par;
 pub mod pil;
@@ -30,7 +38,8 @@ pub mod text_model;
 
 use std::path::Path;
 
-use anyhow::{bail, Result};
+use error::bail;
+pub use error::{Error, Result};
 pub use candle_core::{DType, Device};
 
 /// Bytes of memory free on a GPU `device` now (None on the CPU or when unknown).
@@ -46,6 +55,8 @@ pub fn device_free_memory(device: &Device) -> Option<u64> {
 }
 
 pub use checkpoint::{resolve_model_dir, Checkpoint};
+pub use family::{FamilyModel, FamilyProcessor, PreparedInput};
+use family::AnyFamily;
 pub use generation::{GenerationConfig, DEFAULT_MAX_NEW_TOKENS};
 pub use loops::{LoopOptions, LoopReport, OnLoop};
 
@@ -69,7 +80,7 @@ impl LoadOptions {
             "f32" | "float32" => DType::F32,
             "bf16" | "bfloat16" => DType::BF16,
             "f16" | "float16" => DType::F16,
-            other => bail!("unknown dtype {other:?}; use f32, bf16 or f16"),
+            other => bail!(Invalid, "unknown dtype {other:?}; use f32, bf16 or f16"),
         })
     }
 
@@ -78,7 +89,7 @@ impl LoadOptions {
         if cfg!(feature = "cuda") {
             Ok(Device::new_cuda(ordinal)?)
         } else {
-            bail!("quire-vlm was built without the `cuda` feature; rebuild with --features cuda or use the CPU")
+            bail!(Invalid, "quire-vlm was built without the `cuda` feature; rebuild with --features cuda or use the CPU")
         }
     }
 }
@@ -214,10 +225,13 @@ pub enum Prepared {
 
 impl Processor {
     pub fn prepare(&self, req: &Request) -> Result<Prepared> {
-        Ok(match self {
-            Processor::Idefics3(p) => Prepared::Idefics3(p.prepare(&req.image, &req.prompt)?),
-            Processor::Idefics2(p) => Prepared::Idefics2(p.prepare(&req.image, &req.prompt)?),
-        })
+        fn run<P: FamilyProcessor>(p: &P, req: &Request) -> Result<Prepared> {
+            Ok(p.prepare(&req.image, &req.prompt)?.into_any())
+        }
+        match self {
+            Processor::Idefics3(p) => run(p, req),
+            Processor::Idefics2(p) => run(p, req),
+        }
     }
 }
 
@@ -225,28 +239,23 @@ impl Prepared {
     /// Prompt token ids, image tokens included.
     pub fn input_ids(&self) -> &[u32] {
         match self {
-            Prepared::Idefics3(p) => &p.input_ids,
-            Prepared::Idefics2(p) => &p.input_ids,
+            Prepared::Idefics3(p) => p.input_ids(),
+            Prepared::Idefics2(p) => p.input_ids(),
         }
     }
 
     /// Bytes of pixel data it holds (tiles or frames, f32).
     pub fn pixel_bytes(&self) -> usize {
         match self {
-            Prepared::Idefics3(p) => p.image.tiles.iter().map(|t| t.data.len() * 4).sum(),
-            Prepared::Idefics2(p) => p.frames.iter().map(|t| t.data.len() * 4).sum(),
+            Prepared::Idefics3(p) => p.pixel_bytes(),
+            Prepared::Idefics2(p) => p.pixel_bytes(),
         }
     }
 }
 
-enum Model {
-    Idefics3(Box<idefics3::Idefics3>),
-    Idefics2(Box<idefics2::Idefics2>),
-}
-
 /// A loaded vision-language model.
 pub struct Vlm {
-    model: Model,
+    model: Box<dyn AnyFamily>,
     family: Family,
     name: String,
 }
@@ -276,13 +285,14 @@ impl Vlm {
         match (model_type.as_str(), arch.as_str()) {
             ("idefics3", _) | (_, "Idefics3ForConditionalGeneration") => {
                 let m = idefics3::Idefics3::load(&ck, &opts.device, opts.dtype)?;
-                Ok(Vlm { model: Model::Idefics3(Box::new(m)), family: Family::Idefics3(idefics3_variant(&name)), name })
+                Ok(Vlm { model: Box::new(m), family: Family::Idefics3(idefics3_variant(&name)), name })
             }
             ("idefics2", _) | (_, "Idefics2ForConditionalGeneration") => {
                 let m = idefics2::Idefics2::load(&ck, &opts.device, opts.dtype)?;
-                Ok(Vlm { model: Model::Idefics2(Box::new(m)), family: Family::Idefics2("Idefics2".into()), name })
+                Ok(Vlm { model: Box::new(m), family: Family::Idefics2("Idefics2".into()), name })
             }
             _ => bail!(
+                Checkpoint,
                 "{}: unsupported model (model_type {model_type:?}, architecture {arch:?}); quire-vlm runs Idefics3- and Idefics2-family checkpoints",
                 dir.display()
             ),
@@ -313,10 +323,7 @@ impl Vlm {
 
     /// The checkpoint's generation settings (`generation_config.json`), as `generate` applies them.
     pub fn generation_config(&self) -> &GenerationConfig {
-        match &self.model {
-            Model::Idefics3(m) => m.generation_config(),
-            Model::Idefics2(m) => m.generation_config(),
-        }
+        self.model.generation_config()
     }
 
     /// Batched greedy generation with the checkpoint's generation config; results are in request order.
@@ -347,66 +354,40 @@ impl Vlm {
         Ok(out)
     }
 
-    /// The Idefics3 model, for processor-level access (tile grid, input ids, pixel values).
     /// Prompt token ids and image features of each request (vision encoder over all of
     /// them at once), for [`engine::Decoder::admit`].
     pub fn encode(&self, reqs: &[Request]) -> Result<Vec<(Vec<u32>, candle_core::Tensor)>> {
-        match &self.model {
-            Model::Idefics3(m) => m.encode(reqs),
-            Model::Idefics2(m) => m.encode(reqs),
-        }
+        self.model.encode(reqs)
     }
 
     /// The host-side processing of this model, for other threads.
     pub fn processor(&self) -> Processor {
-        match &self.model {
-            Model::Idefics3(m) => Processor::Idefics3(m.processor()),
-            Model::Idefics2(m) => Processor::Idefics2(m.processor()),
-        }
+        self.model.processor()
     }
 
     /// [`Self::encode`] of requests prepared already by this model's [`Processor`].
     pub fn encode_prepared(&self, preps: &[&Prepared]) -> Result<Vec<(Vec<u32>, candle_core::Tensor)>> {
-        let other = || anyhow::anyhow!("a request prepared for another model family");
-        match &self.model {
-            Model::Idefics3(m) => {
-                let p = preps.iter().map(|p| match p {
-                    Prepared::Idefics3(p) => Ok(p),
-                    Prepared::Idefics2(_) => Err(other()),
-                });
-                m.encode_prepared(&p.collect::<Result<Vec<_>>>()?)
-            }
-            Model::Idefics2(m) => {
-                let p = preps.iter().map(|p| match p {
-                    Prepared::Idefics2(p) => Ok(p),
-                    Prepared::Idefics3(_) => Err(other()),
-                });
-                m.encode_prepared(&p.collect::<Result<Vec<_>>>()?)
-            }
-        }
+        self.model.encode_prepared(preps)
+    }
+
+    /// First-step logits (f32, vocab) for each request; used by the parity tests.
+    pub fn prefill_logits(&mut self, reqs: &[Request]) -> Result<Vec<Vec<f32>>> {
+        self.model.prefill_logits(reqs)
     }
 
     /// The text decoder, which holds the sequences of continuous batching.
     pub fn decoder_mut(&mut self) -> &mut engine::Decoder {
-        match &mut self.model {
-            Model::Idefics3(m) => m.decoder_mut(),
-            Model::Idefics2(m) => m.decoder_mut(),
-        }
+        self.model.decoder_mut()
     }
 
+    /// The Idefics3 model, for processor-level access (tile grid, input ids, pixel values).
     pub fn as_idefics3(&mut self) -> Option<&mut idefics3::Idefics3> {
-        match &mut self.model {
-            Model::Idefics3(m) => Some(m),
-            Model::Idefics2(_) => None,
-        }
+        self.model.as_any_mut().downcast_mut()
     }
 
     /// The Idefics2 model, for processor-level access (frames, input ids, pixel values).
     pub fn as_idefics2(&mut self) -> Option<&mut idefics2::Idefics2> {
-        match &mut self.model {
-            Model::Idefics2(m) => Some(m),
-            Model::Idefics3(_) => None,
-        }
+        self.model.as_any_mut().downcast_mut()
     }
 }
 

@@ -11,7 +11,8 @@
 //! Per sequence the detector keeps, for each period, how many of the latest tokens equal the
 //! token one period earlier; a step costs `max_period` comparisons of ids already on the host.
 
-use anyhow::{bail, Result};
+use crate::error::bail;
+use crate::Result;
 
 /// Longest period looked for, in tokens, unless configured.
 pub const DEFAULT_LOOP_MAX_PERIOD: usize = 64;
@@ -40,7 +41,7 @@ impl OnLoop {
             "stop" => OnLoop::Stop,
             "retry" => OnLoop::Retry,
             "off" => OnLoop::Off,
-            other => bail!("unknown --on-loop {other:?}; use stop, retry or off"),
+            other => bail!(Invalid, "unknown --on-loop {other:?}; use stop, retry or off"),
         })
     }
 }
@@ -71,17 +72,18 @@ impl LoopOptions {
     /// (one token sequence would then count as its own repetition), a penalty of 1 or less.
     pub fn validate(&self) -> Result<()> {
         if self.max_period == 0 {
-            bail!("--loop-max-period must be at least 1");
+            bail!(Invalid, "--loop-max-period must be at least 1");
         }
         if self.min_tokens < 2 * self.max_period {
             bail!(
+                Invalid,
                 "--loop-min-tokens ({}) must be at least twice --loop-max-period ({}): a loop repeats its period at least once",
                 self.min_tokens,
                 self.max_period
             );
         }
         if !(self.retry_penalty.is_finite() && self.retry_penalty > 1.0) {
-            bail!("--loop-retry-penalty must be a number above 1 (got {})", self.retry_penalty);
+            bail!(Invalid, "--loop-retry-penalty must be a number above 1 (got {})", self.retry_penalty);
         }
         Ok(())
     }

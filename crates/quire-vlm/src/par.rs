@@ -1,19 +1,16 @@
-//! Thread-parallel kernels for CPU inference over a small persistent pool.
+//! A small persistent thread pool for CPU inference ([`par_for`]), what the parallel kernels run on.
 //!
 //! candle hands a matmul with a single row (one new token per sequence) to `gemm`'s gemv
 //! kernel, which runs on one thread, and its unary ops run on one thread too. [`par_for`] runs
 //! indexed tasks on a persistent pool (`RAYON_NUM_THREADS` threads in all, like candle, the
 //! caller included) whose workers spin briefly between jobs, so the many small dispatches of
-//! token-by-token decoding cost microseconds, not scheduler wake-ups. [`ParLinear`] uses it for
-//! decoding products: outputs split by features, each a dot product computed by
-//! [`crate::kernels::matvec_rows`] the same way whatever the batch size or split.
+//! token-by-token decoding cost microseconds, not scheduler wake-ups. The kernels
+//! ([`crate::kernels`]) and the linear layer ([`crate::linear::ParLinear`]) run on it; this
+//! module imports neither.
 
 use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering::*};
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
-
-use candle_core::{Module, Result, Tensor};
-use candle_nn::Linear;
 
 /// One published job: tasks `0..n`, claimed through `next`.
 struct Job<'a> {
@@ -110,7 +107,7 @@ fn worker(p: &'static Pool) {
                 // Keep polling without holding the core from threads that have work.
                 std::thread::yield_now();
             }
-            if spins % 64 == 0 && start.elapsed() > SPIN {
+            if spins.is_multiple_of(64) && start.elapsed() > SPIN {
                 let mut g = p.lock.lock().unwrap_or_else(|e| e.into_inner());
                 p.sleepers.fetch_add(1, SeqCst);
                 while p.seq.load(SeqCst) == seen {
@@ -170,134 +167,6 @@ pub fn par_for(n: usize, f: &(dyn Fn(usize) + Sync)) {
     }
 }
 
-/// A linear layer on the pool: decoding products (one new token per sequence) with
-/// [`crate::kernels::matvec_rows`], others (CPU f32) with gemm split by output features
-/// ([`crate::kernels::matmul_wt_cols`]); other devices and dtypes go to candle's matmul.
-pub struct ParLinear {
-    full: Linear,
-    /// The weight as a contiguous f32 CPU slice source, when the kernel path applies.
-    cpu: Option<(Tensor, Option<Tensor>)>,
-    out: usize,
-    inp: usize,
-}
-
-/// Outputs per task: a few hundred KiB of weights for the widest inputs here.
-const TASK_OUTPUTS: usize = 64;
-
-impl ParLinear {
-    pub fn new(inner: Linear) -> Result<Self> {
-        let w = inner.weight();
-        let (out, inp) = w.dims2()?;
-        let cpu = if w.device().is_cpu() && w.dtype() == candle_core::DType::F32 {
-            let b = match inner.bias() {
-                Some(b) if b.dtype() == candle_core::DType::F32 => Some(b.contiguous()?),
-                Some(_) => return Ok(ParLinear { full: inner, cpu: None, out, inp }),
-                None => None,
-            };
-            Some((w.contiguous()?, b))
-        } else {
-            None
-        };
-        Ok(ParLinear { full: inner, cpu, out, inp })
-    }
-
-    /// One layer computing `parts` side by side (weights stacked by output features); the
-    /// output is their outputs concatenated along the last dimension.
-    pub fn fused(parts: &[Linear]) -> Result<Self> {
-        let ws: Vec<&Tensor> = parts.iter().map(|l| l.weight()).collect();
-        let w = Tensor::cat(&ws, 0)?;
-        let bias = if parts.iter().all(|l| l.bias().is_some()) {
-            let bs: Vec<&Tensor> = parts.iter().filter_map(|l| l.bias()).collect();
-            Some(Tensor::cat(&bs, 0)?)
-        } else if parts.iter().all(|l| l.bias().is_none()) {
-            None
-        } else {
-            let mut bs = Vec::new();
-            for l in parts {
-                bs.push(match l.bias() {
-                    Some(b) => b.clone(),
-                    None => Tensor::zeros(l.weight().dim(0)?, l.weight().dtype(), l.weight().device())?,
-                });
-            }
-            Some(Tensor::cat(&bs, 0)?)
-        };
-        Self::new(Linear::new(w, bias))
-    }
-
-    pub fn weight(&self) -> &Tensor {
-        self.full.weight()
-    }
-}
-
-/// Raw f32 data of a contiguous CPU tensor, handed to `f`.
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    let (s, l) = t.storage_and_layout();
-    let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(data)) = &*s else {
-        candle_core::bail!("expected an f32 CPU tensor");
-    };
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("expected a contiguous tensor");
-    };
-    Ok(f(&data[a..b]))
-}
-
-struct SendPtr(*mut f32);
-unsafe impl Sync for SendPtr {}
-unsafe impl Send for SendPtr {}
-
-impl Module for ParLinear {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims();
-        // One position per sequence: (.., 1, in) or a single (in) / (1, in) row.
-        let decoding = match dims.len() {
-            0 => false,
-            1 => true,
-            r => dims[r - 2] == 1,
-        };
-        let Some((w, bias)) = self.cpu.as_ref().filter(|_| x.dtype() == candle_core::DType::F32 && x.device().is_cpu()) else {
-            return self.full.forward(x);
-        };
-        let x = x.contiguous()?;
-        let rows = x.elem_count() / self.inp;
-        let (n, k) = (self.out, self.inp);
-        let mut shape = dims.to_vec();
-        *shape.last_mut().expect("rank >= 1") = n;
-        if !decoding {
-            // Several positions per sequence (a prefill): gemm, split by output features.
-            let mut y = match bias {
-                Some(b) => with_f32(b, |b| b.repeat(rows))?,
-                None => vec![0f32; rows * n],
-            };
-            with_f32(&x, |xs| with_f32(w, |ws| crate::kernels::matmul_wt_cols(xs, ws, &mut y, rows, k, n, bias.is_some())))??;
-            return Tensor::from_vec(y, shape, x.device());
-        }
-        let mut y = vec![0f32; rows * n];
-        let yp = SendPtr(y.as_mut_ptr());
-        with_f32(&x, |xs| {
-            with_f32(w, |ws| {
-                let run = |bs: Option<&[f32]>| {
-                    let tasks = n.div_ceil(TASK_OUTPUTS);
-                    let yp = &yp;
-                    par_for(tasks, &|t| {
-                        let o0 = t * TASK_OUTPUTS;
-                        let o1 = (o0 + TASK_OUTPUTS).min(n);
-                        // SAFETY: tasks write disjoint output columns of `y`, which outlives par_for.
-                        unsafe { crate::kernels::matvec_rows(ws, k, bs, xs, rows, n, o0, o1, yp.0) };
-                    });
-                };
-                match bias {
-                    Some(b) => with_f32(b, |bs| run(Some(bs))),
-                    None => {
-                        run(None);
-                        Ok(())
-                    }
-                }
-            })
-        })???;
-        Tensor::from_vec(y, shape, x.device())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -311,22 +180,5 @@ mod tests {
             });
         }
         assert!(hits.iter().all(|h| h.load(Relaxed) == 50));
-    }
-
-    /// Weight-streaming rate of the decoding product (run with --release --ignored --nocapture).
-    #[test]
-    #[ignore]
-    fn matvec_bandwidth() {
-        let (n, k) = (1 << 16, 1024);
-        let w: Vec<f32> = (0..n * k).map(|i| (i % 7) as f32).collect();
-        let lin = ParLinear::new(Linear::new(Tensor::from_vec(w, (n, k), &candle_core::Device::Cpu).unwrap(), None)).unwrap();
-        let x = Tensor::ones((1, 1, k), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
-        let mut best = f64::MAX;
-        for _ in 0..20 {
-            let t = Instant::now();
-            lin.forward(&x).unwrap();
-            best = best.min(t.elapsed().as_secs_f64());
-        }
-        println!("matvec: {:.1} GB/s (best of 20)", (n * k * 4) as f64 / best / 1e9);
     }
 }

@@ -3,8 +3,9 @@
 
 use std::path::Path;
 
-use anyhow::{anyhow, Context, Result};
 use serde_json::Value;
+
+use crate::{Error, Result};
 
 /// Renders a checkpoint's chat template for one user turn holding an image and text.
 pub struct ChatTemplate {
@@ -32,7 +33,8 @@ impl ChatTemplate {
         env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
             Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
         });
-        env.add_template_owned("chat", source.to_string()).context("parsing the chat template")?;
+        env.add_template_owned("chat", source.to_string())
+            .map_err(|e| Error::Processor(format!("parsing the chat template: {e}")))?;
         Ok(ChatTemplate {
             env,
             bos_token: special_token(tok_config, "bos_token"),
@@ -47,14 +49,14 @@ impl ChatTemplate {
             "role": "user",
             "content": [{"type": "image"}, {"type": "text", "text": text}],
         }]);
-        let tmpl = self.env.get_template("chat")?;
+        let tmpl = self.env.get_template("chat").map_err(|e| Error::Processor(e.to_string()))?;
         tmpl.render(minijinja::context! {
             messages => minijinja::Value::from_serialize(&messages),
             add_generation_prompt => true,
             bos_token => self.bos_token.clone(),
             eos_token => self.eos_token.clone(),
         })
-        .context("rendering the chat template")
+        .map_err(|e| Error::Processor(format!("rendering the chat template: {e}")))
     }
 }
 
@@ -95,7 +97,7 @@ impl TextTokenizer {
     pub fn load(dir: &Path, tok_config: &Value) -> Result<TextTokenizer> {
         let path = dir.join("tokenizer.json");
         let inner = tokenizers::Tokenizer::from_file(&path)
-            .map_err(|e| anyhow!("loading {}: {e}", path.display()))?;
+            .map_err(|e| Error::Tokenizer(format!("loading {}: {e}", path.display())))?;
         let clean_up_spaces =
             tok_config.get("clean_up_tokenization_spaces").and_then(Value::as_bool).unwrap_or(false);
         let doctags = inner.token_to_id("<doctag>").is_some() && inner.token_to_id("<loc_0>").is_some();
@@ -112,7 +114,7 @@ impl TextTokenizer {
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, true).map_err(|e| anyhow!("tokenizing the prompt: {e}"))?;
+        let enc = self.inner.encode(text, true).map_err(|e| Error::Tokenizer(format!("tokenizing the prompt: {e}")))?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -142,7 +144,7 @@ impl TextTokenizer {
             }
             None => self.inner.decode(ids, true),
         }
-        .map_err(|e| anyhow!("decoding: {e}"))?;
+        .map_err(|e| Error::Tokenizer(format!("decoding: {e}")))?;
         Ok(if self.clean_up_spaces { clean_up_tokenization(&s) } else { s })
     }
 }

@@ -6,7 +6,7 @@
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{linear_b, linear_no_bias, rms_norm, Embedding, Linear, RmsNorm, VarBuilder};
 
-use crate::par::ParLinear;
+use crate::linear::ParLinear;
 
 use crate::config::{Rope, TextConfig};
 
@@ -32,7 +32,8 @@ pub fn inv_freq(cfg: &TextConfig) -> Vec<f32> {
                 .map(|&f| {
                     let wavelen = 2.0 * std::f32::consts::PI / f;
                     let scaled = if wavelen > low_wavelen { f / factor } else { f };
-                    let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+                    // transformers: not below high_wavelen and not above low_wavelen (wavelen is never NaN).
+                    let medium = wavelen >= high_wavelen && wavelen <= low_wavelen;
                     if medium {
                         let smooth = (old / wavelen - lo) / (hi - lo);
                         (1.0 - smooth) * scaled / factor + smooth * scaled

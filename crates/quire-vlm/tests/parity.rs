@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use quire_vlm::{FinishReason, LoadOptions, Request, Vlm};
+use quire_vlm::{FamilyModel, FinishReason, LoadOptions, Request, Vlm};
 use serde_json::Value;
 
 const CHECKPOINTS: &[&str] = &["split_sf2_gqa", "nosplit_sf4_tied_old", "split_sf1_sharded"];
@@ -87,8 +87,25 @@ struct Fixture {
     tensors: HashMap<String, Tensor>,
 }
 
+/// One family's fixtures: its folder and checkpoints.
+struct Family {
+    label: &'static str,
+    dir: fn() -> PathBuf,
+    checkpoints: &'static [&'static str],
+}
+
+/// Both families, for the tests that hold for every family alike.
+const FAMILIES: [Family; 2] = [
+    Family { label: "idefics3", dir: fixtures, checkpoints: CHECKPOINTS },
+    Family { label: "idefics2", dir: idefics2_dir, checkpoints: IDEFICS2 },
+];
+
 fn load(name: &str) -> Fixture {
-    let dir = fixtures().join(name);
+    load_from(&fixtures(), name)
+}
+
+fn load_from(dir: &Path, name: &str) -> Fixture {
+    let dir = dir.join(name);
     let vlm = Vlm::load(&dir, &f32_options()).unwrap_or_else(|e| panic!("loading {name}: {e:#}"));
     let meta: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
     let tensors = candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap();
@@ -148,21 +165,29 @@ fn processor_matches_reference() {
     }
 }
 
+/// First-step logits of every family's checkpoints against the reference (f32).
 #[test]
 fn first_step_logits_match() {
     if skip_unless_f32("first_step_logits_match") {
         return;
     }
-    for name in CHECKPOINTS {
-        let mut fx = load(name);
-        let m = fx.vlm.as_idefics3().unwrap();
-        for case in cases(&fx.meta) {
-            let key = case["image"].as_str().unwrap().trim_end_matches(".png");
-            let got = m.prefill_logits(&[request(case, 1)]).unwrap().remove(0);
-            let want: Vec<f32> = fx.tensors[&format!("{key}.logits")].to_vec1().unwrap();
-            let d = max_abs_diff(&got, &want);
-            eprintln!("{name}/{key} f32 on {}: max |logit diff| {d:.2e}", device_label());
-            assert!(d <= f32_logit_tolerance(), "{name}/{key} logits differ by {d}");
+    for fam in &FAMILIES {
+        for name in fam.checkpoints {
+            let mut fx = load_from(&(fam.dir)(), name);
+            for case in cases(&fx.meta) {
+                let key = case["image"].as_str().unwrap().trim_end_matches(".png");
+                let got = fx.vlm.prefill_logits(&[request(case, 1)]).unwrap().remove(0);
+                let want: Vec<f32> = fx.tensors[&format!("{key}.logits")].to_vec1().unwrap();
+                let d = max_abs_diff(&got, &want);
+                eprintln!("{} {name}/{key} f32 on {}: max |logit diff| {d:.2e}", fam.label, device_label());
+                assert!(d <= f32_logit_tolerance(), "{name}/{key} logits differ by {d}");
+                // Where the checkpoint has a sliding window (Idefics2), the reference's logits
+                // move by more than the tolerance without it: matching them means the window
+                // is applied.
+                if let Some(change) = case["logits_change_without_sliding_window"].as_f64() {
+                    assert!(change > 100.0 * f32_logit_tolerance() as f64, "{name}/{key}: the window does not matter here");
+                }
+            }
         }
     }
 }
@@ -172,19 +197,24 @@ fn greedy_tokens_match_unbatched() {
     if skip_unless_f32("greedy_tokens_match_unbatched") {
         return;
     }
-    for name in CHECKPOINTS {
-        let mut fx = load(name);
-        let max_new = fx.meta["max_new_tokens"].as_u64().unwrap() as usize;
-        for case in cases(&fx.meta) {
-            let g = fx.vlm.generate(&[request(case, max_new)]).unwrap().remove(0);
-            let want = u32s(&case["new_tokens"]);
-            assert_eq!(g.token_ids, want, "{name}/{}", case["image"]);
-            assert_eq!(g.text, case["text"].as_str().unwrap(), "{name}/{} text", case["image"]);
-            assert_eq!(g.tokens_in, case["input_ids"].as_array().unwrap().len());
-            assert_eq!(g.tokens_out, want.len());
-            let expect = if want.len() < max_new { FinishReason::Stop } else { FinishReason::Length };
-            assert_eq!(g.finish_reason, expect, "{name}/{}", case["image"]);
+    for fam in &FAMILIES {
+        let mut finishes = std::collections::BTreeSet::new();
+        for name in fam.checkpoints {
+            let mut fx = load_from(&(fam.dir)(), name);
+            let max_new = fx.meta["max_new_tokens"].as_u64().unwrap() as usize;
+            for case in cases(&fx.meta) {
+                let g = fx.vlm.generate(&[request(case, max_new)]).unwrap().remove(0);
+                let want = u32s(&case["new_tokens"]);
+                assert_eq!(g.token_ids, want, "{name}/{}", case["image"]);
+                assert_eq!(g.text, case["text"].as_str().unwrap(), "{name}/{} text", case["image"]);
+                assert_eq!(g.tokens_in, case["input_ids"].as_array().unwrap().len());
+                assert_eq!(g.tokens_out, want.len());
+                let expect = if want.len() < max_new { FinishReason::Stop } else { FinishReason::Length };
+                assert_eq!(g.finish_reason, expect, "{name}/{}", case["image"]);
+                finishes.insert(format!("{expect:?}"));
+            }
         }
+        assert_eq!(finishes.len(), 2, "{}: the references cover both a stop and a length finish", fam.label);
     }
 }
 
@@ -193,22 +223,36 @@ fn batched_equals_unbatched() {
     if skip_unless_f32("batched_equals_unbatched") {
         return;
     }
-    for name in CHECKPOINTS {
-        let mut fx = load(name);
-        let max_new = fx.meta["max_new_tokens"].as_u64().unwrap() as usize;
-        // different tile counts and prompt lengths in one batch, left padded
-        let reqs: Vec<Request> = cases(&fx.meta).iter().map(|c| request(c, max_new)).collect();
-        let out = fx.vlm.generate(&reqs).unwrap();
-        for (g, case) in out.iter().zip(cases(&fx.meta)) {
-            assert_eq!(g.token_ids, u32s(&case["new_tokens"]), "{name}/{} batched", case["image"]);
+    for fam in &FAMILIES {
+        for name in fam.checkpoints {
+            let mut fx = load_from(&(fam.dir)(), name);
+            let max_new = fx.meta["max_new_tokens"].as_u64().unwrap() as usize;
+            if fam.label == "idefics2" {
+                // frames of different sizes in one batch
+                let sizes: std::collections::BTreeSet<String> = cases(&fx.meta).iter().map(|c| c["frames"].to_string()).collect();
+                assert!(sizes.len() >= 3, "{name}: the images give frames of several sizes");
+            }
+            // different tile counts or frame sizes and prompt lengths in one batch, left padded
+            let reqs: Vec<Request> = cases(&fx.meta).iter().map(|c| request(c, max_new)).collect();
+            let out = fx.vlm.generate(&reqs).unwrap();
+            for (g, case) in out.iter().zip(cases(&fx.meta)) {
+                assert_eq!(g.token_ids, u32s(&case["new_tokens"]), "{name}/{} batched", case["image"]);
+            }
+            let logits = fx.vlm.prefill_logits(&reqs).unwrap();
+            for (got, case) in logits.iter().zip(cases(&fx.meta)) {
+                let key = case["image"].as_str().unwrap().trim_end_matches(".png");
+                let want: Vec<f32> = fx.tensors[&format!("{key}.logits")].to_vec1().unwrap();
+                let d = max_abs_diff(got, &want);
+                assert!(d <= f32_logit_tolerance(), "{name}/{key} batched logits differ by {d}");
+            }
+            // per-request budgets differ inside a batch
+            let mut reqs = reqs;
+            reqs[0].max_new_tokens = Some(3);
+            let out = fx.vlm.generate(&reqs).unwrap();
+            let first = u32s(&cases(&fx.meta)[0]["new_tokens"]);
+            assert_eq!(out[0].token_ids, first[..first.len().min(3)].to_vec());
+            assert_eq!(out[1].token_ids, u32s(&cases(&fx.meta)[1]["new_tokens"]));
         }
-        // per-request budgets differ inside a batch
-        let mut reqs = reqs;
-        reqs[0].max_new_tokens = Some(3);
-        let out = fx.vlm.generate(&reqs).unwrap();
-        let first = u32s(&cases(&fx.meta)[0]["new_tokens"]);
-        assert_eq!(out[0].token_ids, first[..first.len().min(3)].to_vec());
-        assert_eq!(out[1].token_ids, u32s(&cases(&fx.meta)[1]["new_tokens"]));
     }
 }
 
@@ -313,10 +357,9 @@ fn bf16_and_f16_stay_as_close_to_f32_as_transformers() {
             let mut vlm = Vlm::load(&dir, &LoadOptions { device: device(), dtype })
                 .unwrap_or_else(|e| panic!("loading {name} in {label}: {e:#}"));
             let max_new = meta["max_new_tokens"].as_u64().unwrap() as usize;
-            let m = vlm.as_idefics3().unwrap();
             for case in cases(&meta) {
                 let key = case["image"].as_str().unwrap().trim_end_matches(".png");
-                let got = m.prefill_logits(&[request(case, 1)]).unwrap().remove(0);
+                let got = vlm.prefill_logits(&[request(case, 1)]).unwrap().remove(0);
                 if !got.iter().all(|x| x.is_finite()) {
                     failures.push(format!("{name}/{key} {label}: non-finite logits"));
                     continue;
@@ -375,11 +418,7 @@ fn idefics2_dir() -> PathBuf {
 }
 
 fn load2(name: &str) -> Fixture {
-    let dir = idefics2_dir().join(name);
-    let vlm = Vlm::load(&dir, &f32_options()).unwrap_or_else(|e| panic!("loading {name}: {e:#}"));
-    let meta: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
-    let tensors = candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap();
-    Fixture { vlm, meta, tensors }
+    load_from(&idefics2_dir(), name)
 }
 
 #[test]
@@ -441,85 +480,6 @@ fn idefics2_processor_matches_reference() {
     }
 }
 
-#[test]
-fn idefics2_first_step_logits_match() {
-    if skip_unless_f32("idefics2_first_step_logits_match") {
-        return;
-    }
-    for name in IDEFICS2 {
-        let mut fx = load2(name);
-        let m = fx.vlm.as_idefics2().unwrap();
-        for case in cases(&fx.meta) {
-            let key = case["image"].as_str().unwrap().trim_end_matches(".png");
-            let got = m.prefill_logits(&[request(case, 1)]).unwrap().remove(0);
-            let want: Vec<f32> = fx.tensors[&format!("{key}.logits")].to_vec1().unwrap();
-            let d = max_abs_diff(&got, &want);
-            eprintln!("idefics2 {name}/{key} f32 on {}: max |logit diff| {d:.2e}", device_label());
-            assert!(d <= f32_logit_tolerance(), "{name}/{key} logits differ by {d}");
-            // Where the checkpoint has a sliding window, the reference's logits move by more
-            // than the tolerance without it: matching them means the window is applied.
-            if let Some(change) = case["logits_change_without_sliding_window"].as_f64() {
-                assert!(change > 100.0 * f32_logit_tolerance() as f64, "{name}/{key}: the window does not matter here");
-            }
-        }
-    }
-}
-
-#[test]
-fn idefics2_greedy_tokens_match_unbatched() {
-    if skip_unless_f32("idefics2_greedy_tokens_match_unbatched") {
-        return;
-    }
-    let mut finishes = std::collections::BTreeSet::new();
-    for name in IDEFICS2 {
-        let mut fx = load2(name);
-        let max_new = fx.meta["max_new_tokens"].as_u64().unwrap() as usize;
-        for case in cases(&fx.meta) {
-            let g = fx.vlm.generate(&[request(case, max_new)]).unwrap().remove(0);
-            let want = u32s(&case["new_tokens"]);
-            assert_eq!(g.token_ids, want, "{name}/{}", case["image"]);
-            assert_eq!(g.text, case["text"].as_str().unwrap(), "{name}/{} text", case["image"]);
-            assert_eq!(g.tokens_in, case["input_ids"].as_array().unwrap().len());
-            let expect = if want.len() < max_new { FinishReason::Stop } else { FinishReason::Length };
-            assert_eq!(g.finish_reason, expect, "{name}/{}", case["image"]);
-            finishes.insert(format!("{expect:?}"));
-        }
-    }
-    assert_eq!(finishes.len(), 2, "the references cover both a stop and a length finish");
-}
-
-#[test]
-fn idefics2_batch_of_mixed_sizes_equals_one_by_one() {
-    if skip_unless_f32("idefics2_batch_of_mixed_sizes_equals_one_by_one") {
-        return;
-    }
-    for name in IDEFICS2 {
-        let mut fx = load2(name);
-        let max_new = fx.meta["max_new_tokens"].as_u64().unwrap() as usize;
-        // frames of different sizes and prompts of different lengths in one batch
-        let sizes: std::collections::BTreeSet<String> = cases(&fx.meta).iter().map(|c| c["frames"].to_string()).collect();
-        assert!(sizes.len() >= 3, "{name}: the images give frames of several sizes");
-        let reqs: Vec<Request> = cases(&fx.meta).iter().map(|c| request(c, max_new)).collect();
-        let out = fx.vlm.generate(&reqs).unwrap();
-        for (g, case) in out.iter().zip(cases(&fx.meta)) {
-            assert_eq!(g.token_ids, u32s(&case["new_tokens"]), "{name}/{} batched", case["image"]);
-        }
-        let logits = fx.vlm.as_idefics2().unwrap().prefill_logits(&reqs).unwrap();
-        for (got, case) in logits.iter().zip(cases(&fx.meta)) {
-            let key = case["image"].as_str().unwrap().trim_end_matches(".png");
-            let want: Vec<f32> = fx.tensors[&format!("{key}.logits")].to_vec1().unwrap();
-            let d = max_abs_diff(got, &want);
-            assert!(d <= f32_logit_tolerance(), "{name}/{key} batched logits differ by {d}");
-        }
-        let mut reqs = reqs;
-        reqs[0].max_new_tokens = Some(3);
-        let out = fx.vlm.generate(&reqs).unwrap();
-        let first = u32s(&cases(&fx.meta)[0]["new_tokens"]);
-        assert_eq!(out[0].token_ids, first[..first.len().min(3)].to_vec());
-        assert_eq!(out[1].token_ids, u32s(&cases(&fx.meta)[1]["new_tokens"]));
-    }
-}
-
 /// bf16 and f16 on the device under test: the Idefics2 checkpoints load and run in the low
 /// dtype, first-step logits stay within twice the drift transformers itself shows in that
 /// dtype on the same case (`lowp_reference.json`, from `gen_idefics2.py lowp`) without
@@ -542,7 +502,7 @@ fn idefics2_bf16_and_f16_stay_as_close_to_f32_as_transformers() {
             let mut vlm = Vlm::load(&dir, &LoadOptions { device: device(), dtype }).unwrap();
             for case in cases(&meta) {
                 let key = case["image"].as_str().unwrap().trim_end_matches(".png");
-                let got = vlm.as_idefics2().unwrap().prefill_logits(&[request(case, 1)]).unwrap().remove(0);
+                let got = vlm.prefill_logits(&[request(case, 1)]).unwrap().remove(0);
                 let want: Vec<f32> = tensors[&format!("{key}.logits")].to_vec1().unwrap();
                 let d = max_abs_diff(&got, &want);
                 let hf_d = lowp["checkpoints"][*name][label][key]["max_abs_diff"].as_f64().unwrap() as f32;
@@ -589,7 +549,7 @@ fn continuous_batching_gives_each_page_its_own_tokens() {
     // text) between decode steps, with images prepared on two threads ahead of the model.
     let settings = [(0, 0), (7, 2)];
     for ((dir, name), (prefill_tokens, prep_threads)) in all.into_iter().flat_map(|c| settings.map(|s| (c.clone(), s))) {
-        let fx = if dir == fixtures() { load(name) } else { load2(name) };
+        let fx = load_from(&dir, name);
         let name = format!("{name} (prefill_tokens {prefill_tokens}, prep_threads {prep_threads})");
         let max_new = fx.meta["max_new_tokens"].as_u64().unwrap() as usize;
         let kv = KvBudget { bytes: 1 << 30, max_sequences: 2 };

@@ -6,7 +6,7 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{linear_no_bias, rms_norm, RmsNorm, VarBuilder};
 
 use super::config::PerceiverConfig;
-use crate::par::ParLinear;
+use crate::linear::ParLinear;
 
 /// `down_proj(silu(gate_proj(x)) * up_proj(x))`, no biases.
 struct SwiGlu {

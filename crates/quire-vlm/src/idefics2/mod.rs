@@ -12,15 +12,15 @@ pub mod config;
 pub mod connector;
 pub mod processor;
 
-use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
 use crate::checkpoint::Checkpoint;
+use crate::error::{bail, Context};
 use crate::engine::{load_weights, pick_prefix, Decoder, PromptMaker};
+use crate::family::{FamilyModel, FamilyProcessor, PreparedInput};
 use crate::frames::{pad_frames, PatchRule, Tile};
-use crate::generation::GenerationConfig;
 use crate::siglip::VisionModel;
-use crate::Request;
+use crate::Result;
 use config::Idefics2Config;
 use connector::Connector;
 use processor::ImageProcessorConfig;
@@ -46,23 +46,49 @@ pub struct Idefics2Processor {
     prompts: PromptMaker,
 }
 
-impl Idefics2Processor {
-    /// The chat-templated prompt for one user turn with the image first, then `text`.
-    pub fn render_prompt(&self, text: &str) -> Result<String> {
+impl PreparedInput for Prepared {
+    fn input_ids(&self) -> &[u32] {
+        &self.input_ids
+    }
+
+    fn pixel_bytes(&self) -> usize {
+        self.frames.iter().map(|t| t.data.len() * 4).sum()
+    }
+
+    fn into_any(self) -> crate::Prepared {
+        crate::Prepared::Idefics2(self)
+    }
+
+    fn from_any(p: &crate::Prepared) -> Option<&Self> {
+        match p {
+            crate::Prepared::Idefics2(p) => Some(p),
+            _ => None,
+        }
+    }
+}
+
+impl FamilyProcessor for Idefics2Processor {
+    type Prepared = Prepared;
+
+    fn render_prompt(&self, text: &str) -> Result<String> {
         self.prompts.render(text, |t| format!("User:<image>{t}<end_of_utterance>\nAssistant:"))
     }
 
-    /// Processor output for one request: frames, expanded prompt and token ids.
-    pub fn prepare(&self, image: &image::DynamicImage, text: &str) -> Result<Prepared> {
+    /// Frames, expanded prompt and token ids.
+    fn prepare(&self, image: &image::DynamicImage, text: &str) -> Result<Prepared> {
         let frames = self.image.process(image)?;
         let templ = self.render_prompt(text)?;
         let n_images = templ.matches(processor::IMAGE_TOKEN).count();
         if n_images != 1 {
-            bail!("the prompt has {n_images} <image> tokens for one image");
+            bail!(Processor, "the prompt has {n_images} <image> tokens for one image");
         }
         let prompt = processor::expand_prompt(&templ, self.image_seq_len, frames.len());
         let input_ids = self.prompts.tokenizer.encode(&prompt)?;
         Ok(Prepared { prompt, input_ids, frames })
+    }
+
+    fn into_any(self) -> crate::Processor {
+        crate::Processor::Idefics2(self)
     }
 }
 
@@ -88,6 +114,7 @@ impl Idefics2 {
             .unwrap_or(config.perceiver.n_latents);
         if image_seq_len != config.perceiver.n_latents {
             bail!(
+                Checkpoint,
                 "{}: the processor's image_seq_len ({image_seq_len}) differs from perceiver_config.resampler_n_latents ({})",
                 ck.dir.display(),
                 config.perceiver.n_latents
@@ -107,30 +134,21 @@ impl Idefics2 {
             Idefics2Processor { image: image_processor.clone(), image_seq_len, prompts: decoder.prompt_maker() };
         Ok(Idefics2 { config, image_processor, image_seq_len, processor, vision, connector, decoder })
     }
+}
 
-    /// The host-side processing, to run on other threads.
-    pub fn processor(&self) -> Idefics2Processor {
-        self.processor.clone()
+impl FamilyModel for Idefics2 {
+    type Processor = Idefics2Processor;
+
+    fn processing(&self) -> &Idefics2Processor {
+        &self.processor
     }
 
-    /// The chat-templated prompt for one user turn with the image first, then `text`.
-    pub fn render_prompt(&self, text: &str) -> Result<String> {
-        self.processor.render_prompt(text)
+    fn decoder(&self) -> &Decoder {
+        &self.decoder
     }
 
-    /// Processor output for one request: frames, expanded prompt and token ids.
-    pub fn prepare(&self, image: &image::DynamicImage, text: &str) -> Result<Prepared> {
-        self.processor.prepare(image, text)
-    }
-
-    /// [`Self::prepare`] for every request, spread over the CPU cores.
-    pub fn prepare_all(&self, reqs: &[Request]) -> Result<Vec<Prepared>> {
-        crate::engine::par_map(reqs, |r| self.prepare(&r.image, &r.prompt))
-    }
-
-    /// The checkpoint's generation settings as applied by [`crate::Vlm::generate`].
-    pub fn generation_config(&self) -> &GenerationConfig {
-        self.decoder.generation_config()
+    fn decoder_mut(&mut self) -> &mut Decoder {
+        &mut self.decoder
     }
 
     /// Image features (frames × image_seq_len rows, text hidden) for each prepared request.
@@ -144,7 +162,7 @@ impl Idefics2 {
             let size = chunk.iter().fold((0, 0), |(h, w), t| (h.max(t.height), w.max(t.width)));
             let (px, valid) = pad_frames(chunk, p, PatchRule::AllPixels, size, &self.decoder.device, self.decoder.dtype)?;
             if let Some(t) = chunk.iter().find(|t| t.height < p || t.width < p) {
-                bail!("a {}x{} frame is smaller than one {p}x{p} patch", t.width, t.height);
+                bail!(Processor, "a {}x{} frame is smaller than one {p}x{p} patch", t.width, t.height);
             }
             let h = self.vision.forward(&px, &valid)?;
             feats.push(self.connector.forward(&h, &valid, size.1 / p)?);
@@ -159,28 +177,5 @@ impl Idefics2 {
             start += n;
         }
         Ok(out)
-    }
-
-    /// Prompt token ids and image features of each request, the images of all of them
-    /// through the vision encoder together: what [`Decoder::admit`] takes.
-    pub fn encode(&self, reqs: &[Request]) -> Result<Vec<(Vec<u32>, Tensor)>> {
-        let preps = self.prepare_all(reqs)?;
-        self.encode_prepared(&preps.iter().collect::<Vec<_>>())
-    }
-
-    /// [`Self::encode`] of requests prepared already (by [`Idefics2Processor::prepare`]).
-    pub fn encode_prepared(&self, preps: &[&Prepared]) -> Result<Vec<(Vec<u32>, Tensor)>> {
-        let feats = self.image_features(preps)?;
-        Ok(preps.iter().map(|p| p.input_ids.clone()).zip(feats).collect())
-    }
-
-    pub fn decoder_mut(&mut self) -> &mut Decoder {
-        &mut self.decoder
-    }
-
-    /// First-step logits (f32, vocab) for each request; used by the parity tests.
-    pub fn prefill_logits(&mut self, reqs: &[Request]) -> Result<Vec<Vec<f32>>> {
-        let (ids, feats): (Vec<_>, Vec<_>) = self.encode(reqs)?.into_iter().unzip();
-        self.decoder.prefill_logits(&ids, &feats)
     }
 }

@@ -9,7 +9,8 @@
 //! `<fake_token_around_image>` + `image_seq_len` × `<image>` + `<fake_token_around_image>`
 //! (five times with splitting), with adjacent fake tokens collapsed into one.
 
-use anyhow::{bail, Result};
+use crate::error::bail;
+use crate::Result;
 use image::{DynamicImage, RgbImage};
 use serde_json::Value;
 
@@ -51,6 +52,7 @@ impl ImageProcessorConfig {
                 }
                 (_, _, Some(height), Some(width)) if height > 0 && width > 0 => Size::Exact { height, width },
                 _ => bail!(
+                    Processor,
                     "image processor size {s} is not supported: Idefics2 needs shortest_edge and longest_edge, or height and width"
                 ),
             },
@@ -82,7 +84,7 @@ impl ImageProcessorConfig {
         if self.do_image_splitting {
             let (mw, mh) = (w / 2, h / 2);
             if mw == 0 || mh == 0 {
-                bail!("a {w}x{h} image is too small to split into quarters");
+                bail!(Processor, "a {w}x{h} image is too small to split into quarters");
             }
             for (x, y, cw, ch) in [(0, 0, mw, mh), (mw, 0, w - mw, mh), (0, mh, mw, h - mh), (mw, mh, w - mw, h - mh)] {
                 frames.push(image::imageops::crop_imm(&img, x, y, cw, ch).to_image());

@@ -6,13 +6,13 @@ use candle_nn::{linear_no_bias, VarBuilder};
 /// `model.connector`: pixel shuffle by `scale_factor`, then `modality_projection.proj`.
 pub struct Connector {
     /// On CPU f32 split over the pool by output features (few rows per tile, wide input).
-    proj: crate::par::ParLinear,
+    proj: crate::linear::ParLinear,
     scale_factor: usize,
 }
 
 impl Connector {
     pub fn new(vision_hidden: usize, text_hidden: usize, scale_factor: usize, vb: VarBuilder) -> Result<Self> {
-        let proj = crate::par::ParLinear::new(linear_no_bias(
+        let proj = crate::linear::ParLinear::new(linear_no_bias(
             vision_hidden * scale_factor * scale_factor,
             text_hidden,
             vb.pp("modality_projection.proj"),
@@ -25,7 +25,7 @@ impl Connector {
         let s = self.scale_factor;
         let (b, seq, d) = x.dims3()?;
         let side = (seq as f64).sqrt() as usize;
-        if side * side != seq || side % s != 0 {
+        if side * side != seq || !side.is_multiple_of(s) {
             candle_core::bail!("pixel shuffle needs a square patch grid divisible by {s}, got {seq} patches");
         }
         let x = x.reshape((b, side, side / s, d * s))?;

@@ -11,16 +11,16 @@ pub mod config;
 pub mod connector;
 pub mod processor;
 
-use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 
 use crate::checkpoint::Checkpoint;
+use crate::error::Context;
 use crate::engine::{load_weights, pick_prefix, Decoder, PromptMaker};
+use crate::family::{FamilyModel, FamilyProcessor, PreparedInput};
 use crate::frames::{pad_frames, PatchRule};
-use crate::generation::GenerationConfig;
 use crate::prompt::TextTokenizer;
 use crate::siglip::VisionModel;
-use crate::Request;
+use crate::Result;
 use config::Idefics3Config;
 use connector::Connector;
 use processor::{ImageProcessorConfig, ProcessedImage};
@@ -45,19 +45,45 @@ pub struct Idefics3Processor {
     prompts: PromptMaker,
 }
 
-impl Idefics3Processor {
-    /// The chat-templated prompt for one user turn with the image first, then `text`.
-    pub fn render_prompt(&self, text: &str) -> Result<String> {
+impl PreparedInput for Prepared {
+    fn input_ids(&self) -> &[u32] {
+        &self.input_ids
+    }
+
+    fn pixel_bytes(&self) -> usize {
+        self.image.tiles.iter().map(|t| t.data.len() * 4).sum()
+    }
+
+    fn into_any(self) -> crate::Prepared {
+        crate::Prepared::Idefics3(self)
+    }
+
+    fn from_any(p: &crate::Prepared) -> Option<&Self> {
+        match p {
+            crate::Prepared::Idefics3(p) => Some(p),
+            _ => None,
+        }
+    }
+}
+
+impl FamilyProcessor for Idefics3Processor {
+    type Prepared = Prepared;
+
+    fn render_prompt(&self, text: &str) -> Result<String> {
         self.prompts.render(text, |t| format!("<|im_start|>User:<image>{t}<end_of_utterance>\nAssistant:"))
     }
 
-    /// Processor output for one request: tiles, expanded prompt and token ids.
-    pub fn prepare(&self, image: &image::DynamicImage, text: &str) -> Result<Prepared> {
+    /// Tiles, expanded prompt and token ids.
+    fn prepare(&self, image: &image::DynamicImage, text: &str) -> Result<Prepared> {
         let img = self.image.process(image)?;
         let templ = self.render_prompt(text)?;
         let prompt = processor::expand_prompt(&templ, &[(img.rows, img.cols)], self.image_seq_len)?;
         let input_ids = self.prompts.tokenizer.encode(&prompt)?;
         Ok(Prepared { prompt, input_ids, image: img })
+    }
+
+    fn into_any(self) -> crate::Processor {
+        crate::Processor::Idefics3(self)
     }
 }
 
@@ -100,34 +126,24 @@ impl Idefics3 {
         Ok(Idefics3 { config, image_processor, image_seq_len, processor, vision, connector, decoder })
     }
 
-    /// The host-side processing, to run on other threads.
-    pub fn processor(&self) -> Idefics3Processor {
-        self.processor.clone()
-    }
-
-    /// The chat-templated prompt for one user turn with the image first, then `text`.
-    pub fn render_prompt(&self, text: &str) -> Result<String> {
-        self.processor.render_prompt(text)
-    }
-
-    /// Processor output for one request: tiles, expanded prompt and token ids.
-    pub fn prepare(&self, image: &image::DynamicImage, text: &str) -> Result<Prepared> {
-        self.processor.prepare(image, text)
-    }
-
-    /// [`Self::prepare`] for every request, spread over the CPU cores (resizing and tiling
-    /// large pages is CPU work that would otherwise keep the device waiting).
-    pub fn prepare_all(&self, reqs: &[Request]) -> Result<Vec<Prepared>> {
-        crate::engine::par_map(reqs, |r| self.prepare(&r.image, &r.prompt))
-    }
-
     pub fn tokenizer(&self) -> &TextTokenizer {
         &self.decoder.tokenizer
     }
+}
 
-    /// The checkpoint's generation settings as applied by [`crate::Vlm::generate`].
-    pub fn generation_config(&self) -> &GenerationConfig {
-        self.decoder.generation_config()
+impl FamilyModel for Idefics3 {
+    type Processor = Idefics3Processor;
+
+    fn processing(&self) -> &Idefics3Processor {
+        &self.processor
+    }
+
+    fn decoder(&self) -> &Decoder {
+        &self.decoder
+    }
+
+    fn decoder_mut(&mut self) -> &mut Decoder {
+        &mut self.decoder
     }
 
     /// Image features (tiles × image_seq_len rows, text hidden) for each prepared request.
@@ -154,28 +170,5 @@ impl Idefics3 {
             start += n;
         }
         Ok(out)
-    }
-
-    /// Prompt token ids and image features of each request, the images of all of them
-    /// through the vision encoder together: what [`Decoder::admit`] takes.
-    pub fn encode(&self, reqs: &[Request]) -> Result<Vec<(Vec<u32>, Tensor)>> {
-        let preps = self.prepare_all(reqs)?;
-        self.encode_prepared(&preps.iter().collect::<Vec<_>>())
-    }
-
-    /// [`Self::encode`] of requests prepared already (by [`Idefics3Processor::prepare`]).
-    pub fn encode_prepared(&self, preps: &[&Prepared]) -> Result<Vec<(Vec<u32>, Tensor)>> {
-        let feats = self.image_features(preps)?;
-        Ok(preps.iter().map(|p| p.input_ids.clone()).zip(feats).collect())
-    }
-
-    pub fn decoder_mut(&mut self) -> &mut Decoder {
-        &mut self.decoder
-    }
-
-    /// First-step logits (f32, vocab) for each request; used by the parity tests.
-    pub fn prefill_logits(&mut self, reqs: &[Request]) -> Result<Vec<Vec<f32>>> {
-        let (ids, feats): (Vec<_>, Vec<_>) = self.encode(reqs)?.into_iter().unzip();
-        self.decoder.prefill_logits(&ids, &feats)
     }
 }

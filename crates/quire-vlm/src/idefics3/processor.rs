@@ -7,7 +7,8 @@
 //! tile → rescale → normalize. The prompt's `<image>` is then replaced by the tile markers
 //! and `image_seq_len` `<image>` tokens per tile.
 
-use anyhow::{bail, Result};
+use crate::error::bail;
+use crate::Result;
 use image::{DynamicImage, RgbImage};
 use serde_json::Value;
 
@@ -66,7 +67,7 @@ impl ImageProcessorConfig {
                 width: s["width"].as_u64().unwrap_or(1456) as usize,
             },
             None | Some(Value::Null) => Size::LongestEdge(4 * 364),
-            Some(other) => bail!("unsupported image processor size {other}"),
+            Some(other) => bail!(Processor, "unsupported image processor size {other}"),
         };
         let max_image_size = v
             .get("max_image_size")
@@ -240,7 +241,7 @@ pub fn image_prompt(rows: usize, cols: usize, image_seq_len: usize) -> String {
 pub fn expand_prompt(text: &str, grids: &[(usize, usize)], image_seq_len: usize) -> Result<String> {
     let parts: Vec<&str> = text.split("<image>").collect();
     if parts.len() - 1 != grids.len() {
-        bail!("prompt has {} <image> tokens but {} images were given", parts.len() - 1, grids.len());
+        bail!(Processor, "prompt has {} <image> tokens but {} images were given", parts.len() - 1, grids.len());
     }
     let mut out = String::from(parts[0]);
     for (part, &(r, c)) in parts[1..].iter().zip(grids) {
