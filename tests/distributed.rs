@@ -1053,7 +1053,7 @@ fn archives_and_image_groups_through_workers_give_the_rows_of_quire_run() {
     // Four shards and the zip as whole objects (nothing downloaded), the three loose images
     // in groups that end after a name whose hash says so (the last one with the listing).
     let loose_rels = ["loose/gray.png", "loose/multipage.tif", "loose/photo.jpg"];
-    let groups = loose_rels.iter().enumerate().filter(|(i, r)| *i == 2 || quire_pipeline::plan::is_group_boundary(r, 2)).count() as u64;
+    let groups = loose_rels.iter().enumerate().filter(|(i, r)| *i == 2 || quire_pipeline::stage::plan::is_group_boundary(r, 2)).count() as u64;
     assert_eq!((submitted["documents"].as_u64(), submitted["published"].as_u64()), (Some(8), Some(5 + groups)), "{submitted}");
     let (dist, splits, manifest) = rt.block_on(async {
         let mut recs = Vec::new();

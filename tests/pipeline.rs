@@ -640,7 +640,7 @@ impl quire_pipeline::Generator for FixedDocTags {
 fn run_fixed_doctags(inputs: &Path, out: &Path, job: &str, tokenizer: &str) {
     let ck = tempfile::tempdir().unwrap();
     std::fs::write(ck.path().join("tokenizer.json"), tokenizer).unwrap();
-    let doctags = quire_pipeline::doctags::has_doctags_vocabulary(ck.path());
+    let doctags = quire_pipeline::stage::doctags::has_doctags_vocabulary(ck.path());
     let model = quire_pipeline::InferenceHandle::start(Box::new(FixedDocTags { doctags }), Default::default());
     let mut settings = quire_core::JobSettings::new(job);
     settings.model = Some("test/fixed-doctags".into());
@@ -656,7 +656,7 @@ fn run_fixed_doctags(inputs: &Path, out: &Path, job: &str, tokenizer: &str) {
         retry_failed: false,
         prune: false,
         queue: quire_queue::QueueOptions::default(),
-        ctx: quire_pipeline::process::ProcessContext {
+        ctx: quire_pipeline::stage::process::ProcessContext {
             pdf: quire_render::PdfRenderer::start(1).expect("pdfium (QUIRE_PDFIUM)"),
             model: Some(model),
             model_long_side: Some(512),
@@ -1163,7 +1163,7 @@ fn loose_images_are_grouped_into_tasks_with_a_record_per_file() {
     // Five readable images in groups that end after a name whose hash says so (about 2 each,
     // the last group ends with the listing), the PDF's one task, the bomb's own one.
     let images = ["pics/gray.png", "pics/multipage.tif", "pics/photo.jpg", "pics/rgba.png", "pics/sub/image.webp"];
-    let groups = images.iter().enumerate().filter(|(i, r)| *i == 4 || quire_pipeline::plan::is_group_boundary(r, 2)).count();
+    let groups = images.iter().enumerate().filter(|(i, r)| *i == 4 || quire_pipeline::stage::plan::is_group_boundary(r, 2)).count();
     let tasks = groups + 2;
     assert_eq!(std::fs::read_dir(out.join("g/results")).unwrap().count(), tasks);
     for name in ["photo.jpg", "gray.png", "rgba.png", "image.webp"] {
@@ -1660,7 +1660,7 @@ fn retry_failed_redoes_the_pages_an_earlier_run_failed_and_nothing_else() {
             retry_failed,
             prune: false,
             queue: quire_queue::QueueOptions::default(),
-            ctx: quire_pipeline::process::ProcessContext {
+            ctx: quire_pipeline::stage::process::ProcessContext {
                 pdf: quire_render::PdfRenderer::start(1).expect("pdfium (QUIRE_PDFIUM)"),
                 model: Some(quire_pipeline::InferenceHandle::start(Box::new(Flaky { down }), Default::default())),
                 model_long_side: Some(512),

@@ -6,9 +6,8 @@
 //! A decoded task then goes through what a worker derives from it before touching storage:
 //! its output keys (`job_prefix`, `results_key`, `markdown_key`) must stay below the job's
 //! prefix with no empty, `.` or `..` component, no backslash and no control character. With
-//! `--features vet` (builds quire-pipeline with `distributed`: aws-sdk-s3, async-nats, candle,
-//! arrow) it also goes through `vet_task` and `lies_under`, the checks a distributed worker
-//! applies to a task before running it.
+//! the default feature `nats` it also goes through `TaskSpec::vet` and `lies_under`, the checks
+//! a distributed worker applies to a task before running it.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -62,25 +61,25 @@ fn check_task(task: &TaskSpec) {
         // with_suffix fits every component in NAME_MAX (255) bytes.
         assert!(below.split('/').all(|p| p.len() <= 255), "markdown_key {md:?} has a component over 255 bytes");
     }
-    #[cfg(feature = "vet")]
+    #[cfg(feature = "nats")]
     vet(task);
 }
 
-#[cfg(feature = "vet")]
+#[cfg(feature = "nats")]
 fn vet(task: &TaskSpec) {
-    use quire_pipeline::distributed::{lies_under, vet_task};
+    use quire_core::lies_under;
     use quire_queue::progress::JobMeta;
-    assert!(vet_task(task, None).is_err(), "a task of an unregistered job was accepted");
+    assert!(task.vet(None).is_err(), "a task of an unregistered job was accepted");
     // The job registered with the task's own input as its only input.
     let mut meta = JobMeta { settings: task.settings.clone(), documents: 1, planning_done: true, inputs: vec![task.source.uri.clone()] };
-    if let Ok(()) = vet_task(task, Some(&meta)) {
+    if let Ok(()) = task.vet(Some(meta.scope())) {
         for uri in std::iter::once(&task.source.uri).chain(task.members.iter().map(|m| &m.uri)) {
             assert!(!uri.split(['/', '\\']).any(|p| p == ".."), "accepted {uri:?} with a '..' component");
         }
     }
     // Another output: always refused.
     meta.settings.out = Some(format!("{}-elsewhere", task.settings.out.as_deref().unwrap_or("")));
-    assert!(vet_task(task, Some(&meta)).is_err(), "a task writing outside its job's output was accepted");
+    assert!(task.vet(Some(meta.scope())).is_err(), "a task writing outside its job's output was accepted");
     // lies_under on the task's own strings, both ways.
     for (uri, input) in [(&task.source.uri, &task.source.rel), (&task.source.rel, &task.source.uri)] {
         if lies_under(uri, input) {

@@ -20,6 +20,7 @@ pub use record::{
     ObjectChange, ObjectEntry, ObjectStatus, ObjectTask, Record, RunEntry, Throughput, Timings,
 };
 pub use settings::{
+    lies_under, JobScope,
     ArchiveResume, DatasetFormat, Engine, JobSettings, Limits, RenderSize, SourceRef, TaskKind, TaskSpec, UnitKind, DEFAULT_IMAGES_PER_TASK,
     DEFAULT_LONG_SIDE, DEFAULT_MAX_ARCHIVE_MEMBERS, DEFAULT_MAX_ZIP_RATIO, MAX_RENDER_DPI,
 };

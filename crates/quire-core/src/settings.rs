@@ -339,6 +339,31 @@ fn finite_f32<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f32, D::Error> {
 pub const MAX_RENDER_DPI: f32 = 2400.0;
 
 impl TaskSpec {
+    /// Why this task, received from the queue, must not be run, if it must not: [`check`](Self::check)
+    /// fails, its job is not registered by a coordinator (`scope` is `None`), or its input or
+    /// output is not the job's. Anyone who can publish to the task subjects could otherwise
+    /// make workers read and write wherever their credentials reach.
+    pub fn vet(&self, scope: Option<JobScope<'_>>) -> Result<(), String> {
+        let job = &self.settings.job;
+        self.check()?;
+        let Some(scope) = scope else {
+            return Err(format!("job {job:?} is not registered by a coordinator (no entry in the quire-jobs bucket)"));
+        };
+        if self.settings.out.as_deref() != scope.out {
+            return Err(format!(
+                "the task's output {:?} is not its job's output {:?}",
+                self.settings.out.as_deref().unwrap_or(""),
+                scope.out.unwrap_or("")
+            ));
+        }
+        for uri in std::iter::once(&self.source.uri).chain(self.members.iter().map(|m| &m.uri)) {
+            if !scope.inputs.iter().any(|i| lies_under(uri, i)) {
+                return Err(format!("the task's input {uri:?} is not below any of its job's inputs {:?}", scope.inputs));
+            }
+        }
+        Ok(())
+    }
+
     /// Pages or frames the task covers (0 for a document not yet opened).
     pub fn units(&self) -> u32 {
         if self.unit == UnitKind::Document {
@@ -386,9 +411,95 @@ impl TaskSpec {
     }
 }
 
+/// What a registered job's tasks may touch: its output and its inputs as the coordinator was
+/// given them ([`TaskSpec::vet`]).
+#[derive(Debug, Clone, Copy)]
+pub struct JobScope<'a> {
+    pub out: Option<&'a str>,
+    pub inputs: &'a [String],
+}
+
+/// Whether `uri` names `input` itself or something below it, without `..` climbing out. A
+/// brace pattern (`shard-{000..009}.tar`) admits what lies below the text before its brace.
+pub fn lies_under(uri: &str, input: &str) -> bool {
+    if uri.split(['/', '\\']).any(|part| part == "..") || uri.contains('\0') {
+        return false;
+    }
+    if uri == input {
+        return true;
+    }
+    let root = match input.find('{') {
+        Some(i) => &input[..i],
+        None => input,
+    };
+    if root.is_empty() {
+        return false;
+    }
+    if root != input || root.ends_with('/') {
+        return uri.starts_with(root);
+    }
+    uri.strip_prefix(root).is_some_and(|rest| rest.starts_with('/'))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn task(job: &str, uri: &str, out: &str) -> TaskSpec {
+        let mut settings = JobSettings::new(job);
+        settings.out = Some(out.into());
+        TaskSpec {
+            task_id: "0".repeat(32),
+            settings,
+            source: SourceRef { uri: uri.into(), rel: String::new(), size: 1, version: String::new() },
+            unit: UnitKind::Document,
+            first: 1,
+            last: 1,
+            unit_count: 0,
+            check_stored: false,
+            submission: None,
+            members: Vec::new(),
+            resume: None,
+            reuse: Default::default(),
+        }
+    }
+
+    fn scope_of(inputs: &[&str]) -> Vec<String> {
+        inputs.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn inputs_admit_what_lies_below_them_and_nothing_else() {
+        assert!(lies_under("s3://b/in/a.pdf", "s3://b/in"));
+        assert!(lies_under("s3://b/in/a.pdf", "s3://b/in/"));
+        assert!(lies_under("scans/x/y.pdf", "scans"));
+        assert!(lies_under("one.pdf", "one.pdf"));
+        assert!(lies_under("s3://b/laion/000003.tar", "s3://b/laion/{000000..000009}.tar"));
+        assert!(!lies_under("s3://b/inside/a.pdf", "s3://b/in"), "a sibling prefix is not below");
+        assert!(!lies_under("s3://b/in/../secret/a.pdf", "s3://b/in"));
+        assert!(!lies_under("scans/../../etc/passwd", "scans"));
+        assert!(!lies_under("s3://other/in/a.pdf", "s3://b/in"));
+        assert!(!lies_under("anything", "{a,b}"), "a pattern with nothing before its brace admits nothing");
+    }
+
+    #[test]
+    fn forged_tasks_are_told_apart_from_the_jobs_own() {
+        let inputs = scope_of(&["s3://b/in"]);
+        let m = JobScope { out: Some("s3://b/out"), inputs: &inputs };
+        assert_eq!(task("j", "s3://b/in/a.pdf", "s3://b/out").vet(Some(m)), Ok(()));
+        let e = task("j", "s3://b/in/a.pdf", "s3://evil/out").vet(Some(m)).unwrap_err();
+        assert!(e.contains("output") && e.contains("s3://evil/out"), "{e}");
+        let e = task("j", "s3://b/private/key.pem", "s3://b/out").vet(Some(m)).unwrap_err();
+        assert!(e.contains("input") && e.contains("private/key.pem"), "{e}");
+        let mut group = task("j", "s3://b/in", "s3://b/out");
+        group.members = vec![SourceRef { uri: "s3://b/in/x.png".into(), rel: String::new(), size: 1, version: String::new() }];
+        assert_eq!(group.vet(Some(m)), Ok(()));
+        group.members.push(SourceRef { uri: "s3://b/other/y.png".into(), rel: String::new(), size: 1, version: String::new() });
+        let e = group.vet(Some(m)).unwrap_err();
+        assert!(e.contains("other/y.png"), "a group's every image is checked: {e}");
+        let e = task("nobody", "s3://b/in/a.pdf", "s3://b/out").vet(None).unwrap_err();
+        assert!(e.contains("not registered"), "{e}");
+    }
 
     fn seed(name: &str) -> Vec<u8> {
         let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/seeds/task_messages").join(name);

@@ -2,13 +2,31 @@
 //! in-process queue. Inputs and the output are local folders or `s3://` prefixes, reached
 //! through the same store, listing and download code as the distributed mode's.
 
-use crate::finish::{finish_outputs, JobOutcome, PlannedTask};
-use crate::runs::{begin_run, close_run, object_task, planned, CloseRun, JobState, RunBook};
-use crate::plan::{examine, Examined, ImageGroups, Planner};
-use crate::process::ProcessContext;
+use crate::sink::finish::finish_outputs;
+use crate::sink::finish::JobOutcome;
+use crate::sink::finish::PlannedTask;
+use crate::coordinator::runs::begin_run;
+use crate::coordinator::runs::close_run;
+use crate::coordinator::runs::object_task;
+use crate::coordinator::runs::planned;
+use crate::coordinator::runs::CloseRun;
+use crate::coordinator::runs::JobState;
+use crate::coordinator::runs::RunBook;
+use crate::stage::plan::examine;
+use crate::stage::plan::Examined;
+use crate::stage::plan::ImageGroups;
+use crate::stage::plan::Planner;
+use crate::stage::process::ProcessContext;
 use crate::progress::Progress;
-use crate::distributed::{is_s3, open_store, scratch_dir, spawn_listing, S3Fetch};
-use crate::worker::{Fetch, LocalFetch, OneStore, Worker};
+use crate::sink::store::is_s3;
+use crate::sink::store::open_store;
+use crate::source::s3::scratch_dir;
+use crate::source::s3::spawn_listing;
+use crate::source::s3::S3Fetch;
+use crate::source::Fetch;
+use crate::source::LocalFetch;
+use crate::worker::stores::OneStore;
+use crate::worker::Worker;
 use quire_core::{results_key, JobSettings, Manifest, ObjectStatus, UnitKind};
 use std::collections::HashSet;
 use quire_queue::memory::MemoryQueue;
@@ -25,7 +43,7 @@ pub struct RunOptions {
     /// The output: a folder or `s3://bucket/prefix`.
     pub out: String,
     /// How `s3://` inputs and outputs are reached.
-    pub access: crate::distributed::S3Access,
+    pub access: crate::source::s3::S3Access,
     /// Disk space for downloaded `s3://` inputs kept between planning (which opens new objects)
     /// and work, in bytes.
     pub download_cache_bytes: u64,
@@ -307,7 +325,7 @@ pub async fn run_embedded(opts: RunOptions, progress: Arc<Progress>) -> anyhow::
             dead: &dead,
             tasks_skipped: skipped,
             started_at,
-            pages_this_run: crate::finish::PagesThisRun::Counted(pages_this_run),
+            pages_this_run: crate::sink::finish::PagesThisRun::Counted(pages_this_run),
             known_records: None,
             price_per_hour: opts.price_per_hour,
             fresh: Some(&|id: &str| published.contains(id)),

@@ -1,7 +1,8 @@
 //! Prometheus metrics of a worker, and a tiny HTTP server for `/metrics`,
 //! `/healthz` and `/readyz`.
 
-use crate::worker::{TaskEnd, TaskObserver};
+use crate::worker::observe::TaskEnd;
+use crate::worker::observe::TaskObserver;
 use prometheus::{
     Counter, Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -568,7 +569,7 @@ mod tests {
             size: 1,
             version: "1".into(),
         };
-        let task = crate::split::document_task(&quire_core::JobSettings::new("j"), "f", &src);
+        let task = crate::stage::split::document_task(&quire_core::JobSettings::new("j"), "f", &src);
         m.set_max_deliver(3);
         m.ended(&task, TaskEnd::Retried, &[], Duration::ZERO, 2).await;
         assert_eq!(m.tasks_given_up.get(), 0);

@@ -39,6 +39,13 @@ pub struct JobMeta {
     pub inputs: Vec<String>,
 }
 
+impl JobMeta {
+    /// What the job's tasks may read and write, for [`TaskSpec::vet`](quire_core::TaskSpec::vet).
+    pub fn scope(&self) -> quire_core::JobScope<'_> {
+        quire_core::JobScope { out: self.settings.out.as_deref(), inputs: &self.inputs }
+    }
+}
+
 /// How a task ended (its latest delivery).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

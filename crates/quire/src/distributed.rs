@@ -6,13 +6,14 @@ use crate::exit;
 use crate::run::{check_job_name, settings};
 use anyhow::Context as _;
 use quire_core::{Engine, TaskSpec};
-use quire_pipeline::distributed::{
-    connect_queue, fetch_model, is_s3, job_status, open_store, scratch_dir, submit,
-    wait_and_finish, CoordinatorOptions, S3Access, S3Fetch, StoreCache,
-};
+use quire_pipeline::coordinator::{connect_queue, job_status, submit, wait_and_finish, CoordinatorOptions};
+use quire_pipeline::sink::store::{is_s3, open_store};
+use quire_pipeline::source::s3::{fetch_model, scratch_dir, S3Access, S3Fetch};
+use quire_pipeline::worker::stores::StoreCache;
 use quire_pipeline::metrics::{self, Metrics};
-use quire_pipeline::process::ProcessContext;
-use quire_pipeline::worker::{Admit, TaskObserver, Worker};
+use quire_pipeline::stage::process::ProcessContext;
+use quire_pipeline::worker::observe::TaskObserver;
+use quire_pipeline::worker::{Admit, Worker};
 use quire_pipeline::Progress;
 use quire_queue::progress::{JobMeta, JobProgress};
 use quire_queue::runlease::{Holder, RunLeases};
@@ -237,9 +238,9 @@ fn worker_inner(args: WorkerArgs) -> anyhow::Result<u8> {
                 m.clone()
             };
             let m2 = metrics.clone();
-            let observe: quire_pipeline::infer::BatchObserver = Box::new(move |n| m2.batch_size.observe(n as f64));
+            let observe: quire_pipeline::stage::infer::BatchObserver = Box::new(move |n| m2.batch_size.observe(n as f64));
             let m3 = metrics.clone();
-            let engine: quire_pipeline::infer::EngineObserver = Box::new(move |s| {
+            let engine: quire_pipeline::stage::infer::EngineObserver = Box::new(move |s| {
                 m3.progressed();
                 m3.sequences_in_flight.set(s.in_flight as i64);
                 m3.sequences_waiting.set(s.waiting as i64);
@@ -468,7 +469,7 @@ pub fn status(args: StatusArgs) -> u8 {
                 Ok(st) => Ok(st),
                 // The output store is down: say so, with what the queue still knows.
                 Err(e) if e.chain().any(|c| c.downcast_ref::<quire_store::StoreError>().is_some_and(|s| s.is_transient())) => {
-                    let mut st = quire_pipeline::distributed::JobStatus { job: args.job.clone(), ..Default::default() };
+                    let mut st = quire_pipeline::coordinator::JobStatus { job: args.job.clone(), ..Default::default() };
                     st.store_error = Some(format!("{e:#}"));
                     if let Some(q) = &queue {
                         st.queued = q.pending(&args.job).await.ok();

@@ -1,8 +1,8 @@
 //! Resolving and loading `--model`.
 
 use crate::cli::{BatchingArg, DtypeArg, ModelOpts, OnLoopArg};
-use quire_pipeline::infer::{BatchObserver, BatchOptions, EngineObserver};
-use quire_pipeline::vlm::{EngineOptions, VlmGenerator};
+use quire_pipeline::stage::infer::{BatchObserver, BatchOptions, EngineObserver};
+use quire_pipeline::stage::vlm::{EngineOptions, VlmGenerator};
 use quire_pipeline::InferenceHandle;
 use std::time::Instant;
 

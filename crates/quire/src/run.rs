@@ -4,8 +4,9 @@ use crate::cli::{DatasetArg, EngineArg, JobOpts, RunArgs, TaskArg};
 use crate::exit;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use quire_core::{DatasetFormat, Engine, JobSettings, Limits, RenderSize, TaskKind};
-use quire_pipeline::distributed::{fetch_model, is_s3};
-use quire_pipeline::process::ProcessContext;
+use quire_pipeline::sink::store::is_s3;
+use quire_pipeline::source::s3::fetch_model;
+use quire_pipeline::stage::process::ProcessContext;
 use quire_pipeline::{run_embedded, Progress, RunOptions};
 use quire_queue::QueueOptions;
 use std::io::IsTerminal;
@@ -55,7 +56,7 @@ pub fn settings(args: &JobOpts) -> JobSettings {
     // machine runs the model (the coordinator does not load it).
     s.max_new_tokens = args
         .max_new_tokens
-        .map_or(quire_pipeline::vlm::MODEL_DEFAULT_MAX_NEW_TOKENS, |n| n as usize);
+        .map_or(quire_pipeline::stage::vlm::MODEL_DEFAULT_MAX_NEW_TOKENS, |n| n as usize);
     s.pages_per_task = args.pages_per_task;
     s.images_per_task = args.images_per_task;
     s.render = match (args.render_long_side, args.render_dpi) {

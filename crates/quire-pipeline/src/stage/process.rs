@@ -6,14 +6,16 @@
 //! them. Only transient trouble (I/O) comes back as [`TaskFailure`], for the
 //! worker to retry the task later.
 
-use crate::infer::{GenRequest, InferenceHandle};
-use crate::route::usable_text;
+use crate::stage::infer::GenRequest;
+use crate::stage::infer::InferenceHandle;
+use crate::stage::route::usable_text;
 use quire_core::{
     Engine, ErrorInfo, ErrorKind, FinishReason, JobSettings, Record, SourceRef, TaskSpec, Timings, UnitKind,
 };
 use quire_render::{self as render, PdfRenderer, RenderError, RenderOptions};
 use quire_store::archive::{self, ArchiveLimits, Entry};
 use std::path::{Path, PathBuf};
+use crate::error::TaskFailure;
 
 /// What the worker needs to process tasks.
 #[derive(Clone)]
@@ -25,9 +27,6 @@ pub struct ProcessContext {
     pub model_long_side: Option<u32>,
 }
 
-/// The task could not be finished now; try again later.
-#[derive(Debug)]
-pub struct TaskFailure(pub String);
 
 pub fn error_kind(k: render::ErrorKind) -> ErrorKind {
     use render::ErrorKind as R;
@@ -379,7 +378,7 @@ fn to_record(task: &TaskSpec, s: &JobSettings, page_count: u32, u: Unit, ctx: &P
             r.model = model_name;
             r.prompt = Some(prompt);
             if ctx.model.as_ref().is_some_and(|m| m.emits_doctags()) {
-                if let Some((markdown, blocks)) = crate::doctags::transform(&text, r.width, r.height) {
+                if let Some((markdown, blocks)) = crate::stage::doctags::transform(&text, r.width, r.height) {
                     r.markdown = Some(markdown);
                     r.blocks = Some(blocks);
                 }
@@ -547,7 +546,7 @@ fn decode_loose(path: &Path, uri: &str, limits: &quire_core::Limits) -> Result<V
 }
 
 /// One member of an image group, fetched and decoded.
-async fn load_member(m: &SourceRef, fetch: &dyn crate::worker::Fetch, limits: quire_core::Limits) -> Result<Vec<Unit>, TaskFailure> {
+async fn load_member(m: &SourceRef, fetch: &dyn crate::source::Fetch, limits: quire_core::Limits) -> Result<Vec<Unit>, TaskFailure> {
     let f = fetch.fetch(m).await?;
     let (path, uri) = (f.path.clone(), m.uri.clone());
     let units = blocking(move || decode_loose(&path, &uri, &limits)).await?;
@@ -557,7 +556,7 @@ async fn load_member(m: &SourceRef, fetch: &dyn crate::worker::Fetch, limits: qu
 
 /// An image-group task: each member fetched (a few at a time) and decoded, frames of a
 /// multi-frame TIFF one record each, records in member order.
-pub async fn process_images(task: &TaskSpec, fetch: &dyn crate::worker::Fetch, ctx: &ProcessContext) -> Result<Vec<Record>, TaskFailure> {
+pub async fn process_images(task: &TaskSpec, fetch: &dyn crate::source::Fetch, ctx: &ProcessContext) -> Result<Vec<Record>, TaskFailure> {
     use futures_util::StreamExt;
     const FETCH_AHEAD: usize = 8;
     let limits = task.settings.limits;

@@ -1,6 +1,10 @@
 //! The Idefics-family models of `quire-vlm` as a pipeline [`Generator`].
 
-use crate::infer::{EngineStats, GenOutput, GenRequest, Generator, Stepper};
+use crate::stage::infer::EngineStats;
+use crate::stage::infer::GenOutput;
+use crate::stage::infer::GenRequest;
+use crate::stage::infer::Generator;
+use crate::stage::infer::Stepper;
 use anyhow::{bail, Context};
 use quire_core::{FinishReason, TaskKind};
 use quire_vlm::batcher::{Batcher, BatcherOptions};
@@ -74,9 +78,9 @@ fn available_memory_bytes() -> Option<u64> {
 pub fn parse_device(s: &str) -> anyhow::Result<quire_vlm::Device> {
     match s {
         "cpu" => Ok(quire_vlm::Device::Cpu),
-        "cuda" => LoadOptions::cuda(0),
+        "cuda" => Ok(LoadOptions::cuda(0)?),
         _ => match s.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
-            Some(n) => LoadOptions::cuda(n),
+            Some(n) => Ok(LoadOptions::cuda(n)?),
             None => bail!("unknown device {s:?}; use cpu, cuda or cuda:N"),
         },
     }
@@ -101,7 +105,7 @@ impl VlmGenerator {
         };
         let ck = quire_vlm::Checkpoint::open(dir)?;
         let long_side = ck.image_processor.pointer("/size/longest_edge").and_then(|v| v.as_u64()).map(|v| v as u32);
-        let doctags = crate::doctags::has_doctags_vocabulary(dir);
+        let doctags = crate::stage::doctags::has_doctags_vocabulary(dir);
         if doctags {
             tracing::info!("{spec} writes DocTags: its pages get markdown and layout blocks");
         }

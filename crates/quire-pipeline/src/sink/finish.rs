@@ -1,4 +1,4 @@
-//! Closing a job: per-document Markdown, caption datasets ([`crate::datasets`]) and
+//! Closing a job: per-document Markdown, caption datasets ([`crate::sink::datasets`]) and
 //! `manifest.json`, built from the stored results of every planned task (this run's and
 //! earlier runs').
 //!
@@ -13,6 +13,7 @@ use futures_util::StreamExt;
 use quire_store::BlobStore;
 use std::collections::HashMap;
 use std::time::SystemTime;
+use crate::sink::jsonl::parse_jsonl;
 
 /// What the planner decided for one task; enough to find and order results.
 #[derive(Debug, Clone)]
@@ -133,7 +134,7 @@ fn markdown_files(first: &PlannedTask, records: &[Record], missing: &[(u32, u32)
         let mut i = 0;
         while i < records.len() {
             let n = records[i..].iter().take_while(|r| r.source == records[i].source).count();
-            let rel = crate::plan::member_rel(&first.uri, &first.rel, &records[i].source);
+            let rel = crate::stage::plan::member_rel(&first.uri, &first.rel, &records[i].source);
             out.push((rel, document_markdown(&records[i..i + n], &[])));
             i += n;
         }
@@ -142,13 +143,6 @@ fn markdown_files(first: &PlannedTask, records: &[Record], missing: &[(u32, u32)
     vec![(first.rel.clone(), document_markdown(records, missing))]
 }
 
-pub fn parse_jsonl(bytes: &[u8]) -> anyhow::Result<Vec<Record>> {
-    bytes
-        .split(|b| *b == b'\n')
-        .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
-        .map(|l| Ok(serde_json::from_slice(l)?))
-        .collect()
-}
 
 fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
@@ -236,7 +230,7 @@ pub async fn finish_outputs(store: &dyn BlobStore, o: JobOutcome<'_>) -> anyhow:
         })
         .buffered(READ_AHEAD);
     let mut writes = futures_util::stream::FuturesUnordered::new();
-    let mut datasets = crate::datasets::DatasetSink::new(store, o.settings).await?;
+    let mut datasets = crate::sink::datasets::DatasetSink::new(store, o.settings).await?;
     let mut doc: Option<(&PlannedTask, Vec<Record>, Vec<(u32, u32)>)> = None;
     loop {
         let next = reads.next().await;
@@ -441,9 +435,9 @@ mod tests {
             .iter()
             .map(|(id, a, b)| PlannedTask { task_id: id.to_string(), uri: "in/a.pdf".into(), rel: "a.pdf".into(), first: *a, last: *b, unit: quire_core::UnitKind::Pdf })
             .collect();
-        let t1 = crate::worker::to_jsonl(&[record("t1", 1), record("t1", 2)]);
+        let t1 = crate::sink::jsonl::to_jsonl(&[record("t1", 1), record("t1", 2)]);
         store.put(&results_key("j", "t1"), t1.clone()).await.unwrap();
-        store.put(&results_key("j", "t2"), crate::worker::to_jsonl(&[record("t2", 3)])).await.unwrap();
+        store.put(&results_key("j", "t2"), crate::sink::jsonl::to_jsonl(&[record("t2", 3)])).await.unwrap();
         let known = HashMap::from([("t1".to_string(), t1)]);
         let mut outputs = Vec::new();
         for k in [None, Some(&known)] {
@@ -487,7 +481,7 @@ mod tests {
         looped.error = Some(quire_core::ErrorInfo { kind: quire_core::ErrorKind::Loop, message: "repeated".into() });
         let mut failed = record("t1", 3);
         failed.error = Some(quire_core::ErrorInfo { kind: quire_core::ErrorKind::Model, message: "no".into() });
-        let body = crate::worker::to_jsonl(&[record("t1", 1), looped.clone(), failed]);
+        let body = crate::sink::jsonl::to_jsonl(&[record("t1", 1), looped.clone(), failed]);
         store.put(&results_key("j", "t1"), body).await.unwrap();
         let outcome = JobOutcome {
             settings: &settings,

@@ -8,7 +8,9 @@
 //! queue drops a republished id, so a document split twice (a redelivery
 //! after a crash) does not create work twice.
 
-use crate::plan::{plan_archive_tasks, plan_tasks, Examined};
+use crate::stage::plan::plan_archive_tasks;
+use crate::stage::plan::plan_tasks;
+use crate::stage::plan::Examined;
 use quire_core::{document_task_id, job_prefix, settings_fingerprint, JobSettings, SourceRef, TaskSpec, UnitKind};
 use serde::{Deserialize, Serialize};
 
@@ -75,7 +77,7 @@ pub fn open_document(doc: &TaskSpec, probe: &Result<quire_render::Probe, quire_r
     split_planned(doc, plan_tasks(&doc.settings, &fp, &doc.source, probe))
 }
 
-/// Like [`open_document`] for an object examined by [`crate::plan::examine`]: an archive
+/// Like [`open_document`] for an object examined by [`crate::stage::plan::examine`]: an archive
 /// is split into the member-range tasks `quire run` plans for it.
 pub fn open_examined(doc: &TaskSpec, examined: &Examined) -> Opened {
     match examined {

@@ -3,274 +3,33 @@
 //! nacked with a growing delay and end in the dead-letter path after
 //! `max_deliver` deliveries.
 
-use crate::plan::Examined;
-use crate::process::{process_archive, process_images, process_task, ArchiveSource, ProcessContext, TaskFailure};
+pub mod input;
+pub mod observe;
+pub mod stores;
+
+use crate::stage::process::process_archive;
+use crate::stage::process::process_task;
+use crate::stage::process::ArchiveSource;
+use crate::stage::process::ProcessContext;
+use crate::error::TaskFailure;
 use crate::progress::Progress;
-use crate::split::{open_examined, split_key, Opened};
-use quire_core::{results_key, Record, SourceRef, TaskSpec, UnitKind};
+use crate::stage::split::open_examined;
+use crate::stage::split::split_key;
+use crate::stage::split::Opened;
+use quire_core::{results_key, Record, TaskSpec, UnitKind};
 use quire_queue::{Lease, TaskEvent, TaskQueue};
-use quire_store::archive::{self, ArchiveLimits, ReadSeek, ARCHIVE_SNIFF_LEN};
-use quire_store::{BlobStore, ReadStats};
-use std::path::PathBuf;
+use quire_store::BlobStore;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
-
-/// Makes an input object available as a local file for the renderer.
-#[async_trait::async_trait]
-pub trait Fetch: Send + Sync {
-    /// The local path of `src` (a download for remote objects), and what to
-    /// keep alive while it is used.
-    async fn fetch(&self, src: &SourceRef) -> Result<Fetched, TaskFailure>;
-
-    /// The first `len` bytes of `src` by a ranged read (to tell an archive from the rest),
-    /// `None` when this fetcher reads `src` from a local path (the default).
-    async fn head(&self, _src: &SourceRef, _len: u64) -> Result<Option<Vec<u8>>, TaskFailure> {
-        Ok(None)
-    }
-
-    /// `src` read by ranged requests instead of downloaded (for archives: a task reads only
-    /// what its range needs), `None` when this fetcher has no such reader for it (the
-    /// default: local paths are read where they are).
-    async fn open_ranged(&self, _src: &SourceRef) -> Result<Option<RangedInput>, TaskFailure> {
-        Ok(None)
-    }
-
-    /// Whether a download of `src` is kept for this worker's later tasks, so that the tasks
-    /// of one object pay for one download (the default: nothing is downloaded).
-    fn keeps(&self, _src: &SourceRef) -> bool {
-        false
-    }
-}
-
-/// A fetched input: its path, and the temporary file behind it if any.
-pub struct Fetched {
-    pub path: PathBuf,
-    pub _keep: Option<Box<dyn Send + Sync>>,
-    /// Bytes this call downloaded from the store: 0 for a local path or a download
-    /// already cached.
-    pub downloaded: u64,
-}
-
-/// An input object read by ranged requests.
-pub struct RangedInput {
-    pub reader: Box<dyn ReadSeek>,
-    /// The object's size.
-    pub size: u64,
-    /// The reader's requests, bytes and first error (check it after reading: the archive
-    /// reader takes a failed read for a damaged archive).
-    pub stats: Arc<ReadStats>,
-}
-
-/// After a ranged read of `task`'s object: a store fault met while reading fails the task
-/// (tried again later); else what was fetched is logged.
-fn after_ranged_read(stats: &ReadStats, size: u64, task: &TaskSpec, what: &'static str) -> Result<(), TaskFailure> {
-    if let Some(e) = stats.failure() {
-        return Err(TaskFailure(format!("reading {}: {e}", task.source.uri)));
-    }
-    tracing::info!(
-        task = %task.task_id,
-        source = %task.source.uri,
-        requests = stats.requests(),
-        fetched_bytes = stats.bytes(),
-        object_bytes = size,
-        "{what} by ranged reads: {} requests, {} of {} bytes fetched",
-        stats.requests(),
-        stats.bytes(),
-        size
-    );
-    Ok(())
-}
-
-/// A task's input as the worker holds it.
-enum Input {
-    /// Nothing (an image group: its members are fetched one by one while it runs).
-    None,
-    /// A local file: the input itself or a download of it.
-    Local(Fetched),
-    /// An archive read by ranged requests, not downloaded.
-    Ranged(RangedInput),
-}
-
-/// Opens a task's input: an archive task's, or a whole-document task's whose first bytes
-/// say archive, by ranged reads when the fetcher offers them; any other a local file.
-///
-/// A gzip'd tar is the exception when the fetcher keeps downloads: it cannot be entered in
-/// the middle, so every range of it inflates the shard from its start. Downloaded once and
-/// kept, the split and the later ranges on this worker read the local copy; by ranged reads,
-/// the ranges of one shard would fetch it again and again (about half the shard per task).
-async fn open_input(fetch: &dyn Fetch, task: &TaskSpec) -> Result<Input, TaskFailure> {
-    let src = &task.source;
-    let keeps = fetch.keeps(src);
-    let head = match task.unit {
-        UnitKind::Images => return Ok(Input::None),
-        // A range with a resume point is of a plain tar (the scan found it).
-        UnitKind::Archive if !keeps || task.resume.is_some() => None,
-        UnitKind::Archive | UnitKind::Document => fetch.head(src, ARCHIVE_SNIFF_LEN as u64).await?,
-        _ => None,
-    };
-    let kind = head.as_deref().and_then(archive::sniff_archive);
-    let ranged = match (task.unit, kind) {
-        (UnitKind::Archive | UnitKind::Document, Some(archive::ArchiveKind::TarGz)) if keeps => None,
-        (UnitKind::Archive, _) | (UnitKind::Document, Some(_)) => fetch.open_ranged(src).await?,
-        _ => None,
-    };
-    Ok(match ranged {
-        Some(r) => Input::Ranged(r),
-        None => Input::Local(fetch.fetch(src).await?),
-    })
-}
-
-/// What a whole-document task's object is: an archive read by ranged requests is scanned
-/// through them, a local file examined as `quire run` examines it.
-async fn examine_input(input: &mut Input, task: &TaskSpec, ctx: &ProcessContext) -> Result<Examined, TaskFailure> {
-    let limits = task.settings.limits;
-    match std::mem::replace(input, Input::None) {
-        Input::Ranged(mut r) => {
-            let (reader, scan) = tokio::task::spawn_blocking(move || {
-                let scan = archive::scan_reader(&mut r.reader, &ArchiveLimits::from(&limits));
-                (r, scan)
-            })
-            .await
-            .map_err(|e| TaskFailure(format!("opening the archive: {e}")))?;
-            r = reader;
-            after_ranged_read(&r.stats, r.size, task, "archive scanned")?;
-            *input = Input::Ranged(r);
-            Ok(Examined::Archive(scan))
-        }
-        Input::Local(f) => {
-            let (path, pdf) = (f.path.clone(), ctx.pdf.clone());
-            *input = Input::Local(f);
-            tokio::task::spawn_blocking(move || crate::plan::examine(&path, &limits, &pdf))
-                .await
-                .map_err(|e| TaskFailure(format!("opening the document: {e}")))
-        }
-        Input::None => Err(TaskFailure(format!("{}: a whole-document task without its input", task.source.uri))),
-    }
-}
-
-/// Local inputs are read where they are.
-pub struct LocalFetch;
-
-#[async_trait::async_trait]
-impl Fetch for LocalFetch {
-    async fn fetch(&self, src: &SourceRef) -> Result<Fetched, TaskFailure> {
-        Ok(Fetched { path: PathBuf::from(&src.uri), _keep: None, downloaded: 0 })
-    }
-}
-
-/// A task's view of the worker's [`Fetch`]: what it takes from the store is told to the
-/// observer (`TaskObserver::fetched`). Whole downloads when they happen; ranged reads of an
-/// object once its reader is dropped, the reader's whole count at once.
-struct Counted<'a> {
-    inner: &'a dyn Fetch,
-    observer: Option<Arc<dyn TaskObserver>>,
-}
-
-#[async_trait::async_trait]
-impl Fetch for Counted<'_> {
-    async fn fetch(&self, src: &SourceRef) -> Result<Fetched, TaskFailure> {
-        let f = self.inner.fetch(src).await?;
-        if let (Some(o), true) = (&self.observer, f.downloaded > 0) {
-            o.fetched("download", 1, f.downloaded);
-        }
-        Ok(f)
-    }
-
-    async fn head(&self, src: &SourceRef, len: u64) -> Result<Option<Vec<u8>>, TaskFailure> {
-        let head = self.inner.head(src, len).await?;
-        if let (Some(o), Some(h)) = (&self.observer, &head) {
-            o.fetched("ranged", 1, h.len() as u64);
-        }
-        Ok(head)
-    }
-
-    fn keeps(&self, src: &SourceRef) -> bool {
-        self.inner.keeps(src)
-    }
-
-    async fn open_ranged(&self, src: &SourceRef) -> Result<Option<RangedInput>, TaskFailure> {
-        let Some(mut r) = self.inner.open_ranged(src).await? else { return Ok(None) };
-        if let Some(o) = &self.observer {
-            r.reader = Box::new(ReportedReader { inner: r.reader, stats: r.stats.clone(), observer: o.clone() });
-        }
-        Ok(Some(r))
-    }
-}
-
-/// A ranged reader that tells its requests and bytes to the observer when dropped.
-struct ReportedReader {
-    inner: Box<dyn ReadSeek>,
-    stats: Arc<ReadStats>,
-    observer: Arc<dyn TaskObserver>,
-}
-
-impl std::io::Read for ReportedReader {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.inner.read(buf)
-    }
-}
-
-impl std::io::Seek for ReportedReader {
-    fn seek(&mut self, pos: std::io::SeekFrom) -> std::io::Result<u64> {
-        self.inner.seek(pos)
-    }
-}
-
-impl Drop for ReportedReader {
-    fn drop(&mut self) {
-        self.observer.fetched("ranged", self.stats.requests(), self.stats.bytes());
-    }
-}
-
-/// Where a task's records are stored.
-#[async_trait::async_trait]
-pub trait ResultStores: Send + Sync {
-    async fn store_for(&self, task: &TaskSpec) -> Result<Arc<dyn BlobStore>, TaskFailure>;
-
-    /// Whether the task may be run at all, e.g. not a message that names an input or output
-    /// its job does not have.
-    async fn vet(&self, _task: &TaskSpec) -> Vetting {
-        Vetting::Run
-    }
-}
-
-/// What [`ResultStores::vet`] decided.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Vetting {
-    Run,
-    /// Cannot tell now (e.g. the registry is unreachable): handed back for later.
-    HandBack(String),
-    /// Never to be run: given up at once (a dead letter with this reason).
-    Reject(String),
-}
-
-/// Every task's records go to the same store (`quire run`).
-pub struct OneStore(pub Arc<dyn BlobStore>);
-
-#[async_trait::async_trait]
-impl ResultStores for OneStore {
-    async fn store_for(&self, _task: &TaskSpec) -> Result<Arc<dyn BlobStore>, TaskFailure> {
-        Ok(self.0.clone())
-    }
-}
-
-/// How a task went, for metrics and progress records.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TaskEnd {
-    /// Records stored and acked.
-    Stored,
-    /// Failed this delivery; nacked for a later one.
-    Retried,
-    /// Not taken (e.g. it needs another model); handed back.
-    Refused,
-    /// Interrupted by a shutdown; handed back.
-    Interrupted,
-    /// A whole-document task whose page-range tasks were published.
-    Split,
-    /// Failed the checks on its origin (see [`ResultStores::vet`]); given up at once.
-    Rejected,
-}
+use crate::source::Fetch;
+use crate::source::RangedInput;
+use crate::sink::jsonl::to_jsonl;
+use crate::worker::stores::ResultStores;
+use crate::worker::stores::Vetting;
+use crate::stage::reuse::process_images_reusing;
+use crate::worker::observe::{TaskEnd, TaskObserver};
+use crate::worker::input::{after_ranged_read, examine_input, open_input, Counted, Input};
 
 /// What a finished task produced.
 enum Done {
@@ -279,19 +38,6 @@ enum Done {
     Records(Vec<Record>, UnitKind),
     /// Page-range tasks published for a document.
     Split,
-}
-
-/// Told about each task a worker finishes; all methods default to nothing.
-#[async_trait::async_trait]
-pub trait TaskObserver: Send + Sync {
-    async fn started(&self, _task: &TaskSpec) {}
-    /// `records` is empty unless `end` is [`TaskEnd::Stored`].
-    async fn ended(&self, _task: &TaskSpec, _end: TaskEnd, _records: &[Record], _elapsed: Duration, _delivery: u32) {}
-    /// Seconds spent fetching, processing and storing one task.
-    fn stage(&self, _stage: &'static str, _seconds: f64) {}
-    /// Input read from the store: `how` is `download` (whole objects) or `ranged` (ranged
-    /// reads of archives, and the first bytes read to tell an archive).
-    fn fetched(&self, _how: &'static str, _requests: u64, _bytes: u64) {}
 }
 
 /// Whether this worker can run a task (`Err` names why not: the task is
@@ -325,62 +71,6 @@ enum Turn<'a> {
 /// so that a coordinator following the job need not read them back.
 pub const EVENT_RECORDS_MAX: usize = 256 * 1024;
 
-/// Serialises records as JSON lines, in page order.
-pub fn to_jsonl(records: &[Record]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for r in records {
-        serde_json::to_writer(&mut out, r).expect("records serialise");
-        out.push(b'\n');
-    }
-    out
-}
-
-/// Processes a group of loose images, taking over the records of members that an earlier
-/// group of the same job made and that are unchanged since ([`TaskSpec::reuse`]): only the
-/// other members are fetched and given to the model. A taken-over record keeps the `task_id`
-/// of the task that made it (so a run's counts, device time and cost are its own work only);
-/// the results file it now sits in names this task. A member whose earlier records cannot be
-/// read (moved, pruned, unreadable) is made again.
-pub async fn process_images_reusing(store: &dyn BlobStore, task: &TaskSpec, fetch: &dyn Fetch, ctx: &ProcessContext) -> Result<Vec<Record>, TaskFailure> {
-    let members: std::collections::HashSet<&str> = task.members.iter().map(|m| m.uri.as_str()).collect();
-    let is_id = |id: &str| id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit());
-    let mut earlier: std::collections::BTreeSet<&str> = std::collections::BTreeSet::new();
-    for (uri, id) in &task.reuse {
-        if members.contains(uri.as_str()) && is_id(id) {
-            earlier.insert(id.as_str());
-        }
-    }
-    let mut taken: std::collections::HashMap<String, Vec<Record>> = std::collections::HashMap::new();
-    for id in earlier {
-        let key = results_key(&task.settings.job, id);
-        let Ok(Some(bytes)) = store.get(&key).await else { continue };
-        let Ok(records) = crate::finish::parse_jsonl(&bytes) else { continue };
-        for r in records {
-            if task.reuse.get(&r.source).is_some_and(|want| want == id) && !r.failed() {
-                taken.entry(r.source.clone()).or_default().push(r);
-            }
-        }
-    }
-    if taken.is_empty() {
-        return process_images(task, fetch, ctx).await;
-    }
-    let rest = TaskSpec { members: task.members.iter().filter(|m| !taken.contains_key(&m.uri)).cloned().collect(), ..task.clone() };
-    let mut made: std::collections::HashMap<String, Vec<Record>> = std::collections::HashMap::new();
-    if !rest.members.is_empty() {
-        for r in process_images(&rest, fetch, ctx).await? {
-            made.entry(r.source.clone()).or_default().push(r);
-        }
-    }
-    tracing::info!(task = %task.task_id, reused = taken.len(), made = rest.members.len(), "image group re-formed: records of unchanged images taken over");
-    let mut out = Vec::new();
-    for m in &task.members {
-        if let Some(rs) = taken.remove(&m.uri).or_else(|| made.remove(&m.uri)) {
-            out.extend(rs);
-        }
-    }
-    Ok(out)
-}
-
 /// Delay before the n-th redelivery: 1 s, 2 s, 4 s … capped at one minute.
 pub fn backoff(delivery: u32) -> Duration {
     Duration::from_secs(1u64 << delivery.saturating_sub(1).min(6)).min(Duration::from_secs(60))
@@ -396,7 +86,7 @@ impl Worker {
         &self,
         store: &Arc<dyn BlobStore>,
         doc: &TaskSpec,
-        split: &crate::split::Split,
+        split: &crate::stage::split::Split,
         parts: &[TaskSpec],
     ) -> Result<(), TaskFailure> {
         let job = &parts[0].settings.job;
@@ -681,6 +371,11 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use quire_core::SourceRef;
+    use crate::source::Fetched;
+    use crate::source::LocalFetch;
+    use crate::worker::stores::OneStore;
+    use std::path::PathBuf;
     use quire_core::{JobSettings, UnitKind};
     use quire_queue::memory::MemoryQueue;
     use quire_queue::QueueOptions;
@@ -734,7 +429,7 @@ mod tests {
             let uri = dir.join(name).to_string_lossy().into_owned();
             let size = std::fs::metadata(&uri).unwrap().len();
             let src = SourceRef { uri, rel: name.into(), size, version: "1".into() };
-            TaskSpec { unit, first: 2, last: 3, resume, ..crate::split::document_task(&JobSettings::new("j"), "f", &src) }
+            TaskSpec { unit, first: 2, last: 3, resume, ..crate::stage::split::document_task(&JobSettings::new("j"), "f", &src) }
         };
         let resume = Some(quire_core::ArchiveResume { offset: 1536, duplicates: Vec::new() });
         for (keeps, name, unit, resume, want, local) in [
@@ -801,22 +496,22 @@ mod tests {
             SourceRef { uri: p.to_string_lossy().into(), rel: name.into(), size: std::fs::metadata(&p).unwrap().len(), version: "1".into() }
         };
         let queue = MemoryQueue::new(QueueOptions { ack_wait: Duration::from_secs(60), max_deliver: 3 });
-        let big = crate::split::document_task(&s, &fp, &src("born_digital.pdf")); // 3 pages
-        let small = crate::split::document_task(&s, &fp, &src("image.png"));
+        let big = crate::stage::split::document_task(&s, &fp, &src("born_digital.pdf")); // 3 pages
+        let small = crate::stage::split::document_task(&s, &fp, &src("image.png"));
         queue.publish(&big).await.unwrap();
         queue.publish(&small).await.unwrap();
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn BlobStore> = Arc::new(LocalStore::new(dir.path()));
         run_until_drained(&queue, &store, pdf).await;
         // The 3-page PDF: a split record and the two tasks quire run plans.
-        let split: crate::split::Split =
+        let split: crate::stage::split::Split =
             serde_json::from_slice(&store.get(&split_key("j", &big.task_id)).await.unwrap().expect("split stored")).unwrap();
-        let planned = crate::plan::plan_tasks(&s, &fp, &big.source, &Ok(quire_render::Probe { kind: quire_render::InputKind::Pdf, unit_count: 3, bytes: 0 }));
+        let planned = crate::stage::plan::plan_tasks(&s, &fp, &big.source, &Ok(quire_render::Probe { kind: quire_render::InputKind::Pdf, unit_count: 3, bytes: 0 }));
         assert_eq!(split.parts.iter().map(|p| p.task_id.clone()).collect::<Vec<_>>(), planned.iter().map(|t| t.task_id.clone()).collect::<Vec<_>>());
         let mut pages = Vec::new();
         for p in &split.parts {
             let body = store.get(&results_key("j", &p.task_id)).await.unwrap().expect("part results");
-            for r in crate::finish::parse_jsonl(&body).unwrap() {
+            for r in crate::sink::jsonl::parse_jsonl(&body).unwrap() {
                 assert_eq!((r.task_id.as_str(), r.page_count), (p.task_id.as_str(), 3));
                 pages.push(r.page);
             }
@@ -825,7 +520,7 @@ mod tests {
         assert!(!store.exists(&results_key("j", &big.task_id)).await.unwrap());
         // The image fits one task: run whole, results under the document id.
         let body = store.get(&results_key("j", &small.task_id)).await.unwrap().expect("whole results");
-        let recs = crate::finish::parse_jsonl(&body).unwrap();
+        let recs = crate::sink::jsonl::parse_jsonl(&body).unwrap();
         assert_eq!((recs.len(), recs[0].task_id.as_str()), (1, small.task_id.as_str()));
         assert!(!store.exists(&split_key("j", &small.task_id)).await.unwrap());
     }
@@ -846,9 +541,9 @@ mod tests {
             s.pages_per_task = 2;
             s.engine = quire_core::Engine::TextLayer;
             let fp = quire_core::settings_fingerprint(&s);
-            let mut doc = crate::split::document_task(&s, &fp, &src);
+            let mut doc = crate::stage::split::document_task(&s, &fp, &src);
             doc.check_stored = check_stored;
-            let parts = crate::plan::plan_tasks(&s, &fp, &src, &Ok(quire_render::Probe { kind: quire_render::InputKind::Pdf, unit_count: 3, bytes: 0 }));
+            let parts = crate::stage::plan::plan_tasks(&s, &fp, &src, &Ok(quire_render::Probe { kind: quire_render::InputKind::Pdf, unit_count: 3, bytes: 0 }));
             store.put(&results_key(job, &parts[0].task_id), b"stored earlier\n".to_vec()).await.unwrap();
             if split_before {
                 store.put(&split_key(job, &doc.task_id), b"{}".to_vec()).await.unwrap();
@@ -860,7 +555,7 @@ mod tests {
             let looked = check_stored || split_before;
             assert_eq!(first == b"stored earlier\n", looked, "{job}: pages 1-2 {}", if looked { "kept" } else { "run (a fresh job looks nothing up)" });
             let last = store.get(&results_key(job, &parts[1].task_id)).await.unwrap().expect("page 3 ran");
-            assert_eq!(crate::finish::parse_jsonl(&last).unwrap()[0].page, 3, "{job}");
+            assert_eq!(crate::sink::jsonl::parse_jsonl(&last).unwrap()[0].page, 3, "{job}");
         }
     }
 

@@ -11,7 +11,9 @@
 //! own manifest (`JOB/runs/RUN/manifest.json`) says what it found and did, and the job
 //! manifest is written last.
 
-use crate::finish::{process_cpu_seconds, FinishReport, PlannedTask};
+use crate::sink::finish::process_cpu_seconds;
+use crate::sink::finish::FinishReport;
+use crate::sink::finish::PlannedTask;
 use quire_core::{
     job_prefix, manifest_key, results_key, run_manifest_key, run_started_key, settings_fingerprint, superseded_prefix, DeadLetter, Manifest,
     ObjectChange, ObjectEntry, ObjectStatus, ObjectTask, RunEntry, SourceRef, TaskSpec, Throughput,

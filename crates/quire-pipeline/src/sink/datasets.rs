@@ -2,7 +2,7 @@
 //! become `JOB/parquet/<archive path>.parquet` (and `JOB/webdataset/<archive path>` when
 //! asked), the records of each task of loose images `JOB/parquet/images-TASK_ID.parquet`.
 //!
-//! [`DatasetSink`] is fed by [`crate::finish::finish_job`] as it reads the result files in
+//! [`DatasetSink`] is fed by [`crate::sink::finish::finish_job`] as it reads the result files in
 //! plan order: [`DatasetSink::task`] for each task, [`DatasetSink::document`] when the
 //! tasks of one input object are all read. It says which files to write and whether the
 //! object still needs its Markdown (PDFs do; images whose records went into a dataset do
@@ -12,7 +12,7 @@
 //! a rerun writes only files whose digest changed or that are gone, and a file is always
 //! made from all of its records, so rows are never duplicated.
 
-use crate::finish::PlannedTask;
+use crate::sink::finish::PlannedTask;
 use quire_core::{
     images_parquet_key, manifest_key, parquet_key, webdataset_key, ArchiveCounts, DatasetFile, DatasetFormat,
     JobSettings, Manifest, Record, UnitKind,
@@ -276,7 +276,7 @@ impl<'p> DatasetSink<'p> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::finish::{finish_job, JobOutcome, PagesThisRun};
+    use crate::sink::finish::{finish_job, JobOutcome, PagesThisRun};
     use arrow_array::{Array, StringArray};
     use quire_core::{markdown_key, results_key, ErrorInfo, ErrorKind, FinishReason, Timings};
     use quire_store::local::LocalStore;
@@ -359,7 +359,7 @@ mod tests {
     }
 
     async fn store_results(store: &dyn BlobStore, task: &str, records: &[Record]) {
-        store.put(&results_key("j", task), crate::worker::to_jsonl(records)).await.unwrap();
+        store.put(&results_key("j", task), crate::sink::jsonl::to_jsonl(records)).await.unwrap();
     }
 
     async fn finish(store: &dyn BlobStore, settings: &JobSettings, plan: &[PlannedTask]) -> Manifest {
@@ -594,7 +594,7 @@ mod tests {
             (shard1, "j/parquet/shard-000001.zip.parquet", "j/webdataset/shard-000001.zip.tar"),
         ] {
             let expected = dir.path().join("expected.jsonl");
-            std::fs::write(&expected, crate::worker::to_jsonl(&records)).unwrap();
+            std::fs::write(&expected, crate::sink::jsonl::to_jsonl(&records)).unwrap();
             let o = std::process::Command::new(&python)
                 .arg(&script)
                 .arg(&expected)

@@ -41,7 +41,7 @@ pub trait Generator: Send {
     fn default_prompt(&self, task: TaskKind) -> String;
     /// Generates for every request; the output has one entry per request, in order.
     fn generate(&mut self, reqs: &[GenRequest]) -> anyhow::Result<Vec<GenOutput>>;
-    /// Whether the model writes DocTags (see [`crate::doctags`]); its pages then get
+    /// Whether the model writes DocTags (see [`crate::stage::doctags`]); its pages then get
     /// `markdown` and `blocks` in their records.
     fn emits_doctags(&self) -> bool {
         false
