@@ -48,6 +48,11 @@ if [ -f "$marker" ] && [ "$(cat "$marker")" != "$root" ]; then
 fi
 mkdir -p "$target" && printf '%s\n' "$root" >"$marker"
 cargo test --workspace "$@"
+# Lints: the workspace's [workspace.lints] and clippy's defaults, every warning an error.
+if ! cargo clippy --version >/dev/null 2>&1; then
+  rustup component add clippy
+fi
+cargo clippy --workspace --all-targets -- -D warnings
 # Then deploy/ and helm/quire/: linters, chart checks, and the CPU image built
 # around the binary cargo test just built, run with buildah (QUIRE_DEPLOY_CHECKS=0 skips them).
 if [ "${QUIRE_DEPLOY_CHECKS:-1}" != 0 ]; then

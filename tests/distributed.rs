@@ -891,20 +891,7 @@ fn forged_task_messages_are_dead_lettered_and_secrets_stay_out_of_every_output()
             let mut settings = quire_core::JobSettings::new(job);
             settings.engine = quire_core::Engine::TextLayer;
             settings.out = Some(out.into());
-            quire_core::TaskSpec {
-                task_id: id.to_string().repeat(32),
-                settings,
-                source: quire_core::SourceRef { uri: uri.into(), rel: "x.pdf".into(), size: 4286, version: "etag:".into() },
-                unit: quire_core::UnitKind::Document,
-                first: 1,
-                last: 1,
-                unit_count: 0,
-                check_stored: false,
-                submission: None,
-                members: Vec::new(),
-                resume: None,
-                reuse: Default::default(),
-            }
+            quire_core::TaskSpec::new(id.to_string().repeat(32), settings, quire_core::SourceRef { uri: uri.into(), rel: "x.pdf".into(), size: 4286, version: "etag:".into() }, quire_core::UnitKind::Document, (1, 1), 0)
         };
         let evil_out = format!("s3://{bucket}/evil");
         for t in [

@@ -1433,7 +1433,9 @@ fn a_standing_job_over_a_growing_folder_redoes_only_the_groups_that_changed() {
 
     // One change at a time, each followed by a run of its own.
     let t0 = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
-    let steps: Vec<(&str, Box<dyn Fn(&mut BTreeSet<String>)>, [u64; 3])> = vec![
+    // A change, what it does to the expected names, and the run's new/changed/removed counts.
+    type Step<'a> = (&'a str, Box<dyn Fn(&mut BTreeSet<String>) + 'a>, [u64; 3]);
+    let steps: Vec<Step> = vec![
         ("added first", Box::new(|n: &mut BTreeSet<String>| {
             std::fs::copy(doc("rgba.png"), input.join("a-first.png")).unwrap();
             n.insert("a-first.png".into());

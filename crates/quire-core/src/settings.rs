@@ -209,7 +209,7 @@ impl JobSettings {
             max_new_tokens: 1024,
             pages_per_task: 16,
             images_per_task: DEFAULT_IMAGES_PER_TASK,
-            render: RenderSize::LongSide(1536),
+            render: RenderSize::LongSide(DEFAULT_LONG_SIDE),
             limits: Limits::default(),
             text_min_chars: 32,
             datasets: Vec::new(),
@@ -339,6 +339,25 @@ fn finite_f32<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f32, D::Error> {
 pub const MAX_RENDER_DPI: f32 = 2400.0;
 
 impl TaskSpec {
+    /// A task over units `first..=last` of `source` (`unit_count` in the whole object, 0 when
+    /// unknown), with none of the optional parts (members, resume point, reuse, submission).
+    pub fn new(task_id: String, settings: JobSettings, source: SourceRef, unit: UnitKind, (first, last): (u32, u32), unit_count: u32) -> TaskSpec {
+        TaskSpec {
+            task_id,
+            settings,
+            source,
+            unit,
+            first,
+            last,
+            unit_count,
+            check_stored: false,
+            submission: None,
+            members: Vec::new(),
+            resume: None,
+            reuse: Default::default(),
+        }
+    }
+
     /// Why this task, received from the queue, must not be run, if it must not: [`check`](Self::check)
     /// fails, its job is not registered by a coordinator (`scope` is `None`), or its input or
     /// output is not the job's. Anyone who can publish to the task subjects could otherwise
@@ -448,20 +467,7 @@ mod tests {
     fn task(job: &str, uri: &str, out: &str) -> TaskSpec {
         let mut settings = JobSettings::new(job);
         settings.out = Some(out.into());
-        TaskSpec {
-            task_id: "0".repeat(32),
-            settings,
-            source: SourceRef { uri: uri.into(), rel: String::new(), size: 1, version: String::new() },
-            unit: UnitKind::Document,
-            first: 1,
-            last: 1,
-            unit_count: 0,
-            check_stored: false,
-            submission: None,
-            members: Vec::new(),
-            resume: None,
-            reuse: Default::default(),
-        }
+        TaskSpec::new("0".repeat(32), settings, SourceRef { uri: uri.into(), rel: String::new(), size: 1, version: String::new() }, UnitKind::Document, (1, 1), 0)
     }
 
     fn scope_of(inputs: &[&str]) -> Vec<String> {

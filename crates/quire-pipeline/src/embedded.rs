@@ -4,7 +4,7 @@
 
 use crate::sink::finish::finish_outputs;
 use crate::sink::finish::JobOutcome;
-use crate::sink::finish::PlannedTask;
+use crate::stage::plan::PlannedTask;
 use crate::coordinator::runs::begin_run;
 use crate::coordinator::runs::close_run;
 use crate::coordinator::runs::object_task;
@@ -35,7 +35,7 @@ use quire_store::inputs::{ListWarning, Listed};
 use quire_store::{BlobStore, StoreError};
 use tokio::sync::watch;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 use tokio::sync::mpsc;
 
 pub struct RunOptions {
@@ -146,7 +146,6 @@ pub async fn run_embedded(opts: RunOptions, progress: Arc<Progress>) -> anyhow::
     };
     let store: Arc<dyn BlobStore> = guard.clone();
     let queue = MemoryQueue::new(opts.queue);
-    let heartbeat = (opts.queue.ack_wait / 3).max(Duration::from_millis(10));
     let mut workers = Vec::new();
     let gate = Arc::new(tokio::sync::RwLock::new(()));
     for _ in 0..opts.workers.max(1) {
@@ -156,7 +155,6 @@ pub async fn run_embedded(opts: RunOptions, progress: Arc<Progress>) -> anyhow::
             fetch: fetch.clone(),
             ctx: opts.ctx.clone(),
             progress: progress.clone(),
-            heartbeat,
             admit: None,
             observer: None,
             abort: Some(stop_rx.clone()),

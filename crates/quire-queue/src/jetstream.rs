@@ -966,8 +966,8 @@ impl Lease for JetStreamLease {
         self.delivery
     }
 
-    fn lease_time(&self) -> Option<Duration> {
-        Some(self.rules().ack_wait)
+    fn lease_time(&self) -> Duration {
+        self.rules().ack_wait
     }
 
     async fn heartbeat(&self) -> Result<(), QueueError> {
@@ -1161,25 +1161,7 @@ mod tests {
     use std::sync::Mutex;
 
     fn task(job: &str, id: &str) -> TaskSpec {
-        TaskSpec {
-            task_id: id.into(),
-            settings: JobSettings::new(job),
-            source: SourceRef {
-                uri: format!("s3://b/{id}.pdf"),
-                rel: format!("{id}.pdf"),
-                size: 1,
-                version: "etag:x".into(),
-            },
-            unit: UnitKind::Pdf,
-            first: 1,
-            last: 4,
-            unit_count: 4,
-            check_stored: false,
-            submission: None,
-            members: Vec::new(),
-            resume: None,
-            reuse: Default::default(),
-        }
+        TaskSpec::new(id.into(), JobSettings::new(job), SourceRef { uri: format!("s3://b/{id}.pdf"), rel: format!("{id}.pdf"), size: 1, version: "etag:x".into() }, UnitKind::Pdf, (1, 4), 4)
     }
 
     fn opts(server: &NatsServer, ack_ms: u64, max: u32) -> JetStreamOptions {
@@ -1330,7 +1312,7 @@ mod tests {
         worker.publish(&task("j", "a")).await.unwrap();
         tokio::time::sleep(RULES_MAX_AGE + Duration::from_millis(200)).await;
         let lease = pull_within(&worker, Duration::from_secs(10)).await.expect("a task");
-        assert_eq!(lease.lease_time(), Some(Duration::from_secs(2)), "the worker renews by the lease in force");
+        assert_eq!(lease.lease_time(), Duration::from_secs(2), "the worker renews by the lease in force");
         // The last delivery allowed now is the 2nd: a failure on it is a dead letter.
         lease.nack(Duration::ZERO, "first failure").await.unwrap();
         let again = pull_within(&worker, Duration::from_secs(10)).await.expect("redelivered");
@@ -1348,12 +1330,12 @@ mod tests {
         let worker = JetStreamQueue::connect(w).await.unwrap();
         worker.publish(&task("j", "a")).await.unwrap();
         let lease = pull_within(&worker, Duration::from_secs(10)).await.expect("a task");
-        assert_eq!(lease.lease_time(), Some(Duration::from_secs(30)));
+        assert_eq!(lease.lease_time(), Duration::from_secs(30));
         // A coordinator shortens the lease while the task runs: renewing every 10 s
         // would lose it.
         let _coord = JetStreamQueue::connect(opts(&server, 2_000, 3)).await.unwrap();
         lease.heartbeat().await.unwrap();
-        assert_eq!(lease.lease_time(), Some(Duration::from_secs(2)));
+        assert_eq!(lease.lease_time(), Duration::from_secs(2));
     }
 
     #[tokio::test]

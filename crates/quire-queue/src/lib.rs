@@ -73,6 +73,13 @@ pub enum TaskEvent {
     Dead { task_id: String },
 }
 
+/// The one renewal rule for every lease quire holds (task leases and the coordinator's run
+/// lease): renew at a third of the lease time, so that two renewals may fail before it lapses,
+/// and never more often than every 10 ms (tests run leases of tens of milliseconds).
+pub fn renew_every(lease: Duration) -> Duration {
+    (lease / 3).max(Duration::from_millis(10))
+}
+
 #[async_trait]
 pub trait TaskQueue: Send + Sync {
     /// Publish a task; a task id the queue has already seen is dropped.
@@ -89,10 +96,12 @@ pub trait Lease: Send + Sync {
     fn task(&self) -> &TaskSpec;
     /// 1 on the first delivery.
     fn delivery(&self) -> u32;
-    /// How long the lease lives without a heartbeat, when the backend says (it may differ
-    /// from what the worker was started with).
-    fn lease_time(&self) -> Option<Duration> {
-        None
+    /// How long the lease lives without a heartbeat, as the backend has it now (for JetStream
+    /// it may differ from what the worker was started with: the coordinator sets it).
+    fn lease_time(&self) -> Duration;
+    /// How often a holder renews this lease ([`renew_every`] of its time).
+    fn renew_every(&self) -> Duration {
+        renew_every(self.lease_time())
     }
     /// Keep the lease alive for another `ack_wait`.
     async fn heartbeat(&self) -> Result<(), QueueError>;

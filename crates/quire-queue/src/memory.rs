@@ -187,6 +187,10 @@ impl Lease for MemoryLease {
         self.deliveries
     }
 
+    fn lease_time(&self) -> Duration {
+        self.queue.shared.opts.ack_wait
+    }
+
     async fn heartbeat(&self) -> Result<(), QueueError> {
         let mut s = self.queue.shared.state.lock().unwrap();
         let wait = self.queue.shared.opts.ack_wait;
@@ -229,20 +233,7 @@ mod tests {
     use quire_core::{JobSettings, SourceRef, UnitKind};
 
     fn task(id: &str) -> TaskSpec {
-        TaskSpec {
-            task_id: id.into(),
-            settings: JobSettings::new("t"),
-            source: SourceRef { uri: format!("{id}.pdf"), rel: format!("{id}.pdf"), size: 1, version: "1".into() },
-            unit: UnitKind::Pdf,
-            first: 1,
-            last: 1,
-            unit_count: 1,
-            check_stored: false,
-            submission: None,
-            members: Vec::new(),
-            resume: None,
-            reuse: Default::default(),
-        }
+        TaskSpec::new(id.into(), JobSettings::new("t"), SourceRef { uri: format!("{id}.pdf"), rel: format!("{id}.pdf"), size: 1, version: "1".into() }, UnitKind::Pdf, (1, 1), 1)
     }
 
     fn opts(ack_ms: u64, max: u32) -> QueueOptions {

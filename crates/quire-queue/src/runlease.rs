@@ -10,6 +10,7 @@
 //! skip finished work, so the second one of the same run finds the night's work done (or
 //! carries on with what the first left) and closes the run again, instead of racing it.
 
+use crate::renew_every;
 use crate::jetstream::{stream_replicas, subject_token};
 use crate::QueueError;
 use async_nats::jetstream::{self, kv};
@@ -82,11 +83,6 @@ pub struct RunLease {
     renewer: tokio::task::JoinHandle<()>,
     lost: Arc<AtomicBool>,
     revision: Arc<std::sync::Mutex<u64>>,
-}
-
-/// How often a held lease is renewed: a third of its time, as task leases are.
-pub fn renew_every(lease: Duration) -> Duration {
-    (lease / 3).max(Duration::from_millis(100))
 }
 
 impl RunLeases {

@@ -122,7 +122,7 @@ pub struct RenderOptions {
 impl Default for RenderOptions {
     fn default() -> Self {
         RenderOptions {
-            size: RenderSize::LongSide(1536),
+            size: RenderSize::LongSide(quire_core::DEFAULT_LONG_SIDE),
             want_image: true,
             want_text: true,
             limits: Limits::default(),

@@ -317,7 +317,6 @@ fn worker_inner(args: WorkerArgs) -> anyhow::Result<u8> {
                 fetch: fetch.clone(),
                 ctx: ctx.clone(),
                 progress: progress.clone(),
-                heartbeat: (ack_wait / 3).max(Duration::from_millis(100)),
                 admit: Some(admit.clone()),
                 observer: Some(metrics.clone() as Arc<dyn TaskObserver>),
                 abort: Some(abort_rx.clone()),

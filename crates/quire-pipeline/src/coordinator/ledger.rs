@@ -1,6 +1,6 @@
 //! The coordinator's ledger of a run: every planned task and how it stands, fed by task events.
 
-use crate::sink::finish::PlannedTask;
+use crate::stage::plan::PlannedTask;
 use crate::stage::split::Split;
 use quire_core::{
     DeadLetter, UnitKind,

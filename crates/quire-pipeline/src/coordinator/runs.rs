@@ -13,7 +13,7 @@
 
 use crate::sink::finish::process_cpu_seconds;
 use crate::sink::finish::FinishReport;
-use crate::sink::finish::PlannedTask;
+use crate::stage::plan::PlannedTask;
 use quire_core::{
     job_prefix, manifest_key, results_key, run_manifest_key, run_started_key, settings_fingerprint, superseded_prefix, DeadLetter, Manifest,
     ObjectChange, ObjectEntry, ObjectStatus, ObjectTask, RunEntry, SourceRef, TaskSpec, Throughput,

@@ -1,7 +1,7 @@
 //! Planning a run: list the inputs, compare them with what the job already did, publish a
 //! whole-document task per new or changed object and write the plan files.
 
-use crate::sink::finish::PlannedTask;
+use crate::stage::plan::PlannedTask;
 use crate::stage::plan::ImageGroups;
 use crate::stage::plan::Planner;
 use crate::coordinator::runs::begin_run;
@@ -119,7 +119,8 @@ async fn submit_once(o: &CoordinatorOptions, queue: &JetStreamQueue, store: &dyn
     let unfinished = unfinished_runs(store, &job).await?;
     // The manifest knows every task of the closed runs; results from a run that never closed
     // (or of a job with no usable manifest) are found in the store.
-    let look_in_store = !o.force && !(state.knows_objects() && unfinished.is_empty());
+    let manifest_knows = state.knows_objects() && unfinished.is_empty();
+    let look_in_store = !o.force && !manifest_knows;
     if !unfinished.is_empty() {
         tracing::info!(
             "{job}: run(s) {} did not close; looking for their results in the store",

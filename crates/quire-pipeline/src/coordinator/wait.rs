@@ -4,7 +4,7 @@
 use crate::sink::finish::finish_outputs;
 use crate::sink::finish::JobOutcome;
 use crate::sink::finish::PagesThisRun;
-use crate::sink::finish::PlannedTask;
+use crate::stage::plan::PlannedTask;
 use crate::coordinator::runs::close_run;
 use crate::coordinator::runs::object_task;
 use crate::coordinator::runs::CloseRun;

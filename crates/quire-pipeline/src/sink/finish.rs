@@ -14,17 +14,7 @@ use quire_store::BlobStore;
 use std::collections::HashMap;
 use std::time::SystemTime;
 use crate::sink::jsonl::parse_jsonl;
-
-/// What the planner decided for one task; enough to find and order results.
-#[derive(Debug, Clone)]
-pub struct PlannedTask {
-    pub task_id: String,
-    pub uri: String,
-    pub rel: String,
-    pub first: u32,
-    pub last: u32,
-    pub unit: quire_core::UnitKind,
-}
+use crate::stage::plan::PlannedTask;
 
 /// How to tell the pages this run produced from those of earlier runs.
 pub enum PagesThisRun<'a> {
@@ -231,7 +221,9 @@ pub async fn finish_outputs(store: &dyn BlobStore, o: JobOutcome<'_>) -> anyhow:
         .buffered(READ_AHEAD);
     let mut writes = futures_util::stream::FuturesUnordered::new();
     let mut datasets = crate::sink::datasets::DatasetSink::new(store, o.settings).await?;
-    let mut doc: Option<(&PlannedTask, Vec<Record>, Vec<(u32, u32)>)> = None;
+    // The document being read: its first task, its records so far, its missing page ranges.
+    type OpenDoc<'a> = (&'a PlannedTask, Vec<Record>, Vec<(u32, u32)>);
+    let mut doc: Option<OpenDoc> = None;
     loop {
         let next = reads.next().await;
         let new_doc = match (&next, &doc) {

@@ -8,3 +8,5 @@ pub mod datasets;
 pub mod finish;
 pub mod jsonl;
 pub mod store;
+#[cfg(test)]
+mod tests;

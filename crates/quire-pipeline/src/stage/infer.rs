@@ -220,8 +220,9 @@ fn serve_continuous(
     observe: Option<BatchObserver>,
     engine: Option<EngineObserver>,
 ) {
-    let mut waiting: std::collections::HashMap<u64, (oneshot::Sender<Result<(GenOutput, f64), String>>, Instant)> =
-        std::collections::HashMap::new();
+    // Per request in flight: where its answer goes, and when it was sent.
+    type Waiter = (oneshot::Sender<Result<(GenOutput, f64), String>>, Instant);
+    let mut waiting: std::collections::HashMap<u64, Waiter> = std::collections::HashMap::new();
     let mut next_id = 0u64;
     let stepper = model.stepper().expect("checked by the caller");
     loop {

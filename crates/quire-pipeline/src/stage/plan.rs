@@ -29,20 +29,7 @@ pub fn examine(path: &Path, limits: &Limits, pdf: &PdfRenderer) -> Examined {
 /// [`UnitKind::Unreadable`] task (its one error record); one without a single image or
 /// refused member becomes one task over all its samples, whose record says so.
 pub fn plan_archive_tasks(settings: &JobSettings, fingerprint: &str, src: &SourceRef, scan: &Result<Scan, ArchiveError>) -> Vec<TaskSpec> {
-    let make = |unit, first, last, count| TaskSpec {
-        task_id: if unit == UnitKind::Unreadable { task_id(fingerprint, src, 0, 0) } else { task_id(fingerprint, src, first, last) },
-        settings: settings.clone(),
-        source: src.clone(),
-        unit,
-        first,
-        last,
-        unit_count: count,
-        check_stored: false,
-        submission: None,
-        members: Vec::new(),
-        resume: None,
-        reuse: Default::default(),
-    };
+    let make = range_task(settings, fingerprint, src);
     match scan {
         Err(_) => vec![make(UnitKind::Unreadable, 1, 1, 0)],
         Ok(s) if s.images == 0 && s.refused == 0 => vec![make(UnitKind::Archive, 1, s.units.max(1), s.units)],
@@ -59,23 +46,21 @@ pub fn plan_archive_tasks(settings: &JobSettings, fingerprint: &str, src: &Sourc
     }
 }
 
+/// Makes the tasks of one object: `make(unit, first, last, unit_count)`. An unreadable
+/// object's one task must not share its id with page 1 of the same object once it can be
+/// read: it is keyed on range 0..=0.
+fn range_task<'a>(settings: &'a JobSettings, fingerprint: &'a str, src: &'a SourceRef) -> impl Fn(UnitKind, u32, u32, u32) -> TaskSpec + 'a {
+    move |unit, first, last, count| {
+        let id = if unit == UnitKind::Unreadable { task_id(fingerprint, src, 0, 0) } else { task_id(fingerprint, src, first, last) };
+        TaskSpec::new(id, settings.clone(), src.clone(), unit, (first, last), count)
+    }
+}
+
 /// The task for a group of loose images listed below `root`.
 pub fn images_task(settings: &JobSettings, fingerprint: &str, root: &SourceRef, members: Vec<SourceRef>) -> TaskSpec {
     let n = members.len() as u32;
-    TaskSpec {
-        task_id: images_task_id(fingerprint, &members),
-        settings: settings.clone(),
-        source: root.clone(),
-        unit: UnitKind::Images,
-        first: 1,
-        last: n,
-        unit_count: n,
-        check_stored: false,
-        submission: None,
-        members,
-        resume: None,
-        reuse: Default::default(),
-    }
+    let id = images_task_id(fingerprint, &members);
+    TaskSpec { members, ..TaskSpec::new(id, settings.clone(), root.clone(), UnitKind::Images, (1, n), n) }
 }
 
 /// The input root (`input` as given) an image group's members were listed from: its `rel` is
@@ -154,22 +139,7 @@ impl ImageGroups {
 /// record, so that the failure is recorded, counted and skipped on rerun
 /// like any finished work.
 pub fn plan_tasks(settings: &JobSettings, fingerprint: &str, src: &SourceRef, probe: &Result<Probe, RenderError>) -> Vec<TaskSpec> {
-    let make = |unit, first, last, count| TaskSpec {
-        // An unreadable file's one task must not share its id with page 1
-        // of the same file once it can be read: it is keyed on range 0..=0.
-        task_id: if unit == UnitKind::Unreadable { task_id(fingerprint, src, 0, 0) } else { task_id(fingerprint, src, first, last) },
-        settings: settings.clone(),
-        source: src.clone(),
-        unit,
-        first,
-        last,
-        unit_count: count,
-        check_stored: false,
-        submission: None,
-        members: Vec::new(),
-        resume: None,
-        reuse: Default::default(),
-    };
+    let make = range_task(settings, fingerprint, src);
     match probe {
         Err(_) => vec![make(UnitKind::Unreadable, 1, 1, 0)],
         Ok(p) => {
@@ -205,6 +175,17 @@ impl Planner {
     pub fn plan_archive(&self, src: &SourceRef, scan: &Result<Scan, ArchiveError>) -> Vec<TaskSpec> {
         plan_archive_tasks(&self.settings, &self.fingerprint, src, scan)
     }
+}
+
+/// What the planner decided for one task; enough to find and order results.
+#[derive(Debug, Clone)]
+pub struct PlannedTask {
+    pub task_id: String,
+    pub uri: String,
+    pub rel: String,
+    pub first: u32,
+    pub last: u32,
+    pub unit: quire_core::UnitKind,
 }
 
 #[cfg(test)]

@@ -16,20 +16,7 @@ use serde::{Deserialize, Serialize};
 
 /// The task for a whole, unopened object.
 pub fn document_task(settings: &JobSettings, fingerprint: &str, src: &SourceRef) -> TaskSpec {
-    TaskSpec {
-        task_id: document_task_id(fingerprint, src),
-        settings: settings.clone(),
-        source: src.clone(),
-        unit: UnitKind::Document,
-        first: 0,
-        last: 0,
-        unit_count: 0,
-        check_stored: false,
-        submission: None,
-        members: Vec::new(),
-        resume: None,
-        reuse: Default::default(),
-    }
+    TaskSpec::new(document_task_id(fingerprint, src), settings.clone(), src.clone(), UnitKind::Document, (0, 0), 0)
 }
 
 pub fn split_key(job: &str, document_task_id: &str) -> String {
@@ -62,6 +49,7 @@ pub struct Split {
 }
 
 /// What to do with an opened document.
+#[allow(clippy::large_enum_variant)] // one per task, moved once: boxing buys nothing
 pub enum Opened {
     /// It fits one task: run this one (its id is the document task's, so
     /// its results mark the document done).

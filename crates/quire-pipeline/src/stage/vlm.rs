@@ -27,6 +27,7 @@ pub struct VlmGenerator {
 }
 
 /// How the model's requests are batched.
+#[allow(clippy::large_enum_variant)] // one per loaded model
 enum Engine {
     /// Static batches through `Vlm::generate` (the inference thread gathers them).
     Static(Vlm),

@@ -50,8 +50,6 @@ pub struct Worker {
     pub fetch: Arc<dyn Fetch>,
     pub ctx: ProcessContext,
     pub progress: Arc<Progress>,
-    /// How often a running task's lease is renewed.
-    pub heartbeat: Duration,
     pub admit: Option<Admit>,
     pub observer: Option<Arc<dyn TaskObserver>>,
     /// Set to `true` to abandon running tasks (they are nacked at once).
@@ -59,6 +57,16 @@ pub struct Worker {
     /// Shared by the task slots of one process: a task delivered before runs alone (see
     /// [`Worker::run`]). `Default::default()` for a slot of its own.
     pub gate: Arc<tokio::sync::RwLock<()>>,
+}
+
+/// How [`Worker::settle`] ends a lease.
+enum Settle<'a> {
+    /// Acked; the text says what a failed ack means.
+    Ack(&'static str),
+    /// Handed back for a later delivery after the delay, with the reason.
+    Nack(Duration, &'a str),
+    /// Given up for good, with the reason.
+    Term(&'a str),
 }
 
 /// A slot's turn under [`Worker::gate`].
@@ -147,7 +155,7 @@ impl Worker {
     async fn renewing<F: std::future::Future>(&self, lease: &dyn Lease, wait: F) -> F::Output {
         tokio::pin!(wait);
         loop {
-            let every = lease.lease_time().map(|t| (t / 3).max(Duration::from_millis(100))).unwrap_or(self.heartbeat);
+            let every = lease.renew_every();
             tokio::select! {
                 out = &mut wait => return out,
                 _ = tokio::time::sleep(every) => {
@@ -159,6 +167,23 @@ impl Worker {
         }
     }
 
+    /// Settles `lease` as `how` says (logging a failure to reach the queue: the lease then
+    /// lapses and the task comes back) and tells the observer how the task ended; `since` is
+    /// when the task was taken and its delivery.
+    async fn settle(&self, lease: Box<dyn Lease>, how: Settle<'_>, end: TaskEnd, task: &TaskSpec, records: &[Record], since: (Instant, u32)) {
+        let (what, r) = match how {
+            Settle::Ack(what) => (what, lease.ack().await),
+            Settle::Nack(delay, why) => ("nack failed", lease.nack(delay, why).await),
+            Settle::Term(why) => ("giving up the task failed", lease.term(why).await),
+        };
+        if let Err(e) = r {
+            tracing::warn!(task = %task.task_id, "{what}: {e}");
+        }
+        if let Some(o) = &self.observer {
+            o.ended(task, end, records, since.0.elapsed(), since.1).await;
+        }
+    }
+
     async fn handle(&self, lease: Box<dyn Lease>) {
         let task = lease.task().clone();
         let delivery = lease.delivery();
@@ -166,12 +191,7 @@ impl Worker {
         if let Some(admit) = &self.admit {
             if let Err(why) = admit(&task) {
                 tracing::warn!(task = %task.task_id, "handing the task back: {why}");
-                if let Err(e) = lease.nack(backoff(delivery), &why).await {
-                    tracing::warn!(task = %task.task_id, "nack failed: {e}");
-                }
-                if let Some(o) = &self.observer {
-                    o.ended(&task, TaskEnd::Refused, &[], t0.elapsed(), delivery).await;
-                }
+                self.settle(lease, Settle::Nack(backoff(delivery), &why), TaskEnd::Refused, &task, &[], (t0, delivery)).await;
                 return;
             }
         }
@@ -179,22 +199,12 @@ impl Worker {
             Vetting::Run => {}
             Vetting::HandBack(why) => {
                 tracing::warn!(task = %task.task_id, "handing the task back: {why}");
-                if let Err(e) = lease.nack(backoff(delivery), &why).await {
-                    tracing::warn!(task = %task.task_id, "nack failed: {e}");
-                }
-                if let Some(o) = &self.observer {
-                    o.ended(&task, TaskEnd::Refused, &[], t0.elapsed(), delivery).await;
-                }
+                self.settle(lease, Settle::Nack(backoff(delivery), &why), TaskEnd::Refused, &task, &[], (t0, delivery)).await;
                 return;
             }
             Vetting::Reject(why) => {
                 tracing::warn!(task = %task.task_id, job = %task.settings.job, "refusing the task for good: {why}");
-                if let Err(e) = lease.term(&why).await {
-                    tracing::warn!(task = %task.task_id, "giving up the task failed: {e}");
-                }
-                if let Some(o) = &self.observer {
-                    o.ended(&task, TaskEnd::Rejected, &[], t0.elapsed(), delivery).await;
-                }
+                self.settle(lease, Settle::Term(&why), TaskEnd::Rejected, &task, &[], (t0, delivery)).await;
                 return;
             }
         }
@@ -284,8 +294,7 @@ impl Worker {
         // Renewed every third of the lease in force, which the queue may know better than
         // this worker's settings (a coordinator may have changed it since the worker started).
         // The lease may change while the task runs: the period follows it at every beat.
-        let period = |lease: &dyn Lease| lease.lease_time().map(|t| (t / 3).max(Duration::from_millis(100))).unwrap_or(self.heartbeat);
-        let mut every = period(lease.as_ref());
+        let mut every = lease.renew_every();
         let mut beat = tokio::time::interval(every);
         beat.tick().await;
         let mut abort = self.abort.clone();
@@ -306,8 +315,8 @@ impl Worker {
                     if let Err(e) = lease.heartbeat().await {
                         tracing::warn!(task = %task.task_id, "heartbeat failed: {e}");
                     }
-                    if period(lease.as_ref()) != every {
-                        every = period(lease.as_ref());
+                    if lease.renew_every() != every {
+                        every = lease.renew_every();
                         beat = tokio::time::interval(every);
                         beat.tick().await;
                     }
@@ -316,23 +325,15 @@ impl Worker {
         };
         let Some(result) = result else {
             tracing::warn!(task = %task.task_id, "shutting down: handing the unfinished task back");
-            if let Err(e) = lease.nack(Duration::ZERO, "worker shut down before finishing the task").await {
-                tracing::warn!(task = %task.task_id, "nack failed: {e}");
-            }
-            if let Some(o) = &self.observer {
-                o.ended(&task, TaskEnd::Interrupted, &[], t0.elapsed(), delivery).await;
-            }
+            let why = "worker shut down before finishing the task";
+            self.settle(lease, Settle::Nack(Duration::ZERO, why), TaskEnd::Interrupted, &task, &[], (t0, delivery)).await;
             return;
         };
         let p = &self.progress;
         match result {
             Ok(Done::Split) => {
-                if let Err(e) = lease.ack().await {
-                    tracing::warn!(task = %task.task_id, "ack failed (the split is stored; a redelivery will redo it): {e}");
-                }
-                if let Some(o) = &self.observer {
-                    o.ended(&task, TaskEnd::Split, &[], t0.elapsed(), delivery).await;
-                }
+                let how = Settle::Ack("ack failed (the split is stored; a redelivery will redo it)");
+                self.settle(lease, how, TaskEnd::Split, &task, &[], (t0, delivery)).await;
             }
             Ok(Done::Records(records, unit)) => {
                 for r in &records {
@@ -346,23 +347,14 @@ impl Worker {
                     Progress::add(&p.tokens_out, r.tokens_out);
                 }
                 Progress::add(&p.tasks_done, 1);
-                if let Err(e) = lease.ack().await {
-                    tracing::warn!(task = %task.task_id, "ack failed (results are stored; a redelivery will redo them): {e}");
-                }
-                if let Some(o) = &self.observer {
-                    let opened = TaskSpec { unit, ..task.clone() };
-                    o.ended(&opened, TaskEnd::Stored, &records, t0.elapsed(), delivery).await;
-                }
+                let how = Settle::Ack("ack failed (results are stored; a redelivery will redo them)");
+                let opened = TaskSpec { unit, ..task.clone() };
+                self.settle(lease, how, TaskEnd::Stored, &opened, &records, (t0, delivery)).await;
             }
             Err(TaskFailure(msg)) => {
                 tracing::warn!(task = %task.task_id, source = %task.source.uri, delivery, "task failed, will retry: {msg}");
                 Progress::add(&p.tasks_retried, 1);
-                if let Err(e) = lease.nack(backoff(delivery), &msg).await {
-                    tracing::warn!(task = %task.task_id, "nack failed: {e}");
-                }
-                if let Some(o) = &self.observer {
-                    o.ended(&task, TaskEnd::Retried, &[], t0.elapsed(), delivery).await;
-                }
+                self.settle(lease, Settle::Nack(backoff(delivery), &msg), TaskEnd::Retried, &task, &[], (t0, delivery)).await;
             }
         }
     }
@@ -458,7 +450,6 @@ mod tests {
             fetch,
             ctx: ProcessContext { pdf, model: None, model_long_side: None },
             progress: Arc::new(Progress::default()),
-            heartbeat: Duration::from_secs(10),
             admit: None,
             observer: None,
             abort: Some(abort),
@@ -566,20 +557,7 @@ mod tests {
         };
         let queue = MemoryQueue::new(QueueOptions { ack_wait: Duration::from_secs(60), max_deliver: 3 });
         let src = SourceRef { uri: "x.pdf".into(), rel: "x.pdf".into(), size: 1, version: "1".into() };
-        let task = TaskSpec {
-            task_id: "t1".into(),
-            settings: JobSettings::new("j"),
-            source: src,
-            unit: UnitKind::Pdf,
-            first: 1,
-            last: 1,
-            unit_count: 1,
-            check_stored: false,
-            submission: None,
-            members: Vec::new(),
-            resume: None,
-            reuse: Default::default(),
-        };
+        let task = TaskSpec::new("t1".into(), JobSettings::new("j"), src, UnitKind::Pdf, (1, 1), 1);
         queue.publish(&task).await.unwrap();
         let dir = tempfile::tempdir().unwrap();
         let (started_tx, mut started) = tokio::sync::mpsc::channel(1);
