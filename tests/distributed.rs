@@ -5,190 +5,16 @@
 //! Needs libpdfium (`QUIRE_PDFIUM`), nats-server (`QUIRE_NATS_SERVER`, PATH
 //! or ~/.cache/quire-tools) and Garage (`QUIRE_GARAGE`, PATH or
 //! ~/.cache/quire-tools): `eval "$(scripts/install-services.sh)"` installs
-//! both; scripts/test.sh does it all.
+//! both; scripts/test.sh does it all. `quire-test-support` launches them.
 
 use quire_store::s3::{S3Options, S3Store};
 use quire_store::BlobStore;
+use quire_test_support::{free_port, start_garage, start_garage_at, start_nats, start_nats_at, Proc, ACCESS_KEY, SECRET_KEY};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
-
-const ACCESS_KEY: &str = "GKquiretest0123456789abcdef";
-const SECRET_KEY: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// `env` if set, else `name` on PATH, else below ~/.cache/quire-tools.
-fn find_service(env: &str, name: &str, cached: &str) -> PathBuf {
-    if let Some(p) = std::env::var_os(env) {
-        return PathBuf::from(p);
-    }
-    let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).map(|d| d.join(name)).collect())
-        .unwrap_or_default();
-    if let Some(home) = std::env::var_os("HOME") {
-        candidates.push(PathBuf::from(home).join(".cache/quire-tools").join(cached));
-    }
-    candidates.into_iter().find(|p| p.is_file()).unwrap_or_else(|| {
-        panic!("{name} not found ({env} unset, none on PATH or in ~/.cache/quire-tools): install it with `eval \"$(scripts/install-services.sh)\"`")
-    })
-}
-
-/// A child process killed when dropped, with its output in a log file.
-struct Proc {
-    name: String,
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(name: &str, cmd: &mut Command, dir: &Path) -> Proc {
-        let log = dir.join(format!("{name}.log"));
-        let f = std::fs::File::create(&log).unwrap();
-        let child = cmd
-            .stdout(Stdio::from(f.try_clone().unwrap()))
-            .stderr(Stdio::from(f))
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
-        Proc {
-            name: name.into(),
-            child: Some(child),
-            log,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().unwrap().id()
-    }
-
-    fn wait_for(&mut self, limit: Duration) -> Option<i32> {
-        let t0 = Instant::now();
-        while t0.elapsed() < limit {
-            if let Some(s) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                return Some(s.code().unwrap_or(-1));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        None
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-            if std::thread::panicking() {
-                eprintln!(
-                    "--- {} log ---\n{}",
-                    self.name,
-                    std::fs::read_to_string(&self.log).unwrap_or_default()
-                );
-            }
-        }
-    }
-}
-
-fn wait_listening(p: &mut Proc, port: u16, what: &str) {
-    let t0 = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            p.child.as_mut().unwrap().try_wait().unwrap().is_none(),
-            "{what} exited:\n{}",
-            p.log()
-        );
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "{what} did not listen on {port}:\n{}",
-            p.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn start_nats(dir: &Path) -> (Proc, String) {
-    let port = free_port();
-    (start_nats_at(dir, port, &[]), format!("nats://127.0.0.1:{port}"))
-}
-
-/// nats-server with JetStream (file storage under `dir/nats`) on `port`; `extra` arguments
-/// (e.g. `--auth TOKEN`). Starting it again with the same `dir` and `port` is a broker restart.
-fn start_nats_at(dir: &Path, port: u16, extra: &[&str]) -> Proc {
-    let bin = find_service(
-        "QUIRE_NATS_SERVER",
-        "nats-server",
-        "nats-venv/bin/nats-server",
-    );
-    let mut p = Proc::spawn(
-        "nats-server",
-        Command::new(bin)
-            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-            .arg(dir.join("nats"))
-            .args(extra),
-        dir,
-    );
-    let t0 = Instant::now();
-    while !p.log().contains("Server is ready") {
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "nats-server not ready:\n{}",
-            p.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    wait_listening(&mut p, port, "nats-server");
-    p
-}
-
-fn start_garage(dir: &Path, bucket: &str) -> (Proc, String) {
-    let (s3_port, rpc_port) = (free_port(), free_port());
-    (start_garage_at(dir, bucket, s3_port, rpc_port), format!("http://127.0.0.1:{s3_port}"))
-}
-
-/// Garage with its data under `dir/garage`; starting it again with the same folder and ports
-/// brings the store back after an outage.
-fn start_garage_at(dir: &Path, bucket: &str, s3_port: u16, rpc_port: u16) -> Proc {
-    let bin = find_service("QUIRE_GARAGE", "garage", "bin/garage");
-    let d = dir.join("garage");
-    std::fs::create_dir_all(&d).unwrap();
-    let dd = d.display();
-    let conf = d.join("garage.toml");
-    std::fs::write(
-        &conf,
-        format!(
-            "metadata_dir = \"{dd}/meta\"\ndata_dir = \"{dd}/data\"\ndb_engine = \"lmdb\"\nreplication_factor = 1\n\
-             rpc_bind_addr = \"127.0.0.1:{rpc_port}\"\nrpc_public_addr = \"127.0.0.1:{rpc_port}\"\nrpc_secret = \"{SECRET_KEY}\"\n\n\
-             [s3_api]\ns3_region = \"garage\"\napi_bind_addr = \"127.0.0.1:{s3_port}\"\nroot_domain = \".s3.garage.localhost\"\n"
-        ),
-    )
-    .unwrap();
-    let mut p = Proc::spawn(
-        "garage",
-        Command::new(bin)
-            .arg("-c")
-            .arg(&conf)
-            .args(["server", "--single-node", "--default-bucket"])
-            .env("GARAGE_DEFAULT_ACCESS_KEY", ACCESS_KEY)
-            .env("GARAGE_DEFAULT_SECRET_KEY", SECRET_KEY)
-            .env("GARAGE_DEFAULT_BUCKET", bucket)
-            .env("RUST_LOG", "garage=warn"),
-        dir,
-    );
-    wait_listening(&mut p, s3_port, "garage");
-    p
-}
 
 fn s3_options(endpoint: &str, bucket: &str, prefix: &str) -> S3Options {
     let mut o = S3Options::new(bucket, prefix);
@@ -661,7 +487,7 @@ fn kills_restarts_outages_and_a_poison_task_lose_and_duplicate_nothing() {
     // Keeps three workers running: a worker the poison task killed is started again.
     let keep_three = |workers: &mut Vec<Proc>, spawned: &mut usize, died: &mut Vec<(u32, u64)>| {
         for w in workers.iter_mut() {
-            if w.child.as_mut().unwrap().try_wait().unwrap().is_some() {
+            if w.exited() {
                 died.push((w.pid(), unix_ms()));
                 *spawned += 1;
                 *w = spawn_worker(&format!("w-{spawned}"));

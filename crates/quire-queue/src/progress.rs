@@ -216,7 +216,7 @@ impl JobProgress {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::jetstream::test_server::NatsServer;
+    use quire_test_support::NatsServer;
 
     #[tokio::test]
     async fn records_meta_and_counts_task_states() {

@@ -1,6 +1,6 @@
 //! [`S3Store`]: the [`BlobStore`] behind `--out s3://bucket/prefix`, results in a bucket below
 //! a prefix, written by plain PUTs of deterministic keys. Its tests start a real Garage
-//! (`test_server`, also used by the tests of `source.rs`).
+//! (`test_server`, on `quire-test-support`, also used by the tests of `source.rs`).
 //! Imports: `super::client` and the crate root only.
 
 use super::client::{classify, client, is_status, S3Options};
@@ -195,122 +195,29 @@ impl BlobStore for S3Store {
 
 #[cfg(test)]
 pub(crate) mod test_server {
-    //! Starts a real single-node Garage for the tests: free loopback ports,
-    //! a temporary data folder, a default key and bucket.
-    use std::path::PathBuf;
-    use std::process::{Child, Command, Stdio};
+    //! A real single-node Garage for the tests (launched by `quire-test-support`), with
+    //! [`S3Options`](super::S3Options) and a ready [`S3Store`](super::S3Store) for it.
+    use quire_test_support::{ACCESS_KEY, SECRET_KEY};
     use std::time::{Duration, Instant};
 
-    pub const ACCESS_KEY: &str = "GKquiretest0123456789abcdef";
-    pub const SECRET_KEY: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    pub use quire_test_support::free_port;
+
     pub const BUCKET: &str = "quire-test";
 
-    pub struct Garage {
-        pub s3_port: u16,
-        pub dir: tempfile::TempDir,
-        child: Child,
-    }
-
-    fn find_binary() -> PathBuf {
-        if let Ok(p) = std::env::var("QUIRE_GARAGE") {
-            let p = PathBuf::from(p);
-            assert!(
-                p.is_file(),
-                "QUIRE_GARAGE={} is not a file. Install garage with `eval \"$(scripts/install-services.sh)\"` and run the tests again.",
-                p.display()
-            );
-            return p;
-        }
-        let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
-            .map(|p| {
-                std::env::split_paths(&p)
-                    .map(|d| d.join("garage"))
-                    .collect()
-            })
-            .unwrap_or_default();
-        if let Some(home) = std::env::var_os("HOME") {
-            candidates.push(PathBuf::from(home).join(".cache/quire-tools/bin/garage"));
-        }
-        candidates
-            .into_iter()
-            .find(|p| p.is_file())
-            .unwrap_or_else(|| {
-                panic!(
-                "garage not found (QUIRE_GARAGE unset, none on PATH or in ~/.cache/quire-tools). \
-                 Install it with `eval \"$(scripts/install-services.sh)\"` and run the tests again."
-            )
-            })
-    }
-
-    pub fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    }
+    pub struct Garage(quire_test_support::Garage);
 
     impl Garage {
         pub fn start() -> Self {
-            let bin = find_binary();
-            let dir = tempfile::tempdir().unwrap();
-            let (s3_port, rpc_port) = (free_port(), free_port());
-            let d = dir.path().display();
-            let config = format!(
-                r#"metadata_dir = "{d}/meta"
-data_dir = "{d}/data"
-db_engine = "lmdb"
-replication_factor = 1
-rpc_bind_addr = "127.0.0.1:{rpc_port}"
-rpc_public_addr = "127.0.0.1:{rpc_port}"
-rpc_secret = "{SECRET_KEY}"
-
-[s3_api]
-s3_region = "garage"
-api_bind_addr = "127.0.0.1:{s3_port}"
-root_domain = ".s3.garage.localhost"
-"#
-            );
-            let conf_path = dir.path().join("garage.toml");
-            std::fs::write(&conf_path, config).unwrap();
-            let log = std::fs::File::create(dir.path().join("garage.log")).unwrap();
-            let child = Command::new(&bin)
-                .arg("-c")
-                .arg(&conf_path)
-                .args(["server", "--single-node", "--default-bucket"])
-                .env("GARAGE_DEFAULT_ACCESS_KEY", ACCESS_KEY)
-                .env("GARAGE_DEFAULT_SECRET_KEY", SECRET_KEY)
-                .env("GARAGE_DEFAULT_BUCKET", BUCKET)
-                .env("RUST_LOG", "garage=info")
-                .stdout(Stdio::from(log.try_clone().unwrap()))
-                .stderr(Stdio::from(log))
-                .spawn()
-                .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
-            let mut g = Garage {
-                s3_port,
-                dir,
-                child,
-            };
-            let t0 = Instant::now();
-            while std::net::TcpStream::connect(("127.0.0.1", s3_port)).is_err() {
-                if let Ok(Some(status)) = g.child.try_wait() {
-                    panic!("garage exited ({status}):\n{}", g.log());
-                }
-                if t0.elapsed() > Duration::from_secs(30) {
-                    panic!("garage did not listen on {s3_port}:\n{}", g.log());
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            g
+            Garage(quire_test_support::Garage::start(BUCKET))
         }
 
         pub fn log(&self) -> String {
-            std::fs::read_to_string(self.dir.path().join("garage.log")).unwrap_or_default()
+            self.0.log()
         }
 
         pub fn options(&self, prefix: &str) -> super::S3Options {
             let mut o = super::S3Options::new(BUCKET, prefix);
-            o.endpoint_url = Some(format!("http://127.0.0.1:{}", self.s3_port));
+            o.endpoint_url = Some(self.0.endpoint());
             o.region = Some("garage".into());
             o.force_path_style = true;
             o.credentials = Some((ACCESS_KEY.into(), SECRET_KEY.into()));
@@ -329,13 +236,6 @@ root_domain = ".s3.garage.localhost"
                     Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
                 }
             }
-        }
-    }
-
-    impl Drop for Garage {
-        fn drop(&mut self) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
         }
     }
 }
