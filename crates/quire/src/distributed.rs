@@ -8,19 +8,16 @@ use anyhow::Context as _;
 use quire_core::{Engine, TaskSpec};
 use quire_pipeline::coordinator::{connect_queue, job_status, submit, wait_and_finish, CoordinatorOptions};
 use quire_pipeline::sink::store::{is_s3, open_store};
-use quire_pipeline::source::s3::{fetch_model, scratch_dir, S3Access, S3Fetch};
-use quire_pipeline::worker::stores::StoreCache;
+use quire_pipeline::source::s3::{fetch_model, S3Access};
 use quire_pipeline::metrics::{self, Metrics};
 use quire_pipeline::stage::process::ProcessContext;
-use quire_pipeline::worker::observe::TaskObserver;
-use quire_pipeline::worker::{Admit, Worker};
-use quire_pipeline::Progress;
+use quire_pipeline::worker::service::WorkerService;
+use quire_pipeline::worker::Admit;
 use quire_queue::progress::{JobMeta, JobProgress};
 use quire_queue::runlease::{Holder, RunLeases};
 use quire_queue::QueueOptions;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
-use tokio::sync::watch;
 
 pub(crate) fn access(s: &S3Opts) -> S3Access {
     S3Access {
@@ -290,90 +287,33 @@ fn worker_inner(args: WorkerArgs) -> anyhow::Result<u8> {
         .await?;
         // The lease time in force is the consumer's (set by the coordinator).
         let ack_wait = queue.options().queue.ack_wait;
-        metrics.set_max_deliver(queue.options().queue.max_deliver);
         if ack_wait != queue_opts.ack_wait {
             tracing::info!("the queue's ack wait is {ack_wait:?} (set by the coordinator); heartbeats follow it");
         }
-        metrics.ready.set(1);
-        let mut stores = StoreCache::new(access.clone());
-        stores.jobs = Some(JobProgress::open(queue.client(), queue.options().replicas).await?);
-        let stores = Arc::new(stores);
-        let mut fetch = S3Fetch::new(access.client().await, scratch_dir(), args.doc_cache_mb.saturating_mul(1 << 20));
-        fetch.retry = access.retry;
-        let fetch = Arc::new(fetch);
         let (model, model_long_side) = match model {
             Some((h, l)) => (Some(h), l),
             None => (None, None),
         };
-        let ctx = ProcessContext { pdf, model, model_long_side };
-        let progress = Arc::new(Progress::default());
-        let (abort_tx, abort_rx) = watch::channel(false);
-        let mut loops = tokio::task::JoinSet::new();
-        let gate = Arc::new(tokio::sync::RwLock::new(()));
-        for _ in 0..args.model_opts.workers.max(1) {
-            let w = Worker {
-                queue: Arc::new(queue.clone()),
-                stores: stores.clone(),
-                fetch: fetch.clone(),
-                ctx: ctx.clone(),
-                progress: progress.clone(),
-                admit: Some(admit.clone()),
-                observer: Some(metrics.clone() as Arc<dyn TaskObserver>),
-                abort: Some(abort_rx.clone()),
-                gate: gate.clone(),
-            };
-            loops.spawn(async move { w.run().await });
-        }
-        let fq = queue.clone();
-        let forwarder = tokio::spawn(async move {
-            if let Err(e) = fq.forward_dead_letters().await {
-                tracing::warn!("dead-letter forwarder stopped: {e}");
-            }
-        });
-        let mq = queue.clone();
-        let m2 = metrics.clone();
-        let gauge = tokio::spawn(async move {
-            loop {
-                for job in m2.jobs() {
-                    if let Ok(n) = mq.pending(&job).await {
-                        m2.queue_pending.with_label_values(&[job.as_str()]).set(n as i64);
-                    }
-                }
-                tokio::time::sleep(Duration::from_secs(5)).await;
-            }
-        });
+        let service = WorkerService {
+            queue,
+            access,
+            doc_cache_bytes: args.doc_cache_mb.saturating_mul(1 << 20),
+            ctx: ProcessContext { pdf, model, model_long_side },
+            admit,
+            metrics,
+            slots: args.model_opts.workers as usize,
+            grace,
+        };
         tracing::info!("worker ready: {} task slots, model {}", args.model_opts.workers, args.model.as_deref().unwrap_or("none"));
         let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        let mut failed = None;
-        tokio::select! {
-            _ = sigterm.recv() => tracing::info!("SIGTERM: finishing running tasks (up to {grace:?})"),
-            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: finishing running tasks (up to {grace:?})"),
-            Some(r) = loops.join_next() => failed = Some(r),
-        }
-        metrics.ready.set(0);
-        queue.stop();
-        let drain = async {
-            while let Some(r) = loops.join_next().await {
-                if let Ok(Err(e)) = r {
-                    tracing::warn!("worker loop: {e:#}");
-                }
+        let stop = async move {
+            tokio::select! {
+                _ = sigterm.recv() => tracing::info!("SIGTERM"),
+                _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT"),
             }
         };
-        if tokio::time::timeout(grace, drain).await.is_err() {
-            tracing::warn!("grace period over: handing unfinished tasks back");
-            abort_tx.send_replace(true);
-            let _ = tokio::time::timeout(Duration::from_secs(10), async {
-                while loops.join_next().await.is_some() {}
-            })
-            .await;
-        }
-        forwarder.abort();
-        gauge.abort();
-        match failed {
-            Some(Ok(Err(e))) => Err(e),
-            Some(Err(e)) => Err(anyhow::anyhow!("worker loop panicked: {e}")),
-            _ => Ok(exit::OK),
-        }
+        service.run(stop).await?;
+        Ok(exit::OK)
     })
 }
 

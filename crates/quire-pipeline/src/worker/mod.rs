@@ -5,6 +5,7 @@
 
 pub mod input;
 pub mod observe;
+pub mod service;
 pub mod stores;
 
 use crate::stage::process::process_archive;
