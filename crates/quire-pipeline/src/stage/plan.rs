@@ -2,15 +2,15 @@
 //! tasks, a tar or zip archive member-range tasks, and loose images are grouped
 //! `images_per_task` at a time.
 
-use quire_core::{images_task_id, settings_fingerprint, task_id, JobSettings, Limits, SourceRef, TaskSpec, UnitKind};
-use quire_render::{InputKind, PdfRenderer, Probe, RenderError};
+use quire_core::{images_task_id, settings_fingerprint, task_id, InputError, JobSettings, Limits, SourceRef, TaskSpec, UnitKind};
+use quire_render::{InputKind, PdfRenderer, Probe};
 use quire_store::archive::{self, ArchiveError, ArchiveLimits, Scan};
 use std::path::Path;
 
 /// What opening an object for planning found out.
 pub enum Examined {
     /// A PDF or an image (or why not).
-    Object(Result<Probe, RenderError>),
+    Object(Result<Probe, InputError>),
     /// A tar or zip archive (by its first bytes), and its samples counted.
     Archive(Result<Scan, ArchiveError>),
 }
@@ -153,7 +153,7 @@ impl ImageGroups {
 /// An object whose probe failed becomes a single task for its one error
 /// record, so that the failure is recorded, counted and skipped on rerun
 /// like any finished work.
-pub fn plan_tasks(settings: &JobSettings, fingerprint: &str, src: &SourceRef, probe: &Result<Probe, RenderError>) -> Vec<TaskSpec> {
+pub fn plan_tasks(settings: &JobSettings, fingerprint: &str, src: &SourceRef, probe: &Result<Probe, InputError>) -> Vec<TaskSpec> {
     let make = |unit, first, last, count| TaskSpec {
         // An unreadable file's one task must not share its id with page 1
         // of the same file once it can be read: it is keyed on range 0..=0.
@@ -198,7 +198,7 @@ impl Planner {
         Planner { settings, fingerprint }
     }
 
-    pub fn plan(&self, src: &SourceRef, probe: &Result<Probe, RenderError>) -> Vec<TaskSpec> {
+    pub fn plan(&self, src: &SourceRef, probe: &Result<Probe, InputError>) -> Vec<TaskSpec> {
         plan_tasks(&self.settings, &self.fingerprint, src, probe)
     }
 
@@ -210,7 +210,7 @@ impl Planner {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use quire_render::ErrorKind;
+    use quire_core::ErrorKind;
 
     #[test]
     fn page_ranges_cover_the_document_once() {
@@ -224,7 +224,7 @@ mod tests {
         assert_eq!(ranges, vec![(1, 4), (5, 8), (9, 10)]);
         assert!(tasks.iter().all(|t| t.unit_count == 10 && t.unit == UnitKind::Pdf));
         assert_eq!(tasks, p.plan(&src, &probe), "planning is deterministic");
-        let bad = p.plan(&src, &Err(RenderError::new(ErrorKind::Corrupt, "x")));
+        let bad = p.plan(&src, &Err(InputError::new(ErrorKind::Corrupt, "x")));
         assert_eq!((bad.len(), bad[0].unit), (1, UnitKind::Unreadable));
     }
 
