@@ -4,7 +4,7 @@
 
 use quire_core::{images_task_id, settings_fingerprint, task_id, InputError, JobSettings, Limits, SourceRef, TaskSpec, UnitKind};
 use quire_render::{InputKind, PdfRenderer, Probe};
-use quire_store::archive::{self, ArchiveError, ArchiveLimits, Scan};
+use quire_store::archive::{self, ArchiveLimits, Scan};
 use std::path::Path;
 
 /// What opening an object for planning found out.
@@ -12,7 +12,7 @@ pub enum Examined {
     /// A PDF or an image (or why not).
     Object(Result<Probe, InputError>),
     /// A tar or zip archive (by its first bytes), and its samples counted.
-    Archive(Result<Scan, ArchiveError>),
+    Archive(Result<Scan, InputError>),
 }
 
 /// Opens the object at `path` as an archive when its bytes say so, else probes it as a PDF
@@ -28,7 +28,7 @@ pub fn examine(path: &Path, limits: &Limits, pdf: &PdfRenderer) -> Examined {
 /// [`quire_store::archive`] counts them. An archive that cannot be read becomes one
 /// [`UnitKind::Unreadable`] task (its one error record); one without a single image or
 /// refused member becomes one task over all its samples, whose record says so.
-pub fn plan_archive_tasks(settings: &JobSettings, fingerprint: &str, src: &SourceRef, scan: &Result<Scan, ArchiveError>) -> Vec<TaskSpec> {
+pub fn plan_archive_tasks(settings: &JobSettings, fingerprint: &str, src: &SourceRef, scan: &Result<Scan, InputError>) -> Vec<TaskSpec> {
     let make = |unit, first, last, count| TaskSpec {
         task_id: if unit == UnitKind::Unreadable { task_id(fingerprint, src, 0, 0) } else { task_id(fingerprint, src, first, last) },
         settings: settings.clone(),
@@ -202,7 +202,7 @@ impl Planner {
         plan_tasks(&self.settings, &self.fingerprint, src, probe)
     }
 
-    pub fn plan_archive(&self, src: &SourceRef, scan: &Result<Scan, ArchiveError>) -> Vec<TaskSpec> {
+    pub fn plan_archive(&self, src: &SourceRef, scan: &Result<Scan, InputError>) -> Vec<TaskSpec> {
         plan_archive_tasks(&self.settings, &self.fingerprint, src, scan)
     }
 }
@@ -243,7 +243,7 @@ mod tests {
         ]);
         let none = p.plan_archive(&src, &Ok(Scan { units: 7, without_image: 7, ..Default::default() }));
         assert_eq!(none.iter().map(|t| (t.first, t.last, t.unit_count)).collect::<Vec<_>>(), vec![(1, 7, 7)], "one record says: no images");
-        let bad = p.plan_archive(&src, &Err(ArchiveError { kind: quire_core::ErrorKind::TooLarge, message: "x".into() }));
+        let bad = p.plan_archive(&src, &Err(InputError::new(ErrorKind::TooLarge, "x")));
         assert_eq!((bad.len(), bad[0].unit), (1, UnitKind::Unreadable));
 
         let m = |rel: &str| SourceRef { uri: format!("/data/pics/{rel}"), rel: format!("pics/{rel}"), size: 1, version: "1".into() };

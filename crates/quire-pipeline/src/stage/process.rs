@@ -145,11 +145,11 @@ pub async fn process_task(task: &TaskSpec, path: &Path, ctx: &ProcessContext) ->
                 None => match blocking(move || render::probe(&p, &limits, &pdf)).await? {
                     Ok(p) => Ok(p.unit_count),
                     Err(e) if e.kind.is_transient() => return Err(TaskFailure(format!("{}: {e}", task.source.uri))),
-                    Err(e) => Err(quire_store::archive::ArchiveError { kind: e.kind.recorded(), message: e.message }),
+                    Err(e) => Err(e),
                 },
             };
             match probe {
-                Err(e) => vec![unit_with(1, failed(e.kind, e.message))],
+                Err(e) => vec![unit_failed(1, e)],
                 Ok(units) => vec![unit_failed(
                     1,
                     InputError::new(
