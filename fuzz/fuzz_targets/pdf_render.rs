@@ -17,7 +17,8 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use quire_render::{Limits, PdfRenderer, RenderError, RenderOptions, RenderSize};
+use quire_core::InputError;
+use quire_render::{Limits, PdfRenderer, RenderOptions, RenderSize};
 
 const MAX_PAGES: u32 = 3;
 
@@ -55,7 +56,7 @@ fn ctx() -> &'static Ctx {
 }
 
 /// A panic inside the renderer comes back as an error; surface it.
-fn no_hidden_panic(e: &RenderError) {
+fn no_hidden_panic(e: &InputError) {
     let msg = e.to_string();
     assert!(!msg.contains("renderer panicked"), "{msg}");
 }

@@ -1,69 +1,21 @@
 //! What a job writes: one [`Record`] per page or image (JSON lines under
 //! `JOB/results/`), and the [`Manifest`] that closes the job.
 
+use crate::{ErrorKind, InputError};
 use serde::{Deserialize, Serialize};
-
-/// Why a page or file produced no text. Stable strings, part of the output contract.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ErrorKind {
-    /// Not a PDF or a supported image format (decided by magic bytes).
-    Unsupported,
-    /// The file is damaged.
-    Corrupt,
-    /// The file ends early.
-    Truncated,
-    /// The PDF needs a password.
-    Encrypted,
-    /// Zero bytes, or a document without pages.
-    Empty,
-    /// Larger than `max_file_bytes`.
-    TooLarge,
-    /// More pages than `max_pages`.
-    TooManyPages,
-    /// More pixels than `max_pixels`.
-    TooManyPixels,
-    /// Rendering the page took longer than the page time limit.
-    Timeout,
-    /// The file could not be read.
-    Io,
-    /// The page has no usable text layer and no model was given.
-    NeedsModel,
-    /// The model failed on this input.
-    Model,
-    /// Anything else inside quire.
-    Internal,
-    /// The model's output repeated itself until quire stopped it (`--on-loop`): the record
-    /// keeps the text up to one period of the repetition. A flag, not a failure: see
-    /// [`Record::failed`].
-    Loop,
-}
-
-impl ErrorKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorKind::Unsupported => "unsupported",
-            ErrorKind::Corrupt => "corrupt",
-            ErrorKind::Truncated => "truncated",
-            ErrorKind::Encrypted => "encrypted",
-            ErrorKind::Empty => "empty",
-            ErrorKind::TooLarge => "too_large",
-            ErrorKind::TooManyPages => "too_many_pages",
-            ErrorKind::TooManyPixels => "too_many_pixels",
-            ErrorKind::Timeout => "timeout",
-            ErrorKind::Io => "io",
-            ErrorKind::NeedsModel => "needs_model",
-            ErrorKind::Model => "model",
-            ErrorKind::Internal => "internal",
-            ErrorKind::Loop => "loop",
-        }
-    }
-}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorInfo {
     pub kind: ErrorKind,
     pub message: String,
+}
+
+/// An input error as a record carries it: its kind as [`ErrorKind::recorded`] says, its message
+/// as it is.
+impl From<InputError> for ErrorInfo {
+    fn from(e: InputError) -> Self {
+        ErrorInfo { kind: e.kind.recorded(), message: e.message }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

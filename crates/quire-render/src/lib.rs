@@ -12,6 +12,8 @@
 //! * [`Limits`] are checked before any large allocation: file size before reading, page count
 //!   before rendering, pixel count from the header (image) or the page box (PDF) before
 //!   decoding or rendering, so a decompression bomb costs a few hundred bytes of reading.
+//! * Every failure is a [`quire_core::InputError`]: a kind from quire-core's one list,
+//!   [`quire_core::ErrorKind`], and a message.
 //!
 //! Everything here blocks; call it from `spawn_blocking` or a thread of your own.
 //!
@@ -27,7 +29,8 @@ use std::fmt;
 use std::io::Read;
 use std::path::Path;
 
-pub use error::{ErrorKind, RenderError};
+use quire_core::{ErrorKind, InputError};
+
 pub use pdf::{find_pdfium, PageStream, PdfRenderer, PDFIUM_ENV};
 pub use procs::{run_worker_if_requested, WORKER_ENV};
 pub use raster::{decode_image, decode_image_bytes, frame_count};
@@ -176,7 +179,7 @@ pub struct Probe {
 /// Checks an input against `limits` and counts its units: size first, then magic bytes, then
 /// pages (PDF, via pdfium) or frames (TIFF). For single images the header dimensions are
 /// checked against `max_pixels` too (cheap, and it fails bombs at planning time).
-pub fn probe(path: &Path, limits: &Limits, pdf: &PdfRenderer) -> Result<Probe, RenderError> {
+pub fn probe(path: &Path, limits: &Limits, pdf: &PdfRenderer) -> Result<Probe, InputError> {
     let (kind, bytes) = open_checked(path, limits)?;
     let unit_count = match kind {
         InputKind::Pdf => pdf.page_count(path)?,
@@ -187,13 +190,13 @@ pub fn probe(path: &Path, limits: &Limits, pdf: &PdfRenderer) -> Result<Probe, R
         }
     };
     if unit_count == 0 {
-        return Err(RenderError::new(
+        return Err(InputError::new(
             ErrorKind::Empty,
             format!("{}: no pages", path.display()),
         ));
     }
     if unit_count > limits.max_pages {
-        return Err(RenderError::new(
+        return Err(InputError::new(
             ErrorKind::TooManyPages,
             format!(
                 "{}: {unit_count} pages, more than the limit of {}",
@@ -210,23 +213,23 @@ pub fn probe(path: &Path, limits: &Limits, pdf: &PdfRenderer) -> Result<Probe, R
 }
 
 /// Size checks, then sniffing. Shared by every entry point.
-pub(crate) fn open_checked(path: &Path, limits: &Limits) -> Result<(InputKind, u64), RenderError> {
+pub(crate) fn open_checked(path: &Path, limits: &Limits) -> Result<(InputKind, u64), InputError> {
     let meta = std::fs::metadata(path).map_err(|e| error::io_error(path, "cannot stat", e))?;
     if !meta.is_file() {
-        return Err(RenderError::new(
+        return Err(InputError::new(
             ErrorKind::Unsupported,
             format!("{}: not a regular file", path.display()),
         ));
     }
     let bytes = meta.len();
     if bytes == 0 {
-        return Err(RenderError::new(
+        return Err(InputError::new(
             ErrorKind::Empty,
             format!("{}: empty file", path.display()),
         ));
     }
     if bytes > limits.max_file_bytes {
-        return Err(RenderError::new(
+        return Err(InputError::new(
             ErrorKind::TooLarge,
             format!(
                 "{}: {bytes} bytes, more than the limit of {}",
@@ -241,7 +244,7 @@ pub(crate) fn open_checked(path: &Path, limits: &Limits) -> Result<(InputKind, u
         .map_err(|e| error::io_error(path, "cannot read", e))?;
     match sniff(&head) {
         Some(kind) => Ok((kind, bytes)),
-        None => Err(RenderError::new(
+        None => Err(InputError::new(
             ErrorKind::Unsupported,
             format!(
                 "{}: not a PDF or a supported image (JPEG, PNG, WebP, TIFF, BMP, GIF) by its first bytes",
@@ -256,9 +259,9 @@ pub(crate) fn check_units(
     what: &str,
     count: u32,
     range: &std::ops::RangeInclusive<u32>,
-) -> Result<(), RenderError> {
+) -> Result<(), InputError> {
     if *range.start() < 1 || range.start() > range.end() || *range.end() > count {
-        return Err(RenderError::new(
+        return Err(InputError::new(
             ErrorKind::BadRange,
             format!(
                 "{}: {what} {}..={} asked for, the file has {count}",

@@ -13,7 +13,8 @@ use std::time::Instant;
 
 use pdfium_render::prelude::*;
 
-use crate::error::{io_error, ErrorKind, RenderError};
+use crate::error::io_error;
+use quire_core::{ErrorKind, InputError};
 use crate::{check_units, open_checked, InputKind, Limits, Page, RenderOptions};
 
 /// Environment variable naming libpdfium (the file, or the folder holding it).
@@ -24,7 +25,7 @@ const SETUP_HINT: &str = "install it with `scripts/setup-pdfium.sh [DEST_DIR]` (
 /// Where libpdfium will be loaded from: `Ok(Some(file))` from `$QUIRE_PDFIUM` or the folder of
 /// the running executable, `Ok(None)` when neither has it (the system library path is tried
 /// next), `Err` when `$QUIRE_PDFIUM` is set but names nothing usable.
-pub fn find_pdfium() -> Result<Option<PathBuf>, RenderError> {
+pub fn find_pdfium() -> Result<Option<PathBuf>, InputError> {
     let name = Pdfium::pdfium_platform_library_name();
     if let Some(v) = std::env::var_os(PDFIUM_ENV).filter(|v| !v.is_empty()) {
         let p = PathBuf::from(v);
@@ -32,7 +33,7 @@ pub fn find_pdfium() -> Result<Option<PathBuf>, RenderError> {
         if file.is_file() {
             return Ok(Some(file));
         }
-        return Err(RenderError::new(
+        return Err(InputError::new(
             ErrorKind::PdfiumMissing,
             format!(
                 "{PDFIUM_ENV}={} but {} does not exist; {SETUP_HINT}",
@@ -53,7 +54,7 @@ pub fn find_pdfium() -> Result<Option<PathBuf>, RenderError> {
     Ok(None)
 }
 
-pub(crate) type Reply<T> = SyncSender<Result<T, RenderError>>;
+pub(crate) type Reply<T> = SyncSender<Result<T, InputError>>;
 
 pub(crate) enum Job {
     PageCount {
@@ -69,8 +70,8 @@ pub(crate) enum Job {
 }
 
 pub(crate) enum Msg {
-    Opened(Result<u32, RenderError>),
-    Page(Result<Page, RenderError>),
+    Opened(Result<u32, InputError>),
+    Page(Result<Page, InputError>),
 }
 
 /// Handle to this process's pdfium thread. Cheap to clone; `Send + Sync`.
@@ -89,7 +90,7 @@ impl PdfRenderer {
     /// `threads`: pdfium cannot render in parallel inside one process, so all handles share
     /// one thread and values above 1 are treated as 1. For parallel rendering use
     /// [`PdfRenderer::start_processes`].
-    pub fn start(threads: usize) -> Result<PdfRenderer, RenderError> {
+    pub fn start(threads: usize) -> Result<PdfRenderer, InputError> {
         if threads > 1 {
             tracing::debug!(threads, "pdfium renders on one thread per process; using 1");
         }
@@ -98,12 +99,12 @@ impl PdfRenderer {
             return Ok(PdfRenderer { tx: tx.clone() });
         }
         let (tx, rx) = mpsc::channel::<Job>();
-        let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(), RenderError>>(1);
+        let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(), InputError>>(1);
         std::thread::Builder::new()
             .name("quire-pdfium".into())
             .spawn(move || worker_main(rx, ready_tx))
             .map_err(|e| {
-                RenderError::new(
+                InputError::new(
                     ErrorKind::Io,
                     format!("cannot start the pdfium thread: {e}"),
                 )
@@ -112,7 +113,7 @@ impl PdfRenderer {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(e),
             Err(_) => {
-                return Err(RenderError::new(
+                return Err(InputError::new(
                     ErrorKind::PdfiumMissing,
                     "the pdfium thread died while loading libpdfium",
                 ))
@@ -123,7 +124,7 @@ impl PdfRenderer {
     }
 
     /// Number of pages of the PDF at `path`.
-    pub fn page_count(&self, path: &Path) -> Result<u32, RenderError> {
+    pub fn page_count(&self, path: &Path) -> Result<u32, InputError> {
         let (reply, rx) = mpsc::sync_channel(1);
         self.send(Job::PageCount {
             path: path.to_path_buf(),
@@ -140,7 +141,7 @@ impl PdfRenderer {
         path: &Path,
         pages: RangeInclusive<u32>,
         opts: &RenderOptions,
-    ) -> Result<Vec<Result<Page, RenderError>>, RenderError> {
+    ) -> Result<Vec<Result<Page, InputError>>, InputError> {
         Ok(self.render_stream(path, pages, opts)?.collect())
     }
 
@@ -154,7 +155,7 @@ impl PdfRenderer {
         path: &Path,
         pages: RangeInclusive<u32>,
         opts: &RenderOptions,
-    ) -> Result<PageStream, RenderError> {
+    ) -> Result<PageStream, InputError> {
         let (reply, rx) = mpsc::sync_channel(2);
         self.send(Job::Render {
             path: path.to_path_buf(),
@@ -174,7 +175,7 @@ impl PdfRenderer {
         }
     }
 
-    fn send(&self, job: Job) -> Result<(), RenderError> {
+    fn send(&self, job: Job) -> Result<(), InputError> {
         self.tx.send(job).map_err(|_| worker_gone())
     }
 }
@@ -195,7 +196,7 @@ impl PageStream {
 }
 
 impl Iterator for PageStream {
-    type Item = Result<Page, RenderError>;
+    type Item = Result<Page, InputError>;
 
     fn next(&mut self) -> Option<Self::Item> {
         if self.next > self.last {
@@ -214,22 +215,22 @@ impl Iterator for PageStream {
     }
 }
 
-pub(crate) fn worker_gone() -> RenderError {
-    RenderError::new(ErrorKind::Io, "the pdfium thread has stopped")
+pub(crate) fn worker_gone() -> InputError {
+    InputError::new(ErrorKind::Io, "the pdfium thread has stopped")
 }
 
 /// Finds and binds libpdfium (once per process) and initialises it.
-pub(crate) fn load_pdfium() -> Result<Pdfium, RenderError> {
+pub(crate) fn load_pdfium() -> Result<Pdfium, InputError> {
     let lib = find_pdfium()?;
     let bindings = match &lib {
         Some(path) => Pdfium::bind_to_library(path).map_err(|e| {
-            RenderError::new(
+            InputError::new(
                 ErrorKind::PdfiumMissing,
                 format!("cannot load libpdfium from {}: {e:?}; {SETUP_HINT}", path.display()),
             )
         }),
         None => Pdfium::bind_to_system_library().map_err(|e| {
-            RenderError::new(
+            InputError::new(
                 ErrorKind::PdfiumMissing,
                 format!(
                     "libpdfium not found (not in ${PDFIUM_ENV}, not next to {}, not on the system library path: {e:?}); {SETUP_HINT}",
@@ -242,7 +243,7 @@ pub(crate) fn load_pdfium() -> Result<Pdfium, RenderError> {
     Ok(Pdfium::new(bindings))
 }
 
-fn worker_main(rx: Receiver<Job>, ready: SyncSender<Result<(), RenderError>>) {
+fn worker_main(rx: Receiver<Job>, ready: SyncSender<Result<(), InputError>>) {
     let pdfium = match load_pdfium() {
         Ok(p) => p,
         Err(e) => {
@@ -270,18 +271,18 @@ fn worker_main(rx: Receiver<Job>, ready: SyncSender<Result<(), RenderError>>) {
     }
 }
 
-pub(crate) fn count_job(pdfium: &Pdfium, path: &Path) -> Result<u32, RenderError> {
+pub(crate) fn count_job(pdfium: &Pdfium, path: &Path) -> Result<u32, InputError> {
     catch_unwind(AssertUnwindSafe(|| page_count(pdfium, path)))
         .unwrap_or_else(|p| Err(panicked(path, p)))
 }
 
-pub(crate) fn panicked(path: &Path, p: Box<dyn std::any::Any + Send>) -> RenderError {
+pub(crate) fn panicked(path: &Path, p: Box<dyn std::any::Any + Send>) -> InputError {
     let what = p
         .downcast_ref::<&str>()
         .map(|s| s.to_string())
         .or_else(|| p.downcast_ref::<String>().cloned())
         .unwrap_or_default();
-    RenderError::new(
+    InputError::new(
         ErrorKind::Corrupt,
         format!("{}: renderer panicked: {what}", path.display()),
     )
@@ -291,10 +292,10 @@ fn open<'a>(
     pdfium: &'a Pdfium,
     path: &Path,
     limits: &Limits,
-) -> Result<PdfDocument<'a>, RenderError> {
+) -> Result<PdfDocument<'a>, InputError> {
     let (kind, _) = open_checked(path, limits)?;
     if kind != InputKind::Pdf {
-        return Err(RenderError::new(
+        return Err(InputError::new(
             ErrorKind::Unsupported,
             format!(
                 "{}: a {} image, not a PDF (use decode_image)",
@@ -308,30 +309,30 @@ fn open<'a>(
         .map_err(|e| open_error(path, e))
 }
 
-fn open_error(path: &Path, e: PdfiumError) -> RenderError {
+fn open_error(path: &Path, e: PdfiumError) -> InputError {
     use PdfiumInternalError as I;
     let p = path.display();
     match e {
-        PdfiumError::PdfiumLibraryInternalError(I::PasswordError) => RenderError::new(
+        PdfiumError::PdfiumLibraryInternalError(I::PasswordError) => InputError::new(
             ErrorKind::Encrypted,
             format!("{p}: the PDF needs a password to open"),
         ),
-        PdfiumError::PdfiumLibraryInternalError(I::SecurityError) => RenderError::new(
+        PdfiumError::PdfiumLibraryInternalError(I::SecurityError) => InputError::new(
             ErrorKind::Encrypted,
             format!("{p}: the PDF uses an unsupported security handler"),
         ),
         PdfiumError::PdfiumLibraryInternalError(I::FileError) => {
-            RenderError::new(ErrorKind::Io, format!("{p}: pdfium cannot read the file"))
+            InputError::new(ErrorKind::Io, format!("{p}: pdfium cannot read the file"))
         }
         PdfiumError::IoError(e) => io_error(path, "cannot read", e),
         other => {
             if looks_truncated(path) {
-                RenderError::new(
+                InputError::new(
                     ErrorKind::Truncated,
                     format!("{p}: the PDF cannot be parsed and has no %%EOF near its end (truncated download?)"),
                 )
             } else {
-                RenderError::new(
+                InputError::new(
                     ErrorKind::Corrupt,
                     format!("{p}: the PDF cannot be parsed ({other:?})"),
                 )
@@ -357,7 +358,7 @@ fn looks_truncated(path: &Path) -> bool {
     !tail.windows(5).any(|w| w == b"%%EOF")
 }
 
-fn page_count(pdfium: &Pdfium, path: &Path) -> Result<u32, RenderError> {
+fn page_count(pdfium: &Pdfium, path: &Path) -> Result<u32, InputError> {
     // Page counting happens at planning time with the caller's own limits; only the
     // file-size/sniff part of the default limits would apply here, so use no size limit.
     let limits = Limits {
@@ -402,13 +403,13 @@ fn render_pages(
     let opened = open(pdfium, path, &opts.limits).and_then(|doc| {
         let n = doc.pages().len().max(0) as u32;
         if n == 0 {
-            return Err(RenderError::new(
+            return Err(InputError::new(
                 ErrorKind::Empty,
                 format!("{}: the PDF has no pages", path.display()),
             ));
         }
         if n > opts.limits.max_pages {
-            return Err(RenderError::new(
+            return Err(InputError::new(
                 ErrorKind::TooManyPages,
                 format!(
                     "{}: {n} pages, more than the limit of {}",
@@ -448,10 +449,10 @@ fn render_page(
     path: &Path,
     n: u32,
     opts: &RenderOptions,
-) -> Result<Page, RenderError> {
+) -> Result<Page, InputError> {
     let t0 = Instant::now();
     let page_err = |what: String| {
-        RenderError::new(
+        InputError::new(
             ErrorKind::Corrupt,
             format!("{} page {n}: {what}", path.display()),
         )
@@ -473,7 +474,7 @@ fn render_page(
         || h > (i32::MAX / 4) as u64
         || px > (isize::MAX / 4) as u64
     {
-        return Err(RenderError::new(
+        return Err(InputError::new(
             ErrorKind::TooManyPixels,
             format!(
                 "{} page {n}: {w} x {h} px ({w_pt} x {h_pt} pt at {:?}) is more than the limit of {} pixels",

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{ErrorKind, RenderError};
+use quire_core::{ErrorKind, InputError};
 use crate::pdf::{count_job, load_pdfium, render_job, Job, Msg, PdfRenderer};
 use crate::{Page, RenderOptions};
 
@@ -44,17 +44,17 @@ enum Request {
 #[serde(tag = "t", rename_all = "snake_case")]
 enum Reply {
     Hello {
-        ok: Option<RenderError>,
+        ok: Option<InputError>,
     },
     Count {
-        r: Result<u32, RenderError>,
+        r: Result<u32, InputError>,
     },
     Opened {
-        r: Result<u32, RenderError>,
+        r: Result<u32, InputError>,
     },
     /// Followed by `image_bytes` raw RGB bytes (0 without an image).
     Page {
-        r: Result<PageHead, RenderError>,
+        r: Result<PageHead, InputError>,
     },
 }
 
@@ -191,7 +191,7 @@ pub const DEFAULT_PAGE_TIMEOUT: Duration = Duration::from_secs(120);
 const MAX_RESTARTS_PER_REQUEST: u32 = 3;
 
 impl Spawner {
-    fn spawn(&self) -> Result<Worker, RenderError> {
+    fn spawn(&self) -> Result<Worker, InputError> {
         let mut child = Command::new(&self.exe)
             .args(&self.args)
             .env(WORKER_ENV, "1")
@@ -200,7 +200,7 @@ impl Spawner {
             .stderr(Stdio::inherit())
             .spawn()
             .map_err(|e| {
-                RenderError::new(
+                InputError::new(
                     ErrorKind::Io,
                     format!("cannot start render worker {}: {e}", self.exe.display()),
                 )
@@ -251,7 +251,7 @@ impl Spawner {
         }
         let _ = child.kill();
         let _ = child.wait();
-        Err(RenderError::new(
+        Err(InputError::new(
             ErrorKind::PdfiumMissing,
             format!(
                 "{} did not start as a render worker (no greeting on stdout within {GREETING_WAIT:?}): its main must call quire_render::run_worker_if_requested()",
@@ -275,7 +275,7 @@ impl PdfRenderer {
         n: usize,
         exe: &Path,
         args: &[OsString],
-    ) -> Result<PdfRenderer, RenderError> {
+    ) -> Result<PdfRenderer, InputError> {
         Self::start_processes_with(n, exe, args, Some(DEFAULT_PAGE_TIMEOUT))
     }
 
@@ -285,7 +285,7 @@ impl PdfRenderer {
         exe: &Path,
         args: &[OsString],
         page_timeout: Option<Duration>,
-    ) -> Result<PdfRenderer, RenderError> {
+    ) -> Result<PdfRenderer, InputError> {
         let spawner = Arc::new(Spawner {
             exe: exe.to_path_buf(),
             args: args.to_vec(),
@@ -304,7 +304,7 @@ impl PdfRenderer {
                 .name(format!("quire-render-proc-{i}"))
                 .spawn(move || dispatch(rx, spawner, Some(w)))
                 .map_err(|e| {
-                    RenderError::new(
+                    InputError::new(
                         ErrorKind::Io,
                         format!("cannot start a dispatcher thread: {e}"),
                     )
@@ -340,7 +340,7 @@ fn dispatch(rx: Arc<Mutex<Receiver<Job>>>, spawner: Arc<Spawner>, mut worker: Op
     }
 }
 
-fn fail_job(job: Job, e: RenderError) {
+fn fail_job(job: Job, e: InputError) {
     match job {
         Job::PageCount { reply, .. } => {
             let _ = reply.send(Err(e));
@@ -351,8 +351,8 @@ fn fail_job(job: Job, e: RenderError) {
     }
 }
 
-fn crashed(path: &Path, what: &str) -> RenderError {
-    RenderError::new(
+fn crashed(path: &Path, what: &str) -> InputError {
+    InputError::new(
         ErrorKind::Corrupt,
         format!(
             "{}: the render worker died {what} (pdfium crashed on this file?)",
@@ -362,9 +362,9 @@ fn crashed(path: &Path, what: &str) -> RenderError {
 }
 
 /// The error for a worker that failed while `what` (crashed, or was stopped after the limit).
-fn failed(path: &Path, what: &str, e: &std::io::Error, limit: Option<Duration>) -> RenderError {
+fn failed(path: &Path, what: &str, e: &std::io::Error, limit: Option<Duration>) -> InputError {
     if e.kind() == std::io::ErrorKind::TimedOut {
-        RenderError::new(
+        InputError::new(
             ErrorKind::Timeout,
             format!(
                 "{}: pdfium took longer than {:?} {what}; its render worker was stopped",

@@ -10,7 +10,8 @@ use std::time::Instant;
 
 use image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader, RgbImage};
 
-use crate::error::{io_error, ErrorKind, RenderError};
+use crate::error::io_error;
+use quire_core::{ErrorKind, InputError};
 use crate::{check_units, open_checked, InputKind, Limits, Page};
 
 /// Decodes `frames` (1-based, inclusive) of the image at `path` to RGB, transparency composited
@@ -21,10 +22,10 @@ pub fn decode_image(
     path: &Path,
     frames: RangeInclusive<u32>,
     limits: &Limits,
-) -> Result<Vec<Result<Page, RenderError>>, RenderError> {
+) -> Result<Vec<Result<Page, InputError>>, InputError> {
     let (kind, _) = open_checked(path, limits)?;
     match kind {
-        InputKind::Pdf => Err(RenderError::new(
+        InputKind::Pdf => Err(InputError::new(
             ErrorKind::Unsupported,
             format!("{}: a PDF, not an image (use PdfRenderer)", path.display()),
         )),
@@ -39,13 +40,13 @@ pub fn decode_image(
 /// Decodes an image held in memory (an archive member; `name` is used in messages) to RGB like
 /// [`decode_image`]: its kind from its bytes, pixels checked from the header before decoding,
 /// EXIF orientation applied. A TIFF gives its first frame.
-pub fn decode_image_bytes(name: &str, data: &[u8], limits: &Limits) -> Result<Page, RenderError> {
+pub fn decode_image_bytes(name: &str, data: &[u8], limits: &Limits) -> Result<Page, InputError> {
     let path = Path::new(name);
     if data.is_empty() {
-        return Err(RenderError::new(ErrorKind::Empty, format!("{name}: empty (0 bytes)")));
+        return Err(InputError::new(ErrorKind::Empty, format!("{name}: empty (0 bytes)")));
     }
     if data.len() as u64 > limits.max_file_bytes {
-        return Err(RenderError::new(
+        return Err(InputError::new(
             ErrorKind::TooLarge,
             format!("{name}: {} bytes, more than the limit of {}", data.len(), limits.max_file_bytes),
         ));
@@ -53,13 +54,13 @@ pub fn decode_image_bytes(name: &str, data: &[u8], limits: &Limits) -> Result<Pa
     let kind = match crate::sniff(data) {
         Some(k) if k.is_image() => k,
         Some(_) => {
-            return Err(RenderError::new(
+            return Err(InputError::new(
                 ErrorKind::Unsupported,
                 format!("{name}: a PDF named like an image; only images are read from archives and image groups"),
             ))
         }
         None => {
-            return Err(RenderError::new(
+            return Err(InputError::new(
                 ErrorKind::Unsupported,
                 format!("{name}: not a supported image (JPEG, PNG, WebP, TIFF, BMP, GIF) by its first bytes"),
             ))
@@ -84,7 +85,7 @@ pub fn decode_image_bytes(name: &str, data: &[u8], limits: &Limits) -> Result<Pa
 }
 
 /// Number of frames (pages) of a TIFF; 1 for any other image. Reads only the directories.
-pub fn frame_count(path: &Path) -> Result<u32, RenderError> {
+pub fn frame_count(path: &Path) -> Result<u32, InputError> {
     let (kind, _) = open_checked(
         path,
         &Limits {
@@ -101,7 +102,7 @@ pub fn frame_count(path: &Path) -> Result<u32, RenderError> {
         dec.next_image().map_err(|e| tiff_error(path, None, e))?;
         n += 1;
         if n > 1_000_000 {
-            return Err(RenderError::new(
+            return Err(InputError::new(
                 ErrorKind::Corrupt,
                 format!("{}: TIFF directory loop", path.display()),
             ));
@@ -126,7 +127,7 @@ fn reader(
     path: &Path,
     kind: InputKind,
     limits: &Limits,
-) -> Result<ImageReader<BufReader<File>>, RenderError> {
+) -> Result<ImageReader<BufReader<File>>, InputError> {
     let f = File::open(path).map_err(|e| io_error(path, "cannot open", e))?;
     let mut r = ImageReader::with_format(BufReader::new(f), image_format(kind));
     let mut l = image::Limits::default();
@@ -142,10 +143,10 @@ fn too_many_pixels(
     w: u64,
     h: u64,
     limits: &Limits,
-) -> Option<RenderError> {
+) -> Option<InputError> {
     (w.saturating_mul(h) > limits.max_pixels).then(|| {
         let at = frame.map(|f| format!(" frame {f}")).unwrap_or_default();
-        RenderError::new(
+        InputError::new(
             ErrorKind::TooManyPixels,
             format!(
                 "{}{at}: {w} x {h} px is more than the limit of {} pixels (not decoded)",
@@ -161,7 +162,7 @@ pub(crate) fn check_header_pixels(
     path: &Path,
     kind: InputKind,
     limits: &Limits,
-) -> Result<(), RenderError> {
+) -> Result<(), InputError> {
     let dec = reader(path, kind, limits)?
         .into_decoder()
         .map_err(|e| image_error(path, e))?;
@@ -172,7 +173,7 @@ pub(crate) fn check_header_pixels(
     }
 }
 
-fn decode_single(path: &Path, kind: InputKind, limits: &Limits) -> Result<Page, RenderError> {
+fn decode_single(path: &Path, kind: InputKind, limits: &Limits) -> Result<Page, InputError> {
     let t0 = Instant::now();
     let mut dec = reader(path, kind, limits)?
         .into_decoder()
@@ -183,7 +184,7 @@ fn decode_single(path: &Path, kind: InputKind, limits: &Limits) -> Result<Page, 
     }
     if kind == InputKind::Jpeg && !jpeg_has_end(path) {
         // The decoder would fill the missing part with grey and call it a picture.
-        return Err(RenderError::new(
+        return Err(InputError::new(
             ErrorKind::Truncated,
             format!("{}: the JPEG ends before its end-of-image marker (the file is cut short)", path.display()),
         ));
@@ -249,12 +250,12 @@ pub(crate) fn to_rgb_on_white(img: DynamicImage) -> RgbImage {
     RgbImage::from_raw(w, h, out).expect("sized")
 }
 
-fn image_error(path: &Path, e: ImageError) -> RenderError {
+fn image_error(path: &Path, e: ImageError) -> InputError {
     let p = path.display();
     match e {
         ImageError::IoError(e) => io_error(path, "cannot read", e),
-        ImageError::Limits(e) => RenderError::new(ErrorKind::TooManyPixels, format!("{p}: {e}")),
-        ImageError::Unsupported(e) => RenderError::new(ErrorKind::Unsupported, format!("{p}: {e}")),
+        ImageError::Limits(e) => InputError::new(ErrorKind::TooManyPixels, format!("{p}: {e}")),
+        ImageError::Unsupported(e) => InputError::new(ErrorKind::Unsupported, format!("{p}: {e}")),
         ImageError::Decoding(e) => {
             let msg = e.to_string();
             let kind = if is_eof_message(&msg) {
@@ -262,9 +263,9 @@ fn image_error(path: &Path, e: ImageError) -> RenderError {
             } else {
                 ErrorKind::Corrupt
             };
-            RenderError::new(kind, format!("{p}: {msg}"))
+            InputError::new(kind, format!("{p}: {msg}"))
         }
-        e => RenderError::new(ErrorKind::Corrupt, format!("{p}: {e}")),
+        e => InputError::new(ErrorKind::Corrupt, format!("{p}: {e}")),
     }
 }
 
@@ -278,12 +279,12 @@ fn is_eof_message(msg: &str) -> bool {
 
 // ---- TIFF (every frame a page) ----
 
-fn open_tiff(path: &Path) -> Result<tiff::decoder::Decoder<BufReader<File>>, RenderError> {
+fn open_tiff(path: &Path) -> Result<tiff::decoder::Decoder<BufReader<File>>, InputError> {
     let f = File::open(path).map_err(|e| io_error(path, "cannot open", e))?;
     tiff::decoder::Decoder::new(BufReader::new(f)).map_err(|e| tiff_error(path, None, e))
 }
 
-fn tiff_error(path: &Path, frame: Option<u32>, e: tiff::TiffError) -> RenderError {
+fn tiff_error(path: &Path, frame: Option<u32>, e: tiff::TiffError) -> InputError {
     let at = frame.map(|f| format!(" frame {f}")).unwrap_or_default();
     let msg = format!("{}{at}: {e}", path.display());
     let kind = match &e {
@@ -296,17 +297,17 @@ fn tiff_error(path: &Path, frame: Option<u32>, e: tiff::TiffError) -> RenderErro
         _ if is_eof_message(&e.to_string()) => ErrorKind::Truncated,
         _ => ErrorKind::Corrupt,
     };
-    RenderError::new(kind, msg)
+    InputError::new(kind, msg)
 }
 
 fn decode_tiff(
     path: &Path,
     frames: RangeInclusive<u32>,
     limits: &Limits,
-) -> Result<Vec<Result<Page, RenderError>>, RenderError> {
+) -> Result<Vec<Result<Page, InputError>>, InputError> {
     let count = frame_count(path)?;
     if count > limits.max_pages {
-        return Err(RenderError::new(
+        return Err(InputError::new(
             ErrorKind::TooManyPages,
             format!(
                 "{}: {count} frames, more than the limit of {}",
@@ -336,7 +337,7 @@ fn decode_tiff_frame<R: std::io::Read + Seek>(
     path: &Path,
     frame: u32,
     limits: &Limits,
-) -> Result<(RgbImage, Option<image::RgbaImage>), RenderError> {
+) -> Result<(RgbImage, Option<image::RgbaImage>), InputError> {
     use tiff::decoder::DecodingResult as D;
     use tiff::ColorType as C;
     let terr = |e| tiff_error(path, Some(frame), e);
@@ -349,7 +350,7 @@ fn decode_tiff_frame<R: std::io::Read + Seek>(
     let data = dec.read_image().map_err(terr)?;
     let n = w as usize * h as usize;
     let unsupported = || {
-        RenderError::new(
+        InputError::new(
             ErrorKind::Unsupported,
             format!(
                 "{} frame {frame}: TIFF colour type {color:?} is not supported",
@@ -358,7 +359,7 @@ fn decode_tiff_frame<R: std::io::Read + Seek>(
         )
     };
     let short = || {
-        RenderError::new(
+        InputError::new(
             ErrorKind::Truncated,
             format!("{} frame {frame}: pixel data ends early", path.display()),
         )

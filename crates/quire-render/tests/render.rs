@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
+use quire_core::{ErrorKind, InputError};
 use quire_render::*;
 
 fn fixture(name: &str) -> PathBuf {
@@ -33,13 +34,13 @@ fn opts(size: RenderSize) -> RenderOptions {
     }
 }
 
-fn ok_pages(v: Vec<Result<Page, RenderError>>) -> Vec<Page> {
+fn ok_pages(v: Vec<Result<Page, InputError>>) -> Vec<Page> {
     v.into_iter()
         .map(|r| r.unwrap_or_else(|e| panic!("page failed: {e}")))
         .collect()
 }
 
-fn kind_of<T: std::fmt::Debug>(r: Result<T, RenderError>) -> ErrorKind {
+fn kind_of<T: std::fmt::Debug>(r: Result<T, InputError>) -> ErrorKind {
     match r {
         Ok(v) => panic!("expected an error, got {v:?}"),
         Err(e) => {

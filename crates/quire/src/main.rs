@@ -29,13 +29,13 @@ static RENDER_PROCS: std::sync::OnceLock<(usize, Option<std::time::Duration>)> =
 /// parallel, a PDF that crashes pdfium costs one page, not the job, and a
 /// page that takes longer than `--page-timeout-s` is cut short. With 0,
 /// pdfium runs on a thread of this process.
-pub fn start_renderer() -> Result<quire_render::PdfRenderer, quire_render::RenderError> {
+pub fn start_renderer() -> Result<quire_render::PdfRenderer, quire_core::InputError> {
     let (n, timeout) = *RENDER_PROCS.get().unwrap_or(&(0, None));
     if n == 0 {
         return quire_render::PdfRenderer::start(1);
     }
     let exe = std::env::current_exe()
-        .map_err(|e| quire_render::RenderError::new(quire_render::ErrorKind::Io, format!("cannot find the quire executable: {e}")))?;
+        .map_err(|e| quire_core::InputError::new(quire_core::ErrorKind::Io, format!("cannot find the quire executable: {e}")))?;
     quire_render::PdfRenderer::start_processes_with(n, &exe, &[], timeout)
 }
 

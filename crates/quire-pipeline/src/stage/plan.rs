@@ -2,17 +2,17 @@
 //! tasks, a tar or zip archive member-range tasks, and loose images are grouped
 //! `images_per_task` at a time.
 
-use quire_core::{images_task_id, settings_fingerprint, task_id, JobSettings, Limits, SourceRef, TaskSpec, UnitKind};
-use quire_render::{InputKind, PdfRenderer, Probe, RenderError};
-use quire_store::archive::{self, ArchiveError, ArchiveLimits, Scan};
+use quire_core::{images_task_id, settings_fingerprint, task_id, InputError, JobSettings, Limits, SourceRef, TaskSpec, UnitKind};
+use quire_render::{InputKind, PdfRenderer, Probe};
+use quire_store::archive::{self, ArchiveLimits, Scan};
 use std::path::Path;
 
 /// What opening an object for planning found out.
 pub enum Examined {
     /// A PDF or an image (or why not).
-    Object(Result<Probe, RenderError>),
+    Object(Result<Probe, InputError>),
     /// A tar or zip archive (by its first bytes), and its samples counted.
-    Archive(Result<Scan, ArchiveError>),
+    Archive(Result<Scan, InputError>),
 }
 
 /// Opens the object at `path` as an archive when its bytes say so, else probes it as a PDF
@@ -28,7 +28,7 @@ pub fn examine(path: &Path, limits: &Limits, pdf: &PdfRenderer) -> Examined {
 /// [`quire_store::archive`] counts them. An archive that cannot be read becomes one
 /// [`UnitKind::Unreadable`] task (its one error record); one without a single image or
 /// refused member becomes one task over all its samples, whose record says so.
-pub fn plan_archive_tasks(settings: &JobSettings, fingerprint: &str, src: &SourceRef, scan: &Result<Scan, ArchiveError>) -> Vec<TaskSpec> {
+pub fn plan_archive_tasks(settings: &JobSettings, fingerprint: &str, src: &SourceRef, scan: &Result<Scan, InputError>) -> Vec<TaskSpec> {
     let make = range_task(settings, fingerprint, src);
     match scan {
         Err(_) => vec![make(UnitKind::Unreadable, 1, 1, 0)],
@@ -138,7 +138,7 @@ impl ImageGroups {
 /// An object whose probe failed becomes a single task for its one error
 /// record, so that the failure is recorded, counted and skipped on rerun
 /// like any finished work.
-pub fn plan_tasks(settings: &JobSettings, fingerprint: &str, src: &SourceRef, probe: &Result<Probe, RenderError>) -> Vec<TaskSpec> {
+pub fn plan_tasks(settings: &JobSettings, fingerprint: &str, src: &SourceRef, probe: &Result<Probe, InputError>) -> Vec<TaskSpec> {
     let make = range_task(settings, fingerprint, src);
     match probe {
         Err(_) => vec![make(UnitKind::Unreadable, 1, 1, 0)],
@@ -168,11 +168,11 @@ impl Planner {
         Planner { settings, fingerprint }
     }
 
-    pub fn plan(&self, src: &SourceRef, probe: &Result<Probe, RenderError>) -> Vec<TaskSpec> {
+    pub fn plan(&self, src: &SourceRef, probe: &Result<Probe, InputError>) -> Vec<TaskSpec> {
         plan_tasks(&self.settings, &self.fingerprint, src, probe)
     }
 
-    pub fn plan_archive(&self, src: &SourceRef, scan: &Result<Scan, ArchiveError>) -> Vec<TaskSpec> {
+    pub fn plan_archive(&self, src: &SourceRef, scan: &Result<Scan, InputError>) -> Vec<TaskSpec> {
         plan_archive_tasks(&self.settings, &self.fingerprint, src, scan)
     }
 }
@@ -191,7 +191,7 @@ pub struct PlannedTask {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use quire_render::ErrorKind;
+    use quire_core::ErrorKind;
 
     #[test]
     fn page_ranges_cover_the_document_once() {
@@ -205,7 +205,7 @@ mod tests {
         assert_eq!(ranges, vec![(1, 4), (5, 8), (9, 10)]);
         assert!(tasks.iter().all(|t| t.unit_count == 10 && t.unit == UnitKind::Pdf));
         assert_eq!(tasks, p.plan(&src, &probe), "planning is deterministic");
-        let bad = p.plan(&src, &Err(RenderError::new(ErrorKind::Corrupt, "x")));
+        let bad = p.plan(&src, &Err(InputError::new(ErrorKind::Corrupt, "x")));
         assert_eq!((bad.len(), bad[0].unit), (1, UnitKind::Unreadable));
     }
 
@@ -224,7 +224,7 @@ mod tests {
         ]);
         let none = p.plan_archive(&src, &Ok(Scan { units: 7, without_image: 7, ..Default::default() }));
         assert_eq!(none.iter().map(|t| (t.first, t.last, t.unit_count)).collect::<Vec<_>>(), vec![(1, 7, 7)], "one record says: no images");
-        let bad = p.plan_archive(&src, &Err(ArchiveError { kind: quire_core::ErrorKind::TooLarge, message: "x".into() }));
+        let bad = p.plan_archive(&src, &Err(InputError::new(ErrorKind::TooLarge, "x")));
         assert_eq!((bad.len(), bad[0].unit), (1, UnitKind::Unreadable));
 
         let m = |rel: &str| SourceRef { uri: format!("/data/pics/{rel}"), rel: format!("pics/{rel}"), size: 1, version: "1".into() };

@@ -10,9 +10,9 @@ use crate::stage::infer::GenRequest;
 use crate::stage::infer::InferenceHandle;
 use crate::stage::route::usable_text;
 use quire_core::{
-    Engine, ErrorInfo, ErrorKind, FinishReason, JobSettings, Record, SourceRef, TaskSpec, Timings, UnitKind,
+    Engine, ErrorInfo, ErrorKind, FinishReason, InputError, JobSettings, Record, SourceRef, TaskSpec, Timings, UnitKind,
 };
-use quire_render::{self as render, PdfRenderer, RenderError, RenderOptions};
+use quire_render::{self as render, PdfRenderer, RenderOptions};
 use quire_store::archive::{self, ArchiveLimits, Entry};
 use std::path::{Path, PathBuf};
 use crate::error::TaskFailure;
@@ -25,24 +25,6 @@ pub struct ProcessContext {
     pub model: Option<InferenceHandle>,
     /// The long side the model reads images at (for `RenderSize::Model`).
     pub model_long_side: Option<u32>,
-}
-
-
-pub fn error_kind(k: render::ErrorKind) -> ErrorKind {
-    use render::ErrorKind as R;
-    match k {
-        R::Unsupported => ErrorKind::Unsupported,
-        R::Corrupt => ErrorKind::Corrupt,
-        R::Truncated => ErrorKind::Truncated,
-        R::Encrypted => ErrorKind::Encrypted,
-        R::Empty => ErrorKind::Empty,
-        R::TooLarge => ErrorKind::TooLarge,
-        R::TooManyPages => ErrorKind::TooManyPages,
-        R::TooManyPixels => ErrorKind::TooManyPixels,
-        R::Io => ErrorKind::Io,
-        R::Timeout => ErrorKind::Timeout,
-        R::BadRange | R::PdfiumMissing => ErrorKind::Internal,
-    }
 }
 
 /// A page on its way to a record.
@@ -84,8 +66,8 @@ fn failed(kind: ErrorKind, message: impl Into<String>) -> Outcome {
     Outcome::Failed(ErrorInfo { kind, message: message.into() })
 }
 
-fn from_render(e: RenderError) -> Outcome {
-    failed(error_kind(e.kind), e.message)
+fn from_render(e: InputError) -> Outcome {
+    Outcome::Failed(e.into())
 }
 
 fn unit_from_page(p: render::Page) -> Unit {
@@ -122,7 +104,7 @@ fn unit_with(page: u32, outcome: Outcome) -> Unit {
     }
 }
 
-fn unit_failed(page: u32, e: RenderError) -> Unit {
+fn unit_failed(page: u32, e: InputError) -> Unit {
     unit_with(page, from_render(e))
 }
 
@@ -132,7 +114,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 
 /// Turns an error about the whole file into a record per unit, or a retry
 /// when it is transient.
-fn whole_file_error(task: &TaskSpec, e: RenderError) -> Result<Vec<Unit>, TaskFailure> {
+fn whole_file_error(task: &TaskSpec, e: InputError) -> Result<Vec<Unit>, TaskFailure> {
     if e.kind.is_transient() {
         return Err(TaskFailure(format!("{}: {}", task.source.uri, e)));
     }
@@ -163,15 +145,15 @@ pub async fn process_task(task: &TaskSpec, path: &Path, ctx: &ProcessContext) ->
                 None => match blocking(move || render::probe(&p, &limits, &pdf)).await? {
                     Ok(p) => Ok(p.unit_count),
                     Err(e) if e.kind.is_transient() => return Err(TaskFailure(format!("{}: {e}", task.source.uri))),
-                    Err(e) => Err(quire_store::archive::ArchiveError { kind: error_kind(e.kind), message: e.message }),
+                    Err(e) => Err(e),
                 },
             };
             match probe {
-                Err(e) => vec![unit_with(1, failed(e.kind, e.message))],
+                Err(e) => vec![unit_failed(1, e)],
                 Ok(units) => vec![unit_failed(
                     1,
-                    RenderError::new(
-                        render::ErrorKind::Io,
+                    InputError::new(
+                        ErrorKind::Io,
                         format!("the file could not be opened when planned but can now ({units} units); rerun the job to process it"),
                     ),
                 )],
@@ -520,7 +502,7 @@ pub async fn process_archive(task: &TaskSpec, src: ArchiveSource, ctx: &ProcessC
 
 /// Decodes every frame of one loose image (one unit per frame; one error unit when the file
 /// cannot be read). Blocks.
-fn decode_loose(path: &Path, uri: &str, limits: &quire_core::Limits) -> Result<Vec<Unit>, RenderError> {
+fn decode_loose(path: &Path, uri: &str, limits: &quire_core::Limits) -> Result<Vec<Unit>, InputError> {
     let decoded = render::frame_count(path).and_then(|n| Ok((n, render::decode_image(path, 1..=n, limits)?)));
     let mut units = match decoded {
         Err(e) if e.kind.is_transient() => return Err(e),

@@ -60,7 +60,7 @@ pub enum Opened {
 
 /// Plans an opened document the way `quire run` does (same ids, same
 /// ranges) and decides between running it whole and splitting it.
-pub fn open_document(doc: &TaskSpec, probe: &Result<quire_render::Probe, quire_render::RenderError>) -> Opened {
+pub fn open_document(doc: &TaskSpec, probe: &Result<quire_render::Probe, quire_core::InputError>) -> Opened {
     let fp = settings_fingerprint(&doc.settings);
     split_planned(doc, plan_tasks(&doc.settings, &fp, &doc.source, probe))
 }
@@ -109,7 +109,8 @@ fn split_planned(doc: &TaskSpec, mut tasks: Vec<TaskSpec>) -> Opened {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use quire_render::{ErrorKind, InputKind, Probe, RenderError};
+    use quire_core::{ErrorKind, InputError};
+    use quire_render::{InputKind, Probe};
 
     fn doc(pages_per_task: u32) -> TaskSpec {
         let mut s = JobSettings::new("j");
@@ -132,7 +133,7 @@ mod tests {
         assert_eq!(tasks, planned, "the same tasks (and ids) as quire run plans");
         assert_eq!(split.parts.iter().map(|p| (p.first, p.last)).collect::<Vec<_>>(), vec![(1, 4), (5, 8), (9, 10)]);
         assert!(split.parts.iter().all(|p| p.task_id != d.task_id));
-        match open_document(&d, &Err(RenderError::new(ErrorKind::Corrupt, "bad xref"))) {
+        match open_document(&d, &Err(InputError::new(ErrorKind::Corrupt, "bad xref"))) {
             Opened::Whole(t) => assert_eq!((t.task_id.as_str(), t.unit), (d.task_id.as_str(), UnitKind::Unreadable)),
             Opened::Split(..) => panic!("an unreadable file is one task"),
         }

@@ -36,7 +36,7 @@
 //!
 //! Imports: nothing of this crate (only `quire_core` and outside crates).
 
-use quire_core::{ArchiveResume, ErrorKind, Limits};
+use quire_core::{ArchiveResume, ErrorKind, InputError, Limits};
 use std::collections::HashSet;
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
@@ -90,25 +90,6 @@ pub fn sniff_archive_file(path: &Path) -> Option<ArchiveKind> {
     let mut head = Vec::with_capacity(ARCHIVE_SNIFF_LEN);
     File::open(path).ok()?.take(ARCHIVE_SNIFF_LEN as u64).read_to_end(&mut head).ok()?;
     sniff_archive(&head)
-}
-
-/// A problem with the archive as a whole: one error record for it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ArchiveError {
-    pub kind: ErrorKind,
-    pub message: String,
-}
-
-impl ArchiveError {
-    fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        ArchiveError { kind, message: message.into() }
-    }
-}
-
-impl std::fmt::Display for ArchiveError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.kind.as_str(), self.message)
-    }
 }
 
 /// What [`walk`] hands over for a sample in the asked range, in archive order.
@@ -343,10 +324,10 @@ impl<'a> Walker<'a> {
         }
     }
 
-    fn count_member(&mut self, limits: &ArchiveLimits) -> Result<(), ArchiveError> {
+    fn count_member(&mut self, limits: &ArchiveLimits) -> Result<(), InputError> {
         self.scan.members += 1;
         if self.scan.members > u64::from(limits.max_members) {
-            return Err(ArchiveError::new(
+            return Err(InputError::new(
                 ErrorKind::TooLarge,
                 format!("more than {} members, the limit (--max-archive-members)", limits.max_members),
             ));
@@ -366,7 +347,7 @@ pub fn walk(
     limits: &ArchiveLimits,
     range: Option<RangeInclusive<u32>>,
     on_entry: &mut dyn FnMut(Entry),
-) -> Result<Scan, ArchiveError> {
+) -> Result<Scan, InputError> {
     walk_from(path, limits, range, None, on_entry)
 }
 
@@ -377,10 +358,10 @@ pub fn walk_from(
     range: Option<RangeInclusive<u32>>,
     resume: Option<&ArchiveResume>,
     on_entry: &mut dyn FnMut(Entry),
-) -> Result<Scan, ArchiveError> {
+) -> Result<Scan, InputError> {
     let file = File::open(path).map_err(|e| io_error(path, e))?;
     walk_reader_from(file, limits, range, resume, on_entry).map_err(|e| match e.kind {
-        ErrorKind::Io => ArchiveError::new(ErrorKind::Io, format!("{}: {}", path.display(), e.message)),
+        ErrorKind::Io => InputError::new(ErrorKind::Io, format!("{}: {}", path.display(), e.message)),
         _ => e,
     })
 }
@@ -388,7 +369,8 @@ pub fn walk_from(
 /// Reads the archive in `src` from the start. Entries of the samples in `range` go to
 /// `on_entry` in archive order (`None`: a scan that reads no member data). With a range, the
 /// walk stops after the range's last sample; the returned [`Scan`] then covers only what was
-/// read. An error is about the whole archive (unreadable, not an archive, too many members).
+/// read. An error (an [`InputError`], as render's) is about the whole archive (unreadable,
+/// not an archive, too many members): one error record for it.
 ///
 /// A tar is read from its start up to the range's end (a plain one seeks over unwanted
 /// member data); a zip reads its central directory and then only the local headers and data
@@ -398,7 +380,7 @@ pub fn walk_reader<R: Read + Seek>(
     limits: &ArchiveLimits,
     range: Option<RangeInclusive<u32>>,
     on_entry: &mut dyn FnMut(Entry),
-) -> Result<Scan, ArchiveError> {
+) -> Result<Scan, InputError> {
     walk_reader_from(src, limits, range, None, on_entry)
 }
 
@@ -413,11 +395,11 @@ pub fn walk_reader_from<R: Read + Seek>(
     range: Option<RangeInclusive<u32>>,
     resume: Option<&ArchiveResume>,
     on_entry: &mut dyn FnMut(Entry),
-) -> Result<Scan, ArchiveError> {
-    let io = |e: std::io::Error| ArchiveError::new(ErrorKind::Io, format!("reading the archive: {e}"));
+) -> Result<Scan, InputError> {
+    let io = |e: std::io::Error| InputError::new(ErrorKind::Io, format!("reading the archive: {e}"));
     let len = src.seek(SeekFrom::End(0)).map_err(io)?;
     if len == 0 {
-        return Err(ArchiveError::new(ErrorKind::Empty, "empty file (0 bytes)"));
+        return Err(InputError::new(ErrorKind::Empty, "empty file (0 bytes)"));
     }
     if let (Some(r), Some(first)) = (resume, range.as_ref().map(|r| *r.start())) {
         if first > 1 && r.offset < len && sniff_at(&mut src, r.offset).map_err(io)? == Some(ArchiveKind::Tar) {
@@ -429,7 +411,7 @@ pub fn walk_reader_from<R: Read + Seek>(
     }
     let kind = sniff_at(&mut src, 0)
         .map_err(io)?
-        .ok_or_else(|| ArchiveError::new(ErrorKind::Unsupported, "not a tar or zip archive by its first bytes"))?;
+        .ok_or_else(|| InputError::new(ErrorKind::Unsupported, "not a tar or zip archive by its first bytes"))?;
     let mut w = Walker::new(range, on_entry, Scan::default(), HashSet::new());
     match kind {
         ArchiveKind::Tar => walk_tar(tar::Archive::new(Seekable { inner: src, base: 0 }), 0, len, limits, &mut w)?,
@@ -443,12 +425,12 @@ pub fn walk_reader_from<R: Read + Seek>(
 }
 
 /// Counts the samples of an archive (reading no member data where it can be skipped).
-pub fn scan(path: &Path, limits: &ArchiveLimits) -> Result<Scan, ArchiveError> {
+pub fn scan(path: &Path, limits: &ArchiveLimits) -> Result<Scan, InputError> {
     walk(path, limits, None, &mut |_| {})
 }
 
 /// [`scan`] over any source.
-pub fn scan_reader<R: Read + Seek>(src: R, limits: &ArchiveLimits) -> Result<Scan, ArchiveError> {
+pub fn scan_reader<R: Read + Seek>(src: R, limits: &ArchiveLimits) -> Result<Scan, InputError> {
     walk_reader(src, limits, None, &mut |_| {})
 }
 
@@ -462,8 +444,8 @@ fn sniff_at<R: Read + Seek>(src: &mut R, at: u64) -> std::io::Result<Option<Arch
     Ok(sniff_archive(&head))
 }
 
-fn io_error(path: &Path, e: std::io::Error) -> ArchiveError {
-    ArchiveError::new(ErrorKind::Io, format!("{}: {e}", path.display()))
+fn io_error(path: &Path, e: std::io::Error) -> InputError {
+    InputError::new(ErrorKind::Io, format!("{}: {e}", path.display()))
 }
 
 /// Reads up to `limit + 1` bytes: more than `limit` means the header lied about the size.
@@ -485,7 +467,7 @@ fn walk_tar<R: MaybeSeek>(
     file_len: u64,
     limits: &ArchiveLimits,
     w: &mut Walker<'_>,
-) -> Result<(), ArchiveError> {
+) -> Result<(), InputError> {
     // Plain tar: unwanted member data is seeked over, so the end of the last member is checked
     // against the file's length to catch a shard cut off inside a member's data.
     let mut end_of_data = 0u64;
@@ -493,7 +475,7 @@ fn walk_tar<R: MaybeSeek>(
     // end of the previous entry's data, rounded up to the 512-byte block.
     let mut next_header = base;
     let record_offsets = file_len > 0 && w.range.is_none();
-    let entries = R::entries(&mut archive).map_err(|e| ArchiveError::new(ErrorKind::Corrupt, format!("not a tar archive: {e}")))?;
+    let entries = R::entries(&mut archive).map_err(|e| InputError::new(ErrorKind::Corrupt, format!("not a tar archive: {e}")))?;
     for entry in entries {
         if w.past_range() {
             return Ok(());
@@ -716,16 +698,16 @@ fn zip_read(
 
 /// A zip read through its central directory: members are classified by the names listed
 /// there, and only the wanted ones are opened (a seek to their local header and data).
-fn walk_zip<R: Read + Seek>(mut src: R, limits: &ArchiveLimits, w: &mut Walker<'_>) -> Result<(), ArchiveError> {
+fn walk_zip<R: Read + Seek>(mut src: R, limits: &ArchiveLimits, w: &mut Walker<'_>) -> Result<(), InputError> {
     let mut zip = match zip::ZipArchive::new(BufReader::new(&mut src)) {
         Ok(z) => z,
         Err(err) => {
-            src.seek(SeekFrom::Start(0)).map_err(|e| ArchiveError::new(ErrorKind::Io, format!("reading the archive: {e}")))?;
+            src.seek(SeekFrom::Start(0)).map_err(|e| InputError::new(ErrorKind::Io, format!("reading the archive: {e}")))?;
             return walk_zip_stream(src, err, limits, w);
         }
     };
     if zip.len() as u64 > u64::from(limits.max_members) {
-        return Err(ArchiveError::new(
+        return Err(InputError::new(
             ErrorKind::TooLarge,
             format!("{} members, more than the limit of {} (--max-archive-members)", zip.len(), limits.max_members),
         ));
@@ -761,7 +743,7 @@ fn walk_zip<R: Read + Seek>(mut src: R, limits: &ArchiveLimits, w: &mut Walker<'
 /// A zip whose central directory cannot be read (typically one cut off at the end): its
 /// members are read from their local headers in file order, then one `truncated` entry
 /// stands for whatever the damage hides.
-fn walk_zip_stream<R: Read>(src: R, cd_error: zip::result::ZipError, limits: &ArchiveLimits, w: &mut Walker<'_>) -> Result<(), ArchiveError> {
+fn walk_zip_stream<R: Read>(src: R, cd_error: zip::result::ZipError, limits: &ArchiveLimits, w: &mut Walker<'_>) -> Result<(), InputError> {
     let mut r = BufReader::new(src);
     let max = limits.max_member_bytes;
     let why = loop {
