@@ -85,7 +85,7 @@ pub fn images_parquet_key(job: &str, task_id: &str) -> String {
 pub fn webdataset_key(job: &str, rel: &str) -> String {
     let safe = safe_relative_path(rel);
     let lower = safe.to_ascii_lowercase();
-    let suffix = if [".tar", ".tar.gz", ".tgz"].iter().any(|e| lower.ends_with(e)) { "" } else { ".tar" };
+    let suffix = if crate::names::TAR_SUFFIXES.iter().any(|e| lower.ends_with(e)) { "" } else { ".tar" };
     format!("{}webdataset/{}", job_prefix(job), with_suffix(&safe, suffix))
 }
 

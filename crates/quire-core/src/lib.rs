@@ -9,6 +9,7 @@
 mod error;
 mod ids;
 mod keys;
+pub mod names;
 mod record;
 mod settings;
 

@@ -230,7 +230,7 @@ pub async fn run_embedded(opts: RunOptions, progress: Arc<Progress>) -> anyhow::
                                     e
                                 })
                                 .await?,
-                                Err(e) => Examined::Object(Err(quire_core::InputError::new(quire_core::ErrorKind::Io, e.0))),
+                                Err(e) => Examined::Object(Err(quire_core::InputError::new(quire_core::ErrorKind::Io, e.message))),
                             };
                             match examined {
                                 Examined::Object(Ok(p)) if p.kind.is_image() => {

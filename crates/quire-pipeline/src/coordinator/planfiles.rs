@@ -37,14 +37,6 @@ fn is_zero(n: &u32) -> bool {
     *n == 0
 }
 
-/// Whether a listed object is taken for a loose image by its name (distributed planning
-/// opens nothing; the worker still decodes by the bytes, and a member that is no image gets
-/// an error record).
-pub fn looks_like_image(uri: &str) -> bool {
-    let name = uri.rsplit('/').next().unwrap_or(uri);
-    name.rsplit_once('.').is_some_and(|(_, ext)| quire_store::archive::is_image_ext(&ext.to_ascii_lowercase()))
-}
-
 /// `JOB/job.json`: what the coordinator submitted.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobFile {

@@ -23,7 +23,7 @@ use crate::coordinator::options::CoordinatorOptions;
 use crate::coordinator::options::Submitted;
 use crate::coordinator::options::RunPlan;
 use crate::coordinator::planfiles::PlanLine;
-use crate::coordinator::planfiles::looks_like_image;
+use quire_core::names::{is_archive_ext, looks_like_image};
 use crate::coordinator::planfiles::JobFile;
 use crate::coordinator::planfiles::job_file_key;
 use crate::coordinator::planfiles::IdSet;
@@ -45,7 +45,7 @@ fn kind_by_name(uri: &str) -> &'static str {
         "image"
     } else if name
         .rsplit_once('.')
-        .is_some_and(|(_, ext)| quire_store::archive::is_archive_ext(ext))
+        .is_some_and(|(_, ext)| is_archive_ext(ext))
     {
         "archive"
     } else {

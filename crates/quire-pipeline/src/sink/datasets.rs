@@ -12,6 +12,7 @@
 //! a rerun writes only files whose digest changed or that are gone, and a file is always
 //! made from all of its records, so rows are never duplicated.
 
+use quire_core::names;
 use crate::stage::plan::PlannedTask;
 use quire_core::{
     images_parquet_key, manifest_key, parquet_key, webdataset_key, ArchiveCounts, DatasetFile, DatasetFormat,
@@ -25,17 +26,6 @@ use std::ops::Range;
 /// Bumped when the same records would give different dataset bytes, so that a rerun
 /// after an upgrade rewrites the files.
 const LAYOUT: &str = "quire-dataset/1";
-
-/// Names that make an object an archive when nothing else says so (it could not be
-/// opened, or it was never opened by this finish's planner).
-const ARCHIVE_SUFFIXES: &[&str] = &[".tar", ".tar.gz", ".tgz", ".zip"];
-/// Names that make an object a loose image when nothing else says so.
-const IMAGE_SUFFIXES: &[&str] = &[".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"];
-
-fn has_suffix(uri: &str, suffixes: &[&str]) -> bool {
-    let lower = uri.to_ascii_lowercase();
-    suffixes.iter().any(|s| lower.ends_with(s))
-}
 
 /// What the tasks of one input object are, for the datasets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,11 +47,11 @@ pub fn object_kind(tasks: &[&PlannedTask], records: &[Record]) -> ObjectKind {
     let undecided = units.iter().all(|u| matches!(u, UnitKind::Unreadable | UnitKind::Document));
     if units.contains(&UnitKind::Archive)
         || records.iter().any(|r| r.member.is_some())
-        || (undecided && has_suffix(uri, ARCHIVE_SUFFIXES))
+        || (undecided && names::ends_with_any(uri, names::INPUT_ARCHIVE_SUFFIXES))
     {
         ObjectKind::Archive
     } else if units.iter().any(|u| matches!(u, UnitKind::Images | UnitKind::Image))
-        || (undecided && has_suffix(uri, IMAGE_SUFFIXES))
+        || (undecided && names::looks_like_image(uri))
     {
         ObjectKind::Images
     } else {
@@ -237,7 +227,7 @@ impl<'p> DatasetSink<'p> {
                         }
                         DatasetFormat::Webdataset => {
                             let key = self.unique_key(webdataset_key(&job, &first.rel), &first.task_id);
-                            let gzip = has_suffix(&key, &[".tar.gz", ".tgz"]);
+                            let gzip = names::ends_with_any(&key, names::TAR_GZ_SUFFIXES);
                             let samples = rows.iter().filter(|r| r.key.as_deref().is_some_and(quire_dataset::is_sample_key)).count() as u64;
                             self.file(&mut writes, format, (key, Some(first.uri.clone()), None), digest, |_| {
                                 let (bytes, counts) = quire_dataset::write_webdataset(&rows, gzip)?;

@@ -1,7 +1,7 @@
 //! Inputs on S3: the access settings, the fetcher that downloads or range-reads objects
 //! (with its download cache), the listing task and the model download.
 
-use crate::error::TaskFailure;
+use crate::error::{FailureKind, TaskFailure};
 use crate::source::Fetch;
 use crate::source::Fetched;
 use crate::source::RangedInput;
@@ -124,7 +124,7 @@ impl Fetch for S3Fetch {
                     .retry
                     .run(&format!("fetching {}", src.uri), || s3::fetch_to_file(&self.client, src, &self.dir))
                     .await
-                    .map_err(|e| TaskFailure(format!("fetching {}: {e}", src.uri)))?;
+                    .map_err(|e| TaskFailure::caused(FailureKind::Input, format_args!("fetching {}", src.uri), e))?;
                 downloaded = f.as_file().metadata().map(|m| m.len()).unwrap_or(src.size);
                 // Closed here; the path (deleted with its last holder) is what is kept.
                 let f = Arc::new(f.into_temp_path());
@@ -143,7 +143,7 @@ impl Fetch for S3Fetch {
             .run(&format!("reading the head of {}", src.uri), || s3::read_range(&self.client, src, 0, len))
             .await
             .map(Some)
-            .map_err(|e| TaskFailure(format!("reading the head of {}: {e}", src.uri)))
+            .map_err(|e| TaskFailure::caused(FailureKind::Input, format_args!("reading the head of {}", src.uri), e))
     }
 
     fn keeps(&self, src: &SourceRef) -> bool {
@@ -156,7 +156,7 @@ impl Fetch for S3Fetch {
         }
         let r = s3::RangedReader::open(self.client.clone(), src, self.retry)
             .await
-            .map_err(|e| TaskFailure(format!("opening {}: {e}", src.uri)))?;
+            .map_err(|e| TaskFailure::caused(FailureKind::Input, format_args!("opening {}", src.uri), e))?;
         Ok(Some(RangedInput { size: r.len(), stats: r.stats(), reader: Box::new(r) }))
     }
 }

@@ -15,7 +15,7 @@ use quire_core::{
 use quire_render::{self as render, PdfRenderer, RenderOptions};
 use quire_store::archive::{self, ArchiveLimits, Entry};
 use std::path::{Path, PathBuf};
-use crate::error::TaskFailure;
+use crate::error::{FailureKind, TaskFailure};
 
 /// What the worker needs to process tasks.
 #[derive(Clone)]
@@ -109,14 +109,14 @@ fn unit_failed(page: u32, e: InputError) -> Unit {
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, TaskFailure> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| TaskFailure(format!("worker thread failed: {e}")))
+    tokio::task::spawn_blocking(f).await.map_err(|e| TaskFailure::caused(FailureKind::Worker, "worker thread failed", e))
 }
 
 /// Turns an error about the whole file into a record per unit, or a retry
 /// when it is transient.
 fn whole_file_error(task: &TaskSpec, e: InputError) -> Result<Vec<Unit>, TaskFailure> {
     if e.kind.is_transient() {
-        return Err(TaskFailure(format!("{}: {}", task.source.uri, e)));
+        return Err(TaskFailure::caused(FailureKind::Input, &task.source.uri, e));
     }
     Ok((task.first..=task.last).map(|p| unit_failed(p, e.clone())).collect())
 }
@@ -139,12 +139,12 @@ pub async fn process_task(task: &TaskSpec, path: &Path, ctx: &ProcessContext) ->
             let pdf = ctx.pdf.clone();
             let p = path.clone();
             let probe = match archive_scan {
-                Some(Err(e)) if e.kind == ErrorKind::Io => return Err(TaskFailure(format!("{}: {e}", task.source.uri))),
+                Some(Err(e)) if e.kind == ErrorKind::Io => return Err(TaskFailure::caused(FailureKind::Input, &task.source.uri, e)),
                 Some(Err(e)) => Err(e),
                 Some(Ok(scan)) => Ok(scan.units),
                 None => match blocking(move || render::probe(&p, &limits, &pdf)).await? {
                     Ok(p) => Ok(p.unit_count),
-                    Err(e) if e.kind.is_transient() => return Err(TaskFailure(format!("{}: {e}", task.source.uri))),
+                    Err(e) if e.kind.is_transient() => return Err(TaskFailure::caused(FailureKind::Input, &task.source.uri, e)),
                     Err(e) => Err(e),
                 },
             };
@@ -173,16 +173,16 @@ pub async fn process_task(task: &TaskSpec, path: &Path, ctx: &ProcessContext) ->
         }
         UnitKind::Archive => return process_archive(task, ArchiveSource::File(path), ctx).await,
         UnitKind::Images => {
-            return Err(TaskFailure(format!(
-                "{}: an image group is processed with process_images (its members are fetched one by one)",
-                task.source.uri
-            )))
+            return Err(TaskFailure::new(
+                FailureKind::Worker,
+                format!("{}: an image group is processed with process_images (its members are fetched one by one)", task.source.uri),
+            ))
         }
         UnitKind::Document => {
-            return Err(TaskFailure(format!(
-                "{}: a whole-document task must be opened and split by the worker first",
-                task.source.uri
-            )))
+            return Err(TaskFailure::new(
+                FailureKind::Worker,
+                format!("{}: a whole-document task must be opened and split by the worker first", task.source.uri),
+            ))
         }
         UnitKind::Pdf => {
             let (units, count) = render_pdf(task, &path, ctx).await?;
@@ -241,7 +241,7 @@ async fn render_pdf(task: &TaskSpec, path: &Path, ctx: &ProcessContext) -> Resul
         let (pdf, p) = (ctx.pdf.clone(), path.to_path_buf());
         let r = run.clone();
         match blocking(move || pdf.render(&p, r, &opts)).await? {
-            Err(e) if e.kind.is_transient() => return Err(TaskFailure(format!("{}: {e}", task.source.uri))),
+            Err(e) if e.kind.is_transient() => return Err(TaskFailure::caused(FailureKind::Input, &task.source.uri, e)),
             Err(e) => {
                 for u in units.iter_mut().filter(|u| run.contains(&u.page)) {
                     u.outcome = Some(from_render(e.clone()));
@@ -472,9 +472,9 @@ pub async fn process_archive(task: &TaskSpec, src: ArchiveSource, ctx: &ProcessC
         }
     }
     finish_units(task, &mut chunk, 1, ctx, &mut records).await;
-    let scan = reader.await.map_err(|e| TaskFailure(format!("archive reader failed: {e}")))?;
+    let scan = reader.await.map_err(|e| TaskFailure::caused(FailureKind::Worker, "archive reader failed", e))?;
     match scan {
-        Err(e) if e.kind == ErrorKind::Io => return Err(TaskFailure(format!("{}: {e}", task.source.uri))),
+        Err(e) if e.kind == ErrorKind::Io => return Err(TaskFailure::caused(FailureKind::Input, &task.source.uri, e)),
         Err(e) => {
             let mut u = unit_with(1, failed(e.kind, e.message));
             u.page_count = Some(0);
@@ -533,7 +533,7 @@ async fn load_member(m: &SourceRef, fetch: &dyn crate::source::Fetch, limits: qu
     let (path, uri) = (f.path.clone(), m.uri.clone());
     let units = blocking(move || decode_loose(&path, &uri, &limits)).await?;
     drop(f);
-    units.map_err(|e| TaskFailure(format!("{}: {e}", m.uri)))
+    units.map_err(|e| TaskFailure::caused(FailureKind::Input, &m.uri, e))
 }
 
 /// An image-group task: each member fetched (a few at a time) and decoded, frames of a

@@ -3,7 +3,7 @@
 
 use crate::stage::plan::Examined;
 use crate::stage::process::ProcessContext;
-use crate::error::TaskFailure;
+use crate::error::{FailureKind, TaskFailure};
 use quire_core::{SourceRef, TaskSpec, UnitKind};
 use quire_store::archive::{self, ArchiveLimits, ReadSeek, ARCHIVE_SNIFF_LEN};
 use quire_store::ReadStats;
@@ -17,7 +17,7 @@ use crate::worker::observe::TaskObserver;
 /// (tried again later); else what was fetched is logged.
 pub(crate) fn after_ranged_read(stats: &ReadStats, size: u64, task: &TaskSpec, what: &'static str) -> Result<(), TaskFailure> {
     if let Some(e) = stats.failure() {
-        return Err(TaskFailure(format!("reading {}: {e}", task.source.uri)));
+        return Err(TaskFailure::new(FailureKind::Input, format!("reading {}: {e}", task.source.uri)));
     }
     tracing::info!(
         task = %task.task_id,
@@ -83,7 +83,7 @@ pub(crate) async fn examine_input(input: &mut Input, task: &TaskSpec, ctx: &Proc
                 (r, scan)
             })
             .await
-            .map_err(|e| TaskFailure(format!("opening the archive: {e}")))?;
+            .map_err(|e| TaskFailure::caused(FailureKind::Worker, "opening the archive", e))?;
             r = reader;
             after_ranged_read(&r.stats, r.size, task, "archive scanned")?;
             *input = Input::Ranged(r);
@@ -94,9 +94,9 @@ pub(crate) async fn examine_input(input: &mut Input, task: &TaskSpec, ctx: &Proc
             *input = Input::Local(f);
             tokio::task::spawn_blocking(move || crate::stage::plan::examine(&path, &limits, &pdf))
                 .await
-                .map_err(|e| TaskFailure(format!("opening the document: {e}")))
+                .map_err(|e| TaskFailure::caused(FailureKind::Worker, "opening the document", e))
         }
-        Input::None => Err(TaskFailure(format!("{}: a whole-document task without its input", task.source.uri))),
+        Input::None => Err(TaskFailure::new(FailureKind::Worker, format!("{}: a whole-document task without its input", task.source.uri))),
     }
 }
 

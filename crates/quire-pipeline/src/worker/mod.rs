@@ -12,7 +12,7 @@ use crate::stage::process::process_archive;
 use crate::stage::process::process_task;
 use crate::stage::process::ArchiveSource;
 use crate::stage::process::ProcessContext;
-use crate::error::TaskFailure;
+use crate::error::{FailureKind, TaskFailure};
 use crate::progress::Progress;
 use crate::stage::split::open_examined;
 use crate::stage::split::split_key;
@@ -101,24 +101,24 @@ impl Worker {
         let job = &parts[0].settings.job;
         let key = split_key(job, &split.document_task_id);
         let check = doc.check_stored
-            || store.exists(&key).await.map_err(|e| TaskFailure(format!("checking for an earlier split: {e}")))?;
-        let body = serde_json::to_vec(split).map_err(|e| TaskFailure(format!("encoding the split: {e}")))?;
+            || store.exists(&key).await.map_err(|e| TaskFailure::caused(FailureKind::Output, "checking for an earlier split", e))?;
+        let body = serde_json::to_vec(split).map_err(|e| TaskFailure::caused(FailureKind::Worker, "encoding the split", e))?;
         store
             .put(&key, body)
             .await
-            .map_err(|e| TaskFailure(format!("storing the split: {e}")))?;
+            .map_err(|e| TaskFailure::caused(FailureKind::Output, "storing the split", e))?;
         let mut published = Vec::new();
         for part in parts {
             let done = check
                 && store
                     .exists(&results_key(job, &part.task_id))
                     .await
-                    .map_err(|e| TaskFailure(format!("checking results: {e}")))?;
+                    .map_err(|e| TaskFailure::caused(FailureKind::Output, "checking results", e))?;
             if !done {
                 self.queue
                     .publish(part)
                     .await
-                    .map_err(|e| TaskFailure(format!("publishing page-range tasks: {e}")))?;
+                    .map_err(|e| TaskFailure::caused(FailureKind::Queue, "publishing page-range tasks", e))?;
                 published.push(part.task_id.clone());
             }
         }
@@ -286,7 +286,7 @@ impl Worker {
             store
                 .put(&results_key(&task.settings.job, &task.task_id), body)
                 .await
-                .map_err(|e| TaskFailure(format!("storing results: {e}")))?;
+                .map_err(|e| TaskFailure::caused(FailureKind::Output, "storing results", e))?;
             stage("upload", t);
             self.queue.announce(&task.settings.job, TaskEvent::Done { task_id: task.task_id.clone(), records: copy }).await;
             Ok::<_, TaskFailure>(Done::Records(records, run.unit))
@@ -352,10 +352,11 @@ impl Worker {
                 let opened = TaskSpec { unit, ..task.clone() };
                 self.settle(lease, how, TaskEnd::Stored, &opened, &records, (t0, delivery)).await;
             }
-            Err(TaskFailure(msg)) => {
-                tracing::warn!(task = %task.task_id, source = %task.source.uri, delivery, "task failed, will retry: {msg}");
+            Err(f) => {
+                let kind = f.kind.as_str();
+                tracing::warn!(task = %task.task_id, source = %task.source.uri, delivery, kind, "task failed, will retry: {}", f.message);
                 Progress::add(&p.tasks_retried, 1);
-                self.settle(lease, Settle::Nack(backoff(delivery), &msg), TaskEnd::Retried, &task, &[], (t0, delivery)).await;
+                self.settle(lease, Settle::Nack(backoff(delivery), &f.message), TaskEnd::Retried, &task, &[], (t0, delivery)).await;
             }
         }
     }

@@ -1,7 +1,7 @@
 //! Where a task's records are stored and whether a task from the queue may run at all:
 //! one store for `quire run`, a store per output location for distributed workers.
 
-use crate::error::TaskFailure;
+use crate::error::{FailureKind, TaskFailure};
 use quire_core::TaskSpec;
 use quire_queue::progress::{JobMeta, JobProgress};
 use quire_store::BlobStore;
@@ -66,9 +66,7 @@ impl StoreCache {
 impl ResultStores for StoreCache {
     async fn store_for(&self, task: &TaskSpec) -> Result<Arc<dyn BlobStore>, TaskFailure> {
         let out = task.settings.out.as_deref().ok_or_else(|| {
-            TaskFailure(
-                "the task names no output location (published by an older coordinator?)".into(),
-            )
+            TaskFailure::new(FailureKind::Output, "the task names no output location (published by an older coordinator?)")
         })?;
         let mut map = self.stores.lock().await;
         if let Some(s) = map.get(out) {
@@ -76,7 +74,7 @@ impl ResultStores for StoreCache {
         }
         let s = open_store(out, &self.access)
             .await
-            .map_err(|e| TaskFailure(format!("{e:#}")))?;
+            .map_err(|e| TaskFailure::new(FailureKind::Output, format!("{e:#}")))?;
         map.insert(out.to_string(), s.clone());
         Ok(s)
     }

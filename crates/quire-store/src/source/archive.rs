@@ -43,12 +43,9 @@ use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::ops::RangeInclusive;
 use std::path::Path;
 
-/// Extensions (the last dot-separated part, lower-case) of the members taken as a sample's
-/// image.
-pub const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "webp", "tif", "tiff", "bmp", "gif"];
-
-/// Extensions of members that are archives themselves (not opened: `unsupported`).
-const ARCHIVE_EXTENSIONS: &[&str] = &["tar", "tgz", "gz", "zip", "tbz", "tbz2", "bz2", "xz", "zst", "7z", "rar"];
+// A member is a sample's image by its extension ([`IMAGE_EXTENSIONS`]), an archive itself (not
+// opened: `unsupported`) by [`quire_core::names::ARCHIVE_EXTENSIONS`].
+pub use quire_core::names::{is_archive_ext, is_image_ext, IMAGE_EXTENSIONS};
 
 /// How many first bytes [`sniff_archive`] wants (a tar's `ustar` magic is at offset 257).
 pub const ARCHIVE_SNIFF_LEN: usize = 512;
@@ -170,18 +167,6 @@ pub fn split_key(name: &str) -> (&str, String) {
         Some(dot) => (&name[..base_start + dot], name[base_start + dot + 1..].to_ascii_lowercase()),
         None => (name, String::new()),
     }
-}
-
-fn last_ext(ext: &str) -> &str {
-    ext.rsplit('.').next().unwrap_or("")
-}
-
-pub fn is_image_ext(ext: &str) -> bool {
-    IMAGE_EXTENSIONS.contains(&last_ext(ext))
-}
-
-pub fn is_archive_ext(ext: &str) -> bool {
-    ARCHIVE_EXTENSIONS.contains(&last_ext(ext))
 }
 
 /// Why a member name is refused, if it is: quire never writes members out, but their names
