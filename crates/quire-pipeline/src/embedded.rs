@@ -18,8 +18,8 @@ use crate::stage::plan::ImageGroups;
 use crate::stage::plan::Planner;
 use crate::stage::process::ProcessContext;
 use crate::progress::Progress;
-use crate::sink::store::is_s3;
-use crate::sink::store::open_store;
+use quire_store::is_s3;
+use quire_store::open_store;
 use crate::source::s3::scratch_dir;
 use crate::source::s3::spawn_listing;
 use crate::source::s3::S3Fetch;
@@ -43,7 +43,7 @@ pub struct RunOptions {
     /// The output: a folder or `s3://bucket/prefix`.
     pub out: String,
     /// How `s3://` inputs and outputs are reached.
-    pub access: crate::source::s3::S3Access,
+    pub access: quire_store::S3Access,
     /// Disk space for downloaded `s3://` inputs kept between planning (which opens new objects)
     /// and work, in bytes.
     pub download_cache_bytes: u64,

@@ -21,9 +21,13 @@
 pub mod local;
 #[cfg(feature = "s3")]
 pub mod s3;
+#[cfg(feature = "s3")]
+mod resolve;
 mod retry;
 mod source;
 
+#[cfg(feature = "s3")]
+pub use resolve::{is_s3, open_store, S3Access};
 pub use retry::{Retry, RetryingStore};
 pub use source::{archive, inputs};
 

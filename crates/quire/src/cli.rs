@@ -388,6 +388,18 @@ pub struct S3Opts {
     pub store_retry_s: u64,
 }
 
+impl S3Opts {
+    /// How the S3 inputs and outputs are reached, from these flags.
+    pub fn access(&self) -> quire_store::S3Access {
+        quire_store::S3Access {
+            endpoint: self.s3_endpoint.clone(),
+            region: self.s3_region.clone(),
+            path_style: self.s3_path_style,
+            retry: quire_store::Retry { budget: std::time::Duration::from_secs(self.store_retry_s), ..Default::default() },
+        }
+    }
+}
+
 #[derive(Args)]
 pub struct CheckArgs {
     /// Output folder or s3://bucket/prefix: the object `.quire-check` is written there and read back.

@@ -1,14 +1,14 @@
 //! `quire coordinator`, `quire worker`, `quire status` and `quire check`: the
 //! distributed mode over NATS JetStream, with results in S3 or a shared folder.
 
-use crate::cli::{CheckArgs, CoordinatorArgs, S3Opts, StatusArgs, WorkerArgs};
+use crate::cli::{CheckArgs, CoordinatorArgs, StatusArgs, WorkerArgs};
 use crate::exit;
 use crate::run::{check_job_name, settings};
 use anyhow::Context as _;
 use quire_core::{Engine, TaskSpec};
 use quire_pipeline::coordinator::{connect_queue, job_status, submit, wait_and_finish, CoordinatorOptions};
-use quire_pipeline::sink::store::{is_s3, open_store};
-use quire_pipeline::source::s3::{fetch_model, S3Access};
+use quire_store::{is_s3, open_store};
+use quire_pipeline::source::s3::fetch_model;
 use quire_pipeline::metrics::{self, Metrics};
 use quire_pipeline::stage::process::ProcessContext;
 use quire_pipeline::worker::service::WorkerService;
@@ -18,15 +18,6 @@ use quire_queue::runlease::{Holder, RunLeases};
 use quire_queue::QueueOptions;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
-
-pub(crate) fn access(s: &S3Opts) -> S3Access {
-    S3Access {
-        endpoint: s.s3_endpoint.clone(),
-        region: s.s3_region.clone(),
-        path_style: s.s3_path_style,
-        retry: quire_store::Retry { budget: Duration::from_secs(s.store_retry_s), ..Default::default() },
-    }
-}
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
@@ -66,7 +57,7 @@ pub fn coordinator(mut args: CoordinatorArgs) -> u8 {
     let o = CoordinatorOptions {
         inputs: args.inputs.clone(),
         settings: s,
-        access: access(&args.services.s3),
+        access: args.services.s3.access(),
         force: args.force,
         price_per_hour: args.opts.price_per_hour,
         run: args.runs.run.clone(),
@@ -200,7 +191,7 @@ pub fn worker(args: WorkerArgs) -> u8 {
 
 fn worker_inner(args: WorkerArgs) -> anyhow::Result<u8> {
     let rt = runtime()?;
-    let access = access(&args.services.s3);
+    let access = args.services.s3.access();
     let metrics = Arc::new(Metrics::new());
     metrics.set_stall_after(Duration::from_secs(args.stall_s));
     let _server = match &args.metrics_addr {
@@ -324,7 +315,7 @@ const CHECK_KEY: &str = ".quire-check";
 /// object is written and read back), each given `--timeout-s` to answer.
 pub fn check(args: CheckArgs) -> u8 {
     let limit = Duration::from_secs(args.timeout_s.max(1));
-    let mut access = access(&args.services.s3);
+    let mut access = args.services.s3.access();
     access.retry.budget = access.retry.budget.min(limit);
     let result = runtime().and_then(|rt| {
         rt.block_on(async {
@@ -365,7 +356,7 @@ pub fn check(args: CheckArgs) -> u8 {
 }
 
 pub fn status(args: StatusArgs) -> u8 {
-    let mut access = access(&args.s3);
+    let mut access = args.s3.access();
     // Status is a quick look: an unreachable store is reported, not waited out.
     access.retry.budget = access.retry.budget.min(Duration::from_secs(5));
     let result = runtime().and_then(|rt| {

@@ -4,7 +4,7 @@ use crate::cli::{DatasetArg, EngineArg, JobOpts, RunArgs, TaskArg};
 use crate::exit;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use quire_core::{DatasetFormat, Engine, JobSettings, Limits, RenderSize, TaskKind};
-use quire_pipeline::sink::store::is_s3;
+use quire_store::is_s3;
 use quire_pipeline::source::s3::fetch_model;
 use quire_pipeline::stage::process::ProcessContext;
 use quire_pipeline::{run_embedded, Progress, RunOptions};
@@ -135,7 +135,7 @@ fn run_inner(mut args: RunArgs) -> Result<u8, Failure> {
         return Err(Failure::Usage("--engine vlm needs --model (a checkpoint folder, hub id or s3:// prefix)".into()));
     }
     let pdf = crate::start_renderer().map_err(|e| Failure::Usage(e.message))?;
-    let access = crate::distributed::access(&args.s3);
+    let access = args.s3.access();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(anyhow::Error::from)?;
     let (model, model_long_side) = match settings.model.clone() {
         None => (None, None),

@@ -14,7 +14,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 use crate::coordinator::planfiles::IdSet;
-use crate::source::s3::S3Access;
+use quire_store::S3Access;
 
 pub struct CoordinatorOptions {
     pub inputs: Vec<String>,

@@ -31,7 +31,7 @@ use crate::coordinator::planfiles::results_present;
 use crate::coordinator::planfiles::splits_present;
 use crate::coordinator::planfiles::read_split;
 use crate::source::s3::spawn_listing;
-use crate::sink::store::is_s3;
+use quire_store::is_s3;
 use crate::coordinator::planfiles::{unix_now, PlanWriter};
 use crate::coordinator::options::Outage;
 

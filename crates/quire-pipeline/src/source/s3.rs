@@ -1,4 +1,4 @@
-//! Inputs on S3: the access settings, the fetcher that downloads or range-reads objects
+//! Inputs on S3: the fetcher that downloads or range-reads objects
 //! (with its download cache), the listing task and the model download.
 
 use crate::error::{FailureKind, TaskFailure};
@@ -8,45 +8,12 @@ use crate::source::RangedInput;
 use anyhow::Context as _;
 use quire_core::SourceRef;
 use quire_store::inputs::{list_local, Listed};
-use quire_store::s3::{self, S3Options};
+use quire_store::s3;
 use quire_store::{Retry};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio::sync::mpsc;
-use crate::sink::store::is_s3;
-
-/// How to reach S3 beyond the standard AWS environment.
-#[derive(Debug, Clone, Default)]
-pub struct S3Access {
-    /// Endpoint of an S3-compatible service (else `AWS_ENDPOINT_URL` or AWS).
-    pub endpoint: Option<String>,
-    pub region: Option<String>,
-    /// Path-style addressing (most S3-compatible services need it).
-    pub path_style: bool,
-    /// How long transient faults of the output store and of input downloads are ridden out
-    /// (with backoff) before an operation fails: a store's bad minutes must not dead-letter
-    /// tasks or end a waiting coordinator.
-    pub retry: Retry,
-}
-
-impl S3Access {
-    pub fn options(&self, uri: &str) -> Result<S3Options, quire_store::StoreError> {
-        let mut o = S3Options::from_uri(uri)?;
-        o.endpoint_url = self.endpoint.clone();
-        o.region = self.region.clone();
-        o.force_path_style = self.path_style;
-        Ok(o)
-    }
-
-    /// A client for any bucket.
-    pub async fn client(&self) -> aws_sdk_s3::Client {
-        let mut o = S3Options::new("", "");
-        o.endpoint_url = self.endpoint.clone();
-        o.region = self.region.clone();
-        o.force_path_style = self.path_style;
-        s3::client(&o).await
-    }
-}
+use quire_store::{is_s3, S3Access};
 
 /// Local paths are read in place; `s3://` objects are streamed to a
 /// temporary file in `dir`. The most recent downloads are kept while they

@@ -4,7 +4,8 @@
 
 use crate::metrics::Metrics;
 use crate::progress::Progress;
-use crate::source::s3::{scratch_dir, S3Access, S3Fetch};
+use crate::source::s3::{scratch_dir, S3Fetch};
+use quire_store::S3Access;
 use crate::stage::process::ProcessContext;
 use crate::worker::observe::TaskObserver;
 use crate::worker::stores::StoreCache;

@@ -7,8 +7,8 @@ use quire_queue::progress::{JobMeta, JobProgress};
 use quire_store::BlobStore;
 use std::collections::HashMap;
 use std::sync::Arc;
-use crate::source::s3::S3Access;
-use crate::sink::store::open_store;
+use quire_store::S3Access;
+use quire_store::open_store;
 
 /// Where a task's records are stored.
 #[async_trait::async_trait]
