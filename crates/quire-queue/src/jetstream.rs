@@ -183,8 +183,37 @@ pub(crate) async fn stream_replicas(js: &jetstream::Context, name: &str, want: O
     }
 }
 
-fn backend(what: &str, e: impl std::fmt::Display) -> QueueError {
+pub(crate) fn backend(what: &str, e: impl std::fmt::Display) -> QueueError {
     QueueError::Backend(format!("{what}: {e}"))
+}
+
+/// Reads once every message of `stream` that `config` selects, `batch` at a time, through a
+/// throwaway consumer deleted afterwards (listings and counts: dead letters, task states);
+/// `each` sees every message. `what` names the operation in errors.
+pub(crate) async fn scan_stream(
+    stream: &jetstream::stream::Stream,
+    config: pull::Config,
+    batch: usize,
+    what: &str,
+    mut each: impl FnMut(&jetstream::Message),
+) -> Result<(), QueueError> {
+    let consumer: jetstream::consumer::Consumer<pull::Config> =
+        stream.create_consumer(config).await.map_err(|e| backend(what, e))?;
+    loop {
+        let mut messages = consumer.fetch().max_messages(batch).messages().await.map_err(|e| backend(what, e))?;
+        let mut got = 0;
+        while let Some(m) = messages.next().await {
+            let m = m.map_err(|e| backend(what, e))?;
+            got += 1;
+            each(&m);
+        }
+        if got == 0 {
+            break;
+        }
+    }
+    let name = consumer.cached_info().name.clone();
+    let _ = stream.delete_consumer(&name).await;
+    Ok(())
 }
 
 struct Inner {
@@ -444,42 +473,20 @@ impl JetStreamQueue {
             .get_stream(&self.inner.opts.dead_stream)
             .await
             .map_err(|e| backend("opening the dead-letter stream", e))?;
-        let consumer: jetstream::consumer::Consumer<pull::Config> = stream
-            .create_consumer(pull::Config {
-                filter_subject: self.dead_subject(job),
-                ack_policy: AckPolicy::None,
-                deliver_policy: DeliverPolicy::All,
-                inactive_threshold: Duration::from_secs(60),
-                memory_storage: true,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| backend("listing dead letters", e))?;
+        let config = pull::Config {
+            filter_subject: self.dead_subject(job),
+            ack_policy: AckPolicy::None,
+            deliver_policy: DeliverPolicy::All,
+            inactive_threshold: Duration::from_secs(60),
+            memory_storage: true,
+            ..Default::default()
+        };
         let mut out = Vec::new();
-        loop {
-            let mut batch = consumer
-                .fetch()
-                .max_messages(256)
-                .messages()
-                .await
-                .map_err(|e| backend("listing dead letters", e))?;
-            let mut got = 0;
-            while let Some(m) = batch.next().await {
-                let m = m.map_err(|e| backend("listing dead letters", e))?;
-                got += 1;
-                match serde_json::from_slice::<DeadLetter>(&m.payload) {
-                    Ok(d) => out.push(d),
-                    Err(e) => {
-                        tracing::warn!(subject = %m.subject, "skipping malformed dead letter: {e}")
-                    }
-                }
-            }
-            if got == 0 {
-                break;
-            }
-        }
-        let name = consumer.cached_info().name.clone();
-        let _ = stream.delete_consumer(&name).await;
+        scan_stream(&stream, config, 256, "listing dead letters", |m| match serde_json::from_slice::<DeadLetter>(&m.payload) {
+            Ok(d) => out.push(d),
+            Err(e) => tracing::warn!(subject = %m.subject, "skipping malformed dead letter: {e}"),
+        })
+        .await?;
         Ok(out)
     }
 

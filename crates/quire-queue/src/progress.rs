@@ -12,14 +12,13 @@
 //! key) with a throw-away consumer; a cheap "is anything left" check is
 //! [`JetStreamQueue::pending`](crate::jetstream::JetStreamQueue::pending).
 
-use crate::jetstream::subject_token;
+use crate::jetstream::{backend, scan_stream, subject_token};
 use crate::QueueError;
 use async_nats::jetstream::{
     self,
     consumer::{pull, AckPolicy, DeliverPolicy},
     kv,
 };
-use futures_util::StreamExt;
 use quire_core::JobSettings;
 use serde::{Deserialize, Serialize};
 
@@ -89,10 +88,6 @@ impl TaskCounts {
     pub fn settled(&self) -> u64 {
         self.done + self.failed + self.dead
     }
-}
-
-fn backend(what: &str, e: impl std::fmt::Display) -> QueueError {
-    QueueError::Backend(format!("{what}: {e}"))
 }
 
 /// The `quire-jobs` bucket; cheap to clone.
@@ -173,42 +168,22 @@ impl JobProgress {
             .get_stream(format!("KV_{BUCKET}"))
             .await
             .map_err(|e| backend("opening the quire-jobs bucket", e))?;
-        let consumer: jetstream::consumer::Consumer<pull::Config> = stream
-            .create_consumer(pull::Config {
-                filter_subject: format!("$KV.{BUCKET}.{}.task.>", subject_token(job)),
-                deliver_policy: DeliverPolicy::LastPerSubject,
-                ack_policy: AckPolicy::None,
-                inactive_threshold: std::time::Duration::from_secs(60),
-                memory_storage: true,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| backend("counting tasks", e))?;
+        let config = pull::Config {
+            filter_subject: format!("$KV.{BUCKET}.{}.task.>", subject_token(job)),
+            deliver_policy: DeliverPolicy::LastPerSubject,
+            ack_policy: AckPolicy::None,
+            inactive_threshold: std::time::Duration::from_secs(60),
+            memory_storage: true,
+            ..Default::default()
+        };
         let mut c = TaskCounts::default();
-        loop {
-            let mut batch = consumer
-                .fetch()
-                .max_messages(1000)
-                .messages()
-                .await
-                .map_err(|e| backend("counting tasks", e))?;
-            let mut got = 0;
-            while let Some(m) = batch.next().await {
-                let m = m.map_err(|e| backend("counting tasks", e))?;
-                got += 1;
-                match TaskState::parse(&m.payload) {
-                    Some(TaskState::Done) => c.done += 1,
-                    Some(TaskState::Failed) => c.failed += 1,
-                    Some(TaskState::Dead) => c.dead += 1,
-                    None => {} // deleted or purged key
-                }
-            }
-            if got == 0 {
-                break;
-            }
-        }
-        let name = consumer.cached_info().name.clone();
-        let _ = stream.delete_consumer(&name).await;
+        scan_stream(&stream, config, 1000, "counting tasks", |m| match TaskState::parse(&m.payload) {
+            Some(TaskState::Done) => c.done += 1,
+            Some(TaskState::Failed) => c.failed += 1,
+            Some(TaskState::Dead) => c.dead += 1,
+            None => {} // deleted or purged key
+        })
+        .await?;
         Ok(c)
     }
 }
