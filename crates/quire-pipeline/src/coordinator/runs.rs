@@ -11,12 +11,12 @@
 //! own manifest (`JOB/runs/RUN/manifest.json`) says what it found and did, and the job
 //! manifest is written last.
 
-use crate::sink::finish::process_cpu_seconds;
+use crate::sink::finish::throughput;
 use crate::sink::finish::FinishReport;
 use crate::stage::plan::PlannedTask;
 use quire_core::{
     job_prefix, manifest_key, results_key, run_manifest_key, run_started_key, settings_fingerprint, superseded_prefix, DeadLetter, Manifest,
-    ObjectChange, ObjectEntry, ObjectStatus, ObjectTask, RunEntry, SourceRef, TaskSpec, Throughput,
+    ObjectChange, ObjectEntry, ObjectStatus, ObjectTask, RunEntry, SourceRef, TaskSpec,
 };
 use quire_store::BlobStore;
 use std::collections::{HashMap, HashSet};
@@ -285,10 +285,6 @@ pub struct RunOutcome {
     pub run_manifest_key: String,
 }
 
-fn round3(x: f64) -> f64 {
-    (x * 1000.0).round() / 1000.0
-}
-
 /// The folders of a job whose files belong to inputs: results and what is derived from them.
 const OUTPUT_DIRS: [&str; 4] = ["results/", "markdown/", "parquet/", "webdataset/"];
 
@@ -430,16 +426,7 @@ pub async fn close_run(store: &dyn BlobStore, state: &JobState, book: RunBook, r
     run_counts.documents = worked.len() as u64;
     let wall = SystemTime::now().duration_since(c.started_at).map(|d| d.as_secs_f64()).unwrap_or(0.0);
     let run_pages = run_counts.pages_ok + run_counts.pages_failed;
-    let throughput = Throughput {
-        wall_seconds: round3(wall),
-        pages_per_second: if wall > 0.0 { ((run_pages as f64 / wall) * 100.0).round() / 100.0 } else { 0.0 },
-        cpu_seconds: (process_cpu_seconds() * 100.0).round() / 100.0,
-        gpu_seconds: round3(device_ms / 1e3),
-        device_seconds_per_page: if model_pages > 0 { round3(device_ms / 1e3 / model_pages as f64) } else { 0.0 },
-        new_tokens_per_device_second: if device_ms > 0.0 { round3(model_tokens as f64 / (device_ms / 1e3)) } else { 0.0 },
-        price_per_hour: c.price_per_hour,
-        usd_per_1000_pages: c.price_per_hour.filter(|_| model_pages > 0).map(|p| round3(device_ms / 1e3 / model_pages as f64 * p / 3.6)),
-    };
+    let throughput = throughput(wall, run_pages, (device_ms, model_pages, model_tokens), c.price_per_hour);
     let mut run_objects: Vec<ObjectEntry> = entries
         .iter()
         .zip(&found)

@@ -47,6 +47,22 @@ fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
+/// The throughput figures of a job or a run: `wall` seconds for `pages`, and the model's
+/// work in it (device milliseconds, pages and new tokens), priced at `price_per_hour` of device
+/// time when given.
+pub fn throughput(wall: f64, pages: u64, (device_ms, model_pages, model_tokens): (f64, u64, u64), price_per_hour: Option<f64>) -> Throughput {
+    Throughput {
+        wall_seconds: round3(wall),
+        pages_per_second: if wall > 0.0 { ((pages as f64 / wall) * 100.0).round() / 100.0 } else { 0.0 },
+        cpu_seconds: (process_cpu_seconds() * 100.0).round() / 100.0,
+        gpu_seconds: round3(device_ms / 1e3),
+        device_seconds_per_page: if model_pages > 0 { round3(device_ms / 1e3 / model_pages as f64) } else { 0.0 },
+        new_tokens_per_device_second: if device_ms > 0.0 { round3(model_tokens as f64 / (device_ms / 1e3)) } else { 0.0 },
+        price_per_hour,
+        usd_per_1000_pages: price_per_hour.filter(|_| model_pages > 0).map(|p| round3(device_ms / 1e3 / model_pages as f64 * p / 3.6)),
+    }
+}
+
 /// Renders one document's records as Markdown: pages in order, each after a
 /// `<!-- page N -->` marker (a DocTags model's page as its `markdown`);
 /// failed or missing pages say so in a comment.
@@ -333,19 +349,7 @@ pub async fn finish_outputs(store: &dyn BlobStore, o: JobOutcome<'_>) -> anyhow:
         counts,
         failures,
         dead_lettered,
-        throughput: Throughput {
-            wall_seconds: (wall * 1000.0).round() / 1000.0,
-            pages_per_second: if wall > 0.0 { ((pages_this_run as f64 / wall) * 100.0).round() / 100.0 } else { 0.0 },
-            cpu_seconds: (process_cpu_seconds() * 100.0).round() / 100.0,
-            gpu_seconds: round3(device_ms / 1e3),
-            device_seconds_per_page: if model_pages > 0 { round3(device_ms / 1e3 / model_pages as f64) } else { 0.0 },
-            new_tokens_per_device_second: if device_ms > 0.0 { round3(model_tokens as f64 / (device_ms / 1e3)) } else { 0.0 },
-            price_per_hour: o.price_per_hour,
-            usd_per_1000_pages: o
-                .price_per_hour
-                .filter(|_| model_pages > 0)
-                .map(|p| round3(device_ms / 1e3 / model_pages as f64 * p / 3.6)),
-        },
+        throughput: throughput(wall, pages_this_run, (device_ms, model_pages, model_tokens), o.price_per_hour),
         datasets: datasets.files,
         archives: datasets.archives,
         run: None,
