@@ -14,6 +14,7 @@ mod record;
 mod settings;
 
 pub use error::{ErrorKind, InputError};
+pub use names::ObjectKind;
 pub use ids::{document_task_id, images_task_id, settings_fingerprint, task_id};
 pub use keys::{
     images_parquet_key, job_prefix, markdown_key, manifest_key, parquet_key, results_key, run_manifest_key, run_started_key, safe_relative_path,

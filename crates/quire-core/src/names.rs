@@ -45,9 +45,72 @@ pub fn ends_with_any(name: &str, suffixes: &[&str]) -> bool {
     suffixes.iter().any(|s| lower.ends_with(s))
 }
 
+/// What an input object is, as the datasets and the job manifest see it. Planning decides it and
+/// it travels with the plan: from the object's bytes where planning (or the worker that split
+/// it) opened the object, else from its name ([`ObjectKind::by_name`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ObjectKind {
+    /// A tar or zip: one dataset file per object.
+    Archive,
+    /// A loose image (grouped with others): one dataset file per task.
+    Images,
+    /// Anything else (PDF documents): Markdown only.
+    Document,
+}
+
+impl ObjectKind {
+    /// What an object not opened (or not readable) is taken for by its name.
+    pub fn by_name(uri: &str) -> ObjectKind {
+        let name = uri.rsplit('/').next().unwrap_or(uri).to_ascii_lowercase();
+        if looks_like_image(&name) {
+            ObjectKind::Images
+        } else if name.rsplit_once('.').is_some_and(|(_, ext)| is_archive_ext(ext)) {
+            ObjectKind::Archive
+        } else {
+            ObjectKind::Document
+        }
+    }
+
+    /// The kind of an object planned as tasks of `unit`: the unit says it where the object was
+    /// opened; an object that could not be read, or was not opened yet, goes by its name.
+    pub fn planned(unit: crate::UnitKind, uri: &str) -> ObjectKind {
+        use crate::UnitKind as U;
+        match unit {
+            U::Archive => ObjectKind::Archive,
+            U::Image | U::Images => ObjectKind::Images,
+            U::Pdf => ObjectKind::Document,
+            U::Unreadable | U::Document => ObjectKind::by_name(uri),
+        }
+    }
+
+    /// The name the job manifest gives an object of this kind that could be read.
+    pub fn manifest_name(self) -> &'static str {
+        match self {
+            ObjectKind::Archive => "archive",
+            ObjectKind::Images => "image",
+            ObjectKind::Document => "pdf",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_object_not_opened_goes_by_its_name_and_an_opened_one_by_its_units() {
+        use crate::UnitKind;
+        assert_eq!(ObjectKind::by_name("s3://b/in/Scan.JPG"), ObjectKind::Images);
+        assert_eq!(ObjectKind::by_name("in/shard-000.TAR.GZ"), ObjectKind::Archive);
+        assert_eq!(ObjectKind::by_name("in/a.rar"), ObjectKind::Archive);
+        assert_eq!(ObjectKind::by_name("in/a.pdf"), ObjectKind::Document);
+        assert_eq!(ObjectKind::by_name("in.tar/report"), ObjectKind::Document);
+        // Opened: the bytes decided the units, whatever the name says.
+        assert_eq!(ObjectKind::planned(UnitKind::Archive, "in/shard-000"), ObjectKind::Archive);
+        assert_eq!(ObjectKind::planned(UnitKind::Pdf, "in/a.jpg"), ObjectKind::Document);
+        assert_eq!(ObjectKind::planned(UnitKind::Unreadable, "in/a.zip"), ObjectKind::Archive);
+        assert_eq!(ObjectKind::planned(UnitKind::Document, "in/b.png"), ObjectKind::Images);
+    }
 
     #[test]
     fn names_are_told_apart_by_their_last_extension_in_any_case() {

@@ -23,7 +23,7 @@ use crate::coordinator::options::CoordinatorOptions;
 use crate::coordinator::options::Submitted;
 use crate::coordinator::options::RunPlan;
 use crate::coordinator::planfiles::PlanLine;
-use quire_core::names::{is_archive_ext, looks_like_image};
+use quire_core::ObjectKind;
 use crate::coordinator::planfiles::JobFile;
 use crate::coordinator::planfiles::job_file_key;
 use crate::coordinator::planfiles::IdSet;
@@ -37,21 +37,6 @@ use crate::coordinator::options::Outage;
 
 /// Tasks published at once before waiting for the server's acks.
 const PUBLISH_WINDOW: usize = 512;
-
-/// What an object is taken for by its name, until a worker opens it.
-fn kind_by_name(uri: &str) -> &'static str {
-    let name = uri.rsplit('/').next().unwrap_or(uri).to_ascii_lowercase();
-    if looks_like_image(uri) {
-        "image"
-    } else if name
-        .rsplit_once('.')
-        .is_some_and(|(_, ext)| is_archive_ext(ext))
-    {
-        "archive"
-    } else {
-        "pdf"
-    }
-}
 
 /// The task that redoes one failed task of an unchanged object (`--retry-failed`).
 fn retry_task(
@@ -191,7 +176,7 @@ async fn submit_once(o: &CoordinatorOptions, queue: &JetStreamQueue, store: &dyn
                 Some(Listed::Object(src)) => {
                     sub.documents += 1;
                     let found = state.classify(&src, &o.run);
-                    if looks_like_image(&src.uri) {
+                    if ObjectKind::by_name(&src.uri) == ObjectKind::Images {
                         book.add(&state, &o.run, &src, "image", found);
                         groups
                             .push(&planner, input, src)
@@ -239,7 +224,7 @@ async fn submit_once(o: &CoordinatorOptions, queue: &JetStreamQueue, store: &dyn
                                     &src,
                                     state
                                         .unchanged(&src)
-                                        .map_or(kind_by_name(&src.uri), |p| p.kind.as_str()),
+                                        .map_or(ObjectKind::by_name(&src.uri).manifest_name(), |p| p.kind.as_str()),
                                     found,
                                 );
                                 let mut doc =

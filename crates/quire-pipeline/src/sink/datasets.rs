@@ -12,11 +12,11 @@
 //! a rerun writes only files whose digest changed or that are gone, and a file is always
 //! made from all of its records, so rows are never duplicated.
 
-use quire_core::names;
+use quire_core::{names, ObjectKind};
 use crate::stage::plan::PlannedTask;
 use quire_core::{
     images_parquet_key, manifest_key, parquet_key, webdataset_key, ArchiveCounts, DatasetFile, DatasetFormat,
-    JobSettings, Manifest, Record, UnitKind,
+    JobSettings, Manifest, Record,
 };
 use quire_store::BlobStore;
 use sha2::{Digest, Sha256};
@@ -26,38 +26,6 @@ use std::ops::Range;
 /// Bumped when the same records would give different dataset bytes, so that a rerun
 /// after an upgrade rewrites the files.
 const LAYOUT: &str = "quire-dataset/1";
-
-/// What the tasks of one input object are, for the datasets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ObjectKind {
-    /// A tar or zip: one dataset file per object.
-    Archive,
-    /// Loose images: one dataset file per task.
-    Images,
-    /// Anything else (PDF documents): Markdown only.
-    Document,
-}
-
-/// Decides from the planned units, then from the records (a record with `member` comes
-/// from an archive), then from the name for objects whose kind was never found out
-/// (unopened or unreadable).
-pub fn object_kind(tasks: &[&PlannedTask], records: &[Record]) -> ObjectKind {
-    let units: Vec<UnitKind> = tasks.iter().map(|t| t.unit).collect();
-    let uri = tasks.first().map_or("", |t| t.uri.as_str());
-    let undecided = units.iter().all(|u| matches!(u, UnitKind::Unreadable | UnitKind::Document));
-    if units.contains(&UnitKind::Archive)
-        || records.iter().any(|r| r.member.is_some())
-        || (undecided && names::ends_with_any(uri, names::INPUT_ARCHIVE_SUFFIXES))
-    {
-        ObjectKind::Archive
-    } else if units.iter().any(|u| matches!(u, UnitKind::Images | UnitKind::Image))
-        || (undecided && names::looks_like_image(uri))
-    {
-        ObjectKind::Images
-    } else {
-        ObjectKind::Document
-    }
-}
 
 struct TaskRead<'p> {
     task: &'p PlannedTask,
@@ -198,7 +166,7 @@ impl<'p> DatasetSink<'p> {
         };
         let job = self.job.clone();
         let meta = |digest: &str| vec![("quire.job", job.clone()), ("quire.digest", digest.to_string())];
-        match object_kind(&planned, records) {
+        match first.object() {
             ObjectKind::Document => Ok(DocumentOutput { writes, markdown: true }),
             ObjectKind::Archive => {
                 let mut c = ArchiveCounts {

@@ -188,6 +188,14 @@ pub struct PlannedTask {
     pub unit: quire_core::UnitKind,
 }
 
+impl PlannedTask {
+    /// What its object is: planning's units say it where the object was opened (by the planner,
+    /// or by the worker that split it), its name where it was not or could not be read.
+    pub fn object(&self) -> quire_core::ObjectKind {
+        quire_core::ObjectKind::planned(self.unit, &self.uri)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -77,6 +77,18 @@ pub fn open_examined(doc: &TaskSpec, examined: &Examined) -> Opened {
     }
 }
 
+/// The split of an object run whole as `task` (its one part has the document task's id): stored
+/// only where the object's bytes say other than its name, so that the finish knows its kind.
+pub fn whole_split(task: &TaskSpec) -> Split {
+    Split {
+        document_task_id: task.task_id.clone(),
+        uri: task.source.uri.clone(),
+        unit_count: task.unit_count,
+        unit: Some(task.unit),
+        parts: vec![Part { task_id: task.task_id.clone(), first: task.first, last: task.last }],
+    }
+}
+
 fn split_planned(doc: &TaskSpec, mut tasks: Vec<TaskSpec>) -> Opened {
     for t in &mut tasks {
         t.submission = doc.submission.clone();

@@ -16,8 +16,8 @@ use crate::error::{FailureKind, TaskFailure};
 use crate::progress::Progress;
 use crate::stage::split::open_examined;
 use crate::stage::split::split_key;
-use crate::stage::split::Opened;
-use quire_core::{results_key, Record, TaskSpec, UnitKind};
+use crate::stage::split::{whole_split, Opened, Split};
+use quire_core::{results_key, ObjectKind, Record, TaskSpec, UnitKind};
 use quire_queue::{Lease, TaskEvent, TaskQueue};
 use quire_store::BlobStore;
 use std::sync::Arc;
@@ -95,18 +95,13 @@ impl Worker {
         &self,
         store: &Arc<dyn BlobStore>,
         doc: &TaskSpec,
-        split: &crate::stage::split::Split,
+        split: &Split,
         parts: &[TaskSpec],
     ) -> Result<(), TaskFailure> {
         let job = &parts[0].settings.job;
-        let key = split_key(job, &split.document_task_id);
         let check = doc.check_stored
-            || store.exists(&key).await.map_err(|e| TaskFailure::caused(FailureKind::Output, "checking for an earlier split", e))?;
-        let body = serde_json::to_vec(split).map_err(|e| TaskFailure::caused(FailureKind::Worker, "encoding the split", e))?;
-        store
-            .put(&key, body)
-            .await
-            .map_err(|e| TaskFailure::caused(FailureKind::Output, "storing the split", e))?;
+            || store.exists(&split_key(job, &split.document_task_id)).await.map_err(|e| TaskFailure::caused(FailureKind::Output, "checking for an earlier split", e))?;
+        store_split(store.as_ref(), job, split).await?;
         let mut published = Vec::new();
         for part in parts {
             let done = check
@@ -243,6 +238,12 @@ impl Worker {
                 let examined = examine_input(&mut input, &task, ctx).await?;
                 match open_examined(&task, &examined) {
                     Opened::Whole(t) => {
+                        // The object's bytes say other than its name (a tar without `.tar`, a
+                        // PDF named `.jpg`): a split of one part tells the finish what it is.
+                        let uri = &t.source.uri;
+                        if ObjectKind::planned(t.unit, uri) != ObjectKind::by_name(uri) {
+                            store_split(store.as_ref(), &t.settings.job, &whole_split(&t)).await?;
+                        }
                         whole = t;
                         &whole
                     }
@@ -360,6 +361,15 @@ impl Worker {
             }
         }
     }
+}
+
+/// Stores `split` as `JOB/splits/DOCUMENT_TASK_ID.json`.
+async fn store_split(store: &dyn BlobStore, job: &str, split: &Split) -> Result<(), TaskFailure> {
+    let body = serde_json::to_vec(split).map_err(|e| TaskFailure::caused(FailureKind::Worker, "encoding the split", e))?;
+    store
+        .put(&split_key(job, &split.document_task_id), body)
+        .await
+        .map_err(|e| TaskFailure::caused(FailureKind::Output, "storing the split", e))
 }
 
 #[cfg(test)]
@@ -491,9 +501,15 @@ mod tests {
         let queue = MemoryQueue::new(QueueOptions { ack_wait: Duration::from_secs(60), max_deliver: 3 });
         let big = crate::stage::split::document_task(&s, &fp, &src("born_digital.pdf")); // 3 pages
         let small = crate::stage::split::document_task(&s, &fp, &src("image.png"));
+        // A zip whose name does not say so: its worker finds out from the bytes.
+        let dir = tempfile::tempdir().unwrap();
+        let unnamed = dir.path().join("pictures");
+        std::fs::copy(docs.join("../archives/pictures.zip"), &unnamed).unwrap();
+        let zip = SourceRef { uri: unnamed.to_string_lossy().into(), rel: "pictures".into(), size: 1, version: "1".into() };
+        let zip = crate::stage::split::document_task(&s, &fp, &zip);
         queue.publish(&big).await.unwrap();
         queue.publish(&small).await.unwrap();
-        let dir = tempfile::tempdir().unwrap();
+        queue.publish(&zip).await.unwrap();
         let store: Arc<dyn BlobStore> = Arc::new(LocalStore::new(dir.path()));
         run_until_drained(&queue, &store, pdf).await;
         // The 3-page PDF: a split record and the two tasks quire run plans.
@@ -516,6 +532,13 @@ mod tests {
         let recs = crate::sink::jsonl::parse_jsonl(&body).unwrap();
         assert_eq!((recs.len(), recs[0].task_id.as_str()), (1, small.task_id.as_str()));
         assert!(!store.exists(&split_key("j", &small.task_id)).await.unwrap());
+        // The unnamed zip is run whole too; its split of one part says what it is, for the
+        // finish's datasets (an image or PDF whose name says what it is needs none).
+        let split: crate::stage::split::Split =
+            serde_json::from_slice(&store.get(&split_key("j", &zip.task_id)).await.unwrap().expect("kind stored")).unwrap();
+        assert_eq!(split.unit, Some(UnitKind::Archive));
+        assert_eq!(split.parts.iter().map(|p| p.task_id.as_str()).collect::<Vec<_>>(), [zip.task_id.as_str()]);
+        assert!(store.exists(&results_key("j", &zip.task_id)).await.unwrap());
     }
 
     #[tokio::test]
