@@ -545,3 +545,43 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod speed {
+    /// bf16 against f32 throughput on the vision encoder's and a text prefill's product shapes
+    /// (run with --release --ignored --nocapture; best of 5, pool threads as set by RAYON_NUM_THREADS).
+    #[test]
+    #[ignore]
+    fn bf16_gemm_gflops() {
+        if super::support().is_err() {
+            return;
+        }
+        for (m, k, n) in [(1024, 768, 3072), (1024, 3072, 768), (1024, 768, 2304), (87, 576, 3072)] {
+            let x: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 * 0.1).collect();
+            let w: Vec<f32> = (0..n * k).map(|i| (i % 7) as f32 * 0.1).collect();
+            let lin = super::Bf16Linear::new(&w, n, k, None).unwrap();
+            let mut d = vec![0f32; m * n];
+            let best = |f: &mut dyn FnMut()| {
+                (0..5)
+                    .map(|_| {
+                        let t = std::time::Instant::now();
+                        f();
+                        t.elapsed().as_secs_f64()
+                    })
+                    .fold(f64::MAX, f64::min)
+            };
+            let gf = |s: f64| 2.0 * (m * k * n) as f64 / s / 1e9;
+            let f32s = best(&mut || crate::kernels::matmul_wt_cols(&x, &w, &mut d, m, k, n, false));
+            let amx = best(&mut || lin.forward_rows(&x, m, &mut d, false, false));
+            let dot = best(&mut || lin.forward_rows(&x, m, &mut d, false, true));
+            println!(
+                "{m}x{k}x{n}: f32 {:.0} GFLOP/s, bf16 {:?} {:.0} GFLOP/s ({:.1}x), bf16 vdpbf16ps {:.0} GFLOP/s",
+                gf(f32s),
+                lin.isa,
+                gf(amx),
+                f32s / amx,
+                gf(dot)
+            );
+        }
+    }
+}
