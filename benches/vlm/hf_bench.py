@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
-"""transformers side of bench.sh: prefill ms per image and decode tokens/s, CPU f32."""
+"""transformers side of bench.sh: prefill ms per image and decode tokens/s, CPU, f32 or bf16
+(optional fifth argument: the whole model in torch.bfloat16)."""
 import json, resource, sys, time
 import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 ckpt, image, threads, new = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[sys.argv[5] if len(sys.argv) > 5 else "f32"]
 torch.set_num_threads(threads)
 proc = AutoProcessor.from_pretrained(ckpt)
-model = AutoModelForImageTextToText.from_pretrained(ckpt, dtype=torch.float32).eval()
+model = AutoModelForImageTextToText.from_pretrained(ckpt, dtype=dtype).eval()
 msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Convert this page to docling."}]}]
 text = proc.apply_chat_template(msgs, add_generation_prompt=True)
 img = Image.open(image)
@@ -16,6 +18,7 @@ img = Image.open(image)
 def run(n):
     t = time.perf_counter()
     enc = proc(text=[text], images=[[img]], return_tensors="pt")
+    enc["pixel_values"] = enc["pixel_values"].to(dtype)
     with torch.no_grad():
         g = model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False)
     return time.perf_counter() - t, g.shape[1] - enc["input_ids"].shape[1], enc["input_ids"].shape[1]

@@ -50,16 +50,13 @@ impl candle_nn::var_builder::SimpleBackend for RoundedWeights {
 /// Memory-maps the checkpoint's safetensors (single file or shards) and returns the dtype
 /// the model computes in with a builder for its weights.
 ///
-/// candle 0.9's CPU backend has no bf16 matrix product (f16, f32 and f64 only), so bf16 on
-/// the CPU means bf16 weights with f32 arithmetic: every weight is rounded to bf16, then
-/// widened (exactly) to f32.
+/// On the CPU, bf16 means bf16 weights with f32 activations: every weight is rounded to bf16,
+/// then widened (exactly) to f32; linear layers built with [`linear_dtype`] repack theirs in
+/// bf16 and multiply in bf16 (candle's CPU backend has no bf16 matrix product).
 pub fn load_weights(ck: &Checkpoint, device: &Device, dtype: DType) -> Result<(DType, VarBuilder<'static>)> {
     let files = ck.safetensors_files()?;
     if device.is_cpu() && dtype == DType::BF16 {
-        tracing::info!(
-            "bf16 on the CPU: weights rounded to bf16, arithmetic in f32 (candle's CPU backend \
-             has no bf16 matrix product); use --dtype f16 for 16-bit arithmetic on the CPU"
-        );
+        tracing::info!("bf16 on the CPU: weights rounded to bf16, bf16 products with f32 sums, f32 elsewhere");
         // SAFETY: the weight files are memory-mapped read-only and not modified while loaded.
         let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files)? };
         let backend = RoundedWeights { inner: st, via: DType::BF16 };
@@ -68,6 +65,19 @@ pub fn load_weights(ck: &Checkpoint, device: &Device, dtype: DType) -> Result<(D
         // SAFETY: as above.
         Ok((dtype, unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device)? }))
     }
+}
+
+/// The dtype linear layers compute their products in for a requested `dtype`: bf16 on the
+/// CPU is bf16 products (weights packed once, activations rounded per product, f32 sums, see
+/// [`crate::bf16`]) and needs AVX512-BF16; it fails here, before any weight is read, on a CPU
+/// without it. Everything else (norms, softmax, residuals) computes in f32 then.
+pub fn linear_dtype(device: &Device, dtype: DType) -> Result<DType> {
+    if device.is_cpu() && dtype == DType::BF16 {
+        if let Err(why) = crate::bf16::support() {
+            bail!(Invalid, "{why}");
+        }
+    }
+    Ok(dtype)
 }
 
 /// Finds the prefix under which a checkpoint stores a component (names changed across versions).
@@ -219,6 +229,7 @@ impl Decoder {
         text_vb: VarBuilder,
         image_token_id: u32,
         dtype: DType,
+        linears: DType,
     ) -> Result<Decoder> {
         let tokenizer = Arc::new(TextTokenizer::load(&ck.dir, &ck.tokenizer_config)?);
         let tokenizer_loc_ids = tokenizer.loc_token_ids();
@@ -228,7 +239,7 @@ impl Decoder {
         };
         // Tied in config but stored anyway: the stored copy equals the embeddings.
         let head = vb.contains_tensor("lm_head.weight").then(|| vb.pp("lm_head"));
-        let text = TextModel::new(cfg, text_vb, head)?;
+        let text = TextModel::new(cfg, text_vb, head, linears)?;
         let eos = ck.eos_token_ids();
         let pad = ck.pad_token_id().or_else(|| eos.first().copied()).unwrap_or(0);
         let generation = GenerationConfig::from_json(&ck.generation_config, eos);

@@ -18,6 +18,7 @@
 #![allow(clippy::too_many_arguments)]
 
 pub mod batcher;
+pub mod bf16;
 pub mod checkpoint;
 pub mod config;
 pub mod engine;

@@ -1,20 +1,26 @@
 //! A linear layer for CPU inference on the thread pool of [`crate::par`]: decoding products
 //! (one new token per sequence) split by output features, each a dot product computed by
 //! [`crate::kernels::matvec_rows`] the same way whatever the batch size or split; prefills
-//! with gemm split by output features.
+//! with gemm split by output features. Built with [`ParLinear::with_dtype`] at bf16 on the
+//! CPU, the weight is packed once in bf16 and products run on [`crate::bf16`]'s kernels.
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::Linear;
 
+use crate::bf16::Bf16Linear;
 use crate::par::par_for;
 
 /// A linear layer on the pool: decoding products (one new token per sequence) with
 /// [`crate::kernels::matvec_rows`], others (CPU f32) with gemm split by output features
-/// ([`crate::kernels::matmul_wt_cols`]); other devices and dtypes go to candle's matmul.
+/// ([`crate::kernels::matmul_wt_cols`]); bf16-packed layers (CPU) with [`Bf16Linear`]; other
+/// devices and dtypes go to candle's matmul.
 pub struct ParLinear {
-    full: Linear,
+    /// The f32 or candle layer; None when the weight lives only in `bf16`.
+    full: Option<Linear>,
     /// The weight as a contiguous f32 CPU slice source, when the kernel path applies.
     cpu: Option<(Tensor, Option<Tensor>)>,
+    /// The weight packed in bf16 (CPU), when built at bf16.
+    bf16: Option<Bf16Linear>,
     out: usize,
     inp: usize,
 }
@@ -29,19 +35,46 @@ impl ParLinear {
         let cpu = if w.device().is_cpu() && w.dtype() == candle_core::DType::F32 {
             let b = match inner.bias() {
                 Some(b) if b.dtype() == candle_core::DType::F32 => Some(b.contiguous()?),
-                Some(_) => return Ok(ParLinear { full: inner, cpu: None, out, inp }),
+                Some(_) => return Ok(ParLinear { full: Some(inner), cpu: None, bf16: None, out, inp }),
                 None => None,
             };
             Some((w.contiguous()?, b))
         } else {
             None
         };
-        Ok(ParLinear { full: inner, cpu, out, inp })
+        Ok(ParLinear { full: Some(inner), cpu, bf16: None, out, inp })
+    }
+
+    /// The layer with its products in `dtype`: at bf16 with a CPU weight, the weight (and an
+    /// f32 bias) packed once for [`Bf16Linear`] and the f32 copy dropped; activations stay f32
+    /// between layers. Fails when the CPU has no bf16 kernels. Otherwise as [`ParLinear::new`].
+    pub fn with_dtype(inner: Linear, dtype: DType) -> Result<Self> {
+        let w = inner.weight();
+        if dtype != DType::BF16 || !w.device().is_cpu() {
+            return Self::new(inner);
+        }
+        let (out, inp) = w.dims2()?;
+        let w = w.to_dtype(DType::F32)?.contiguous()?;
+        let b = match inner.bias() {
+            Some(b) => Some(b.to_dtype(DType::F32)?.contiguous()?),
+            None => None,
+        };
+        let packed = with_f32(&w, |ws| match &b {
+            Some(b) => with_f32(b, |bs| Bf16Linear::new(ws, out, inp, Some(bs))),
+            None => Ok(Bf16Linear::new(ws, out, inp, None)),
+        })??
+        .map_err(candle_core::Error::Msg)?;
+        Ok(ParLinear { full: None, cpu: None, bf16: Some(packed), out, inp })
     }
 
     /// One layer computing `parts` side by side (weights stacked by output features); the
     /// output is their outputs concatenated along the last dimension.
     pub fn fused(parts: &[Linear]) -> Result<Self> {
+        Self::fused_with_dtype(parts, DType::F32)
+    }
+
+    /// [`ParLinear::fused`] with its products in `dtype` (see [`ParLinear::with_dtype`]).
+    pub fn fused_with_dtype(parts: &[Linear], dtype: DType) -> Result<Self> {
         let ws: Vec<&Tensor> = parts.iter().map(|l| l.weight()).collect();
         let w = Tensor::cat(&ws, 0)?;
         let bias = if parts.iter().all(|l| l.bias().is_some()) {
@@ -59,11 +92,17 @@ impl ParLinear {
             }
             Some(Tensor::cat(&bs, 0)?)
         };
-        Self::new(Linear::new(w, bias))
+        Self::with_dtype(Linear::new(w, bias), dtype)
     }
 
-    pub fn weight(&self) -> &Tensor {
-        self.full.weight()
+    /// The f32 (or other device/dtype) layer; None for a bf16-packed one.
+    pub fn linear(&self) -> Option<&Linear> {
+        self.full.as_ref()
+    }
+
+    /// The bf16-packed weight, when built at bf16 on the CPU.
+    pub fn bf16(&self) -> Option<&Bf16Linear> {
+        self.bf16.as_ref()
     }
 }
 
@@ -92,8 +131,18 @@ impl Module for ParLinear {
             1 => true,
             r => dims[r - 2] == 1,
         };
+        if let Some(p) = &self.bf16 {
+            let x = x.to_dtype(DType::F32)?.contiguous()?;
+            let rows = x.elem_count() / self.inp;
+            let mut shape = dims.to_vec();
+            *shape.last_mut().expect("rank >= 1") = self.out;
+            let mut y = vec![0f32; rows * self.out];
+            with_f32(&x, |xs| p.forward_rows(xs, rows, &mut y, false, decoding))?;
+            return Tensor::from_vec(y, shape, x.device());
+        }
+        let full = self.full.as_ref().expect("a layer that is not bf16-packed keeps its Linear");
         let Some((w, bias)) = self.cpu.as_ref().filter(|_| x.dtype() == candle_core::DType::F32 && x.device().is_cpu()) else {
-            return self.full.forward(x);
+            return full.forward(x);
         };
         let x = x.contiguous()?;
         let rows = x.elem_count() / self.inp;

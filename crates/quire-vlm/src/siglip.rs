@@ -4,9 +4,10 @@
 //! (see [`crate::frames::PatchRule`]).
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{layer_norm, linear, Embedding, LayerNorm, VarBuilder};
 
 use crate::config::VisionConfig;
+use crate::linear::ParLinear;
 
 /// Position ids of one tile's patches: fractional patch coordinates bucketed into the
 /// `num_patches_per_side` grid (the current reference formulation, in f32).
@@ -83,11 +84,20 @@ impl candle_core::CustomOp1 for ParallelGeluTanh {
 struct EncoderLayer {
     layer_norm1: LayerNorm,
     /// q_proj, k_proj and v_proj stacked by output features.
-    qkv_proj: Linear,
-    out_proj: Linear,
+    qkv_proj: ParLinear,
+    out_proj: ParLinear,
     layer_norm2: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
+    fc1: ParLinear,
+    fc2: ParLinear,
+}
+
+/// The layer's product: candle's for an f32 (or other device/dtype) layer, the bf16 kernels
+/// for a bf16-packed one.
+fn project(p: &ParLinear, x: &Tensor) -> Result<Tensor> {
+    match p.linear() {
+        Some(l) => l.forward(x),
+        None => p.forward(x),
+    }
 }
 
 pub struct VisionModel {
@@ -100,7 +110,8 @@ pub struct VisionModel {
 }
 
 impl VisionModel {
-    pub fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+    /// `linears`: the dtype of the linear layers' products (see [`crate::engine::linear_dtype`]).
+    pub fn new(cfg: &VisionConfig, vb: VarBuilder, linears: DType) -> Result<Self> {
         let (e, c, p) = (cfg.hidden_size, cfg.num_channels, cfg.patch_size);
         let emb = vb.pp("embeddings");
         let patch_weight = emb.get((e, c, p, p), "patch_embedding.weight")?.reshape((e, c * p * p))?;
@@ -111,19 +122,15 @@ impl VisionModel {
         for i in 0..cfg.num_hidden_layers {
             let l = vb.pp(format!("encoder.layers.{i}"));
             let a = l.pp("self_attn");
-            let (q, k, v) = (linear(e, e, a.pp("q_proj"))?, linear(e, e, a.pp("k_proj"))?, linear(e, e, a.pp("v_proj"))?);
-            let cat = |f: &dyn Fn(&Linear) -> Tensor| Tensor::cat(&[f(&q), f(&k), f(&v)], 0);
-            let qkv_proj = Linear::new(
-                cat(&|l| l.weight().clone())?,
-                Some(cat(&|l| l.bias().expect("linear() has a bias").clone())?),
-            );
+            let qkv = [linear(e, e, a.pp("q_proj"))?, linear(e, e, a.pp("k_proj"))?, linear(e, e, a.pp("v_proj"))?];
+            let inter = cfg.intermediate_size;
             layers.push(EncoderLayer {
                 layer_norm1: layer_norm(e, cfg.layer_norm_eps, l.pp("layer_norm1"))?,
-                qkv_proj,
-                out_proj: linear(e, e, a.pp("out_proj"))?,
+                qkv_proj: ParLinear::fused_with_dtype(&qkv, linears)?,
+                out_proj: ParLinear::with_dtype(linear(e, e, a.pp("out_proj"))?, linears)?,
                 layer_norm2: layer_norm(e, cfg.layer_norm_eps, l.pp("layer_norm2"))?,
-                fc1: linear(e, cfg.intermediate_size, l.pp("mlp.fc1"))?,
-                fc2: linear(cfg.intermediate_size, e, l.pp("mlp.fc2"))?,
+                fc1: ParLinear::with_dtype(linear(e, inter, l.pp("mlp.fc1"))?, linears)?,
+                fc2: ParLinear::with_dtype(linear(inter, e, l.pp("mlp.fc2"))?, linears)?,
             });
         }
         let post_layernorm = layer_norm(e, cfg.layer_norm_eps, vb.pp("post_layernorm"))?;
@@ -202,15 +209,15 @@ impl VisionModel {
             let r = x.clone();
             let y = l.layer_norm1.forward(&x)?;
             let split = |t: Tensor| -> Result<Tensor> { t.reshape((n, seq, heads, hd))?.transpose(1, 2)?.contiguous() };
-            let qkv = l.qkv_proj.forward(&y)?;
+            let qkv = project(&l.qkv_proj, &y)?;
             let e = heads * hd;
             let q = split(qkv.narrow(2, 0, e)?)?;
             let k = split(qkv.narrow(2, e, e)?)?;
             let v = split(qkv.narrow(2, 2 * e, e)?)?;
             let o = attention(&q, &k, &v, mask.as_ref(), scale)?.transpose(1, 2)?.reshape((n, seq, heads * hd))?;
-            let x2 = (r + l.out_proj.forward(&o)?)?;
+            let x2 = (r + project(&l.out_proj, &o)?)?;
             let y = l.layer_norm2.forward(&x2)?;
-            let y = l.fc2.forward(&self.act(&l.fc1.forward(&y)?)?)?;
+            let y = project(&l.fc2, &self.act(&project(&l.fc1, &y)?)?)?;
             x = (x2 + y)?;
         }
         self.post_layernorm.forward(&x)
@@ -355,7 +362,15 @@ fn layer_norm_rows(src: &[f32], dst: &mut [f32], width: usize, ln: &LayerNorm, e
 }
 
 /// `dst` (rows, out) = `x`·Wᵀ + bias, or `dst` += that when `accumulate`.
-fn linear_rows(x: &[f32], lin: &Linear, dst: &mut [f32], rows: usize, accumulate: bool, threads: usize) -> Result<()> {
+fn linear_rows(x: &[f32], p: &ParLinear, dst: &mut [f32], rows: usize, accumulate: bool, threads: usize) -> Result<()> {
+    let lin = match (p.linear(), p.bf16()) {
+        (_, Some(b)) => {
+            b.forward_rows(x, rows, dst, accumulate, false);
+            return Ok(());
+        }
+        (Some(l), None) => l,
+        (None, None) => candle_core::bail!("a linear layer with neither an f32 nor a bf16 weight"),
+    };
     let (out, k) = lin.weight().dims2()?;
     match lin.bias() {
         Some(b) => cpu_f32(b, |b| {

@@ -99,16 +99,19 @@ struct Attention {
 }
 
 impl Attention {
-    fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &TextConfig, vb: VarBuilder, linears: DType) -> Result<Self> {
         let (h, kv, d) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
         let bias = cfg.attention_bias;
         Ok(Attention {
-            qkv_proj: ParLinear::fused(&[
-                linear_b(cfg.hidden_size, h * d, bias, vb.pp("q_proj"))?,
-                linear_b(cfg.hidden_size, kv * d, bias, vb.pp("k_proj"))?,
-                linear_b(cfg.hidden_size, kv * d, bias, vb.pp("v_proj"))?,
-            ])?,
-            o_proj: ParLinear::new(linear_b(h * d, cfg.hidden_size, bias, vb.pp("o_proj"))?)?,
+            qkv_proj: ParLinear::fused_with_dtype(
+                &[
+                    linear_b(cfg.hidden_size, h * d, bias, vb.pp("q_proj"))?,
+                    linear_b(cfg.hidden_size, kv * d, bias, vb.pp("k_proj"))?,
+                    linear_b(cfg.hidden_size, kv * d, bias, vb.pp("v_proj"))?,
+                ],
+                linears,
+            )?,
+            o_proj: ParLinear::with_dtype(linear_b(h * d, cfg.hidden_size, bias, vb.pp("o_proj"))?, linears)?,
             heads: h,
             kv_heads: kv,
             head_dim: d,
@@ -329,11 +332,12 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &TextConfig, vb: VarBuilder, linears: DType) -> Result<Self> {
         let (h, i, b) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
+        let gate_up = [linear_b(h, i, b, vb.pp("gate_proj"))?, linear_b(h, i, b, vb.pp("up_proj"))?];
         Ok(Mlp {
-            gate_up_proj: ParLinear::fused(&[linear_b(h, i, b, vb.pp("gate_proj"))?, linear_b(h, i, b, vb.pp("up_proj"))?])?,
-            down_proj: ParLinear::new(linear_b(i, h, b, vb.pp("down_proj"))?)?,
+            gate_up_proj: ParLinear::fused_with_dtype(&gate_up, linears)?,
+            down_proj: ParLinear::with_dtype(linear_b(i, h, b, vb.pp("down_proj"))?, linears)?,
             intermediate: i,
         })
     }
@@ -370,8 +374,9 @@ pub struct TextModel {
 }
 
 impl TextModel {
-    /// `vb` points at the text model (`model.text_model`), `head` at `lm_head` (or None when tied).
-    pub fn new(cfg: &TextConfig, vb: VarBuilder, head: Option<VarBuilder>) -> Result<Self> {
+    /// `vb` points at the text model (`model.text_model`), `head` at `lm_head` (or None when tied);
+    /// `linears`: the dtype of the linear layers' products (see [`crate::engine::linear_dtype`]).
+    pub fn new(cfg: &TextConfig, vb: VarBuilder, head: Option<VarBuilder>, linears: DType) -> Result<Self> {
         if cfg.hidden_act != "silu" {
             candle_core::bail!("text hidden_act {:?} is not supported (only silu)", cfg.hidden_act);
         }
@@ -382,20 +387,23 @@ impl TextModel {
             let l = vb.pp(format!("layers.{i}"));
             layers.push(Layer {
                 input_layernorm: rms_norm(cfg.hidden_size, cfg.rms_norm_eps, l.pp("input_layernorm"))?,
-                self_attn: Attention::new(cfg, l.pp("self_attn"))?,
+                self_attn: Attention::new(cfg, l.pp("self_attn"), linears)?,
                 post_attention_layernorm: rms_norm(
                     cfg.hidden_size,
                     cfg.rms_norm_eps,
                     l.pp("post_attention_layernorm"),
                 )?,
-                mlp: Mlp::new(cfg, l.pp("mlp"))?,
+                mlp: Mlp::new(cfg, l.pp("mlp"), linears)?,
             });
         }
         let norm = rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("norm"))?;
-        let lm_head = ParLinear::new(match head {
-            Some(h) => linear_no_bias(cfg.hidden_size, cfg.vocab_size, h)?,
-            None => Linear::new(embed_w, None),
-        })?;
+        let lm_head = ParLinear::with_dtype(
+            match head {
+                Some(h) => linear_no_bias(cfg.hidden_size, cfg.vocab_size, h)?,
+                None => Linear::new(embed_w, None),
+            },
+            linears,
+        )?;
         Ok(TextModel {
             embed_tokens,
             layers,

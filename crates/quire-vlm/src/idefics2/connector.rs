@@ -17,13 +17,12 @@ struct SwiGlu {
 }
 
 impl SwiGlu {
-    fn new(input: usize, intermediate: usize, output: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(input: usize, intermediate: usize, output: usize, vb: VarBuilder, linears: DType) -> Result<Self> {
+        let gate_up =
+            [linear_no_bias(input, intermediate, vb.pp("gate_proj"))?, linear_no_bias(input, intermediate, vb.pp("up_proj"))?];
         Ok(SwiGlu {
-            gate_up: ParLinear::fused(&[
-                linear_no_bias(input, intermediate, vb.pp("gate_proj"))?,
-                linear_no_bias(input, intermediate, vb.pp("up_proj"))?,
-            ])?,
-            down: ParLinear::new(linear_no_bias(intermediate, output, vb.pp("down_proj"))?)?,
+            gate_up: ParLinear::fused_with_dtype(&gate_up, linears)?,
+            down: ParLinear::with_dtype(linear_no_bias(intermediate, output, vb.pp("down_proj"))?, linears)?,
             intermediate,
         })
     }
@@ -64,10 +63,17 @@ pub struct Connector {
 }
 
 impl Connector {
-    /// `vb` points at `model.connector`.
-    pub fn new(vision_hidden: usize, text_intermediate: usize, p: &PerceiverConfig, vb: VarBuilder) -> Result<Self> {
+    /// `vb` points at `model.connector`; `linears`: the dtype of the linear layers' products
+    /// (see [`crate::engine::linear_dtype`]).
+    pub fn new(
+        vision_hidden: usize,
+        text_intermediate: usize,
+        p: &PerceiverConfig,
+        vb: VarBuilder,
+        linears: DType,
+    ) -> Result<Self> {
         let h = p.hidden_size;
-        let modality_projection = SwiGlu::new(vision_hidden, text_intermediate, h, vb.pp("modality_projection"))?;
+        let modality_projection = SwiGlu::new(vision_hidden, text_intermediate, h, vb.pp("modality_projection"), linears)?;
         let r = vb.pp("perceiver_resampler");
         let (heads, kv, d) = (p.n_heads, p.num_key_value_heads, p.head_dim);
         let mut layers = Vec::with_capacity(p.depth);
@@ -77,14 +83,14 @@ impl Connector {
             layers.push(PerceiverLayer {
                 input_latents_norm: rms_norm(h, p.rms_norm_eps, l.pp("input_latents_norm"))?,
                 input_context_norm: rms_norm(h, p.rms_norm_eps, l.pp("input_context_norm"))?,
-                q_proj: ParLinear::new(linear_no_bias(h, heads * d, a.pp("q_proj"))?)?,
-                kv_proj: ParLinear::fused(&[
-                    linear_no_bias(h, kv * d, a.pp("k_proj"))?,
-                    linear_no_bias(h, kv * d, a.pp("v_proj"))?,
-                ])?,
-                o_proj: ParLinear::new(linear_no_bias(heads * d, h, a.pp("o_proj"))?)?,
+                q_proj: ParLinear::with_dtype(linear_no_bias(h, heads * d, a.pp("q_proj"))?, linears)?,
+                kv_proj: ParLinear::fused_with_dtype(
+                    &[linear_no_bias(h, kv * d, a.pp("k_proj"))?, linear_no_bias(h, kv * d, a.pp("v_proj"))?],
+                    linears,
+                )?,
+                o_proj: ParLinear::with_dtype(linear_no_bias(heads * d, h, a.pp("o_proj"))?, linears)?,
                 post_attention_layernorm: rms_norm(h, p.rms_norm_eps, l.pp("post_attention_layernorm"))?,
-                mlp: SwiGlu::new(h, 4 * h, h, l.pp("mlp"))?,
+                mlp: SwiGlu::new(h, 4 * h, h, l.pp("mlp"), linears)?,
             });
         }
         let resampler = Resampler {

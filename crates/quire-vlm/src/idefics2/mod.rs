@@ -16,7 +16,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{bail, Context};
-use crate::engine::{load_weights, pick_prefix, Decoder, PromptMaker};
+use crate::engine::{linear_dtype, load_weights, pick_prefix, Decoder, PromptMaker};
 use crate::family::{FamilyModel, FamilyProcessor, PreparedInput};
 use crate::frames::{pad_frames, PatchRule, Tile};
 use crate::siglip::VisionModel;
@@ -120,15 +120,16 @@ impl Idefics2 {
                 config.perceiver.n_latents
             );
         }
+        let linears = linear_dtype(device, dtype)?;
         let (dtype, vb) = load_weights(ck, device, dtype)?;
         let text_vb = pick_prefix(&vb, "embed_tokens.weight", &["model.text_model", "text_model", "model.language_model"])?;
         let vision_vb = pick_prefix(&vb, "embeddings.patch_embedding.weight", &["model.vision_model", "vision_model"])?;
         let conn_vb = pick_prefix(&vb, "modality_projection.gate_proj.weight", &["model.connector", "connector"])?;
-        let vision = VisionModel::new(&config.vision, vision_vb).context("loading model.vision_model")?;
+        let vision = VisionModel::new(&config.vision, vision_vb, linears).context("loading model.vision_model")?;
         let connector =
-            Connector::new(config.vision.hidden_size, config.text.intermediate_size, &config.perceiver, conn_vb)
+            Connector::new(config.vision.hidden_size, config.text.intermediate_size, &config.perceiver, conn_vb, linears)
                 .context("loading model.connector")?;
-        let decoder = Decoder::load(ck, &config.text, &vb, text_vb, config.image_token_id, dtype)
+        let decoder = Decoder::load(ck, &config.text, &vb, text_vb, config.image_token_id, dtype, linears)
             .context("loading model.text_model")?;
         let processor =
             Idefics2Processor { image: image_processor.clone(), image_seq_len, prompts: decoder.prompt_maker() };

@@ -1,6 +1,6 @@
 //! `model.connector` of Idefics3: pixel shuffle, then `modality_projection.proj`.
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{linear_no_bias, VarBuilder};
 
 /// `model.connector`: pixel shuffle by `scale_factor`, then `modality_projection.proj`.
@@ -11,12 +11,12 @@ pub struct Connector {
 }
 
 impl Connector {
-    pub fn new(vision_hidden: usize, text_hidden: usize, scale_factor: usize, vb: VarBuilder) -> Result<Self> {
-        let proj = crate::linear::ParLinear::new(linear_no_bias(
-            vision_hidden * scale_factor * scale_factor,
-            text_hidden,
-            vb.pp("modality_projection.proj"),
-        )?)?;
+    /// `linears`: the dtype of the projection's products (see [`crate::engine::linear_dtype`]).
+    pub fn new(vision_hidden: usize, text_hidden: usize, scale_factor: usize, vb: VarBuilder, linears: DType) -> Result<Self> {
+        let proj = crate::linear::ParLinear::with_dtype(
+            linear_no_bias(vision_hidden * scale_factor * scale_factor, text_hidden, vb.pp("modality_projection.proj"))?,
+            linears,
+        )?;
         Ok(Connector { proj, scale_factor })
     }
 

@@ -15,7 +15,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::checkpoint::Checkpoint;
 use crate::error::Context;
-use crate::engine::{load_weights, pick_prefix, Decoder, PromptMaker};
+use crate::engine::{linear_dtype, load_weights, pick_prefix, Decoder, PromptMaker};
 use crate::family::{FamilyModel, FamilyProcessor, PreparedInput};
 use crate::frames::{pad_frames, PatchRule};
 use crate::prompt::TextTokenizer;
@@ -108,6 +108,7 @@ impl Idefics3 {
             .and_then(|v| v.as_u64())
             .map(|x| x as usize)
             .unwrap_or_else(|| config.image_seq_len());
+        let linears = linear_dtype(device, dtype)?;
         let (dtype, vb) = load_weights(ck, device, dtype)?;
         let text_vb = pick_prefix(&vb, "embed_tokens.weight", &["model.text_model", "text_model", "model.language_model"])?;
         let vision_vb = pick_prefix(
@@ -116,10 +117,10 @@ impl Idefics3 {
             &["model.vision_model", "vision_model", "model.vision_tower"],
         )?;
         let conn_vb = pick_prefix(&vb, "modality_projection.proj.weight", &["model.connector", "connector"])?;
-        let vision = VisionModel::new(&config.vision, vision_vb).context("loading model.vision_model")?;
-        let connector = Connector::new(config.vision.hidden_size, config.text.hidden_size, config.scale_factor, conn_vb)
+        let vision = VisionModel::new(&config.vision, vision_vb, linears).context("loading model.vision_model")?;
+        let connector = Connector::new(config.vision.hidden_size, config.text.hidden_size, config.scale_factor, conn_vb, linears)
             .context("loading model.connector")?;
-        let decoder = Decoder::load(ck, &config.text, &vb, text_vb, config.image_token_id, dtype)
+        let decoder = Decoder::load(ck, &config.text, &vb, text_vb, config.image_token_id, dtype, linears)
             .context("loading model.text_model")?;
         let processor =
             Idefics3Processor { image: image_processor.clone(), image_seq_len, prompts: decoder.prompt_maker() };

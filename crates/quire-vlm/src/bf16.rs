@@ -1,0 +1,587 @@
+//! bf16 linear layers for x86-64 CPUs: the weight is rounded to bf16 once and packed in
+//! 32-column panels laid out as AMX tiles; activations stay f32 outside the product and are
+//! rounded to bf16 per product; every sum is accumulated in f32.
+//!
+//! Products of many rows (prefills, the vision encoder) run on AMX (`tdpbf16ps` on 16 × 32
+//! bf16 tiles) when the CPU has it and Linux grants the tile state; one position per sequence
+//! (decoding), and every product on a CPU with AVX512-BF16 but no AMX, runs `vdpbf16ps`
+//! over the same packed panels, memory-bound on half the bytes of f32 weights.
+//!
+//! Which kernel runs depends only on the CPU and on the caller's `decoding` flag, never on the
+//! number of rows or the thread split, and every output element is summed in the same order
+//! by either kernel whatever else is in the call: a row's result does not depend on the batch.
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+use std::sync::OnceLock;
+
+/// Output columns per panel (two 16-column AMX B tiles side by side).
+const PANEL: usize = 32;
+/// Inputs per k step (one AMX tile row of bf16: 64 bytes).
+const KSTEP: usize = 32;
+/// u16 elements of one panel's k step: two 16 × 32 bf16 tiles.
+const STEP_ELEMS: usize = 2 * 16 * KSTEP;
+
+/// What the CPU offers for bf16 products.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bf16Isa {
+    /// AMX tiles for products of many rows, AVX512-BF16 for the rest.
+    Amx,
+    /// AVX512-BF16 dot products for every product.
+    Avx512Bf16,
+}
+
+/// The bf16 kernels this CPU can run, or why it cannot run any (detected once; asks Linux
+/// for the AMX tile state on the first call).
+pub fn support() -> Result<Bf16Isa, String> {
+    static S: OnceLock<Result<Bf16Isa, String>> = OnceLock::new();
+    S.get_or_init(detect).clone()
+}
+
+#[cfg(target_arch = "x86_64")]
+fn detect() -> Result<Bf16Isa, String> {
+    if !(std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bf16")) {
+        return Err("bf16 on the CPU needs AVX512-BF16 (and AMX-BF16 for fast prefills); this CPU has \
+                    neither: use --dtype f32"
+            .into());
+    }
+    // CPUID.(EAX=7, ECX=0):EDX bit 22 = AMX-BF16, bit 24 = AMX-TILE.
+    let edx = __cpuid_count(7, 0).edx;
+    let amx = edx & (1 << 22) != 0 && edx & (1 << 24) != 0;
+    if amx && request_tile_state() {
+        Ok(Bf16Isa::Amx)
+    } else {
+        if amx {
+            tracing::info!("the CPU has AMX but the kernel refused the tile state; bf16 prefills use AVX512-BF16");
+        }
+        Ok(Bf16Isa::Avx512Bf16)
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect() -> Result<Bf16Isa, String> {
+    Err("bf16 on the CPU needs an x86-64 CPU with AVX512-BF16 or AMX-BF16: use --dtype f32".into())
+}
+
+/// Linux hands out the AMX tile data state only on request: arch_prctl(ARCH_REQ_XCOMP_PERM,
+/// XFEATURE_XTILEDATA), once per process (it covers every thread).
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn request_tile_state() -> bool {
+    const SYS_ARCH_PRCTL: usize = 158;
+    const ARCH_REQ_XCOMP_PERM: usize = 0x1023;
+    const XFEATURE_XTILEDATA: usize = 18;
+    let ret: isize;
+    // SAFETY: arch_prctl with this code only changes the process's permitted xsave features.
+    unsafe {
+        std::arch::asm!(
+            "syscall",
+            inlateout("rax") SYS_ARCH_PRCTL as isize => ret,
+            in("rdi") ARCH_REQ_XCOMP_PERM,
+            in("rsi") XFEATURE_XTILEDATA,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack)
+        );
+    }
+    ret == 0
+}
+
+#[cfg(all(target_arch = "x86_64", not(target_os = "linux")))]
+fn request_tile_state() -> bool {
+    false
+}
+
+/// Round-to-nearest-even f32 → bf16 (NaN stays NaN).
+pub fn to_bf16(v: f32) -> u16 {
+    let b = v.to_bits();
+    if v.is_nan() {
+        return ((b >> 16) | 0x40) as u16;
+    }
+    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+/// bf16 → f32 (exact).
+pub fn from_bf16(h: u16) -> f32 {
+    f32::from_bits((h as u32) << 16)
+}
+
+/// A u16 buffer whose usable part starts on a 64-byte boundary (whole cache lines per tile row).
+struct Aligned {
+    buf: Vec<u16>,
+    off: usize,
+}
+
+impl Aligned {
+    fn zeroed(len: usize) -> Aligned {
+        let mut a = Aligned { buf: Vec::new(), off: 0 };
+        a.reset(len);
+        a
+    }
+
+    /// Resizes to `len` usable elements, all zero.
+    fn reset(&mut self, len: usize) {
+        self.buf.clear();
+        self.buf.resize(len + 32, 0);
+        self.off = (64 - (self.buf.as_ptr() as usize % 64)) % 64 / 2;
+    }
+
+    fn as_ptr(&self) -> *const u16 {
+        self.buf[self.off..].as_ptr()
+    }
+
+    fn as_mut_ptr(&mut self) -> *mut u16 {
+        self.buf[self.off..].as_mut_ptr()
+    }
+}
+
+/// A linear layer's weight (n outputs × k inputs) in bf16, packed for the kernels, with an
+/// f32 bias.
+pub struct Bf16Linear {
+    packed: Aligned,
+    bias: Option<Vec<f32>>,
+    n: usize,
+    k: usize,
+    /// k rounded up to [`KSTEP`].
+    kp: usize,
+    isa: Bf16Isa,
+}
+
+/// A raw pointer handed to pool tasks that write disjoint parts of one buffer.
+struct Shared<T>(*mut T);
+// SAFETY: only used for disjoint writes from pool tasks, the buffer outliving par_for.
+unsafe impl<T> Sync for Shared<T> {}
+impl<T> Shared<T> {
+    fn get(&self) -> *mut T {
+        self.0
+    }
+}
+
+impl Bf16Linear {
+    /// Packs the row-major (n, k) f32 weight `w` (rounded to nearest-even bf16) and `bias`.
+    /// Fails with a message naming what the CPU lacks when it has no bf16 kernels.
+    pub fn new(w: &[f32], n: usize, k: usize, bias: Option<&[f32]>) -> Result<Bf16Linear, String> {
+        let isa = support()?;
+        assert!(w.len() >= n * k && bias.is_none_or(|b| b.len() >= n), "bf16 linear sizes");
+        let kp = k.div_ceil(KSTEP) * KSTEP;
+        let panels = n.div_ceil(PANEL);
+        let steps = kp / KSTEP;
+        let mut packed = Aligned::zeroed(panels * steps * STEP_ELEMS);
+        let pp = Shared(packed.as_mut_ptr());
+        // Panel p, step s, tile t, pair q, column c, half e holds w[p·32 + t·16 + c][s·32 + 2q + e].
+        crate::par::par_for(panels, &|p| {
+            // SAFETY: panel p owns elements [p·steps·STEP_ELEMS, (p+1)·steps·STEP_ELEMS).
+            let dst = unsafe { std::slice::from_raw_parts_mut(pp.get().add(p * steps * STEP_ELEMS), steps * STEP_ELEMS) };
+            for t in 0..2 {
+                for c in 0..16 {
+                    let o = p * PANEL + t * 16 + c;
+                    if o >= n {
+                        continue;
+                    }
+                    let row = &w[o * k..(o + 1) * k];
+                    for (i, &v) in row.iter().enumerate() {
+                        let (s, r) = (i / KSTEP, i % KSTEP);
+                        dst[s * STEP_ELEMS + t * 512 + (r / 2) * 32 + c * 2 + r % 2] = to_bf16(v);
+                    }
+                }
+            }
+        });
+        Ok(Bf16Linear { packed, bias: bias.map(|b| b[..n].to_vec()), n, k, kp, isa })
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.n
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.k
+    }
+
+    /// Bytes of packed weight (padding included).
+    pub fn weight_bytes(&self) -> usize {
+        self.n.div_ceil(PANEL) * (self.kp / KSTEP) * STEP_ELEMS * 2
+    }
+
+    /// `dst` (rows, n) = `x` (rows, k) · Wᵀ + bias, plus the previous `dst` when `accumulate`.
+    /// `decoding` (one position per sequence) picks the matrix-vector kernel; otherwise
+    /// products run on AMX when the CPU has it. Split over the pool by output panels (and rows).
+    pub fn forward_rows(&self, x: &[f32], rows: usize, dst: &mut [f32], accumulate: bool, decoding: bool) {
+        assert!(x.len() >= rows * self.k && dst.len() >= rows * self.n, "bf16 linear sizes");
+        if rows == 0 {
+            return;
+        }
+        let amx = !decoding && self.isa == Bf16Isa::Amx;
+        // Rows rounded up to two AMX tiles for AMX, padded rows and columns zero.
+        let prow = if amx { rows.div_ceil(32) * 32 } else { rows };
+        thread_local! {
+            static XB: std::cell::RefCell<Aligned> = std::cell::RefCell::new(Aligned::zeroed(0));
+        }
+        XB.with_borrow_mut(|xb| {
+            xb.reset(prow * self.kp);
+            convert_rows(x, rows, self.k, self.kp, xb.as_mut_ptr());
+            let xb = &*xb;
+            let dp = Shared(dst.as_mut_ptr());
+            let panels = self.n.div_ceil(PANEL);
+            if amx {
+                // Tasks of up to 4 panels × 128 rows: the panel and the rows stay in L2 across the block.
+                const TP: usize = 4;
+                const TR: usize = 128;
+                let (pt, rt) = (panels.div_ceil(TP), prow.div_ceil(TR));
+                crate::par::par_for(pt * rt, &|t| {
+                    let (p0, r0) = ((t / rt) * TP, (t % rt) * TR);
+                    // SAFETY: the task writes rows r0..r0+TR (below `rows`) of columns of panels p0..p0+TP.
+                    unsafe {
+                        self.amx_block(xb.as_ptr(), p0, (p0 + TP).min(panels), r0, (r0 + TR).min(prow), rows, dp.get(), accumulate)
+                    };
+                });
+            } else {
+                // Two panels (64 outputs) per task.
+                crate::par::par_for(panels.div_ceil(2), &|t| {
+                    let p0 = t * 2;
+                    // SAFETY: the task writes every row of the columns of panels p0, p0 + 1.
+                    unsafe { self.dot_block(xb.as_ptr(), p0, (p0 + 2).min(panels), rows, dp.get(), accumulate) };
+                });
+            }
+        });
+    }
+
+    /// Base value of output (r, o): previous value when accumulating, plus the bias.
+    #[inline]
+    unsafe fn base(&self, dst: *const f32, r: usize, o: usize, accumulate: bool) -> f32 {
+        let prev = if accumulate { unsafe { *dst.add(r * self.n + o) } } else { 0.0 };
+        prev + self.bias.as_ref().map_or(0.0, |b| b[o])
+    }
+
+    /// Panels p0..p1 for rows 0..rows with `vdpbf16ps`, four rows at a time (each row's sums
+    /// are the same instructions in the same order whatever is beside it).
+    unsafe fn dot_block(&self, xb: *const u16, p0: usize, p1: usize, rows: usize, dst: *mut f32, accumulate: bool) {
+        let mut r = 0;
+        while r < rows {
+            let step = if r + 4 <= rows { 4 } else { 1 };
+            for p in p0..p1 {
+                let mut acc = [[0f32; PANEL]; 4];
+                // SAFETY: the CPU has AVX512-BF16 (checked at construction); offsets stay inside
+                // the packed panel and the converted rows.
+                unsafe {
+                    if step == 4 {
+                        dot_panel::<4>(self.packed.as_ptr(), p, self.kp, xb, r, &mut acc);
+                    } else {
+                        dot_panel::<1>(self.packed.as_ptr(), p, self.kp, xb, r, &mut acc);
+                    }
+                }
+                for (i, a) in acc.iter().enumerate().take(step) {
+                    for (c, &v) in a.iter().enumerate() {
+                        let o = p * PANEL + c;
+                        if o < self.n {
+                            // SAFETY: (r + i, o) is inside dst and belongs to this task.
+                            unsafe { *dst.add((r + i) * self.n + o) = self.base(dst, r + i, o, accumulate) + v };
+                        }
+                    }
+                }
+            }
+            r += step;
+        }
+    }
+
+    /// Panels p0..p1 for padded rows r0..r1 (multiples of 32) on AMX, 32 × 32 outputs per
+    /// inner block; rows at or past `rows` are padding and not written.
+    unsafe fn amx_block(
+        &self,
+        xb: *const u16,
+        p0: usize,
+        p1: usize,
+        r0: usize,
+        r1: usize,
+        rows: usize,
+        dst: *mut f32,
+        accumulate: bool,
+    ) {
+        let mut c = [0f32; 32 * 32];
+        let steps = self.kp / KSTEP;
+        // SAFETY: the tile state was granted (support() returned Amx); loads stay inside the
+        // packed panels and the padded rows; the tiles are released before returning.
+        unsafe {
+            amx::configure();
+            for p in p0..p1 {
+                let b = self.packed.as_ptr().add(p * steps * STEP_ELEMS);
+                let mut r = r0;
+                while r < r1 {
+                    amx::block_32x32(xb.add(r * self.kp), self.kp * 2, b, steps, c.as_mut_ptr());
+                    for i in 0..32.min(rows.saturating_sub(r)) {
+                        for j in 0..PANEL {
+                            let o = p * PANEL + j;
+                            if o < self.n {
+                                *dst.add((r + i) * self.n + o) = self.base(dst, r + i, o, accumulate) + c[i * 32 + j];
+                            }
+                        }
+                    }
+                    r += 32;
+                }
+            }
+            amx::release();
+        }
+    }
+}
+
+/// `rows` rows of `x` (k wide) rounded to bf16 into `xb` (kp wide, zero beyond k), over the pool.
+fn convert_rows(x: &[f32], rows: usize, k: usize, kp: usize, xb: *mut u16) {
+    let xp = Shared(xb);
+    const CHUNK: usize = 16;
+    crate::par::par_for(rows.div_ceil(CHUNK), &|t| {
+        for r in t * CHUNK..((t + 1) * CHUNK).min(rows) {
+            // SAFETY: row r of xb (kp elements) belongs to this task; the CPU has AVX512-BF16.
+            unsafe { convert_row(&x[r * k..(r + 1) * k], xp.get().add(r * kp)) };
+        }
+    });
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16,avx512vl")]
+unsafe fn convert_row(x: &[f32], dst: *mut u16) {
+    let k = x.len();
+    let mut i = 0;
+    while i < k {
+        let m = if k - i >= 16 { 0xffff } else { ((1u32 << (k - i)) - 1) as __mmask16 };
+        // SAFETY: masked load inside x; the store of 16 bf16 stays in the padded row (kp ≥ i + 16).
+        unsafe {
+            let v = _mm512_maskz_loadu_ps(m, x.as_ptr().add(i));
+            let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+            _mm256_storeu_si256(dst.add(i) as *mut __m256i, h);
+        }
+        i += 16;
+    }
+}
+
+/// Sums of panel `p` (32 outputs) for rows r..r+R of the converted input, into `acc`.
+/// Per output: one `vdpbf16ps` chain over the k pairs in order.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn dot_panel<const R: usize>(packed: *const u16, p: usize, kp: usize, xb: *const u16, r: usize, acc: &mut [[f32; PANEL]; 4]) {
+    let steps = kp / KSTEP;
+    let b = unsafe { packed.add(p * steps * STEP_ELEMS) };
+    let mut a = [[_mm512_setzero_ps(); 2]; R];
+    for s in 0..steps {
+        for q in 0..16 {
+            // SAFETY: offsets stay inside the panel (steps · STEP_ELEMS) and the rows (kp each).
+            unsafe {
+                let w0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(s * STEP_ELEMS + q * 32) as *const _));
+                let w1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(s * STEP_ELEMS + 512 + q * 32) as *const _));
+                for (i, ai) in a.iter_mut().enumerate() {
+                    let pair = *(xb.add((r + i) * kp + s * KSTEP + 2 * q) as *const i32);
+                    let xv: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
+                    ai[0] = _mm512_dpbf16_ps(ai[0], w0, xv);
+                    ai[1] = _mm512_dpbf16_ps(ai[1], w1, xv);
+                }
+            }
+        }
+    }
+    for i in 0..R {
+        // SAFETY: acc[i] holds 32 f32.
+        unsafe {
+            _mm512_storeu_ps(acc[i].as_mut_ptr(), a[i][0]);
+            _mm512_storeu_ps(acc[i].as_mut_ptr().add(16), a[i][1]);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod amx {
+    use std::arch::asm;
+
+    /// Palette 1, eight tiles of 16 rows × 64 bytes.
+    #[repr(C, align(64))]
+    struct TileConfig {
+        palette: u8,
+        start_row: u8,
+        reserved: [u8; 14],
+        colsb: [u16; 16],
+        rows: [u8; 16],
+    }
+
+    /// Loads the tile configuration (tmm0..tmm7 all 16 × 64 bytes) on this thread.
+    pub unsafe fn configure() {
+        let mut cfg = TileConfig { palette: 1, start_row: 0, reserved: [0; 14], colsb: [0; 16], rows: [0; 16] };
+        for t in 0..8 {
+            cfg.colsb[t] = 64;
+            cfg.rows[t] = 16;
+        }
+        // SAFETY: the caller holds the tile permission; the config is a valid palette-1 layout.
+        unsafe { asm!("ldtilecfg [{}]", in(reg) &cfg, options(nostack, readonly)) };
+    }
+
+    /// Gives the tile state back (so the thread's context switches stay cheap).
+    pub unsafe fn release() {
+        unsafe { asm!("tilerelease", options(nostack, nomem)) };
+    }
+
+    /// `c` (32 × 32 f32, row-major) = rows a..a+32 (bf16, `a_stride` bytes apart) times the
+    /// panel `b` (`steps` k steps of two 16 × 32 bf16 tiles in pair-interleaved layout).
+    /// tmm0..3 accumulate, tmm4/5 hold the two row tiles, tmm6/7 the two column tiles.
+    pub unsafe fn block_32x32(a: *const u16, a_stride: usize, b: *const u16, steps: usize, c: *mut f32) {
+        // SAFETY (all blocks): the caller configured the tiles; every load reads 16 rows of 64
+        // bytes inside the buffers described by the caller.
+        unsafe {
+            asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+            for s in 0..steps {
+                let a0 = a.add(s * super::KSTEP);
+                let a1 = a0.add(16 * a_stride / 2);
+                let b0 = b.add(s * super::STEP_ELEMS);
+                let b1 = b0.add(512);
+                asm!(
+                    "tileloadd tmm4, [{a0} + {sa}*1]",
+                    "tileloadd tmm5, [{a1} + {sa}*1]",
+                    "tileloadd tmm6, [{b0} + {sb}*1]",
+                    "tileloadd tmm7, [{b1} + {sb}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    a0 = in(reg) a0,
+                    a1 = in(reg) a1,
+                    b0 = in(reg) b0,
+                    b1 = in(reg) b1,
+                    sa = in(reg) a_stride,
+                    sb = in(reg) 64usize,
+                    options(nostack, readonly)
+                );
+            }
+            let c1 = c.add(16 * 32);
+            asm!(
+                "tilestored [{c0} + {sc}*1], tmm0",
+                "tilestored [{c0h} + {sc}*1], tmm1",
+                "tilestored [{c1} + {sc}*1], tmm2",
+                "tilestored [{c1h} + {sc}*1], tmm3",
+                c0 = in(reg) c,
+                c0h = in(reg) c.add(16),
+                c1 = in(reg) c1,
+                c1h = in(reg) c1.add(16),
+                sc = in(reg) 128usize,
+                options(nostack)
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(len: usize, seed: usize) -> Vec<f32> {
+        (0..len).map(|i| (((i * 7919 + seed * 104729) % 2003) as f32 - 1001.0) * 1e-3).collect()
+    }
+
+    /// f64 reference on the bf16-rounded operands: the kernels' only other error is f32 summation.
+    fn reference(x: &[f32], w: &[f32], bias: &[f32], rows: usize, n: usize, k: usize) -> Vec<f64> {
+        let r = |v: f32| from_bf16(to_bf16(v)) as f64;
+        let mut y = vec![0f64; rows * n];
+        for i in 0..rows {
+            for o in 0..n {
+                y[i * n + o] = bias[o] as f64 + (0..k).map(|j| r(x[i * k + j]) * r(w[o * k + j])).sum::<f64>();
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn bf16_rounding_is_nearest_even() {
+        assert_eq!(to_bf16(1.0), 0x3f80);
+        // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties to the even 1.0.
+        assert_eq!(to_bf16(1.0 + 1.0 / 256.0), 0x3f80);
+        assert_eq!(to_bf16(1.0 + 3.0 / 256.0), 0x3f82);
+        assert_eq!(from_bf16(to_bf16(-2.5)), -2.5);
+        assert!(from_bf16(to_bf16(f32::NAN)).is_nan());
+    }
+
+    /// Both kernels on shapes that are not multiples of the tiles, against the f64 sum of the
+    /// bf16-rounded operands (f32 accumulation over k ≤ 1000 terms of size ≤ 1: well under 1e-3),
+    /// and against the plain f32 product within the bf16 rounding bound.
+    #[test]
+    fn bf16_products_match_reference_on_awkward_shapes() {
+        let Ok(isa) = support() else {
+            eprintln!("skipped: {}", support().unwrap_err());
+            return;
+        };
+        for (rows, n, k) in [(1, 1, 1), (3, 33, 35), (37, 70, 100), (65, 31, 577), (5, 130, 1000)] {
+            let (x, w, bias) = (data(rows * k, 1), data(n * k, 2), data(n, 3));
+            let lin = Bf16Linear::new(&w, n, k, Some(&bias)).unwrap();
+            let want = reference(&x, &w, &bias, rows, n, k);
+            for decoding in [false, true] {
+                let mut y = vec![0f32; rows * n];
+                lin.forward_rows(&x, rows, &mut y, false, decoding);
+                for (i, (&g, &e)) in y.iter().zip(&want).enumerate() {
+                    assert!((g as f64 - e).abs() < 1e-3, "{isa:?} decoding={decoding} {rows}x{n}x{k} [{i}]: {g} vs {e}");
+                    // bf16 keeps 8 bits: each operand is off by ≤ 2^-9 relative.
+                    let exact: f64 = bias[i % n] as f64
+                        + (0..k).map(|j| x[(i / n) * k + j] as f64 * w[(i % n) * k + j] as f64).sum::<f64>();
+                    let bound: f64 = (0..k).map(|j| (x[(i / n) * k + j] * w[(i % n) * k + j]).abs() as f64).sum::<f64>();
+                    assert!((g as f64 - exact).abs() <= bound / 128.0 + 1e-3, "{rows}x{n}x{k}: {g} vs exact {exact}");
+                }
+                let mut acc = vec![1f32; rows * n];
+                lin.forward_rows(&x, rows, &mut acc, true, decoding);
+                for (a, b) in acc.iter().zip(&y) {
+                    assert!((a - 1.0 - b).abs() < 1e-5 * (1.0 + b.abs()), "accumulate adds to dst: {a} vs 1 + {b}");
+                }
+            }
+        }
+    }
+
+    /// A row's outputs are bit-identical whether it is computed alone or among others.
+    #[test]
+    fn bf16_rows_do_not_depend_on_the_batch() {
+        if support().is_err() {
+            return;
+        }
+        let (rows, n, k) = (45, 97, 200);
+        let (x, w) = (data(rows * k, 4), data(n * k, 5));
+        let lin = Bf16Linear::new(&w, n, k, None).unwrap();
+        for decoding in [false, true] {
+            let mut all = vec![0f32; rows * n];
+            lin.forward_rows(&x, rows, &mut all, false, decoding);
+            for r in [0, 3, 31, 32, 44] {
+                let mut one = vec![0f32; n];
+                lin.forward_rows(&x[r * k..(r + 1) * k], 1, &mut one, false, decoding);
+                let same = one.iter().zip(&all[r * n..(r + 1) * n]).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "row {r} differs alone (decoding={decoding})");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod speed {
+    /// bf16 against f32 throughput on the vision encoder's and a text prefill's product shapes
+    /// (run with --release --ignored --nocapture; best of 5, pool threads as set by RAYON_NUM_THREADS).
+    #[test]
+    #[ignore]
+    fn bf16_gemm_gflops() {
+        if super::support().is_err() {
+            return;
+        }
+        for (m, k, n) in [(1024, 768, 3072), (1024, 3072, 768), (1024, 768, 2304), (87, 576, 3072)] {
+            let x: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 * 0.1).collect();
+            let w: Vec<f32> = (0..n * k).map(|i| (i % 7) as f32 * 0.1).collect();
+            let lin = super::Bf16Linear::new(&w, n, k, None).unwrap();
+            let mut d = vec![0f32; m * n];
+            let best = |f: &mut dyn FnMut()| {
+                (0..5)
+                    .map(|_| {
+                        let t = std::time::Instant::now();
+                        f();
+                        t.elapsed().as_secs_f64()
+                    })
+                    .fold(f64::MAX, f64::min)
+            };
+            let gf = |s: f64| 2.0 * (m * k * n) as f64 / s / 1e9;
+            let f32s = best(&mut || crate::kernels::matmul_wt_cols(&x, &w, &mut d, m, k, n, false));
+            let amx = best(&mut || lin.forward_rows(&x, m, &mut d, false, false));
+            let dot = best(&mut || lin.forward_rows(&x, m, &mut d, false, true));
+            println!(
+                "{m}x{k}x{n}: f32 {:.0} GFLOP/s, bf16 {:?} {:.0} GFLOP/s ({:.1}x), bf16 vdpbf16ps {:.0} GFLOP/s",
+                gf(f32s),
+                lin.isa,
+                gf(amx),
+                f32s / amx,
+                gf(dot)
+            );
+        }
+    }
+}
