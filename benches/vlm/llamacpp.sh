@@ -14,12 +14,16 @@
 #      from the sdist's own gguf-py, all under TOOLS (default ~/.cache/quire-tools/llamacpp;
 #      reused). Not PyPI's gguf: its newest release (0.19.0, the same version number) predates
 #      this converter, which stops at "module 'gguf' has no attribute 'LazyChunkedTensor'";
-#   2. writes the checkpoint (make_ckpt.py) and page like bench.sh, and converts it to GGUF, text
-#      model and mmproj, at each LLAMA_TYPES type (into WORK/gguf; reused while the checkpoint is
-#      older). The random checkpoint's text_config has no "architectures" (the real SmolVLM
-#      config.json says VLlama3ForCausalLM), so the converter would stop at "Model
-#      Idefics3ForConditionalGeneration is not supported" for the text model: it is given a copy
-#      of config.json with that one key added (weights and tokenizer are symlinks);
+#   2. writes the checkpoint (make_ckpt.py) and page like bench.sh (under the lock: WORK is
+#      shared with bench.sh), and converts it to GGUF, text model and mmproj, at each LLAMA_TYPES
+#      type (into WORK/gguf; reused while newer than the checkpoint). Two things in the random
+#      checkpoint stop the converter, both worked around without touching llama.cpp's files:
+#      - its text_config has no "architectures" (the real SmolVLM's says VLlama3ForCausalLM), so
+#        the text model stops at "Model Idefics3ForConditionalGeneration is not supported": the
+#        converter reads a copy of config.json with that key added (weights, tokenizer: symlinks);
+#      - its tokenizer is quire's small test one, unknown to the converter ("BPE pre-tokenizer was
+#        not recognized"): benches/vlm/llamacpp_convert.py runs the converter with "gpt-2" as the
+#        pre-tokenizer for an unknown hash (what that byte-level BPE tokenizer does);
 #   3. under flock /tmp/quire-bench.lock, runs both, REPEAT rounds, each configuration once per
 #      round, and prints the table.
 # llama.cpp's prefill is its own "image slice encoded" + "prompt eval time" (image decoding into
@@ -70,20 +74,20 @@ if [ ! -x "$CLI" ]; then
   cmake --build "$TOOLS/build" --target llama-mtmd-cli -j2 >"$TOOLS/build.log"
 fi
 VENV=$TOOLS/venv
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import gguf, torch, transformers; gguf.LazyChunkedTensor' 2>/dev/null; then
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import gguf, sentencepiece, torch, transformers; gguf.LazyChunkedTensor' 2>/dev/null; then
   # The converter needs torch/transformers/numpy: PY's packages are visible through a .pth file.
   "$PY" -m venv "$VENV"
   "$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' \
     >"$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/quire-ref.pth"
-  "$VENV/bin/pip" install -q "$LLAMA/gguf-py"
+  "$VENV/bin/pip" install -q "$LLAMA/gguf-py" sentencepiece
 fi
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target}
 cargo build -q -p quire-vlm --example bench --release
 QBIN=$CARGO_TARGET_DIR/release/examples/bench
 
-# ---- 2. checkpoint, page, GGUF (under the lock: WORK is shared with bench.sh) ----
+# ---- 2. checkpoint, page (under the lock), GGUF ----
 prepare() {
-  mkdir -p "$WORK/gguf"
+  mkdir -p "$WORK"
   [ -f "$WORK/ckpt/config.json" ] || "$PY" benches/vlm/make_ckpt.py "$WORK/ckpt"
   "$PY" - "$WORK/page.png" <<'PYEOF'
 import sys, numpy as np
@@ -92,6 +96,12 @@ rng = np.random.RandomState(0)
 a = (rng.rand(480, 360, 3) * 255).astype(np.uint8)
 Image.fromarray(a).save(sys.argv[1])
 PYEOF
+}
+export -f prepare
+export PY WORK
+flock "$LOCK" bash -c 'set -euo pipefail; prepare'
+convert() {
+  mkdir -p "$WORK/gguf"
   local in=$WORK/gguf/src
   rm -rf "$in" && mkdir -p "$in"
   for f in "$WORK"/ckpt/*; do [ "$(basename "$f")" = config.json ] || ln -s "$f" "$in/"; done
@@ -106,7 +116,7 @@ PYEOF
       local out=$WORK/gguf/$part-$t.gguf
       [ -f "$out" ] && [ "$out" -nt "$WORK/ckpt/model.safetensors" ] && continue
       echo "converting $part to $t" >&2
-      NO_LOCAL_GGUF=1 "$VENV/bin/python" "$LLAMA/convert_hf_to_gguf.py" "$in" --outtype "$t" \
+      NO_LOCAL_GGUF=1 "$VENV/bin/python" benches/vlm/llamacpp_convert.py "$LLAMA" "$in" --outtype "$t" \
         --outfile "$out.tmp" $([ $part = mmproj ] && echo --mmproj) >"$WORK/gguf/convert-$part-$t.log" 2>&1 \
         || { echo "conversion of $part to $t failed; tail of $WORK/gguf/convert-$part-$t.log:" >&2;
              tail -20 "$WORK/gguf/convert-$part-$t.log" >&2; exit 1; }
@@ -149,8 +159,9 @@ run_quire() {
     | "$PY" -c 'import json,sys; j=json.loads(sys.stdin.read()); j["dtype"]=sys.argv[1]; print(json.dumps(j))' "$d"
 }
 
+convert
+
 measure() {
-  prepare
   export RAYON_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS
   for r in $(seq "$REPEAT"); do
     echo "round $r/$REPEAT" >&2
@@ -159,7 +170,7 @@ measure() {
   done
 }
 
-export -f prepare measure run_llama run_quire
+export -f measure run_llama run_quire
 export PY THREADS NEW REPEAT CTX LLAMA_TYPES QUIRE_DTYPES WORK LLAMA VENV CLI QBIN PROMPT
 RES=$(flock "$LOCK" bash -c 'set -euo pipefail; measure')
 echo "$RES" >"$WORK/llamacpp-results.jsonl"
