@@ -10,6 +10,13 @@ knows by the hash of its output, so it stops at "BPE pre-tokenizer was not recog
 unknown hash maps to "gpt-2", the pre-tokenizer this tokenizer has (a `ByteLevel` pre-tokenizer
 with `use_regex`, nothing else). The weights, the model and the projector are converted as they
 would be anyway; the prompt only needs to tokenize to the same ids as in quire.
+
+And one token is added: llama.cpp's Idefics3 prompt puts the token "\\n\\n" (byte-level "ĊĊ", a
+token in SmolVLM's real vocabulary) before the overview image, and llama-mtmd-cli aborts with
+"GGML_ASSERT(idx >= 0) failed" in mtmd_helper_eval_chunk_single when the vocabulary has none (the
+lookup gives -1). The test tokenizer has 463 tokens while the model has 49,280 rows; the first
+unused row (a "[PAD463]" placeholder in the GGUF) becomes "ĊĊ", with no merge, so no text
+tokenizes differently.
 """
 import logging
 import runpy
@@ -32,4 +39,18 @@ def get_vocab_base_pre(self, tokenizer):
 
 
 base.TextModel.get_vocab_base_pre = get_vocab_base_pre
+
+vocab_base = base.TextModel.get_vocab_base
+
+
+def get_vocab_base(self):
+    tokens, toktypes, tokpre = vocab_base(self)
+    if "\u010a\u010a" not in tokens:
+        i = next(i for i, t in enumerate(toktypes) if t == base.gguf.TokenType.UNUSED)
+        logging.getLogger("llamacpp_convert").warning(f"no token for \\n\\n: {tokens[i]} becomes it")
+        tokens[i], toktypes[i] = "\u010a\u010a", base.gguf.TokenType.NORMAL
+    return tokens, toktypes, tokpre
+
+
+base.TextModel.get_vocab_base = get_vocab_base
 runpy.run_path(sys.argv[0], run_name="__main__")
