@@ -26,7 +26,7 @@
 #        pre-tokenizer for an unknown hash (what that byte-level BPE tokenizer does);
 #   3. under flock /tmp/quire-bench.lock, runs both, REPEAT rounds, each configuration once per
 #      round, and prints the table.
-# llama.cpp's prefill is its own "image slice encoded" + "prompt eval time" (image decoding into
+# llama.cpp's prefill is its own "mtmd batch encoding done" + "prompt eval time" (image decoding into
 # the KV cache is part of the prompt eval) ; its decode is the "eval time" tokens per second; its
 # peak RSS is /usr/bin/time -v's maximum resident set size. quire's figures come from
 # crates/quire-vlm/examples/bench.rs (prefill = a 1-token generate, image preprocessing included).
@@ -99,7 +99,7 @@ PYEOF
 }
 export -f prepare
 export PY WORK
-flock "$LOCK" bash -c 'set -euo pipefail; prepare'
+[ -f "$WORK/ckpt/config.json" ] && [ -f "$WORK/page.png" ] || flock "$LOCK" bash -c 'set -euo pipefail; prepare'
 convert() {
   mkdir -p "$WORK/gguf"
   local in=$WORK/gguf/src
@@ -138,14 +138,16 @@ run_llama() {
   "$PY" - "$log" "$t" <<'PYEOF'
 import json, re, sys
 s = open(sys.argv[1]).read()
-enc = [int(x) for x in re.findall(r"image slice encoded in (\d+) ms", s)]
+enc = [int(x) for x in re.findall(r"mtmd batch encoding done in (\d+) ms", s)]
+n_enc = sum(int(x) for x in re.findall(r"encoding mtmd batch, n_chunks = (\d+)", s))
 img_tok = [int(x) for x in re.findall(r"decoding image batch \d+/\d+, n_tokens_batch = (\d+)", s)]
 pe = re.search(r"prompt eval time =\s*([\d.]+) ms /\s*(\d+) tokens", s)
 ev = re.search(r"\beval time =\s*([\d.]+) ms /\s*(\d+) runs.*?([\d.]+) tokens per second", s)
 rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", s)
 if not (enc and pe and ev and rss):
-    sys.exit("could not parse llama-mtmd-cli output:\n" + s[-3000:])
-print(json.dumps({"impl": "llama.cpp", "dtype": sys.argv[2], "encode_ms": sum(enc), "n_encodes": len(enc),
+    print("could not parse llama-mtmd-cli output:\n" + s[-3000:], file=sys.stderr)
+    sys.exit(0)
+print(json.dumps({"impl": "llama.cpp", "dtype": sys.argv[2], "encode_ms": sum(enc), "n_encodes": n_enc,
                   "prompt_eval_ms": float(pe[1]), "prompt_tokens": int(pe[2]), "image_tokens": sum(img_tok),
                   "prefill_ms": sum(enc) + float(pe[1]), "decode_runs": int(ev[2]), "decode_tok_s": float(ev[3]),
                   "peak_rss_mb": int(rss[1]) / 1024}))
@@ -167,13 +169,12 @@ measure() {
     echo "round $r/$REPEAT" >&2
     for t in $LLAMA_TYPES; do run_llama "$t"; done
     for d in $QUIRE_DTYPES; do run_quire "$d"; done
-  done
+  done >"$WORK/llamacpp-results.jsonl"
 }
 
 export -f measure run_llama run_quire
 export PY THREADS NEW REPEAT CTX LLAMA_TYPES QUIRE_DTYPES WORK LLAMA VENV CLI QBIN PROMPT
-RES=$(flock "$LOCK" bash -c 'set -euo pipefail; measure')
-echo "$RES" >"$WORK/llamacpp-results.jsonl"
+flock "$LOCK" bash -c 'set -euo pipefail; measure'   # one JSON line per run, written as they come
 echo "load average: $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc --all) CPUs (figures are noisy on a shared machine)"
 "$PY" - "$WORK/llamacpp-results.jsonl" "$THREADS" "$NEW" "$REPEAT" <<'PYEOF'
 import json, statistics as st, sys

@@ -14,9 +14,9 @@ would be anyway; the prompt only needs to tokenize to the same ids as in quire.
 And one token is added: llama.cpp's Idefics3 prompt puts the token "\\n\\n" (byte-level "ĊĊ", a
 token in SmolVLM's real vocabulary) before the overview image, and llama-mtmd-cli aborts with
 "GGML_ASSERT(idx >= 0) failed" in mtmd_helper_eval_chunk_single when the vocabulary has none (the
-lookup gives -1). The test tokenizer has 463 tokens while the model has 49,280 rows; the first
-unused row (a "[PAD463]" placeholder in the GGUF) becomes "ĊĊ", with no merge, so no text
-tokenizes differently.
+lookup gives -1). The test tokenizer has 420 tokens while the model has 49,280 rows; the first
+unused row (id 420, a "[PAD420]" placeholder in the GGUF) becomes "ĊĊ", with no merge, so no
+text tokenizes differently.
 """
 import logging
 import runpy
