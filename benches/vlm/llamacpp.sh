@@ -26,6 +26,8 @@
 #        pre-tokenizer for an unknown hash (what that byte-level BPE tokenizer does);
 #   3. under flock /tmp/quire-bench.lock, runs both, REPEAT rounds, each configuration once per
 #      round, and prints the table.
+# q8_0 runs with --no-repack: with it, ggml moves q8_0 weights to its AMX buffer type and
+# llama-mtmd-cli dies of SIGILL on this machine (AMX tile use not granted to the process).
 # llama.cpp's prefill is its own "mtmd batch encoding done" + "prompt eval time" (image decoding into
 # the KV cache is part of the prompt eval) ; its decode is the "eval time" tokens per second; its
 # peak RSS is /usr/bin/time -v's maximum resident set size. quire's figures come from
@@ -132,7 +134,7 @@ run_llama() {
   log=$(mktemp)
   /usr/bin/time -v "$CLI" -m "$WORK/gguf/text-$t.gguf" --mmproj "$WORK/gguf/mmproj-$t.gguf" \
     --image "$WORK/page.png" -p "$PROMPT" -n "$NEW" --ignore-eos --temp 0 --top-k 1 --seed 0 \
-    -t "$THREADS" -tb "$THREADS" -c "$CTX" >"$log.out" 2>"$log" </dev/null \
+    -t "$THREADS" -tb "$THREADS" -c "$CTX" --perf $([ "$t" = q8_0 ] && echo --no-repack) >"$log.out" 2>"$log" </dev/null \
     || { echo "llama-mtmd-cli ($t) failed:" >&2; tail -30 "$log" >&2; exit 1; }
   cp "$log" "$WORK/gguf/last-run-$t.log"
   "$PY" - "$log" "$t" <<'PYEOF'
