@@ -134,7 +134,7 @@ run_llama() {
   log=$(mktemp)
   /usr/bin/time -v "$CLI" -m "$WORK/gguf/text-$t.gguf" --mmproj "$WORK/gguf/mmproj-$t.gguf" \
     --image "$WORK/page.png" -p "$PROMPT" -n "$NEW" --ignore-eos --temp 0 --top-k 1 --seed 0 \
-    -t "$THREADS" -tb "$THREADS" -c "$CTX" --perf $([ "$t" = q8_0 ] && echo --no-repack) >"$log.out" 2>"$log" </dev/null \
+    -t "$THREADS" -tb "$THREADS" -c "$CTX" --perf $([ "$t" = q8_0 ] && echo --no-repack) >"$log" 2>&1 </dev/null \
     || { echo "llama-mtmd-cli ($t) failed:" >&2; tail -30 "$log" >&2; exit 1; }
   cp "$log" "$WORK/gguf/last-run-$t.log"
   "$PY" - "$log" "$t" <<'PYEOF'
@@ -154,7 +154,7 @@ print(json.dumps({"impl": "llama.cpp", "dtype": sys.argv[2], "encode_ms": sum(en
                   "prefill_ms": sum(enc) + float(pe[1]), "decode_runs": int(ev[2]), "decode_tok_s": float(ev[3]),
                   "peak_rss_mb": int(rss[1]) / 1024}))
 PYEOF
-  rm -f "$log" "$log.out"
+  rm -f "$log"
 }
 
 run_quire() {
