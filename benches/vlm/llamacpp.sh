@@ -35,6 +35,11 @@
 # llama.cpp always adds a 512x512 "overview" image in front of the slices for Idefics3/SmolVLM,
 # so this one-tile page is 2 encoder passes and 128 image tokens there, 1 and 64 in quire (and in
 # transformers); the table shows both counts and a llama.cpp prefill scaled to quire's work.
+# NOT FINISHED: this llama-mtmd-cli build (llama-cpp-python 0.3.36's llama.cpp) prints no
+# llama_perf lines ("prompt eval time", "eval time") even with --perf and -lv 3, so the llama.cpp
+# rows come out empty ("could not parse"); the raw logs are kept in WORK/gguf/last-run-TYPE.log
+# (encoder ms and peak RSS are there). Next step: try -v, or time a -n 1 run against a -n NEW+1
+# run (wall clock from /usr/bin/time, as bench.rs does for quire).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
