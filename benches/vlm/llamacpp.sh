@@ -1,0 +1,225 @@
+#!/usr/bin/env bash
+# Benchmark quire-vlm against llama.cpp (llama-mtmd-cli) on the CPU, on bench.sh's random-weight
+# SmolVLM-256M-sized checkpoint and 480x360 page, same prompt, greedy, NEW tokens forced, THREADS
+# threads for both. Not a test: prints prefill ms, decode tokens/s and peak RSS (median and range
+# over REPEAT runs) for llama.cpp at f32/f16/bf16/q8_0 and quire at f32/bf16, and the ratios at
+# matching precisions.
+#   benches/vlm/llamacpp.sh
+#   THREADS=2 NEW=64 REPEAT=3 PY=~/.cache/quire-tools/venv-ref/bin/python benches/vlm/llamacpp.sh
+#   LLAMA_TYPES="f32 q8_0" QUIRE_DTYPES=f32 REPEAT=1 benches/vlm/llamacpp.sh
+# From nothing (Rust, Python 3 with torch/transformers/numpy/Pillow in PY, apt) it:
+#   1. downloads the source distribution of the PyPI package llama-cpp-python (it vendors
+#      llama.cpp and its convert_hf_to_gguf.py), builds llama-mtmd-cli (CPU, -march=native,
+#      Release) and makes a venv for the converter with the gguf package (the writer) installed
+#      from the sdist's own gguf-py, all under TOOLS (default ~/.cache/quire-tools/llamacpp;
+#      reused). Not PyPI's gguf: its newest release (0.19.0, the same version number) predates
+#      this converter, which stops at "module 'gguf' has no attribute 'LazyChunkedTensor'";
+#   2. writes the checkpoint (make_ckpt.py) and page like bench.sh (under the lock: WORK is
+#      shared with bench.sh), and converts it to GGUF, text model and mmproj, at each LLAMA_TYPES
+#      type (into WORK/gguf; reused while newer than the checkpoint). Two things in the random
+#      checkpoint stop the converter, both worked around without touching llama.cpp's files:
+#      - its text_config has no "architectures" (the real SmolVLM's says VLlama3ForCausalLM), so
+#        the text model stops at "Model Idefics3ForConditionalGeneration is not supported": the
+#        converter reads a copy of config.json with that key added (weights, tokenizer: symlinks);
+#      - its tokenizer is quire's small test one, unknown to the converter ("BPE pre-tokenizer was
+#        not recognized"): benches/vlm/llamacpp_convert.py runs the converter with "gpt-2" as the
+#        pre-tokenizer for an unknown hash (what that byte-level BPE tokenizer does);
+#   3. under flock /tmp/quire-bench.lock, runs both, REPEAT rounds, each configuration once per
+#      round, and prints the table.
+# q8_0 runs with --no-repack: with it, ggml moves q8_0 weights to its AMX buffer type and
+# llama-mtmd-cli dies of SIGILL on this machine (AMX tile use not granted to the process).
+# llama.cpp's prefill is its own "mtmd batch encoding done" + "prompt eval time" (image decoding into
+# the KV cache is part of the prompt eval) ; its decode is the "eval time" tokens per second; its
+# peak RSS is /usr/bin/time -v's maximum resident set size. quire's figures come from
+# crates/quire-vlm/examples/bench.rs (prefill = a 1-token generate, image preprocessing included).
+# llama.cpp always adds a 512x512 "overview" image in front of the slices for Idefics3/SmolVLM,
+# so this one-tile page is 2 encoder passes and 128 image tokens there, 1 and 64 in quire (and in
+# transformers); the table shows both counts and a llama.cpp prefill scaled to quire's work.
+# NOT FINISHED: this llama-mtmd-cli build (llama-cpp-python 0.3.36's llama.cpp) prints no
+# llama_perf lines ("prompt eval time", "eval time") even with --perf and -lv 3, so the llama.cpp
+# rows come out empty ("could not parse"); the raw logs are kept in WORK/gguf/last-run-TYPE.log
+# (encoder ms and peak RSS are there). Next step: try -v, or time a -n 1 run against a -n NEW+1
+# run (wall clock from /usr/bin/time, as bench.rs does for quire).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$PWD
+PY=${PY:-$HOME/.cache/quire-tools/venv-ref/bin/python}
+THREADS=${THREADS:-2}
+NEW=${NEW:-64}
+REPEAT=${REPEAT:-3}
+CTX=${CTX:-1024}
+LLAMA_TYPES=${LLAMA_TYPES:-f32 f16 bf16 q8_0}
+QUIRE_DTYPES=${QUIRE_DTYPES:-f32 bf16}
+TOOLS=${TOOLS:-$HOME/.cache/quire-tools/llamacpp}
+LLAMA_CPP_PYTHON=${LLAMA_CPP_PYTHON:-0.3.36}   # the version this script was written against
+WORK=${WORK:-/tmp/quire-vlm-bench}
+LOCK=${LOCK:-/tmp/quire-bench.lock}
+PROMPT="Convert this page to docling."
+
+# ---- 1. tools (not under the lock) ----
+missing=()
+command -v cmake >/dev/null || missing+=(cmake)
+command -v g++ >/dev/null || missing+=(build-essential)
+[ -x /usr/bin/time ] || missing+=(time)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing ${missing[*]}" >&2
+  SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+mkdir -p "$TOOLS"
+SRC=$TOOLS/llama_cpp_python-$LLAMA_CPP_PYTHON
+LLAMA=$SRC/vendor/llama.cpp
+if [ ! -f "$LLAMA/convert_hf_to_gguf.py" ]; then
+  "$PY" -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$LLAMA_CPP_PYTHON" -d "$TOOLS/dl"
+  tar xzf "$TOOLS/dl/llama_cpp_python-$LLAMA_CPP_PYTHON.tar.gz" -C "$TOOLS"
+fi
+CLI=$TOOLS/build/bin/llama-mtmd-cli
+if [ ! -x "$CLI" ]; then
+  cmake -S "$LLAMA" -B "$TOOLS/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF \
+    -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
+    -DLLAMA_BUILD_APP=OFF -DLLAMA_USE_PREBUILT_UI=OFF >"$TOOLS/cmake.log"
+  cmake --build "$TOOLS/build" --target llama-mtmd-cli -j2 >"$TOOLS/build.log"
+fi
+VENV=$TOOLS/venv
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import gguf, sentencepiece, torch, transformers; gguf.LazyChunkedTensor' 2>/dev/null; then
+  # The converter needs torch/transformers/numpy: PY's packages are visible through a .pth file.
+  "$PY" -m venv "$VENV"
+  "$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' \
+    >"$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/quire-ref.pth"
+  "$VENV/bin/pip" install -q "$LLAMA/gguf-py" sentencepiece
+fi
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target}
+cargo build -q -p quire-vlm --example bench --release
+QBIN=$CARGO_TARGET_DIR/release/examples/bench
+
+# ---- 2. checkpoint, page (under the lock), GGUF ----
+prepare() {
+  mkdir -p "$WORK"
+  [ -f "$WORK/ckpt/config.json" ] || "$PY" benches/vlm/make_ckpt.py "$WORK/ckpt"
+  "$PY" - "$WORK/page.png" <<'PYEOF'
+import sys, numpy as np
+from PIL import Image
+rng = np.random.RandomState(0)
+a = (rng.rand(480, 360, 3) * 255).astype(np.uint8)
+Image.fromarray(a).save(sys.argv[1])
+PYEOF
+}
+export -f prepare
+export PY WORK
+[ -f "$WORK/ckpt/config.json" ] && [ -f "$WORK/page.png" ] || flock "$LOCK" bash -c 'set -euo pipefail; prepare'
+convert() {
+  mkdir -p "$WORK/gguf"
+  local in=$WORK/gguf/src
+  rm -rf "$in" && mkdir -p "$in"
+  for f in "$WORK"/ckpt/*; do [ "$(basename "$f")" = config.json ] || ln -s "$f" "$in/"; done
+  "$PY" - "$WORK/ckpt/config.json" "$in/config.json" <<'PYEOF'
+import json, sys
+c = json.load(open(sys.argv[1]))
+c["text_config"].setdefault("architectures", ["VLlama3ForCausalLM"])
+json.dump(c, open(sys.argv[2], "w"), indent=2)
+PYEOF
+  for t in $LLAMA_TYPES; do
+    for part in text mmproj; do
+      local out=$WORK/gguf/$part-$t.gguf
+      [ -f "$out" ] && [ "$out" -nt "$WORK/ckpt/model.safetensors" ] && continue
+      echo "converting $part to $t" >&2
+      NO_LOCAL_GGUF=1 "$VENV/bin/python" benches/vlm/llamacpp_convert.py "$LLAMA" "$in" --outtype "$t" \
+        --outfile "$out.tmp" $([ $part = mmproj ] && echo --mmproj) >"$WORK/gguf/convert-$part-$t.log" 2>&1 \
+        || { echo "conversion of $part to $t failed; tail of $WORK/gguf/convert-$part-$t.log:" >&2;
+             tail -20 "$WORK/gguf/convert-$part-$t.log" >&2; exit 1; }
+      mv "$out.tmp" "$out"
+    done
+  done
+}
+
+# ---- 3. measure ----
+# One llama-mtmd-cli run -> one JSON line.
+run_llama() {
+  local t=$1 log
+  log=$(mktemp)
+  /usr/bin/time -v "$CLI" -m "$WORK/gguf/text-$t.gguf" --mmproj "$WORK/gguf/mmproj-$t.gguf" \
+    --image "$WORK/page.png" -p "$PROMPT" -n "$NEW" --ignore-eos --temp 0 --top-k 1 --seed 0 \
+    -t "$THREADS" -tb "$THREADS" -c "$CTX" --perf $([ "$t" = q8_0 ] && echo --no-repack) >"$log" 2>&1 </dev/null \
+    || { echo "llama-mtmd-cli ($t) failed:" >&2; tail -30 "$log" >&2; exit 1; }
+  cp "$log" "$WORK/gguf/last-run-$t.log"
+  "$PY" - "$log" "$t" <<'PYEOF'
+import json, re, sys
+s = open(sys.argv[1]).read()
+enc = [int(x) for x in re.findall(r"mtmd batch encoding done in (\d+) ms", s)]
+n_enc = sum(int(x) for x in re.findall(r"encoding mtmd batch, n_chunks = (\d+)", s))
+img_tok = [int(x) for x in re.findall(r"decoding image batch \d+/\d+, n_tokens_batch = (\d+)", s)]
+pe = re.search(r"prompt eval time =\s*([\d.]+) ms /\s*(\d+) tokens", s)
+ev = re.search(r"\beval time =\s*([\d.]+) ms /\s*(\d+) runs.*?([\d.]+) tokens per second", s)
+rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", s)
+if not (enc and pe and ev and rss):
+    print("could not parse llama-mtmd-cli output:\n" + s[-3000:], file=sys.stderr)
+    sys.exit(0)
+print(json.dumps({"impl": "llama.cpp", "dtype": sys.argv[2], "encode_ms": sum(enc), "n_encodes": n_enc,
+                  "prompt_eval_ms": float(pe[1]), "prompt_tokens": int(pe[2]), "image_tokens": sum(img_tok),
+                  "prefill_ms": sum(enc) + float(pe[1]), "decode_runs": int(ev[2]), "decode_tok_s": float(ev[3]),
+                  "peak_rss_mb": int(rss[1]) / 1024}))
+PYEOF
+  rm -f "$log"
+}
+
+run_quire() {
+  local d=$1
+  "$QBIN" "$WORK/ckpt" "$WORK/page.png" "$NEW" --dtype "$d" | tail -1 \
+    | "$PY" -c 'import json,sys; j=json.loads(sys.stdin.read()); j["dtype"]=sys.argv[1]; print(json.dumps(j))' "$d"
+}
+
+convert
+
+measure() {
+  export RAYON_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS
+  for r in $(seq "$REPEAT"); do
+    echo "round $r/$REPEAT" >&2
+    for t in $LLAMA_TYPES; do run_llama "$t"; done
+    for d in $QUIRE_DTYPES; do run_quire "$d"; done
+  done >"$WORK/llamacpp-results.jsonl"
+}
+
+export -f measure run_llama run_quire
+export PY THREADS NEW REPEAT CTX LLAMA_TYPES QUIRE_DTYPES WORK LLAMA VENV CLI QBIN PROMPT
+flock "$LOCK" bash -c 'set -euo pipefail; measure'   # one JSON line per run, written as they come
+echo "load average: $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc --all) CPUs (figures are noisy on a shared machine)"
+"$PY" - "$WORK/llamacpp-results.jsonl" "$THREADS" "$NEW" "$REPEAT" <<'PYEOF'
+import json, statistics as st, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+by = {}
+for r in rows:
+    by.setdefault((r["impl"], r["dtype"]), []).append(r)
+def med(rs, k): return st.median(r[k] for r in rs)
+def fmt(rs, k, f="{:.0f}"):
+    v = [r[k] for r in rs]
+    return f"{f.format(st.median(v))} [{f.format(min(v))}-{f.format(max(v))}]"
+q = [rs for (i, _), rs in by.items() if i == "quire"]
+l = [rs for (i, _), rs in by.items() if i == "llama.cpp"]
+print(f"threads={sys.argv[2]} new={sys.argv[3]} repeat={sys.argv[4]}  (median [min-max])")
+if q and l:
+    a, b = l[0][0], q[0][0]
+    print(f"tokens in: quire {b['tokens_in']} (64 per tile, 1 tile)  llama.cpp {a['prompt_tokens']} "
+          f"({a['image_tokens']} image tokens in {a['n_encodes']} encoder passes: overview + slices)")
+print(f"{'':10} {'dtype':5} {'prefill ms':>18} {'(encode+prompt)':>16} {'1-tile est. ms':>15} {'decode tok/s':>20} {'peak RSS MB':>18}")
+qtok = q[0][0]["tokens_in"] if q else None
+for (impl, d), rs in by.items():
+    if impl == "llama.cpp":
+        # scale to quire's work: one encoder pass, and the prompt eval at quire's token count
+        est = [r["encode_ms"] / r["n_encodes"] + r["prompt_eval_ms"] * (qtok or r["prompt_tokens"]) / r["prompt_tokens"] for r in rs]
+        for r, e in zip(rs, est): r["prefill_1tile_ms"] = e
+        parts = f"{med(rs, 'encode_ms'):.0f}+{med(rs, 'prompt_eval_ms'):.0f}"
+        print(f"{impl:10} {d:5} {fmt(rs, 'prefill_ms'):>18} {parts:>16} {fmt(rs, 'prefill_1tile_ms'):>15} "
+              f"{fmt(rs, 'decode_tok_s', '{:.1f}'):>20} {fmt(rs, 'peak_rss_mb'):>18}")
+    else:
+        print(f"{impl:10} {d:5} {fmt(rs, 'prefill_ms'):>18} {'':>16} {'':>15} "
+              f"{fmt(rs, 'decode_tok_s', '{:.1f}'):>20} {fmt(rs, 'peak_rss_mb'):>18}")
+print("quire / llama.cpp at the same precision (>1: quire faster; prefill vs llama.cpp's own, and vs its 1-tile estimate):")
+for (impl, d), rs in by.items():
+    if impl != "quire" or ("llama.cpp", d) not in by:
+        continue
+    ls = by[("llama.cpp", d)]
+    print(f"  {d:5} prefill {med(ls, 'prefill_ms') / med(rs, 'prefill_ms'):.2f}x "
+          f"(1-tile est. {med(ls, 'prefill_1tile_ms') / med(rs, 'prefill_ms'):.2f}x)  "
+          f"decode {med(rs, 'decode_tok_s') / med(ls, 'decode_tok_s'):.2f}x  "
+          f"peak RSS {med(rs, 'peak_rss_mb') / med(ls, 'peak_rss_mb'):.2f}x of llama.cpp's")
+PYEOF
