@@ -46,4 +46,46 @@ print(f"threads={sys.argv[3]} dtype={sys.argv[4]} tokens_in={q['tokens_in']} (hf
 print(f"prefill ms/image: quire {q['prefill_ms']:.0f}  transformers {h['prefill_ms']:.0f}  speedup {h['prefill_ms']/q['prefill_ms']:.2f}x")
 print(f"decode tok/s:     quire {q['decode_tok_s']:.1f}  transformers {h['decode_tok_s']:.1f}  speedup {q['decode_tok_s']/h['decode_tok_s']:.2f}x")
 print(f"peak RSS MB:      quire {q['peak_rss_mb']:.0f}  transformers {h['peak_rss_mb']:.0f}")
+m = q.get("machine")
+if m:
+    line = f"machine: {m['threads']} threads, {m.get('cpu')}, cpuinfo {m.get('cpuinfo_mhz') or 0:.0f} MHz"
+    if "clock_ghz" in m:
+        line += (f"; clock {m['clock_ghz']:.2f} GHz (dependent FMA); FMA loop {m['fma_gflops_1_thread']:.0f} GFLOP/s on 1 thread"
+                 f" ({m['flop_per_cycle_1_thread']:.0f} FLOP/cycle), {m['fma_gflops']:.0f} on {m['threads']};"
+                 f" theoretical {m['threads']} x {m['clock_ghz']:.2f} GHz x 64 = {m['theoretical_gflops']:.0f} GFLOP/s")
+    print(line)
+rows = q.get("gemm", [])
+ok = [r for r in rows if "gflop_s" in r and r["dtype"] == "f32"]
+gemm_peak = max((r["gflop_s"] for r in ok if r["m"] > 1), default=0)
+mv_peak = max((r["gb_s"] for r in ok if r["m"] == 1), default=0)
+if rows:
+    print("GEMM microbenchmark, the engine's kernels on this run's shapes (best of >= 3 calls; GB/s: weights read):")
+    print(f"  {'product':17} {'m x k -> n':>20} {'kernel':20} {'dtype':5} {'ms':>8} {'GFLOP/s':>8} {'GB/s':>6}")
+    for r in rows:
+        shape = f"{r['m']} x {r['k']} -> {r['n']}"
+        if "error" in r:
+            print(f"  {r['shape']:17} {shape:>20} {r['kernel']:20} {r['dtype']:5} runs not: {r['error'][:90]}")
+        else:
+            gbs = f"{r['gb_s']:6.1f}" if r["m"] == 1 else ""
+            print(f"  {r['shape']:17} {shape:>20} {r['kernel']:20} {r['dtype']:5} {r['ms']:8.3f} {r['gflop_s']:8.1f} {gbs}")
+    print(f"measured GEMM peak (best f32 product above): {gemm_peak:.0f} GFLOP/s; matrix-vector: {mv_peak:.1f} GB/s")
+phases = q.get("phases", [])
+if phases:
+    print(f"phases of the {q['tokens_out']}-token run (GFLOP/s; %: of the measured GEMM peak):")
+    for p in phases:
+        calls, ms = p["calls"], p["ms"]
+        per = f" ({ms / calls:.2f} ms x {calls})" if p["stage"] == "decode" else ""
+        rate = p["gflop"] / ms * 1e3 if ms > 0 else 0
+        pct = f"{100 * rate / gemm_peak:5.1f}%" if gemm_peak and p["gflop"] else ""
+        line = f"  {p['stage']:9} {ms:9.1f} ms{per}  {p['gflop']:8.2f} GFLOP {rate:7.1f} GFLOP/s {pct}"
+        if "gbytes" in p and ms > 0:
+            bw = p["gbytes"] / ms * 1e3
+            line += f"  {bw:.1f} GB/s" + (f" ({100 * bw / mv_peak:.0f}% of matrix-vector)" if mv_peak else "")
+        print(line)
+        for name, v in p["parts"].items():
+            prate = v["gflop"] / v["ms"] * 1e3 if v["ms"] > 0 and v["gflop"] else 0
+            share = 100 * v["ms"] / ms if ms > 0 else 0
+            ppct = f" {100 * prate / gemm_peak:5.1f}%" if gemm_peak and prate else ""
+            tail = f" {v['gflop']:8.2f} GFLOP {prate:7.1f} GFLOP/s{ppct}" if v["gflop"] else ""
+            print(f"    {name:9} {v['ms']:9.1f} ms {share:5.1f}%{tail}")
 PYEOF

@@ -1,9 +1,25 @@
 //! Benchmark helper for `benches/vlm/bench.sh` and `benches/gpu/check.sh`.
 //!
 //! usage: bench CHECKPOINT_DIR IMAGE NEW_TOKENS [--device cpu|cuda] [--dtype f32|bf16|f16] [--batch N]
+//!        [--gemm DTYPES|none]
 //!
 //! Without `--batch` (what `benches/vlm/bench.sh` runs): one request at a time, prints one JSON
-//! line with prefill ms per image and decode tokens/s.
+//! line with prefill ms per image and decode tokens/s. On the CPU the line also holds where the
+//! time went and how close it came to the machine's limit:
+//! - `phases`: the NEW_TOKENS run timed by [`quire_vlm::profile`] (image preparation, vision
+//!   encoder, connector, text prefill, decode steps, each split into attention projections,
+//!   attention, MLP, activation, `lm_head`, sampling and the rest), with each part's FLOPs
+//!   counted from the model's config and the token counts of the run;
+//! - `gemm`: a microbenchmark of the engine's own products on the engine's shapes for this
+//!   checkpoint and image (vision encoder layers at its patch count, connector, text prefill at
+//!   the prompt length, decode matrix-vector products and `lm_head`), each a linear layer built
+//!   as the engine builds it ([`ParLinear::with_dtype`]) for each dtype in DTYPES (default
+//!   `f32,bf16`; a dtype the layer cannot run is reported with its error), plus the encoder's own product
+//!   ([`quire_vlm::kernels::matmul_wt`]) on the vision shapes;
+//! - `machine`: threads, the clock (from a dependent-FMA loop, and `/proc/cpuinfo`), the FMA
+//!   peak measured with independent AVX-512 FMA chains, and the theoretical peak.
+//!
+//! `peak_rss_mb` is read before the microbenchmark, whose buffers would count otherwise.
 //!
 //! With `--batch N`: N copies of the page in one `generate` call, NEW_TOKENS each (the
 //! checkpoint must force the length, e.g. `min_new_tokens` in its generation config, or rows
@@ -15,8 +31,12 @@
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use candle_core::Device;
+use candle_core::{Device, Module, Tensor};
+use candle_nn::Linear;
+use quire_vlm::linear::ParLinear;
+use quire_vlm::profile::{self, FlopModel, Part, Stage, StageTimes};
 use quire_vlm::{FamilyModel, LoadOptions, Request, Vlm};
+use serde_json::{json, Value};
 
 fn peak_rss_mb() -> f64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -35,11 +55,12 @@ struct Args {
     device: String,
     dtype: String,
     batch: Option<usize>,
+    gemm: Vec<String>,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
     let mut pos = Vec::new();
-    let (mut device, mut dtype, mut batch) = ("cpu".to_string(), "f32".to_string(), None);
+    let (mut device, mut dtype, mut batch, mut gemm) = ("cpu".to_string(), "f32".to_string(), None, "f32,bf16".to_string());
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         let mut val = || it.next().with_context(|| format!("{a} needs a value"));
@@ -47,14 +68,16 @@ fn parse_args() -> anyhow::Result<Args> {
             "--device" => device = val()?,
             "--dtype" => dtype = val()?,
             "--batch" => batch = Some(val()?.parse()?),
+            "--gemm" => gemm = val()?,
             _ if a.starts_with("--") => bail!("unknown option {a}"),
             _ => pos.push(a),
         }
     }
     if pos.len() != 3 {
-        bail!("usage: bench CHECKPOINT_DIR IMAGE NEW_TOKENS [--device cpu|cuda] [--dtype f32|bf16|f16] [--batch N]");
+        bail!("usage: bench CHECKPOINT_DIR IMAGE NEW_TOKENS [--device cpu|cuda] [--dtype f32|bf16|f16] [--batch N] [--gemm DTYPES|none]");
     }
-    Ok(Args { dir: pos[0].clone(), image: pos[1].clone(), new: pos[2].parse()?, device, dtype, batch })
+    let gemm = if gemm == "none" { Vec::new() } else { gemm.split(',').map(str::to_string).collect() };
+    Ok(Args { dir: pos[0].clone(), image: pos[1].clone(), new: pos[2].parse()?, device, dtype, batch, gemm })
 }
 
 fn main() -> anyhow::Result<()> {
@@ -81,12 +104,26 @@ fn main() -> anyhow::Result<()> {
         for _ in 0..3 {
             t1 = t1.min(run(1)?.0);
         }
+        // The full run is the profiled one (the timers cost a few clock reads per layer).
+        let cpu = a.device == "cpu";
+        profile::reset();
+        profile::set_enabled(cpu);
         let (tn, made, tin) = run(a.new)?;
-        println!(
-            "{}",
-            serde_json::json!({"impl": "quire", "prefill_ms": t1 * 1e3, "decode_tok_s": (made - 1) as f64 / (tn - t1),
-                "tokens_in": tin, "tokens_out": made, "peak_rss_mb": peak_rss_mb()})
-        );
+        profile::set_enabled(false);
+        let stages = profile::snapshot();
+        let rss = peak_rss_mb();
+        let mut out = json!({"impl": "quire", "prefill_ms": t1 * 1e3, "decode_tok_s": (made - 1) as f64 / (tn - t1),
+            "tokens_in": tin, "tokens_out": made, "peak_rss_mb": rss});
+        if cpu {
+            let model = flop_model(&mut vlm)?;
+            let threads = candle_core::utils::get_num_threads().max(1);
+            out["machine"] = machine(threads);
+            out["phases"] = phases(&model, &stages);
+            let shapes = gemm_shapes(&model, &stages);
+            drop(vlm);
+            out["gemm"] = Value::Array(gemm_bench(&shapes, &a.gemm, threads));
+        }
+        println!("{out}");
         return Ok(());
     };
     let reqs = |n| (0..b).map(|_| req(n)).collect::<Vec<_>>();
@@ -111,10 +148,271 @@ fn main() -> anyhow::Result<()> {
     let min_out = out.iter().map(|g| g.tokens_out).min().unwrap_or(0);
     println!(
         "{}",
-        serde_json::json!({"impl": "quire", "device": a.device, "dtype": a.dtype, "batch": b, "new": a.new,
+        json!({"impl": "quire", "device": a.device, "dtype": a.dtype, "batch": b, "new": a.new,
             "seconds": secs, "prepare_s": prepare_s, "pages_s": b as f64 / secs, "new_tok_s": made as f64 / secs,
             "prefill_s": prefill_s, "warmup_s": warm_s, "load_s": load_s,
             "tokens_in": out[0].tokens_in, "tokens_out_min": min_out, "peak_rss_mb": peak_rss_mb()})
     );
     Ok(())
+}
+
+fn flop_model(vlm: &mut Vlm) -> anyhow::Result<FlopModel> {
+    if let Some(m) = vlm.as_idefics3() {
+        return Ok(FlopModel::idefics3(&m.config));
+    }
+    Ok(FlopModel::idefics2(&vlm.as_idefics2().context("neither an Idefics3 nor an Idefics2 model")?.config))
+}
+
+/// Each stage that ran: seconds, entries, FLOPs, and the same per part (plus the rest).
+fn phases(model: &FlopModel, stages: &[StageTimes]) -> Value {
+    let mut out = Vec::new();
+    for st in stages.iter().filter(|s| s.calls > 0) {
+        let f = model.flops(st.stage, &st.work);
+        let mut parts = serde_json::Map::new();
+        for p in Part::ALL {
+            let (s, fl) = (st.parts[p as usize], f.get(p));
+            if s > 0.0 || fl > 0.0 {
+                parts.insert(p.name().into(), json!({"ms": s * 1e3, "gflop": fl * 1e-9}));
+            }
+        }
+        parts.insert("rest".into(), json!({"ms": st.rest() * 1e3, "gflop": f.other * 1e-9}));
+        let mut v = json!({"stage": st.stage.name(), "ms": st.seconds * 1e3, "calls": st.calls,
+            "seqs": st.work.seqs, "rows": st.work.rows, "pairs": st.work.pairs, "gflop": f.total() * 1e-9, "parts": parts});
+        if st.stage == Stage::Decode {
+            // Bytes a step streams: every weight once, plus the keys and values it attends to.
+            let bytes = model.decode_weight_elems() * st.calls as f64 * 4.0 + model.kv_elems(&st.work) * 4.0;
+            v["gbytes"] = json!(bytes * 1e-9);
+        }
+        out.push(v);
+    }
+    Value::Array(out)
+}
+
+/// One product of the microbenchmark: `rows` rows of `k` inputs to `n` outputs.
+struct Shape {
+    name: String,
+    rows: usize,
+    k: usize,
+    n: usize,
+    /// The vision encoder's own product (gemm threaded by gemm) is timed too.
+    encoder: bool,
+}
+
+/// The engine's products for this model at the sizes of this run: rows per vision-encoder and
+/// connector call and per prefill from the profile, one row per decode product.
+fn gemm_shapes(m: &FlopModel, stages: &[StageTimes]) -> Vec<Shape> {
+    let per_call = |s: Stage| {
+        stages.iter().find(|x| x.stage == s && x.calls > 0).map(|x| x.work.rows / x.calls as usize)
+    };
+    let (v, t) = (&m.vision, &m.text);
+    let (e, vi) = (v.hidden_size, v.intermediate_size);
+    let (h, ti) = (t.hidden_size, t.intermediate_size);
+    let qkv = (t.num_attention_heads + 2 * t.num_key_value_heads) * t.head_dim;
+    let q = t.num_attention_heads * t.head_dim;
+    let sh = |name: &str, rows, k, n, encoder| Shape { name: name.into(), rows, k, n, encoder };
+    let mut out = Vec::new();
+    if let Some(r) = per_call(Stage::Vision) {
+        out.push(sh("vision qkv", r, e, 3 * e, true));
+        out.push(sh("vision out", r, e, e, true));
+        out.push(sh("vision fc1", r, e, vi, true));
+        out.push(sh("vision fc2", r, vi, e, true));
+    }
+    if let Some(r) = per_call(Stage::Connector) {
+        match &m.connector {
+            profile::ConnectorShape::PixelShuffle { scale } => {
+                out.push(sh("connector proj", r / (scale * scale), e * scale * scale, h, false))
+            }
+            profile::ConnectorShape::Perceiver { intermediate, .. } => {
+                out.push(sh("modality gate_up", r, e, 2 * intermediate, false));
+                out.push(sh("modality down", r, *intermediate, h, false));
+            }
+        }
+    }
+    if let Some(r) = per_call(Stage::Prefill) {
+        out.push(sh("prefill qkv", r, h, qkv, false));
+        out.push(sh("prefill o", r, q, h, false));
+        out.push(sh("prefill gate_up", r, h, 2 * ti, false));
+        out.push(sh("prefill down", r, ti, h, false));
+    }
+    out.push(sh("decode qkv", 1, h, qkv, false));
+    out.push(sh("decode o", 1, q, h, false));
+    out.push(sh("decode gate_up", 1, h, 2 * ti, false));
+    out.push(sh("decode down", 1, ti, h, false));
+    out.push(sh("decode lm_head", 1, h, t.vocab_size, false));
+    out
+}
+
+/// Deterministic values in [-0.5, 0.5).
+fn fill(len: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        })
+        .collect()
+}
+
+/// Best and median seconds of `f`, after one warm-up call, over at least 3 calls and 0.3 s
+/// (at most 1000 calls).
+fn time(mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<(f64, f64)> {
+    f()?;
+    let start = Instant::now();
+    let mut ts = Vec::new();
+    while ts.len() < 3 || (start.elapsed().as_secs_f64() < 0.3 && ts.len() < 1000) {
+        let t = Instant::now();
+        f()?;
+        ts.push(t.elapsed().as_secs_f64());
+    }
+    ts.sort_by(f64::total_cmp);
+    Ok((ts[0], ts[ts.len() / 2]))
+}
+
+fn row(kernel: &str, dtype: &str, s: &Shape, timed: anyhow::Result<(f64, f64)>, wbytes: usize) -> Value {
+    let mut v = json!({"shape": s.name, "kernel": kernel, "dtype": dtype, "m": s.rows, "k": s.k, "n": s.n});
+    match timed {
+        Ok((best, median)) => {
+            let flop = 2.0 * (s.rows * s.k * s.n) as f64;
+            v["ms"] = json!(median * 1e3);
+            v["gflop_s"] = json!(flop / best * 1e-9);
+            v["gflop_s_median"] = json!(flop / median * 1e-9);
+            // Weights streamed once per call (what bounds a matrix-vector product).
+            v["gb_s"] = json!((s.n * s.k * wbytes) as f64 / best * 1e-9);
+        }
+        Err(e) => v["error"] = json!(format!("{e:#}")),
+    }
+    v
+}
+
+/// A linear layer of `dtype` as the engine builds it ([`ParLinear::with_dtype`] over the
+/// checkpoint's f32 weight: at bf16 on the CPU the weight is packed once in bf16) and calls it,
+/// on f32 activations.
+fn bench_par_linear(s: &Shape, dtype: &str) -> Value {
+    let timed = (|| -> anyhow::Result<(String, (f64, f64))> {
+        let dt = LoadOptions::parse_dtype(dtype)?;
+        let w = Tensor::from_vec(fill(s.n * s.k, 1), (s.n, s.k), &Device::Cpu)?;
+        let lin = ParLinear::with_dtype(Linear::new(w, None), dt)?;
+        let x = Tensor::from_vec(fill(s.rows * s.k, 2), (1, s.rows, s.k), &Device::Cpu)?;
+        Ok(("ParLinear".to_string(), time(|| {
+            lin.forward(&x)?;
+            Ok(())
+        })?))
+    })();
+    let bytes = LoadOptions::parse_dtype(dtype).map_or(4, |d| d.size_in_bytes());
+    match timed {
+        Ok((kernel, t)) => row(&kernel, dtype, s, Ok(t), bytes),
+        Err(e) => row("ParLinear", dtype, s, Err(e), bytes),
+    }
+}
+
+/// The vision encoder's product: [`quire_vlm::kernels::matmul_wt`] on `threads` threads.
+fn bench_encoder(s: &Shape, threads: usize) -> Value {
+    let (x, w) = (fill(s.rows * s.k, 2), fill(s.n * s.k, 1));
+    let mut d = vec![0f32; s.rows * s.n];
+    let timed = time(|| {
+        quire_vlm::kernels::matmul_wt(&x, &w, &mut d, s.rows, s.k, s.n, true, threads);
+        Ok(())
+    });
+    row("encoder matmul_wt", "f32", s, timed, 4)
+}
+
+fn gemm_bench(shapes: &[Shape], dtypes: &[String], threads: usize) -> Vec<Value> {
+    let mut out = Vec::new();
+    for s in shapes {
+        if s.encoder && !dtypes.is_empty() {
+            out.push(bench_encoder(s, threads));
+        }
+        for d in dtypes {
+            out.push(bench_par_linear(s, d));
+        }
+    }
+    out
+}
+
+/// Threads, clock and FMA peaks of this machine.
+fn machine(threads: usize) -> Value {
+    let mhz = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))
+        .and_then(|l| l.split(':').nth(1))
+        .and_then(|v| v.trim().parse::<f64>().ok());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .map(|v| v.trim().to_string());
+    let mut v = json!({"threads": threads, "cpuinfo_mhz": mhz, "cpu": model});
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        let ghz = fma::clock_ghz();
+        let one = fma::peak_gflops(1);
+        let all = fma::peak_gflops(threads);
+        // 2 FMA units × 16 f32 lanes × 2 FLOPs per cycle and core.
+        v["clock_ghz"] = json!(ghz);
+        v["fma_gflops_1_thread"] = json!(one);
+        v["fma_gflops"] = json!(all);
+        v["flop_per_cycle_1_thread"] = json!(one / ghz);
+        v["theoretical_gflops"] = json!(threads as f64 * ghz * 64.0);
+    }
+    v
+}
+
+#[cfg(target_arch = "x86_64")]
+mod fma {
+    use std::arch::x86_64::*;
+    use std::time::Instant;
+
+    /// `iters` rounds of `CHAINS` independent AVX-512 FMA chains (CHAINS = 1: one dependent chain).
+    #[target_feature(enable = "avx512f")]
+    unsafe fn chains<const CHAINS: usize>(iters: u64) -> f32 {
+        // Opaque inputs: the loop must run, not be folded at compile time.
+        let mut acc = [_mm512_set1_ps(std::hint::black_box(1.0)); CHAINS];
+        let (a, b) = (_mm512_set1_ps(std::hint::black_box(0.999_999)), _mm512_set1_ps(std::hint::black_box(1e-7)));
+        for _ in 0..std::hint::black_box(iters) {
+            for r in acc.iter_mut() {
+                *r = _mm512_fmadd_ps(*r, a, b);
+            }
+        }
+        let mut s = _mm512_setzero_ps();
+        for r in acc {
+            s = _mm512_add_ps(s, r);
+        }
+        _mm512_reduce_add_ps(s)
+    }
+
+    fn best_of(runs: usize, f: impl Fn() -> f32) -> f64 {
+        (0..runs)
+            .map(|_| {
+                let t = Instant::now();
+                std::hint::black_box(f());
+                t.elapsed().as_secs_f64()
+            })
+            .fold(f64::MAX, f64::min)
+    }
+
+    /// Clock in GHz from one dependent FMA chain (4 cycles of latency per FMA on Intel cores
+    /// since Skylake).
+    pub fn clock_ghz() -> f64 {
+        const N: u64 = 50_000_000;
+        // SAFETY: called only where avx512f is detected.
+        let s = best_of(3, || unsafe { chains::<1>(N) });
+        N as f64 * 4.0 / s * 1e-9
+    }
+
+    /// f32 GFLOP/s of 16 independent FMA chains on each of `threads` threads at once.
+    pub fn peak_gflops(threads: usize) -> f64 {
+        const N: u64 = 10_000_000;
+        let s = best_of(3, || {
+            std::thread::scope(|sc| {
+                // SAFETY: called only where avx512f is detected.
+                let hs: Vec<_> = (0..threads).map(|_| sc.spawn(|| unsafe { chains::<16>(N) })).collect();
+                hs.into_iter().map(|h| h.join().unwrap_or(0.0)).sum()
+            })
+        });
+        (threads as u64 * N * 16 * 16 * 2) as f64 / s * 1e-9
+    }
 }

@@ -14,6 +14,7 @@ use crate::checkpoint::Checkpoint;
 use crate::config::TextConfig;
 use crate::generation::GenerationConfig;
 use crate::loops::{Found, LoopDetector, LoopOptions, LoopReport, Wildcards};
+use crate::profile::{enter, span, Part, Stage, Work};
 use crate::prompt::{ChatTemplate, TextTokenizer};
 use crate::text_model::TextModel;
 use crate::{FinishReason, Generation};
@@ -408,6 +409,8 @@ impl Decoder {
         let mut found: Vec<Option<Found>> = vec![None; b];
         if budget > 0 {
             self.text.set_cache_capacity(max_len + budget);
+            // Prefill up to the first token's choice, then one decode stage per step.
+            let mut _stage = enter(Stage::Prefill, Work { seqs: b, rows: b * max_len, pairs: b * max_len * max_len });
             let mut logits = self.prefill(ids, feats)?;
             let mut step = 0;
             let config = generation.as_deref().unwrap_or(&self.generation);
@@ -441,6 +444,7 @@ impl Decoder {
                     break;
                 }
                 let total = max_len + step; // keys after appending this token
+                _stage = enter(Stage::Decode, Work { seqs: b, rows: b, pairs: b * total });
                 let tokens = Tensor::from_vec(next, (b, 1), &self.device)?;
                 let embeds = self.text.embed(&tokens)?;
                 let positions: Vec<Vec<i64>> =
@@ -606,6 +610,7 @@ impl Decoder {
             m.extend((0..off + n).map(|j| if self.visible(i, j, 0) { 0f32 } else { f32::MIN }));
         }
         let mask = Tensor::from_vec(m, (1, 1, n, off + n), &self.device)?;
+        let _stage = enter(Stage::Prefill, Work { seqs: 1, rows: n, pairs: n * (off + n) });
         if off == 0 {
             self.text.clear_cache();
         }
@@ -673,6 +678,8 @@ impl Decoder {
         let b = self.live.len();
         // The newest token is fed at position len - 1; the cache holds len - 1 keys before it.
         let lens: Vec<usize> = self.live.iter().map(|s| s.seq.len() - 1).collect();
+        let keys = lens.iter().map(|&l| self.sliding_window.map_or(l + 1, |w| (l + 1).min(w))).sum();
+        let _stage = enter(Stage::Decode, Work { seqs: b, rows: b, pairs: keys });
         // One upload per step (new tokens and cache lengths); the rest is derived on the device.
         let mut host: Vec<u32> = self.live.iter().map(|s| *s.seq.last().expect("a prompt is never empty")).collect();
         host.extend(lens.iter().map(|&l| l as u32));
@@ -759,6 +766,7 @@ impl Decoder {
     /// whole logits per step would cost more than the step; an exact tie may then resolve
     /// to another index than `torch.argmax`'s first).
     fn greedy(&self, logits: &Tensor, processes: bool, mut process: impl FnMut(usize, &mut [f32])) -> Result<Vec<u32>> {
+        let _timer = span(Part::Sampling);
         if !processes && !self.device.is_cpu() {
             return Ok(logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?);
         }

@@ -75,6 +75,7 @@ pub trait FamilyModel: Send + Sized + 'static {
     /// [`Self::prepare`] for every request, spread over the CPU cores (resizing and tiling
     /// large pages is CPU work that would otherwise keep the device waiting).
     fn prepare_all(&self, reqs: &[Request]) -> Result<Vec<PreparedOf<Self>>> {
+        let _stage = crate::profile::enter(crate::profile::Stage::Prepare, crate::profile::Work::default());
         let p = self.processing();
         crate::engine::par_map(reqs, |r| p.prepare(&r.image, &r.prompt))
     }

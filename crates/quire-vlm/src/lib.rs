@@ -33,6 +33,7 @@ pub mod linear;
 pub mod loops;
 pub mod par;
 pub mod pil;
+pub mod profile;
 pub mod prompt;
 pub mod siglip;
 pub mod text_model;

@@ -8,6 +8,7 @@ use candle_nn::{layer_norm, linear, Embedding, LayerNorm, VarBuilder};
 
 use crate::config::VisionConfig;
 use crate::linear::ParLinear;
+use crate::profile::{enter, span, Part, Stage, Work};
 
 /// Position ids of one tile's patches: fractional patch coordinates bucketed into the
 /// `num_patches_per_side` grid (the current reference formulation, in f32).
@@ -158,6 +159,7 @@ impl VisionModel {
         let (n, c, h, w) = pixels.dims4()?;
         let p = self.cfg.patch_size;
         let (ph, pw) = (h / p, w / p);
+        let _stage = enter(Stage::Vision, Work { seqs: n, rows: n * ph * pw, pairs: n * (ph * pw).pow(2) });
         let pixels = pixels.narrow(2, 0, ph * p)?.narrow(3, 0, pw * p)?;
         // Patch embedding as a matmul over flattened (C, p, p) patches, same as the strided conv.
         let patches = pixels
@@ -241,12 +243,21 @@ impl VisionModel {
         let mut h = vec![0f32; rows * inter];
         for l in &self.layers {
             layer_norm_rows(&x, &mut y, e, &l.layer_norm1, eps)?;
+            let timer = span(Part::Proj);
             linear_rows(&y, &l.qkv_proj, &mut qkv, rows, false, threads)?;
+            drop(timer);
+            let timer = span(Part::Attention);
             self.attention_cpu(&qkv, &mut o, n, seq, mask);
+            drop(timer);
+            let timer = span(Part::Proj);
             // x += out_proj(o): bias first, then the product accumulated in place
             linear_rows(&o, &l.out_proj, &mut x, rows, true, threads)?;
+            drop(timer);
             layer_norm_rows(&x, &mut y, e, &l.layer_norm2, eps)?;
+            let timer = span(Part::Mlp);
             linear_rows(&y, &l.fc1, &mut h, rows, false, threads)?;
+            drop(timer);
+            let timer = span(Part::Act);
             const CHUNK: usize = 1 << 16;
             let hp = SendPtr(h.as_mut_ptr());
             let len = h.len();
@@ -256,7 +267,10 @@ impl VisionModel {
                 let s = unsafe { std::slice::from_raw_parts_mut(hp.get().add(a), b - a) };
                 crate::kernels::gelu_tanh_inplace(s);
             });
+            drop(timer);
+            let timer = span(Part::Mlp);
             linear_rows(&h, &l.fc2, &mut x, rows, true, threads)?;
+            drop(timer);
         }
         layer_norm_rows(&x, &mut y, e, &self.post_layernorm, eps)?;
         Tensor::from_vec(y, (n, seq, e), &candle_core::Device::Cpu)

@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{linear_b, linear_no_bias, rms_norm, Embedding, Linear, RmsNorm, VarBuilder};
 
 use crate::linear::ParLinear;
+use crate::profile::{span, Part};
 
 use crate::config::{Rope, TextConfig};
 
@@ -131,7 +132,10 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
+        let timer = span(Part::Proj);
         let qkv = self.qkv_proj.forward(x)?;
+        drop(timer);
+        let timer = span(Part::Attention);
         let q = qkv.narrow(2, 0, h * d)?.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous()?;
         let k = qkv.narrow(2, h * d, kvh * d)?.reshape((b, t, kvh, d))?.transpose(1, 2)?.contiguous()?;
         let v = qkv.narrow(2, (h + kvh) * d, kvh * d)?.reshape((b, t, kvh, d))?.transpose(1, 2)?;
@@ -140,6 +144,8 @@ impl Attention {
         let (k, v) = KvCache::append(&mut self.cache, &k, &v, capacity)?;
         if t == 1 && q.device().is_cpu() && q.dtype() == DType::F32 {
             let out = self.decode_attention(&q, mask)?;
+            drop(timer);
+            let _timer = span(Part::Proj);
             return self.o_proj.forward(&out);
         }
         let s = k.dim(2)?;
@@ -156,6 +162,8 @@ impl Attention {
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
         let out = probs.reshape((b, kvh, n_rep * t, s))?.matmul(&v)?;
         let out = out.reshape((b, h, t, d))?.transpose(1, 2)?.reshape((b, t, h * d))?;
+        drop(timer);
+        let _timer = span(Part::Proj);
         self.o_proj.forward(&out)
     }
 }
@@ -230,7 +238,10 @@ impl Attention {
             candle_core::bail!("forward_slots: one new position per sequence in flight expected");
         }
         let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
+        let timer = span(Part::Proj);
         let qkv = self.qkv_proj.forward(x)?;
+        drop(timer);
+        let timer = span(Part::Attention);
         let q = qkv.narrow(2, 0, h * d)?.reshape((b, 1, h, d))?.transpose(1, 2)?.contiguous()?;
         let k = qkv.narrow(2, h * d, kvh * d)?.reshape((b, 1, kvh, d))?.transpose(1, 2)?.contiguous()?;
         let v = qkv.narrow(2, (h + kvh) * d, kvh * d)?.reshape((b, 1, kvh, d))?.transpose(1, 2)?.contiguous()?;
@@ -260,6 +271,8 @@ impl Attention {
             let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(vc.dtype())?;
             probs.matmul(&vc)?.reshape((b, 1, h * d))?
         };
+        drop(timer);
+        let _timer = span(Part::Proj);
         self.o_proj.forward(&out)
     }
 
@@ -343,6 +356,7 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let _timer = span(Part::Mlp);
         let gu = self.gate_up_proj.forward(x)?;
         let i = self.intermediate;
         let last = gu.rank() - 1;
@@ -511,6 +525,7 @@ impl TextModel {
             let x = l.post_attention_layernorm.forward(&h2)?;
             h = (&h2 + l.mlp.forward(&x)?)?;
         }
+        let _timer = span(Part::LmHead);
         let h = self.norm.forward(&h)?;
         self.lm_head.forward(&h)?.squeeze(1)?.to_dtype(DType::F32)
     }
@@ -581,6 +596,7 @@ impl TextModel {
         }
         let t = h.dim(1)?;
         let last = h.narrow(1, t - 1, 1)?;
+        let _timer = span(Part::LmHead);
         let last = self.norm.forward(&last)?;
         self.lm_head.forward(&last)?.squeeze(1)?.to_dtype(DType::F32)
     }

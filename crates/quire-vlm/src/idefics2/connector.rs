@@ -7,6 +7,7 @@ use candle_nn::{linear_no_bias, rms_norm, RmsNorm, VarBuilder};
 
 use super::config::PerceiverConfig;
 use crate::linear::ParLinear;
+use crate::profile::{enter, span, Part, Stage, Work};
 
 /// `down_proj(silu(gate_proj(x)) * up_proj(x))`, no biases.
 struct SwiGlu {
@@ -28,6 +29,7 @@ impl SwiGlu {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let _timer = span(Part::Mlp);
         let gu = self.gate_up.forward(x)?;
         let (i, last) = (self.intermediate, gu.rank() - 1);
         let g = candle_nn::ops::silu(&gu.narrow(last, 0, i)?)?;
@@ -107,6 +109,10 @@ impl Connector {
     /// `x`: encoder output (n, patches, vision hidden); `valid`: real (rows, cols) of each
     /// frame's `rows_total` × `cols_total` patch grid. Returns (n, latents, text hidden).
     pub fn forward(&self, x: &Tensor, valid: &[(usize, usize)], cols_total: usize) -> Result<Tensor> {
+        let (frames, patches, _) = x.dims3()?;
+        let lat = self.resampler.latents.dim(0)?;
+        let work = Work { seqs: frames, rows: frames * patches, pairs: frames * lat * (patches + lat) };
+        let _stage = enter(Stage::Connector, work);
         let context = self.modality_projection.forward(x)?;
         let (n, seq, _) = context.dims3()?;
         // Key mask: the frame's real patches, then every latent.
@@ -139,8 +145,11 @@ impl Resampler {
             let q_in = l.input_latents_norm.forward(&latents)?;
             let ctx = l.input_context_norm.forward(context)?;
             let kv_in = Tensor::cat(&[&ctx, &q_in], 1)?; // (n, seq + lat, h)
+            let timer = span(Part::Proj);
             let q = l.q_proj.forward(&q_in)?.reshape((n, lat, heads, d))?.transpose(1, 2)?.contiguous()?;
             let kv = l.kv_proj.forward(&kv_in)?;
+            drop(timer);
+            let timer = span(Part::Attention);
             let s = seq + lat;
             let k = kv.narrow(2, 0, kvh * d)?.reshape((n, s, kvh, d))?.transpose(1, 2)?.contiguous()?;
             let v = kv.narrow(2, kvh * d, kvh * d)?.reshape((n, s, kvh, d))?.transpose(1, 2)?.contiguous()?;
@@ -154,7 +163,10 @@ impl Resampler {
             };
             let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
             let o = probs.matmul(&v)?.reshape((n, heads, lat, d))?.transpose(1, 2)?.reshape((n, lat, heads * d))?;
+            drop(timer);
+            let timer = span(Part::Proj);
             let latents2 = (residual + l.o_proj.forward(&o)?)?;
+            drop(timer);
             let y = l.mlp.forward(&l.post_attention_layernorm.forward(&latents2)?)?;
             latents = (latents2 + y)?;
         }

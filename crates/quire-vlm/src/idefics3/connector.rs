@@ -36,6 +36,11 @@ impl Connector {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.proj.forward(&self.pixel_shuffle(x)?)
+        use crate::profile::{enter, span, Part, Stage, Work};
+        let (b, seq, _) = x.dims3()?;
+        let _stage = enter(Stage::Connector, Work { seqs: b, rows: b * seq, pairs: 0 });
+        let x = self.pixel_shuffle(x)?;
+        let _timer = span(Part::Proj);
+        self.proj.forward(&x)
     }
 }
