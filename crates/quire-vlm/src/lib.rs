@@ -35,6 +35,7 @@ pub mod pil;
 pub mod prompt;
 pub mod siglip;
 pub mod text_model;
+pub mod weights;
 
 use std::path::Path;
 
