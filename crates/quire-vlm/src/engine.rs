@@ -17,12 +17,13 @@ use crate::loops::{Found, LoopDetector, LoopOptions, LoopReport, Wildcards};
 use crate::profile::{enter, span, Part, Stage, Work};
 use crate::prompt::{ChatTemplate, TextTokenizer};
 use crate::text_model::TextModel;
+use crate::weights::SafetensorsFiles;
 use crate::{FinishReason, Generation};
 
 /// Weights read in `via` precision and handed out in the requested one: bf16 weights for
 /// f32 arithmetic (see [`load_weights`]).
 struct RoundedWeights {
-    inner: candle_core::safetensors::MmapedSafetensors,
+    inner: SafetensorsFiles,
     via: DType,
 }
 
@@ -44,27 +45,26 @@ impl candle_nn::var_builder::SimpleBackend for RoundedWeights {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        candle_nn::var_builder::SimpleBackend::contains_tensor(&self.inner, name)
+        self.inner.contains(name)
     }
 }
 
-/// Memory-maps the checkpoint's safetensors (single file or shards) and returns the dtype
-/// the model computes in with a builder for its weights.
+/// Opens the checkpoint's safetensors (single file or shards) and returns the dtype the
+/// model computes in with a builder for its weights. Each weight is read into a buffer of
+/// its own as it is built ([`SafetensorsFiles`]): no mapped copy of the file sits in memory
+/// beside the model's.
 ///
 /// On the CPU, bf16 means bf16 weights with f32 activations: every weight is rounded to bf16,
 /// then widened (exactly) to f32; linear layers built with [`linear_dtype`] repack theirs in
 /// bf16 and multiply in bf16 (candle's CPU backend has no bf16 matrix product).
 pub fn load_weights(ck: &Checkpoint, device: &Device, dtype: DType) -> Result<(DType, VarBuilder<'static>)> {
-    let files = ck.safetensors_files()?;
+    let st = SafetensorsFiles::open(&ck.safetensors_files()?)?;
     if device.is_cpu() && dtype == DType::BF16 {
         tracing::info!("bf16 on the CPU: weights rounded to bf16, bf16 products with f32 sums, f32 elsewhere");
-        // SAFETY: the weight files are memory-mapped read-only and not modified while loaded.
-        let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files)? };
         let backend = RoundedWeights { inner: st, via: DType::BF16 };
         Ok((DType::F32, VarBuilder::from_backend(Box::new(backend), DType::F32, device.clone())))
     } else {
-        // SAFETY: as above.
-        Ok((dtype, unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device)? }))
+        Ok((dtype, VarBuilder::from_backend(Box::new(st), dtype, device.clone())))
     }
 }
 

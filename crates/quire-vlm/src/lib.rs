@@ -37,6 +37,7 @@ pub mod profile;
 pub mod prompt;
 pub mod siglip;
 pub mod text_model;
+pub mod weights;
 
 use std::path::Path;
 
