@@ -24,13 +24,7 @@ else
   mkdir -p "$WORK"
   [ -f "$WORK/ckpt/config.json" ] || "$PY" benches/vlm/make_ckpt.py "$WORK/ckpt"
 fi
-"$PY" - "$WORK/page.png" <<'PYEOF'
-import sys, numpy as np
-from PIL import Image
-rng = np.random.RandomState(0)
-a = (rng.rand(480, 360, 3) * 255).astype(np.uint8)
-Image.fromarray(a).save(sys.argv[1])
-PYEOF
+"$PY" benches/vlm/make_page.py "$WORK/page.png"
 export RAYON_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
 cargo build -q -p quire-vlm --example bench --profile "$PROFILE"
 BIN=${CARGO_TARGET_DIR:-target}/$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")/examples/bench

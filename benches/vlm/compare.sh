@@ -27,12 +27,7 @@ else
   CKPT=$WORK/ckpt
   [ -f "$CKPT/config.json" ] || "$PY" benches/vlm/make_ckpt.py "$CKPT"
 fi
-"$PY" - "$WORK/page.png" <<'PYEOF'
-import sys, numpy as np
-from PIL import Image
-rng = np.random.RandomState(0)
-Image.fromarray((rng.rand(480, 360, 3) * 255).astype(np.uint8)).save(sys.argv[1])
-PYEOF
+"$PY" benches/vlm/make_page.py "$WORK/page.png"
 
 build() { # build REV_DIR OUT
   (cd "$1" && CARGO_TARGET_DIR=$T cargo clean -q --release -p quire-vlm 2>/dev/null || true

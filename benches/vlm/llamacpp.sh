@@ -96,13 +96,7 @@ QBIN=$CARGO_TARGET_DIR/release/examples/bench
 prepare() {
   mkdir -p "$WORK"
   [ -f "$WORK/ckpt/config.json" ] || "$PY" benches/vlm/make_ckpt.py "$WORK/ckpt"
-  "$PY" - "$WORK/page.png" <<'PYEOF'
-import sys, numpy as np
-from PIL import Image
-rng = np.random.RandomState(0)
-a = (rng.rand(480, 360, 3) * 255).astype(np.uint8)
-Image.fromarray(a).save(sys.argv[1])
-PYEOF
+  "$PY" benches/vlm/make_page.py "$WORK/page.png"
 }
 export -f prepare
 export PY WORK
