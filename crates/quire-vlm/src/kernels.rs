@@ -149,6 +149,27 @@ mod avx512 {
         }
     }
 
+    /// `dst[i]` = silu(`gate[i]`) · `up[i]` for i < n.
+    #[target_feature(enable = "avx512f,fma")]
+    pub unsafe fn silu_mul(gate: *const f32, up: *const f32, dst: *mut f32, n: usize) {
+        let full = n / 16 * 16;
+        let tm = tail_mask(n - full);
+        let one = _mm512_set1_ps(1.0);
+        let neg = _mm512_set1_ps(-1.0);
+        let mut i = 0;
+        // SAFETY: offsets stay below n, the tail uses masked loads/stores.
+        unsafe {
+            while i < n {
+                let k = if i < full { 0xffff } else { tm };
+                let g = _mm512_maskz_loadu_ps(k, gate.add(i));
+                let u = _mm512_maskz_loadu_ps(k, up.add(i));
+                let y = _mm512_div_ps(_mm512_mul_ps(g, u), _mm512_add_ps(one, exp16(_mm512_mul_ps(neg, g))));
+                _mm512_mask_storeu_ps(dst.add(i), k, y);
+                i += 16;
+            }
+        }
+    }
+
     /// Dot products of R consecutive weight rows with one input row; two accumulators per
     /// output (even and odd 16-lane blocks), then a masked tail, summed in a fixed order.
     #[inline]
@@ -318,6 +339,21 @@ pub fn gelu_tanh(src: &[f32], dst: &mut [f32]) {
         const SQRT_TWO_OVER_PI: f32 = 0.797_884_6;
         let u = SQRT_TWO_OVER_PI * v * (1.0 + 0.044715 * v * v);
         *o = v / (1.0 + (-2.0 * u).exp());
+    }
+}
+
+/// `dst[i]` = silu(`gate[i]`) · `up[i]` = gate · up / (1 + e^(−gate)): the gated MLP's
+/// activation in one pass (no temporaries).
+pub fn silu_mul(gate: &[f32], up: &[f32], dst: &mut [f32]) {
+    assert!(gate.len() == dst.len() && up.len() == dst.len(), "silu_mul lengths");
+    #[cfg(target_arch = "x86_64")]
+    if isa() == Isa::Avx512 {
+        // SAFETY: the CPU has AVX-512F and FMA (checked by `isa`); all three hold dst.len().
+        unsafe { avx512::silu_mul(gate.as_ptr(), up.as_ptr(), dst.as_mut_ptr(), dst.len()) };
+        return;
+    }
+    for ((o, &g), &u) in dst.iter_mut().zip(gate).zip(up) {
+        *o = g * u / (1.0 + (-g).exp());
     }
 }
 

@@ -247,7 +247,15 @@ impl VisionModel {
             linear_rows(&y, &l.qkv_proj, &mut qkv, rows, false, threads)?;
             drop(timer);
             let timer = span(Part::Attention);
-            self.attention_cpu(&qkv, &mut o, n, seq, mask);
+            if l.qkv_proj.bf16().is_some() && crate::bf16::support() == Ok(crate::bf16::Bf16Isa::Amx) {
+                // bf16 layers: the attention's two products on the tiles too.
+                let heads = self.cfg.num_attention_heads;
+                let hd = e / heads;
+                let scale = (1.0 / (hd as f64).sqrt()) as f32;
+                crate::bf16::attention_amx(&qkv, &mut o, n, seq, heads, hd, mask, scale);
+            } else {
+                self.attention_cpu(&qkv, &mut o, n, seq, mask);
+            }
             drop(timer);
             let timer = span(Part::Proj);
             // x += out_proj(o): bias first, then the product accumulated in place

@@ -359,10 +359,43 @@ impl Mlp {
         let _timer = span(Part::Mlp);
         let gu = self.gate_up_proj.forward(x)?;
         let i = self.intermediate;
+        if gu.device().is_cpu() && gu.dtype() == DType::F32 && gu.is_contiguous() {
+            return self.down_proj.forward(&silu_mul_cpu(&gu, i)?);
+        }
         let last = gu.rank() - 1;
         let g = candle_nn::ops::silu(&gu.narrow(last, 0, i)?)?;
         self.down_proj.forward(&(g * gu.narrow(last, i, i)?)?)
     }
+}
+
+/// silu(gate) · up from the stacked (…, 2·i) gate/up product of a contiguous CPU f32 tensor,
+/// row by row over the pool, into a (…, i) tensor.
+fn silu_mul_cpu(gu: &Tensor, i: usize) -> Result<Tensor> {
+    let mut dims = gu.dims().to_vec();
+    let rows = gu.elem_count() / (2 * i);
+    *dims.last_mut().expect("rank >= 1") = i;
+    let (g, l) = gu.storage_and_layout();
+    let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(src)) = &*g else {
+        candle_core::bail!("silu_mul: f32 CPU tensor expected");
+    };
+    let Some((a, _)) = l.contiguous_offsets() else {
+        candle_core::bail!("silu_mul: contiguous tensor expected");
+    };
+    let src = &src[a..a + rows * 2 * i];
+    let mut out = vec![0f32; rows * i];
+    let op = OutPtr(out.as_mut_ptr());
+    // About 16K outputs per task: one task for a decode step, a few per prefill.
+    let per = (16384 / i).max(1);
+    crate::par::par_for(rows.div_ceil(per), &|t| {
+        for r in t * per..((t + 1) * per).min(rows) {
+            // SAFETY: each task writes its own rows of `out`, which outlives par_for.
+            let d = unsafe { std::slice::from_raw_parts_mut(op.get().add(r * i), i) };
+            let row = &src[r * 2 * i..(r + 1) * 2 * i];
+            crate::kernels::silu_mul(&row[..i], &row[i..], d);
+        }
+    });
+    drop(g);
+    Tensor::from_vec(out, dims, &Device::Cpu)
 }
 
 struct Layer {
