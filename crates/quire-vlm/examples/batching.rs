@@ -6,7 +6,7 @@
 //!
 //! usage: batching CHECKPOINT_DIR IMAGE... [--device cpu|cuda] [--dtype f32|bf16|f16]
 //!        [--new 8,64,24,...] [--requests N] [--batch N] [--rounds N] [--modes one,static,continuous]
-//!        [--prefill-tokens N] [--prep-threads N]
+//!        [--prefill-tokens N] [--prep-threads N] [--decode-new N]
 //!
 //! Request i takes image i mod #images and `--new` value i mod #values as its length (the
 //! checkpoint must never stop early, e.g. an EOS id the model never produces; `tokens_out`
@@ -16,6 +16,12 @@
 //! threads ahead of the model (0: when needed, on the stepping thread). Prints one JSON line per round and
 //! mode (seconds, pages/s, new tokens/s), then one summary line with each mode's median
 //! pages/s and the ratios of the medians.
+//!
+//! `--decode-new N` (N > 0) adds the decode rate: per round, one request and then `--batch`
+//! requests (the images in turn), all N new tokens, submitted at once to the continuous engine;
+//! the phase timers give the decode steps' seconds and the tokens they made, so prefills and
+//! image preparation are left out. Prints new tokens/s in decode for 1 and for `--batch`
+//! sequences in flight (mean in flight per step beside it), their medians and the ratio.
 
 use std::time::Instant;
 
@@ -37,6 +43,7 @@ struct Args {
     modes: Vec<String>,
     prefill_tokens: usize,
     prep_threads: usize,
+    decode_new: usize,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -53,6 +60,7 @@ fn parse_args() -> anyhow::Result<Args> {
         modes: vec!["one".into(), "static".into(), "continuous".into()],
         prefill_tokens: 0,
         prep_threads: 0,
+        decode_new: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -67,6 +75,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--modes" => a.modes = val()?.split(',').map(String::from).collect(),
             "--prefill-tokens" => a.prefill_tokens = val()?.parse()?,
             "--prep-threads" => a.prep_threads = val()?.parse()?,
+            "--decode-new" => a.decode_new = val()?.parse()?,
             _ if arg.starts_with("--") => bail!("unknown option {arg}"),
             _ => pos.push(arg),
         }
@@ -81,7 +90,11 @@ fn parse_args() -> anyhow::Result<Args> {
 
 /// Runs `reqs` in `mode`; returns (seconds, new tokens) and the model back.
 fn run(vlm: Vlm, mode: &str, reqs: &[Request], a: &Args) -> anyhow::Result<(f64, usize, Vlm)> {
-    let batch = a.batch;
+    run_batch(vlm, mode, reqs, a, a.batch)
+}
+
+/// [`run`] with at most `batch` sequences together.
+fn run_batch(vlm: Vlm, mode: &str, reqs: &[Request], a: &Args, batch: usize) -> anyhow::Result<(f64, usize, Vlm)> {
     let t = Instant::now();
     let (tokens, vlm) = match mode {
         "one" | "static" => {
@@ -171,6 +184,48 @@ fn main() -> anyhow::Result<()> {
         spread.join(","),
         a.modes[0],
         ratio.join(",")
+    );
+    if a.decode_new > 0 {
+        decode_rates(vlm, &images, &a)?;
+    }
+    Ok(())
+}
+
+/// The `--decode-new` figures: decode new tokens/s with one sequence and with `--batch` in flight.
+fn decode_rates(mut vlm: Vlm, images: &[image::DynamicImage], a: &Args) -> anyhow::Result<()> {
+    use quire_vlm::profile::{self, Stage};
+    let sizes = [1, a.batch];
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); sizes.len()];
+    for round in 0..a.rounds {
+        for (k, &n) in sizes.iter().enumerate() {
+            let reqs: Vec<Request> = (0..n)
+                .map(|i| Request {
+                    image: images[i % images.len()].clone(),
+                    prompt: "Convert this page to docling.".into(),
+                    max_new_tokens: Some(a.decode_new),
+                })
+                .collect();
+            profile::reset();
+            profile::set_enabled(true);
+            let (_, tokens, back) = run_batch(vlm, "continuous", &reqs, a, n)?;
+            profile::set_enabled(false);
+            vlm = back;
+            let d = profile::snapshot().into_iter().find(|t| t.stage == Stage::Decode).context("no decode stage timed")?;
+            let rate = d.work.seqs as f64 / d.seconds;
+            rates[k].push(rate);
+            println!(
+                "{{\"round\":{round},\"decode_in_flight\":{n},\"new_tokens\":{tokens},\"decode_steps\":{},\"mean_in_flight\":{:.2},\"decode_seconds\":{:.3},\"decode_new_tokens_per_s\":{rate:.1}}}",
+                d.calls,
+                d.work.seqs as f64 / d.calls.max(1) as f64,
+                d.seconds
+            );
+        }
+    }
+    let ranges: Vec<(f64, f64)> = rates.iter().map(|r| (r.iter().cloned().fold(f64::MAX, f64::min), r.iter().cloned().fold(0.0, f64::max))).collect();
+    let meds: Vec<f64> = rates.iter_mut().map(|r| median(r)).collect();
+    println!(
+        "{{\"summary\":\"decode\",\"median_new_tokens_per_s\":{{\"1\":{:.1},\"{}\":{:.1}}},\"min_max\":{{\"1\":[{:.1},{:.1}],\"{}\":[{:.1},{:.1}]}},\"ratio\":{:.2}}}",
+        meds[0], a.batch, meds[1], ranges[0].0, ranges[0].1, a.batch, ranges[1].0, ranges[1].1, meds[1] / meds[0]
     );
     Ok(())
 }

@@ -496,29 +496,67 @@ unsafe fn attention_head(
                 let r = (q0 + i) * w + col;
                 convert_row(&rows[r..r + hd], qp.add(i * hdp));
             }
+            // Scores straight into their rows (stride seqp), then per row the scaled, masked
+            // exponentials rounded to bf16 (the softmax's numerators) and 1 / their sum.
+            let srow = sc.scores.as_mut_ptr();
             for p in 0..kpanels {
-                amx::block_32x32(qp, hdp * 2, sc.keys.as_ptr().add(p * hsteps * STEP_ELEMS), hsteps, c.as_mut_ptr());
-                for i in 0..m {
-                    sc.scores[i * seqp + p * PANEL..i * seqp + (p + 1) * PANEL].copy_from_slice(&c[i * 32..(i + 1) * 32]);
-                }
+                amx::block_32x32_to(qp, hdp * 2, sc.keys.as_ptr().add(p * hsteps * STEP_ELEMS), hsteps, srow.add(p * PANEL), seqp * 4);
             }
-            for i in 0..m {
-                let s = &mut sc.scores[i * seqp..i * seqp + seq];
-                crate::kernels::softmax_row(s, scale, mask);
-                convert_row(s, pp.add(i * seqp));
+            let mut inv = [0f32; 32];
+            for (i, inv) in inv.iter_mut().enumerate().take(m) {
+                *inv = exp_row_bf16(srow.add(i * seqp), seq, scale, mask, pp.add(i * seqp));
             }
             for p in 0..vpanels {
                 amx::block_32x32(pp, seqp * 2, sc.values.as_ptr().add(p * ssteps * STEP_ELEMS), ssteps, c.as_mut_ptr());
-                for i in 0..m {
+                for (i, &inv) in inv.iter().enumerate().take(m) {
                     let dst = out.add((q0 + i) * e + col + p * PANEL);
                     for j in 0..PANEL.min(hd - p * PANEL) {
-                        *dst.add(j) = c[i * 32 + j];
+                        *dst.add(j) = c[i * 32 + j] * inv;
                     }
                 }
             }
             q0 += 32;
         }
         amx::release();
+    }
+}
+
+/// One score row (`n` values at `s`) → `p` = bf16(e^(s·scale + mask − max)) (zero past `n` up
+/// to the next 16), returning 1 / the sum of those exponentials (summed in f32 before rounding).
+/// `s` is overwritten with the scaled, masked scores.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16,avx512vl,fma")]
+unsafe fn exp_row_bf16(s: *mut f32, n: usize, scale: f32, mask: Option<&[f32]>, p: *mut u16) -> f32 {
+    let full = n / 16 * 16;
+    let tail = ((1u32 << (n - full)) - 1) as __mmask16;
+    let sc = _mm512_set1_ps(scale);
+    let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
+    // SAFETY (all blocks): offsets stay below n (masked tails) and the bf16 row has room for
+    // n rounded up to 16.
+    unsafe {
+        let mut i = 0;
+        while i < n {
+            let k = if i < full { 0xffff } else { tail };
+            let mut v = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, s.add(i)), sc);
+            if let Some(m) = mask {
+                v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(k, m.as_ptr().add(i)));
+            }
+            _mm512_mask_storeu_ps(s.add(i), k, v);
+            mx = _mm512_mask_max_ps(mx, k, mx, v);
+            i += 16;
+        }
+        let m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+        let mut sum = _mm512_setzero_ps();
+        let mut i = 0;
+        while i < n {
+            let k = if i < full { 0xffff } else { tail };
+            let e = _mm512_maskz_mov_ps(k, crate::kernels::avx512::exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s.add(i)), m)));
+            sum = _mm512_add_ps(sum, e);
+            let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(e));
+            _mm256_storeu_si256(p.add(i) as *mut __m256i, h);
+            i += 16;
+        }
+        1.0 / _mm512_reduce_add_ps(sum)
     }
 }
 
@@ -562,6 +600,11 @@ mod amx {
     /// panel `b` (`steps` k steps of two 16 × 32 bf16 tiles in pair-interleaved layout).
     /// tmm0..3 accumulate, tmm4/5 hold the two row tiles, tmm6/7 the two column tiles.
     pub unsafe fn block_32x32(a: *const u16, a_stride: usize, b: *const u16, steps: usize, c: *mut f32) {
+        unsafe { block_32x32_to(a, a_stride, b, steps, c, 128) }
+    }
+
+    /// [`block_32x32`] storing the 32 × 32 result with rows `c_stride` bytes apart.
+    pub unsafe fn block_32x32_to(a: *const u16, a_stride: usize, b: *const u16, steps: usize, c: *mut f32, c_stride: usize) {
         // SAFETY (all blocks): the caller configured the tiles; every load reads 16 rows of 64
         // bytes inside the buffers described by the caller.
         unsafe {
@@ -589,7 +632,7 @@ mod amx {
                     options(nostack, readonly)
                 );
             }
-            let c1 = c.add(16 * 32);
+            let c1 = c.add(16 * c_stride / 4);
             asm!(
                 "tilestored [{c0} + {sc}*1], tmm0",
                 "tilestored [{c0h} + {sc}*1], tmm1",
@@ -599,7 +642,7 @@ mod amx {
                 c0h = in(reg) c.add(16),
                 c1 = in(reg) c1,
                 c1h = in(reg) c1.add(16),
-                sc = in(reg) 128usize,
+                sc = in(reg) c_stride,
                 options(nostack)
             );
         }
@@ -739,6 +782,59 @@ mod tests {
 
 #[cfg(test)]
 mod speed {
+    /// block_32x32 throughput by k steps, operands in L1/L2 (temporary probe).
+    #[test]
+    #[ignore]
+    fn amx_block_probe() {
+        if super::support() != Ok(super::Bf16Isa::Amx) {
+            return;
+        }
+        for steps in [1usize, 2, 3, 4, 8, 24] {
+            let a = super::Aligned::zeroed(32 * steps * 32);
+            let b = super::Aligned::zeroed(32 * steps * super::STEP_ELEMS);
+            let mut c = [0f32; 1024];
+            let panels = 32;
+            let t = std::time::Instant::now();
+            let reps = 2000;
+            unsafe {
+                super::amx::configure();
+                for _ in 0..reps {
+                    for p in 0..panels {
+                        super::amx::block_32x32(a.as_ptr(), steps * 64, b.as_ptr().add((p % 32) * 0), steps, c.as_mut_ptr());
+                    }
+                }
+                super::amx::release();
+            }
+            let dt = t.elapsed().as_secs_f64();
+            let flop = 2.0 * 32.0 * 32.0 * 32.0 * steps as f64 * (reps * panels) as f64;
+            println!("steps {steps}: {:.0} GFLOP/s one thread, {:.0} ns per call", flop / dt / 1e9, dt / (reps * panels) as f64 * 1e9);
+        }
+    }
+
+    /// The AMX attention's throughput on SmolVLM's (1,024 patches, 12 heads of 64) and
+    /// Idefics2's (4,900 patches, 16 heads of 72) vision shapes, one tile (best of 5).
+    #[test]
+    #[ignore]
+    fn amx_attention_gflops() {
+        if super::support() != Ok(super::Bf16Isa::Amx) {
+            return;
+        }
+        for (seq, heads, hd) in [(1024, 12, 64), (4900, 16, 72)] {
+            let e = heads * hd;
+            let qkv: Vec<f32> = (0..seq * 3 * e).map(|i| ((i % 29) as f32 - 14.0) * 0.01).collect();
+            let mut o = vec![0f32; seq * e];
+            let best = (0..5)
+                .map(|_| {
+                    let t = std::time::Instant::now();
+                    super::attention_amx(&qkv, &mut o, 1, seq, heads, hd, None, 0.125);
+                    t.elapsed().as_secs_f64()
+                })
+                .fold(f64::MAX, f64::min);
+            let flop = 4.0 * (seq * seq * hd * heads) as f64;
+            println!("attention {seq} x {heads} heads x {hd}: {:.1} ms, {:.0} GFLOP/s", best * 1e3, flop / best / 1e9);
+        }
+    }
+
     /// bf16 against f32 throughput on the vision encoder's and a text prefill's product shapes
     /// (run with --release --ignored --nocapture; best of 5, pool threads as set by RAYON_NUM_THREADS).
     #[test]

@@ -50,7 +50,7 @@ const P4: f32 = 1.666_666_5e-1;
 const P5: f32 = 0.5;
 
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
+pub(crate) mod avx512 {
     use super::*;
     use std::arch::x86_64::*;
 
