@@ -304,20 +304,40 @@ impl Bf16Linear {
             for p in p0..p1 {
                 let b = self.packed.as_ptr().add(p * steps * STEP_ELEMS);
                 let mut r = r0;
+                let cols = PANEL.min(self.n - p * PANEL);
+                let bias = self.bias.as_ref().map(|b| b[p * PANEL..p * PANEL + cols].as_ptr());
                 while r < r1 {
                     amx::block_32x32(xb.add(r * self.kp), self.kp * 2, b, steps, c.as_mut_ptr());
                     for i in 0..32.min(rows.saturating_sub(r)) {
-                        for j in 0..PANEL {
-                            let o = p * PANEL + j;
-                            if o < self.n {
-                                *dst.add((r + i) * self.n + o) = self.base(dst, r + i, o, accumulate) + c[i * 32 + j];
-                            }
-                        }
+                        store_row(c.as_ptr().add(i * 32), dst.add((r + i) * self.n + p * PANEL), cols, bias, accumulate);
                     }
                     r += 32;
                 }
             }
             amx::release();
+        }
+    }
+}
+
+/// `dst[j]` = `src[j]` + `bias[j]` (+ the previous `dst[j]` when `accumulate`) for j < `cols`
+/// (≤ 32): one row of an AMX result block into the output, in the order the scalar form adds.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn store_row(src: *const f32, dst: *mut f32, cols: usize, bias: Option<*const f32>, accumulate: bool) {
+    let full: u32 = if cols >= 32 { u32::MAX } else { (1u32 << cols) - 1 };
+    let masks = [(full & 0xffff) as __mmask16, (full >> 16) as __mmask16];
+    // SAFETY: masked loads/stores touch only the first `cols` elements of each row.
+    unsafe {
+        for (h, &k) in masks.iter().enumerate() {
+            if k == 0 {
+                continue;
+            }
+            let o = h * 16;
+            let mut base = if accumulate { _mm512_maskz_loadu_ps(k, dst.add(o)) } else { _mm512_setzero_ps() };
+            if let Some(b) = bias {
+                base = _mm512_add_ps(base, _mm512_maskz_loadu_ps(k, b.add(o)));
+            }
+            _mm512_mask_storeu_ps(dst.add(o), k, _mm512_add_ps(base, _mm512_loadu_ps(src.add(o))));
         }
     }
 }
@@ -782,35 +802,6 @@ mod tests {
 
 #[cfg(test)]
 mod speed {
-    /// block_32x32 throughput by k steps, operands in L1/L2 (temporary probe).
-    #[test]
-    #[ignore]
-    fn amx_block_probe() {
-        if super::support() != Ok(super::Bf16Isa::Amx) {
-            return;
-        }
-        for steps in [1usize, 2, 3, 4, 8, 24] {
-            let a = super::Aligned::zeroed(32 * steps * 32);
-            let b = super::Aligned::zeroed(32 * steps * super::STEP_ELEMS);
-            let mut c = [0f32; 1024];
-            let panels = 32;
-            let t = std::time::Instant::now();
-            let reps = 2000;
-            unsafe {
-                super::amx::configure();
-                for _ in 0..reps {
-                    for p in 0..panels {
-                        super::amx::block_32x32(a.as_ptr(), steps * 64, b.as_ptr().add((p % 32) * 0), steps, c.as_mut_ptr());
-                    }
-                }
-                super::amx::release();
-            }
-            let dt = t.elapsed().as_secs_f64();
-            let flop = 2.0 * 32.0 * 32.0 * 32.0 * steps as f64 * (reps * panels) as f64;
-            println!("steps {steps}: {:.0} GFLOP/s one thread, {:.0} ns per call", flop / dt / 1e9, dt / (reps * panels) as f64 * 1e9);
-        }
-    }
-
     /// The AMX attention's throughput on SmolVLM's (1,024 patches, 12 heads of 64) and
     /// Idefics2's (4,900 patches, 16 heads of 72) vision shapes, one tile (best of 5).
     #[test]

@@ -148,6 +148,12 @@ impl Attention {
             let _timer = span(Part::Proj);
             return self.o_proj.forward(&out);
         }
+        if let (true, Some(m)) = (q.device().is_cpu() && q.dtype() == DType::F32, mask) {
+            let out = self.prefill_attention_cpu(&q, m)?;
+            drop(timer);
+            let _timer = span(Part::Proj);
+            return self.o_proj.forward(&out);
+        }
         let s = k.dim(2)?;
         // Grouped-query attention without repeating K/V: the n_rep query heads that share a
         // KV head are consecutive, so (b, h, t, d) views as (b, kv_heads, n_rep * t, d).
@@ -211,6 +217,82 @@ impl Attention {
         });
         drop((kg, vg));
         Tensor::from_vec(out, (b, 1, h * d), &Device::Cpu)
+    }
+}
+
+impl Attention {
+    /// Attention of `t` new positions per sequence (CPU f32) on the cache buffers: `q` (b, heads,
+    /// t, head_dim) after RoPE, `mask` the additive (b, 1, t, cached) f32 mask. Returns (b, t,
+    /// heads·head_dim). Per (row, head, block of queries) one score product, the fused
+    /// scale/mask/softmax per row, and one product with the values, on one thread.
+    fn prefill_attention_cpu(&self, q: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        const QB: usize = 64;
+        let (b, h, t, d) = q.dims4()?;
+        let kvh = self.kv_heads;
+        let n_rep = h / kvh;
+        let c = self.cache.as_ref().expect("cache appended before attention");
+        let (cap, len) = (c.k.dim(2)?, c.len);
+        let scale = (1.0 / (d as f64).sqrt()) as f32;
+        let q = q.contiguous()?;
+        let (qg, ql) = q.storage_and_layout();
+        let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(qs)) = &*qg else {
+            candle_core::bail!("prefill attention: f32 CPU queries expected");
+        };
+        let qs = &qs[ql.start_offset()..];
+        let mask = mask.to_dtype(DType::F32)?.broadcast_as((b, 1, t, len))?.contiguous()?;
+        let mask = mask.flatten_all()?.to_vec1::<f32>()?;
+        let mut out = vec![0f32; b * t * h * d];
+        let op = OutPtr(out.as_mut_ptr());
+        let (kg, kl) = c.k.storage_and_layout();
+        let (vg, vl) = c.v.storage_and_layout();
+        let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(ks)), candle_core::Storage::Cpu(candle_core::CpuStorage::F32(vs))) = (&*kg, &*vg) else {
+            candle_core::bail!("prefill attention: f32 CPU cache expected");
+        };
+        let (Some((k0, _)), Some((v0, _))) = (kl.contiguous_offsets(), vl.contiguous_offsets()) else {
+            candle_core::bail!("prefill attention: contiguous cache expected");
+        };
+        let (ks, vs) = (&ks[k0..], &vs[v0..]);
+        let qblocks = t.div_ceil(QB);
+        thread_local! {
+            static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        crate::par::par_for(b * h * qblocks, &|task| {
+            let (bh, qb) = (task / qblocks, task % qblocks);
+            let (bi, hh) = (bh / h, bh % h);
+            let (i0, m) = (qb * QB, QB.min(t - qb * QB));
+            let base = (bi * kvh + hh / n_rep) * cap * d;
+            let qrows = &qs[(bh * t + i0) * d..];
+            SCORES.with_borrow_mut(|sc| {
+                sc.resize(QB * len, 0.0);
+                // SAFETY: q rows (m × d), the cache block of this KV head (len × d) and the
+                // scores (m × len) are inside their buffers; the output block (rows i0.. of
+                // sequence bi, this head's columns) is written by this task only.
+                unsafe {
+                    gemm::gemm(
+                        m, len, d,
+                        sc.as_mut_ptr(), 1, len as isize, false,
+                        qrows.as_ptr(), 1, d as isize,
+                        ks[base..].as_ptr(), d as isize, 1,
+                        0.0, 1.0, false, false, false, gemm::Parallelism::None,
+                    );
+                }
+                for (i, row) in sc[..m * len].chunks_exact_mut(len).enumerate() {
+                    let mr = &mask[(bi * t + i0 + i) * len..(bi * t + i0 + i + 1) * len];
+                    crate::kernels::softmax_row(row, scale, Some(mr));
+                }
+                unsafe {
+                    gemm::gemm(
+                        m, d, len,
+                        op.get().add((bi * t + i0) * h * d + hh * d), 1, (h * d) as isize, false,
+                        sc.as_ptr(), 1, len as isize,
+                        vs[base..].as_ptr(), 1, d as isize,
+                        0.0, 1.0, false, false, false, gemm::Parallelism::None,
+                    );
+                }
+            });
+        });
+        drop((kg, vg, qg));
+        Tensor::from_vec(out, (b, t, h * d), &Device::Cpu)
     }
 }
 
