@@ -52,6 +52,12 @@
 #   (prefill = the best of three warm 1-token generate calls, image preprocessing included;
 #   decode = (NEW-1) / (NEW-token call - prefill); run with --gemm none: its GEMM microbenchmark
 #   is not used here), the median and range over the same rounds.
+# Run it on a quiet machine (the lock keeps the other benches out, not compiles): llama.cpp's
+# thread pool busy-waits between graph nodes (--poll, default 50), so with other work on the
+# cores it collapses far more than quire does. With two compiles beside it (1-min load 4-6 on 2
+# CPUs) llama.cpp f32 gave 17-29 s prefill and 1.0-1.3 tokens/s decode against 3.8 s and
+# 30 tokens/s quiet (load < 0.7), quire f32 2.9 s and 14.7 tokens/s; such rows say nothing about
+# the engines. The script prints the 1-min load average seen before each run.
 # llama.cpp always adds a 512x512 "overview" image in front of the slices for Idefics3/SmolVLM,
 # so this one-tile page is 2 encoder passes and 128 image tokens there, 1 and 64 in quire (and in
 # transformers); the table shows both counts and a llama.cpp prefill scaled to quire's work:
