@@ -28,18 +28,40 @@
 #      round, and prints the table.
 # q8_0 runs with --no-repack: with it, ggml moves q8_0 weights to its AMX buffer type and
 # llama-mtmd-cli dies of SIGILL on this machine (AMX tile use not granted to the process).
-# llama.cpp's prefill is its own "mtmd batch encoding done" + "prompt eval time" (image decoding into
-# the KV cache is part of the prompt eval) ; its decode is the "eval time" tokens per second; its
-# peak RSS is /usr/bin/time -v's maximum resident set size. quire's figures come from
-# crates/quire-vlm/examples/bench.rs (prefill = a 1-token generate, image preprocessing included).
+# llama.cpp's figures are its own timers, printed at verbosity 4 (-lv 4, "trace"): in this
+# llama.cpp, common_log_default_callback (common/log.cpp) files every GGML_LOG_LEVEL_INFO message
+# from the libraries (libllama, libmtmd) at LOG_LEVEL_TRACE = 4, above the default threshold of
+# 3 (LOG_LEVEL_INFO), so llama_perf_context_print's lines, which llama-mtmd-cli does call at exit,
+# and mtmd's "image decoded ... in N ms" were dropped at the default and at -lv 3 (--perf only
+# decides whether the timers run; they are on by default). Parsed from the run's log:
+#   - prefill: "prompt eval time". libllama's timer runs from the first prompt batch handed to
+#     the context to the first synchronisation (the first sampling), and llama-mtmd-cli does not
+#     synchronise in between, so for this prompt (text, overview image, text, slice image, text)
+#     it spans both encoder passes, the image-embedding decodes and the text chunks: the log's
+#     timestamps agree (first "encoding mtmd batch" to the end of the prompt), so the encoder ms
+#     are not added again (the script checks prompt eval >= encode + image decode, and adds the
+#     encoder time only if a build ever times less). Not in it: loading and slicing the image
+#     and the first text chunk's decode, shown apart as "pre" (log timestamps, from the CLI's
+#     last line before the prompt to the first "encoding mtmd batch"; tens of ms), while quire's
+#     prefill includes preprocessing;
+#   - decode: "eval time" tokens per second (63 single-token evals for 64 new tokens: the last
+#     token's eval is never synchronised, so not counted);
+#   - peak RSS: /usr/bin/time -v's maximum resident set size;
+#   each a single run per round in a fresh process (after llama.cpp's own warm-up), the median
+#   and range over REPEAT rounds. quire's figures come from crates/quire-vlm/examples/bench.rs
+#   (prefill = the best of three warm 1-token generate calls, image preprocessing included;
+#   decode = (NEW-1) / (NEW-token call - prefill); run with --gemm none: its GEMM microbenchmark
+#   is not used here), the median and range over the same rounds.
+# Run it on a quiet machine (the lock keeps the other benches out, not compiles): llama.cpp's
+# thread pool busy-waits between graph nodes (--poll, default 50), so with other work on the
+# cores it collapses far more than quire does. With two compiles beside it (1-min load 4-6 on 2
+# CPUs) llama.cpp f32 gave 17-29 s prefill and 1.0-1.3 tokens/s decode against 3.8 s and
+# 30 tokens/s quiet (load < 0.7), quire f32 2.9 s and 14.7 tokens/s; such rows say nothing about
+# the engines. The script prints the 1-min load average seen before each run.
 # llama.cpp always adds a 512x512 "overview" image in front of the slices for Idefics3/SmolVLM,
 # so this one-tile page is 2 encoder passes and 128 image tokens there, 1 and 64 in quire (and in
-# transformers); the table shows both counts and a llama.cpp prefill scaled to quire's work.
-# NOT FINISHED: this llama-mtmd-cli build (llama-cpp-python 0.3.36's llama.cpp) prints no
-# llama_perf lines ("prompt eval time", "eval time") even with --perf and -lv 3, so the llama.cpp
-# rows come out empty ("could not parse"); the raw logs are kept in WORK/gguf/last-run-TYPE.log
-# (encoder ms and peak RSS are there). Next step: try -v, or time a -n 1 run against a -n NEW+1
-# run (wall clock from /usr/bin/time, as bench.rs does for quire).
+# transformers); the table shows both counts and a llama.cpp prefill scaled to quire's work:
+# one encoder pass + the rest of the prompt eval scaled by quire's prompt tokens / llama.cpp's.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -133,7 +155,7 @@ run_llama() {
   log=$(mktemp)
   /usr/bin/time -v "$CLI" -m "$WORK/gguf/text-$t.gguf" --mmproj "$WORK/gguf/mmproj-$t.gguf" \
     --image "$WORK/page.png" -p "$PROMPT" -n "$NEW" --ignore-eos --temp 0 --top-k 1 --seed 0 \
-    -t "$THREADS" -tb "$THREADS" -c "$CTX" --perf $([ "$t" = q8_0 ] && echo --no-repack) >"$log" 2>&1 </dev/null \
+    -t "$THREADS" -tb "$THREADS" -c "$CTX" --perf -lv 4 $([ "$t" = q8_0 ] && echo --no-repack) >"$log" 2>&1 </dev/null \
     || { echo "llama-mtmd-cli ($t) failed:" >&2; tail -30 "$log" >&2; exit 1; }
   cp "$log" "$WORK/gguf/last-run-$t.log"
   "$PY" - "$log" "$t" <<'PYEOF'
@@ -142,23 +164,31 @@ s = open(sys.argv[1]).read()
 enc = [int(x) for x in re.findall(r"mtmd batch encoding done in (\d+) ms", s)]
 n_enc = sum(int(x) for x in re.findall(r"encoding mtmd batch, n_chunks = (\d+)", s))
 img_tok = [int(x) for x in re.findall(r"decoding image batch \d+/\d+, n_tokens_batch = (\d+)", s)]
+img_dec = [int(x) for x in re.findall(r"image decoded \(batch \d+/\d+\) in (\d+) ms", s)]
 pe = re.search(r"prompt eval time =\s*([\d.]+) ms /\s*(\d+) tokens", s)
 ev = re.search(r"\beval time =\s*([\d.]+) ms /\s*(\d+) runs.*?([\d.]+) tokens per second", s)
 rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", s)
-if not (enc and pe and ev and rss):
+# log timestamps (common_init turns them on): "M.SS.mmm.uuu" at the start of each line
+ts = lambda m: (lambda p: int(p[0]) * 60 + int(p[1]) + int(p[2]) / 1e3 + int(p[3]) / 1e6)(m.split("."))
+before = re.findall(r"^(\d+\.\d+\.\d+\.\d+) W +For normal use cases", s, re.M)
+first = re.search(r"^(\d+\.\d+\.\d+\.\d+) I encoding mtmd batch", s, re.M)
+if not (enc and img_dec and pe and ev and rss and before and first):
     print("could not parse llama-mtmd-cli output:\n" + s[-3000:], file=sys.stderr)
     sys.exit(0)
+pe_ms = float(pe[1])
+spans = pe_ms >= sum(enc) + sum(img_dec)  # the prompt-eval timer covers the encoder passes
 print(json.dumps({"impl": "llama.cpp", "dtype": sys.argv[2], "encode_ms": sum(enc), "n_encodes": n_enc,
-                  "prompt_eval_ms": float(pe[1]), "prompt_tokens": int(pe[2]), "image_tokens": sum(img_tok),
-                  "prefill_ms": sum(enc) + float(pe[1]), "decode_runs": int(ev[2]), "decode_tok_s": float(ev[3]),
-                  "peak_rss_mb": int(rss[1]) / 1024}))
+                  "image_decode_ms": sum(img_dec), "prompt_eval_ms": pe_ms, "prompt_tokens": int(pe[2]),
+                  "image_tokens": sum(img_tok), "prefill_ms": pe_ms if spans else sum(enc) + pe_ms,
+                  "prompt_eval_spans_encode": spans, "pre_ms": (ts(first[1]) - ts(before[-1])) * 1e3,
+                  "decode_runs": int(ev[2]), "decode_tok_s": float(ev[3]), "peak_rss_mb": int(rss[1]) / 1024}))
 PYEOF
   rm -f "$log"
 }
 
 run_quire() {
   local d=$1
-  "$QBIN" "$WORK/ckpt" "$WORK/page.png" "$NEW" --dtype "$d" | tail -1 \
+  "$QBIN" "$WORK/ckpt" "$WORK/page.png" "$NEW" --dtype "$d" --gemm none | tail -1 \
     | "$PY" -c 'import json,sys; j=json.loads(sys.stdin.read()); j["dtype"]=sys.argv[1]; print(json.dumps(j))' "$d"
 }
 
@@ -168,15 +198,19 @@ measure() {
   export RAYON_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS
   for r in $(seq "$REPEAT"); do
     echo "round $r/$REPEAT" >&2
-    for t in $LLAMA_TYPES; do run_llama "$t"; done
-    for d in $QUIRE_DTYPES; do run_quire "$d"; done
+    for t in $LLAMA_TYPES; do cut -d' ' -f1 /proc/loadavg >>"$WORK/llamacpp-load.txt"; run_llama "$t"; done
+    for d in $QUIRE_DTYPES; do cut -d' ' -f1 /proc/loadavg >>"$WORK/llamacpp-load.txt"; run_quire "$d"; done
   done >"$WORK/llamacpp-results.jsonl"
 }
 
 export -f measure run_llama run_quire
 export PY THREADS NEW REPEAT CTX LLAMA_TYPES QUIRE_DTYPES WORK LLAMA VENV CLI QBIN PROMPT
+echo "load average before taking the lock: $(cut -d' ' -f1-3 /proc/loadavg)"
+: >"$WORK/llamacpp-load.txt"
 flock "$LOCK" bash -c 'set -euo pipefail; measure'   # one JSON line per run, written as they come
-echo "load average: $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc --all) CPUs (figures are noisy on a shared machine)"
+# 1-minute load average sampled before each run (it includes this bench's own THREADS threads)
+echo "load average: 1-min before each run $(sort -n "$WORK/llamacpp-load.txt" | sed -n '1p;$p' | paste -sd-)," \
+  "at the end $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc --all) CPUs (figures are noisy on a shared machine)"
 "$PY" - "$WORK/llamacpp-results.jsonl" "$THREADS" "$NEW" "$REPEAT" <<'PYEOF'
 import json, statistics as st, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
@@ -194,14 +228,15 @@ if q and l:
     a, b = l[0][0], q[0][0]
     print(f"tokens in: quire {b['tokens_in']} (64 per tile, 1 tile)  llama.cpp {a['prompt_tokens']} "
           f"({a['image_tokens']} image tokens in {a['n_encodes']} encoder passes: overview + slices)")
-print(f"{'':10} {'dtype':5} {'prefill ms':>18} {'(encode+prompt)':>16} {'1-tile est. ms':>15} {'decode tok/s':>20} {'peak RSS MB':>18}")
+print(f"{'':10} {'dtype':5} {'prefill ms':>18} {'(enc+rest) (pre)':>16} {'1-tile est. ms':>15} {'decode tok/s':>20} {'peak RSS MB':>18}")
 qtok = q[0][0]["tokens_in"] if q else None
 for (impl, d), rs in by.items():
     if impl == "llama.cpp":
         # scale to quire's work: one encoder pass, and the prompt eval at quire's token count
-        est = [r["encode_ms"] / r["n_encodes"] + r["prompt_eval_ms"] * (qtok or r["prompt_tokens"]) / r["prompt_tokens"] for r in rs]
+        est = [r["encode_ms"] / r["n_encodes"]
+               + (r["prefill_ms"] - r["encode_ms"]) * (qtok or r["prompt_tokens"]) / r["prompt_tokens"] for r in rs]
         for r, e in zip(rs, est): r["prefill_1tile_ms"] = e
-        parts = f"{med(rs, 'encode_ms'):.0f}+{med(rs, 'prompt_eval_ms'):.0f}"
+        parts = f"{med(rs, 'encode_ms'):.0f}+{med(rs, 'prefill_ms') - med(rs, 'encode_ms'):.0f} ({med(rs, 'pre_ms'):.0f})"
         print(f"{impl:10} {d:5} {fmt(rs, 'prefill_ms'):>18} {parts:>16} {fmt(rs, 'prefill_1tile_ms'):>15} "
               f"{fmt(rs, 'decode_tok_s', '{:.1f}'):>20} {fmt(rs, 'peak_rss_mb'):>18}")
     else:
