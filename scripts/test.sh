@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The one test command: installs what the tests need when it is missing
 # (poppler-utils, libpdfium, nats-server, Garage, pyarrow + webdataset) and runs
-# every test, then the deploy checks (scripts/test-deploy.sh) and, when its
-# binaries are cached, the chart on a real cluster (scripts/test-cluster.sh).
+# every test, then the deploy checks (scripts/test-deploy.sh) and, when their
+# builds are cached, the GPU build up to its link (scripts/test-cuda-build.sh)
+# and the chart on a real cluster (scripts/test-cluster.sh).
 #
 #   scripts/test.sh [extra cargo test args]
 #
@@ -57,6 +58,25 @@ cargo clippy --workspace --all-targets -- -D warnings
 # around the binary cargo test just built, run with buildah (QUIRE_DEPLOY_CHECKS=0 skips them).
 if [ "${QUIRE_DEPLOY_CHECKS:-1}" != 0 ]; then
   bash scripts/test-deploy.sh
+  # Then the GPU image's build up to its link (scripts/test-cuda-build.sh: CUDA 13.0 wheels,
+  # `cargo build -p quire --features cuda` against the generated libcuda stub, the NEEDED
+  # libcuda.so.1 check), when its toolkit and build are cached: cold, it is a second
+  # build of all of quire's dependencies plus candle's CUDA kernels in its own target folder,
+  # too much beside a cold run of everything else in CI's time. Warm, it rebuilds only what
+  # changed. Skipped loudly otherwise; QUIRE_CUDA_CHECKS=0 skips it on purpose.
+  if [ "${QUIRE_CUDA_CHECKS:-1}" = 0 ]; then
+    echo "=================================================================================" >&2
+    echo "scripts/test.sh: SKIPPED the GPU build (scripts/test-cuda-build.sh): QUIRE_CUDA_CHECKS=0." >&2
+    echo "=================================================================================" >&2
+  elif bash scripts/test-cuda-build.sh --cached; then
+    bash scripts/test-cuda-build.sh
+  else
+    echo "=================================================================================" >&2
+    echo "scripts/test.sh: SKIPPED the GPU build (scripts/test-cuda-build.sh): its CUDA wheels and" >&2
+    echo "build are not cached (${QUIRE_TOOLS:-\$HOME/.cache/quire-tools}/cuda, ${QUIRE_CUDA_TARGET_DIR:-\$HOME/.cache/quire-target-cuda})." >&2
+    echo "Build them once with: scripts/test-cuda-build.sh   (then rerun the tests)" >&2
+    echo "=================================================================================" >&2
+  fi
   # Then the chart on a real single-node Kubernetes (scripts/test-cluster.sh, needs root, 4 to 5
   # minutes warm), when its binaries are cached: building them takes 10+ minutes and 5 GB of Go
   # build cache, more than a cold CI machine has to spare. Skipped loudly otherwise;

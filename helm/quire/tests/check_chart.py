@@ -651,6 +651,11 @@ def scenario_checks(path: Path) -> None:
             assert c["resources"]["limits"]["nvidia.com/gpu"] == gpu, c["resources"]
             assert c["image"].endswith("-cuda"), c["image"]
             assert arg_after(c["args"], "--device") == "cuda"
+            # GPU Pods steered by the node labels GPU feature discovery sets (product, driver, capability).
+            spec = worker(docs)["spec"]["template"]["spec"]
+            for key in ("nodeSelector", "affinity"):
+                if values["worker"].get(key):
+                    assert spec[key] == values["worker"][key], (key, spec.get(key))
         else:
             assert "nvidia.com/gpu" not in json.dumps(c["resources"]), "GPU limits without worker.gpu"
             assert "nvidia.com/gpu\":" not in text.replace('"nvidia.com/gpu.product"', ""), "GPU resources without worker.gpu"
