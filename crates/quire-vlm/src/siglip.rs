@@ -104,6 +104,8 @@ fn project(p: &ParLinear, x: &Tensor) -> Result<Tensor> {
 pub struct VisionModel {
     patch_weight: Tensor, // (embed, C*p*p)
     patch_bias: Tensor,
+    /// The patch embedding packed for bf16 products when the linear layers are bf16 (CPU).
+    patch_bf16: Option<ParLinear>,
     position_embedding: Embedding,
     layers: Vec<EncoderLayer>,
     post_layernorm: LayerNorm,
@@ -117,6 +119,11 @@ impl VisionModel {
         let emb = vb.pp("embeddings");
         let patch_weight = emb.get((e, c, p, p), "patch_embedding.weight")?.reshape((e, c * p * p))?;
         let patch_bias = emb.get(e, "patch_embedding.bias")?;
+        let patch_bf16 = if linears == DType::BF16 && patch_weight.device().is_cpu() {
+            Some(ParLinear::with_dtype(candle_nn::Linear::new(patch_weight.clone(), Some(patch_bias.clone())), linears)?)
+        } else {
+            None
+        };
         let side = cfg.image_size / p;
         let position_embedding = candle_nn::embedding(side * side, e, emb.pp("position_embedding"))?;
         let mut layers = Vec::new();
@@ -139,7 +146,7 @@ impl VisionModel {
             "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" | "gelu" | "quick_gelu" => {}
             other => candle_core::bail!("vision hidden_act {other:?} is not supported"),
         }
-        Ok(VisionModel { patch_weight, patch_bias, position_embedding, layers, post_layernorm, cfg: cfg.clone() })
+        Ok(VisionModel { patch_weight, patch_bias, patch_bf16, position_embedding, layers, post_layernorm, cfg: cfg.clone() })
     }
 
     fn act(&self, x: &Tensor) -> Result<Tensor> {
@@ -167,7 +174,10 @@ impl VisionModel {
             .permute((0, 2, 4, 1, 3, 5))?
             .contiguous()?
             .reshape((n, ph * pw, c * p * p))?;
-        let x = patches.broadcast_matmul(&self.patch_weight.t()?)?.broadcast_add(&self.patch_bias)?;
+        let x = match &self.patch_bf16 {
+            Some(l) => l.forward(&patches)?,
+            None => patches.broadcast_matmul(&self.patch_weight.t()?)?.broadcast_add(&self.patch_bias)?,
+        };
         let side = self.cfg.image_size / p;
         let mut ids = Vec::with_capacity(n * ph * pw);
         let mut padded = false;
