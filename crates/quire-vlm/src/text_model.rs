@@ -452,7 +452,7 @@ impl Mlp {
 
 /// silu(gate) · up from the stacked (…, 2·i) gate/up product of a contiguous CPU f32 tensor,
 /// row by row over the pool, into a (…, i) tensor.
-fn silu_mul_cpu(gu: &Tensor, i: usize) -> Result<Tensor> {
+pub(crate) fn silu_mul_cpu(gu: &Tensor, i: usize) -> Result<Tensor> {
     let mut dims = gu.dims().to_vec();
     let rows = gu.elem_count() / (2 * i);
     *dims.last_mut().expect("rank >= 1") = i;

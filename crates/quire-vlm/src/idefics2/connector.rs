@@ -32,6 +32,9 @@ impl SwiGlu {
         let _timer = span(Part::Mlp);
         let gu = self.gate_up.forward(x)?;
         let (i, last) = (self.intermediate, gu.rank() - 1);
+        if gu.device().is_cpu() && gu.dtype() == candle_core::DType::F32 && gu.is_contiguous() {
+            return self.down.forward(&crate::text_model::silu_mul_cpu(&gu, i)?);
+        }
         let g = candle_nn::ops::silu(&gu.narrow(last, 0, i)?)?;
         self.down.forward(&(g * gu.narrow(last, i, i)?)?)
     }
