@@ -493,6 +493,54 @@ pub fn layer_norm_row(src: &[f32], dst: &mut [f32], w: &[f32], b: &[f32], eps: f
     }
 }
 
+/// One block of softmax attention on the calling thread: `m` query rows at `q` (`q_stride`
+/// apart) against `len` keys at `k` and values at `v` (both `kv_stride` apart), head width
+/// `d`. Each score row is scaled, `mask(i)` (query row i's additive key mask, if any) added and
+/// softmaxed; the `m` result rows go to `out` (`out_stride` apart). `scores` is scratch.
+///
+/// # Safety
+/// The pointers must be valid for those rows (d values each) and no other thread may touch
+/// the output rows meanwhile.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn attention_block<'a>(
+    q: *const f32,
+    q_stride: usize,
+    k: *const f32,
+    v: *const f32,
+    kv_stride: usize,
+    out: *mut f32,
+    out_stride: usize,
+    (m, len, d): (usize, usize, usize),
+    scale: f32,
+    mask: impl Fn(usize) -> Option<&'a [f32]>,
+    scores: &mut Vec<f32>,
+) {
+    scores.resize(m * len, 0.0);
+    // SAFETY: the caller vouches for the rows; the scores are m × len.
+    unsafe {
+        gemm::gemm(
+            m, len, d,
+            scores.as_mut_ptr(), 1, len as isize, false,
+            q, 1, q_stride as isize,
+            k, kv_stride as isize, 1,
+            0.0, 1.0, false, false, false, gemm::Parallelism::None,
+        );
+    }
+    for (i, row) in scores[..m * len].chunks_exact_mut(len).enumerate() {
+        softmax_row(row, scale, mask(i));
+    }
+    // SAFETY: as above.
+    unsafe {
+        gemm::gemm(
+            m, d, len,
+            out, 1, out_stride as isize, false,
+            scores.as_ptr(), 1, len as isize,
+            v, 1, kv_stride as isize,
+            0.0, 1.0, false, false, false, gemm::Parallelism::None,
+        );
+    }
+}
+
 /// [`matmul_wt`] split over the pool by blocks of output features (columns of `dst`), each
 /// block one single-threaded product: gemm's own threading loses to one thread on products
 /// with few rows and outputs (a text prefill), while the column split keeps both busy and

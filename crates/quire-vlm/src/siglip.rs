@@ -317,32 +317,17 @@ impl VisionModel {
             let q = &qkv[base + q0 * 3 * e + head * hd..];
             let k = &qkv[base + e + head * hd..];
             let v = &qkv[base + 2 * e + head * hd..];
+            let tmask = mask.map(|mk| &mk[tile * seq..(tile + 1) * seq]);
             SCORES.with_borrow_mut(|sc| {
-                sc.resize(QB * seq, 0.0);
-                // SAFETY: the strides address rows of `qkv` (3·hidden wide) inside the tile, the
-                // score block is m × seq, and the output block (rows q0.., columns of this head)
-                // is written by this task only; `o` outlives par_for.
+                // SAFETY: the strides address rows of `qkv` (3·hidden wide) inside the tile, and
+                // the output block (rows q0.., columns of this head) is written by this task
+                // only; `o` outlives par_for.
                 unsafe {
-                    gemm::gemm(
-                        m, seq, hd,
-                        sc.as_mut_ptr(), 1, seq as isize, false,
-                        q.as_ptr(), 1, (3 * e) as isize,
-                        k.as_ptr(), (3 * e) as isize, 1,
-                        0.0, 1.0, false, false, false, gemm::Parallelism::None,
-                    );
-                }
-                let tmask = mask.map(|mk| &mk[tile * seq..(tile + 1) * seq]);
-                for row in sc[..m * seq].chunks_exact_mut(seq) {
-                    crate::kernels::softmax_row(row, scale, tmask);
-                }
-                unsafe {
-                    gemm::gemm(
-                        m, hd, seq,
-                        op.get().add((tile * seq + q0) * e + head * hd), 1, e as isize, false,
-                        sc.as_ptr(), 1, seq as isize,
-                        v.as_ptr(), 1, (3 * e) as isize,
-                        0.0, 1.0, false, false, false, gemm::Parallelism::None,
-                    );
+                    crate::kernels::attention_block(
+                        q.as_ptr(), 3 * e, k.as_ptr(), v.as_ptr(), 3 * e,
+                        op.get().add((tile * seq + q0) * e + head * hd), e,
+                        (m, seq, hd), scale, |_| tmask, sc,
+                    )
                 }
             });
         };

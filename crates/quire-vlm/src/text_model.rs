@@ -263,31 +263,17 @@ impl Attention {
             let base = (bi * kvh + hh / n_rep) * cap * d;
             let qrows = &qs[(bh * t + i0) * d..];
             SCORES.with_borrow_mut(|sc| {
-                sc.resize(QB * len, 0.0);
-                // SAFETY: q rows (m × d), the cache block of this KV head (len × d) and the
-                // scores (m × len) are inside their buffers; the output block (rows i0.. of
-                // sequence bi, this head's columns) is written by this task only.
+                // SAFETY: q rows (m × d), the cache block of this KV head (len × d) are inside
+                // their buffers; the output block (rows i0.. of sequence bi, this head's
+                // columns) is written by this task only.
                 unsafe {
-                    gemm::gemm(
-                        m, len, d,
-                        sc.as_mut_ptr(), 1, len as isize, false,
-                        qrows.as_ptr(), 1, d as isize,
-                        ks[base..].as_ptr(), d as isize, 1,
-                        0.0, 1.0, false, false, false, gemm::Parallelism::None,
-                    );
-                }
-                for (i, row) in sc[..m * len].chunks_exact_mut(len).enumerate() {
-                    let mr = &mask[(bi * t + i0 + i) * len..(bi * t + i0 + i + 1) * len];
-                    crate::kernels::softmax_row(row, scale, Some(mr));
-                }
-                unsafe {
-                    gemm::gemm(
-                        m, d, len,
-                        op.get().add((bi * t + i0) * h * d + hh * d), 1, (h * d) as isize, false,
-                        sc.as_ptr(), 1, len as isize,
-                        vs[base..].as_ptr(), 1, d as isize,
-                        0.0, 1.0, false, false, false, gemm::Parallelism::None,
-                    );
+                    crate::kernels::attention_block(
+                        qrows.as_ptr(), d, ks[base..].as_ptr(), vs[base..].as_ptr(), d,
+                        op.get().add((bi * t + i0) * h * d + hh * d), h * d,
+                        (m, len, d), scale,
+                        |i| Some(&mask[(bi * t + i0 + i) * len..(bi * t + i0 + i + 1) * len]),
+                        sc,
+                    )
                 }
             });
         });
