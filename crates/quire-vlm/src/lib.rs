@@ -90,11 +90,35 @@ impl LoadOptions {
     /// CUDA device `ordinal` when built with the `cuda` feature, else an error.
     pub fn cuda(ordinal: usize) -> Result<Device> {
         if cfg!(feature = "cuda") {
-            Ok(Device::new_cuda(ordinal)?)
+            Device::new_cuda(ordinal).map_err(|e| Error::Invalid(cuda_open_error(ordinal, &e)))
         } else {
             bail!(Invalid, "quire-vlm was built without the `cuda` feature; rebuild with --features cuda or use the CPU")
         }
     }
+}
+
+/// What a worker prints when it cannot open GPU `ordinal`: candle's error without its
+/// backtrace, what it means and what to check. The usual causes on a cluster are a Pod
+/// without the NVIDIA container toolkit's mounts (no libcuda.so.1, or the build's stub
+/// library in its place) and a driver older than the CUDA version quire was built for.
+fn cuda_open_error(ordinal: usize, e: &candle_core::Error) -> String {
+    let cause = match e {
+        candle_core::Error::WithBacktrace { inner, .. } => inner.to_string(),
+        other => other.to_string(),
+    };
+    let hint = if cause.contains("CUDA_ERROR_STUB_LIBRARY") {
+        "the libcuda.so.1 this process loaded is a stub library, not the NVIDIA driver's: \
+         run on a GPU node whose container runtime mounts the driver (NVIDIA container toolkit)"
+    } else if cause.contains("CUDA_ERROR_NO_DEVICE") || cause.contains("CUDA_ERROR_INVALID_DEVICE") {
+        "no such GPU is visible to this process: check NVIDIA_VISIBLE_DEVICES or the Pod's \
+         nvidia.com/gpu request, and the ordinal in --device"
+    } else if cause.contains("CUDA_ERROR_INSUFFICIENT_DRIVER") || cause.contains("CUDA_ERROR_COMPAT") {
+        "the node's NVIDIA driver is older than the CUDA version quire was built for \
+         (CUDA 13.0 needs driver 580 or later)"
+    } else {
+        "check that the NVIDIA driver is loaded on this node (nvidia-smi) and visible in the container"
+    };
+    format!("cuda:{ordinal}: cannot open the GPU ({cause}): {hint}; or run on the CPU with --device cpu")
 }
 
 /// Makes glibc's malloc keep freed tensor buffers for reuse (CPU inference allocates and frees
@@ -401,6 +425,23 @@ mod tests {
     #[test]
     fn vlm_is_send() {
         assert_send::<super::Vlm>();
+    }
+
+    #[test]
+    fn a_gpu_that_cannot_be_opened_is_explained_without_a_backtrace() {
+        // What candle returns when libcuda.so.1 is the build's stub (the CUDA image run
+        // without the NVIDIA container toolkit's mounts), backtrace captured or not.
+        std::env::set_var("RUST_LIB_BACKTRACE", "1");
+        let driver = |text: &str| candle_core::Error::Cuda(text.to_string().into()).bt();
+        let stub = super::cuda_open_error(0, &driver("DriverError(CUDA_ERROR_STUB_LIBRARY, \"\")"));
+        assert!(stub.starts_with("cuda:0: cannot open the GPU (DriverError(CUDA_ERROR_STUB_LIBRARY"), "{stub}");
+        assert!(stub.contains("stub library, not the NVIDIA driver's"), "{stub}");
+        assert!(stub.contains("--device cpu"), "{stub}");
+        assert!(!stub.contains('\n'), "a backtrace leaked into the message: {stub}");
+        let old = super::cuda_open_error(1, &driver("DriverError(CUDA_ERROR_INSUFFICIENT_DRIVER, \"\")"));
+        assert!(old.starts_with("cuda:1: ") && old.contains("driver 580 or later"), "{old}");
+        let other = super::cuda_open_error(0, &driver("DriverError(CUDA_ERROR_UNKNOWN, \"\")"));
+        assert!(other.contains("nvidia-smi"), "{other}");
     }
 
     fn generation(tokens: usize, looped: Option<(usize, usize)>) -> super::Generation {
