@@ -4,6 +4,10 @@
 # deploy/Dockerfile.cuda (its chef stage) and scripts/test-cuda-build.sh.
 #
 #   deploy/cuda-toolkit.sh PREFIX     # prints the toolkit root (bin/nvcc, include/, lib/)
+#   deploy/cuda-toolkit.sh --runtime-libs ROOT DEST
+#                                     # copies the libraries the CUDA image ships
+#                                     # (what candle's CUDA build loads) from the
+#                                     # toolkit root ROOT into DEST
 #
 # Installs the pinned wheels into the venv PREFIX/venv (kept when it already
 # holds exactly these wheels), then, in the toolkit root:
@@ -21,6 +25,15 @@
 # All parts stay at 13.0: mixing in later parts makes ptxas fail
 # ("Unsupported .version 9.5").
 set -euo pipefail
+if [ "${1:-}" = --runtime-libs ]; then
+  src="${2:?usage: deploy/cuda-toolkit.sh --runtime-libs ROOT DEST}/lib" dest="${3:?usage: deploy/cuda-toolkit.sh --runtime-libs ROOT DEST}"
+  mkdir -p "$dest"
+  # cuBLAS(Lt), cuRAND, NVRTC (candle compiles some kernels at run time) and the runtime;
+  # never the stub (lib/stubs): the node's driver provides libcuda.so.1.
+  cp -L "$src/libcublas.so.13" "$src/libcublasLt.so.13" "$src/libcudart.so.13" \
+        "$src/libcurand.so.10" "$src/libnvrtc.so.13" "$src"/libnvrtc-builtins.so* "$dest/"
+  exit 0
+fi
 self="$(readlink -f "$0")"
 prefix="${1:?usage: deploy/cuda-toolkit.sh PREFIX}"
 wheels="nvidia-cuda-nvcc==13.0.88 nvidia-cuda-runtime==13.0.96 nvidia-cuda-nvrtc==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-cublas==13.0.2.14 nvidia-curand==10.4.0.35 nvidia-cuda-cccl==13.0.85"
