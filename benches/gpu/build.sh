@@ -3,10 +3,10 @@
 # bench and batching examples, release, stripped, xz-compressed (check.sh unpacks them with python's lzma), into
 # DEST (default: .gpu of this checkout; keep it out of git, e.g. `/.gpu/` in .git/info/exclude).
 #
-#   CUDA=1 (default): --features cuda. Needs a CUDA 13.0 toolkit in CUDA_ROOT (bin/nvcc, lib/
-#   with libcublas/libcublasLt/libcudart/libnvrtc/libcurand and a libcuda.so to link against;
-#   a stub will do, as the driver exists only on the GPU machine). The binaries are linked with
-#   unresolved symbols allowed, so check.sh preloads the GPU machine's libcuda.so.1.
+#   CUDA=1 (default): --features cuda, with the CUDA 13.0 toolkit of deploy/cuda-toolkit.sh
+#   (PyPI wheels, cached under ~/.cache/quire-tools/cuda, as scripts/test-cuda-build.sh) or
+#   CUDA_ROOT if set. The binaries link against the toolkit's generated libcuda stub and record
+#   NEEDED libcuda.so.1, which the GPU machine's driver provides at run time.
 #   CUDA=0: CPU-only binaries, to try check.sh with DEVICE=cpu.
 # Env: CARGO_TARGET_DIR (default target), CUDA_COMPUTE_CAP (default 90 = H100/H200), JOBS (2).
 set -euo pipefail
@@ -17,10 +17,9 @@ JOBS=${JOBS:-2}
 TGT=${CARGO_TARGET_DIR:-$PWD/target}
 feat=()
 if [ "$CUDA" = 1 ]; then
-  : "${CUDA_ROOT:?set CUDA_ROOT to a CUDA 13.0 toolkit (bin/nvcc, include/, lib/)}"
-  export PATH="$CUDA_ROOT/bin:$PATH" CUDA_PATH="$CUDA_ROOT" LIBRARY_PATH="$CUDA_ROOT/lib${LIBRARY_PATH:+:$LIBRARY_PATH}"
+  CUDA_ROOT=${CUDA_ROOT:-$(bash deploy/cuda-toolkit.sh "${QUIRE_TOOLS:-$HOME/.cache/quire-tools}/cuda")}
+  export PATH="$CUDA_ROOT/bin:$PATH" CUDA_ROOT CUDA_PATH="$CUDA_ROOT" LIBRARY_PATH="$CUDA_ROOT/lib${LIBRARY_PATH:+:$LIBRARY_PATH}"
   export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
-  export RUSTFLAGS="${RUSTFLAGS:-} -C link-arg=-Wl,--unresolved-symbols=ignore-all"
   feat=(--features cuda)
 fi
 parity=$(cargo test -p quire-vlm --release "${feat[@]}" -j "$JOBS" --test parity --no-run --message-format=json \

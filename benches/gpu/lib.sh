@@ -39,7 +39,9 @@ PYEOF
   LIBCUDA=${LIBCUDA:-$(ldconfig -p 2>/dev/null | awk '/libcuda.so.1 /{print $NF; exit}' || true)}
   [ -n "$LIBCUDA" ] || LIBCUDA=$(timeout 60 find / -xdev -name 'libcuda.so.1' -not -path '/proc/*' 2>/dev/null | head -1 || true)
   echo "libcuda: ${LIBCUDA:-NOT FOUND}"
-  RUNENV=(env "LD_LIBRARY_PATH=${libdirs#:}:$(dirname "${LIBCUDA:-/x/x}")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" "LD_PRELOAD=$LIBCUDA")
+  # The binaries record NEEDED libcuda.so.1 (benches/gpu/build.sh links the stub): the driver's
+  # folder on the library path is enough.
+  RUNENV=(env "LD_LIBRARY_PATH=${libdirs#:}:$(dirname "${LIBCUDA:-/x/x}")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}")
   for b in ${BINARIES:-parity bench}; do
     [ -x "$WORK/bin/$b" ] && { "${RUNENV[@]}" ldd "$WORK/bin/$b" | grep -E 'not found|cublas|curand|nvrtc|cudart|libcuda' || true; }
   done

@@ -22,10 +22,11 @@ QUIRE=$(unpack "${QUIRE:-.gpu/quire.xz}" quire)
 export QUIRE_PDFIUM=$(unpack "${QUIRE_PDFIUM:-.gpu/libpdfium.so.xz}" libpdfium.so)
 DEVICE=${DEVICE:-cuda} # cpu: to try this script with a CPU build
 if [ "$DEVICE" = cuda ]; then
-  # CUDA libraries from the python packages torch uses, and the driver (see ../../shared/GPU.md).
+  # CUDA libraries from the python packages torch uses, and the driver's folder (quire records
+  # NEEDED libcuda.so.1: it links the stub of deploy/cuda-toolkit.sh).
   CUDA_LIB=$("$PY" -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13", "lib"))')
   LIBCUDA=${LIBCUDA:-$(ldconfig -p | awk '/libcuda.so.1 /{print $NF; exit}')}
-  export LD_LIBRARY_PATH="$CUDA_LIB:$(dirname "$LIBCUDA")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" LD_PRELOAD="$LIBCUDA"
+  export LD_LIBRARY_PATH="$CUDA_LIB:$(dirname "$LIBCUDA")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
 "$QUIRE" --version
 REF=tests/fixtures/idefics3/pdf_pages/reference.json
