@@ -368,11 +368,6 @@ pub fn exp_inplace(v: &mut [f32]) {
     }
 }
 
-/// Dot product of two equal-length slices (16 lanes, then a fixed-order sum).
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    portable::dot(a, b)
-}
-
 /// In place: `row` = softmax(`row` · `scale` + `mask`) (additive mask of the same length).
 pub fn softmax_row(row: &mut [f32], scale: f32, mask: Option<&[f32]>) {
     if let Some(m) = mask {

@@ -181,7 +181,6 @@ impl Attention {
     fn decode_attention(&self, q: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let (b, h, _, d) = q.dims4()?;
         let kvh = self.kv_heads;
-        let n_rep = h / kvh;
         let c = self.cache.as_ref().expect("cache appended before attention");
         let (cap, len) = (c.k.dim(2)?, c.len);
         let scale = (1.0 / (d as f64).sqrt()) as f32;
@@ -190,8 +189,6 @@ impl Attention {
             Some(m) => Some(m.to_dtype(DType::F32)?.broadcast_as((b, 1, 1, len))?.flatten_all()?.to_vec1::<f32>()?),
             None => None,
         };
-        let mut out = vec![0f32; b * h * d];
-        let op = OutPtr(out.as_mut_ptr());
         let (kg, kl) = c.k.storage_and_layout();
         let (vg, vl) = c.v.storage_and_layout();
         let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(ks)), candle_core::Storage::Cpu(candle_core::CpuStorage::F32(vs))) = (&*kg, &*vg) else {
@@ -201,19 +198,8 @@ impl Attention {
             candle_core::bail!("decode attention: contiguous cache expected");
         };
         let (ks, vs) = (&ks[k0..], &vs[v0..]);
-        crate::par::par_for(b * h, &|task| {
-            let (bi, hh) = (task / h, task % h);
-            let base = (bi * kvh + hh / n_rep) * cap * d;
-            let qv = &q[task * d..(task + 1) * d];
-            let mut scores: Vec<f32> =
-                (0..len).map(|j| crate::kernels::dot(qv, &ks[base + j * d..base + (j + 1) * d])).collect();
-            crate::kernels::softmax_row(&mut scores, scale, mask.as_ref().map(|m| &m[bi * len..(bi + 1) * len]));
-            // SAFETY: each task writes its own head's d outputs; `out` outlives par_for.
-            let o = unsafe { std::slice::from_raw_parts_mut(op.get().add(task * d), d) };
-            for (j, &p) in scores.iter().enumerate() {
-                let vr = &vs[base + j * d..base + (j + 1) * d];
-                o.iter_mut().zip(vr).for_each(|(o, &v)| *o += p * v);
-            }
+        let out = decode_attention_groups(&q, ks, vs, (b, h, kvh, d, cap), scale, &|_| 0..len, &|bi| {
+            mask.as_ref().map(|m| &m[bi * len..(bi + 1) * len])
         });
         drop((kg, vg));
         Tensor::from_vec(out, (b, 1, h * d), &Device::Cpu)
@@ -253,9 +239,6 @@ impl Attention {
         };
         let (ks, vs) = (&ks[k0..], &vs[v0..]);
         let qblocks = t.div_ceil(QB);
-        thread_local! {
-            static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-        }
         crate::par::par_for(b * h * qblocks, &|task| {
             let (bh, qb) = (task / qblocks, task % qblocks);
             let (bi, hh) = (bh / h, bh % h);
@@ -349,7 +332,6 @@ impl Attention {
     fn slot_attention_cpu(&self, q: &Tensor, lens: &[usize], window: Option<usize>) -> Result<Tensor> {
         let (b, h, _, d) = q.dims4()?;
         let kvh = self.kv_heads;
-        let n_rep = h / kvh;
         let scale = (1.0 / (d as f64).sqrt()) as f32;
         let q = q.flatten_all()?.to_vec1::<f32>()?;
         let (ck, cv) = self.shared.as_ref().expect("checked by forward_slots");
@@ -363,24 +345,11 @@ impl Attention {
             candle_core::bail!("slot attention: contiguous cache expected");
         };
         let (ks, vs) = (&ks[k0..], &vs[v0..]);
-        let mut out = vec![0f32; b * h * d];
-        let op = OutPtr(out.as_mut_ptr());
-        crate::par::par_for(b * h, &|task| {
-            let (bi, hh) = (task / h, task % h);
+        let keys = |bi: usize| {
             let len = lens[bi] + 1;
-            let start = window.map_or(0, |w| len.saturating_sub(w));
-            let base = (bi * kvh + hh / n_rep) * cap * d;
-            let qv = &q[task * d..(task + 1) * d];
-            let mut scores: Vec<f32> =
-                (start..len).map(|j| crate::kernels::dot(qv, &ks[base + j * d..base + (j + 1) * d])).collect();
-            crate::kernels::softmax_row(&mut scores, scale, None);
-            // SAFETY: each task writes its own head's d outputs; `out` outlives par_for.
-            let o = unsafe { std::slice::from_raw_parts_mut(op.get().add(task * d), d) };
-            for (j, &p) in scores.iter().enumerate() {
-                let r = base + (start + j) * d;
-                o.iter_mut().zip(&vs[r..r + d]).for_each(|(o, &v)| *o += p * v);
-            }
-        });
+            window.map_or(0, |w| len.saturating_sub(w))..len
+        };
+        let out = decode_attention_groups(&q, ks, vs, (b, h, kvh, d, cap), scale, &keys, &|_| None);
         drop((kg, vg));
         Tensor::from_vec(out, (b, 1, h * d), &Device::Cpu)
     }
@@ -394,6 +363,52 @@ fn owned_copy(t: &Tensor) -> Result<Tensor> {
     } else {
         t.contiguous()
     }
+}
+
+thread_local! {
+    /// Score rows of the CPU attention blocks, kept per pool thread.
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Attention of one new position per sequence (CPU f32) on the cache buffers `ks`, `vs`
+/// ((b, kv_heads, cap, d) each), a KV head's `n_rep` query heads at a time, so its keys and
+/// values are read once for the group: `q` is (b, h, d), sequence `bi` attends to its cached
+/// positions `keys(bi)` with the additive `mask(bi)` over them. Returns (b, h, d). Each
+/// (sequence, KV head) is one [`crate::kernels::attention_block`] of the same shape whatever
+/// the batch, so a sequence decodes the same alone as beside others.
+fn decode_attention_groups<'m>(
+    q: &[f32],
+    ks: &[f32],
+    vs: &[f32],
+    (b, h, kvh, d, cap): (usize, usize, usize, usize, usize),
+    scale: f32,
+    keys: &(dyn Fn(usize) -> std::ops::Range<usize> + Sync),
+    mask: &(dyn Fn(usize) -> Option<&'m [f32]> + Sync),
+) -> Vec<f32> {
+    let n_rep = h / kvh;
+    assert!(q.len() >= b * h * d && ks.len() >= b * kvh * cap * d && vs.len() >= b * kvh * cap * d);
+    let mut out = vec![0f32; b * h * d];
+    let op = OutPtr(out.as_mut_ptr());
+    crate::par::par_for(b * kvh, &|task| {
+        let (bi, g) = (task / kvh, task % kvh);
+        let r = keys(bi);
+        assert!(r.end <= cap && !r.is_empty(), "decode attention keys {r:?} outside the {cap} cached");
+        let m = mask(bi);
+        let base = ((bi * kvh + g) * cap + r.start) * d;
+        let row = (bi * h + g * n_rep) * d;
+        SCORES.with_borrow_mut(|sc| {
+            // SAFETY: the group's n_rep query rows and the keys/values r of its cache rows are
+            // inside their buffers (asserted above); its n_rep output rows are this task's own.
+            unsafe {
+                crate::kernels::attention_block(
+                    q[row..].as_ptr(), d, ks[base..].as_ptr(), vs[base..].as_ptr(), d,
+                    op.get().add(row), d,
+                    (n_rep, r.len(), d), scale, |_| m, sc,
+                )
+            }
+        });
+    });
+    out
 }
 
 struct OutPtr(*mut f32);
