@@ -93,6 +93,11 @@ pub struct NatsAuth {
     pub tls_client_cert: Option<(PathBuf, PathBuf)>,
     /// Insist on TLS even when the URL says `nats://`.
     pub require_tls: bool,
+    /// How long the first connection may keep failing for reasons that pass (nothing
+    /// listening yet, a timeout, a name that does not resolve yet) before connecting fails:
+    /// a Pod that starts before the broker, or before a NetworkPolicy controller admits its
+    /// new address, waits instead of exiting. Refused credentials and TLS errors fail at once.
+    pub connect_wait: Duration,
 }
 
 /// Where the queue lives and what it is called there.
@@ -271,9 +276,30 @@ pub async fn connect_client(url: &str, auth: &NatsAuth) -> Result<async_nats::Cl
     if auth.require_tls {
         o = o.require_tls(true);
     }
-    o.connect(url)
-        .await
-        .map_err(|e| backend(&format!("connecting to NATS at {url}"), e))
+    let deadline = Instant::now() + auth.connect_wait;
+    let mut pause = Duration::from_millis(250);
+    loop {
+        match o.clone().connect(url).await {
+            Ok(client) => return Ok(client),
+            Err(e) if passing(e.kind()) && Instant::now() + pause < deadline => {
+                tracing::warn!(
+                    "connecting to NATS at {url}: {e}; trying again in {:.1} s (for up to {} s in all: --nats-connect-wait)",
+                    pause.as_secs_f64(),
+                    auth.connect_wait.as_secs()
+                );
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(backend(&format!("connecting to NATS at {url}"), e)),
+        }
+    }
+}
+
+/// Connection failures that time may cure: the server not (yet) listening or reachable, or
+/// its name not (yet) resolving. Not: refused credentials, TLS, a malformed URL.
+fn passing(kind: async_nats::ConnectErrorKind) -> bool {
+    use async_nats::ConnectErrorKind as K;
+    matches!(kind, K::Io | K::TimedOut | K::Dns)
 }
 
 impl JetStreamQueue {
@@ -1091,11 +1117,39 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_first_connection_waits_for_a_broker_that_starts_late() {
+        let mut server = NatsServer::start();
+        server.stop();
+        let mut o = opts(&server, 5000, 3);
+        // Nothing listening and no wait: fails at once, saying where.
+        let t0 = Instant::now();
+        let err = JetStreamQueue::connect(o.clone()).await.err().expect("nothing listens");
+        assert!(err.to_string().contains("connecting to NATS at"), "{err}");
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        // With a wait, the broker starting 2 s later is found.
+        o.auth.connect_wait = Duration::from_secs(30);
+        let starter = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(2));
+            server.spawn();
+            server
+        });
+        let t0 = Instant::now();
+        let q = JetStreamQueue::connect(o).await.expect("connects once the broker is up");
+        assert!(t0.elapsed() >= Duration::from_secs(2), "connected before the broker started?");
+        assert_eq!(q.publish(&task("late", "a")).await.unwrap(), Published::New);
+        drop(starter.join().unwrap());
+    }
+
+    #[tokio::test]
     async fn user_password_and_token_auth_are_used_and_refusals_are_clear() {
         let server = NatsServer::start_with(&["--user", "quire", "--pass", "s3cret"]);
         let mut o = opts(&server, 5000, 3);
+        // A refusal is final: no waiting it out, however long the connect wait.
+        o.auth.connect_wait = Duration::from_secs(60);
+        let t0 = Instant::now();
         let err = JetStreamQueue::connect(o.clone()).await.err().expect("no credentials: refused");
         assert!(err.to_string().contains("connecting to NATS at"), "{err}");
+        assert!(t0.elapsed() < Duration::from_secs(10), "a refusal was retried for {:?}", t0.elapsed());
         o.auth.user_password = Some(("quire".into(), "wrong".into()));
         assert!(JetStreamQueue::connect(o.clone()).await.is_err());
         o.auth.user_password = Some(("quire".into(), "s3cret".into()));

@@ -345,6 +345,11 @@ pub struct NatsAuthOpts {
     /// Insist on TLS even for a nats:// URL.
     #[arg(long, env = "QUIRE_NATS_REQUIRE_TLS")]
     pub nats_require_tls: bool,
+    /// How long to keep trying the first connection to NATS while it cannot be reached (not
+    /// listening yet, not resolving yet, not yet admitted by a NetworkPolicy), in seconds,
+    /// with backoff; refused credentials and TLS errors end it at once. 0: try once.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60, env = "QUIRE_NATS_CONNECT_WAIT")]
+    pub nats_connect_wait: u64,
     /// JetStream replicas of quire's streams, worker consumer and job bucket (1 to 5; more
     /// than 1 needs a NATS cluster). Unset: existing ones keep theirs, new ones get 1. Give
     /// every quire process that sets it the same value.
@@ -362,6 +367,7 @@ impl NatsAuthOpts {
             tls_ca: self.nats_tls_ca.clone(),
             tls_client_cert: self.nats_tls_cert.clone().zip(self.nats_tls_key.clone()),
             require_tls: self.nats_require_tls,
+            connect_wait: std::time::Duration::from_secs(self.nats_connect_wait),
         }
     }
 
