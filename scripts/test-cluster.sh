@@ -15,9 +15,9 @@
 #   scripts/test-cluster.sh --cached   exit 0 when the cached binaries a run needs exist (scripts/test.sh asks)
 #   QUIRE_CLUSTER_KEEP=1 scripts/test-cluster.sh   on failure, wait for Enter before tearing down
 #                                                  (KUBECONFIG is printed) to look around
-#   QUIRE_CLUSTER_NETPOL_DROP=1 scripts/test-cluster.sh   connections a NetworkPolicy denies time out
-#                                                  (dropped, as Calico and Cilium do) instead of being refused
-#                                                  at once (kube-router's REJECT); see below
+#   QUIRE_CLUSTER_NETPOL_REFUSE=1 scripts/test-cluster.sh   connections a NetworkPolicy denies are refused
+#                                                  at once, as kube-router (and so k3s) does, instead of
+#                                                  dropped as Calico and Cilium do (the default here); see below
 #
 # Needs root, cgroup v1 or v2 with cgroupfs, Go (1.24+), the CPU image and
 # Debian base of scripts/test-deploy.sh (it runs first in scripts/test.sh),
@@ -545,16 +545,20 @@ if [ -n "$kube_router" ]; then
   }
   wait_for "kube-router (NetworkPolicy controller)" 120 kr_ready || { tail -n 30 "$state/logs/kube-router.log" >&2; exit 1; }
   # kube-router learns a new Pod's address from the Pod's status, which the
-  # kubelet reports after the Pod's containers have started: a client that
-  # connects at once to a peer behind a policy is refused (REJECT) until then,
-  # some 0.1 to 0.3 s here. With QUIRE_CLUSTER_NETPOL_DROP=1 the refusals
-  # (ICMP port unreachable sent to the Pods) are dropped, so that a refused
-  # SYN is sent again a second later, as with a controller that drops.
-  if [ "${QUIRE_CLUSTER_NETPOL_DROP:-0}" = 1 ]; then
+  # kubelet reports after the Pod's containers have started: until then (0.1
+  # to 0.3 s here) a connection from the new Pod to a peer behind a policy
+  # is denied, and kube-router denies with REJECT, so it fails at once. quire's
+  # coordinator and `quire check` connect to NATS as they start and do not
+  # try again, so on kube-router (k3s's NetworkPolicy controller) they fail
+  # (seen here: every coordinator Pod of a night, and helm test). Unless
+  # QUIRE_CLUSTER_NETPOL_REFUSE=1, those refusals (ICMP port unreachable to
+  # the Pods) are dropped, as controllers that DROP denied packets behave
+  # (Calico, Cilium): the SYN is sent again a second later and gets through.
+  if [ "${QUIRE_CLUSTER_NETPOL_REFUSE:-0}" != 1 ]; then
     netpol_drop_rule=(-d "$pod_cidr" -p icmp --icmp-type port-unreachable -m comment --comment "quire-cluster: denied, not refused" -j DROP)
     iptables -t mangle -A OUTPUT "${netpol_drop_rule[@]}"
   fi
-  step "NetworkPolicies enforced by kube-router $kube_router_version (firewall only${netpol_drop_rule:+; denied connections dropped, not refused})"
+  step "NetworkPolicies enforced by kube-router $kube_router_version (firewall only; denied connections ${netpol_drop_rule:+dropped, not refused}${netpol_drop_rule:-refused (QUIRE_CLUSTER_NETPOL_REFUSE=1)})"
 else
   echo "=================================================================================" >&2
   echo "cluster: NetworkPolicies NOT ENFORCED: kube-router is not cached under $krbin." >&2
