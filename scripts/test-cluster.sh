@@ -554,11 +554,13 @@ if [ -n "$kube_router" ]; then
   # QUIRE_CLUSTER_NETPOL_REFUSE=1, those refusals (ICMP port unreachable to
   # the Pods) are dropped, as controllers that DROP denied packets behave
   # (Calico, Cilium): the SYN is sent again a second later and gets through.
+  denied="refused (QUIRE_CLUSTER_NETPOL_REFUSE=1)"
   if [ "${QUIRE_CLUSTER_NETPOL_REFUSE:-0}" != 1 ]; then
     netpol_drop_rule=(-d "$pod_cidr" -p icmp --icmp-type port-unreachable -m comment --comment "quire-cluster: denied, not refused" -j DROP)
     iptables -t mangle -A OUTPUT "${netpol_drop_rule[@]}"
+    denied="dropped, not refused"
   fi
-  step "NetworkPolicies enforced by kube-router $kube_router_version (firewall only; denied connections ${netpol_drop_rule:+dropped, not refused}${netpol_drop_rule:-refused (QUIRE_CLUSTER_NETPOL_REFUSE=1)})"
+  step "NetworkPolicies enforced by kube-router $kube_router_version (firewall only; denied connections $denied)"
 else
   echo "=================================================================================" >&2
   echo "cluster: NetworkPolicies NOT ENFORCED: kube-router is not cached under $krbin." >&2
