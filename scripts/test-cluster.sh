@@ -6,13 +6,18 @@
 # a second Job joining it, one of another date that does only the new objects,
 # one fired by the CronJob on its own schedule after a helm upgrade to a new image;
 # then KEDA scaling the workers 0 -> N -> 0 around a fourth (skipped loudly
-# when --build has not cached KEDA: a plain run does not build it).
+# when --build has not cached KEDA: a plain run does not build it). With
+# kube-router cached (--build, likewise), NetworkPolicies are enforced and the
+# bundled NATS's policy is shown to refuse a Pod that is not quire's.
 #
 #   scripts/test-cluster.sh            build what is missing, bring the cluster up, run the checks, tear down
-#   scripts/test-cluster.sh --build    only build and cache the binaries (Kubernetes, CoreDNS, KEDA, Garage)
+#   scripts/test-cluster.sh --build    only build and cache the binaries (Kubernetes, CoreDNS, KEDA, kube-router, Garage)
 #   scripts/test-cluster.sh --cached   exit 0 when the cached binaries a run needs exist (scripts/test.sh asks)
 #   QUIRE_CLUSTER_KEEP=1 scripts/test-cluster.sh   on failure, wait for Enter before tearing down
 #                                                  (KUBECONFIG is printed) to look around
+#   QUIRE_CLUSTER_NETPOL_REFUSE=1 scripts/test-cluster.sh   connections a NetworkPolicy denies are refused
+#                                                  at once, as kube-router (and so k3s) does, instead of
+#                                                  dropped as Calico and Cilium do (the default here); see below
 #
 # Needs root, cgroup v1 or v2 with cgroupfs, Go (1.24+), the CPU image and
 # Debian base of scripts/test-deploy.sh (it runs first in scripts/test.sh),
@@ -24,17 +29,25 @@
 # and runc (Debian) with the CNI bridge plugin, CoreDNS (its Go module) on the
 # host answering for cluster.local; with KEDA, its operator and metrics adapter
 # v2.19 (the Go module github.com/kedacore/keda/v2, scripts/cluster/build-keda.sh)
-# in the namespace keda, behind the API server's aggregation layer. Pods live on a bridge this script makes
+# in the namespace keda, behind the API server's aggregation layer; with
+# kube-router, its NetworkPolicy controller only (--run-firewall; v2.1.0 from
+# the Go module github.com/cloudnativelabs/kube-router/v2,
+# scripts/cluster/build-kube-router.sh) as a host process, with Debian's ipset:
+# the filter table's rules and ipsets it keeps enforce every NetworkPolicy on
+# the bridged Pod traffic (br_netfilter). Pods live on a bridge this script makes
 # (quire-br0, 10.244.0.0/24); the API server, kubelet and CoreDNS listen on
-# its address, etcd on loopback. Nothing is routed off the machine: FORWARD
-# rules refuse what would leave the bridge (and drop what would enter it from
-# elsewhere), and nothing is masqueraded outward.
+# its address, etcd on loopback. Nothing is routed off the machine: a routing
+# rule refuses what would leave the bridge (at the routing decision, so a
+# Pod fails at once and no FORWARD rule, kube-router's ACCEPTs included, can
+# let it through), the mangle table's FORWARD drops what would enter it from
+# elsewhere (and what would leave it), and nothing is masqueraded outward.
 # No registry is reachable, so every image is built here with buildah
 # (scripts/cluster/images.sh) and imported with `ctr images import`.
 #
 # Everything is torn down on exit, failed or not: the processes it started (by
 # PID), the pods' containers, network namespaces and mounts, the bridge, the
-# iptables chains and rules it or kube-proxy made, the cgroups, the sysctls it
+# routing rule and table, the iptables chains and rules it, kube-proxy or
+# kube-router made, kube-router's ipsets, the cgroups, the sysctls it
 # changed (restored), and its state folder.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -44,10 +57,12 @@ tools="${QUIRE_TOOLS:-$HOME/.cache/quire-tools}"
 k8s_version="${QUIRE_K8S_VERSION:-v1.34.4}"
 coredns_version="${QUIRE_COREDNS_VERSION:-v1.12.4}"
 keda_version="${QUIRE_KEDA_VERSION:-v2.19.0}"
+kube_router_version="${QUIRE_KUBE_ROUTER_VERSION:-v2.1.0}"
 cache="$tools/k8s"
 kbin="$cache/bin-$k8s_version"
 coredns="$cache/coredns-$coredns_version/coredns"
 kedabin="$cache/keda-$keda_version"
+krbin="$cache/kube-router-$kube_router_version"
 k8s_src="$(go env GOMODCACHE 2>/dev/null || echo "$HOME/go/pkg/mod")/k8s.io/kubernetes@$k8s_version"
 
 mode=run
@@ -67,7 +82,7 @@ t_start=$SECONDS
 step() { echo "cluster: $* ($((SECONDS - t_start)) s)" >&2; }
 
 # --- tools -----------------------------------------------------------------
-debs=(containerd runc containernetworking-plugins etcd-server iptables conntrack buildah gcc libc6-dev poppler-utils)
+debs=(containerd runc containernetworking-plugins etcd-server iptables ipset conntrack buildah gcc libc6-dev poppler-utils)
 missing=()
 for p in "${debs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -81,6 +96,13 @@ scripts/cluster/build-k8s.sh "$kbin"
 if [ "$mode" = build ]; then
   step "building KEDA $keda_version (operator, metrics adapter)"
   QUIRE_KEDA_VERSION="$keda_version" scripts/cluster/build-keda.sh "$kedabin"
+  step "building kube-router $kube_router_version (its NetworkPolicy controller)"
+  QUIRE_KUBE_ROUTER_VERSION="$kube_router_version" scripts/cluster/build-kube-router.sh "$krbin"
+fi
+# kube-router likewise: without it NetworkPolicies are not enforced and their check is skipped (loudly).
+kube_router="" kube_router_note="kube-router not built: NetworkPolicies not enforced"
+if [ "$(cat "$krbin/.version" 2>/dev/null)" = "$kube_router_version" ] && [ -x "$krbin/kube-router" ]; then
+  kube_router="$krbin/kube-router" kube_router_note="kube-router $kube_router_version"
 fi
 keda="" keda_note="KEDA not built"
 keda_src="$(go env GOMODCACHE 2>/dev/null || echo "$HOME/go/pkg/mod")/github.com/kedacore/keda/v2@$keda_version"
@@ -106,7 +128,7 @@ if [ "$(cat "$venv/.reqs" 2>/dev/null)" != "$pyreqs" ]; then
   echo "$pyreqs" > "$venv/.reqs"
 fi
 eval "$(scripts/install-services.sh)"
-step "binaries ready (Kubernetes $k8s_version, CoreDNS $coredns_version, $keda_note)"
+step "binaries ready (Kubernetes $k8s_version, CoreDNS $coredns_version, $keda_note, $kube_router_note)"
 [ "$mode" = build ] && exit 0
 images="$cache/images"
 scripts/cluster/images.sh "$images" "$k8s_src" "$QUIRE_NATS_SERVER" "$QUIRE_GARAGE" $keda
@@ -119,6 +141,8 @@ pod_cidr="${QUIRE_CLUSTER_POD_CIDR:-10.244.0.0/24}"
 svc_cidr="${QUIRE_CLUSTER_SERVICE_CIDR:-10.96.0.0/24}"
 node=quire-node
 chain=QUIRE-CLUSTER
+# The routing table (and rule priority) for what comes in on the bridge.
+rt_table="${QUIRE_CLUSTER_ROUTE_TABLE:-2440}"
 cg=quire-cluster
 # One cluster at a time on a machine: the lock is held until this process
 # has exited, teardown included.
@@ -128,12 +152,20 @@ if ip link show "$bridge" >/dev/null 2>&1; then
   echo "scripts/test-cluster.sh: $bridge exists, left by a cluster test that was killed without cleanup: ip link del $bridge" >&2
   exit 1
 fi
+if [ -n "$(ip rule show pref "$rt_table")" ] || [ -n "$(ip route show table "$rt_table" 2>/dev/null)" ]; then
+  echo "scripts/test-cluster.sh: routing table or rule $rt_table is in use (left by a cluster test killed without cleanup?" \
+    "ip rule del pref $rt_table; ip route flush table $rt_table), or set QUIRE_CLUSTER_ROUTE_TABLE" >&2
+  exit 1
+fi
 state="$(mktemp -d "${TMPDIR:-/tmp}/quire-cluster.XXXXXX")"
 chmod 0755 "$state"
 export KUBECONFIG="$state/pki/admin.kubeconfig"
 pids=()
 sysctls=()
 netns_before="$(ls /run/netns 2>/dev/null || true)"
+ipsets_before="$(ipset list -n 2>/dev/null || true)"
+rt_rule=0
+netpol_drop_rule=()
 # containerd's shims put their sockets under /run/containerd/s whatever its state folder.
 run_containerd_existed=0
 [ -e /run/containerd ] && run_containerd_existed=1
@@ -216,6 +248,16 @@ teardown() {
       done
     done
   done
+  [ ${#netpol_drop_rule[@]} = 0 ] || iptables -t mangle -D OUTPUT "${netpol_drop_rule[@]}" 2>/dev/null
+  # kube-router's ipsets (KUBE-SRC-*, KUBE-DST-*), once no rule refers to them.
+  local set
+  for set in $(ipset list -n 2>/dev/null); do
+    case "$set" in KUBE-*|inet6:KUBE-*) grep -qxF "$set" <<<"$ipsets_before" || ipset destroy "$set" 2>/dev/null ;; esac
+  done
+  if [ "$rt_rule" = 1 ]; then
+    ip rule del pref "$rt_table" 2>/dev/null
+    ip route flush table "$rt_table" 2>/dev/null
+  fi
   ip link del "$bridge" 2>/dev/null
   [ "$run_containerd_existed" = 1 ] || rm -rf /run/containerd
   # Connections tracked for the pods' addresses would outlive them.
@@ -299,7 +341,7 @@ kubeconfig admin admin
 kubeconfig kubelet kubelet
 
 # Network: the bridge with the node's address, forwarding on, and nothing
-# forwarded off the bridge.
+# forwarded off the bridge or onto it from elsewhere.
 ip link add "$bridge" type bridge
 ip addr add "$node_ip/${pod_cidr#*/}" dev "$bridge"
 ip link set "$bridge" up
@@ -310,11 +352,23 @@ set_sysctl net.bridge.bridge-nf-call-ip6tables 1
 for k in vm.overcommit_memory vm.panic_on_oom kernel.panic kernel.panic_on_oops kernel.keys.root_maxkeys kernel.keys.root_maxbytes; do
   set_sysctl "$k" "$(cat "/proc/sys/${k//.//}")"
 done
-iptables -N "$chain"
-# Refused rather than dropped, so a Pod trying to leave fails at once instead of timing out.
-iptables -A "$chain" -i "$bridge" ! -o "$bridge" -j REJECT --reject-with icmp-net-prohibited
-iptables -A "$chain" -o "$bridge" ! -i "$bridge" -j DROP
-iptables -I FORWARD 1 -j "$chain"
+# What comes in on the bridge is routed by a table of its own that knows only
+# the bridge (addresses of this machine come first, from the local table):
+# anything else is refused at the routing decision, so a Pod trying to leave
+# fails at once instead of timing out. It is refused there rather than in the
+# filter table's FORWARD because a NetworkPolicy controller (kube-router)
+# keeps its own chain first there and ACCEPTs the Pod traffic that the
+# policies allow, wherever it goes.
+rt_rule=1
+ip route add "$pod_cidr" dev "$bridge" table "$rt_table"
+ip route add prohibit default table "$rt_table"
+ip rule add iif "$bridge" lookup "$rt_table" pref "$rt_table"
+# And the mangle table's FORWARD, which comes before the filter table's,
+# drops what would still leave the bridge or enter it from elsewhere.
+iptables -t mangle -N "$chain"
+iptables -t mangle -A "$chain" -i "$bridge" ! -o "$bridge" -j DROP
+iptables -t mangle -A "$chain" -o "$bridge" ! -i "$bridge" -j DROP
+iptables -t mangle -I FORWARD 1 -j "$chain"
 
 # cgroups: the kubelet's root (--cgroup-root /$cg) in every v1 hierarchy; a
 # cpuset child starts with no CPUs, so it gets its parent's.
@@ -474,6 +528,46 @@ wait_for "node $node" 120 "$kbin/kubectl" get node "$node"
 "$kbin/kubectl" wait --for=condition=Ready "node/$node" --timeout=120s >/dev/null
 step "node $node Ready (Kubernetes $("$kbin/kubectl" get node "$node" -o jsonpath='{.status.nodeInfo.kubeletVersion}'))"
 
+# NetworkPolicies: kube-router's controller only (no routing, no service
+# proxy: kube-proxy stays), on the host like kube-proxy. It finds the node by
+# name (it needs the Node object) and keeps, in the filter table, a chain per
+# local Pod reached from INPUT, FORWARD and OUTPUT (bridged traffic too,
+# through br_netfilter) that REJECTs what no policy admits, with ipsets of
+# the Pods each policy selects. Traffic from this machine's own addresses
+# (the kubelet's probes, the API server, the checks' curl) is always admitted.
+if [ -n "$kube_router" ]; then
+  kr_health="$(free_port)"
+  start kube-router "$kube_router" --run-firewall=true --run-router=false --run-service-proxy=false \
+    --kubeconfig "$KUBECONFIG" --hostname-override "$node" --service-cluster-ip-range "$svc_cidr" \
+    --enable-ipv6=false --health-port "$kr_health" --metrics-port 0 --v=2
+  kr_ready() {
+    [[ "$(iptables -S FORWARD 2>/dev/null)" == *"-j KUBE-ROUTER-FORWARD"* ]] && curl -sf "http://127.0.0.1:$kr_health/healthz"
+  }
+  wait_for "kube-router (NetworkPolicy controller)" 120 kr_ready || { tail -n 30 "$state/logs/kube-router.log" >&2; exit 1; }
+  # kube-router learns a new Pod's address from the Pod's status, which the
+  # kubelet reports after the Pod's containers have started: until then (0.1
+  # to 0.3 s here) a connection from the new Pod to a peer behind a policy
+  # is denied, and kube-router denies with REJECT, so it fails at once. quire's
+  # coordinator and `quire check` connect to NATS as they start and do not
+  # try again, so on kube-router (k3s's NetworkPolicy controller) they fail
+  # (seen here: every coordinator Pod of a night, and helm test). Unless
+  # QUIRE_CLUSTER_NETPOL_REFUSE=1, those refusals (ICMP port unreachable to
+  # the Pods) are dropped, as controllers that DROP denied packets behave
+  # (Calico, Cilium): the SYN is sent again a second later and gets through.
+  denied="refused (QUIRE_CLUSTER_NETPOL_REFUSE=1)"
+  if [ "${QUIRE_CLUSTER_NETPOL_REFUSE:-0}" != 1 ]; then
+    netpol_drop_rule=(-d "$pod_cidr" -p icmp --icmp-type port-unreachable -m comment --comment "quire-cluster: denied, not refused" -j DROP)
+    iptables -t mangle -A OUTPUT "${netpol_drop_rule[@]}"
+    denied="dropped, not refused"
+  fi
+  step "NetworkPolicies enforced by kube-router $kube_router_version (firewall only; denied connections $denied)"
+else
+  echo "=================================================================================" >&2
+  echo "cluster: NetworkPolicies NOT ENFORCED: kube-router is not cached under $krbin." >&2
+  echo "Build it once with: scripts/test-cluster.sh --build   (then rerun)" >&2
+  echo "=================================================================================" >&2
+fi
+
 # A default StorageClass with one volume on this node's disk, as a cluster
 # with a provisioner would hand the bundled NATS.
 chmod 0777 "$state/pv/nats-0"
@@ -498,7 +592,8 @@ spec:
 YAML
 step "cluster up"
 
-export KUBECTL="$kbin/kubectl" HELM_PY="$venv/bin/python" STATE="$state" IMAGES="$images" KEDA="$keda" KEDA_VERSION="$keda_version" KEDA_SRC="$keda_src" KEDA_DIR="$kedabin"
+export KUBECTL="$kbin/kubectl" HELM_PY="$venv/bin/python" STATE="$state" IMAGES="$images" KEDA="$keda" KEDA_VERSION="$keda_version" KEDA_SRC="$keda_src" KEDA_DIR="$kedabin" \
+  NETPOL="$kube_router" NETPOL_NOTE="$kube_router_note" NETPOL_DIR="$krbin"
 # shellcheck source=cluster/proofs.sh
 source scripts/cluster/proofs.sh
 proofs

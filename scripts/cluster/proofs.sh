@@ -1,11 +1,19 @@
 # What the cluster test proves; sourced by scripts/test-cluster.sh once the
 # node is Ready (it sets KUBECTL, HELM_PY, STATE, IMAGES, KEDA, KEDA_VERSION,
-# KEDA_SRC and the helpers step, wait_for). The chart's standing job (`nightly`, one run per UTC day,
+# KEDA_SRC, NETPOL and the helpers step, wait_for). The chart's standing job (`nightly`, one run per UTC day,
 # `--run {date}`) is run over three nights; `proofs` runs, in this order:
 #
 #   1. helm install of helm/quire with the bundled NATS, an in-cluster Garage
 #      bucket and the CPU image, with the values a user sets; every Pod Ready;
 #      helm test (quire check from a quire Pod) passes
+#   1b. (when scripts/test-cluster.sh --build cached kube-router, which then
+#      enforces NetworkPolicies; skipped loudly otherwise) the bundled NATS's
+#      NetworkPolicy: a Pod in the release's namespace without quire's labels
+#      reaches Garage but cannot open a TCP connection to the NATS Service's
+#      client port; the same probe from a Pod with the labels the policy
+#      admits (quire's) opens it, and from that Pod the monitoring port
+#      stays shut (it is the KEDA operator's, which step 5 shows reading it).
+#      Every later step runs with the policies enforced.
 #   2. night 1, triggered as the README says (kubectl create job
 #      --from=cronjob): the born-digital examples (text layer), a scanned PDF
 #      and 40 scanned 16-page PDFs (the tests' tiny random-weight Idefics3
@@ -206,6 +214,97 @@ proof_install() {
   step "1. helm install: $(kq get pods --no-headers | wc -l) Pods Ready: $(kq get pods --no-headers -o custom-columns=N:.metadata.name | tr '\n' ' ')"
   helm_ test "$release" "$ns" || { kq logs "pod/$release-test-check" >&2; return 1; }
   step "1. helm test passed"
+}
+
+# probe POD HOST PORT: "open" when a TCP connection from the Pod to HOST:PORT
+# opens within 3 s, "closed" when it does not; anything else (kubectl exec
+# failing) is neither, so that a broken probe cannot pass for a refused one.
+probe() {
+  kq exec "$1" -- bash -c "if timeout 3 bash -c 'exec 3<>/dev/tcp/$2/$3' 2>/dev/null; then echo open; else echo closed; fi" 2>&1 || true
+}
+
+# probe_pod NAME LABELS: the manifest of a Pod on the Garage image (Debian,
+# with bash) that only sleeps, labelled with LABELS (YAML flow mapping entries).
+probe_pod() {
+  cat <<YAML
+apiVersion: v1
+kind: Pod
+metadata: {name: $1, labels: {$2}}
+spec:
+  automountServiceAccountToken: false
+  terminationGracePeriodSeconds: 0
+  securityContext: {runAsNonRoot: true, runAsUser: 1000, seccompProfile: {type: RuntimeDefault}}
+  containers:
+    - name: probe
+      image: localhost/quire-cluster/garage:local
+      imagePullPolicy: Never
+      command: [bash, -c, "exec sleep infinity"]
+      resources: {requests: {cpu: 10m, memory: 16Mi}, limits: {memory: 64Mi}}
+      securityContext: {allowPrivilegeEscalation: false, readOnlyRootFilesystem: true, capabilities: {drop: [ALL]}}
+YAML
+}
+
+proof_netpol() {
+  if [ -z "${NETPOL:-}" ]; then
+    echo "=================================================================================" >&2
+    echo "cluster: SKIPPED 1b. NetworkPolicy: kube-router is not cached under ${NETPOL_DIR:-the tools cache}," >&2
+    echo "so nothing enforces NetworkPolicies in this cluster." >&2
+    echo "Build it once with: scripts/test-cluster.sh --build   (then rerun)" >&2
+    echo "=================================================================================" >&2
+    return 0
+  fi
+  local np policy labels client monitor host s3host got i
+  np="$(kq get networkpolicy -l app.kubernetes.io/component=nats -o jsonpath='{.items[0].metadata.name}')"
+  [ -n "$np" ] || { echo "cluster: the chart made no NetworkPolicy for the bundled NATS" >&2; return 1; }
+  # What the policy admits on which port, read from it: the peers of the rule
+  # for the client port (the first), the port of the rule for the monitoring port.
+  policy="$(kq get networkpolicy "$np" -o json)"
+  read -r labels client monitor <<<"$(python3 -c '
+import json, sys
+rules = json.load(sys.stdin)["spec"]["ingress"]
+client = rules[0]
+sel = client["from"][0]["podSelector"]["matchLabels"]
+monitor = [r for r in rules[1:] if "ports" in r]
+print(",".join(f"{k}={v}" for k, v in sel.items()), client["ports"][0]["port"], monitor[0]["ports"][0]["port"] if monitor else "-")' <<<"$policy")"
+  # The Service quire's Pods use (the chart's NATS URL names it as the policy).
+  host="$np.$ns.svc.cluster.local"
+  kq get svc "$np" >/dev/null
+  s3host="garage.quire-s3.svc.cluster.local"
+  # Two Pods alike but for their labels, on the Garage image (Debian, bash):
+  # one labelled as nothing of quire's, one with the labels the policy admits.
+  local lq="" kv
+  for kv in ${labels//,/ }; do lq+="${kv%%=*}: \"${kv#*=}\", "; done
+  probe_pod netpol-stranger "app: netpol-probe" | kq apply -f - >/dev/null
+  probe_pod netpol-quire "${lq}app.kubernetes.io/component: netpol-probe" | kq apply -f - >/dev/null
+  kq wait --for=condition=Ready pod/netpol-stranger pod/netpol-quire --timeout=120s >/dev/null
+  # The stranger's network works: Garage (no policy) answers it.
+  got="$(probe netpol-stranger "$s3host" 3900)"
+  [ "$got" = open ] || { echo "cluster: 1b. the unlabelled probe Pod cannot reach Garage ($got): the probe is broken, not the policy" >&2; return 1; }
+  # quire's labels open the client port; the controller may take a moment to
+  # put a new Pod's address in the policy's set.
+  local deadline=$((SECONDS + 30))
+  until got="$(probe netpol-quire "$host" "$client")" && [ "$got" = open ]; do
+    [ $SECONDS -lt $deadline ] || { echo "cluster: 1b. a Pod with the labels $labels cannot reach $host:$client ($got)" >&2; tail -n 20 "$STATE/logs/kube-router.log" >&2; return 1; }
+    sleep 1
+  done
+  # Without them, the same probe fails, every time.
+  for i in 1 2 3; do
+    got="$(probe netpol-stranger "$host" "$client")"
+    [ "$got" = closed ] || {
+      echo "cluster: 1b. a Pod without quire's labels reached NATS at $host:$client ($got): NetworkPolicy $np is not enforced or admits it" >&2
+      kq get networkpolicy "$np" -o yaml >&2; tail -n 20 "$STATE/logs/kube-router.log" >&2; return 1
+    }
+    sleep 1
+  done
+  # The monitoring port is for its own peers (KEDA's operator), not quire's Pods.
+  local shut=""
+  if [ "$monitor" != - ]; then
+    got="$(probe netpol-quire "$host" "$monitor")"
+    [ "$got" = closed ] || { echo "cluster: 1b. a quire Pod reached NATS's monitoring port $host:$monitor ($got)" >&2; return 1; }
+    shut="; its monitoring port $monitor stays shut to quire's Pods"
+  fi
+  kq delete pod netpol-stranger netpol-quire --grace-period=0 --force >/dev/null 2>&1
+  step "1b. NetworkPolicy $np enforced ($NETPOL_NOTE): a Pod without quire's labels cannot connect to $host:$client (it reaches Garage), one with $labels can$shut"
 }
 
 # holding_worker SECONDS [EXCEPT]: a worker Pod (not EXCEPT) whose metrics say it holds tasks now.
@@ -671,6 +770,7 @@ proofs() {
     sed 's/^declare -[-x]* /export /' >"$STATE/proofs.env"
   values_file
   proof_install
+  proof_netpol
   proof_night1
   proof_night2
   proof_upgrade
