@@ -15,9 +15,9 @@
 #   scripts/test-cluster.sh --cached   exit 0 when the cached binaries a run needs exist (scripts/test.sh asks)
 #   QUIRE_CLUSTER_KEEP=1 scripts/test-cluster.sh   on failure, wait for Enter before tearing down
 #                                                  (KUBECONFIG is printed) to look around
-#   QUIRE_CLUSTER_NETPOL_REFUSE=1 scripts/test-cluster.sh   connections a NetworkPolicy denies are refused
-#                                                  at once, as kube-router (and so k3s) does, instead of
-#                                                  dropped as Calico and Cilium do (the default here); see below
+#   QUIRE_CLUSTER_NETPOL_DROP=1 scripts/test-cluster.sh   connections a NetworkPolicy denies are dropped
+#                                                  (time out), as Calico and Cilium do, instead of refused
+#                                                  at once as kube-router (and so k3s) does (the default); see below
 #
 # Needs root, cgroup v1 or v2 with cgroupfs, Go (1.24+), the CPU image and
 # Debian base of scripts/test-deploy.sh (it runs first in scripts/test.sh),
@@ -547,18 +547,18 @@ if [ -n "$kube_router" ]; then
   # kube-router learns a new Pod's address from the Pod's status, which the
   # kubelet reports after the Pod's containers have started: until then (0.1
   # to 0.3 s here) a connection from the new Pod to a peer behind a policy
-  # is denied, and kube-router denies with REJECT, so it fails at once. quire's
-  # coordinator and `quire check` connect to NATS as they start and do not
-  # try again, so on kube-router (k3s's NetworkPolicy controller) they fail
-  # (seen here: every coordinator Pod of a night, and helm test). Unless
-  # QUIRE_CLUSTER_NETPOL_REFUSE=1, those refusals (ICMP port unreachable to
-  # the Pods) are dropped, as controllers that DROP denied packets behave
+  # is denied, and kube-router denies with REJECT, so it fails at once.
+  # quire's coordinator and `quire check` connect to NATS as they start; they
+  # keep trying for --nats-connect-wait (60 s) through such refusals, which
+  # this test leaves as kube-router (k3s's NetworkPolicy controller) makes
+  # them. QUIRE_CLUSTER_NETPOL_DROP=1 drops them instead (ICMP port
+  # unreachable to the Pods), as controllers that DROP denied packets behave
   # (Calico, Cilium): the SYN is sent again a second later and gets through.
-  denied="refused (QUIRE_CLUSTER_NETPOL_REFUSE=1)"
-  if [ "${QUIRE_CLUSTER_NETPOL_REFUSE:-0}" != 1 ]; then
+  denied="refused, as kube-router does"
+  if [ "${QUIRE_CLUSTER_NETPOL_DROP:-0}" = 1 ]; then
     netpol_drop_rule=(-d "$pod_cidr" -p icmp --icmp-type port-unreachable -m comment --comment "quire-cluster: denied, not refused" -j DROP)
     iptables -t mangle -A OUTPUT "${netpol_drop_rule[@]}"
-    denied="dropped, not refused"
+    denied="dropped, not refused (QUIRE_CLUSTER_NETPOL_DROP=1)"
   fi
   step "NetworkPolicies enforced by kube-router $kube_router_version (firewall only; denied connections $denied)"
 else
