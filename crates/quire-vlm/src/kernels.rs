@@ -536,6 +536,50 @@ pub unsafe fn attention_block<'a>(
     }
 }
 
+/// Softmax attention of `groups` independent blocks over the pool, each one
+/// [`attention_block`]: group g's `m` query rows at `q[g·m·d..]`, its `len` keys and values
+/// at `k[g·len·d..]`, `v[g·len·d..]` (rows d apart), its additive key mask `mask(g)` for
+/// every query row, its output rows at `out[g·m·d..]`. Returns `out`.
+#[allow(clippy::too_many_arguments)]
+pub fn grouped_attention<'a>(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    (groups, m, len, d): (usize, usize, usize, usize),
+    scale: f32,
+    mask: &(dyn Fn(usize) -> Option<&'a [f32]> + Sync),
+) -> Vec<f32> {
+    assert!(q.len() >= groups * m * d && k.len() >= groups * len * d && v.len() >= groups * len * d, "attention sizes");
+    struct P(*mut f32);
+    // SAFETY: tasks write disjoint groups of rows.
+    unsafe impl Sync for P {}
+    impl P {
+        fn get(&self) -> *mut f32 {
+            self.0
+        }
+    }
+    thread_local! {
+        static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let mut out = vec![0f32; groups * m * d];
+    let op = P(out.as_mut_ptr());
+    crate::par::par_for(groups, &|g| {
+        let mk = mask(g);
+        assert!(mk.is_none_or(|mk| mk.len() == len), "attention mask length");
+        SCORES.with_borrow_mut(|sc| {
+            // SAFETY: group g's rows are inside q, k, v (asserted above) and its output rows
+            // belong to this task.
+            unsafe {
+                attention_block(
+                    q[g * m * d..].as_ptr(), d, k[g * len * d..].as_ptr(), v[g * len * d..].as_ptr(), d,
+                    op.get().add(g * m * d), d, (m, len, d), scale, |_| mk, sc,
+                )
+            }
+        });
+    });
+    out
+}
+
 /// [`matmul_wt`] split over the pool by blocks of output features (columns of `dst`), each
 /// block one single-threaded product: gemm's own threading loses to one thread on products
 /// with few rows and outputs (a text prefill), while the column split keeps both busy and

@@ -159,13 +159,24 @@ impl Resampler {
             // Grouped-query heads without repeating K/V: the n_rep query heads sharing a KV
             // head are consecutive, so (n, heads, lat, d) views as (n, kv_heads, n_rep·lat, d).
             let q = q.reshape((n, kvh, n_rep * lat, d))?;
-            let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
-            let scores = match mask {
-                Some(m) => scores.broadcast_add(m)?,
-                None => scores,
+            let o = if q.device().is_cpu() && q.dtype() == DType::F32 {
+                // On the CPU in f32: one attention block (score product, masked softmax, product
+                // with the values) per (frame, KV head) on the pool.
+                let (qs, ks, vs) = (q.flatten_all()?.to_vec1::<f32>()?, k.flatten_all()?.to_vec1::<f32>()?, v.flatten_all()?.to_vec1::<f32>()?);
+                let mask = mask.map(|m| m.flatten_all()?.to_vec1::<f32>()).transpose()?;
+                let mask_of = |g: usize| mask.as_deref().map(|m| &m[(g / kvh) * s..(g / kvh + 1) * s]);
+                let o = crate::kernels::grouped_attention(&qs, &ks, &vs, (n * kvh, n_rep * lat, s, d), scale as f32, &mask_of);
+                Tensor::from_vec(o, (n, heads, lat, d), q.device())?
+            } else {
+                let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+                let scores = match mask {
+                    Some(m) => scores.broadcast_add(m)?,
+                    None => scores,
+                };
+                let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+                probs.matmul(&v)?.reshape((n, heads, lat, d))?
             };
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
-            let o = probs.matmul(&v)?.reshape((n, heads, lat, d))?.transpose(1, 2)?.reshape((n, lat, heads * d))?;
+            let o = o.transpose(1, 2)?.reshape((n, lat, heads * d))?;
             drop(timer);
             let timer = span(Part::Proj);
             let latents2 = (residual + l.o_proj.forward(&o)?)?;
