@@ -957,6 +957,13 @@ fn check_says_whether_the_queue_and_the_output_bucket_answer() {
     assert_eq!(down.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&down.stderr).contains("NATS"), "{}", String::from_utf8_lossy(&down.stderr));
     assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", t0.elapsed());
+    // `quire status` is a quick look too: it does not wait out the 60 s a worker would give
+    // an unreachable NATS to come up (--nats-connect-wait).
+    let t0 = Instant::now();
+    let status = run_quire(&endpoint, &["status", "nightly", "--nats", &format!("nats://127.0.0.1:{}", free_port())], Duration::from_secs(45));
+    assert_ne!(status.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&status.stderr).contains("NATS"), "{}", String::from_utf8_lossy(&status.stderr));
+    assert!(t0.elapsed() < Duration::from_secs(20), "quire status waited {:?} for NATS", t0.elapsed());
 
     // A bucket that does not exist: the output is named, NATS was fine.
     let missing = check(&nats_url, "s3://no-such-bucket-here/results");

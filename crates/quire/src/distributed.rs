@@ -357,15 +357,17 @@ pub fn check(args: CheckArgs) -> u8 {
 
 pub fn status(args: StatusArgs) -> u8 {
     let mut access = args.s3.access();
-    // Status is a quick look: an unreachable store is reported, not waited out.
+    // Status is a quick look: an unreachable store or queue is reported, not waited out.
     access.retry.budget = access.retry.budget.min(Duration::from_secs(5));
+    let mut auth = args.nats_auth.auth();
+    auth.connect_wait = auth.connect_wait.min(Duration::from_secs(5));
     let result = runtime().and_then(|rt| {
         rt.block_on(async {
             let queue = match &args.nats {
                 Some(url) => Some(
                     connect_queue(
                         url,
-                        args.nats_auth.auth(),
+                        auth.clone(),
                         QueueOptions {
                             ack_wait: Duration::from_secs(300),
                             max_deliver: 3,
