@@ -706,8 +706,9 @@ mod amx {
         // SAFETY (all blocks): the caller configured the tiles; every load reads 16 rows of 64
         // bytes inside the buffers described by the caller.
         unsafe {
+            // The result's rows 16..32, where tmm2 and tmm3 load and store.
+            let c1 = c.add(16 * c_stride / 4);
             if add {
-                let c1 = c.add(16 * c_stride / 4);
                 asm!(
                     "tileloadd tmm0, [{c0} + {sc}*1]",
                     "tileloadd tmm1, [{c0h} + {sc}*1]",
@@ -749,7 +750,6 @@ mod amx {
                     options(nostack, readonly)
                 );
             }
-            let c1 = c.add(16 * c_stride / 4);
             asm!(
                 "tilestored [{c0} + {sc}*1], tmm0",
                 "tilestored [{c0h} + {sc}*1], tmm1",

@@ -537,19 +537,20 @@ pub unsafe fn attention_block<'a>(
 }
 
 /// Softmax attention of `groups` independent blocks over the pool, each one
-/// [`attention_block`]: group g's `m` query rows at `q[g·m·d..]`, its `len` keys and values
-/// at `k[g·len·d..]`, `v[g·len·d..]` (rows d apart), its additive key mask `mask(g)` for
-/// every query row, its output rows at `out[g·m·d..]`. Returns `out`.
-#[allow(clippy::too_many_arguments)]
+/// [`attention_block`]: group g's `m` query rows at `q[g·m·d..]` attend to the key and value
+/// rows `keys(g)` of `k` and `v` (rows d apart) with the additive key mask `mask(g)` for every
+/// query row; its output rows go to `out[g·m·d..]`. Returns `out`. A group's result depends
+/// only on its own rows, whatever the other groups are.
 pub fn grouped_attention<'a>(
     q: &[f32],
     k: &[f32],
     v: &[f32],
-    (groups, m, len, d): (usize, usize, usize, usize),
+    (groups, m, d): (usize, usize, usize),
     scale: f32,
+    keys: &(dyn Fn(usize) -> std::ops::Range<usize> + Sync),
     mask: &(dyn Fn(usize) -> Option<&'a [f32]> + Sync),
 ) -> Vec<f32> {
-    assert!(q.len() >= groups * m * d && k.len() >= groups * len * d && v.len() >= groups * len * d, "attention sizes");
+    assert!(q.len() >= groups * m * d && k.len() == v.len(), "attention sizes");
     struct P(*mut f32);
     // SAFETY: tasks write disjoint groups of rows.
     unsafe impl Sync for P {}
@@ -564,15 +565,17 @@ pub fn grouped_attention<'a>(
     let mut out = vec![0f32; groups * m * d];
     let op = P(out.as_mut_ptr());
     crate::par::par_for(groups, &|g| {
+        let r = keys(g);
+        assert!(!r.is_empty() && r.end * d <= k.len(), "attention keys {r:?} outside the {} rows", k.len() / d);
         let mk = mask(g);
-        assert!(mk.is_none_or(|mk| mk.len() == len), "attention mask length");
+        assert!(mk.is_none_or(|mk| mk.len() == r.len()), "attention mask length");
         SCORES.with_borrow_mut(|sc| {
-            // SAFETY: group g's rows are inside q, k, v (asserted above) and its output rows
-            // belong to this task.
+            // SAFETY: group g's query rows and key/value rows are inside q, k, v (asserted
+            // above) and its output rows belong to this task.
             unsafe {
                 attention_block(
-                    q[g * m * d..].as_ptr(), d, k[g * len * d..].as_ptr(), v[g * len * d..].as_ptr(), d,
-                    op.get().add(g * m * d), d, (m, len, d), scale, |_| mk, sc,
+                    q[g * m * d..].as_ptr(), d, k[r.start * d..].as_ptr(), v[r.start * d..].as_ptr(), d,
+                    op.get().add(g * m * d), d, (m, r.len(), d), scale, |_| mk, sc,
                 )
             }
         });

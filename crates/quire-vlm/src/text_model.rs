@@ -374,8 +374,8 @@ thread_local! {
 /// ((b, kv_heads, cap, d) each), a KV head's `n_rep` query heads at a time, so its keys and
 /// values are read once for the group: `q` is (b, h, d), sequence `bi` attends to its cached
 /// positions `keys(bi)` with the additive `mask(bi)` over them. Returns (b, h, d). Each
-/// (sequence, KV head) is one [`crate::kernels::attention_block`] of the same shape whatever
-/// the batch, so a sequence decodes the same alone as beside others.
+/// (sequence, KV head) is one attention block of the same shape whatever the batch, so a
+/// sequence decodes the same alone as beside others.
 fn decode_attention_groups<'m>(
     q: &[f32],
     ks: &[f32],
@@ -385,30 +385,13 @@ fn decode_attention_groups<'m>(
     keys: &(dyn Fn(usize) -> std::ops::Range<usize> + Sync),
     mask: &(dyn Fn(usize) -> Option<&'m [f32]> + Sync),
 ) -> Vec<f32> {
-    let n_rep = h / kvh;
-    assert!(q.len() >= b * h * d && ks.len() >= b * kvh * cap * d && vs.len() >= b * kvh * cap * d);
-    let mut out = vec![0f32; b * h * d];
-    let op = OutPtr(out.as_mut_ptr());
-    crate::par::par_for(b * kvh, &|task| {
-        let (bi, g) = (task / kvh, task % kvh);
-        let r = keys(bi);
-        assert!(r.end <= cap && !r.is_empty(), "decode attention keys {r:?} outside the {cap} cached");
-        let m = mask(bi);
-        let base = ((bi * kvh + g) * cap + r.start) * d;
-        let row = (bi * h + g * n_rep) * d;
-        SCORES.with_borrow_mut(|sc| {
-            // SAFETY: the group's n_rep query rows and the keys/values r of its cache rows are
-            // inside their buffers (asserted above); its n_rep output rows are this task's own.
-            unsafe {
-                crate::kernels::attention_block(
-                    q[row..].as_ptr(), d, ks[base..].as_ptr(), vs[base..].as_ptr(), d,
-                    op.get().add(row), d,
-                    (n_rep, r.len(), d), scale, |_| m, sc,
-                )
-            }
-        });
-    });
-    out
+    // Group g = (sequence g / kvh, KV head g % kvh): its query heads are rows g·n_rep.. of q.
+    let rows = |g: usize| {
+        let r = keys(g / kvh);
+        assert!(r.end <= cap, "decode attention keys {r:?} outside the {cap} cached");
+        g * cap + r.start..g * cap + r.end
+    };
+    crate::kernels::grouped_attention(q, ks, vs, (b * kvh, h / kvh, d), scale, &rows, &|g| mask(g / kvh))
 }
 
 struct OutPtr(*mut f32);

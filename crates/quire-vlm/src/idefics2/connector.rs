@@ -165,7 +165,7 @@ impl Resampler {
                 let (qs, ks, vs) = (q.flatten_all()?.to_vec1::<f32>()?, k.flatten_all()?.to_vec1::<f32>()?, v.flatten_all()?.to_vec1::<f32>()?);
                 let mask = mask.map(|m| m.flatten_all()?.to_vec1::<f32>()).transpose()?;
                 let mask_of = |g: usize| mask.as_deref().map(|m| &m[(g / kvh) * s..(g / kvh + 1) * s]);
-                let o = crate::kernels::grouped_attention(&qs, &ks, &vs, (n * kvh, n_rep * lat, s, d), scale as f32, &mask_of);
+                let o = crate::kernels::grouped_attention(&qs, &ks, &vs, (n * kvh, n_rep * lat, d), scale as f32, &|g| g * s..(g + 1) * s, &mask_of);
                 Tensor::from_vec(o, (n, heads, lat, d), q.device())?
             } else {
                 let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
