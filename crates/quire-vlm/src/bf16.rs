@@ -333,7 +333,7 @@ impl Bf16Linear {
                         for p in p0..p1 {
                             let b = self.packed.as_ptr().add((p * steps + s0) * STEP_ELEMS);
                             let blk = c.add(((p - p0) * row_blocks + rb) * 1024);
-                            amx::block_32x32_acc(a, KSTEP * 2, 32 * KSTEP, b, kn, blk, 128, s0 > 0);
+                            amx::block_32x32_acc::<false>(a, KSTEP * 2, 32 * KSTEP, b, kn, blk, 128, s0 > 0);
                         }
                     }
                     s0 += kn;
@@ -532,14 +532,18 @@ unsafe fn attention_head(
     let seqp = seq.div_ceil(PANEL) * PANEL;
     let (hsteps, ssteps) = (hdp / KSTEP, seqp / KSTEP);
     let (kpanels, vpanels) = (seqp / PANEL, hdp / PANEL);
+    // Row strides of the scores (f32) and probabilities (bf16) one cache line longer than the
+    // rows: at seqp's multiples of 1 or 2 KiB a tile's 16 rows would all fall in one or two
+    // L1 sets and evict each other (7% of the attention's time at 1,024 keys).
+    let (ss, ps) = (seqp + 16, seqp + 32);
     if sc.shape != (seq, hd) {
         sc.shape = (seq, hd);
         sc.keys.reset(kpanels * hsteps * STEP_ELEMS);
         sc.values.reset(vpanels * ssteps * STEP_ELEMS);
         sc.queries.reset(32 * hdp);
-        sc.probs.reset(32 * seqp);
+        sc.probs.reset(32 * ps);
         sc.row = vec![0u16; hdp + 16];
-        sc.scores = vec![0f32; 32 * seqp];
+        sc.scores = vec![0f32; 32 * ss];
     }
     let w = 3 * e;
     // Keys as the B operand of Q·Kᵀ (columns: keys, k: the head's dims); values as the B
@@ -576,18 +580,18 @@ unsafe fn attention_head(
                 let r = (q0 + i) * w + col;
                 convert_row(&rows[r..r + hd], qp.add(i * hdp));
             }
-            // Scores straight into their rows (stride seqp), then per row the scaled, masked
+            // Scores straight into their rows (stride ss), then per row the scaled, masked
             // exponentials rounded to bf16 (the softmax's numerators) and 1 / their sum.
             let srow = sc.scores.as_mut_ptr();
             for p in 0..kpanels {
-                amx::block_32x32_to(qp, hdp * 2, sc.keys.as_ptr().add(p * hsteps * STEP_ELEMS), hsteps, srow.add(p * PANEL), seqp * 4);
+                amx::block_32x32_to(qp, hdp * 2, sc.keys.as_ptr().add(p * hsteps * STEP_ELEMS), hsteps, srow.add(p * PANEL), ss * 4);
             }
             let mut inv = [0f32; 32];
             for (i, inv) in inv.iter_mut().enumerate().take(m) {
-                *inv = exp_row_bf16(srow.add(i * seqp), seq, scale, mask, pp.add(i * seqp));
+                *inv = exp_row_bf16(srow.add(i * ss), seq, scale, mask, pp.add(i * ps));
             }
             for p in 0..vpanels {
-                amx::block_32x32(pp, seqp * 2, sc.values.as_ptr().add(p * ssteps * STEP_ELEMS), ssteps, c.as_mut_ptr());
+                amx::block_32x32(pp, ps * 2, sc.values.as_ptr().add(p * ssteps * STEP_ELEMS), ssteps, c.as_mut_ptr());
                 for (i, &inv) in inv.iter().enumerate().take(m) {
                     let dst = out.add((q0 + i) * e + col + p * PANEL);
                     for j in 0..PANEL.min(hd - p * PANEL) {
@@ -601,15 +605,23 @@ unsafe fn attention_head(
     }
 }
 
+/// 2^f on [−½, ½] to 5.3e-6 relative error (a degree-4 fit weighted by 1/2^f): ~370 times
+/// finer than the bf16 rounding the probabilities get next, with 5 multiply-adds instead of
+/// the 7 and the range reduction of the f32 `exp` (`kernels::avx512::exp16`).
+const EXP2_POLY: [f32; 5] = [0.999_999_46, 0.693_128_05, 0.240_246_97, 0.055_870_377, 0.009_554_11];
+
 /// One score row (`n` values at `s`) → `p` = bf16(e^(s·scale + mask − max)) (zero past `n` up
 /// to the next 16), returning 1 / the sum of those exponentials (summed in f32 before rounding).
-/// `s` is overwritten with the scaled, masked scores.
+/// Works in base 2 (scores times scale·log2 e, then 2^x by [`EXP2_POLY`]); a masked score
+/// (mask ≤ −2^126 or so) gives exactly 0. `s` is overwritten with the base-2 scores.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16,avx512vl,fma")]
 unsafe fn exp_row_bf16(s: *mut f32, n: usize, scale: f32, mask: Option<&[f32]>, p: *mut u16) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
     let full = n / 16 * 16;
     let tail = ((1u32 << (n - full)) - 1) as __mmask16;
-    let sc = _mm512_set1_ps(scale);
+    let sc = _mm512_set1_ps(scale * LOG2E);
+    let (l2e, lowest) = (_mm512_set1_ps(LOG2E), _mm512_set1_ps(f32::MIN));
     let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
     // SAFETY (all blocks): offsets stay below n (masked tails) and the bf16 row has room for
     // n rounded up to 16.
@@ -619,18 +631,32 @@ unsafe fn exp_row_bf16(s: *mut f32, n: usize, scale: f32, mask: Option<&[f32]>, 
             let k = if i < full { 0xffff } else { tail };
             let mut v = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, s.add(i)), sc);
             if let Some(m) = mask {
-                v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(k, m.as_ptr().add(i)));
+                // f32::MIN · log2 e would be −∞ (and a fully masked row NaN): kept finite.
+                let mb = _mm512_max_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, m.as_ptr().add(i)), l2e), lowest);
+                v = _mm512_add_ps(v, mb);
             }
             _mm512_mask_storeu_ps(s.add(i), k, v);
             mx = _mm512_mask_max_ps(mx, k, mx, v);
             i += 16;
         }
         let m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+        let floor = _mm512_set1_ps(-126.0);
+        let c = EXP2_POLY.map(|v| _mm512_set1_ps(v));
         let mut sum = _mm512_setzero_ps();
         let mut i = 0;
         while i < n {
             let k = if i < full { 0xffff } else { tail };
-            let e = _mm512_maskz_mov_ps(k, crate::kernels::avx512::exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s.add(i)), m)));
+            let t = _mm512_sub_ps(_mm512_maskz_loadu_ps(k, s.add(i)), m);
+            // Below 2^−126 (normal f32's end), and past the row: 0.
+            let live = _mm512_mask_cmp_ps_mask::<_CMP_GT_OQ>(k, t, floor);
+            let t = _mm512_max_ps(t, floor);
+            let whole = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
+            let f = _mm512_sub_ps(t, whole);
+            let mut q = _mm512_fmadd_ps(c[4], f, c[3]);
+            q = _mm512_fmadd_ps(q, f, c[2]);
+            q = _mm512_fmadd_ps(q, f, c[1]);
+            q = _mm512_fmadd_ps(q, f, c[0]);
+            let e = _mm512_maskz_scalef_ps(live, q, whole);
             sum = _mm512_add_ps(sum, e);
             let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(e));
             _mm256_storeu_si256(p.add(i) as *mut __m256i, h);
@@ -683,9 +709,10 @@ mod amx {
         unsafe { block_32x32_to(a, a_stride, b, steps, c, 128) }
     }
 
-    /// [`block_32x32`] storing the 32 × 32 result with rows `c_stride` bytes apart.
+    /// [`block_32x32`] storing the 32 × 32 result with rows `c_stride` bytes apart. For the
+    /// attention, whose keys and values stream from L2: it prefetches the panel two steps ahead.
     pub unsafe fn block_32x32_to(a: *const u16, a_stride: usize, b: *const u16, steps: usize, c: *mut f32, c_stride: usize) {
-        unsafe { block_32x32_acc(a, a_stride, super::KSTEP, b, steps, c, c_stride, false) }
+        unsafe { block_32x32_acc::<true>(a, a_stride, super::KSTEP, b, steps, c, c_stride, false) }
     }
 
     /// [`block_32x32_to`] with the rows' k steps `a_step` elements apart (`KSTEP` in plain
@@ -693,7 +720,7 @@ mod amx {
     /// when `add` (the tiles start from it instead of zero, so the sums go on exactly as in
     /// one pass).
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn block_32x32_acc(
+    pub unsafe fn block_32x32_acc<const PF: bool>(
         a: *const u16,
         a_stride: usize,
         a_step: usize,
@@ -725,6 +752,14 @@ mod amx {
                 asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
             }
             for s in 0..steps {
+                if PF {
+                    // The panel's step two ahead into L1 (32 lines), for operands that stream
+                    // from L2 (the attention's keys and values).
+                    let ahead = b.wrapping_add((s + 2) * super::STEP_ELEMS) as *const i8;
+                    for l in 0..32 {
+                        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(ahead.wrapping_add(l * 64));
+                    }
+                }
                 let a0 = a.add(s * a_step);
                 let a1 = a0.add(16 * a_stride / 2);
                 let b0 = b.add(s * super::STEP_ELEMS);
@@ -805,7 +840,7 @@ mod tests {
             eprintln!("skipped: {}", support().unwrap_err());
             return;
         };
-        for (rows, n, k) in [(1, 1, 1), (3, 33, 35), (37, 70, 100), (65, 31, 577), (5, 130, 1000)] {
+        for (rows, n, k) in [(1, 1, 1), (3, 33, 35), (37, 70, 100), (65, 31, 577), (5, 130, 1000), (70, 96, 600)] {
             let (x, w, bias) = (data(rows * k, 1), data(n * k, 2), data(n, 3));
             let lin = Bf16Linear::new(&w, n, k, Some(&bias)).unwrap();
             let want = reference(&x, &w, &bias, rows, n, k);
@@ -959,11 +994,33 @@ mod speed {
         if super::support().is_err() {
             return;
         }
-        // SigLIP-B/16 (SmolVLM), a SmolVLM text prefill, Idefics2's perceiver MLP (64 latents).
-        for (m, k, n) in [(1024, 768, 3072), (1024, 3072, 768), (1024, 768, 2304), (87, 576, 3072), (64, 4096, 16384), (64, 16384, 4096)] {
+        // SigLIP-B/16 (SmolVLM), a SmolVLM text prefill, Idefics2's perceiver MLP (64 latents)
+        // and modality projection (918 patches); QUIRE_GEMM_SHAPES="m,k,n;..." picks others.
+        let mut shapes = vec![
+            (1024, 768, 3072),
+            (1024, 3072, 768),
+            (1024, 768, 2304),
+            (87, 576, 3072),
+            (64, 4096, 16384),
+            (64, 16384, 4096),
+            (918, 1152, 28672),
+            (918, 14336, 4096),
+        ];
+        if let Ok(v) = std::env::var("QUIRE_GEMM_SHAPES") {
+            shapes = v
+                .split(';')
+                .map(|s| {
+                    let d: Vec<usize> = s.split(',').map(|d| d.trim().parse().expect("QUIRE_GEMM_SHAPES: m,k,n;...")).collect();
+                    (d[0], d[1], d[2])
+                })
+                .collect();
+        }
+        for (m, k, n) in shapes {
             let x: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 * 0.1).collect();
             let w: Vec<f32> = (0..n * k).map(|i| (i % 7) as f32 * 0.1).collect();
-            let lin = super::Bf16Linear::new(&w, n, k, None).unwrap();
+            // With a bias, as every encoder and connector product has one.
+            let bias: Vec<f32> = (0..n).map(|i| (i % 5) as f32 * 0.1).collect();
+            let lin = super::Bf16Linear::new(&w, n, k, Some(&bias)).unwrap();
             let mut d = vec![0f32; m * n];
             let best = |f: &mut dyn FnMut()| {
                 (0..5)
