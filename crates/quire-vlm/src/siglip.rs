@@ -163,6 +163,12 @@ impl VisionModel {
     /// `pixels`: (n, C, H, W); `valid`: unpadded (patch rows, patch cols) per tile.
     /// Returns the post-layernorm hidden states (n, patches, hidden).
     pub fn forward(&self, pixels: &Tensor, valid: &[(usize, usize)]) -> Result<Tensor> {
+        self.forward_with(pixels, valid, true)
+    }
+
+    /// [`Self::forward`]; `fused`: whether CPU f32 may take the fused kernels (tests compare
+    /// them with candle's ops).
+    fn forward_with(&self, pixels: &Tensor, valid: &[(usize, usize)], fused: bool) -> Result<Tensor> {
         let (n, c, h, w) = pixels.dims4()?;
         let p = self.cfg.patch_size;
         let (ph, pw) = (h / p, w / p);
@@ -201,7 +207,9 @@ impl VisionModel {
         } else {
             None
         };
-        if x.device().is_cpu() && x.dtype() == DType::F32 && self.cfg.hidden_act.contains("gelu") && self.cfg.hidden_act != "gelu" {
+        // The fused CPU path's activation is the tanh form (quick_gelu and the erf gelu go through candle).
+        let tanh_gelu = matches!(self.cfg.hidden_act.as_str(), "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast");
+        if fused && x.device().is_cpu() && x.dtype() == DType::F32 && tanh_gelu {
             return self.forward_cpu_f32(&x, mask.as_deref());
         }
         let mask = match mask {
@@ -438,4 +446,74 @@ fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f
     }
     let o = if outs.len() == 1 { outs.pop().expect("one chunk") } else { Tensor::cat(&outs, 0)? };
     o.reshape((n, heads, seq, hd))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    /// A two-layer encoder with random weights under `act`.
+    fn tiny(act: &str, dtype: DType) -> VisionModel {
+        // dtype: of the weights and of the linear layers' products.
+        let (e, inter, c, p, side) = (32usize, 48usize, 3usize, 4usize, 4usize);
+        let cfg = VisionConfig {
+            hidden_size: e,
+            intermediate_size: inter,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_channels: c,
+            image_size: side * p,
+            patch_size: p,
+            hidden_act: act.into(),
+            layer_norm_eps: 1e-6,
+        };
+        let mut seed = 0usize;
+        let mut t = |shape: &[usize], scale: f32| {
+            seed += 1;
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = (0..n).map(|i| ((((i + 1) * 7919 + seed * 104_729) % 2003) as f32 / 1001.5 - 1.0) * scale).collect();
+            Tensor::from_vec(v, shape, &candle_core::Device::Cpu).unwrap()
+        };
+        let mut w: HashMap<String, Tensor> = HashMap::new();
+        w.insert("embeddings.patch_embedding.weight".into(), t(&[e, c, p, p], 0.2));
+        w.insert("embeddings.patch_embedding.bias".into(), t(&[e], 0.1));
+        w.insert("embeddings.position_embedding.weight".into(), t(&[side * side, e], 0.5));
+        for l in 0..2 {
+            let pre = format!("encoder.layers.{l}.");
+            for norm in ["layer_norm1", "layer_norm2"] {
+                w.insert(format!("{pre}{norm}.weight"), (t(&[e], 0.1) + 1.0).unwrap());
+                w.insert(format!("{pre}{norm}.bias"), t(&[e], 0.1));
+            }
+            for proj in ["q_proj", "k_proj", "v_proj", "out_proj"] {
+                w.insert(format!("{pre}self_attn.{proj}.weight"), t(&[e, e], 0.3));
+                w.insert(format!("{pre}self_attn.{proj}.bias"), t(&[e], 0.1));
+            }
+            w.insert(format!("{pre}mlp.fc1.weight"), t(&[inter, e], 0.3));
+            w.insert(format!("{pre}mlp.fc1.bias"), t(&[inter], 0.1));
+            w.insert(format!("{pre}mlp.fc2.weight"), t(&[e, inter], 0.3));
+            w.insert(format!("{pre}mlp.fc2.bias"), t(&[e], 0.1));
+        }
+        w.insert("post_layernorm.weight".into(), (t(&[e], 0.1) + 1.0).unwrap());
+        w.insert("post_layernorm.bias".into(), t(&[e], 0.1));
+        let vb = VarBuilder::from_tensors(w, dtype, &candle_core::Device::Cpu);
+        VisionModel::new(&cfg, vb, dtype).unwrap()
+    }
+
+    /// The encoder's fused CPU f32 path against candle's ops on the same weights, for each activation
+    /// a checkpoint may name, with a padded tile (key mask): the fused path must apply the
+    /// checkpoint's own activation (it once ran the tanh GELU for `quick_gelu` too).
+    #[test]
+    fn cpu_f32_encoder_matches_candle_ops_for_each_activation() {
+        let pixels: Vec<f32> = (0..2 * 3 * 16 * 16).map(|i| ((i * 31 % 97) as f32 / 48.5) - 1.0).collect();
+        let pixels = Tensor::from_vec(pixels, (2, 3, 16, 16), &candle_core::Device::Cpu).unwrap();
+        let valid = [(4, 4), (3, 2)];
+        for act in ["gelu_pytorch_tanh", "quick_gelu", "gelu"] {
+            let model = tiny(act, DType::F32);
+            let fast = model.forward(&pixels, &valid).unwrap();
+            let ops = model.forward_with(&pixels, &valid, false).unwrap();
+            let diff = (fast - ops).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff < 1e-4, "{act}: the CPU f32 encoder is {diff} off candle's ops");
+        }
+    }
 }
