@@ -82,4 +82,14 @@ if phases:
             ppct = f" {100 * prate / gemm_peak:5.1f}%" if gemm_peak and prate else ""
             tail = f" {v['gflop']:8.2f} GFLOP {prate:7.1f} GFLOP/s{ppct}" if v["gflop"] else ""
             print(f"    {name:9} {v['ms']:9.1f} ms {share:5.1f}%{tail}")
+# The prefill phase by phase beside transformers' (its processor, and forward hooks on its
+# vision model, connector and text model), each side's own single run: which part wins or loses.
+hp = h.get("phases_ms", {})
+if phases and hp:
+    qp = {p["stage"]: p["ms"] for p in phases}
+    print("prefill by phase, ms (quire: the profiled run; transformers: its fastest prefill):")
+    print(f"  {'phase':10} {'quire':>8} {'transformers':>13} {'speedup':>8}")
+    for name in ("prepare", "vision", "connector", "prefill"):
+        if name in qp and name in hp and qp[name] > 0:
+            print(f"  {name:10} {qp[name]:8.1f} {hp[name]:13.1f} {hp[name] / qp[name]:7.2f}x")
 PYEOF

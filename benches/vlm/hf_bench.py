@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""transformers side of bench.sh: prefill ms per image and decode tokens/s, CPU, f32 or bf16
-(optional fifth argument: the whole model in torch.bfloat16)."""
+"""transformers side of bench.sh: prefill ms per image (and its phases) and decode tokens/s,
+CPU, f32 or bf16 (optional fifth argument: the whole model in torch.bfloat16)."""
 import json, resource, sys, time
 import torch
 from PIL import Image
@@ -15,17 +15,43 @@ msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text":
 text = proc.apply_chat_template(msgs, add_generation_prompt=True)
 img = Image.open(image)
 
+# Wall time of the model's parts in a prefill, the same phases as quire's profile: the
+# processor ("prepare"), the vision encoder, the connector (Idefics2: modality projection and
+# perceiver) and the text model's first forward ("prefill", its lm_head included).
+inner = model.model
+parts = {"vision": inner.vision_model, "connector": inner.connector, "prefill": inner.text_model}
+phase = {}
+
+def timed(name, module):
+    def pre(*_):
+        if name not in phase:
+            phase[name] = -time.perf_counter()
+    def post(*_):
+        if phase.get(name, 0) < 0:
+            phase[name] += time.perf_counter()
+    module.register_forward_pre_hook(pre)
+    module.register_forward_hook(post)
+
+for name, module in parts.items():
+    timed(name, module)
+
 def run(n):
+    phase.clear()
     t = time.perf_counter()
     enc = proc(text=[text], images=[[img]], return_tensors="pt")
     enc["pixel_values"] = enc["pixel_values"].to(dtype)
+    phase["prepare"] = time.perf_counter() - t
     with torch.no_grad():
         g = model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False)
     return time.perf_counter() - t, g.shape[1] - enc["input_ids"].shape[1], enc["input_ids"].shape[1]
 
 run(2)  # warm-up
-t1 = min(run(1)[0] for _ in range(3))
+t1, phases = float("inf"), {}
+for _ in range(3):
+    t = run(1)[0]
+    if t < t1:
+        t1, phases = t, {k: v * 1e3 for k, v in phase.items()}
 tn, made, tin = run(new)
 print(json.dumps({"impl": "transformers", "prefill_ms": t1 * 1e3, "decode_tok_s": (made - 1) / (tn - t1),
-                  "tokens_in": tin, "tokens_out": made,
+                  "tokens_in": tin, "tokens_out": made, "phases_ms": phases,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))

@@ -130,6 +130,14 @@ impl Aligned {
         self.off = (64 - (self.buf.as_ptr() as usize % 64)) % 64 / 2;
     }
 
+    /// Makes room for `len` usable elements without clearing them (grown space is zero,
+    /// the rest holds what the last user left).
+    fn fit(&mut self, len: usize) {
+        if self.buf.len() < len + 32 {
+            self.reset(len);
+        }
+    }
+
     fn as_ptr(&self) -> *const u16 {
         self.buf[self.off..].as_ptr()
     }
@@ -137,6 +145,32 @@ impl Aligned {
     fn as_mut_ptr(&mut self) -> *mut u16 {
         self.buf[self.off..].as_mut_ptr()
     }
+}
+
+thread_local! {
+    /// Each thread's converted input rows (see [`Bf16Linear::forward_rows`]).
+    static XB: std::cell::RefCell<Aligned> = std::cell::RefCell::new(Aligned::zeroed(0));
+}
+
+/// Where an AMX product's output (row r, panel p) goes: `ptr` + (r − `row0`) · `stride` +
+/// (p − `panel0`) · 32 (f32 elements).
+#[derive(Clone, Copy)]
+struct Out {
+    ptr: *mut f32,
+    stride: usize,
+    row0: usize,
+    panel0: usize,
+}
+// SAFETY: pool tasks write disjoint blocks through it, the buffer outliving par_for.
+unsafe impl Sync for Out {}
+
+/// The activation between the two products of [`Bf16Linear::mlp_rows`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Act {
+    /// SwiGLU: silu(gate) · up, the first product holding the gate then the up projection.
+    SiluMul,
+    /// `gelu_pytorch_tanh`, as [`crate::kernels::gelu_tanh_inplace`].
+    GeluTanh,
 }
 
 /// A linear layer's weight (n outputs × k inputs) in bf16, packed for the kernels, with an
@@ -215,31 +249,20 @@ impl Bf16Linear {
             return;
         }
         let amx = !decoding && self.isa == Bf16Isa::Amx;
-        // Rows rounded up to two AMX tiles for AMX, padded rows and columns zero.
+        // Rows rounded up to two AMX tiles for AMX.
         let prow = if amx { rows.div_ceil(32) * 32 } else { rows };
-        thread_local! {
-            static XB: std::cell::RefCell<Aligned> = std::cell::RefCell::new(Aligned::zeroed(0));
-        }
         XB.with_borrow_mut(|xb| {
-            xb.reset(prow * self.kp);
+            xb.fit(prow * self.kp);
             // AMX takes the rows tiled (see amx_block); the decoding kernel plain rows.
             convert_rows(x, rows, self.k, self.kp, xb.as_mut_ptr(), amx);
             let xb = &*xb;
-            let dp = Shared(dst.as_mut_ptr());
-            let panels = self.n.div_ceil(PANEL);
+            let out = Out { ptr: dst.as_mut_ptr(), stride: self.n, row0: 0, panel0: 0 };
             if amx {
-                // Tasks of up to 4 panels × 128 rows: the panel and the rows stay in L2 across the block.
-                const TP: usize = 4;
-                const TR: usize = 128;
-                let (pt, rt) = (panels.div_ceil(TP), prow.div_ceil(TR));
-                crate::par::par_for(pt * rt, &|t| {
-                    let (p0, r0) = ((t / rt) * TP, (t % rt) * TR);
-                    // SAFETY: the task writes rows r0..r0+TR (below `rows`) of columns of panels p0..p0+TP.
-                    unsafe {
-                        self.amx_block(xb.as_ptr(), p0, (p0 + TP).min(panels), r0, (r0 + TR).min(prow), rows, dp.get(), accumulate)
-                    };
-                });
+                // SAFETY: xb holds prow converted rows; dst holds rows × n.
+                unsafe { self.amx_products(xb.as_ptr(), rows, out, accumulate) };
             } else {
+                let dp = Shared(dst.as_mut_ptr());
+                let panels = self.n.div_ceil(PANEL);
                 // Two panels (64 outputs) per task.
                 crate::par::par_for(panels.div_ceil(2), &|t| {
                     let p0 = t * 2;
@@ -248,6 +271,113 @@ impl Bf16Linear {
                 });
             }
         });
+    }
+
+    /// The AMX product of `rows` rows already converted and tiled at `xb` (rows rounded up
+    /// to 32, k to [`KSTEP`]) into `out`, over the pool.
+    unsafe fn amx_products(&self, xb: *const u16, rows: usize, out: Out, accumulate: bool) {
+        let prow = rows.div_ceil(32) * 32;
+        let panels = self.n.div_ceil(PANEL);
+        let xb = Shared(xb as *mut u16);
+        // Tasks of up to 4 panels × 128 rows: the panel and the rows stay in L2 across the block.
+        const TP: usize = 4;
+        const TR: usize = 128;
+        let (pt, rt) = (panels.div_ceil(TP), prow.div_ceil(TR));
+        crate::par::par_for(pt * rt, &|t| {
+            let (p0, r0) = ((t / rt) * TP, (t % rt) * TR);
+            // SAFETY: the task writes rows r0..r0+TR (below `rows`) of columns of panels p0..p0+TP.
+            unsafe { self.amx_block(xb.get(), p0, (p0 + TP).min(panels), r0, (r0 + TR).min(prow), rows, out, accumulate) };
+        });
+    }
+
+    /// An MLP's two products on AMX with its activation between them: `second`(act(`first`(x)))
+    /// for `rows` rows of `x`, into `dst` (rows × second's outputs; added to it when
+    /// `accumulate`, as a residual). Each block of rows and columns of the first product goes
+    /// through the activation and bf16 rounding as soon as it is done, straight into the
+    /// tiled input of the second: the (rows × width) f32 activations, their activated copy
+    /// and its conversion never exist. Every value is what the separate steps give, bit for
+    /// bit. [`Act::SiluMul`] (SwiGLU: `first` stacks the gate and up projections, silu(gate) ·
+    /// up) needs an intermediate width that is a multiple of 32. Returns false (and does
+    /// nothing) where it does not apply: no AMX, or widths that do not fit.
+    pub fn mlp_rows(first: &Bf16Linear, second: &Bf16Linear, act: Act, x: &[f32], rows: usize, dst: &mut [f32], accumulate: bool) -> bool {
+        // Width of the activations (second's k) and the first product's panels that feed them.
+        let i = second.k;
+        let fits = first.isa == Bf16Isa::Amx
+            && second.isa == Bf16Isa::Amx
+            && match act {
+                Act::SiluMul => first.n == 2 * i && i.is_multiple_of(PANEL),
+                Act::GeluTanh => first.n == i,
+            };
+        if !fits || rows == 0 {
+            return false;
+        }
+        assert!(x.len() >= rows * first.k && dst.len() >= rows * second.n, "mlp sizes");
+        thread_local! {
+            static MID: std::cell::RefCell<Aligned> = std::cell::RefCell::new(Aligned::zeroed(0));
+        }
+        let prow = rows.div_ceil(32) * 32;
+        let (ip, panels) = (second.kp, i.div_ceil(PANEL));
+        XB.with_borrow_mut(|xb| {
+            MID.with_borrow_mut(|mid| {
+                xb.fit(prow * first.kp);
+                convert_rows(x, rows, first.k, first.kp, xb.as_mut_ptr(), true);
+                // Every element of `mid` (prow × ip) is written below: padding rows and the
+                // columns past i as zeros.
+                mid.fit(prow * ip);
+                let (xp, mp) = (Shared(xb.as_mut_ptr()), Shared(mid.as_mut_ptr()));
+                const TP: usize = 4;
+                const TR: usize = 128;
+                let (pt, rt) = (panels.div_ceil(TP), prow.div_ceil(TR));
+                thread_local! {
+                    static H: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+                }
+                crate::par::par_for(pt * rt, &|t| {
+                    let (p0, r0) = ((t / rt) * TP, (t % rt) * TR);
+                    let (p1, r1) = ((p0 + TP).min(panels), (r0 + TR).min(prow));
+                    let w = (p1 - p0) * PANEL;
+                    H.with_borrow_mut(|h| {
+                        h.resize(2 * (r1 - r0) * w, 0.0);
+                        let (g, u) = h.split_at_mut((r1 - r0) * w);
+                        // SAFETY: the task's rows and panels of the first product go to `g` (and,
+                        // for SwiGLU, the up panels i/32 + p0.. to `u`); `mid` rows r0..r1 of
+                        // steps p0..p1 are this task's.
+                        unsafe {
+                            first.amx_block(xp.get(), p0, p1, r0, r1, rows, Out { ptr: g.as_mut_ptr(), stride: w, row0: r0, panel0: p0 }, false);
+                            if act == Act::SiluMul {
+                                let up = Out { ptr: u.as_mut_ptr(), stride: w, row0: r0, panel0: panels + p0 };
+                                first.amx_block(xp.get(), panels + p0, panels + p1, r0, r1, rows, up, false);
+                            }
+                            let mut a = [0f32; PANEL];
+                            for r in r0..r1 {
+                                for p in p0..p1 {
+                                    // Step p of row r in the tiled layout of second's input.
+                                    let at = mp.get().add((r / 32) * 32 * ip + p * 32 * KSTEP + (r % 32) * KSTEP);
+                                    let cols = PANEL.min(i - p * PANEL);
+                                    if r >= rows {
+                                        std::ptr::write_bytes(at, 0, KSTEP);
+                                        continue;
+                                    }
+                                    let o = (r - r0) * w + (p - p0) * PANEL;
+                                    match act {
+                                        Act::SiluMul => crate::kernels::silu_mul(&g[o..o + PANEL], &u[o..o + PANEL], &mut a),
+                                        Act::GeluTanh => {
+                                            a[..cols].copy_from_slice(&g[o..o + cols]);
+                                            a[cols..].fill(0.0);
+                                            crate::kernels::gelu_tanh_inplace(&mut a);
+                                        }
+                                    }
+                                    convert_row(&a, at);
+                                }
+                            }
+                        }
+                    });
+                });
+                let out = Out { ptr: dst.as_mut_ptr(), stride: second.n, row0: 0, panel0: 0 };
+                // SAFETY: `mid` holds prow tiled rows of ip values.
+                unsafe { second.amx_products(mid.as_ptr(), rows, out, accumulate) };
+            })
+        });
+        true
     }
 
     /// Base value of output (r, o): previous value when accumulating, plus the bias.
@@ -309,7 +439,7 @@ impl Bf16Linear {
         r0: usize,
         r1: usize,
         rows: usize,
-        dst: *mut f32,
+        out: Out,
         accumulate: bool,
     ) {
         thread_local! {
@@ -346,7 +476,8 @@ impl Bf16Linear {
                         let r = r0 + rb * 32;
                         let blk = c.add(((p - p0) * row_blocks + rb) * 1024);
                         for i in 0..32.min(rows.saturating_sub(r)) {
-                            store_row(blk.add(i * 32), dst.add((r + i) * self.n + p * PANEL), cols, bias, accumulate);
+                            let d = out.ptr.add((r + i - out.row0) * out.stride + (p - out.panel0) * PANEL);
+                            store_row(blk.add(i * 32), d, cols, bias, accumulate);
                         }
                     }
                 }
@@ -379,8 +510,12 @@ unsafe fn store_row(src: *const f32, dst: *mut f32, cols: usize, bias: Option<*c
 }
 
 /// `rows` rows of `x` (k wide) rounded to bf16 into `xb` (kp wide, zero beyond k), over the pool.
+/// Only the rows' kp values are written: padding rows of a tiled block keep what was there.
 fn convert_rows(x: &[f32], rows: usize, k: usize, kp: usize, xb: *mut u16, tiled: bool) {
     let xp = Shared(xb);
+    // convert_row writes 16 values at a time (zero past k); a last k step with at most 16
+    // real values has 16 more to clear.
+    let gap = k.div_ceil(16) * 16;
     const CHUNK: usize = 16;
     crate::par::par_for(rows.div_ceil(CHUNK), &|t| {
         for r in t * CHUNK..((t + 1) * CHUNK).min(rows) {
@@ -388,10 +523,14 @@ fn convert_rows(x: &[f32], rows: usize, k: usize, kp: usize, xb: *mut u16, tiled
             // SAFETY: row r of xb (kp elements, in either layout) belongs to this task; the
             // CPU has AVX512-BF16.
             unsafe {
-                if tiled {
-                    convert_row_strided(src, xp.get().add((r / 32) * kp * 32 + (r % 32) * KSTEP), 32 * KSTEP);
+                let (row, seg) = if tiled {
+                    (xp.get().add((r / 32) * kp * 32 + (r % 32) * KSTEP), 32 * KSTEP)
                 } else {
-                    convert_row(src, xp.get().add(r * kp));
+                    (xp.get().add(r * kp), KSTEP)
+                };
+                convert_row_strided(src, row, seg);
+                if gap < kp {
+                    std::ptr::write_bytes(row.add((gap / KSTEP) * seg + gap % KSTEP), 0, kp - gap);
                 }
             }
         }
@@ -907,6 +1046,67 @@ mod tests {
                 }
             }
             assert!(seq == 1 || largest > 0.3, "{tiles}x{seq}: outputs too flat to test ({largest})");
+        }
+    }
+
+    /// The fused SwiGLU gives what its three steps give separately (gate/up product, silu · up,
+    /// down product), bit for bit, on shapes with edge blocks: rows past one 128-row task and
+    /// not a multiple of 32, an intermediate width of 5 panels (a partial panel group), k and
+    /// outputs off the tiles, biases on both layers; and it declines widths it cannot tile.
+    #[test]
+    fn fused_swiglu_matches_the_separate_steps() {
+        if support() != Ok(Bf16Isa::Amx) {
+            eprintln!("skipped: no AMX here");
+            return;
+        }
+        for (rows, k, i, n) in [(1, 40, 32, 8), (45, 100, 64, 70), (150, 70, 160, 33)] {
+            let (x, wgu, wd) = (data(rows * k, 11), data(2 * i * k, 12), data(n * i, 13));
+            let (bgu, bd) = (data(2 * i, 14), data(n, 15));
+            let gu = Bf16Linear::new(&wgu, 2 * i, k, Some(&bgu)).unwrap();
+            let down = Bf16Linear::new(&wd, n, i, Some(&bd)).unwrap();
+            let mut h = vec![0f32; rows * 2 * i];
+            gu.forward_rows(&x, rows, &mut h, false, false);
+            let mut mid = vec![0f32; rows * i];
+            for r in 0..rows {
+                let row = &h[r * 2 * i..(r + 1) * 2 * i];
+                crate::kernels::silu_mul(&row[..i], &row[i..], &mut mid[r * i..(r + 1) * i]);
+            }
+            let mut want = vec![0f32; rows * n];
+            down.forward_rows(&mid, rows, &mut want, false, false);
+            let mut got = vec![f32::NAN; rows * n];
+            assert!(Bf16Linear::mlp_rows(&gu, &down, Act::SiluMul, &x, rows, &mut got, false), "{rows}x{k}x{i}x{n} declined");
+            for (j, (a, b)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(a.to_bits(), b.to_bits(), "{rows}x{k}x{i}x{n} [{j}]: fused {a} vs separate {b}");
+            }
+        }
+        let (gu, down) = (Bf16Linear::new(&data(40 * 8, 1), 40, 8, None).unwrap(), Bf16Linear::new(&data(4 * 20, 2), 4, 20, None).unwrap());
+        assert!(!Bf16Linear::mlp_rows(&gu, &down, Act::SiluMul, &data(3 * 8, 3), 3, &mut [0f32; 12], false), "an intermediate of 20 is not tiled");
+    }
+
+    /// The fused GELU MLP as the vision encoder runs it (second product added to a residual)
+    /// gives what fc1, gelu and fc2 give separately, bit for bit, including a width that is
+    /// not a multiple of 32 (Idefics2's SigLIP: 4,304), whose last panel is partly padding.
+    #[test]
+    fn fused_gelu_mlp_matches_the_separate_steps() {
+        if support() != Ok(Bf16Isa::Amx) {
+            eprintln!("skipped: no AMX here");
+            return;
+        }
+        for (rows, k, i, n) in [(3, 40, 32, 8), (150, 70, 100, 33), (45, 64, 144, 64)] {
+            let (x, w1, w2) = (data(rows * k, 21), data(i * k, 22), data(n * i, 23));
+            let fc1 = Bf16Linear::new(&w1, i, k, Some(&data(i, 24))).unwrap();
+            let fc2 = Bf16Linear::new(&w2, n, i, Some(&data(n, 25))).unwrap();
+            let mut h = vec![0f32; rows * i];
+            fc1.forward_rows(&x, rows, &mut h, false, false);
+            crate::kernels::gelu_tanh_inplace(&mut h);
+            let residual = data(rows * n, 26);
+            let mut want = residual.clone();
+            fc2.forward_rows(&h, rows, &mut want, true, false);
+            let mut got = residual.clone();
+            assert!(Bf16Linear::mlp_rows(&fc1, &fc2, Act::GeluTanh, &x, rows, &mut got, true), "{rows}x{k}x{i}x{n} declined");
+            for (j, (a, b)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(a.to_bits(), b.to_bits(), "{rows}x{k}x{i}x{n} [{j}]: fused {a} vs separate {b}");
+            }
         }
     }
 

@@ -7,7 +7,7 @@
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::Linear;
 
-use crate::bf16::Bf16Linear;
+use crate::bf16::{Act, Bf16Linear};
 use crate::par::par_for;
 
 /// A linear layer on the pool: decoding products (one new token per sequence) with
@@ -104,6 +104,29 @@ impl ParLinear {
     pub fn bf16(&self) -> Option<&Bf16Linear> {
         self.bf16.as_ref()
     }
+}
+
+/// `down`(silu(gate) · up) of a SwiGLU MLP whose gate and up projections are stacked in
+/// `gate_up`, through [`Bf16Linear::mlp_rows`] when both layers are bf16-packed, the CPU has
+/// AMX and `x` holds more than one position per sequence; None where that does not apply (the
+/// caller then runs the three steps).
+pub fn swiglu_bf16(gate_up: &ParLinear, down: &ParLinear, x: &Tensor) -> Result<Option<Tensor>> {
+    let (Some(gu), Some(dn)) = (gate_up.bf16(), down.bf16()) else {
+        return Ok(None);
+    };
+    let dims = x.dims();
+    if dims.len() < 2 || dims[dims.len() - 2] == 1 || x.dtype() != DType::F32 || !x.device().is_cpu() {
+        return Ok(None);
+    }
+    let x = x.contiguous()?;
+    let rows = x.elem_count() / gu.in_features();
+    let mut y = vec![0f32; rows * dn.out_features()];
+    if !with_f32(&x, |xs| Bf16Linear::mlp_rows(gu, dn, Act::SiluMul, xs, rows, &mut y, false))? {
+        return Ok(None);
+    }
+    let mut shape = dims.to_vec();
+    *shape.last_mut().expect("rank >= 2") = dn.out_features();
+    Ok(Some(Tensor::from_vec(y, shape, x.device())?))
 }
 
 /// Raw f32 data of a contiguous CPU tensor, handed to `f`.

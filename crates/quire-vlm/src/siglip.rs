@@ -281,6 +281,12 @@ impl VisionModel {
             drop(timer);
             layer_norm_rows(&x, &mut y, e, &l.layer_norm2, eps)?;
             let timer = span(Part::Mlp);
+            if let (Some(fc1), Some(fc2)) = (l.fc1.bf16(), l.fc2.bf16()) {
+                // bf16 on AMX: fc1, the activation and fc2 in one pass (x += fc2(gelu(fc1(y)))).
+                if crate::bf16::Bf16Linear::mlp_rows(fc1, fc2, crate::bf16::Act::GeluTanh, &y, rows, &mut x, true) {
+                    continue;
+                }
+            }
             linear_rows(&y, &l.fc1, &mut h, rows, false, threads)?;
             drop(timer);
             let timer = span(Part::Act);

@@ -423,6 +423,9 @@ impl Mlp {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let _timer = span(Part::Mlp);
+        if let Some(y) = crate::linear::swiglu_bf16(&self.gate_up_proj, &self.down_proj, x)? {
+            return Ok(y);
+        }
         let gu = self.gate_up_proj.forward(x)?;
         let i = self.intermediate;
         if gu.device().is_cpu() && gu.dtype() == DType::F32 && gu.is_contiguous() {

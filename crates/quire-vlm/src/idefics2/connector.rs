@@ -30,6 +30,9 @@ impl SwiGlu {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let _timer = span(Part::Mlp);
+        if let Some(y) = crate::linear::swiglu_bf16(&self.gate_up, &self.down, x)? {
+            return Ok(y);
+        }
         let gu = self.gate_up.forward(x)?;
         let (i, last) = (self.intermediate, gu.rank() - 1);
         if gu.device().is_cpu() && gu.dtype() == candle_core::DType::F32 && gu.is_contiguous() {
