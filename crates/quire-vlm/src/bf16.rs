@@ -280,7 +280,7 @@ impl Bf16Linear {
         XB.with_borrow_mut(|xb| {
             xb.fit(prow * self.kp);
             // AMX takes the rows tiled (see amx_block).
-            convert_rows(x, rows, self.k, self.kp, xb.as_mut_ptr(), true);
+            convert_rows(x, rows, self.k, self.kp, xb.as_mut_ptr());
             let out = Out { ptr: dst.as_mut_ptr(), stride: self.n, row0: 0, panel0: 0 };
             // SAFETY: xb holds prow converted rows; dst holds rows × n.
             unsafe { self.amx_products(xb.as_ptr(), rows, out, accumulate) };
@@ -334,7 +334,7 @@ impl Bf16Linear {
         XB.with_borrow_mut(|xb| {
             MID.with_borrow_mut(|mid| {
                 xb.fit(prow * first.kp);
-                convert_rows(x, rows, first.k, first.kp, xb.as_mut_ptr(), true);
+                convert_rows(x, rows, first.k, first.kp, xb.as_mut_ptr());
                 // Every element of `mid` (prow × ip) is written below: padding rows and the
                 // columns past i as zeros.
                 mid.fit(prow * ip);
@@ -523,9 +523,10 @@ unsafe fn store_row(src: *const f32, dst: *mut f32, cols: usize, bias: Option<*c
     }
 }
 
-/// `rows` rows of `x` (k wide) rounded to bf16 into `xb` (kp wide, zero beyond k), over the pool.
-/// Only the rows' kp values are written: padding rows of a tiled block keep what was there.
-fn convert_rows(x: &[f32], rows: usize, k: usize, kp: usize, xb: *mut u16, tiled: bool) {
+/// `rows` rows of `x` (k wide) rounded to bf16 into `xb` tiled as the AMX kernel takes them
+/// (see `amx_block`; kp wide, zero beyond k), over the pool. Only the rows' kp values are
+/// written: padding rows of a block keep what was there.
+fn convert_rows(x: &[f32], rows: usize, k: usize, kp: usize, xb: *mut u16) {
     let xp = Shared(xb);
     // convert_row writes 16 values at a time (zero past k); a last k step with at most 16
     // real values has 16 more to clear.
@@ -534,14 +535,10 @@ fn convert_rows(x: &[f32], rows: usize, k: usize, kp: usize, xb: *mut u16, tiled
     crate::par::par_for(rows.div_ceil(CHUNK), &|t| {
         for r in t * CHUNK..((t + 1) * CHUNK).min(rows) {
             let src = &x[r * k..(r + 1) * k];
-            // SAFETY: row r of xb (kp elements, in either layout) belongs to this task; the
-            // CPU has AVX512-BF16.
+            // SAFETY: row r of xb (kp elements, tiled) belongs to this task; the CPU has
+            // AVX512-BF16.
             unsafe {
-                let (row, seg) = if tiled {
-                    (xp.get().add((r / 32) * kp * 32 + (r % 32) * KSTEP), 32 * KSTEP)
-                } else {
-                    (xp.get().add(r * kp), KSTEP)
-                };
+                let (row, seg) = (xp.get().add((r / 32) * kp * 32 + (r % 32) * KSTEP), 32 * KSTEP);
                 convert_row_strided(src, row, seg);
                 if gap < kp {
                     std::ptr::write_bytes(row.add((gap / KSTEP) * seg + gap % KSTEP), 0, kp - gap);
