@@ -143,6 +143,12 @@ impl Aligned {
         self.buf[self.off..].as_ptr()
     }
 
+    /// Room for `len` f32 values (not cleared), 64-byte aligned.
+    fn f32_fit(&mut self, len: usize) -> *mut f32 {
+        self.fit(2 * len);
+        self.as_mut_ptr() as *mut f32
+    }
+
     fn as_mut_ptr(&mut self) -> *mut u16 {
         self.buf[self.off..].as_mut_ptr()
     }
@@ -457,13 +463,14 @@ impl Bf16Linear {
         accumulate: bool,
     ) {
         thread_local! {
-            static PARTIAL: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+            // Aligned: a tile load or store of rows that straddle cache lines costs several
+            // times an aligned one, and these are loaded and stored once per k block.
+            static PARTIAL: std::cell::RefCell<Aligned> = std::cell::RefCell::new(Aligned::zeroed(0));
         }
         let steps = self.kp / KSTEP;
         let row_blocks = (r1 - r0) / 32;
         PARTIAL.with_borrow_mut(|partial| {
-            partial.resize((p1 - p0) * row_blocks * 1024, 0.0);
-            let c = partial.as_mut_ptr();
+            let c = partial.f32_fit((p1 - p0) * row_blocks * 1024);
             // SAFETY: the tile state was granted (support() returned Amx); loads stay inside the
             // packed panels, the padded rows and `partial` ((p1 − p0) × row_blocks blocks of
             // 32 × 32); the tiles are released before returning.
@@ -662,7 +669,8 @@ struct AttnScratch {
     queries: Aligned,
     probs: Aligned,
     row: Vec<u16>,
-    scores: Vec<f32>,
+    scores: Aligned,
+    block: Aligned,
 }
 
 impl Default for Aligned {
@@ -702,7 +710,8 @@ unsafe fn attention_head(
         sc.queries.reset(32 * hdp);
         sc.probs.reset(32 * ps);
         sc.row = vec![0u16; hdp + 16];
-        sc.scores = vec![0f32; 32 * ss];
+        sc.scores.f32_fit(32 * ss);
+        sc.block.f32_fit(32 * 32);
     }
     let w = 3 * e;
     // Keys as the B operand of Q·Kᵀ (columns: keys, k: the head's dims); values as the B
@@ -727,7 +736,9 @@ unsafe fn attention_head(
         }
     }
     let (qp, pp) = (sc.queries.as_mut_ptr(), sc.probs.as_mut_ptr());
-    let mut c = [0f32; 32 * 32];
+    // The 32 × 32 result of P·V (aligned, as the scores: a tile store of rows straddling
+    // cache lines costs several times an aligned one).
+    let c = sc.block.f32_fit(32 * 32);
     let mut q0 = 0;
     // SAFETY (the loop): tile loads read 32 rows of the query/probability buffers (32 rows
     // each) and whole panels; writes stay inside the scores and this head's output columns.
@@ -741,7 +752,7 @@ unsafe fn attention_head(
             }
             // Scores straight into their rows (stride ss), then per row the scaled, masked
             // exponentials rounded to bf16 (the softmax's numerators) and 1 / their sum.
-            let srow = sc.scores.as_mut_ptr();
+            let srow = sc.scores.f32_fit(32 * ss);
             for p in 0..kpanels {
                 amx::block_32x32_to(qp, hdp * 2, sc.keys.as_ptr().add(p * hsteps * STEP_ELEMS), hsteps, srow.add(p * PANEL), ss * 4);
             }
@@ -750,11 +761,11 @@ unsafe fn attention_head(
                 *inv = exp_row_bf16(srow.add(i * ss), seq, scale, mask, pp.add(i * ps));
             }
             for p in 0..vpanels {
-                amx::block_32x32(pp, ps * 2, sc.values.as_ptr().add(p * ssteps * STEP_ELEMS), ssteps, c.as_mut_ptr());
+                amx::block_32x32(pp, ps * 2, sc.values.as_ptr().add(p * ssteps * STEP_ELEMS), ssteps, c);
                 for (i, &inv) in inv.iter().enumerate().take(m) {
                     let dst = out.add((q0 + i) * e + col + p * PANEL);
                     for j in 0..PANEL.min(hd - p * PANEL) {
-                        *dst.add(j) = c[i * 32 + j] * inv;
+                        *dst.add(j) = *c.add(i * 32 + j) * inv;
                     }
                 }
             }
