@@ -118,7 +118,7 @@ fn main() -> anyhow::Result<()> {
             let model = flop_model(&mut vlm)?;
             let threads = candle_core::utils::get_num_threads().max(1);
             out["machine"] = machine(threads);
-            out["phases"] = phases(&model, &stages);
+            out["phases"] = phases(&model, &stages, opts.dtype.size_in_bytes() as f64);
             let shapes = gemm_shapes(&model, &stages);
             drop(vlm);
             out["gemm"] = Value::Array(gemm_bench(&shapes, &a.gemm, threads));
@@ -164,7 +164,9 @@ fn flop_model(vlm: &mut Vlm) -> anyhow::Result<FlopModel> {
 }
 
 /// Each stage that ran: seconds, entries, FLOPs, and the same per part (plus the rest).
-fn phases(model: &FlopModel, stages: &[StageTimes]) -> Value {
+/// `weight_bytes`: bytes per weight as the engine holds them (the keys and values cached
+/// are f32 in every dtype on the CPU).
+fn phases(model: &FlopModel, stages: &[StageTimes], weight_bytes: f64) -> Value {
     let mut out = Vec::new();
     for st in stages.iter().filter(|s| s.calls > 0) {
         let f = model.flops(st.stage, &st.work);
@@ -180,7 +182,7 @@ fn phases(model: &FlopModel, stages: &[StageTimes]) -> Value {
             "seqs": st.work.seqs, "rows": st.work.rows, "pairs": st.work.pairs, "gflop": f.total() * 1e-9, "parts": parts});
         if st.stage == Stage::Decode {
             // Bytes a step streams: every weight once, plus the keys and values it attends to.
-            let bytes = model.decode_weight_elems() * st.calls as f64 * 4.0 + model.kv_elems(&st.work) * 4.0;
+            let bytes = model.decode_weight_elems() * st.calls as f64 * weight_bytes + model.kv_elems(&st.work) * 4.0;
             v["gbytes"] = json!(bytes * 1e-9);
         }
         out.push(v);
@@ -286,25 +288,34 @@ fn row(kernel: &str, dtype: &str, s: &Shape, timed: anyhow::Result<(f64, f64)>, 
     v
 }
 
+/// Bytes of weights a matrix-vector row of the microbenchmark streams per round: over 3× the
+/// 300 MiB last-level cache some hosts report, so that the rows measure memory, as a decode
+/// step over a whole model does, and not a cache holding one layer between calls.
+const STREAM_BYTES: usize = 1 << 30;
+
 /// A linear layer of `dtype` as the engine builds it ([`ParLinear::with_dtype`] over the
 /// checkpoint's f32 weight: at bf16 on the CPU the weight is packed once in bf16) and calls it,
-/// on f32 activations.
+/// on f32 activations. One row (a decode product): enough copies of the layer to fill
+/// [`STREAM_BYTES`], called in turn, the time being per call.
 fn bench_par_linear(s: &Shape, dtype: &str) -> Value {
-    let timed = (|| -> anyhow::Result<(String, (f64, f64))> {
+    let bytes = LoadOptions::parse_dtype(dtype).map_or(4, |d| d.size_in_bytes());
+    let timed = (|| -> anyhow::Result<(f64, f64)> {
         let dt = LoadOptions::parse_dtype(dtype)?;
         let w = Tensor::from_vec(fill(s.n * s.k, 1), (s.n, s.k), &Device::Cpu)?;
-        let lin = ParLinear::with_dtype(Linear::new(w, None), dt)?;
+        let copies = if s.rows == 1 { STREAM_BYTES.div_ceil(s.n * s.k * bytes) } else { 1 };
+        // Each copy in memory of its own (an f32 layer keeps the tensor it is given).
+        let lins = (0..copies).map(|_| ParLinear::with_dtype(Linear::new(w.copy()?, None), dt)).collect::<candle_core::Result<Vec<_>>>()?;
+        drop(w);
         let x = Tensor::from_vec(fill(s.rows * s.k, 2), (1, s.rows, s.k), &Device::Cpu)?;
-        Ok(("ParLinear".to_string(), time(|| {
-            lin.forward(&x)?;
+        let (best, median) = time(|| {
+            for lin in &lins {
+                lin.forward(&x)?;
+            }
             Ok(())
-        })?))
+        })?;
+        Ok((best / copies as f64, median / copies as f64))
     })();
-    let bytes = LoadOptions::parse_dtype(dtype).map_or(4, |d| d.size_in_bytes());
-    match timed {
-        Ok((kernel, t)) => row(&kernel, dtype, s, Ok(t), bytes),
-        Err(e) => row("ParLinear", dtype, s, Err(e), bytes),
-    }
+    row("ParLinear", dtype, s, timed, bytes)
 }
 
 /// The vision encoder's product: [`quire_vlm::kernels::matmul_wt`] on `threads` threads.
@@ -357,6 +368,7 @@ fn machine(threads: usize) -> Value {
         v["fma_gflops"] = json!(all);
         v["flop_per_cycle_1_thread"] = json!(one / ghz);
         v["theoretical_gflops"] = json!(threads as f64 * ghz * 64.0);
+        v["stream_gb_s"] = json!(fma::read_gb_s(threads, STREAM_BYTES));
     }
     v
 }
@@ -401,6 +413,40 @@ mod fma {
         // SAFETY: called only where avx512f is detected.
         let s = best_of(3, || unsafe { chains::<1>(N) });
         N as f64 * 4.0 / s * 1e-9
+    }
+
+    /// Sum of `x` with 8 independent AVX-512 accumulators (a read of every line, nothing else).
+    #[target_feature(enable = "avx512f")]
+    unsafe fn sum(x: &[f32]) -> f32 {
+        let mut acc = [_mm512_setzero_ps(); 8];
+        let chunks = x.chunks_exact(128);
+        let tail: f32 = chunks.remainder().iter().sum();
+        for c in chunks {
+            for (j, a) in acc.iter_mut().enumerate() {
+                // SAFETY: c holds 128 values, j * 16 + 16 <= 128.
+                *a = _mm512_add_ps(*a, unsafe { _mm512_loadu_ps(c.as_ptr().add(j * 16)) });
+            }
+        }
+        let mut s = _mm512_setzero_ps();
+        for a in acc {
+            s = _mm512_add_ps(s, a);
+        }
+        _mm512_reduce_add_ps(s) + tail
+    }
+
+    /// GB/s of `threads` threads reading their share of `bytes` of memory at once (best of 3):
+    /// the bandwidth a decode step, which streams every weight once, is bounded by.
+    pub fn read_gb_s(threads: usize, bytes: usize) -> f64 {
+        let buf = vec![1f32; bytes / 4];
+        let share = buf.len().div_ceil(threads);
+        let s = best_of(3, || {
+            std::thread::scope(|sc| {
+                // SAFETY: called only where avx512f is detected.
+                let hs: Vec<_> = buf.chunks(share).map(|c| sc.spawn(move || unsafe { sum(c) })).collect();
+                hs.into_iter().map(|h| h.join().unwrap_or(0.0)).sum()
+            })
+        });
+        bytes as f64 / s * 1e-9
     }
 
     /// f32 GFLOP/s of 16 independent FMA chains on each of `threads` threads at once.
