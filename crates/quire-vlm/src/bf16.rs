@@ -4,7 +4,7 @@
 //!
 //! Products of many rows (prefills, the vision encoder) run on AMX (`tdpbf16ps` on 16 × 32
 //! bf16 tiles) when the CPU has it and Linux grants the tile state; one position per sequence
-//! (decoding), and every product on a CPU with AVX512-BF16 but no AMX, widens the same
+//! (decoding), and every product on an AVX-512 CPU without AMX, widens the same
 //! packed panels to f32 and multiplies with f32 FMAs: memory-bound on half the bytes of f32
 //! weights with one row, and twice `vdpbf16ps`'s rate with several (see `dot_panel`).
 //!
@@ -31,10 +31,11 @@ const AMX_KBLOCK: usize = 8;
 /// What the CPU offers for bf16 products.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Bf16Isa {
-    /// AMX tiles for products of many rows, AVX512-BF16 for the rest.
+    /// AMX tiles for products of many rows, AVX-512 FMAs on the widened weights for the rest.
     Amx,
-    /// AVX-512 FMAs on the widened bf16 weights for every product.
-    Avx512Bf16,
+    /// AVX-512 FMAs on the widened bf16 weights for every product (any AVX-512 CPU: the
+    /// weights take half the memory and decoding, which streams them, about half the time).
+    Avx512,
 }
 
 /// The bf16 kernels this CPU can run, or why it cannot run any (detected once; asks Linux
@@ -44,29 +45,39 @@ pub fn support() -> Result<Bf16Isa, String> {
     S.get_or_init(detect).clone()
 }
 
+/// The kernels for a CPU with these features: AMX needs AMX-BF16, AMX-TILE, AVX512-BF16 (the
+/// AMX paths round their inputs with it) and the tile state from the OS (`tiles_granted`,
+/// asked for only when the rest is there); every other AVX-512 CPU widens the weights to f32.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+fn choose(avx512f: bool, avx512bf16: bool, amx: bool, tiles_granted: impl FnOnce() -> bool) -> Result<Bf16Isa, String> {
+    if !avx512f {
+        return Err("bf16 on the CPU needs AVX-512 (AMX-BF16 for fast prefills); this CPU has neither: use --dtype f32".into());
+    }
+    if amx && avx512bf16 {
+        if tiles_granted() {
+            return Ok(Bf16Isa::Amx);
+        }
+        tracing::info!("the CPU has AMX but the kernel refused the tile state; bf16 products use AVX-512 FMAs");
+    }
+    Ok(Bf16Isa::Avx512)
+}
+
 #[cfg(target_arch = "x86_64")]
 fn detect() -> Result<Bf16Isa, String> {
-    if !(std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bf16")) {
-        return Err("bf16 on the CPU needs AVX512-BF16 (and AMX-BF16 for fast prefills); this CPU has \
-                    neither: use --dtype f32"
-            .into());
-    }
     // CPUID.(EAX=7, ECX=0):EDX bit 22 = AMX-BF16, bit 24 = AMX-TILE.
     let edx = __cpuid_count(7, 0).edx;
     let amx = edx & (1 << 22) != 0 && edx & (1 << 24) != 0;
-    if amx && request_tile_state() {
-        Ok(Bf16Isa::Amx)
-    } else {
-        if amx {
-            tracing::info!("the CPU has AMX but the kernel refused the tile state; bf16 prefills use AVX512-BF16");
-        }
-        Ok(Bf16Isa::Avx512Bf16)
-    }
+    choose(
+        std::is_x86_feature_detected!("avx512f"),
+        std::is_x86_feature_detected!("avx512bf16"),
+        amx,
+        request_tile_state,
+    )
 }
 
 #[cfg(not(target_arch = "x86_64"))]
 fn detect() -> Result<Bf16Isa, String> {
-    Err("bf16 on the CPU needs an x86-64 CPU with AVX512-BF16 or AMX-BF16: use --dtype f32".into())
+    Err("bf16 on the CPU needs an x86-64 CPU with AVX-512 (AMX-BF16 for fast prefills): use --dtype f32".into())
 }
 
 /// Linux hands out the AMX tile data state only on request: arch_prctl(ARCH_REQ_XCOMP_PERM,
@@ -407,7 +418,7 @@ impl Bf16Linear {
         prev + self.bias.as_ref().map_or(0.0, |b| b[o])
     }
 
-    /// Panels p0..p1 for rows 0..rows with `vdpbf16ps`, eight or four rows at a time (each row's sums
+    /// Panels p0..p1 for rows 0..rows with [`dot_panel`], eight or four rows at a time (each row's sums
     /// are the same instructions in the same order whatever is beside it).
     unsafe fn dot_block(&self, xf: *const f32, p0: usize, p1: usize, rows: usize, dst: *mut f32, accumulate: bool) {
         let mut r = 0;
@@ -415,7 +426,7 @@ impl Bf16Linear {
             let step = if r + 8 <= rows { 8 } else if r + 4 <= rows { 4 } else { 1 };
             for p in p0..p1 {
                 let mut acc = [[0f32; PANEL]; 8];
-                // SAFETY: the CPU has AVX512-BF16 (checked at construction); offsets stay inside
+                // SAFETY: the CPU has AVX-512 (checked at construction); offsets stay inside
                 // the packed panel and the converted rows.
                 unsafe {
                     if step == 8 {
@@ -991,6 +1002,22 @@ mod tests {
         y
     }
 
+    /// Which CPUs get which kernels: AVX-512 is enough (the weights widened to f32), AMX
+    /// needs AVX512-BF16 and the tile state too, and the tile state is asked for only then.
+    #[test]
+    fn bf16_kernels_by_cpu_features() {
+        let never = || -> bool { panic!("asked for the tile state") };
+        assert!(choose(false, false, false, never).unwrap_err().contains("--dtype f32"));
+        assert!(choose(false, true, true, never).is_err());
+        // Skylake-SP to Ice Lake, Zen 4: AVX-512 without AMX.
+        assert_eq!(choose(true, false, false, never), Ok(Bf16Isa::Avx512));
+        assert_eq!(choose(true, true, false, never), Ok(Bf16Isa::Avx512));
+        assert_eq!(choose(true, false, true, never), Ok(Bf16Isa::Avx512));
+        // Sapphire Rapids and later, with and without the OS granting the tiles.
+        assert_eq!(choose(true, true, true, || true), Ok(Bf16Isa::Amx));
+        assert_eq!(choose(true, true, true, || false), Ok(Bf16Isa::Avx512));
+    }
+
     #[test]
     fn bf16_rounding_is_nearest_even() {
         assert_eq!(to_bf16(1.0), 0x3f80);
@@ -1267,7 +1294,7 @@ mod speed {
             let amx = best(&mut || lin.forward_rows(&x, m, &mut d, false, false));
             let dot = best(&mut || lin.forward_rows(&x, m, &mut d, false, true));
             println!(
-                "{m}x{k}x{n}: f32 {:.0} GFLOP/s, bf16 {:?} {:.0} GFLOP/s ({:.1}x), bf16 vdpbf16ps {:.0} GFLOP/s",
+                "{m}x{k}x{n}: f32 {:.0} GFLOP/s, bf16 {:?} {:.0} GFLOP/s ({:.1}x), bf16 without AMX (widened, FMA) {:.0} GFLOP/s",
                 gf(f32s),
                 lin.isa,
                 gf(amx),

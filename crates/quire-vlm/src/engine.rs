@@ -70,7 +70,7 @@ pub fn load_weights(ck: &Checkpoint, device: &Device, dtype: DType) -> Result<(D
 
 /// The dtype linear layers compute their products in for a requested `dtype`: bf16 on the
 /// CPU is bf16 products (weights packed once, activations rounded per product, f32 sums, see
-/// [`crate::bf16`]) and needs AVX512-BF16; it fails here, before any weight is read, on a CPU
+/// [`crate::bf16`]) and needs AVX-512; it fails here, before any weight is read, on a CPU
 /// without it. Everything else (norms, softmax, residuals) computes in f32 then.
 pub fn linear_dtype(device: &Device, dtype: DType) -> Result<DType> {
     if device.is_cpu() && dtype == DType::BF16 {
