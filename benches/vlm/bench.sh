@@ -47,12 +47,16 @@ if m:
         line += (f"; clock {m['clock_ghz']:.2f} GHz (dependent FMA); FMA loop {m['fma_gflops_1_thread']:.0f} GFLOP/s on 1 thread"
                  f" ({m['flop_per_cycle_1_thread']:.0f} FLOP/cycle), {m['fma_gflops']:.0f} on {m['threads']};"
                  f" theoretical {m['threads']} x {m['clock_ghz']:.2f} GHz x 64 = {m['theoretical_gflops']:.0f} GFLOP/s")
+    if "amx_theoretical_gflops" in m:
+        line += f"; AMX bf16 theoretical {m['amx_theoretical_gflops']:.0f} GFLOP/s"
     if "stream_gb_s" in m:
         line += f"; memory read {m['stream_gb_s']:.1f} GB/s on {m['threads']} threads (1 GiB)"
     print(line)
 rows = q.get("gemm", [])
 ok = [r for r in rows if "gflop_s" in r and r["dtype"] == "f32"]
-gemm_peak = max((r["gflop_s"] for r in ok if r["m"] > 1), default=0)
+# The phases are measured against the best product of the run's own dtype (bf16: AMX products).
+dt = sys.argv[4]
+gemm_peak = max((r["gflop_s"] for r in rows if "gflop_s" in r and r["dtype"] == dt and r["m"] > 1), default=0)
 # What bounds a decode step, which streams every weight once: the memory read rate (measured
 # beside the FMA peak), or else the fastest matrix-vector row (their weights stream from memory too).
 mv_peak = (m or {}).get("stream_gb_s") or max((r["gb_s"] for r in ok if r["m"] == 1), default=0)
@@ -66,7 +70,7 @@ if rows:
         else:
             gbs = f"{r['gb_s']:6.1f}" if r["m"] == 1 else ""
             print(f"  {r['shape']:17} {shape:>20} {r['kernel']:20} {r['dtype']:5} {r['ms']:8.3f} {r['gflop_s']:8.1f} {gbs}")
-    print(f"measured GEMM peak (best f32 product above): {gemm_peak:.0f} GFLOP/s; memory: {mv_peak:.1f} GB/s")
+    print(f"measured GEMM peak (best {dt} product above): {gemm_peak:.0f} GFLOP/s; memory: {mv_peak:.1f} GB/s")
 phases = q.get("phases", [])
 if phases:
     print(f"phases of the {q['tokens_out']}-token run (GFLOP/s; %: of the measured GEMM peak):")

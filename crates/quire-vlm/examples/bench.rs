@@ -370,6 +370,13 @@ fn machine(threads: usize) -> Value {
         v["theoretical_gflops"] = json!(threads as f64 * ghz * 64.0);
         v["stream_gb_s"] = json!(fma::read_gb_s(threads, STREAM_BYTES));
     }
+    if let Ok(isa) = quire_vlm::bf16::support() {
+        v["bf16_isa"] = json!(format!("{isa:?}"));
+        if let (quire_vlm::bf16::Bf16Isa::Amx, Some(ghz)) = (isa, v["clock_ghz"].as_f64()) {
+            // tdpbf16ps: 16 × 16 outputs × 32 products × 2 FLOPs every 16 cycles per core.
+            v["amx_theoretical_gflops"] = json!(threads as f64 * ghz * 1024.0);
+        }
+    }
     v
 }
 

@@ -327,7 +327,7 @@ fn generation_config_is_applied_like_transformers_generate() {
 /// bf16 and f16 on the device under test: first-step logits stay as close to the f32
 /// reference as transformers' own bf16/f16 runs do (`lowp_reference.json`, written by
 /// `gen_idefics3.py lowp`), and generation runs to completion. (On the CPU, f16 computes in
-/// f16; bf16 multiplies in bf16 on quire's kernels (AMX / AVX512-BF16, f32 sums) with f32
+/// f16; bf16 multiplies in bf16 on quire's kernels (AMX / AVX-512 FMAs on widened weights, f32 sums) with f32
 /// activations between layers. On CUDA both compute in their own dtype, with cuBLAS
 /// accumulating in f32, like transformers' reference runs.) Prints how many cases keep f32's
 /// greedy tokens and the largest logit difference per dtype.
