@@ -650,6 +650,64 @@ unsafe fn dot_panel<const R: usize>(packed: *const u16, p: usize, kp: usize, xf:
     }
 }
 
+/// One head's keys and values (columns `kcol`.. and `vcol`.. of `rows`, `hd` wide, `w` apart)
+/// rounded to bf16 into the panels of `sc`: keys as the B operand of Q·Kᵀ (columns: keys, k:
+/// the head's dims), values as that of P·V (columns: the head's dims, k: keys), both in
+/// [`Bf16Linear`]'s panel layout, where a tile row holds for 16 columns one pair of
+/// consecutive k values each. Values: two keys' rows interleaved give a tile row directly.
+/// Keys: 16 keys' rows at a time go to `keys16`, and each pair of dims is gathered across
+/// them into a tile row. Padding (keys past `seq`, dims past `hd`) is written as zeros.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16,avx512vl")]
+unsafe fn pack_keys_values(rows: &[f32], w: usize, kcol: usize, vcol: usize, seq: usize, hd: usize, sc: &mut AttnScratch) {
+    let hdp = hd.div_ceil(KSTEP) * KSTEP;
+    let seqp = seq.div_ceil(PANEL) * PANEL;
+    let (hsteps, ssteps) = (hdp / KSTEP, seqp / KSTEP);
+    let (kp, vp) = (sc.keys.as_mut_ptr(), sc.values.as_mut_ptr());
+    let pairs = hdp / 2;
+    let k16 = sc.keys16.as_mut_ptr();
+    let lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    let idx = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(pairs as i32));
+    // SAFETY (all blocks): reads stay inside the rows (masked past hd); `keys16` holds 16 rows
+    // of `pairs` u32, its values past hd zero since the shape was set (convert_row clears up to
+    // the next 16, nothing writes further); every panel store is a 64-byte tile row inside
+    // the panels.
+    unsafe {
+        let mut c0 = 0;
+        while c0 < seq {
+            let n = 16.min(seq - c0);
+            for l in 0..n {
+                let r = (c0 + l) * w + kcol;
+                convert_row(&rows[r..r + hd], k16.add(l * pairs) as *mut u16);
+            }
+            let live = ((1u32 << n) - 1) as __mmask16;
+            let (panel, half) = (c0 / PANEL, c0 % PANEL / 16);
+            for i in 0..pairs {
+                let t = _mm512_mask_i32gather_epi32::<4>(_mm512_setzero_si512(), live, idx, k16.add(i) as *const i32);
+                let at = (panel * hsteps + i / 16) * STEP_ELEMS + half * 512 + (i % 16) * 32;
+                _mm512_store_si512(kp.add(at) as *mut _, t);
+            }
+            c0 += 16;
+        }
+        let bf = |j: usize, d: usize| -> __m512i {
+            if j >= seq {
+                return _mm512_setzero_si512();
+            }
+            let m = if hd - d >= 16 { 0xffff } else { ((1u32 << (hd - d)) - 1) as __mmask16 };
+            let v = _mm512_maskz_loadu_ps(m, rows.as_ptr().add(j * w + vcol + d));
+            _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(v)))
+        };
+        for j in (0..seq).step_by(2) {
+            let (s, rr) = (j / KSTEP, j % KSTEP);
+            for d in (0..hd).step_by(16) {
+                let t = _mm512_or_si512(bf(j, d), _mm512_slli_epi32::<16>(bf(j + 1, d)));
+                let at = ((d / PANEL) * ssteps + s) * STEP_ELEMS + (d % PANEL / 16) * 512 + (rr / 2) * 32;
+                _mm512_store_si512(vp.add(at) as *mut _, t);
+            }
+        }
+    }
+}
+
 /// Multi-head self-attention over `tiles` sequences of `seq` rows on AMX (the caller checks
 /// [`support`] is [`Bf16Isa::Amx`]): `qkv` holds each row's stacked projections (3 · heads ·
 /// head_dim wide: queries, keys, values, head after head), `o` receives each row's heads side by
@@ -689,7 +747,7 @@ struct AttnScratch {
     values: Aligned,
     queries: Aligned,
     probs: Aligned,
-    row: Vec<u16>,
+    keys16: Vec<u32>,
     scores: Aligned,
     block: Aligned,
 }
@@ -730,32 +788,16 @@ unsafe fn attention_head(
         sc.values.reset(vpanels * ssteps * STEP_ELEMS);
         sc.queries.reset(32 * hdp);
         sc.probs.reset(32 * ps);
-        sc.row = vec![0u16; hdp + 16];
+        sc.keys16 = vec![0u32; 16 * hdp / 2];
         sc.scores.f32_fit(32 * ss);
         sc.block.f32_fit(32 * 32);
     }
     let w = 3 * e;
     // Keys as the B operand of Q·Kᵀ (columns: keys, k: the head's dims); values as the B
     // operand of P·V (columns: the head's dims, k: keys). Same layout as Bf16Linear's panels.
-    let (kp, vp, row) = (sc.keys.as_mut_ptr(), sc.values.as_mut_ptr(), sc.row.as_mut_ptr());
-    for j in 0..seq {
-        let (panel, c) = (j / PANEL, j % PANEL);
-        // SAFETY: `row` has room for hd rounded up to 16; every index stays in its panel.
-        unsafe {
-            convert_row(&rows[j * w + e + col..j * w + e + col + hd], row);
-            for r in (0..hd).step_by(2) {
-                let at = (panel * hsteps + r / KSTEP) * STEP_ELEMS + (c / 16) * 512 + (r % KSTEP / 2) * 32 + (c % 16) * 2;
-                *kp.add(at) = *row.add(r);
-                *kp.add(at + 1) = *row.add(r + 1);
-            }
-            convert_row(&rows[j * w + 2 * e + col..j * w + 2 * e + col + hd], row);
-            let (s, rr) = (j / KSTEP, j % KSTEP);
-            for d in 0..hd {
-                let at = ((d / PANEL) * ssteps + s) * STEP_ELEMS + (d % PANEL / 16) * 512 + (rr / 2) * 32 + (d % 16) * 2 + rr % 2;
-                *vp.add(at) = *row.add(d);
-            }
-        }
-    }
+    // SAFETY: the panels hold seqp keys × hdp dims and hdp dims × seqp keys; `keys16` 16 rows
+    // of hdp; the tile state was granted, so the CPU has AVX512-BF16.
+    unsafe { pack_keys_values(rows, w, e + col, 2 * e + col, seq, hd, sc) };
     let (qp, pp) = (sc.queries.as_mut_ptr(), sc.probs.as_mut_ptr());
     // The 32 × 32 result of P·V (aligned, as the scores: a tile store of rows straddling
     // cache lines costs several times an aligned one).
