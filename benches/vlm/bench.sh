@@ -6,6 +6,7 @@
 #   DTYPE=bf16 FAMILY=idefics2 NEW=16 PY=~/.cache/quire-tools/venv-ref/bin/python benches/vlm/bench.sh
 #   THREADS=2 NEW=64 PY=/root/venv-ref/bin/python PROFILE=release benches/vlm/bench.sh
 #   FAMILY=idefics2 THREADS=2 NEW=16 PY=~/.cache/quire-tools/venv-ref/bin/python benches/vlm/bench.sh
+#   REPEAT=5 DTYPE=bf16 benches/vlm/bench.sh   (5 alternating rounds: median and range of each ratio)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-/root/venv-ref/bin/python}
@@ -28,8 +29,21 @@ fi
 export RAYON_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
 cargo build -q -p quire-vlm --example bench --profile "$PROFILE"
 BIN=${CARGO_TARGET_DIR:-target}/$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")/examples/bench
-Q=$("$BIN" "$WORK/ckpt" "$WORK/page.png" "$NEW" --dtype "$DTYPE")
-H=$("$PY" benches/vlm/hf_bench.py "$WORK/ckpt" "$WORK/page.png" "$THREADS" "$NEW" "$DTYPE" 2>/dev/null | tail -1)
+# REPEAT rounds, quire then transformers in each (the machine's speed drifts: alternating keeps
+# both sides under the same drift); the roofline and phase lines come from the first round,
+# whose quire run alone runs the GEMM microbenchmark; a last line gives each ratio's median
+# and range over the rounds.
+REPEAT=${REPEAT:-1}
+QS=()
+HS=()
+for i in $(seq 1 "$REPEAT"); do
+  GEMM=()
+  [ "$i" = 1 ] || GEMM=(--gemm none)
+  QS+=("$("$BIN" "$WORK/ckpt" "$WORK/page.png" "$NEW" --dtype "$DTYPE" "${GEMM[@]}")")
+  HS+=("$("$PY" benches/vlm/hf_bench.py "$WORK/ckpt" "$WORK/page.png" "$THREADS" "$NEW" "$DTYPE" 2>/dev/null | tail -1)")
+done
+Q=${QS[0]}
+H=${HS[0]}
 echo "$Q"
 echo "$H"
 echo "load average: $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc --all) CPUs (figures are noisy on a shared machine)"
@@ -101,3 +115,16 @@ if phases and hp:
         if name in qp and name in hp and qp[name] > 0:
             print(f"  {name:10} {qp[name]:8.1f} {hp[name]:13.1f} {hp[name] / qp[name]:7.2f}x")
 PYEOF
+if [ "$REPEAT" -gt 1 ]; then
+  "$PY" - "$REPEAT" "${QS[@]}" "${HS[@]}" <<'PYEOF'
+import json, statistics, sys
+n = int(sys.argv[1])
+qs = [json.loads(a) for a in sys.argv[2:2 + n]]
+hs = [json.loads(a) for a in sys.argv[2 + n:2 + 2 * n]]
+def line(name, ratios):
+    r = sorted(ratios)
+    return f"{name} speedup over {n} rounds: median {statistics.median(r):.2f}x, range {r[0]:.2f}-{r[-1]:.2f}x ({', '.join(f'{x:.2f}' for x in ratios)})"
+print(line("prefill", [h["prefill_ms"] / q["prefill_ms"] for q, h in zip(qs, hs)]))
+print(line("decode ", [q["decode_tok_s"] / h["decode_tok_s"] for q, h in zip(qs, hs)]))
+PYEOF
+fi
