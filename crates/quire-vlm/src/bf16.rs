@@ -789,8 +789,6 @@ unsafe fn attention_head(
         sc.queries.reset(32 * hdp);
         sc.probs.reset(32 * ps);
         sc.keys16 = vec![0u32; 16 * hdp / 2];
-        sc.scores.f32_fit(32 * ss);
-        sc.block.f32_fit(32 * 32);
     }
     let w = 3 * e;
     // Keys as the B operand of Q·Kᵀ (columns: keys, k: the head's dims); values as the B
@@ -802,6 +800,8 @@ unsafe fn attention_head(
     // The 32 × 32 result of P·V (aligned, as the scores: a tile store of rows straddling
     // cache lines costs several times an aligned one).
     let c = sc.block.f32_fit(32 * 32);
+    // The scores of one block of 32 queries (rows ss apart).
+    let srow = sc.scores.f32_fit(32 * ss);
     let mut q0 = 0;
     // SAFETY (the loop): tile loads read 32 rows of the query/probability buffers (32 rows
     // each) and whole panels; writes stay inside the scores and this head's output columns.
@@ -815,7 +815,6 @@ unsafe fn attention_head(
             }
             // Scores straight into their rows (stride ss), then per row the scaled, masked
             // exponentials rounded to bf16 (the softmax's numerators) and 1 / their sum.
-            let srow = sc.scores.f32_fit(32 * ss);
             for p in 0..kpanels {
                 amx::block_32x32_to(qp, hdp * 2, sc.keys.as_ptr().add(p * hsteps * STEP_ELEMS), hsteps, srow.add(p * PANEL), ss * 4);
             }
