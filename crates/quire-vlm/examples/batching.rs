@@ -4,7 +4,7 @@
 //! several rounds (the modes take turns in every round, so drift on a shared machine hits
 //! them alike).
 //!
-//! usage: batching CHECKPOINT_DIR IMAGE... [--device cpu|cuda] [--dtype f32|bf16|f16]
+//! usage: batching CHECKPOINT_DIR IMAGE... [--device cpu|cuda] [--dtype f32|bf16|f16] [--quantize none|q8]
 //!        [--new 8,64,24,...] [--requests N] [--batch N] [--rounds N] [--modes one,static,continuous]
 //!        [--prefill-tokens N] [--prep-threads N] [--decode-new N]
 //!
@@ -29,13 +29,14 @@ use anyhow::{bail, Context};
 use candle_core::Device;
 use quire_vlm::batcher::{Batcher, BatcherOptions};
 use quire_vlm::engine::KvBudget;
-use quire_vlm::{LoadOptions, Request, Vlm};
+use quire_vlm::{LoadOptions, Quantize, Request, Vlm};
 
 struct Args {
     dir: String,
     images: Vec<String>,
     device: String,
     dtype: String,
+    quantize: String,
     new: Vec<usize>,
     requests: usize,
     batch: usize,
@@ -53,6 +54,7 @@ fn parse_args() -> anyhow::Result<Args> {
         images: Vec::new(),
         device: "cpu".into(),
         dtype: "f32".into(),
+        quantize: "none".into(),
         new: vec![8, 64, 24, 96, 16, 48],
         requests: 12,
         batch: 8,
@@ -68,6 +70,7 @@ fn parse_args() -> anyhow::Result<Args> {
         match arg.as_str() {
             "--device" => a.device = val()?,
             "--dtype" => a.dtype = val()?,
+            "--quantize" => a.quantize = val()?,
             "--new" => a.new = val()?.split(',').map(str::parse).collect::<Result<_, _>>()?,
             "--requests" => a.requests = val()?.parse()?,
             "--batch" => a.batch = val()?.parse()?,
@@ -138,7 +141,7 @@ fn main() -> anyhow::Result<()> {
         "cuda" => LoadOptions::cuda(0)?,
         d => bail!("unknown device {d:?}; use cpu or cuda"),
     };
-    let opts = LoadOptions { device, dtype: LoadOptions::parse_dtype(&a.dtype)? };
+    let opts = LoadOptions { device, dtype: LoadOptions::parse_dtype(&a.dtype)?, quantize: Quantize::parse(&a.quantize)? };
     let mut vlm = Vlm::load(std::path::Path::new(&a.dir), &opts)?;
     let images: Vec<image::DynamicImage> = a.images.iter().map(image::open).collect::<Result<_, _>>()?;
     let reqs: Vec<Request> = (0..a.requests)

@@ -1,7 +1,7 @@
 //! Benchmark helper for `benches/vlm/bench.sh` and `benches/gpu/check.sh`.
 //!
-//! usage: bench CHECKPOINT_DIR IMAGE NEW_TOKENS [--device cpu|cuda] [--dtype f32|bf16|f16] [--batch N]
-//!        [--gemm DTYPES|none]
+//! usage: bench CHECKPOINT_DIR IMAGE NEW_TOKENS [--device cpu|cuda] [--dtype f32|bf16|f16]
+//!        [--quantize none|q8] [--batch N] [--gemm DTYPES|none]
 //!
 //! Without `--batch` (what `benches/vlm/bench.sh` runs): one request at a time, prints one JSON
 //! line with prefill ms per image and decode tokens/s. On the CPU the line also holds where the
@@ -13,8 +13,9 @@
 //! - `gemm`: a microbenchmark of the engine's own products on the engine's shapes for this
 //!   checkpoint and image (vision encoder layers at its patch count, connector, text prefill at
 //!   the prompt length, decode matrix-vector products and `lm_head`), each a linear layer built
-//!   as the engine builds it ([`ParLinear::with_dtype`]) for each dtype in DTYPES (default
-//!   `f32,bf16`; a dtype the layer cannot run is reported with its error), plus the encoder's own product
+//!   as the engine builds it ([`ParLinear::with_linears`]) for each dtype in DTYPES (default
+//!   `f32,bf16`; `q8` is the int8 packing of `--quantize q8`; a dtype the layer cannot run is
+//!   reported with its error), plus the encoder's own product
 //!   ([`quire_vlm::kernels::matmul_wt`]) on the vision shapes;
 //! - `machine`: threads, the clock (from a dependent-FMA loop, and `/proc/cpuinfo`), the FMA
 //!   peak measured with independent AVX-512 FMA chains, and the theoretical peak.
@@ -33,9 +34,9 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use candle_core::{Device, Module, Tensor};
 use candle_nn::Linear;
-use quire_vlm::linear::ParLinear;
+use quire_vlm::linear::{Linears, ParLinear};
 use quire_vlm::profile::{self, FlopModel, Part, Stage, StageTimes};
-use quire_vlm::{FamilyModel, LoadOptions, Request, Vlm};
+use quire_vlm::{FamilyModel, LoadOptions, Quantize, Request, Vlm};
 use serde_json::{json, Value};
 
 fn peak_rss_mb() -> f64 {
@@ -54,6 +55,7 @@ struct Args {
     new: usize,
     device: String,
     dtype: String,
+    quantize: String,
     batch: Option<usize>,
     gemm: Vec<String>,
 }
@@ -61,12 +63,14 @@ struct Args {
 fn parse_args() -> anyhow::Result<Args> {
     let mut pos = Vec::new();
     let (mut device, mut dtype, mut batch, mut gemm) = ("cpu".to_string(), "f32".to_string(), None, "f32,bf16".to_string());
+    let mut quantize = "none".to_string();
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         let mut val = || it.next().with_context(|| format!("{a} needs a value"));
         match a.as_str() {
             "--device" => device = val()?,
             "--dtype" => dtype = val()?,
+            "--quantize" => quantize = val()?,
             "--batch" => batch = Some(val()?.parse()?),
             "--gemm" => gemm = val()?,
             _ if a.starts_with("--") => bail!("unknown option {a}"),
@@ -74,10 +78,10 @@ fn parse_args() -> anyhow::Result<Args> {
         }
     }
     if pos.len() != 3 {
-        bail!("usage: bench CHECKPOINT_DIR IMAGE NEW_TOKENS [--device cpu|cuda] [--dtype f32|bf16|f16] [--batch N] [--gemm DTYPES|none]");
+        bail!("usage: bench CHECKPOINT_DIR IMAGE NEW_TOKENS [--device cpu|cuda] [--dtype f32|bf16|f16] [--quantize none|q8] [--batch N] [--gemm DTYPES|none]");
     }
     let gemm = if gemm == "none" { Vec::new() } else { gemm.split(',').map(str::to_string).collect() };
-    Ok(Args { dir: pos[0].clone(), image: pos[1].clone(), new: pos[2].parse()?, device, dtype, batch, gemm })
+    Ok(Args { dir: pos[0].clone(), image: pos[1].clone(), new: pos[2].parse()?, device, dtype, quantize, batch, gemm })
 }
 
 fn main() -> anyhow::Result<()> {
@@ -87,7 +91,7 @@ fn main() -> anyhow::Result<()> {
         "cuda" => LoadOptions::cuda(0)?,
         d => bail!("unknown device {d:?}; use cpu or cuda"),
     };
-    let opts = LoadOptions { device, dtype: LoadOptions::parse_dtype(&a.dtype)? };
+    let opts = LoadOptions { device, dtype: LoadOptions::parse_dtype(&a.dtype)?, quantize: Quantize::parse(&a.quantize)? };
     let t = Instant::now();
     let mut vlm = Vlm::load(std::path::Path::new(&a.dir), &opts)?;
     let load_s = t.elapsed().as_secs_f64();
@@ -118,7 +122,9 @@ fn main() -> anyhow::Result<()> {
             let model = flop_model(&mut vlm)?;
             let threads = candle_core::utils::get_num_threads().max(1);
             out["machine"] = machine(threads);
-            out["phases"] = phases(&model, &stages, opts.dtype.size_in_bytes() as f64);
+            // Bytes per weight of the text model's layers, which a decode step streams.
+            let wbytes = if opts.quantize == Quantize::Q8 { Q8_BYTES } else { opts.dtype.size_in_bytes() as f64 };
+            out["phases"] = phases(&model, &stages, wbytes);
             let shapes = gemm_shapes(&model, &stages);
             drop(vlm);
             out["gemm"] = Value::Array(gemm_bench(&shapes, &a.gemm, threads));
@@ -272,7 +278,7 @@ fn time(mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<(f64, f64)>
     Ok((ts[0], ts[ts.len() / 2]))
 }
 
-fn row(kernel: &str, dtype: &str, s: &Shape, timed: anyhow::Result<(f64, f64)>, wbytes: usize) -> Value {
+fn row(kernel: &str, dtype: &str, s: &Shape, timed: anyhow::Result<(f64, f64)>, wbytes: f64) -> Value {
     let mut v = json!({"shape": s.name, "kernel": kernel, "dtype": dtype, "m": s.rows, "k": s.k, "n": s.n});
     match timed {
         Ok((best, median)) => {
@@ -281,7 +287,7 @@ fn row(kernel: &str, dtype: &str, s: &Shape, timed: anyhow::Result<(f64, f64)>, 
             v["gflop_s"] = json!(flop / best * 1e-9);
             v["gflop_s_median"] = json!(flop / median * 1e-9);
             // Weights streamed once per call (what bounds a matrix-vector product).
-            v["gb_s"] = json!((s.n * s.k * wbytes) as f64 / best * 1e-9);
+            v["gb_s"] = json!((s.n * s.k) as f64 * wbytes / best * 1e-9);
         }
         Err(e) => v["error"] = json!(format!("{e:#}")),
     }
@@ -293,18 +299,28 @@ fn row(kernel: &str, dtype: &str, s: &Shape, timed: anyhow::Result<(f64, f64)>, 
 /// step over a whole model does, and not a cache holding one layer between calls.
 const STREAM_BYTES: usize = 1 << 30;
 
-/// A linear layer of `dtype` as the engine builds it ([`ParLinear::with_dtype`] over the
-/// checkpoint's f32 weight: at bf16 on the CPU the weight is packed once in bf16) and calls it,
-/// on f32 activations. One row (a decode product): enough copies of the layer to fill
-/// [`STREAM_BYTES`], called in turn, the time being per call.
+/// Bytes per weight of the int8 packing (`--quantize q8`): one, plus an f16 scale per 32.
+const Q8_BYTES: f64 = 1.0625;
+
+/// A linear layer of `dtype` as the engine builds it ([`ParLinear::with_linears`] over the
+/// checkpoint's f32 weight: at bf16 on the CPU the weight is packed once in bf16, at "q8" in
+/// int8 with block scales) and calls it, on f32 activations. One row (a decode product):
+/// enough copies of the layer to fill [`STREAM_BYTES`], called in turn, the time being per call.
 fn bench_par_linear(s: &Shape, dtype: &str) -> Value {
-    let bytes = LoadOptions::parse_dtype(dtype).map_or(4, |d| d.size_in_bytes());
+    let linears = if dtype == "q8" { Ok(Linears::Q8) } else { LoadOptions::parse_dtype(dtype).map(Linears::Dtype) };
+    let bytes = match &linears {
+        Ok(Linears::Q8) => Q8_BYTES,
+        Ok(Linears::Dtype(d)) => d.size_in_bytes() as f64,
+        Err(_) => 4.0,
+    };
     let timed = (|| -> anyhow::Result<(f64, f64)> {
-        let dt = LoadOptions::parse_dtype(dtype)?;
+        let linears = linears?;
         let w = Tensor::from_vec(fill(s.n * s.k, 1), (s.n, s.k), &Device::Cpu)?;
-        let copies = if s.rows == 1 { STREAM_BYTES.div_ceil(s.n * s.k * bytes) } else { 1 };
+        let copies = if s.rows == 1 { (STREAM_BYTES as f64 / ((s.n * s.k) as f64 * bytes)).ceil() as usize } else { 1 };
         // Each copy in memory of its own (an f32 layer keeps the tensor it is given).
-        let lins = (0..copies).map(|_| ParLinear::with_dtype(Linear::new(w.copy()?, None), dt)).collect::<candle_core::Result<Vec<_>>>()?;
+        let lins = (0..copies)
+            .map(|_| ParLinear::with_linears(Linear::new(w.copy()?, None), linears))
+            .collect::<candle_core::Result<Vec<_>>>()?;
         drop(w);
         let x = Tensor::from_vec(fill(s.rows * s.k, 2), (1, s.rows, s.k), &Device::Cpu)?;
         let (best, median) = time(|| {
@@ -326,7 +342,7 @@ fn bench_encoder(s: &Shape, threads: usize) -> Value {
         quire_vlm::kernels::matmul_wt(&x, &w, &mut d, s.rows, s.k, s.n, true, threads);
         Ok(())
     });
-    row("encoder matmul_wt", "f32", s, timed, 4)
+    row("encoder matmul_wt", "f32", s, timed, 4.0)
 }
 
 fn gemm_bench(shapes: &[Shape], dtypes: &[String], threads: usize) -> Vec<Value> {

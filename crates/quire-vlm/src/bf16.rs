@@ -11,6 +11,13 @@
 //! Which kernel runs depends only on the CPU and on the caller's `decoding` flag, never on the
 //! number of rows or the thread split, and every output element is summed in the same order
 //! by either kernel whatever else is in the call: a row's result does not depend on the batch.
+//!
+//! [`Bf16Linear::new_q8`] holds the weight in int8 instead, with an f16 scale per output and
+//! 32 inputs (the blocks of llama.cpp's `q8_0`): 1.0625 bytes a weight against bf16's 2, so
+//! decoding, which streams every weight once per step, reads half the bytes. Decoding
+//! widens the int8 values to f32, sums each block's products with the bf16-rounded inputs
+//! and scales the block's sum; AMX products dequantize each panel's k block to bf16 tiles
+//! (value · scale, rounded once) just before multiplying it.
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -24,6 +31,9 @@ const KSTEP: usize = 32;
 const STEP_ELEMS: usize = 2 * 16 * KSTEP;
 /// How many k steps ahead the decoding kernel prefetches its weights.
 const PREFETCH: usize = 4;
+/// Bytes of one panel's k step in the int8 packing: 2 tiles × 32 k values × 16 columns of
+/// int8, then the 32 columns' f16 scales (17 cache lines).
+const Q8_STEP: usize = 1024 + 64;
 /// k steps per block of [`Bf16Linear`]'s AMX products (256 of k): a 32-row slice of the
 /// inputs and a panel's slice are 16 KiB each.
 const AMX_KBLOCK: usize = 8;
@@ -191,10 +201,12 @@ pub enum Act {
     GeluTanh,
 }
 
-/// A linear layer's weight (n outputs × k inputs) in bf16, packed for the kernels, with an
-/// f32 bias.
+/// A linear layer's weight (n outputs × k inputs) in bf16 (or int8 with block scales, see
+/// [`Bf16Linear::new_q8`]), packed for the kernels, with an f32 bias.
 pub struct Bf16Linear {
+    /// bf16 panels, or the int8 packing's bytes when `q8`.
     packed: Aligned,
+    q8: bool,
     bias: Option<Vec<f32>>,
     n: usize,
     k: usize,
@@ -242,7 +254,53 @@ impl Bf16Linear {
                 }
             }
         });
-        Ok(Bf16Linear { packed, bias: bias.map(|b| b[..n].to_vec()), n, k, kp, isa })
+        Ok(Bf16Linear { packed, q8: false, bias: bias.map(|b| b[..n].to_vec()), n, k, kp, isa })
+    }
+
+    /// Packs the row-major (n, k) f32 weight `w` in int8 with a scale per output and block
+    /// of 32 inputs: scale = the block's largest |w| / 127 as an f16, each weight the nearest
+    /// integer to w / scale (|q| ≤ 127; see `quantize_block`). The products then run as with
+    /// [`Self::new`]'s bf16 weights, on the values q · scale. Fails like [`Self::new`], and on
+    /// a weight that is not finite or too large for an f16 scale (|w| > 8.3e6).
+    pub fn new_q8(w: &[f32], n: usize, k: usize, bias: Option<&[f32]>) -> Result<Bf16Linear, String> {
+        let isa = support()?;
+        assert!(w.len() >= n * k && bias.is_none_or(|b| b.len() >= n), "q8 linear sizes");
+        if let Some(v) = w[..n * k].iter().find(|v| v.is_nan() || v.abs() > Q8_MAX) {
+            return Err(format!("a weight of {v} is out of the int8 packing's range (|w| <= {Q8_MAX:e}); run without --quantize"));
+        }
+        let kp = k.div_ceil(KSTEP) * KSTEP;
+        let panels = n.div_ceil(PANEL);
+        let steps = kp / KSTEP;
+        let mut packed = Aligned::zeroed(panels * steps * Q8_STEP / 2);
+        let pp = Shared(packed.as_mut_ptr() as *mut u8);
+        // Panel p, step s: byte t·512 + i·16 + c holds q of w[p·32 + t·16 + c][s·32 + i];
+        // bytes 1024 + 2·(t·16 + c) that column's f16 scale.
+        crate::par::par_for(panels, &|p| {
+            // SAFETY: panel p owns bytes [p·steps·Q8_STEP, (p+1)·steps·Q8_STEP).
+            let dst = unsafe { std::slice::from_raw_parts_mut(pp.get().add(p * steps * Q8_STEP), steps * Q8_STEP) };
+            for col in 0..PANEL {
+                let o = p * PANEL + col;
+                if o >= n {
+                    continue;
+                }
+                let (t, c) = (col / 16, col % 16);
+                let row = &w[o * k..(o + 1) * k];
+                for (s, block) in row.chunks(KSTEP).enumerate() {
+                    let (scale, q) = quantize_block(block);
+                    let at = s * Q8_STEP;
+                    dst[at + 1024 + 2 * col..at + 1026 + 2 * col].copy_from_slice(&scale.to_bits().to_le_bytes());
+                    for (i, &v) in q.iter().enumerate().take(block.len()) {
+                        dst[at + t * 512 + i * 16 + c] = v as u8;
+                    }
+                }
+            }
+        });
+        Ok(Bf16Linear { packed, q8: true, bias: bias.map(|b| b[..n].to_vec()), n, k, kp, isa })
+    }
+
+    /// Whether the weight is held in int8 ([`Self::new_q8`]).
+    pub fn is_q8(&self) -> bool {
+        self.q8
     }
 
     pub fn out_features(&self) -> usize {
@@ -253,9 +311,10 @@ impl Bf16Linear {
         self.k
     }
 
-    /// Bytes of packed weight (padding included).
+    /// Bytes of packed weight (padding and int8 scales included).
     pub fn weight_bytes(&self) -> usize {
-        self.n.div_ceil(PANEL) * (self.kp / KSTEP) * STEP_ELEMS * 2
+        let per_step = if self.q8 { Q8_STEP } else { STEP_ELEMS * 2 };
+        self.n.div_ceil(PANEL) * (self.kp / KSTEP) * per_step
     }
 
     /// `dst` (rows, n) = `x` (rows, k) · Wᵀ + bias, plus the previous `dst` when `accumulate`.
@@ -423,13 +482,27 @@ impl Bf16Linear {
     unsafe fn dot_block(&self, xf: *const f32, p0: usize, p1: usize, rows: usize, dst: *mut f32, accumulate: bool) {
         let mut r = 0;
         while r < rows {
-            let step = if r + 8 <= rows { 8 } else if r + 4 <= rows { 4 } else { 1 };
+            // The int8 kernel keeps two partial sums per block and row: four rows at most.
+            let step = if r + 8 <= rows && !self.q8 {
+                8
+            } else if r + 4 <= rows {
+                4
+            } else {
+                1
+            };
             for p in p0..p1 {
                 let mut acc = [[0f32; PANEL]; 8];
                 // SAFETY: the CPU has AVX-512 (checked at construction); offsets stay inside
                 // the packed panel and the converted rows.
                 unsafe {
-                    if step == 8 {
+                    if self.q8 {
+                        let q = self.packed.as_ptr() as *const u8;
+                        if step == 4 {
+                            dot_panel_q8::<4>(q, p, self.kp, xf, r, &mut acc);
+                        } else {
+                            dot_panel_q8::<1>(q, p, self.kp, xf, r, &mut acc);
+                        }
+                    } else if step == 8 {
                         dot_panel::<8>(self.packed.as_ptr(), p, self.kp, xf, r, &mut acc);
                     } else if step == 4 {
                         dot_panel::<4>(self.packed.as_ptr(), p, self.kp, xf, r, &mut acc);
@@ -477,23 +550,39 @@ impl Bf16Linear {
             // Aligned: a tile load or store of rows that straddle cache lines costs several
             // times an aligned one, and these are loaded and stored once per k block.
             static PARTIAL: std::cell::RefCell<Aligned> = std::cell::RefCell::new(Aligned::zeroed(0));
+            /// The int8 packing's panels of one k block, dequantized to bf16 tiles.
+            static DEQUANT: std::cell::RefCell<Aligned> = std::cell::RefCell::new(Aligned::zeroed(0));
         }
         let steps = self.kp / KSTEP;
         let row_blocks = (r1 - r0) / 32;
-        PARTIAL.with_borrow_mut(|partial| {
+        PARTIAL.with_borrow_mut(|partial| DEQUANT.with_borrow_mut(|dq| {
             let c = partial.f32_fit((p1 - p0) * row_blocks * 1024);
+            if self.q8 {
+                dq.fit((p1 - p0) * AMX_KBLOCK * STEP_ELEMS);
+            }
             // SAFETY: the tile state was granted (support() returned Amx); loads stay inside the
-            // packed panels, the padded rows and `partial` ((p1 − p0) × row_blocks blocks of
+            // packed panels (or their dequantized k block in `dq`), the padded rows and `partial` ((p1 − p0) × row_blocks blocks of
             // 32 × 32); the tiles are released before returning.
             unsafe {
                 amx::configure();
                 let mut s0 = 0;
                 while s0 < steps {
                     let kn = AMX_KBLOCK.min(steps - s0);
+                    if self.q8 {
+                        // This k block of the task's panels, once for all its row blocks.
+                        for p in p0..p1 {
+                            let src = (self.packed.as_ptr() as *const u8).add((p * steps + s0) * Q8_STEP);
+                            dequantize_steps(src, kn, dq.as_mut_ptr().add((p - p0) * kn * STEP_ELEMS));
+                        }
+                    }
                     for rb in 0..row_blocks {
                         let a = xb.add((r0 / 32 + rb) * 32 * self.kp + s0 * 32 * KSTEP);
                         for p in p0..p1 {
-                            let b = self.packed.as_ptr().add((p * steps + s0) * STEP_ELEMS);
+                            let b = if self.q8 {
+                                dq.as_ptr().add((p - p0) * kn * STEP_ELEMS)
+                            } else {
+                                self.packed.as_ptr().add((p * steps + s0) * STEP_ELEMS)
+                            };
                             let blk = c.add(((p - p0) * row_blocks + rb) * 1024);
                             // Few rows (a text prefill, the perceiver's latents): the weights
                             // stream from memory for the first row block and are hardly reused,
@@ -501,7 +590,7 @@ impl Bf16Linear {
                             // products); with more rows the panel comes from L2 again for the
                             // rest, and the prefetches only cost instructions. Either way the
                             // sums are the same.
-                            if rb == 0 && row_blocks <= 3 {
+                            if rb == 0 && row_blocks <= 3 && !self.q8 {
                                 amx::block_32x32_acc::<true>(a, KSTEP * 2, 32 * KSTEP, b, kn, blk, 128, s0 > 0);
                             } else {
                                 amx::block_32x32_acc::<false>(a, KSTEP * 2, 32 * KSTEP, b, kn, blk, 128, s0 > 0);
@@ -524,8 +613,70 @@ impl Bf16Linear {
                     }
                 }
             }
-        });
+        }));
     }
+}
+
+/// One block of the int8 packing: its f16 scale (the block's largest |w| / 127, rounded up
+/// to an f16, so that no weight lands past ±127; zero for an all-zero block) and the weights
+/// divided by it, rounded to the nearest integer (ties away from zero): each weight is off by
+/// at most half the scale. Values past the block's length are zero. The caller keeps |w|
+/// within [`Q8_MAX`].
+fn quantize_block(block: &[f32]) -> (half::f16, [i8; KSTEP]) {
+    let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let mut scale = half::f16::from_f32(amax / 127.0);
+    if scale.to_f32() < amax / 127.0 {
+        // The next f16 up (a positive f16's bits count up with its value).
+        scale = half::f16::from_bits(scale.to_bits() + 1);
+    }
+    let mut q = [0i8; KSTEP];
+    let d = scale.to_f32();
+    if d > 0.0 {
+        for (q, &v) in q.iter_mut().zip(block) {
+            *q = (v / d).round().clamp(-127.0, 127.0) as i8;
+        }
+    }
+    (scale, q)
+}
+
+/// The largest |weight| the int8 packing holds: 127 times the largest finite f16.
+const Q8_MAX: f32 = 127.0 * 65504.0;
+
+/// `kn` k steps of one panel in the int8 packing at `src` as bf16 tiles at `dst` (the layout
+/// of [`Bf16Linear::new`]'s panels): each value q · scale (exact in f32: 8 by 11 significant
+/// bits) rounded to bf16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn dequantize_steps(src: *const u8, kn: usize, dst: *mut u16) {
+    // cvtne2ps_pbh gives the even k values' 16 columns, then the odd ones'; a tile row wants
+    // them paired per column.
+    let pair = _mm512_set_epi16(
+        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0,
+    );
+    // SAFETY: the caller hands kn whole steps at src and room for kn · STEP_ELEMS at dst.
+    unsafe {
+        for s in 0..kn {
+            let blk = src.add(s * Q8_STEP);
+            for t in 0..2 {
+                let scale = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(1024 + 32 * t) as *const __m256i));
+                let widen = |i: usize| {
+                    let q = _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(t * 512 + i * 16) as *const __m128i));
+                    _mm512_mul_ps(_mm512_cvtepi32_ps(q), scale)
+                };
+                for q in 0..16 {
+                    let (even, odd) = (widen(2 * q), widen(2 * q + 1));
+                    let halves: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(odd, even));
+                    let row = _mm512_permutexvar_epi16(pair, halves);
+                    _mm512_store_si512(dst.add(s * STEP_ELEMS + t * 512 + q * 32) as *mut __m512i, row);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn dequantize_steps(_: *const u8, _: usize, _: *mut u16) {
+    unreachable!("support() fails off x86-64")
 }
 
 /// `dst[j]` = `src[j]` + `bias[j]` (+ the previous `dst[j]` when `accumulate`) for j < `cols`
@@ -638,6 +789,55 @@ unsafe fn dot_panel<const R: usize>(packed: *const u16, p: usize, kp: usize, xf:
                     ai[0] = _mm512_fmadd_ps(w0o, x1, _mm512_fmadd_ps(w0e, x0, ai[0]));
                     ai[1] = _mm512_fmadd_ps(w1o, x1, _mm512_fmadd_ps(w1e, x0, ai[1]));
                 }
+            }
+        }
+    }
+    for i in 0..R {
+        // SAFETY: acc[i] holds 32 f32.
+        unsafe {
+            _mm512_storeu_ps(acc[i].as_mut_ptr(), a[i][0]);
+            _mm512_storeu_ps(acc[i].as_mut_ptr().add(16), a[i][1]);
+        }
+    }
+}
+
+/// [`dot_panel`] on the int8 packing: sums of panel `p` for rows r..r+R. Per k step (one
+/// block of each output) the int8 weights are widened to f32 and multiplied with the rows'
+/// values in two chains of FMAs (even and odd k), whose sum, times the block's scales, is
+/// added to the row's total: the same instructions in the same order whatever R (1 or 4).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot_panel_q8<const R: usize>(packed: *const u8, p: usize, kp: usize, xf: *const f32, r: usize, acc: &mut [[f32; PANEL]; 8]) {
+    let steps = kp / KSTEP;
+    let base = unsafe { packed.add(p * steps * Q8_STEP) };
+    let mut a = [[_mm512_setzero_ps(); 2]; R];
+    for s in 0..steps {
+        let blk = base.wrapping_add(s * Q8_STEP);
+        let mut part = [[[_mm512_setzero_ps(); 2]; R]; 2];
+        for i in 0..KSTEP {
+            // The step PREFETCH ahead, one of its 17 lines per k value.
+            if i < Q8_STEP / 64 {
+                _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PREFETCH * Q8_STEP + i * 64) as *const i8);
+            }
+            // SAFETY: offsets stay inside the panel (steps · Q8_STEP) and the rows (kp each).
+            unsafe {
+                let w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(i * 16) as *const __m128i)));
+                let w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(512 + i * 16) as *const __m128i)));
+                let h = i % 2;
+                for (j, pj) in part[h].iter_mut().enumerate() {
+                    let x = _mm512_set1_ps(*xf.add((r + j) * kp + s * KSTEP + i));
+                    pj[0] = _mm512_fmadd_ps(w0, x, pj[0]);
+                    pj[1] = _mm512_fmadd_ps(w1, x, pj[1]);
+                }
+            }
+        }
+        // SAFETY: the scales follow the step's 1,024 weight bytes.
+        unsafe {
+            let s0 = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(1024) as *const __m256i));
+            let s1 = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(1056) as *const __m256i));
+            for j in 0..R {
+                a[j][0] = _mm512_fmadd_ps(_mm512_add_ps(part[0][j][0], part[1][j][0]), s0, a[j][0]);
+                a[j][1] = _mm512_fmadd_ps(_mm512_add_ps(part[0][j][1], part[1][j][1]), s1, a[j][1]);
             }
         }
     }
@@ -1033,6 +1233,10 @@ mod amx {
     }
 }
 
+/// [`Bf16Linear::new`] or [`Bf16Linear::new_q8`] (tests).
+#[cfg(test)]
+type Pack = fn(&[f32], usize, usize, Option<&[f32]>) -> Result<Bf16Linear, String>;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1112,6 +1316,131 @@ mod tests {
         }
     }
 
+    /// The int8 packing's products, both kernels, on shapes that are not multiples of the
+    /// tiles: against the f64 sum over the dequantized weights (q · scale) and the
+    /// bf16-rounded inputs (the AMX kernel also rounds q · scale to bf16: 2^-9 relative), and
+    /// against the unquantized product within the quantization bound (each weight off by at
+    /// most half its block's step, the block's largest |w| / 254, plus the f16 rounding of the
+    /// step). It takes 1,088 bytes per 1,024 weights, against bf16's 2,048.
+    #[test]
+    fn q8_products_match_reference_on_awkward_shapes() {
+        if support().is_err() {
+            eprintln!("skipped: {}", support().unwrap_err());
+            return;
+        }
+        for (rows, n, k) in [(1, 1, 1), (3, 33, 35), (37, 70, 100), (65, 31, 577), (5, 130, 1000), (70, 96, 600)] {
+            let (x, mut w, bias) = (data(rows * k, 1), data(n * k, 2), data(n, 3));
+            // An all-zero block and a block with one large weight beside small ones.
+            w[..k.min(32)].fill(0.0);
+            if n > 1 {
+                w[k] = 3.0;
+            }
+            let lin = Bf16Linear::new_q8(&w, n, k, Some(&bias)).unwrap();
+            assert!(lin.is_q8());
+            assert_eq!(lin.weight_bytes(), n.div_ceil(32) * k.div_ceil(32) * 1088);
+            // The dequantized weights and each block's largest |w|.
+            let mut dq = vec![0f64; n * k];
+            let mut amax = vec![0f64; n * k];
+            for o in 0..n {
+                for (b, block) in w[o * k..(o + 1) * k].chunks(32).enumerate() {
+                    let (scale, q) = quantize_block(block);
+                    let m = block.iter().fold(0f32, |a, v| a.max(v.abs())) as f64;
+                    for j in 0..block.len() {
+                        dq[o * k + b * 32 + j] = q[j] as f64 * scale.to_f64();
+                        amax[o * k + b * 32 + j] = m;
+                    }
+                }
+            }
+            let r = |v: f32| from_bf16(to_bf16(v)) as f64;
+            for decoding in [false, true] {
+                let mut y = vec![0f32; rows * n];
+                lin.forward_rows(&x, rows, &mut y, false, decoding);
+                for (i, &g) in y.iter().enumerate() {
+                    let (row, o) = (i / n, i % n);
+                    let xs = &x[row * k..(row + 1) * k];
+                    let want: f64 = bias[o] as f64 + (0..k).map(|j| r(xs[j]) * dq[o * k + j]).sum::<f64>();
+                    let mag: f64 = (0..k).map(|j| (r(xs[j]) * dq[o * k + j]).abs()).sum::<f64>();
+                    assert!(
+                        (g as f64 - want).abs() <= mag / 256.0 + 1e-3,
+                        "decoding={decoding} {rows}x{n}x{k} [{i}]: {g} vs {want}"
+                    );
+                    let exact: f64 = bias[o] as f64 + (0..k).map(|j| xs[j] as f64 * w[o * k + j] as f64).sum::<f64>();
+                    let bound: f64 = (0..k)
+                        .map(|j| xs[j].abs() as f64 * (amax[o * k + j] / 254.0 * 1.01 + (w[o * k + j].abs() as f64) / 128.0))
+                        .sum::<f64>();
+                    assert!((g as f64 - exact).abs() <= bound + 1e-3, "{rows}x{n}x{k} [{i}]: {g} vs exact {exact}");
+                }
+                if decoding {
+                    // The decoding kernel's only error besides the weights' is f32 summation.
+                    for (i, &g) in y.iter().enumerate() {
+                        let (row, o) = (i / n, i % n);
+                        let want: f64 = bias[o] as f64 + (0..k).map(|j| r(x[row * k + j]) * dq[o * k + j]).sum::<f64>();
+                        assert!((g as f64 - want).abs() < 1e-3, "{rows}x{n}x{k} [{i}]: {g} vs {want}");
+                    }
+                }
+            }
+        }
+        // The large weight is kept, its block's small ones lose precision but stay bounded.
+        let (scale, q) = quantize_block(&[3.0, 0.01, -0.02, 0.0]);
+        assert_eq!(q[0], 127);
+        assert!((q[0] as f32 * scale.to_f32() - 3.0).abs() < 3.0 / 1000.0);
+        assert_eq!(quantize_block(&[0.0; 32]).1, [0i8; 32]);
+        // Tiny weights get a subnormal f16 scale, rounded up: none is clamped, each is off by at
+        // most half the scale.
+        let tiny: Vec<f32> = (0..32).map(|i| (i as f32 - 15.5) * 3e-7).collect();
+        let (scale, q) = quantize_block(&tiny);
+        assert!(scale.to_f32() >= 15.5 * 3e-7 / 127.0 && q.iter().all(|&v| v != i8::MIN));
+        for (v, q) in tiny.iter().zip(q) {
+            assert!((q as f32 * scale.to_f32() - v).abs() <= scale.to_f32() / 2.0 * 1.0001, "{v} -> {q}");
+        }
+        let err = Bf16Linear::new_q8(&[1.0, f32::NAN], 1, 2, None).err().unwrap();
+        assert!(err.contains("out of the int8 packing's range"), "{err}");
+    }
+
+    /// What the AMX products multiply for an int8 layer: each k block dequantized to bf16
+    /// tiles equals, bit for bit, [`Bf16Linear::new`]'s panels of the dequantized weights
+    /// (q · scale, exact in f32, rounded to nearest-even bf16). Runs wherever AVX512-BF16 does,
+    /// AMX or not.
+    #[test]
+    fn q8_dequantizes_to_the_bf16_panels_of_its_values() {
+        if support().is_err() || !std::arch::is_x86_feature_detected!("avx512bf16") {
+            eprintln!("skipped: no AVX512-BF16 here");
+            return;
+        }
+        for (n, k) in [(1, 1), (33, 35), (70, 100), (96, 600)] {
+            let w = data(n * k, 7);
+            let lin = Bf16Linear::new_q8(&w, n, k, None).unwrap();
+            let mut dq = vec![0f32; n * k];
+            for o in 0..n {
+                for (b, block) in w[o * k..(o + 1) * k].chunks(32).enumerate() {
+                    let (scale, q) = quantize_block(block);
+                    for j in 0..block.len() {
+                        dq[o * k + b * 32 + j] = q[j] as f32 * scale.to_f32();
+                    }
+                }
+            }
+            let want = Bf16Linear::new(&dq, n, k, None).unwrap();
+            let (panels, steps) = (n.div_ceil(PANEL), lin.kp / KSTEP);
+            let mut got = Aligned::zeroed(panels * steps * STEP_ELEMS);
+            for p in 0..panels {
+                // In two calls, as the AMX products' k blocks would: the first step, then the rest.
+                for (s0, kn) in [(0, 1), (1, steps - 1)] {
+                    // SAFETY: whole steps of panel p; room for kn steps at the destination.
+                    unsafe {
+                        let src = (lin.packed.as_ptr() as *const u8).add((p * steps + s0) * Q8_STEP);
+                        dequantize_steps(src, kn, got.as_mut_ptr().add((p * steps + s0) * STEP_ELEMS));
+                    }
+                }
+            }
+            let len = panels * steps * STEP_ELEMS;
+            // SAFETY: both buffers hold len elements.
+            let (g, e) = unsafe { (std::slice::from_raw_parts(got.as_ptr(), len), std::slice::from_raw_parts(want.packed.as_ptr(), len)) };
+            for (i, (a, b)) in g.iter().zip(e).enumerate() {
+                assert_eq!(a, b, "{n}x{k} element {i}: dequantized {:e} vs {:e}", from_bf16(*a), from_bf16(*b));
+            }
+        }
+    }
+
     /// The AMX attention against an f64 softmax attention on awkward shapes (sequence and head
     /// width not multiples of 32, two tiles, a key mask that hides the second tile's last keys):
     /// bf16 operands keep 8 bits, so outputs (weighted means of values of size <= 1) stay within 2e-2.
@@ -1168,11 +1497,15 @@ mod tests {
             eprintln!("skipped: no AMX here");
             return;
         }
-        for (rows, k, i, n) in [(1, 40, 32, 8), (45, 100, 64, 70), (150, 70, 160, 33)] {
+        // bf16 weights, and the int8 packing as `--quantize q8` builds the text model's MLPs.
+        for ((rows, k, i, n), pack) in [(1, 40, 32, 8), (45, 100, 64, 70), (150, 70, 160, 33)]
+            .into_iter()
+            .flat_map(|s| [(s, Bf16Linear::new as Pack), (s, Bf16Linear::new_q8 as Pack)])
+        {
             let (x, wgu, wd) = (data(rows * k, 11), data(2 * i * k, 12), data(n * i, 13));
             let (bgu, bd) = (data(2 * i, 14), data(n, 15));
-            let gu = Bf16Linear::new(&wgu, 2 * i, k, Some(&bgu)).unwrap();
-            let down = Bf16Linear::new(&wd, n, i, Some(&bd)).unwrap();
+            let gu = pack(&wgu, 2 * i, k, Some(&bgu)).unwrap();
+            let down = pack(&wd, n, i, Some(&bd)).unwrap();
             let mut h = vec![0f32; rows * 2 * i];
             gu.forward_rows(&x, rows, &mut h, false, false);
             let mut mid = vec![0f32; rows * i];
@@ -1227,15 +1560,17 @@ mod tests {
         }
         let (rows, n, k) = (45, 97, 200);
         let (x, w) = (data(rows * k, 4), data(n * k, 5));
-        let lin = Bf16Linear::new(&w, n, k, None).unwrap();
-        for decoding in [false, true] {
-            let mut all = vec![0f32; rows * n];
-            lin.forward_rows(&x, rows, &mut all, false, decoding);
-            for r in [0, 3, 31, 32, 44] {
-                let mut one = vec![0f32; n];
-                lin.forward_rows(&x[r * k..(r + 1) * k], 1, &mut one, false, decoding);
-                let same = one.iter().zip(&all[r * n..(r + 1) * n]).all(|(a, b)| a.to_bits() == b.to_bits());
-                assert!(same, "row {r} differs alone (decoding={decoding})");
+        // 45 rows: the int8 kernel takes them four and one at a time, bf16's eight, four and one.
+        for lin in [Bf16Linear::new(&w, n, k, None).unwrap(), Bf16Linear::new_q8(&w, n, k, None).unwrap()] {
+            for decoding in [false, true] {
+                let mut all = vec![0f32; rows * n];
+                lin.forward_rows(&x, rows, &mut all, false, decoding);
+                for r in [0, 3, 31, 32, 44] {
+                    let mut one = vec![0f32; n];
+                    lin.forward_rows(&x[r * k..(r + 1) * k], 1, &mut one, false, decoding);
+                    let same = one.iter().zip(&all[r * n..(r + 1) * n]).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "row {r} differs alone (decoding={decoding}, q8={})", lin.q8);
+                }
             }
         }
     }
@@ -1243,31 +1578,39 @@ mod tests {
 
 #[cfg(test)]
 mod speed {
-    /// The decoding kernel with 1, 4 and 8 rows over 30 layers' worth of SmolVLM-256M MLP
-    /// weights (streamed from memory as in a decode step), best of 5.
+    /// The decoding kernel with 1, 4 and 8 rows over SmolVLM-256M MLP-sized layers, bf16 and
+    /// int8 packings taking turns: 300 layers (1 GiB in bf16, 0.53 GiB in int8, well over the
+    /// last-level cache, so the weights stream from memory as in a decode step over a large
+    /// model), best of 5 per packing and row count.
     #[test]
     #[ignore]
     fn bf16_decode_rows() {
         if super::support().is_err() {
             return;
         }
-        let (k, n, layers) = (576, 3072, 30);
-        let w: Vec<f32> = (0..n * k).map(|i| (i % 7) as f32 * 0.1).collect();
-        let lins: Vec<super::Bf16Linear> = (0..layers).map(|_| super::Bf16Linear::new(&w, n, k, None).unwrap()).collect();
+        let (k, n) = (576, 3072);
+        let layers: usize = std::env::var("QUIRE_DECODE_LAYERS").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
+        let w: Vec<f32> = (0..n * k).map(|i| ((i % 7) as f32 - 3.0) * 0.1).collect();
+        let packs: [(&str, super::Pack); 2] = [("bf16", super::Bf16Linear::new), ("q8", super::Bf16Linear::new_q8)];
+        let all: Vec<(&str, Vec<super::Bf16Linear>)> =
+            packs.iter().map(|(name, p)| (*name, (0..layers).map(|_| p(&w, n, k, None).unwrap()).collect())).collect();
         for rows in [1usize, 4, 8] {
             let x: Vec<f32> = (0..rows * k).map(|i| (i % 13) as f32 * 0.1).collect();
             let mut d = vec![0f32; rows * n];
-            let best = (0..5)
-                .map(|_| {
+            let mut best = [f64::MAX; 2];
+            for _ in 0..5 {
+                for (b, (_, lins)) in best.iter_mut().zip(&all) {
                     let t = std::time::Instant::now();
-                    for l in &lins {
+                    for l in lins {
                         l.forward_rows(&x, rows, &mut d, false, true);
                     }
-                    t.elapsed().as_secs_f64()
-                })
-                .fold(f64::MAX, f64::min);
-            let bytes = (layers * n * k * 2) as f64;
-            println!("decode {rows} rows x {layers} layers of {k}->{n}: {:.2} ms, {:.1} GB/s of weights", best * 1e3, bytes / best / 1e9);
+                    *b = b.min(t.elapsed().as_secs_f64());
+                }
+            }
+            for (b, (name, lins)) in best.iter().zip(&all) {
+                let bytes = (layers * lins[0].weight_bytes()) as f64;
+                println!("decode {name} {rows} rows x {layers} layers of {k}->{n}: {:.2} ms, {:.1} GB/s of weights", b * 1e3, bytes / b / 1e9);
+            }
         }
     }
 

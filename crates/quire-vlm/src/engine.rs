@@ -13,6 +13,7 @@ use candle_nn::VarBuilder;
 use crate::checkpoint::Checkpoint;
 use crate::config::TextConfig;
 use crate::generation::GenerationConfig;
+use crate::linear::Linears;
 use crate::loops::{Found, LoopDetector, LoopOptions, LoopReport, Wildcards};
 use crate::profile::{enter, span, Part, Stage, Work};
 use crate::prompt::{ChatTemplate, TextTokenizer};
@@ -79,6 +80,29 @@ pub fn linear_dtype(device: &Device, dtype: DType) -> Result<DType> {
         }
     }
     Ok(dtype)
+}
+
+/// How the text model's linear layers hold their weights for a requested `dtype` and
+/// `quantize`: as [`linear_dtype`] says, or int8 ([`Linears::Q8`]), which runs on the CPU's
+/// bf16 kernels with f32 or bf16 activations elsewhere. Fails before any weight is read
+/// where q8 cannot run: another device, f16, a CPU without AVX-512.
+pub fn text_linears(device: &Device, dtype: DType, quantize: crate::Quantize) -> Result<Linears> {
+    let linears = linear_dtype(device, dtype)?;
+    match quantize {
+        crate::Quantize::None => Ok(Linears::Dtype(linears)),
+        crate::Quantize::Q8 => {
+            if !device.is_cpu() {
+                bail!(Invalid, "--quantize q8 runs on the CPU only; on a GPU use --dtype bf16 or f16");
+            }
+            if dtype == DType::F16 {
+                bail!(Invalid, "--quantize q8 runs with --dtype f32 or bf16 (the activations' dtype), not f16");
+            }
+            if let Err(why) = crate::bf16::support() {
+                bail!(Invalid, "--quantize q8 runs on the CPU's bf16 kernels: {why}");
+            }
+            Ok(Linears::Q8)
+        }
+    }
 }
 
 /// Finds the prefix under which a checkpoint stores a component (names changed across versions).
@@ -230,7 +254,7 @@ impl Decoder {
         text_vb: VarBuilder,
         image_token_id: u32,
         dtype: DType,
-        linears: DType,
+        linears: Linears,
     ) -> Result<Decoder> {
         let tokenizer = Arc::new(TextTokenizer::load(&ck.dir, &ck.tokenizer_config)?);
         let tokenizer_loc_ids = tokenizer.loc_token_ids();

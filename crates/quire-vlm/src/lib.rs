@@ -68,11 +68,37 @@ pub use loops::{LoopOptions, LoopReport, OnLoop};
 pub struct LoadOptions {
     pub device: Device,
     pub dtype: DType,
+    /// The text model's linear layers in int8 ([`Quantize::Q8`], CPU) or as `dtype`.
+    pub quantize: Quantize,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { device: Device::Cpu, dtype: DType::F32 }
+        LoadOptions { device: Device::Cpu, dtype: DType::F32, quantize: Quantize::None }
+    }
+}
+
+/// Weight quantization (`--quantize`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Quantize {
+    /// Every weight in the model's dtype.
+    #[default]
+    None,
+    /// The text model's linear layers (`lm_head` included) in int8 with an f16 scale per
+    /// output and 32 inputs (llama.cpp's `q8_0` blocks), quantized at load; CPU only. Their
+    /// products run on the bf16 kernels ([`crate::bf16`]); decoding, which reads every weight
+    /// once per token, reads about half the bytes of bf16.
+    Q8,
+}
+
+impl Quantize {
+    /// Parses "none" or "q8" (also "q8_0").
+    pub fn parse(s: &str) -> Result<Quantize> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "none" | "" => Quantize::None,
+            "q8" | "q8_0" | "int8" => Quantize::Q8,
+            other => bail!(Invalid, "unknown quantization {other:?}; use none or q8"),
+        })
     }
 }
 
@@ -311,11 +337,11 @@ impl Vlm {
         let name = ck.model_name();
         match (model_type.as_str(), arch.as_str()) {
             ("idefics3", _) | (_, "Idefics3ForConditionalGeneration") => {
-                let m = idefics3::Idefics3::load(&ck, &opts.device, opts.dtype)?;
+                let m = idefics3::Idefics3::load(&ck, &opts.device, opts.dtype, opts.quantize)?;
                 Ok(Vlm { model: Box::new(m), family: Family::Idefics3(idefics3_variant(&name)), name })
             }
             ("idefics2", _) | (_, "Idefics2ForConditionalGeneration") => {
-                let m = idefics2::Idefics2::load(&ck, &opts.device, opts.dtype)?;
+                let m = idefics2::Idefics2::load(&ck, &opts.device, opts.dtype, opts.quantize)?;
                 Ok(Vlm { model: Box::new(m), family: Family::Idefics2("Idefics2".into()), name })
             }
             _ => bail!(

@@ -2,7 +2,8 @@
 //! (one new token per sequence) split by output features, each a dot product computed by
 //! [`crate::kernels::matvec_rows`] the same way whatever the batch size or split; prefills
 //! with gemm split by output features. Built with [`ParLinear::with_dtype`] at bf16 on the
-//! CPU, the weight is packed once in bf16 and products run on [`crate::bf16`]'s kernels.
+//! CPU, the weight is packed once in bf16 and products run on [`crate::bf16`]'s kernels;
+//! built with [`Linears::Q8`], it is packed in int8 with block scales for the same kernels.
 
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::Linear;
@@ -23,6 +24,17 @@ pub struct ParLinear {
     bf16: Option<Bf16Linear>,
     out: usize,
     inp: usize,
+}
+
+/// How a model's linear layers hold their weights and run their products.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Linears {
+    /// Products in this dtype; on the CPU, bf16 packs the weights in bf16 for
+    /// [`crate::bf16`]'s kernels.
+    Dtype(DType),
+    /// CPU only: weights in int8 with an f16 scale per output and 32 inputs
+    /// ([`Bf16Linear::new_q8`]), products on the bf16 kernels (inputs rounded to bf16, f32 sums).
+    Q8,
 }
 
 /// Outputs per task: a few hundred KiB of weights for the widest inputs here.
@@ -49,8 +61,19 @@ impl ParLinear {
     /// f32 bias) packed once for [`Bf16Linear`] and the f32 copy dropped; activations stay f32
     /// between layers. Fails when the CPU has no bf16 kernels. Otherwise as [`ParLinear::new`].
     pub fn with_dtype(inner: Linear, dtype: DType) -> Result<Self> {
+        Self::with_linears(inner, Linears::Dtype(dtype))
+    }
+
+    /// The layer as `linears` asks: [`ParLinear::with_dtype`] for a dtype; for
+    /// [`Linears::Q8`] the weight packed in int8 (CPU; fails on another device or a CPU
+    /// without the bf16 kernels) and the f32 copy dropped.
+    pub fn with_linears(inner: Linear, linears: Linears) -> Result<Self> {
         let w = inner.weight();
-        if dtype != DType::BF16 || !w.device().is_cpu() {
+        let q8 = linears == Linears::Q8;
+        if q8 && !w.device().is_cpu() {
+            candle_core::bail!("int8 weights (q8) run on the CPU only");
+        }
+        if !q8 && (linears != Linears::Dtype(DType::BF16) || !w.device().is_cpu()) {
             return Self::new(inner);
         }
         let (out, inp) = w.dims2()?;
@@ -59,9 +82,10 @@ impl ParLinear {
             Some(b) => Some(b.to_dtype(DType::F32)?.contiguous()?),
             None => None,
         };
+        let pack = if q8 { Bf16Linear::new_q8 } else { Bf16Linear::new };
         let packed = with_f32(&w, |ws| match &b {
-            Some(b) => with_f32(b, |bs| Bf16Linear::new(ws, out, inp, Some(bs))),
-            None => Ok(Bf16Linear::new(ws, out, inp, None)),
+            Some(b) => with_f32(b, |bs| pack(ws, out, inp, Some(bs))),
+            None => Ok(pack(ws, out, inp, None)),
         })??
         .map_err(candle_core::Error::Msg)?;
         Ok(ParLinear { full: None, cpu: None, bf16: Some(packed), out, inp })
@@ -75,6 +99,11 @@ impl ParLinear {
 
     /// [`ParLinear::fused`] with its products in `dtype` (see [`ParLinear::with_dtype`]).
     pub fn fused_with_dtype(parts: &[Linear], dtype: DType) -> Result<Self> {
+        Self::fused_with_linears(parts, Linears::Dtype(dtype))
+    }
+
+    /// [`ParLinear::fused`] as `linears` asks (see [`ParLinear::with_linears`]).
+    pub fn fused_with_linears(parts: &[Linear], linears: Linears) -> Result<Self> {
         let ws: Vec<&Tensor> = parts.iter().map(|l| l.weight()).collect();
         let w = Tensor::cat(&ws, 0)?;
         let bias = if parts.iter().all(|l| l.bias().is_some()) {
@@ -92,7 +121,7 @@ impl ParLinear {
             }
             Some(Tensor::cat(&bs, 0)?)
         };
-        Self::with_dtype(Linear::new(w, bias), dtype)
+        Self::with_linears(Linear::new(w, bias), linears)
     }
 
     /// The f32 (or other device/dtype) layer; None for a bf16-packed one.
@@ -100,7 +129,7 @@ impl ParLinear {
         self.full.as_ref()
     }
 
-    /// The bf16-packed weight, when built at bf16 on the CPU.
+    /// The bf16- or int8-packed weight, when built at bf16 or q8 on the CPU.
     pub fn bf16(&self) -> Option<&Bf16Linear> {
         self.bf16.as_ref()
     }

@@ -6,7 +6,7 @@
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{linear_b, linear_no_bias, rms_norm, Embedding, Linear, RmsNorm, VarBuilder};
 
-use crate::linear::ParLinear;
+use crate::linear::{Linears, ParLinear};
 use crate::profile::{span, Part};
 
 use crate::config::{Rope, TextConfig};
@@ -100,11 +100,11 @@ struct Attention {
 }
 
 impl Attention {
-    fn new(cfg: &TextConfig, vb: VarBuilder, linears: DType) -> Result<Self> {
+    fn new(cfg: &TextConfig, vb: VarBuilder, linears: Linears) -> Result<Self> {
         let (h, kv, d) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
         let bias = cfg.attention_bias;
         Ok(Attention {
-            qkv_proj: ParLinear::fused_with_dtype(
+            qkv_proj: ParLinear::fused_with_linears(
                 &[
                     linear_b(cfg.hidden_size, h * d, bias, vb.pp("q_proj"))?,
                     linear_b(cfg.hidden_size, kv * d, bias, vb.pp("k_proj"))?,
@@ -112,7 +112,7 @@ impl Attention {
                 ],
                 linears,
             )?,
-            o_proj: ParLinear::with_dtype(linear_b(h * d, cfg.hidden_size, bias, vb.pp("o_proj"))?, linears)?,
+            o_proj: ParLinear::with_linears(linear_b(h * d, cfg.hidden_size, bias, vb.pp("o_proj"))?, linears)?,
             heads: h,
             kv_heads: kv,
             head_dim: d,
@@ -411,12 +411,12 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn new(cfg: &TextConfig, vb: VarBuilder, linears: DType) -> Result<Self> {
+    fn new(cfg: &TextConfig, vb: VarBuilder, linears: Linears) -> Result<Self> {
         let (h, i, b) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
         let gate_up = [linear_b(h, i, b, vb.pp("gate_proj"))?, linear_b(h, i, b, vb.pp("up_proj"))?];
         Ok(Mlp {
-            gate_up_proj: ParLinear::fused_with_dtype(&gate_up, linears)?,
-            down_proj: ParLinear::with_dtype(linear_b(i, h, b, vb.pp("down_proj"))?, linears)?,
+            gate_up_proj: ParLinear::fused_with_linears(&gate_up, linears)?,
+            down_proj: ParLinear::with_linears(linear_b(i, h, b, vb.pp("down_proj"))?, linears)?,
             intermediate: i,
         })
     }
@@ -491,8 +491,9 @@ pub struct TextModel {
 
 impl TextModel {
     /// `vb` points at the text model (`model.text_model`), `head` at `lm_head` (or None when tied);
-    /// `linears`: the dtype of the linear layers' products (see [`crate::engine::linear_dtype`]).
-    pub fn new(cfg: &TextConfig, vb: VarBuilder, head: Option<VarBuilder>, linears: DType) -> Result<Self> {
+    /// `linears`: how the linear layers (`lm_head` included) hold their weights and run their
+    /// products (see [`crate::engine::text_linears`]).
+    pub fn new(cfg: &TextConfig, vb: VarBuilder, head: Option<VarBuilder>, linears: Linears) -> Result<Self> {
         if cfg.hidden_act != "silu" {
             candle_core::bail!("text hidden_act {:?} is not supported (only silu)", cfg.hidden_act);
         }
@@ -513,7 +514,7 @@ impl TextModel {
             });
         }
         let norm = rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("norm"))?;
-        let lm_head = ParLinear::with_dtype(
+        let lm_head = ParLinear::with_linears(
             match head {
                 Some(h) => linear_no_bias(cfg.hidden_size, cfg.vocab_size, h)?,
                 None => Linear::new(embed_w, None),

@@ -102,6 +102,12 @@ pub enum DtypeArg {
     F16,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum QuantizeArg {
+    None,
+    Q8,
+}
+
 /// What a job produces: the options that go into its settings.
 #[derive(Args, Clone)]
 pub struct JobOpts {
@@ -198,6 +204,11 @@ pub struct ModelOpts {
     /// Model weights' dtype.
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: DtypeArg,
+    /// `q8`: the text model's linear layers in int8 with a scale per 32 weights (llama.cpp's
+    /// q8_0 blocks), quantized at load. CPU only, with --dtype f32 or bf16 and AVX-512:
+    /// decoding reads about half the bytes of bf16. Text may differ from unquantized runs.
+    #[arg(long, value_enum, default_value = "none", env = "QUIRE_QUANTIZE")]
+    pub quantize: QuantizeArg,
     /// A page whose output loops (the newest tokens repeat a period of at most
     /// --loop-max-period tokens over at least --loop-min-tokens): `stop` ends it at once, keeps
     /// the text up to one period and marks its record (`finish_reason` and `error.kind`

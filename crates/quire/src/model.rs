@@ -1,6 +1,6 @@
 //! Resolving and loading `--model`.
 
-use crate::cli::{BatchingArg, DtypeArg, ModelOpts, OnLoopArg};
+use crate::cli::{BatchingArg, DtypeArg, ModelOpts, OnLoopArg, QuantizeArg};
 use quire_pipeline::stage::infer::{BatchObserver, BatchOptions, EngineObserver};
 use quire_pipeline::stage::vlm::{EngineOptions, VlmGenerator};
 use quire_pipeline::InferenceHandle;
@@ -39,7 +39,11 @@ pub fn load(
             retry_penalty: args.loop_retry_penalty,
         },
     };
-    let model = VlmGenerator::load(spec, &dir, &args.device, dtype, engine)?;
+    let quantize = match args.quantize {
+        QuantizeArg::None => quire_vlm::Quantize::None,
+        QuantizeArg::Q8 => quire_vlm::Quantize::Q8,
+    };
+    let model = VlmGenerator::load(spec, &dir, &args.device, dtype, quantize, engine)?;
     let long_side = model.input_long_side();
     tracing::info!("loaded model {spec} in {:.1}s", t0.elapsed().as_secs_f64());
     let opts = BatchOptions { max_batch: args.batch_size as usize, ..BatchOptions::default() };

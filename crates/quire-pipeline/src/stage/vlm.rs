@@ -89,8 +89,15 @@ pub fn parse_device(s: &str) -> anyhow::Result<quire_vlm::Device> {
 
 impl VlmGenerator {
     /// Loads the checkpoint at `dir` (already resolved to a local folder).
-    pub fn load(spec: &str, dir: &std::path::Path, device: &str, dtype: &str, engine: EngineOptions) -> anyhow::Result<Self> {
-        let opts = LoadOptions { device: parse_device(device)?, dtype: LoadOptions::parse_dtype(dtype)? };
+    pub fn load(
+        spec: &str,
+        dir: &std::path::Path,
+        device: &str,
+        dtype: &str,
+        quantize: quire_vlm::Quantize,
+        engine: EngineOptions,
+    ) -> anyhow::Result<Self> {
+        let opts = LoadOptions { device: parse_device(device)?, dtype: LoadOptions::parse_dtype(dtype)?, quantize };
         let mut vlm = Vlm::load(dir, &opts).with_context(|| format!("loading model {spec}"))?;
         vlm.set_loop_options(engine.loops)?;
         let engine = if engine.static_batches {

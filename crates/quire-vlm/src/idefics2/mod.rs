@@ -103,7 +103,8 @@ pub struct Idefics2 {
 }
 
 impl Idefics2 {
-    pub fn load(ck: &Checkpoint, device: &Device, dtype: DType) -> Result<Idefics2> {
+    /// Loads `ck` on `device` in `dtype`, the text model's linear layers as `quantize` asks.
+    pub fn load(ck: &Checkpoint, device: &Device, dtype: DType, quantize: crate::Quantize) -> Result<Idefics2> {
         let config = Idefics2Config::from_json(&ck.config)?;
         let image_processor = ImageProcessorConfig::from_json(&ck.image_processor)?;
         let image_seq_len = ck
@@ -121,6 +122,7 @@ impl Idefics2 {
             );
         }
         let linears = linear_dtype(device, dtype)?;
+        let text_linears = crate::engine::text_linears(device, dtype, quantize)?;
         let (dtype, vb) = load_weights(ck, device, dtype)?;
         let text_vb = pick_prefix(&vb, "embed_tokens.weight", &["model.text_model", "text_model", "model.language_model"])?;
         let vision_vb = pick_prefix(&vb, "embeddings.patch_embedding.weight", &["model.vision_model", "vision_model"])?;
@@ -129,7 +131,7 @@ impl Idefics2 {
         let connector =
             Connector::new(config.vision.hidden_size, config.text.intermediate_size, &config.perceiver, conn_vb, linears)
                 .context("loading model.connector")?;
-        let decoder = Decoder::load(ck, &config.text, &vb, text_vb, config.image_token_id, dtype, linears)
+        let decoder = Decoder::load(ck, &config.text, &vb, text_vb, config.image_token_id, dtype, text_linears)
             .context("loading model.text_model")?;
         let processor =
             Idefics2Processor { image: image_processor.clone(), image_seq_len, prompts: decoder.prompt_maker() };

@@ -98,7 +98,8 @@ pub struct Idefics3 {
 }
 
 impl Idefics3 {
-    pub fn load(ck: &Checkpoint, device: &Device, dtype: DType) -> Result<Idefics3> {
+    /// Loads `ck` on `device` in `dtype`, the text model's linear layers as `quantize` asks.
+    pub fn load(ck: &Checkpoint, device: &Device, dtype: DType, quantize: crate::Quantize) -> Result<Idefics3> {
         let mut config = Idefics3Config::from_json(&ck.config)?;
         config.text.sliding_window = None; // Llama attends to the whole prefix
         let image_processor = ImageProcessorConfig::from_json(&ck.image_processor)?;
@@ -109,6 +110,7 @@ impl Idefics3 {
             .map(|x| x as usize)
             .unwrap_or_else(|| config.image_seq_len());
         let linears = linear_dtype(device, dtype)?;
+        let text_linears = crate::engine::text_linears(device, dtype, quantize)?;
         let (dtype, vb) = load_weights(ck, device, dtype)?;
         let text_vb = pick_prefix(&vb, "embed_tokens.weight", &["model.text_model", "text_model", "model.language_model"])?;
         let vision_vb = pick_prefix(
@@ -120,7 +122,7 @@ impl Idefics3 {
         let vision = VisionModel::new(&config.vision, vision_vb, linears).context("loading model.vision_model")?;
         let connector = Connector::new(config.vision.hidden_size, config.text.hidden_size, config.scale_factor, conn_vb, linears)
             .context("loading model.connector")?;
-        let decoder = Decoder::load(ck, &config.text, &vb, text_vb, config.image_token_id, dtype, linears)
+        let decoder = Decoder::load(ck, &config.text, &vb, text_vb, config.image_token_id, dtype, text_linears)
             .context("loading model.text_model")?;
         let processor =
             Idefics3Processor { image: image_processor.clone(), image_seq_len, prompts: decoder.prompt_maker() };
