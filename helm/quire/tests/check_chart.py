@@ -671,6 +671,10 @@ def scenario_checks(path: Path) -> None:
                 assert arg_after(c["args"], flag) == str(w[key]), (flag, c["args"])
             else:
                 assert flag not in c["args"], f"{flag} without worker.{key}: the worker works it out"
+        if w.get("quantize"):
+            assert arg_after(c["args"], "--quantize") == w["quantize"], c["args"]
+        else:
+            assert "--quantize" not in c["args"], "--quantize without worker.quantize"
     check(f"{name}: batching flags follow the values", engine_args)
 
     keda = values.get("keda", {}).get("enabled", False)
@@ -844,6 +848,9 @@ def schema_checks() -> None:
     refused({"nats.enabled": True, "queue.url": "", "queue.streamReplicas": 3},
             "more stream replicas than the bundled NATS has servers", r"queue.streamReplicas \(3\)")
     refused({"queue.streamReplicas": 6}, "more than 5 stream replicas", r"streamReplicas")
+    refused({"worker.quantize": "q4"}, "an unknown quantization", r"quantize")
+    refused({"worker.gpu": 1, "worker.quantize": "q8"}, "int8 weights on a GPU worker",
+            r"worker.quantize q8 runs on the CPU only")
 
     def replicas():
         def env_replicas(change):
