@@ -15,9 +15,9 @@
 //! [`Bf16Linear::new_q8`] holds the weight in int8 instead, with an f16 scale per output and
 //! 32 inputs (the blocks of llama.cpp's `q8_0`): 1.0625 bytes a weight against bf16's 2, so
 //! decoding, which streams every weight once per step, reads half the bytes. Decoding
-//! widens the int8 values to f32, sums each block's products with the bf16-rounded inputs
-//! and scales the block's sum; AMX products dequantize each panel's k block to bf16 tiles
-//! (value · scale, rounded once) just before multiplying it.
+//! widens the int8 values to f32 and multiplies them by their block's scale (exactly) before
+//! the FMAs with the bf16-rounded inputs; AMX products dequantize each panel's k block to
+//! bf16 tiles (value · scale, rounded once) just before multiplying it.
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -482,14 +482,7 @@ impl Bf16Linear {
     unsafe fn dot_block(&self, xf: *const f32, p0: usize, p1: usize, rows: usize, dst: *mut f32, accumulate: bool) {
         let mut r = 0;
         while r < rows {
-            // The int8 kernel keeps two partial sums per block and row: four rows at most.
-            let step = if r + 8 <= rows && !self.q8 {
-                8
-            } else if r + 4 <= rows {
-                4
-            } else {
-                1
-            };
+            let step = if r + 8 <= rows { 8 } else if r + 4 <= rows { 4 } else { 1 };
             for p in p0..p1 {
                 let mut acc = [[0f32; PANEL]; 8];
                 // SAFETY: the CPU has AVX-512 (checked at construction); offsets stay inside
@@ -497,7 +490,9 @@ impl Bf16Linear {
                 unsafe {
                     if self.q8 {
                         let q = self.packed.as_ptr() as *const u8;
-                        if step == 4 {
+                        if step == 8 {
+                            dot_panel_q8::<8>(q, p, self.kp, xf, r, &mut acc);
+                        } else if step == 4 {
                             dot_panel_q8::<4>(q, p, self.kp, xf, r, &mut acc);
                         } else {
                             dot_panel_q8::<1>(q, p, self.kp, xf, r, &mut acc);
@@ -801,10 +796,10 @@ unsafe fn dot_panel<const R: usize>(packed: *const u16, p: usize, kp: usize, xf:
     }
 }
 
-/// [`dot_panel`] on the int8 packing: sums of panel `p` for rows r..r+R. Per k step (one
-/// block of each output) the int8 weights are widened to f32 and multiplied with the rows'
-/// values in two chains of FMAs (even and odd k), whose sum, times the block's scales, is
-/// added to the row's total: the same instructions in the same order whatever R (1 or 4).
+/// [`dot_panel`] on the int8 packing: sums of panel `p` for rows r..r+R. Each int8 weight is
+/// widened to f32 and multiplied by its block's scale (exact: 8 by 11 significant bits), then
+/// multiplied with the rows' values by f32 FMAs: per output one chain over k in order, the
+/// same instructions whatever R. The widening is shared by the R rows.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn dot_panel_q8<const R: usize>(packed: *const u8, p: usize, kp: usize, xf: *const f32, r: usize, acc: &mut [[f32; PANEL]; 8]) {
@@ -813,7 +808,13 @@ unsafe fn dot_panel_q8<const R: usize>(packed: *const u8, p: usize, kp: usize, x
     let mut a = [[_mm512_setzero_ps(); 2]; R];
     for s in 0..steps {
         let blk = base.wrapping_add(s * Q8_STEP);
-        let mut part = [[[_mm512_setzero_ps(); 2]; R]; 2];
+        // SAFETY: the scales follow the step's 1,024 weight bytes, inside the panel.
+        let (s0, s1) = unsafe {
+            (
+                _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(1024) as *const __m256i)),
+                _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(1056) as *const __m256i)),
+            )
+        };
         for i in 0..KSTEP {
             // The step PREFETCH ahead, one of its 17 lines per k value.
             if i < Q8_STEP / 64 {
@@ -821,23 +822,15 @@ unsafe fn dot_panel_q8<const R: usize>(packed: *const u8, p: usize, kp: usize, x
             }
             // SAFETY: offsets stay inside the panel (steps · Q8_STEP) and the rows (kp each).
             unsafe {
-                let w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(i * 16) as *const __m128i)));
-                let w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(512 + i * 16) as *const __m128i)));
-                let h = i % 2;
-                for (j, pj) in part[h].iter_mut().enumerate() {
+                let q0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(i * 16) as *const __m128i));
+                let q1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(512 + i * 16) as *const __m128i));
+                let w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(q0), s0);
+                let w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(q1), s1);
+                for (j, aj) in a.iter_mut().enumerate() {
                     let x = _mm512_set1_ps(*xf.add((r + j) * kp + s * KSTEP + i));
-                    pj[0] = _mm512_fmadd_ps(w0, x, pj[0]);
-                    pj[1] = _mm512_fmadd_ps(w1, x, pj[1]);
+                    aj[0] = _mm512_fmadd_ps(w0, x, aj[0]);
+                    aj[1] = _mm512_fmadd_ps(w1, x, aj[1]);
                 }
-            }
-        }
-        // SAFETY: the scales follow the step's 1,024 weight bytes.
-        unsafe {
-            let s0 = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(1024) as *const __m256i));
-            let s1 = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(1056) as *const __m256i));
-            for j in 0..R {
-                a[j][0] = _mm512_fmadd_ps(_mm512_add_ps(part[0][j][0], part[1][j][0]), s0, a[j][0]);
-                a[j][1] = _mm512_fmadd_ps(_mm512_add_ps(part[0][j][1], part[1][j][1]), s1, a[j][1]);
             }
         }
     }
@@ -1560,7 +1553,7 @@ mod tests {
         }
         let (rows, n, k) = (45, 97, 200);
         let (x, w) = (data(rows * k, 4), data(n * k, 5));
-        // 45 rows: the int8 kernel takes them four and one at a time, bf16's eight, four and one.
+        // 45 rows: the kernels take them eight, four and one at a time.
         for lin in [Bf16Linear::new(&w, n, k, None).unwrap(), Bf16Linear::new_q8(&w, n, k, None).unwrap()] {
             for decoding in [false, true] {
                 let mut all = vec![0f32; rows * n];
