@@ -7,6 +7,8 @@
 #   THREADS=2 NEW=64 PY=/root/venv-ref/bin/python PROFILE=release benches/vlm/bench.sh
 #   FAMILY=idefics2 THREADS=2 NEW=16 PY=~/.cache/quire-tools/venv-ref/bin/python benches/vlm/bench.sh
 #   REPEAT=5 DTYPE=bf16 benches/vlm/bench.sh   (5 alternating rounds: median and range of each ratio)
+#   QUANTIZE=q8 DTYPE=bf16 benches/vlm/bench.sh   (quire --quantize q8: text weights in int8;
+#                                                  transformers stays in DTYPE; GEMM rows add q8)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-/root/venv-ref/bin/python}
@@ -16,6 +18,8 @@ PROFILE=${PROFILE:-release}
 FAMILY=${FAMILY:-idefics3}
 DTYPE=${DTYPE:-f32}
 case "$DTYPE" in f32|bf16) ;; *) echo "DTYPE must be f32 or bf16, not $DTYPE" >&2; exit 2;; esac
+QUANTIZE=${QUANTIZE:-none}
+case "$QUANTIZE" in none|q8) ;; *) echo "QUANTIZE must be none or q8, not $QUANTIZE" >&2; exit 2;; esac
 if [ "$FAMILY" = idefics2 ]; then
   WORK=${WORK:-/tmp/quire-vlm-bench-idefics2}
   mkdir -p "$WORK"
@@ -38,8 +42,9 @@ QS=()
 HS=()
 for i in $(seq 1 "$REPEAT"); do
   GEMM=()
+  [ "$QUANTIZE" = q8 ] && GEMM=(--gemm f32,bf16,q8)
   [ "$i" = 1 ] || GEMM=(--gemm none)
-  QS+=("$("$BIN" "$WORK/ckpt" "$WORK/page.png" "$NEW" --dtype "$DTYPE" "${GEMM[@]}")")
+  QS+=("$("$BIN" "$WORK/ckpt" "$WORK/page.png" "$NEW" --dtype "$DTYPE" --quantize "$QUANTIZE" "${GEMM[@]}")")
   HS+=("$("$PY" benches/vlm/hf_bench.py "$WORK/ckpt" "$WORK/page.png" "$THREADS" "$NEW" "$DTYPE" 2>/dev/null | tail -1)")
 done
 Q=${QS[0]}
@@ -47,10 +52,11 @@ H=${HS[0]}
 echo "$Q"
 echo "$H"
 echo "load average: $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc --all) CPUs (figures are noisy on a shared machine)"
-"$PY" - "$Q" "$H" "$THREADS" "$DTYPE" <<'PYEOF'
+"$PY" - "$Q" "$H" "$THREADS" "$DTYPE" "$QUANTIZE" <<'PYEOF'
 import json, sys
 q, h = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-print(f"threads={sys.argv[3]} dtype={sys.argv[4]} tokens_in={q['tokens_in']} (hf {h['tokens_in']})")
+quant = f" (quire --quantize {sys.argv[5]})" if sys.argv[5] != "none" else ""
+print(f"threads={sys.argv[3]} dtype={sys.argv[4]}{quant} tokens_in={q['tokens_in']} (hf {h['tokens_in']})")
 print(f"prefill ms/image: quire {q['prefill_ms']:.0f}  transformers {h['prefill_ms']:.0f}  speedup {h['prefill_ms']/q['prefill_ms']:.2f}x")
 print(f"decode tok/s:     quire {q['decode_tok_s']:.1f}  transformers {h['decode_tok_s']:.1f}  speedup {q['decode_tok_s']/h['decode_tok_s']:.2f}x")
 print(f"peak RSS MB:      quire {q['peak_rss_mb']:.0f}  transformers {h['peak_rss_mb']:.0f}")
