@@ -11,7 +11,8 @@
 # the small ones become 13 and 12+1 tiles as well: a mix of full-size pages that differ in
 # shape and output length. PREFILL_TOKENS and PREP_THREADS set the continuous engine's chunked
 # prefill and preparation threads (default: the pipeline's CPU settings, 512 and 1).
-# DTYPE=bf16 runs the model in bf16 (default f32). DECODE_NEW (default 128; 0: off) adds the
+# DTYPE=bf16 runs the model in bf16 (default f32); QUANTIZE=q8 its text weights in int8
+# (--quantize q8). DECODE_NEW (default 128; 0: off) adds the
 # decode rate: new tokens/s in the decode steps alone with 1 and with BATCH sequences in flight.
 #   NEW=64,128,256,96,192,160 REQUESTS=16 BATCH=8 DTYPE=bf16 benches/vlm/batching.sh
 set -euo pipefail
@@ -27,6 +28,7 @@ PAGES=${PAGES:-0}
 PREFILL_TOKENS=${PREFILL_TOKENS:-512}
 PREP_THREADS=${PREP_THREADS:-1}
 DTYPE=${DTYPE:-f32}
+QUANTIZE=${QUANTIZE:-none}
 DECODE_NEW=${DECODE_NEW:-128}
 if [ "$PAGES" = 1 ]; then
   WORK=${WORK:-/tmp/quire-vlm-bench-pages}
@@ -51,5 +53,5 @@ cargo build -q -p quire-vlm --example batching --profile "$PROFILE"
 BIN=${CARGO_TARGET_DIR:-target}/$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")/examples/batching
 echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc --all) CPUs (figures are noisy on a shared machine)"
 "$BIN" "$WORK/ckpt" "${IMAGES[@]}" --new "$NEW" --requests "$REQUESTS" --batch "$BATCH" --rounds "$ROUNDS" \
-  --prefill-tokens "$PREFILL_TOKENS" --prep-threads "$PREP_THREADS" --dtype "$DTYPE" --decode-new "$DECODE_NEW"
+  --prefill-tokens "$PREFILL_TOKENS" --prep-threads "$PREP_THREADS" --dtype "$DTYPE" --quantize "$QUANTIZE" --decode-new "$DECODE_NEW"
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -156,21 +156,44 @@ impl FamilyModel for Idefics2 {
 
     /// Image features (frames × image_seq_len rows, text hidden) for each prepared request.
     /// Frames are padded to the largest of each chunk with the patch mask; padded patches
-    /// are masked in the encoder and the resampler, so a frame gives what it gives alone.
+    /// are masked in the encoder and the resampler, so a frame gives what it gives alone up
+    /// to rounding: the sums over a padded sequence round differently. On the CPU, whose
+    /// kernels sum each row the same way whatever is beside it, frames go to the encoder in
+    /// groups of one size (no padding), so a frame's features, and the page's text, are
+    /// the same bits batched or alone.
     fn image_features(&self, preps: &[&Prepared]) -> Result<Vec<Tensor>> {
-        let frames: Vec<&Tile> = preps.iter().flat_map(|p| p.frames.iter()).collect();
+        let mut frames: Vec<(usize, &Tile)> = preps.iter().flat_map(|p| p.frames.iter()).enumerate().collect();
+        let by_size = self.decoder.device.is_cpu();
+        if by_size {
+            // Stable: frames of one size keep their order.
+            frames.sort_by_key(|(_, t)| (t.height, t.width));
+        }
         let p = self.config.vision.patch_size;
         let mut feats = Vec::new();
-        for chunk in frames.chunks(VISION_CHUNK) {
+        let mut start = 0;
+        while start < frames.len() {
+            let first = frames[start].1;
+            let same = |t: &Tile| !by_size || (t.height, t.width) == (first.height, first.width);
+            let len = frames[start..].iter().take(VISION_CHUNK).take_while(|(_, t)| same(t)).count();
+            let chunk: Vec<&Tile> = frames[start..start + len].iter().map(|(_, t)| *t).collect();
+            start += len;
             let size = chunk.iter().fold((0, 0), |(h, w), t| (h.max(t.height), w.max(t.width)));
-            let (px, valid) = pad_frames(chunk, p, PatchRule::AllPixels, size, &self.decoder.device, self.decoder.dtype)?;
+            let (px, valid) = pad_frames(&chunk, p, PatchRule::AllPixels, size, &self.decoder.device, self.decoder.dtype)?;
             if let Some(t) = chunk.iter().find(|t| t.height < p || t.width < p) {
                 bail!(Processor, "a {}x{} frame is smaller than one {p}x{p} patch", t.width, t.height);
             }
             let h = self.vision.forward(&px, &valid)?;
             feats.push(self.connector.forward(&h, &valid, size.1 / p)?);
         }
-        let all = Tensor::cat(&feats, 0)?; // (frames, latents, hidden)
+        let mut all = Tensor::cat(&feats, 0)?; // (frames, latents, hidden), in `frames` order
+        if by_size {
+            // Back to the requests' order: row i of `all` is frame frames[i].0.
+            let mut at = vec![0u32; frames.len()];
+            for (row, (i, _)) in frames.iter().enumerate() {
+                at[*i] = row as u32;
+            }
+            all = all.index_select(&Tensor::new(at, all.device())?, 0)?;
+        }
         let (_, seq, hid) = all.dims3()?;
         let mut out = Vec::with_capacity(preps.len());
         let mut start = 0;
