@@ -2,8 +2,9 @@
 # Benchmark quire-vlm against llama.cpp (llama-mtmd-cli) on the CPU, on bench.sh's random-weight
 # SmolVLM-256M-sized checkpoint and 480x360 page, same prompt, greedy, NEW tokens forced, THREADS
 # threads for both. Not a test: prints prefill ms, decode tokens/s and peak RSS (median and range
-# over REPEAT runs) for llama.cpp at f32/f16/bf16/q8_0 and quire at f32/bf16, and the ratios at
-# matching precisions.
+# over REPEAT runs) for llama.cpp at f32/f16/bf16/q8_0 and quire at f32/bf16/q8_0 (quire's
+# q8_0: --dtype bf16 --quantize q8, the text model's weights in int8 blocks of 32 with f16 scales
+# as llama.cpp's q8_0, the vision encoder in bf16), and the ratios at matching precisions.
 #   benches/vlm/llamacpp.sh
 #   THREADS=2 NEW=64 REPEAT=3 PY=~/.cache/quire-tools/venv-ref/bin/python benches/vlm/llamacpp.sh
 #   LLAMA_TYPES="f32 q8_0" QUIRE_DTYPES=f32 REPEAT=1 benches/vlm/llamacpp.sh
@@ -71,7 +72,7 @@ NEW=${NEW:-64}
 REPEAT=${REPEAT:-3}
 CTX=${CTX:-1024}
 LLAMA_TYPES=${LLAMA_TYPES:-f32 f16 bf16 q8_0}
-QUIRE_DTYPES=${QUIRE_DTYPES:-f32 bf16}
+QUIRE_DTYPES=${QUIRE_DTYPES:-f32 bf16 q8_0}
 TOOLS=${TOOLS:-$HOME/.cache/quire-tools/llamacpp}
 LLAMA_CPP_PYTHON=${LLAMA_CPP_PYTHON:-0.3.36}   # the version this script was written against
 WORK=${WORK:-/tmp/quire-vlm-bench}
@@ -187,8 +188,10 @@ PYEOF
 }
 
 run_quire() {
-  local d=$1
-  "$QBIN" "$WORK/ckpt" "$WORK/page.png" "$NEW" --dtype "$d" --gemm none | tail -1 \
+  local d=$1 args
+  # q8_0: the text model's weights in int8 blocks of 32 (--quantize q8), the rest in bf16.
+  if [ "$d" = q8_0 ]; then args=(--dtype bf16 --quantize q8); else args=(--dtype "$d"); fi
+  "$QBIN" "$WORK/ckpt" "$WORK/page.png" "$NEW" "${args[@]}" --gemm none | tail -1 \
     | "$PY" -c 'import json,sys; j=json.loads(sys.stdin.read()); j["dtype"]=sys.argv[1]; print(json.dumps(j))' "$d"
 }
 
