@@ -419,6 +419,45 @@ fn scanned_pages_and_images_go_to_the_model() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("0 already done"));
 }
 
+/// `--quantize q8`: the model's text weights in int8 on the CPU; records as without it. A
+/// combination it cannot run (f16) is refused before any page, saying what to use.
+#[test]
+fn quantize_q8_runs_the_model_with_int8_text_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, _) = idefics3("split_sf2_gqa");
+    let out = tmp.path().join("out");
+    let input = tmp.path().join("in");
+    std::fs::create_dir(&input).unwrap();
+    copy_into(&input, &["photo.jpg"]);
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "run", input.to_str().unwrap(), "--out", out.to_str().unwrap(), "--job", "q8", "--model", model.to_str().unwrap(),
+            "--max-new-tokens", "4",
+        ];
+        args.extend_from_slice(extra);
+        quire(&args)
+    };
+    let o = run(&["--quantize", "q8", "--dtype", "f16"]);
+    assert_ne!(code(&o), 0);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--quantize q8 runs with --dtype f32 or bf16"), "{err}");
+    let avx512 = cfg!(target_arch = "x86_64") && std::arch::is_x86_feature_detected!("avx512f");
+    let o = run(&["--quantize", "q8", "--dtype", "bf16"]);
+    if !avx512 {
+        assert_ne!(code(&o), 0);
+        assert!(String::from_utf8_lossy(&o.stderr).contains("AVX-512"), "{}", String::from_utf8_lossy(&o.stderr));
+        return;
+    }
+    assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
+    let recs = records(&out, "q8");
+    assert_eq!(recs.len(), 1);
+    for r in recs.values() {
+        assert!(r["error"].is_null(), "{r}");
+        assert_eq!(r["engine"], "vlm");
+        assert!((1..=4).contains(&r["tokens_out"].as_u64().unwrap()), "{r}");
+    }
+}
+
 /// Scanned PDF pages rendered the way quire renders them, by pypdfium2 with the same
 /// libpdfium (the pypdfium2 5.15.2 wheel's), and what `transformers` generated on exactly
 /// those pixels: `tests/gen_idefics3.py pdf` writes `idefics3/pdf_pages/`.
