@@ -419,42 +419,47 @@ fn scanned_pages_and_images_go_to_the_model() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("0 already done"));
 }
 
-/// `--quantize q8`: the model's text weights in int8 on the CPU; records as without it. A
-/// combination it cannot run (f16) is refused before any page, saying what to use.
+/// `--quantize q8` and `q4`: the model's text weights in int8 or 4 bits on the CPU; records
+/// as without them. A combination they cannot run (f16) is refused before any page, saying
+/// what to use.
 #[test]
-fn quantize_q8_runs_the_model_with_int8_text_weights() {
+fn quantize_runs_the_model_with_int8_and_4_bit_text_weights() {
     let tmp = tempfile::tempdir().unwrap();
     let (model, _) = idefics3("split_sf2_gqa");
     let out = tmp.path().join("out");
     let input = tmp.path().join("in");
     std::fs::create_dir(&input).unwrap();
     copy_into(&input, &["photo.jpg"]);
-    let run = |extra: &[&str]| {
+    let run = |job: &str, extra: &[&str]| {
         let mut args = vec![
-            "run", input.to_str().unwrap(), "--out", out.to_str().unwrap(), "--job", "q8", "--model", model.to_str().unwrap(),
+            "run", input.to_str().unwrap(), "--out", out.to_str().unwrap(), "--job", job, "--model", model.to_str().unwrap(),
             "--max-new-tokens", "4",
         ];
         args.extend_from_slice(extra);
         quire(&args)
     };
-    let o = run(&["--quantize", "q8", "--dtype", "f16"]);
+    let o = run("q8", &["--quantize", "q8", "--dtype", "f16"]);
     assert_ne!(code(&o), 0);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("--quantize q8 runs with --dtype f32 or bf16"), "{err}");
-    let avx512 = cfg!(target_arch = "x86_64") && std::arch::is_x86_feature_detected!("avx512f");
-    let o = run(&["--quantize", "q8", "--dtype", "bf16"]);
-    if !avx512 {
-        assert_ne!(code(&o), 0);
-        assert!(String::from_utf8_lossy(&o.stderr).contains("AVX-512"), "{}", String::from_utf8_lossy(&o.stderr));
-        return;
-    }
-    assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
-    let recs = records(&out, "q8");
-    assert_eq!(recs.len(), 1);
-    for r in recs.values() {
-        assert!(r["error"].is_null(), "{r}");
-        assert_eq!(r["engine"], "vlm");
-        assert!((1..=4).contains(&r["tokens_out"].as_u64().unwrap()), "{r}");
+    let x86 = cfg!(target_arch = "x86_64");
+    let avx512 = x86 && std::arch::is_x86_feature_detected!("avx512f");
+    let vnni = avx512 && std::arch::is_x86_feature_detected!("avx512vnni") && std::arch::is_x86_feature_detected!("avx512bw");
+    for (job, needs, can) in [("q8", "AVX-512", avx512), ("q4", if avx512 { "AVX512-VNNI" } else { "AVX-512" }, vnni)] {
+        let o = run(job, &["--quantize", job, "--dtype", "bf16"]);
+        if !can {
+            assert_ne!(code(&o), 0);
+            assert!(String::from_utf8_lossy(&o.stderr).contains(needs), "{}", String::from_utf8_lossy(&o.stderr));
+            continue;
+        }
+        assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
+        let recs = records(&out, job);
+        assert_eq!(recs.len(), 1);
+        for r in recs.values() {
+            assert!(r["error"].is_null(), "{r}");
+            assert_eq!(r["engine"], "vlm");
+            assert!((1..=4).contains(&r["tokens_out"].as_u64().unwrap()), "{r}");
+        }
     }
 }
 

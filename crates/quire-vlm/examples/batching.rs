@@ -4,7 +4,7 @@
 //! several rounds (the modes take turns in every round, so drift on a shared machine hits
 //! them alike).
 //!
-//! usage: batching CHECKPOINT_DIR IMAGE... [--device cpu|cuda] [--dtype f32|bf16|f16] [--quantize none|q8]
+//! usage: batching CHECKPOINT_DIR IMAGE... [--device cpu|cuda] [--dtype f32|bf16|f16] [--quantize none|q8|q4]
 //!        [--new 8,64,24,...] [--requests N] [--batch N] [--rounds N] [--modes one,static,continuous]
 //!        [--prefill-tokens N] [--prep-threads N] [--decode-new N]
 //!

@@ -1,7 +1,7 @@
 //! Benchmark helper for `benches/vlm/bench.sh` and `benches/gpu/check.sh`.
 //!
 //! usage: bench CHECKPOINT_DIR IMAGE NEW_TOKENS [--device cpu|cuda] [--dtype f32|bf16|f16]
-//!        [--quantize none|q8] [--batch N] [--gemm DTYPES|none]
+//!        [--quantize none|q8|q4] [--batch N] [--gemm DTYPES|none]
 //!
 //! Without `--batch` (what `benches/vlm/bench.sh` runs): one request at a time, prints one JSON
 //! line with prefill ms per image and decode tokens/s. On the CPU the line also holds where the
@@ -14,7 +14,7 @@
 //!   checkpoint and image (vision encoder layers at its patch count, connector, text prefill at
 //!   the prompt length, decode matrix-vector products and `lm_head`), each a linear layer built
 //!   as the engine builds it ([`ParLinear::with_linears`]) for each dtype in DTYPES (default
-//!   `f32,bf16`; `q8` is the int8 packing of `--quantize q8`; a dtype the layer cannot run is
+//!   `f32,bf16`; `q8` and `q4` are the packings of `--quantize q8|q4`; a dtype the layer cannot run is
 //!   reported with its error), plus the encoder's own product
 //!   ([`quire_vlm::kernels::matmul_wt`]) on the vision shapes;
 //! - `machine`: threads, the clock (from a dependent-FMA loop, and `/proc/cpuinfo`), the FMA
@@ -78,7 +78,7 @@ fn parse_args() -> anyhow::Result<Args> {
         }
     }
     if pos.len() != 3 {
-        bail!("usage: bench CHECKPOINT_DIR IMAGE NEW_TOKENS [--device cpu|cuda] [--dtype f32|bf16|f16] [--quantize none|q8] [--batch N] [--gemm DTYPES|none]");
+        bail!("usage: bench CHECKPOINT_DIR IMAGE NEW_TOKENS [--device cpu|cuda] [--dtype f32|bf16|f16] [--quantize none|q8|q4] [--batch N] [--gemm DTYPES|none]");
     }
     let gemm = if gemm == "none" { Vec::new() } else { gemm.split(',').map(str::to_string).collect() };
     Ok(Args { dir: pos[0].clone(), image: pos[1].clone(), new: pos[2].parse()?, device, dtype, quantize, batch, gemm })
@@ -123,7 +123,11 @@ fn main() -> anyhow::Result<()> {
             let threads = candle_core::utils::get_num_threads().max(1);
             out["machine"] = machine(threads);
             // Bytes per weight of the text model's layers, which a decode step streams.
-            let wbytes = if opts.quantize == Quantize::Q8 { Q8_BYTES } else { opts.dtype.size_in_bytes() as f64 };
+            let wbytes = match opts.quantize {
+                Quantize::Q8 => Q8_BYTES,
+                Quantize::Q4 => Q4_BYTES,
+                Quantize::None => opts.dtype.size_in_bytes() as f64,
+            };
             out["phases"] = phases(&model, &stages, wbytes);
             let shapes = gemm_shapes(&model, &stages);
             drop(vlm);
@@ -301,15 +305,22 @@ const STREAM_BYTES: usize = 1 << 30;
 
 /// Bytes per weight of the int8 packing (`--quantize q8`): one, plus an f16 scale per 32.
 const Q8_BYTES: f64 = 1.0625;
+/// Bytes per weight of the 4-bit packing (`--quantize q4`): a half, plus an f16 scale per 32.
+const Q4_BYTES: f64 = 0.5625;
 
 /// A linear layer of `dtype` as the engine builds it ([`ParLinear::with_linears`] over the
-/// checkpoint's f32 weight: at bf16 on the CPU the weight is packed once in bf16, at "q8" in
-/// int8 with block scales) and calls it, on f32 activations. One row (a decode product):
+/// checkpoint's f32 weight: at bf16 on the CPU the weight is packed once in bf16, at "q8" ("q4") in
+/// int8 (4 bits) with block scales) and calls it, on f32 activations. One row (a decode product):
 /// enough copies of the layer to fill [`STREAM_BYTES`], called in turn, the time being per call.
 fn bench_par_linear(s: &Shape, dtype: &str) -> Value {
-    let linears = if dtype == "q8" { Ok(Linears::Q8) } else { LoadOptions::parse_dtype(dtype).map(Linears::Dtype) };
+    let linears = match dtype {
+        "q8" => Ok(Linears::Q8),
+        "q4" => Ok(Linears::Q4),
+        _ => LoadOptions::parse_dtype(dtype).map(Linears::Dtype),
+    };
     let bytes = match &linears {
         Ok(Linears::Q8) => Q8_BYTES,
+        Ok(Linears::Q4) => Q4_BYTES,
         Ok(Linears::Dtype(d)) => d.size_in_bytes() as f64,
         Err(_) => 4.0,
     };

@@ -18,6 +18,14 @@
 //! widens the int8 values to f32 and multiplies them by their block's scale (exactly) before
 //! the FMAs with the bf16-rounded inputs; AMX products dequantize each panel's k block to
 //! bf16 tiles (value · scale, rounded once) just before multiplying it.
+//!
+//! [`Bf16Linear::new_q4`] holds it in 4 bits with the same blocks and scales (0.5625 bytes a
+//! weight). Without AMX its products, decoding's included, quantize each row of inputs to
+//! int8 in blocks of 32 too (a scale per row and block) and multiply with AVX512-VNNI's
+//! `vpdpbusd`: exact integer sums per block, scaled and summed in f32, block after block.
+//! Widening 4-bit values to f32 would cost more instructions than the memory saves; the
+//! integer products keep decoding bound by the bytes it reads. AMX products dequantize to
+//! bf16 tiles as for int8.
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -34,6 +42,10 @@ const PREFETCH: usize = 4;
 /// Bytes of one panel's k step in the int8 packing: 2 tiles × 32 k values × 16 columns of
 /// int8, then the 32 columns' f16 scales (17 cache lines).
 const Q8_STEP: usize = 1024 + 64;
+/// Bytes of one panel's k step in the 4-bit packing: per 16-column tile four 64-byte units,
+/// unit g holding k values 4g..4g+3 (low nibbles) and 16 + 4g..16 + 4g + 3 (high nibbles) of
+/// each column side by side as `vpdpbusd` takes them, then the 32 columns' f16 scales (9 lines).
+const Q4_STEP: usize = 512 + 64;
 /// k steps per block of [`Bf16Linear`]'s AMX products (256 of k): a 32-row slice of the
 /// inputs and a panel's slice are 16 KiB each.
 const AMX_KBLOCK: usize = 8;
@@ -201,12 +213,35 @@ pub enum Act {
     GeluTanh,
 }
 
-/// A linear layer's weight (n outputs × k inputs) in bf16 (or int8 with block scales, see
-/// [`Bf16Linear::new_q8`]), packed for the kernels, with an f32 bias.
+/// How a [`Bf16Linear`] holds its weight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Packing {
+    /// bf16 panels ([`Bf16Linear::new`]).
+    Bf16,
+    /// int8 with block scales ([`Bf16Linear::new_q8`]).
+    Q8,
+    /// 4 bits with block scales ([`Bf16Linear::new_q4`]).
+    Q4,
+}
+
+impl Packing {
+    /// Bytes of one panel's k step.
+    fn step_bytes(self) -> usize {
+        match self {
+            Packing::Bf16 => STEP_ELEMS * 2,
+            Packing::Q8 => Q8_STEP,
+            Packing::Q4 => Q4_STEP,
+        }
+    }
+}
+
+/// A linear layer's weight (n outputs × k inputs) in bf16 (or int8 or 4 bits with block
+/// scales, see [`Bf16Linear::new_q8`] and [`Bf16Linear::new_q4`]), packed for the kernels,
+/// with an f32 bias.
 pub struct Bf16Linear {
-    /// bf16 panels, or the int8 packing's bytes when `q8`.
+    /// bf16 panels, or the bytes of the int8 or 4-bit packing.
     packed: Aligned,
-    q8: bool,
+    packing: Packing,
     bias: Option<Vec<f32>>,
     n: usize,
     k: usize,
@@ -254,7 +289,7 @@ impl Bf16Linear {
                 }
             }
         });
-        Ok(Bf16Linear { packed, q8: false, bias: bias.map(|b| b[..n].to_vec()), n, k, kp, isa })
+        Ok(Bf16Linear { packed, packing: Packing::Bf16, bias: bias.map(|b| b[..n].to_vec()), n, k, kp, isa })
     }
 
     /// Packs the row-major (n, k) f32 weight `w` in int8 with a scale per output and block
@@ -286,7 +321,7 @@ impl Bf16Linear {
                 let (t, c) = (col / 16, col % 16);
                 let row = &w[o * k..(o + 1) * k];
                 for (s, block) in row.chunks(KSTEP).enumerate() {
-                    let (scale, q) = quantize_block(block);
+                    let (scale, q) = quantize_block(block, 127.0);
                     let at = s * Q8_STEP;
                     dst[at + 1024 + 2 * col..at + 1026 + 2 * col].copy_from_slice(&scale.to_bits().to_le_bytes());
                     for (i, &v) in q.iter().enumerate().take(block.len()) {
@@ -295,12 +330,81 @@ impl Bf16Linear {
                 }
             }
         });
-        Ok(Bf16Linear { packed, q8: true, bias: bias.map(|b| b[..n].to_vec()), n, k, kp, isa })
+        Ok(Bf16Linear { packed, packing: Packing::Q8, bias: bias.map(|b| b[..n].to_vec()), n, k, kp, isa })
+    }
+
+    /// Packs the row-major (n, k) f32 weight `w` in 4 bits with a scale per output and block
+    /// of 32 inputs: scale = the block's largest |w| / 7 as an f16 (rounded up), each weight
+    /// the nearest integer to w / scale (|q| ≤ 7, stored as q + 8). Products without AMX run
+    /// on int8 inputs with AVX512-VNNI (see the module doc). Fails like [`Self::new`], on a CPU
+    /// without AVX512-VNNI, and on a weight that is not finite or too large for an f16 scale.
+    pub fn new_q4(w: &[f32], n: usize, k: usize, bias: Option<&[f32]>) -> Result<Bf16Linear, String> {
+        let isa = support()?;
+        if !vnni() {
+            return Err("4-bit weights need AVX512-VNNI, which this CPU lacks; use --quantize q8".into());
+        }
+        assert!(w.len() >= n * k && bias.is_none_or(|b| b.len() >= n), "q4 linear sizes");
+        if let Some(v) = w[..n * k].iter().find(|v| v.is_nan() || v.abs() > Q4_MAX) {
+            return Err(format!("a weight of {v} is out of the 4-bit packing's range (|w| <= {Q4_MAX:e}); run without --quantize"));
+        }
+        let kp = k.div_ceil(KSTEP) * KSTEP;
+        let panels = n.div_ceil(PANEL);
+        let steps = kp / KSTEP;
+        let mut packed = Aligned::zeroed(panels * steps * Q4_STEP / 2);
+        let pp = Shared(packed.as_mut_ptr() as *mut u8);
+        // Panel p, step s: byte t·256 + g·64 + c·4 + j holds, for column p·32 + t·16 + c,
+        // q + 8 of k = s·32 + 4g + j in its low nibble and of k + 16 in its high one;
+        // bytes 512 + 2·(t·16 + c) that column's f16 scale.
+        crate::par::par_for(panels, &|p| {
+            // SAFETY: panel p owns bytes [p·steps·Q4_STEP, (p+1)·steps·Q4_STEP).
+            let dst = unsafe { std::slice::from_raw_parts_mut(pp.get().add(p * steps * Q4_STEP), steps * Q4_STEP) };
+            // Zeros (q = 0, stored as 8) where there is no weight: k past the end and columns
+            // past n, whose scales stay zero.
+            for step in dst.chunks_exact_mut(Q4_STEP) {
+                step[..512].fill(0x88);
+            }
+            for col in 0..PANEL {
+                let o = p * PANEL + col;
+                if o >= n {
+                    continue;
+                }
+                let (t, c) = (col / 16, col % 16);
+                let row = &w[o * k..(o + 1) * k];
+                for (s, block) in row.chunks(KSTEP).enumerate() {
+                    let (scale, q) = quantize_block(block, 7.0);
+                    let at = s * Q4_STEP;
+                    dst[at + 512 + 2 * col..at + 514 + 2 * col].copy_from_slice(&scale.to_bits().to_le_bytes());
+                    for i in 0..16 {
+                        dst[at + t * 256 + (i / 4) * 64 + c * 4 + i % 4] = (q[i] + 8) as u8 | ((q[i + 16] + 8) as u8) << 4;
+                    }
+                }
+            }
+        });
+        Ok(Bf16Linear { packed, packing: Packing::Q4, bias: bias.map(|b| b[..n].to_vec()), n, k, kp, isa })
+    }
+
+    /// The values [`Self::new_q4`] holds for the row-major (n, k) weight `w`: each weight
+    /// rounded to its block's 4-bit step (q · scale), for references that run unquantized
+    /// products on them. The caller keeps `w` within the packing's range.
+    pub fn q4_values(w: &[f32], k: usize) -> Vec<f32> {
+        let mut out = Vec::with_capacity(w.len());
+        for row in w.chunks_exact(k) {
+            for block in row.chunks(KSTEP) {
+                let (scale, q) = quantize_block(block, 7.0);
+                out.extend(q[..block.len()].iter().map(|&q| q as f32 * scale.to_f32()));
+            }
+        }
+        out
     }
 
     /// Whether the weight is held in int8 ([`Self::new_q8`]).
     pub fn is_q8(&self) -> bool {
-        self.q8
+        self.packing == Packing::Q8
+    }
+
+    /// How the weight is held.
+    pub fn packing(&self) -> Packing {
+        self.packing
     }
 
     pub fn out_features(&self) -> usize {
@@ -313,8 +417,7 @@ impl Bf16Linear {
 
     /// Bytes of packed weight (padding and int8 scales included).
     pub fn weight_bytes(&self) -> usize {
-        let per_step = if self.q8 { Q8_STEP } else { STEP_ELEMS * 2 };
-        self.n.div_ceil(PANEL) * (self.kp / KSTEP) * per_step
+        self.n.div_ceil(PANEL) * (self.kp / KSTEP) * self.packing.step_bytes()
     }
 
     /// `dst` (rows, n) = `x` (rows, k) · Wᵀ + bias, plus the previous `dst` when `accumulate`.
@@ -328,6 +431,22 @@ impl Bf16Linear {
         let amx = !decoding && self.isa == Bf16Isa::Amx;
         // Rows rounded up to two AMX tiles for AMX.
         let prow = if amx { rows.div_ceil(32) * 32 } else { rows };
+        if !amx && self.packing == Packing::Q4 {
+            thread_local! {
+                static XQ: std::cell::RefCell<Int8Rows> = std::cell::RefCell::new(Int8Rows::default());
+            }
+            XQ.with_borrow_mut(|xq| {
+                xq.quantize(x, rows, self.k, self.kp);
+                let (xq, dp) = (&*xq, Shared(dst.as_mut_ptr()));
+                let panels = self.n.div_ceil(PANEL);
+                crate::par::par_for(panels.div_ceil(2), &|t| {
+                    let p0 = t * 2;
+                    // SAFETY: as below.
+                    unsafe { self.dot_block(Rows::Int8(xq), p0, (p0 + 2).min(panels), rows, dp.get(), accumulate) };
+                });
+            });
+            return;
+        }
         if !amx {
             thread_local! {
                 static XF: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -348,7 +467,7 @@ impl Bf16Linear {
                 crate::par::par_for(panels.div_ceil(2), &|t| {
                     let p0 = t * 2;
                     // SAFETY: the task writes every row of the columns of panels p0, p0 + 1.
-                    unsafe { self.dot_block(xf.as_ptr(), p0, (p0 + 2).min(panels), rows, dp.get(), accumulate) };
+                    unsafe { self.dot_block(Rows::Bf16(xf.as_ptr()), p0, (p0 + 2).min(panels), rows, dp.get(), accumulate) };
                 });
             });
             return;
@@ -477,32 +596,36 @@ impl Bf16Linear {
         prev + self.bias.as_ref().map_or(0.0, |b| b[o])
     }
 
-    /// Panels p0..p1 for rows 0..rows with [`dot_panel`], eight or four rows at a time (each row's sums
-    /// are the same instructions in the same order whatever is beside it).
-    unsafe fn dot_block(&self, xf: *const f32, p0: usize, p1: usize, rows: usize, dst: *mut f32, accumulate: bool) {
+    /// Panels p0..p1 for rows 0..rows with [`dot_panel`] (or its int8 and 4-bit forms), eight
+    /// or four rows at a time (4-bit: four), then one (each row's sums are the same
+    /// instructions in the same order whatever is beside it).
+    unsafe fn dot_block(&self, x: Rows<'_>, p0: usize, p1: usize, rows: usize, dst: *mut f32, accumulate: bool) {
         let mut r = 0;
         while r < rows {
-            let step = if r + 8 <= rows { 8 } else if r + 4 <= rows { 4 } else { 1 };
+            let wide = self.packing != Packing::Q4 && r + 8 <= rows;
+            let step = if wide { 8 } else if r + 4 <= rows { 4 } else { 1 };
             for p in p0..p1 {
                 let mut acc = [[0f32; PANEL]; 8];
-                // SAFETY: the CPU has AVX-512 (checked at construction); offsets stay inside
-                // the packed panel and the converted rows.
+                // SAFETY: the CPU has AVX-512 (and AVX512-VNNI for 4 bits; checked at
+                // construction); offsets stay inside the packed panel and the rows.
                 unsafe {
-                    if self.q8 {
-                        let q = self.packed.as_ptr() as *const u8;
-                        if step == 8 {
-                            dot_panel_q8::<8>(q, p, self.kp, xf, r, &mut acc);
-                        } else if step == 4 {
-                            dot_panel_q8::<4>(q, p, self.kp, xf, r, &mut acc);
-                        } else {
-                            dot_panel_q8::<1>(q, p, self.kp, xf, r, &mut acc);
-                        }
-                    } else if step == 8 {
-                        dot_panel::<8>(self.packed.as_ptr(), p, self.kp, xf, r, &mut acc);
-                    } else if step == 4 {
-                        dot_panel::<4>(self.packed.as_ptr(), p, self.kp, xf, r, &mut acc);
-                    } else {
-                        dot_panel::<1>(self.packed.as_ptr(), p, self.kp, xf, r, &mut acc);
+                    let q = self.packed.as_ptr() as *const u8;
+                    match (self.packing, x) {
+                        (Packing::Q4, Rows::Int8(xq)) => match step {
+                            4 => dot_panel_q4::<4>(q, p, self.kp, xq, r, &mut acc),
+                            _ => dot_panel_q4::<1>(q, p, self.kp, xq, r, &mut acc),
+                        },
+                        (Packing::Q8, Rows::Bf16(xf)) => match step {
+                            8 => dot_panel_q8::<8>(q, p, self.kp, xf, r, &mut acc),
+                            4 => dot_panel_q8::<4>(q, p, self.kp, xf, r, &mut acc),
+                            _ => dot_panel_q8::<1>(q, p, self.kp, xf, r, &mut acc),
+                        },
+                        (Packing::Bf16, Rows::Bf16(xf)) => match step {
+                            8 => dot_panel::<8>(self.packed.as_ptr(), p, self.kp, xf, r, &mut acc),
+                            4 => dot_panel::<4>(self.packed.as_ptr(), p, self.kp, xf, r, &mut acc),
+                            _ => dot_panel::<1>(self.packed.as_ptr(), p, self.kp, xf, r, &mut acc),
+                        },
+                        _ => unreachable!("rows prepared for another packing"),
                     }
                 }
                 for (i, a) in acc.iter().enumerate().take(step) {
@@ -552,7 +675,8 @@ impl Bf16Linear {
         let row_blocks = (r1 - r0) / 32;
         PARTIAL.with_borrow_mut(|partial| DEQUANT.with_borrow_mut(|dq| {
             let c = partial.f32_fit((p1 - p0) * row_blocks * 1024);
-            if self.q8 {
+            let quantized = self.packing != Packing::Bf16;
+            if quantized {
                 dq.fit((p1 - p0) * AMX_KBLOCK * STEP_ELEMS);
             }
             // SAFETY: the tile state was granted (support() returned Amx); loads stay inside the
@@ -563,17 +687,22 @@ impl Bf16Linear {
                 let mut s0 = 0;
                 while s0 < steps {
                     let kn = AMX_KBLOCK.min(steps - s0);
-                    if self.q8 {
+                    if quantized {
                         // This k block of the task's panels, once for all its row blocks.
                         for p in p0..p1 {
-                            let src = (self.packed.as_ptr() as *const u8).add((p * steps + s0) * Q8_STEP);
-                            dequantize_steps(src, kn, dq.as_mut_ptr().add((p - p0) * kn * STEP_ELEMS));
+                            let src = (self.packed.as_ptr() as *const u8).add((p * steps + s0) * self.packing.step_bytes());
+                            let to = dq.as_mut_ptr().add((p - p0) * kn * STEP_ELEMS);
+                            if self.packing == Packing::Q4 {
+                                dequantize_steps_q4(src, kn, to);
+                            } else {
+                                dequantize_steps(src, kn, to);
+                            }
                         }
                     }
                     for rb in 0..row_blocks {
                         let a = xb.add((r0 / 32 + rb) * 32 * self.kp + s0 * 32 * KSTEP);
                         for p in p0..p1 {
-                            let b = if self.q8 {
+                            let b = if quantized {
                                 dq.as_ptr().add((p - p0) * kn * STEP_ELEMS)
                             } else {
                                 self.packed.as_ptr().add((p * steps + s0) * STEP_ELEMS)
@@ -585,7 +714,7 @@ impl Bf16Linear {
                             // products); with more rows the panel comes from L2 again for the
                             // rest, and the prefetches only cost instructions. Either way the
                             // sums are the same.
-                            if rb == 0 && row_blocks <= 3 && !self.q8 {
+                            if rb == 0 && row_blocks <= 3 && !quantized {
                                 amx::block_32x32_acc::<true>(a, KSTEP * 2, 32 * KSTEP, b, kn, blk, 128, s0 > 0);
                             } else {
                                 amx::block_32x32_acc::<false>(a, KSTEP * 2, 32 * KSTEP, b, kn, blk, 128, s0 > 0);
@@ -612,15 +741,15 @@ impl Bf16Linear {
     }
 }
 
-/// One block of the int8 packing: its f16 scale (the block's largest |w| / 127, rounded up
-/// to an f16, so that no weight lands past ±127; zero for an all-zero block) and the weights
-/// divided by it, rounded to the nearest integer (ties away from zero): each weight is off by
-/// at most half the scale. Values past the block's length are zero. The caller keeps |w|
-/// within [`Q8_MAX`].
-fn quantize_block(block: &[f32]) -> (half::f16, [i8; KSTEP]) {
+/// One block of the int8 (`qmax` 127) or 4-bit (`qmax` 7) packing: its f16 scale (the
+/// block's largest |w| / `qmax`, rounded up to an f16, so that no weight lands past ±`qmax`;
+/// zero for an all-zero block) and the weights divided by it, rounded to the nearest integer
+/// (ties away from zero): each weight is off by at most half the scale. Values past the
+/// block's length are zero. The caller keeps |w| within [`Q8_MAX`] or [`Q4_MAX`].
+fn quantize_block(block: &[f32], qmax: f32) -> (half::f16, [i8; KSTEP]) {
     let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
-    let mut scale = half::f16::from_f32(amax / 127.0);
-    if scale.to_f32() < amax / 127.0 {
+    let mut scale = half::f16::from_f32(amax / qmax);
+    if scale.to_f32() < amax / qmax {
         // The next f16 up (a positive f16's bits count up with its value).
         scale = half::f16::from_bits(scale.to_bits() + 1);
     }
@@ -628,7 +757,7 @@ fn quantize_block(block: &[f32]) -> (half::f16, [i8; KSTEP]) {
     let d = scale.to_f32();
     if d > 0.0 {
         for (q, &v) in q.iter_mut().zip(block) {
-            *q = (v / d).round().clamp(-127.0, 127.0) as i8;
+            *q = (v / d).round().clamp(-qmax, qmax) as i8;
         }
     }
     (scale, q)
@@ -636,6 +765,80 @@ fn quantize_block(block: &[f32]) -> (half::f16, [i8; KSTEP]) {
 
 /// The largest |weight| the int8 packing holds: 127 times the largest finite f16.
 const Q8_MAX: f32 = 127.0 * 65504.0;
+/// The largest |weight| the 4-bit packing holds: 7 times the largest finite f16.
+const Q4_MAX: f32 = 7.0 * 65504.0;
+
+/// Whether the CPU has the integer dot products of the 4-bit kernels (AVX512-VNNI, with
+/// AVX512-BW for the nibble shifts).
+pub(crate) fn vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512vnni") && std::arch::is_x86_feature_detected!("avx512bw")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Rows of inputs as the 4-bit kernels take them: each row's values rounded to bf16 (as
+/// every kernel here rounds its inputs: a last-bit difference in an f32 input seldom moves
+/// them, where it would move an int8 scale taken from the f32 values), then its blocks of 32
+/// in int8 with a scale per block (the block's largest |x| / 127, in f32, so the scaled
+/// values span ±127), and per block −8 times the sum of its int8 values, which takes the
+/// weights' +8 offset back out of the integer sums.
+#[derive(Default)]
+struct Int8Rows {
+    /// rows × kp values, zero past k.
+    q: Vec<i8>,
+    /// rows × kp/32 scales.
+    scale: Vec<f32>,
+    /// rows × kp/32 offsets' sums.
+    offset: Vec<i32>,
+    kp: usize,
+}
+
+impl Int8Rows {
+    /// Quantizes `rows` rows of `k` values from `x`. A block holding a NaN or an infinity gets
+    /// a NaN scale, so that its outputs are NaN as a float product's would be.
+    fn quantize(&mut self, x: &[f32], rows: usize, k: usize, kp: usize) {
+        let steps = kp / KSTEP;
+        self.kp = kp;
+        self.q.clear();
+        self.q.resize(rows * kp, 0);
+        self.scale.clear();
+        self.scale.resize(rows * steps, 0.0);
+        self.offset.clear();
+        self.offset.resize(rows * steps, 0);
+        for (r, row) in x.chunks_exact(k).take(rows).enumerate() {
+            for (s, block) in row.chunks(KSTEP).enumerate() {
+                let finite = block.iter().all(|v| v.is_finite());
+                let mut b = [0f32; KSTEP];
+                for (b, &v) in b.iter_mut().zip(block) {
+                    *b = from_bf16(to_bf16(v));
+                }
+                let block = &b[..block.len()];
+                let d = block.iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0;
+                self.scale[r * steps + s] = if finite { d } else { f32::NAN };
+                if !finite || d == 0.0 {
+                    continue;
+                }
+                let q = &mut self.q[r * kp + s * KSTEP..r * kp + s * KSTEP + block.len()];
+                let mut sum = 0i32;
+                for (q, &v) in q.iter_mut().zip(block) {
+                    *q = (v / d).round().clamp(-127.0, 127.0) as i8;
+                    sum += *q as i32;
+                }
+                self.offset[r * steps + s] = -8 * sum;
+            }
+        }
+    }
+}
+
+/// The inputs of [`Bf16Linear::dot_block`]: rows rounded to bf16 (kept in f32), or in int8.
+#[derive(Clone, Copy)]
+enum Rows<'a> {
+    Bf16(*const f32),
+    Int8(&'a Int8Rows),
+}
 
 /// `kn` k steps of one panel in the int8 packing at `src` as bf16 tiles at `dst` (the layout
 /// of [`Bf16Linear::new`]'s panels): each value q · scale (exact in f32: 8 by 11 significant
@@ -671,6 +874,45 @@ unsafe fn dequantize_steps(src: *const u8, kn: usize, dst: *mut u16) {
 
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn dequantize_steps(_: *const u8, _: usize, _: *mut u16) {
+    unreachable!("support() fails off x86-64")
+}
+
+/// [`dequantize_steps`] for the 4-bit packing: each value (q + 8 − 8) · scale, exact in f32,
+/// rounded to bf16 into the bf16 panels' layout.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn dequantize_steps_q4(src: *const u8, kn: usize, dst: *mut u16) {
+    let pair = _mm512_set_epi16(
+        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0,
+    );
+    let (nibble, eight) = (_mm512_set1_epi32(0x0f), _mm512_set1_epi32(8));
+    // SAFETY: the caller hands kn whole steps at src and room for kn · STEP_ELEMS at dst.
+    unsafe {
+        for s in 0..kn {
+            let blk = src.add(s * Q4_STEP);
+            for t in 0..2 {
+                let scale = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(512 + 32 * t) as *const __m256i));
+                // k value i of the tile's 16 columns: byte i % 4 of each column's 32-bit lane in
+                // unit (i % 16) / 4, low nibble below 16, high from 16.
+                let widen = |i: usize| {
+                    let v = _mm512_loadu_si512(blk.add(t * 256 + ((i % 16) / 4) * 64) as *const _);
+                    let shift = _mm_cvtsi32_si128((8 * (i % 4) + 4 * (i / 16)) as i32);
+                    let q = _mm512_sub_epi32(_mm512_and_si512(_mm512_srl_epi32(v, shift), nibble), eight);
+                    _mm512_mul_ps(_mm512_cvtepi32_ps(q), scale)
+                };
+                for q in 0..16 {
+                    let (even, odd) = (widen(2 * q), widen(2 * q + 1));
+                    let halves: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(odd, even));
+                    let row = _mm512_permutexvar_epi16(pair, halves);
+                    _mm512_store_si512(dst.add(s * STEP_ELEMS + t * 512 + q * 32) as *mut __m512i, row);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn dequantize_steps_q4(_: *const u8, _: usize, _: *mut u16) {
     unreachable!("support() fails off x86-64")
 }
 
@@ -841,6 +1083,68 @@ unsafe fn dot_panel_q8<const R: usize>(packed: *const u8, p: usize, kp: usize, x
             _mm512_storeu_ps(acc[i].as_mut_ptr().add(16), a[i][1]);
         }
     }
+}
+
+/// [`dot_panel`] on the 4-bit packing with int8 rows: sums of panel `p` for rows r..r+R.
+/// Per step and 16-column tile, `vpdpbusd` multiplies the weights' q + 8 (unsigned nibbles)
+/// by the rows' int8 values, four k values per column and instruction, into integer sums
+/// started at the rows' −8 · Σx (exact: at most 32 · 15 · 127 in magnitude); each sum then
+/// goes to f32 and adds (weight scale · row scale) times itself to the column's f32 chain,
+/// step after step: the same instructions in the same order whatever R.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn dot_panel_q4<const R: usize>(packed: *const u8, p: usize, kp: usize, x: &Int8Rows, r: usize, acc: &mut [[f32; PANEL]; 8]) {
+    let steps = kp / KSTEP;
+    let base = unsafe { packed.add(p * steps * Q4_STEP) };
+    let nibble = _mm512_set1_epi8(0x0f);
+    let (xq, xs, xo) = (x.q.as_ptr(), x.scale.as_ptr(), x.offset.as_ptr());
+    let mut f = [[_mm512_setzero_ps(); 2]; R];
+    for s in 0..steps {
+        let blk = base.wrapping_add(s * Q4_STEP);
+        for l in 0..Q4_STEP / 64 {
+            _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PREFETCH * Q4_STEP + l * 64) as *const i8);
+        }
+        for t in 0..2 {
+            // SAFETY: offsets stay inside the panel (steps · Q4_STEP) and the rows (kp values
+            // and kp / 32 scales and offsets each).
+            unsafe {
+                let sw = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(512 + 32 * t) as *const __m256i));
+                let mut lo = [_mm512_setzero_si512(); R];
+                let mut hi = [_mm512_setzero_si512(); R];
+                for (j, l) in lo.iter_mut().enumerate() {
+                    *l = _mm512_set1_epi32(*xo.add((r + j) * steps + s));
+                }
+                for g in 0..4 {
+                    let v = _mm512_loadu_si512(blk.add(t * 256 + g * 64) as *const _);
+                    let (wl, wh) = (_mm512_and_si512(v, nibble), _mm512_and_si512(_mm512_srli_epi16::<4>(v), nibble));
+                    for j in 0..R {
+                        let row = xq.add((r + j) * kp + s * KSTEP);
+                        let xl = _mm512_set1_epi32((row.add(4 * g) as *const i32).read_unaligned());
+                        let xh = _mm512_set1_epi32((row.add(16 + 4 * g) as *const i32).read_unaligned());
+                        lo[j] = _mm512_dpbusd_epi32(lo[j], wl, xl);
+                        hi[j] = _mm512_dpbusd_epi32(hi[j], wh, xh);
+                    }
+                }
+                for (j, fj) in f.iter_mut().enumerate() {
+                    let sum = _mm512_cvtepi32_ps(_mm512_add_epi32(lo[j], hi[j]));
+                    let scale = _mm512_mul_ps(sw, _mm512_set1_ps(*xs.add((r + j) * steps + s)));
+                    fj[t] = _mm512_fmadd_ps(sum, scale, fj[t]);
+                }
+            }
+        }
+    }
+    for i in 0..R {
+        // SAFETY: acc[i] holds 32 f32.
+        unsafe {
+            _mm512_storeu_ps(acc[i].as_mut_ptr(), f[i][0]);
+            _mm512_storeu_ps(acc[i].as_mut_ptr().add(16), f[i][1]);
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn dot_panel_q4<const R: usize>(_: *const u8, _: usize, _: usize, _: &Int8Rows, _: usize, _: &mut [[f32; PANEL]; 8]) {
+    unreachable!("support() fails off x86-64")
 }
 
 /// One head's keys and values (columns `kcol`.. and `vcol`.. of `rows`, `hd` wide, `w` apart)
@@ -1336,7 +1640,7 @@ mod tests {
             let mut amax = vec![0f64; n * k];
             for o in 0..n {
                 for (b, block) in w[o * k..(o + 1) * k].chunks(32).enumerate() {
-                    let (scale, q) = quantize_block(block);
+                    let (scale, q) = quantize_block(block, 127.0);
                     let m = block.iter().fold(0f32, |a, v| a.max(v.abs())) as f64;
                     for j in 0..block.len() {
                         dq[o * k + b * 32 + j] = q[j] as f64 * scale.to_f64();
@@ -1374,14 +1678,14 @@ mod tests {
             }
         }
         // The large weight is kept, its block's small ones lose precision but stay bounded.
-        let (scale, q) = quantize_block(&[3.0, 0.01, -0.02, 0.0]);
+        let (scale, q) = quantize_block(&[3.0, 0.01, -0.02, 0.0], 127.0);
         assert_eq!(q[0], 127);
         assert!((q[0] as f32 * scale.to_f32() - 3.0).abs() < 3.0 / 1000.0);
-        assert_eq!(quantize_block(&[0.0; 32]).1, [0i8; 32]);
+        assert_eq!(quantize_block(&[0.0; 32], 127.0).1, [0i8; 32]);
         // Tiny weights get a subnormal f16 scale, rounded up: none is clamped, each is off by at
         // most half the scale.
         let tiny: Vec<f32> = (0..32).map(|i| (i as f32 - 15.5) * 3e-7).collect();
-        let (scale, q) = quantize_block(&tiny);
+        let (scale, q) = quantize_block(&tiny, 127.0);
         assert!(scale.to_f32() >= 15.5 * 3e-7 / 127.0 && q.iter().all(|&v| v != i8::MIN));
         for (v, q) in tiny.iter().zip(q) {
             assert!((q as f32 * scale.to_f32() - v).abs() <= scale.to_f32() / 2.0 * 1.0001, "{v} -> {q}");
@@ -1406,7 +1710,7 @@ mod tests {
             let mut dq = vec![0f32; n * k];
             for o in 0..n {
                 for (b, block) in w[o * k..(o + 1) * k].chunks(32).enumerate() {
-                    let (scale, q) = quantize_block(block);
+                    let (scale, q) = quantize_block(block, 127.0);
                     for j in 0..block.len() {
                         dq[o * k + b * 32 + j] = q[j] as f32 * scale.to_f32();
                     }
@@ -1422,6 +1726,136 @@ mod tests {
                     unsafe {
                         let src = (lin.packed.as_ptr() as *const u8).add((p * steps + s0) * Q8_STEP);
                         dequantize_steps(src, kn, got.as_mut_ptr().add((p * steps + s0) * STEP_ELEMS));
+                    }
+                }
+            }
+            let len = panels * steps * STEP_ELEMS;
+            // SAFETY: both buffers hold len elements.
+            let (g, e) = unsafe { (std::slice::from_raw_parts(got.as_ptr(), len), std::slice::from_raw_parts(want.packed.as_ptr(), len)) };
+            for (i, (a, b)) in g.iter().zip(e).enumerate() {
+                assert_eq!(a, b, "{n}x{k} element {i}: dequantized {:e} vs {:e}", from_bf16(*a), from_bf16(*b));
+            }
+        }
+    }
+
+    /// The 4-bit packing's products against references on awkward shapes. Where they run
+    /// on the integer kernel (decoding, and everything without AMX) the only error besides
+    /// the two quantizations is f32 summation, so they match an f64 product of the
+    /// dequantized weights and the int8 rows within a few f32 roundings; with AMX (many rows)
+    /// they match the bf16 product of the dequantized weights. Either way they stay within
+    /// what the quantizations can move the exact product.
+    #[test]
+    fn q4_products_match_reference_on_awkward_shapes() {
+        if support().is_err() || !vnni() {
+            eprintln!("skipped: no AVX512-VNNI here");
+            assert!(support().is_err() || Bf16Linear::new_q4(&[1.0], 1, 1, None).err().unwrap().contains("AVX512-VNNI"));
+            return;
+        }
+        for (rows, n, k) in [(1, 1, 1), (3, 33, 35), (37, 70, 100), (65, 31, 577), (5, 130, 1000), (70, 96, 600)] {
+            let (mut x, mut w, bias) = (data(rows * k, 1), data(n * k, 2), data(n, 3));
+            // An all-zero block of weights, a large weight beside small ones, and a row block
+            // with one large input.
+            w[..k.min(32)].fill(0.0);
+            if n > 1 {
+                w[k] = 3.0;
+            }
+            x[k / 2] = -4.0;
+            let lin = Bf16Linear::new_q4(&w, n, k, Some(&bias)).unwrap();
+            assert_eq!(lin.packing(), Packing::Q4);
+            assert_eq!(lin.weight_bytes(), n.div_ceil(32) * k.div_ceil(32) * 576);
+            // Dequantized weights, their scales, and the rows as the integer kernel takes them.
+            let (mut dq, mut sw) = (vec![0f64; n * k], vec![0f64; n * k]);
+            for o in 0..n {
+                for (b, block) in w[o * k..(o + 1) * k].chunks(32).enumerate() {
+                    let (scale, q) = quantize_block(block, 7.0);
+                    assert!(q.iter().all(|v| v.abs() <= 7));
+                    for j in 0..block.len() {
+                        dq[o * k + b * 32 + j] = q[j] as f64 * scale.to_f64();
+                        sw[o * k + b * 32 + j] = scale.to_f64();
+                    }
+                }
+            }
+            let mut xq = Int8Rows::default();
+            xq.quantize(&x, rows, k, lin.kp);
+            let steps = lin.kp / 32;
+            let xv = |row: usize, j: usize| xq.q[row * lin.kp + j] as f64 * xq.scale[row * steps + j / 32] as f64;
+            let r = |v: f32| from_bf16(to_bf16(v)) as f64;
+            for decoding in [false, true] {
+                let integer = decoding || lin.isa != Bf16Isa::Amx;
+                let mut y = vec![0f32; rows * n];
+                lin.forward_rows(&x, rows, &mut y, false, decoding);
+                for (i, &g) in y.iter().enumerate() {
+                    let (row, o) = (i / n, i % n);
+                    let xs = &x[row * k..(row + 1) * k];
+                    let term = |j: usize| if integer { xv(row, j) * dq[o * k + j] } else { r(xs[j]) * dq[o * k + j] };
+                    let want: f64 = bias[o] as f64 + (0..k).map(term).sum::<f64>();
+                    let mag: f64 = bias[o].abs() as f64 + (0..k).map(|j| term(j).abs()).sum::<f64>();
+                    let tol = if integer { mag * (steps + 3) as f64 * 1.2e-7 + 1e-6 } else { mag / 256.0 + 1e-3 };
+                    assert!((g as f64 - want).abs() <= tol, "decoding={decoding} {rows}x{n}x{k} [{i}]: {g} vs {want}");
+                    // What the quantizations can move the exact product: half a weight step
+                    // times |x|, plus |ŵ| times the input's rounding (bf16's, 2^-9 relative,
+                    // with a generous factor 2, then half an int8 step), plus their product.
+                    let exact: f64 = bias[o] as f64 + (0..k).map(|j| xs[j] as f64 * w[o * k + j] as f64).sum::<f64>();
+                    let bound: f64 = (0..k)
+                        .map(|j| {
+                            let bf16 = xs[j].abs() as f64 / 256.0;
+                            let dx = if integer { xq.scale[row * steps + j / 32] as f64 / 2.0 + bf16 } else { bf16 };
+                            xs[j].abs() as f64 * sw[o * k + j] / 2.0 + dq[o * k + j].abs() * dx + sw[o * k + j] * dx / 2.0
+                        })
+                        .sum::<f64>();
+                    assert!((g as f64 - exact).abs() <= bound * 1.001 + 1e-4, "{rows}x{n}x{k} [{i}]: {g} vs exact {exact} (bound {bound})");
+                }
+            }
+        }
+        // 4 bits: the large weight is kept, and every weight is off by at most half the scale.
+        let (scale, q) = quantize_block(&[3.0, 0.01, -0.02, -1.0], 7.0);
+        assert_eq!(&q[..4], &[7, 0, 0, -2]);
+        assert!(scale.to_f32() >= 3.0 / 7.0 && scale.to_f32() < 3.0 / 7.0 * 1.001);
+        let tiny: Vec<f32> = (0..32).map(|i| (i as f32 - 15.5) * 3e-7).collect();
+        let (scale, q) = quantize_block(&tiny, 7.0);
+        for (v, q) in tiny.iter().zip(q) {
+            assert!(q.abs() <= 7 && (q as f32 * scale.to_f32() - v).abs() <= scale.to_f32() / 2.0 * 1.0001, "{v} -> {q}");
+        }
+        let err = Bf16Linear::new_q4(&[1.0, 1e6], 1, 2, None).err().unwrap();
+        assert!(err.contains("out of the 4-bit packing's range"), "{err}");
+        // A NaN or an infinity among the inputs makes its row's outputs NaN, not a number.
+        let lin = Bf16Linear::new_q4(&data(3 * 40, 4), 3, 40, None).unwrap();
+        let mut x = data(2 * 40, 5);
+        x[45] = f32::INFINITY;
+        let mut y = vec![0f32; 6];
+        lin.forward_rows(&x, 2, &mut y, false, true);
+        assert!(y[..3].iter().all(|v| v.is_finite()) && y[3..].iter().all(|v| v.is_nan()), "{y:?}");
+    }
+
+    /// What the AMX products multiply for a 4-bit layer: as for int8, each k block
+    /// dequantized to bf16 tiles equals [`Bf16Linear::new`]'s panels of q · scale, bit for bit.
+    #[test]
+    fn q4_dequantizes_to_the_bf16_panels_of_its_values() {
+        if support().is_err() || !vnni() || !std::arch::is_x86_feature_detected!("avx512bf16") {
+            eprintln!("skipped: no AVX512-BF16 and AVX512-VNNI here");
+            return;
+        }
+        for (n, k) in [(1, 1), (33, 35), (70, 100), (96, 600)] {
+            let w = data(n * k, 7);
+            let lin = Bf16Linear::new_q4(&w, n, k, None).unwrap();
+            let mut dq = vec![0f32; n * k];
+            for o in 0..n {
+                for (b, block) in w[o * k..(o + 1) * k].chunks(32).enumerate() {
+                    let (scale, q) = quantize_block(block, 7.0);
+                    for j in 0..block.len() {
+                        dq[o * k + b * 32 + j] = q[j] as f32 * scale.to_f32();
+                    }
+                }
+            }
+            let want = Bf16Linear::new(&dq, n, k, None).unwrap();
+            let (panels, steps) = (n.div_ceil(PANEL), lin.kp / KSTEP);
+            let mut got = Aligned::zeroed(panels * steps * STEP_ELEMS);
+            for p in 0..panels {
+                for (s0, kn) in [(0, 1), (1, steps - 1)] {
+                    // SAFETY: whole steps of panel p; room for kn steps at the destination.
+                    unsafe {
+                        let src = (lin.packed.as_ptr() as *const u8).add((p * steps + s0) * Q4_STEP);
+                        dequantize_steps_q4(src, kn, got.as_mut_ptr().add((p * steps + s0) * STEP_ELEMS));
                     }
                 }
             }
@@ -1490,10 +1924,11 @@ mod tests {
             eprintln!("skipped: no AMX here");
             return;
         }
-        // bf16 weights, and the int8 packing as `--quantize q8` builds the text model's MLPs.
+        // bf16 weights, and the int8 and 4-bit packings as `--quantize q8|q4` build the text
+        // model's MLPs.
         for ((rows, k, i, n), pack) in [(1, 40, 32, 8), (45, 100, 64, 70), (150, 70, 160, 33)]
             .into_iter()
-            .flat_map(|s| [(s, Bf16Linear::new as Pack), (s, Bf16Linear::new_q8 as Pack)])
+            .flat_map(|s| [(s, Bf16Linear::new as Pack), (s, Bf16Linear::new_q8 as Pack), (s, Bf16Linear::new_q4 as Pack)])
         {
             let (x, wgu, wd) = (data(rows * k, 11), data(2 * i * k, 12), data(n * i, 13));
             let (bgu, bd) = (data(2 * i, 14), data(n, 15));
@@ -1554,7 +1989,11 @@ mod tests {
         let (rows, n, k) = (45, 97, 200);
         let (x, w) = (data(rows * k, 4), data(n * k, 5));
         // 45 rows: the kernels take them eight, four and one at a time.
-        for lin in [Bf16Linear::new(&w, n, k, None).unwrap(), Bf16Linear::new_q8(&w, n, k, None).unwrap()] {
+        let mut lins = vec![Bf16Linear::new(&w, n, k, None).unwrap(), Bf16Linear::new_q8(&w, n, k, None).unwrap()];
+        if vnni() {
+            lins.push(Bf16Linear::new_q4(&w, n, k, None).unwrap());
+        }
+        for lin in lins {
             for decoding in [false, true] {
                 let mut all = vec![0f32; rows * n];
                 lin.forward_rows(&x, rows, &mut all, false, decoding);
@@ -1562,7 +2001,7 @@ mod tests {
                     let mut one = vec![0f32; n];
                     lin.forward_rows(&x[r * k..(r + 1) * k], 1, &mut one, false, decoding);
                     let same = one.iter().zip(&all[r * n..(r + 1) * n]).all(|(a, b)| a.to_bits() == b.to_bits());
-                    assert!(same, "row {r} differs alone (decoding={decoding}, q8={})", lin.q8);
+                    assert!(same, "row {r} differs alone (decoding={decoding}, {:?})", lin.packing);
                 }
             }
         }
@@ -1584,13 +2023,16 @@ mod speed {
         let (k, n) = (576, 3072);
         let layers: usize = std::env::var("QUIRE_DECODE_LAYERS").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
         let w: Vec<f32> = (0..n * k).map(|i| ((i % 7) as f32 - 3.0) * 0.1).collect();
-        let packs: [(&str, super::Pack); 2] = [("bf16", super::Bf16Linear::new), ("q8", super::Bf16Linear::new_q8)];
+        let mut packs: Vec<(&str, super::Pack)> = vec![("bf16", super::Bf16Linear::new), ("q8", super::Bf16Linear::new_q8)];
+        if super::vnni() {
+            packs.push(("q4", super::Bf16Linear::new_q4));
+        }
         let all: Vec<(&str, Vec<super::Bf16Linear>)> =
             packs.iter().map(|(name, p)| (*name, (0..layers).map(|_| p(&w, n, k, None).unwrap()).collect())).collect();
         for rows in [1usize, 4, 8] {
             let x: Vec<f32> = (0..rows * k).map(|i| (i % 13) as f32 * 0.1).collect();
             let mut d = vec![0f32; rows * n];
-            let mut best = [f64::MAX; 2];
+            let mut best = vec![f64::MAX; all.len()];
             for _ in 0..5 {
                 for (b, (_, lins)) in best.iter_mut().zip(&all) {
                     let t = std::time::Instant::now();

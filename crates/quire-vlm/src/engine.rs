@@ -83,26 +83,30 @@ pub fn linear_dtype(device: &Device, dtype: DType) -> Result<DType> {
 }
 
 /// How the text model's linear layers hold their weights for a requested `dtype` and
-/// `quantize`: as [`linear_dtype`] says, or int8 ([`Linears::Q8`]), which runs on the CPU's
-/// bf16 kernels with f32 or bf16 activations elsewhere. Fails before any weight is read
-/// where q8 cannot run: another device, f16, a CPU without AVX-512.
+/// `quantize`: as [`linear_dtype`] says, or int8 or 4 bits ([`Linears::Q8`], [`Linears::Q4`]),
+/// which run on the CPU's kernels of [`crate::bf16`] with f32 or bf16 activations elsewhere.
+/// Fails before any weight is read where they cannot run: another device, f16, a CPU without
+/// AVX-512 (or, for q4, without AVX512-VNNI).
 pub fn text_linears(device: &Device, dtype: DType, quantize: crate::Quantize) -> Result<Linears> {
     let linears = linear_dtype(device, dtype)?;
-    match quantize {
-        crate::Quantize::None => Ok(Linears::Dtype(linears)),
-        crate::Quantize::Q8 => {
-            if !device.is_cpu() {
-                bail!(Invalid, "--quantize q8 runs on the CPU only; on a GPU use --dtype bf16 or f16");
-            }
-            if dtype == DType::F16 {
-                bail!(Invalid, "--quantize q8 runs with --dtype f32 or bf16 (the activations' dtype), not f16");
-            }
-            if let Err(why) = crate::bf16::support() {
-                bail!(Invalid, "--quantize q8 runs on the CPU's bf16 kernels: {why}");
-            }
-            Ok(Linears::Q8)
-        }
+    let (name, quantized) = match quantize {
+        crate::Quantize::None => return Ok(Linears::Dtype(linears)),
+        crate::Quantize::Q8 => ("q8", Linears::Q8),
+        crate::Quantize::Q4 => ("q4", Linears::Q4),
+    };
+    if !device.is_cpu() {
+        bail!(Invalid, "--quantize {name} runs on the CPU only; on a GPU use --dtype bf16 or f16");
     }
+    if dtype == DType::F16 {
+        bail!(Invalid, "--quantize {name} runs with --dtype f32 or bf16 (the activations' dtype), not f16");
+    }
+    if let Err(why) = crate::bf16::support() {
+        bail!(Invalid, "--quantize {name} runs on the CPU's bf16 kernels: {why}");
+    }
+    if quantized == Linears::Q4 && !crate::bf16::vnni() {
+        bail!(Invalid, "--quantize q4 runs on AVX512-VNNI's integer dot products, which this CPU lacks; use --quantize q8");
+    }
+    Ok(quantized)
 }
 
 /// Finds the prefix under which a checkpoint stores a component (names changed across versions).

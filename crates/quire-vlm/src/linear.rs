@@ -3,7 +3,8 @@
 //! [`crate::kernels::matvec_rows`] the same way whatever the batch size or split; prefills
 //! with gemm split by output features. Built with [`ParLinear::with_dtype`] at bf16 on the
 //! CPU, the weight is packed once in bf16 and products run on [`crate::bf16`]'s kernels;
-//! built with [`Linears::Q8`], it is packed in int8 with block scales for the same kernels.
+//! built with [`Linears::Q8`] or [`Linears::Q4`], it is packed in int8 or 4 bits with block
+//! scales for the same module's kernels.
 
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::Linear;
@@ -35,6 +36,9 @@ pub enum Linears {
     /// CPU only: weights in int8 with an f16 scale per output and 32 inputs
     /// ([`Bf16Linear::new_q8`]), products on the bf16 kernels (inputs rounded to bf16, f32 sums).
     Q8,
+    /// CPU only: weights in 4 bits with an f16 scale per output and 32 inputs
+    /// ([`Bf16Linear::new_q4`]); products without AMX on int8 inputs with AVX512-VNNI.
+    Q4,
 }
 
 /// Outputs per task: a few hundred KiB of weights for the widest inputs here.
@@ -65,15 +69,15 @@ impl ParLinear {
     }
 
     /// The layer as `linears` asks: [`ParLinear::with_dtype`] for a dtype; for
-    /// [`Linears::Q8`] the weight packed in int8 (CPU; fails on another device or a CPU
-    /// without the bf16 kernels) and the f32 copy dropped.
+    /// [`Linears::Q8`] and [`Linears::Q4`] the weight packed in int8 or 4 bits (CPU; fails on
+    /// another device or a CPU without their kernels) and the f32 copy dropped.
     pub fn with_linears(inner: Linear, linears: Linears) -> Result<Self> {
         let w = inner.weight();
-        let q8 = linears == Linears::Q8;
-        if q8 && !w.device().is_cpu() {
-            candle_core::bail!("int8 weights (q8) run on the CPU only");
+        let quantized = matches!(linears, Linears::Q8 | Linears::Q4);
+        if quantized && !w.device().is_cpu() {
+            candle_core::bail!("quantized weights (q8, q4) run on the CPU only");
         }
-        if !q8 && (linears != Linears::Dtype(DType::BF16) || !w.device().is_cpu()) {
+        if !quantized && (linears != Linears::Dtype(DType::BF16) || !w.device().is_cpu()) {
             return Self::new(inner);
         }
         let (out, inp) = w.dims2()?;
@@ -82,7 +86,11 @@ impl ParLinear {
             Some(b) => Some(b.to_dtype(DType::F32)?.contiguous()?),
             None => None,
         };
-        let pack = if q8 { Bf16Linear::new_q8 } else { Bf16Linear::new };
+        let pack = match linears {
+            Linears::Q8 => Bf16Linear::new_q8,
+            Linears::Q4 => Bf16Linear::new_q4,
+            Linears::Dtype(_) => Bf16Linear::new,
+        };
         let packed = with_f32(&w, |ws| match &b {
             Some(b) => with_f32(b, |bs| pack(ws, out, inp, Some(bs))),
             None => Ok(pack(ws, out, inp, None)),
@@ -129,7 +137,7 @@ impl ParLinear {
         self.full.as_ref()
     }
 
-    /// The bf16- or int8-packed weight, when built at bf16 or q8 on the CPU.
+    /// The packed weight (bf16, int8 or 4 bits), when built at bf16, q8 or q4 on the CPU.
     pub fn bf16(&self) -> Option<&Bf16Linear> {
         self.bf16.as_ref()
     }

@@ -106,6 +106,7 @@ pub enum DtypeArg {
 pub enum QuantizeArg {
     None,
     Q8,
+    Q4,
 }
 
 /// What a job produces: the options that go into its settings.
@@ -206,7 +207,9 @@ pub struct ModelOpts {
     pub dtype: DtypeArg,
     /// `q8`: the text model's linear layers in int8 with a scale per 32 weights (llama.cpp's
     /// q8_0 blocks), quantized at load. CPU only, with --dtype f32 or bf16 and AVX-512:
-    /// decoding reads about half the bytes of bf16. Text may differ from unquantized runs.
+    /// decoding reads about half the bytes of bf16. `q4`: the same in 4 bits (a quarter of
+    /// bf16's bytes plus the scales), also needing AVX512-VNNI. Text may differ from
+    /// unquantized runs, more with q4.
     #[arg(long, value_enum, default_value = "none", env = "QUIRE_QUANTIZE")]
     pub quantize: QuantizeArg,
     /// A page whose output loops (the newest tokens repeat a period of at most

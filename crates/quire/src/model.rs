@@ -42,6 +42,7 @@ pub fn load(
     let quantize = match args.quantize {
         QuantizeArg::None => quire_vlm::Quantize::None,
         QuantizeArg::Q8 => quire_vlm::Quantize::Q8,
+        QuantizeArg::Q4 => quire_vlm::Quantize::Q4,
     };
     let model = VlmGenerator::load(spec, &dir, &args.device, dtype, quantize, engine)?;
     let long_side = model.input_long_side();

@@ -848,9 +848,11 @@ def schema_checks() -> None:
     refused({"nats.enabled": True, "queue.url": "", "queue.streamReplicas": 3},
             "more stream replicas than the bundled NATS has servers", r"queue.streamReplicas \(3\)")
     refused({"queue.streamReplicas": 6}, "more than 5 stream replicas", r"streamReplicas")
-    refused({"worker.quantize": "q4"}, "an unknown quantization", r"quantize")
+    refused({"worker.quantize": "q2"}, "an unknown quantization", r"quantize")
     refused({"worker.gpu": 1, "worker.quantize": "q8"}, "int8 weights on a GPU worker",
             r"worker.quantize q8 runs on the CPU only")
+    refused({"worker.device": "cuda:0", "worker.quantize": "q4"}, "4-bit weights on a CUDA worker",
+            r"worker.quantize q4 runs on the CPU only")
 
     def replicas():
         def env_replicas(change):
