@@ -11,8 +11,8 @@
 # the small ones become 13 and 12+1 tiles as well: a mix of full-size pages that differ in
 # shape and output length. PREFILL_TOKENS and PREP_THREADS set the continuous engine's chunked
 # prefill and preparation threads (default: the pipeline's CPU settings, 512 and 1).
-# DTYPE=bf16 runs the model in bf16 (default f32); QUANTIZE=q8 its text weights in int8
-# (--quantize q8). DECODE_NEW (default 128; 0: off) adds the
+# DTYPE=bf16 runs the model in bf16 (default f32); QUANTIZE=q8 (q4) its text weights in int8 (4 bits)
+# (--quantize q8, q4). DECODE_NEW (default 128; 0: off) adds the
 # decode rate: new tokens/s in the decode steps alone with 1 and with BATCH sequences in flight.
 #   NEW=64,128,256,96,192,160 REQUESTS=16 BATCH=8 DTYPE=bf16 benches/vlm/batching.sh
 set -euo pipefail

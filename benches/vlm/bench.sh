@@ -9,6 +9,7 @@
 #   REPEAT=5 DTYPE=bf16 benches/vlm/bench.sh   (5 alternating rounds: median and range of each ratio)
 #   QUANTIZE=q8 DTYPE=bf16 benches/vlm/bench.sh   (quire --quantize q8: text weights in int8;
 #                                                  transformers stays in DTYPE; GEMM rows add q8)
+#   QUANTIZE=q4 DTYPE=bf16 benches/vlm/bench.sh   (the same in 4 bits; GEMM rows add q8 and q4)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-/root/venv-ref/bin/python}
@@ -19,7 +20,7 @@ FAMILY=${FAMILY:-idefics3}
 DTYPE=${DTYPE:-f32}
 case "$DTYPE" in f32|bf16) ;; *) echo "DTYPE must be f32 or bf16, not $DTYPE" >&2; exit 2;; esac
 QUANTIZE=${QUANTIZE:-none}
-case "$QUANTIZE" in none|q8) ;; *) echo "QUANTIZE must be none or q8, not $QUANTIZE" >&2; exit 2;; esac
+case "$QUANTIZE" in none|q8|q4) ;; *) echo "QUANTIZE must be none, q8 or q4, not $QUANTIZE" >&2; exit 2;; esac
 if [ "$FAMILY" = idefics2 ]; then
   WORK=${WORK:-/tmp/quire-vlm-bench-idefics2}
   mkdir -p "$WORK"
@@ -43,6 +44,7 @@ HS=()
 for i in $(seq 1 "$REPEAT"); do
   GEMM=()
   [ "$QUANTIZE" = q8 ] && GEMM=(--gemm f32,bf16,q8)
+  [ "$QUANTIZE" = q4 ] && GEMM=(--gemm f32,bf16,q8,q4)
   [ "$i" = 1 ] || GEMM=(--gemm none)
   QS+=("$("$BIN" "$WORK/ckpt" "$WORK/page.png" "$NEW" --dtype "$DTYPE" --quantize "$QUANTIZE" "${GEMM[@]}")")
   HS+=("$("$PY" benches/vlm/hf_bench.py "$WORK/ckpt" "$WORK/page.png" "$THREADS" "$NEW" "$DTYPE" 2>/dev/null | tail -1)")

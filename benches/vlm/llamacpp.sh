@@ -2,19 +2,23 @@
 # Benchmark quire-vlm against llama.cpp (llama-mtmd-cli) on the CPU, on bench.sh's random-weight
 # SmolVLM-256M-sized checkpoint and 480x360 page, same prompt, greedy, NEW tokens forced, THREADS
 # threads for both. Not a test: prints prefill ms, decode tokens/s and peak RSS (median and range
-# over REPEAT runs) for llama.cpp at f32/f16/bf16/q8_0 and quire at f32/bf16/q8_0 (quire's
-# q8_0: --dtype bf16 --quantize q8, the text model's weights in int8 blocks of 32 with f16 scales
-# as llama.cpp's q8_0, the vision encoder in bf16), and the ratios at matching precisions.
+# over REPEAT runs) for llama.cpp at f32/f16/bf16/q8_0/q4_0 and quire at f32/bf16/q8_0/q4_0
+# (quire's q8_0: --dtype bf16 --quantize q8, the text model's weights in int8 blocks of 32 with
+# f16 scales as llama.cpp's q8_0, the vision encoder in bf16; quire's q4_0: --dtype bf16
+# --quantize q4, the text model's weights in 4-bit blocks of 32 with an f16 scale (15 levels,
+# +-7), decode products on activations quantized to int8 per block of 32 (AVX512-VNNI), as
+# llama.cpp's q4_0 x q8_0 dot, the vision encoder in bf16), and the ratios at matching precisions.
 #   benches/vlm/llamacpp.sh
 #   THREADS=2 NEW=64 REPEAT=3 PY=~/.cache/quire-tools/venv-ref/bin/python benches/vlm/llamacpp.sh
 #   LLAMA_TYPES="f32 q8_0" QUIRE_DTYPES=f32 REPEAT=1 benches/vlm/llamacpp.sh
 # From nothing (Rust, Python 3 with torch/transformers/numpy/Pillow in PY, apt) it:
 #   1. downloads the source distribution of the PyPI package llama-cpp-python (it vendors
-#      llama.cpp and its convert_hf_to_gguf.py), builds llama-mtmd-cli (CPU, -march=native,
-#      Release) and makes a venv for the converter with the gguf package (the writer) installed
-#      from the sdist's own gguf-py, all under TOOLS (default ~/.cache/quire-tools/llamacpp;
-#      reused). Not PyPI's gguf: its newest release (0.19.0, the same version number) predates
-#      this converter, which stops at "module 'gguf' has no attribute 'LazyChunkedTensor'";
+#      llama.cpp and its convert_hf_to_gguf.py), builds llama-mtmd-cli and llama-quantize (CPU,
+#      -march=native, Release; either one missing is built in the existing build tree) and makes
+#      a venv for the converter with the gguf package (the writer) installed from the sdist's own
+#      gguf-py, all under TOOLS (default ~/.cache/quire-tools/llamacpp; reused). Not PyPI's
+#      gguf: its newest release (0.19.0, the same version number) predates this converter, which
+#      stops at "module 'gguf' has no attribute 'LazyChunkedTensor'";
 #   2. writes the checkpoint (make_ckpt.py) and page like bench.sh (under the lock: WORK is
 #      shared with bench.sh), and converts it to GGUF, text model and mmproj, at each LLAMA_TYPES
 #      type (into WORK/gguf; reused while newer than the checkpoint). Two things in the random
@@ -25,10 +29,20 @@
 #      - its tokenizer is quire's small test one, unknown to the converter ("BPE pre-tokenizer was
 #        not recognized"): benches/vlm/llamacpp_convert.py runs the converter with "gpt-2" as the
 #        pre-tokenizer for an unknown hash (what that byte-level BPE tokenizer does);
+#      q4_0, which the converter cannot write: the text model is llama-quantize --pure'd from an
+#      f32 GGUF (text-f32.gguf, or a temporary one when f32 is not in LLAMA_TYPES), so every
+#      weight matrix is q4_0, lm_head included as in quire's q4 (without --pure llama-quantize
+#      makes output.weight q6_K), as the converter's q8_0 is all q8_0 (token_embd is q4_0/q8_0
+#      there, a row lookup). Its mmproj is q8_0's (mmproj-q8_0.gguf: the vision encoder's and
+#      connector's weight matrices in q8_0, the rest f32), so llama.cpp's vision side is q8_0 in
+#      both rows, quire's bf16 in both, and q8_0 -> q4_0 changes only the text model, both sides;
 #   3. under flock /tmp/quire-bench.lock, runs both, REPEAT rounds, each configuration once per
 #      round, and prints the table.
 # q8_0 runs with --no-repack: with it, ggml moves q8_0 weights to its AMX buffer type and
 # llama-mtmd-cli dies of SIGILL on this machine (AMX tile use not granted to the process).
+# q4_0 runs with repacking (llama.cpp's default): its weights go to the CPU_REPACK buffer (the
+# interleaved q4_0 layout), not AMX, and it runs; with --no-repack it runs too, decoding ~15%
+# slower (113 vs 94 tokens/s, one run each, NEW=16, on a loaded machine).
 # llama.cpp's figures are its own timers, printed at verbosity 4 (-lv 4, "trace"): in this
 # llama.cpp, common_log_default_callback (common/log.cpp) files every GGML_LOG_LEVEL_INFO message
 # from the libraries (libllama, libmtmd) at LOG_LEVEL_TRACE = 4, above the default threshold of
@@ -71,8 +85,8 @@ THREADS=${THREADS:-2}
 NEW=${NEW:-64}
 REPEAT=${REPEAT:-3}
 CTX=${CTX:-1024}
-LLAMA_TYPES=${LLAMA_TYPES:-f32 f16 bf16 q8_0}
-QUIRE_DTYPES=${QUIRE_DTYPES:-f32 bf16 q8_0}
+LLAMA_TYPES=${LLAMA_TYPES:-f32 f16 bf16 q8_0 q4_0}
+QUIRE_DTYPES=${QUIRE_DTYPES:-f32 bf16 q8_0 q4_0}
 TOOLS=${TOOLS:-$HOME/.cache/quire-tools/llamacpp}
 LLAMA_CPP_PYTHON=${LLAMA_CPP_PYTHON:-0.3.36}   # the version this script was written against
 WORK=${WORK:-/tmp/quire-vlm-bench}
@@ -97,11 +111,12 @@ if [ ! -f "$LLAMA/convert_hf_to_gguf.py" ]; then
   tar xzf "$TOOLS/dl/llama_cpp_python-$LLAMA_CPP_PYTHON.tar.gz" -C "$TOOLS"
 fi
 CLI=$TOOLS/build/bin/llama-mtmd-cli
-if [ ! -x "$CLI" ]; then
-  cmake -S "$LLAMA" -B "$TOOLS/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF \
+QUANTIZE=$TOOLS/build/bin/llama-quantize   # q4_0 (the converter cannot write it)
+if [ ! -x "$CLI" ] || [ ! -x "$QUANTIZE" ]; then
+  [ -x "$CLI" ] || cmake -S "$LLAMA" -B "$TOOLS/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF \
     -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
     -DLLAMA_BUILD_APP=OFF -DLLAMA_USE_PREBUILT_UI=OFF >"$TOOLS/cmake.log"
-  cmake --build "$TOOLS/build" --target llama-mtmd-cli -j2 >"$TOOLS/build.log"
+  cmake --build "$TOOLS/build" --target llama-mtmd-cli llama-quantize -j2 >"$TOOLS/build.log"
 fi
 VENV=$TOOLS/venv
 if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import gguf, sentencepiece, torch, transformers; gguf.LazyChunkedTensor' 2>/dev/null; then
@@ -135,26 +150,45 @@ c = json.load(open(sys.argv[1]))
 c["text_config"].setdefault("architectures", ["VLlama3ForCausalLM"])
 json.dump(c, open(sys.argv[2], "w"), indent=2)
 PYEOF
+  # fresh GGUF FILE of PART at TYPE, converted from the checkpoint unless it is already there
+  gguf_at() {
+    local part=$1 t=$2 out=$3
+    [ -f "$out" ] && [ "$out" -nt "$WORK/ckpt/model.safetensors" ] && return 0
+    echo "converting $part to $t" >&2
+    NO_LOCAL_GGUF=1 "$VENV/bin/python" benches/vlm/llamacpp_convert.py "$LLAMA" "$in" --outtype "$t" \
+      --outfile "$out.tmp" $([ "$part" = mmproj ] && echo --mmproj) >"$WORK/gguf/convert-$part-$t.log" 2>&1 \
+      || { echo "conversion of $part to $t failed; tail of $WORK/gguf/convert-$part-$t.log:" >&2;
+           tail -20 "$WORK/gguf/convert-$part-$t.log" >&2; exit 1; }
+    mv "$out.tmp" "$out"
+  }
+  local t out src
   for t in $LLAMA_TYPES; do
-    for part in text mmproj; do
-      local out=$WORK/gguf/$part-$t.gguf
-      [ -f "$out" ] && [ "$out" -nt "$WORK/ckpt/model.safetensors" ] && continue
-      echo "converting $part to $t" >&2
-      NO_LOCAL_GGUF=1 "$VENV/bin/python" benches/vlm/llamacpp_convert.py "$LLAMA" "$in" --outtype "$t" \
-        --outfile "$out.tmp" $([ $part = mmproj ] && echo --mmproj) >"$WORK/gguf/convert-$part-$t.log" 2>&1 \
-        || { echo "conversion of $part to $t failed; tail of $WORK/gguf/convert-$part-$t.log:" >&2;
-             tail -20 "$WORK/gguf/convert-$part-$t.log" >&2; exit 1; }
-      mv "$out.tmp" "$out"
-    done
+    gguf_at mmproj "$(mmproj_type "$t")" "$WORK/gguf/mmproj-$(mmproj_type "$t").gguf"
+    out=$WORK/gguf/text-$t.gguf
+    if [ "$t" != q4_0 ]; then gguf_at text "$t" "$out"; continue; fi
+    [ -f "$out" ] && [ "$out" -nt "$WORK/ckpt/model.safetensors" ] && continue
+    # q4_0: llama-quantize --pure from the f32 GGUF (text-f32.gguf, or a temporary one)
+    src=$WORK/gguf/text-f32.gguf
+    case " $LLAMA_TYPES " in *" f32 "*) ;; *) src=$WORK/gguf/text-f32-for-q4_0.tmp.gguf ;; esac
+    gguf_at text f32 "$src"
+    echo "quantizing text to q4_0" >&2
+    "$QUANTIZE" --pure "$src" "$out.tmp" q4_0 >"$WORK/gguf/quantize-text-q4_0.log" 2>&1 \
+      || { echo "llama-quantize to q4_0 failed; tail of $WORK/gguf/quantize-text-q4_0.log:" >&2;
+           tail -20 "$WORK/gguf/quantize-text-q4_0.log" >&2; exit 1; }
+    mv "$out.tmp" "$out"
+    case $src in *.tmp.gguf) rm -f "$src" ;; esac
   done
 }
+# The mmproj (vision encoder + connector) each type runs with: its own, but q4_0 runs q8_0's (see
+# the header: quire keeps its vision encoder in bf16 at q4_0 as at q8_0).
+mmproj_type() { if [ "$1" = q4_0 ]; then echo q8_0; else echo "$1"; fi; }
 
 # ---- 3. measure ----
 # One llama-mtmd-cli run -> one JSON line.
 run_llama() {
   local t=$1 log
   log=$(mktemp)
-  /usr/bin/time -v "$CLI" -m "$WORK/gguf/text-$t.gguf" --mmproj "$WORK/gguf/mmproj-$t.gguf" \
+  /usr/bin/time -v "$CLI" -m "$WORK/gguf/text-$t.gguf" --mmproj "$WORK/gguf/mmproj-$(mmproj_type "$t").gguf" \
     --image "$WORK/page.png" -p "$PROMPT" -n "$NEW" --ignore-eos --temp 0 --top-k 1 --seed 0 \
     -t "$THREADS" -tb "$THREADS" -c "$CTX" --perf -lv 4 $([ "$t" = q8_0 ] && echo --no-repack) >"$log" 2>&1 </dev/null \
     || { echo "llama-mtmd-cli ($t) failed:" >&2; tail -30 "$log" >&2; exit 1; }
@@ -189,8 +223,13 @@ PYEOF
 
 run_quire() {
   local d=$1 args
-  # q8_0: the text model's weights in int8 blocks of 32 (--quantize q8), the rest in bf16.
-  if [ "$d" = q8_0 ]; then args=(--dtype bf16 --quantize q8); else args=(--dtype "$d"); fi
+  # q8_0 (q4_0): the text model's weights in int8 (4-bit) blocks of 32 (--quantize q8, q4), the
+  # rest in bf16.
+  case $d in
+    q8_0) args=(--dtype bf16 --quantize q8) ;;
+    q4_0) args=(--dtype bf16 --quantize q4) ;;
+    *) args=(--dtype "$d") ;;
+  esac
   "$QBIN" "$WORK/ckpt" "$WORK/page.png" "$NEW" "${args[@]}" --gemm none | tail -1 \
     | "$PY" -c 'import json,sys; j=json.loads(sys.stdin.read()); j["dtype"]=sys.argv[1]; print(json.dumps(j))' "$d"
 }
@@ -206,7 +245,7 @@ measure() {
   done >"$WORK/llamacpp-results.jsonl"
 }
 
-export -f measure run_llama run_quire
+export -f measure run_llama run_quire mmproj_type
 export PY THREADS NEW REPEAT CTX LLAMA_TYPES QUIRE_DTYPES WORK LLAMA VENV CLI QBIN PROMPT
 echo "load average before taking the lock: $(cut -d' ' -f1-3 /proc/loadavg)"
 : >"$WORK/llamacpp-load.txt"
