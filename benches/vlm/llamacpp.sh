@@ -65,8 +65,10 @@
 #   each a single run per round in a fresh process (after llama.cpp's own warm-up), the median
 #   and range over REPEAT rounds. quire's figures come from crates/quire-vlm/examples/bench.rs
 #   (prefill = the best of three warm 1-token generate calls, image preprocessing included;
-#   decode = (NEW-1) / (NEW-token call - prefill); run with --gemm none: its GEMM microbenchmark
-#   is not used here), the median and range over the same rounds.
+#   decode = NEW-1 steps over their own time, from its step timers, as llama.cpp's eval time
+#   counts its steps (earlier: the NEW-token call less the prefill, which swung with the
+#   prefill's noise); run with --gemm none: its GEMM microbenchmark is not used here), the
+#   median and range over the same rounds.
 # Run it on a quiet machine (the lock keeps the other benches out, not compiles): llama.cpp's
 # thread pool busy-waits between graph nodes (--poll, default 50), so with other work on the
 # cores it collapses far more than quire does. With two compiles beside it (1-min load 4-6 on 2
