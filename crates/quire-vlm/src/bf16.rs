@@ -1109,24 +1109,24 @@ unsafe fn dot_panel_q4<const R: usize>(packed: *const u8, p: usize, kp: usize, x
             // and kp / 32 scales and offsets each).
             unsafe {
                 let sw = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(512 + 32 * t) as *const __m256i));
-                let mut lo = [_mm512_setzero_si512(); R];
-                let mut hi = [_mm512_setzero_si512(); R];
-                for (j, l) in lo.iter_mut().enumerate() {
+                // One integer sum per row: with R = 4 two per row (low and high nibbles apart)
+                // and the unpacked weights held across the rows spilled to the stack.
+                let mut sums = [_mm512_setzero_si512(); R];
+                for (j, l) in sums.iter_mut().enumerate() {
                     *l = _mm512_set1_epi32(*xo.add((r + j) * steps + s));
                 }
                 for g in 0..4 {
                     let v = _mm512_loadu_si512(blk.add(t * 256 + g * 64) as *const _);
                     let (wl, wh) = (_mm512_and_si512(v, nibble), _mm512_and_si512(_mm512_srli_epi16::<4>(v), nibble));
-                    for j in 0..R {
+                    for (j, sum) in sums.iter_mut().enumerate() {
                         let row = xq.add((r + j) * kp + s * KSTEP);
                         let xl = _mm512_set1_epi32((row.add(4 * g) as *const i32).read_unaligned());
                         let xh = _mm512_set1_epi32((row.add(16 + 4 * g) as *const i32).read_unaligned());
-                        lo[j] = _mm512_dpbusd_epi32(lo[j], wl, xl);
-                        hi[j] = _mm512_dpbusd_epi32(hi[j], wh, xh);
+                        *sum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(*sum, wl, xl), wh, xh);
                     }
                 }
                 for (j, fj) in f.iter_mut().enumerate() {
-                    let sum = _mm512_cvtepi32_ps(_mm512_add_epi32(lo[j], hi[j]));
+                    let sum = _mm512_cvtepi32_ps(sums[j]);
                     let scale = _mm512_mul_ps(sw, _mm512_set1_ps(*xs.add((r + j) * steps + s)));
                     fj[t] = _mm512_fmadd_ps(sum, scale, fj[t]);
                 }
