@@ -793,7 +793,6 @@ struct Int8Rows {
     scale: Vec<f32>,
     /// rows × kp/32 offsets' sums.
     offset: Vec<i32>,
-    kp: usize,
 }
 
 impl Int8Rows {
@@ -801,7 +800,6 @@ impl Int8Rows {
     /// a NaN scale, so that its outputs are NaN as a float product's would be.
     fn quantize(&mut self, x: &[f32], rows: usize, k: usize, kp: usize) {
         let steps = kp / KSTEP;
-        self.kp = kp;
         self.q.clear();
         self.q.resize(rows * kp, 0);
         self.scale.clear();
