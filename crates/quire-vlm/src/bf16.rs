@@ -597,13 +597,12 @@ impl Bf16Linear {
     }
 
     /// Panels p0..p1 for rows 0..rows with [`dot_panel`] (or its int8 and 4-bit forms), eight
-    /// or four rows at a time (4-bit: four), then one (each row's sums are the same
-    /// instructions in the same order whatever is beside it).
+    /// or four rows at a time, then one (each row's sums are the same instructions in the
+    /// same order whatever is beside it).
     unsafe fn dot_block(&self, x: Rows<'_>, p0: usize, p1: usize, rows: usize, dst: *mut f32, accumulate: bool) {
         let mut r = 0;
         while r < rows {
-            let wide = self.packing != Packing::Q4 && r + 8 <= rows;
-            let step = if wide { 8 } else if r + 4 <= rows { 4 } else { 1 };
+            let step = if r + 8 <= rows { 8 } else if r + 4 <= rows { 4 } else { 1 };
             for p in p0..p1 {
                 let mut acc = [[0f32; PANEL]; 8];
                 // SAFETY: the CPU has AVX-512 (and AVX512-VNNI for 4 bits; checked at
@@ -612,6 +611,7 @@ impl Bf16Linear {
                     let q = self.packed.as_ptr() as *const u8;
                     match (self.packing, x) {
                         (Packing::Q4, Rows::Int8(xq)) => match step {
+                            8 => dot_panel_q4::<8>(q, p, self.kp, xq, r, &mut acc),
                             4 => dot_panel_q4::<4>(q, p, self.kp, xq, r, &mut acc),
                             _ => dot_panel_q4::<1>(q, p, self.kp, xq, r, &mut acc),
                         },
