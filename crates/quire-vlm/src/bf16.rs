@@ -1692,38 +1692,32 @@ mod tests {
         assert!(err.contains("out of the int8 packing's range"), "{err}");
     }
 
-    /// What the AMX products multiply for an int8 layer: each k block dequantized to bf16
-    /// tiles equals, bit for bit, [`Bf16Linear::new`]'s panels of the dequantized weights
-    /// (q · scale, exact in f32, rounded to nearest-even bf16). Runs wherever AVX512-BF16 does,
-    /// AMX or not.
-    #[test]
-    fn q8_dequantizes_to_the_bf16_panels_of_its_values() {
-        if support().is_err() || !std::arch::is_x86_feature_detected!("avx512bf16") {
-            eprintln!("skipped: no AVX512-BF16 here");
-            return;
-        }
+    /// `pack`'s k blocks (`qmax` as it quantizes) dequantized by `dequant` to bf16 tiles equal,
+    /// bit for bit, [`Bf16Linear::new`]'s panels of the dequantized weights (q · scale, exact
+    /// in f32, rounded to nearest-even bf16), on awkward shapes.
+    fn assert_dequantized_tiles_are_bf16_panels(pack: Pack, qmax: f32, dequant: unsafe fn(*const u8, usize, *mut u16)) {
         for (n, k) in [(1, 1), (33, 35), (70, 100), (96, 600)] {
             let w = data(n * k, 7);
-            let lin = Bf16Linear::new_q8(&w, n, k, None).unwrap();
+            let lin = pack(&w, n, k, None).unwrap();
             let mut dq = vec![0f32; n * k];
             for o in 0..n {
                 for (b, block) in w[o * k..(o + 1) * k].chunks(32).enumerate() {
-                    let (scale, q) = quantize_block(block, 127.0);
+                    let (scale, q) = quantize_block(block, qmax);
                     for j in 0..block.len() {
                         dq[o * k + b * 32 + j] = q[j] as f32 * scale.to_f32();
                     }
                 }
             }
             let want = Bf16Linear::new(&dq, n, k, None).unwrap();
-            let (panels, steps) = (n.div_ceil(PANEL), lin.kp / KSTEP);
+            let (panels, steps, step_bytes) = (n.div_ceil(PANEL), lin.kp / KSTEP, lin.packing.step_bytes());
             let mut got = Aligned::zeroed(panels * steps * STEP_ELEMS);
             for p in 0..panels {
                 // In two calls, as the AMX products' k blocks would: the first step, then the rest.
                 for (s0, kn) in [(0, 1), (1, steps - 1)] {
                     // SAFETY: whole steps of panel p; room for kn steps at the destination.
                     unsafe {
-                        let src = (lin.packed.as_ptr() as *const u8).add((p * steps + s0) * Q8_STEP);
-                        dequantize_steps(src, kn, got.as_mut_ptr().add((p * steps + s0) * STEP_ELEMS));
+                        let src = (lin.packed.as_ptr() as *const u8).add((p * steps + s0) * step_bytes);
+                        dequant(src, kn, got.as_mut_ptr().add((p * steps + s0) * STEP_ELEMS));
                     }
                 }
             }
@@ -1731,9 +1725,21 @@ mod tests {
             // SAFETY: both buffers hold len elements.
             let (g, e) = unsafe { (std::slice::from_raw_parts(got.as_ptr(), len), std::slice::from_raw_parts(want.packed.as_ptr(), len)) };
             for (i, (a, b)) in g.iter().zip(e).enumerate() {
-                assert_eq!(a, b, "{n}x{k} element {i}: dequantized {:e} vs {:e}", from_bf16(*a), from_bf16(*b));
+                assert_eq!(a, b, "{:?} {n}x{k} element {i}: dequantized {:e} vs {:e}", lin.packing, from_bf16(*a), from_bf16(*b));
             }
         }
+    }
+
+    /// What the AMX products multiply for an int8 layer: each k block dequantized to bf16
+    /// tiles equals, bit for bit, the bf16 panels of its values. Runs wherever AVX512-BF16
+    /// does, AMX or not.
+    #[test]
+    fn q8_dequantizes_to_the_bf16_panels_of_its_values() {
+        if support().is_err() || !std::arch::is_x86_feature_detected!("avx512bf16") {
+            eprintln!("skipped: no AVX512-BF16 here");
+            return;
+        }
+        assert_dequantized_tiles_are_bf16_panels(Bf16Linear::new_q8, 127.0, dequantize_steps);
     }
 
     /// The 4-bit packing's products against references on awkward shapes. Where they run
@@ -1826,44 +1832,14 @@ mod tests {
     }
 
     /// What the AMX products multiply for a 4-bit layer: as for int8, each k block
-    /// dequantized to bf16 tiles equals [`Bf16Linear::new`]'s panels of q · scale, bit for bit.
+    /// dequantized to bf16 tiles equals the bf16 panels of q · scale, bit for bit.
     #[test]
     fn q4_dequantizes_to_the_bf16_panels_of_its_values() {
         if support().is_err() || !vnni() || !std::arch::is_x86_feature_detected!("avx512bf16") {
             eprintln!("skipped: no AVX512-BF16 and AVX512-VNNI here");
             return;
         }
-        for (n, k) in [(1, 1), (33, 35), (70, 100), (96, 600)] {
-            let w = data(n * k, 7);
-            let lin = Bf16Linear::new_q4(&w, n, k, None).unwrap();
-            let mut dq = vec![0f32; n * k];
-            for o in 0..n {
-                for (b, block) in w[o * k..(o + 1) * k].chunks(32).enumerate() {
-                    let (scale, q) = quantize_block(block, 7.0);
-                    for j in 0..block.len() {
-                        dq[o * k + b * 32 + j] = q[j] as f32 * scale.to_f32();
-                    }
-                }
-            }
-            let want = Bf16Linear::new(&dq, n, k, None).unwrap();
-            let (panels, steps) = (n.div_ceil(PANEL), lin.kp / KSTEP);
-            let mut got = Aligned::zeroed(panels * steps * STEP_ELEMS);
-            for p in 0..panels {
-                for (s0, kn) in [(0, 1), (1, steps - 1)] {
-                    // SAFETY: whole steps of panel p; room for kn steps at the destination.
-                    unsafe {
-                        let src = (lin.packed.as_ptr() as *const u8).add((p * steps + s0) * Q4_STEP);
-                        dequantize_steps_q4(src, kn, got.as_mut_ptr().add((p * steps + s0) * STEP_ELEMS));
-                    }
-                }
-            }
-            let len = panels * steps * STEP_ELEMS;
-            // SAFETY: both buffers hold len elements.
-            let (g, e) = unsafe { (std::slice::from_raw_parts(got.as_ptr(), len), std::slice::from_raw_parts(want.packed.as_ptr(), len)) };
-            for (i, (a, b)) in g.iter().zip(e).enumerate() {
-                assert_eq!(a, b, "{n}x{k} element {i}: dequantized {:e} vs {:e}", from_bf16(*a), from_bf16(*b));
-            }
-        }
+        assert_dequantized_tiles_are_bf16_panels(Bf16Linear::new_q4, 7.0, dequantize_steps_q4);
     }
 
     /// The AMX attention against an f64 softmax attention on awkward shapes (sequence and head
